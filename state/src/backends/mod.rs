@@ -1,0 +1,7 @@
+//! Lock backends, one module each. The in-process backend is always built; the others sit behind
+//! the cargo feature of the same name.
+
+pub mod memory;
+
+#[cfg(feature = "redis")]
+pub mod redis;

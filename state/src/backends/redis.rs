@@ -1,0 +1,397 @@
+//! The single-node Redis backend.
+//!
+//! # Keys
+//! For a resource `R` and the key prefix `P` (default `state:`):
+//! - `P` `lock:` `R` — a hash `{owner, fence, acquired_ms}` that expires with the lease (`PEXPIRE`);
+//! - `P` `fence:` `R` — the fencing counter, **without** TTL, so tokens keep increasing across expiry.
+//!   One small key per distinct resource name ever locked.
+//!
+//! Acquire is one Lua script, one round trip: "does the lease exist? if not, `INCR` the fence counter,
+//! write the lease, `PEXPIRE` it" — the atomic equivalent of `SET lock owner NX PX ttl` plus the counter.
+//! Release and extend are owner-checked scripts (compare-and-delete, compare-and-`PEXPIRE`). Scripts are
+//! sent as `EVALSHA` with an automatic `EVAL` fallback.
+//!
+//! # Durability of fencing tokens
+//! The fence counter is as durable as the Redis server: with persistence off, a restarted server
+//! starts counting from 1 again. Where fencing tokens guard storage, run Redis with `appendonly yes`
+//! and `appendfsync always` (or `everysec`, accepting one second of exposure), or use the PostgreSQL
+//! backend.
+//!
+//! # Connections
+//! One multiplexed `ConnectionManager` per backend handle (clones share it); it reconnects by itself
+//! after a server restart. Every operation is bounded by the operation timeout (default 2 s), so a dead
+//! or paused server gives an error, never a hang.
+
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
+
+use crate::guard::PendingAcquire;
+use crate::lock::{safe_deadline, validate_resource, validate_ttl};
+use crate::retry::acquire_with_retry;
+use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
+
+const BACKEND: &str = "redis";
+const DEFAULT_PREFIX: &str = "state:";
+const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_PREFIX_LEN: usize = 256;
+
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/acquire.lua")));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
+static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/extend.lua")));
+static INFO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/info.lua")));
+
+/// A lock service on one Redis server. Cheap to clone; clones share the connection.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> state::StateResult<()> {
+/// use std::time::Duration;
+/// use state::{DistributedLock, RedisDistributedLock, RetryConfig};
+///
+/// let locks = RedisDistributedLock::new("redis://:secret@127.0.0.1:6379/0")
+///     .await?
+///     .with_key_prefix("billing:")?
+///     .with_retry(RetryConfig::aggressive());
+/// let guard = locks.acquire("invoice:7", Duration::from_secs(10)).await?;
+/// // ... write, passing guard.fencing_token() along ...
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisDistributedLock {
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+    retry: RetryConfig,
+    operation_timeout: Duration,
+    /// The server URL with any password replaced, for `Debug` and errors.
+    address: Arc<str>,
+}
+
+/// A parsed, validated Redis URL and its printable form.
+pub(crate) struct RedisTarget {
+    pub(crate) client: redis::Client,
+    pub(crate) redacted: String,
+}
+
+/// Parses a `redis://`, `rediss://` (TLS) or `unix://` URL without ever echoing a password.
+pub(crate) fn parse_redis_url(raw: &str) -> StateResult<RedisTarget> {
+    let mut parsed = url::Url::parse(raw).map_err(|err| {
+        StateError::invalid("redis url", format!("not a URL ({err})"))
+    })?;
+    let scheme = parsed.scheme().to_owned();
+    if !matches!(scheme.as_str(), "redis" | "rediss" | "unix" | "redis+unix") {
+        return Err(StateError::invalid(
+            "redis url",
+            format!("unsupported scheme `{scheme}` (use redis://, rediss:// or unix://)"),
+        ));
+    }
+    if scheme.starts_with("redis") && !scheme.ends_with("unix") && parsed.host_str().is_none() {
+        return Err(StateError::invalid("redis url", "has no host"));
+    }
+    if scheme == "rediss" {
+        // rustls needs a process-wide crypto provider; an Err only means one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let client = redis::Client::open(raw).map_err(|err| {
+        StateError::invalid("redis url", format!("rejected by the driver ({err})"))
+    })?;
+    if parsed.password().is_some() {
+        // Cannot fail for URLs with a host, which every password-bearing URL has.
+        let _ = parsed.set_password(Some("***"));
+    }
+    Ok(RedisTarget {
+        client,
+        redacted: parsed.to_string(),
+    })
+}
+
+/// A `ConnectionManager` whose connects and responses are bounded by `timeout`, so a dead server
+/// fails fast and a restarted one is reconnected to by the next operation.
+pub(crate) async fn connect_manager(
+    target: &RedisTarget,
+    timeout: Duration,
+) -> StateResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(Duration::from_millis(100));
+    let connect = ConnectionManager::new_with_config(target.client.clone(), config);
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(err)) => Err(StateError::backend(
+            BACKEND,
+            "connect to",
+            target.redacted.clone(),
+            err,
+        )),
+        Err(_) => Err(StateError::Timeout {
+            backend: BACKEND,
+            operation: "connect to",
+            resource: target.redacted.clone(),
+            timeout,
+        }),
+    }
+}
+
+/// Converts a server time in ms since the epoch into a `SystemTime`.
+pub(crate) fn server_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// The TTL in whole milliseconds; `validate_ttl` has already bounded it.
+pub(crate) fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RedisDistributedLock {
+    /// Connects to the Redis server at `url` (`redis://[:password@]host:port[/db]`, `rediss://` for TLS,
+    /// `unix:///path`), with the key prefix `state:` and the default [`RetryConfig`].
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] for a malformed URL; a backend error or timeout when the server cannot
+    /// be reached or refuses the credentials.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is held until it returns.
+    pub async fn new(url: &str) -> StateResult<Self> {
+        let target = parse_redis_url(url)?;
+        let conn = connect_manager(&target, DEFAULT_OPERATION_TIMEOUT).await?;
+        tracing::debug!(server = %target.redacted, "redis lock backend connected");
+        Ok(RedisDistributedLock {
+            conn,
+            prefix: Arc::from(DEFAULT_PREFIX),
+            retry: RetryConfig::default(),
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            address: Arc::from(target.redacted),
+        })
+    }
+
+    /// Sets the retry policy of [`acquire`](DistributedLock::acquire).
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets the prefix of every key this backend writes (default `state:`), so several applications can
+    /// share one server.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] when the prefix is longer than 256 bytes.
+    pub fn with_key_prefix(mut self, prefix: &str) -> StateResult<Self> {
+        if prefix.len() > MAX_PREFIX_LEN {
+            return Err(StateError::invalid(
+                "key prefix",
+                format!("is {} bytes, the limit is {MAX_PREFIX_LEN}", prefix.len()),
+            ));
+        }
+        self.prefix = Arc::from(prefix);
+        Ok(self)
+    }
+
+    /// Bounds every server round trip (default 2 s). Keep it well below your lock TTLs.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] for a zero timeout.
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> StateResult<Self> {
+        if timeout.is_zero() {
+            return Err(StateError::invalid("operation timeout", "must not be zero"));
+        }
+        self.operation_timeout = timeout;
+        Ok(self)
+    }
+
+    /// The retry policy in use.
+    pub fn retry_config(&self) -> &RetryConfig {
+        &self.retry
+    }
+
+    fn lock_key(&self, resource: &str) -> String {
+        format!("{}lock:{resource}", self.prefix)
+    }
+
+    fn fence_key(&self, resource: &str) -> String {
+        format!("{}fence:{resource}", self.prefix)
+    }
+
+    /// Runs one script invocation under the operation timeout, mapping errors with context.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        resource: &str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> StateResult<T> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.operation_timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(StateError::backend(BACKEND, operation, resource, err)),
+            Err(_) => Err(StateError::Timeout {
+                backend: BACKEND,
+                operation,
+                resource: resource.to_owned(),
+                timeout: self.operation_timeout,
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for RedisDistributedLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisDistributedLock")
+            .field("server", &self.address)
+            .field("prefix", &self.prefix)
+            .field("retry", &self.retry)
+            .field("operation_timeout", &self.operation_timeout)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl DistributedLock for RedisDistributedLock {
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND))]
+    async fn acquire(&self, resource: &str, ttl: Duration) -> StateResult<LockGuard> {
+        acquire_with_retry(self, &self.retry, resource, ttl).await
+    }
+
+    async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
+        validate_resource(resource)?;
+        validate_ttl(ttl)?;
+        let owner = LockToken::new_owner_value();
+        let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
+        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner);
+        let sent_at = Instant::now();
+        let ttl_ms = ttl_millis(ttl);
+        let granted: Option<(u64, u64)> = self
+            .run(
+                "acquire",
+                resource,
+                ACQUIRE
+                    .key(self.lock_key(resource))
+                    .key(self.fence_key(resource))
+                    .arg(&owner)
+                    .arg(ttl_ms),
+            )
+            .await?;
+        pending.disarm();
+        tracing::trace!(resource, granted = granted.is_some(), elapsed = ?sent_at.elapsed(), "redis try_acquire");
+        Ok(granted.map(|(fence, now_ms)| {
+            let acquired_at = server_time(now_ms);
+            let token = LockToken::new(resource, owner, fence, acquired_at, acquired_at + ttl);
+            LockGuard::new(service, token, safe_deadline(sent_at, ttl))
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
+    async fn release_internal(&self, resource: &str, token: &LockToken) -> StateResult<()> {
+        validate_resource(resource)?;
+        let released: i64 = self
+            .run(
+                "release",
+                resource,
+                RELEASE.key(self.lock_key(resource)).arg(&token.value),
+            )
+            .await?;
+        if released == 1 {
+            Ok(())
+        } else {
+            Err(StateError::LockLost {
+                resource: resource.to_owned(),
+            })
+        }
+    }
+
+    async fn is_locked(&self, resource: &str) -> StateResult<bool> {
+        validate_resource(resource)?;
+        let mut conn = self.conn.clone();
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(self.lock_key(resource));
+        match tokio::time::timeout(self.operation_timeout, exists.query_async::<i64>(&mut conn)).await {
+            Ok(Ok(count)) => Ok(count > 0),
+            Ok(Err(err)) => Err(StateError::backend(BACKEND, "inspect", resource, err)),
+            Err(_) => Err(StateError::Timeout {
+                backend: BACKEND,
+                operation: "inspect",
+                resource: resource.to_owned(),
+                timeout: self.operation_timeout,
+            }),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, guard), fields(backend = BACKEND, resource = guard.resource()))]
+    async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
+        validate_ttl(ttl)?;
+        let resource = guard.resource().to_owned();
+        let sent_at = Instant::now();
+        let extended: Option<u64> = self
+            .run(
+                "extend",
+                &resource,
+                EXTEND
+                    .key(self.lock_key(&resource))
+                    .arg(&guard.token().value)
+                    .arg(ttl_millis(ttl)),
+            )
+            .await?;
+        let now_ms = extended.ok_or(StateError::LockLost {
+            resource: resource.clone(),
+        })?;
+        guard.record_extension(server_time(now_ms) + ttl, safe_deadline(sent_at, ttl));
+        Ok(())
+    }
+
+    async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
+        validate_resource(resource)?;
+        let info: Option<(String, u64, u64, i64, u64)> = self
+            .run("inspect", resource, &INFO.key(self.lock_key(resource)))
+            .await?;
+        Ok(info.map(|(owner, fence, acquired_ms, remaining_ms, now_ms)| {
+            let expires_ms = now_ms.saturating_add(u64::try_from(remaining_ms).unwrap_or(0));
+            LockToken::new(
+                resource,
+                owner,
+                fence,
+                server_time(acquired_ms),
+                server_time(expires_ms),
+            )
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_urls_are_invalid_input() {
+        for bad in [
+            "",
+            "not a url",
+            "http://127.0.0.1:6379",
+            "redis://",
+            "redis://:pw@[::1",
+        ] {
+            match parse_redis_url(bad) {
+                Err(StateError::InvalidInput { what, reason }) => {
+                    assert_eq!(what, "redis url");
+                    assert!(!reason.contains("pw"), "no secret in `{reason}`");
+                }
+                Err(other) => panic!("{bad:?}: unexpected {other:?}"),
+                Ok(_) => panic!("{bad:?} was accepted"),
+            }
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let target = parse_redis_url("redis://user:hunter2@127.0.0.1:6390/3").unwrap();
+        assert_eq!(target.redacted, "redis://user:***@127.0.0.1:6390/3");
+        let tls = parse_redis_url("rediss://:hunter2@localhost:6390").unwrap();
+        assert!(!tls.redacted.contains("hunter2"));
+    }
+}

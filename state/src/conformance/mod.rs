@@ -1,0 +1,497 @@
+//! The backend conformance suite: one set of behaviours every [`DistributedLock`] must show, written
+//! once and run against every backend (in-process, Redis, Redlock, PostgreSQL) — and against your own
+//! deployment, with the `conformance` feature.
+//!
+//! Each check is a public async function that panics with a message on a violation. The
+//! [`conformance_tests!`](crate::conformance_tests) macro expands to one `#[tokio::test]` per check:
+//!
+//! ```ignore
+//! use std::sync::Arc;
+//! use state::conformance::{ConformanceBackend, InProcessCounter};
+//! use state::{DistributedLock, InMemoryDistributedLock, RetryConfig};
+//!
+//! struct Memory(InMemoryDistributedLock);
+//!
+//! #[async_trait::async_trait]
+//! impl ConformanceBackend for Memory {
+//!     async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+//!         Arc::new(self.0.clone().with_retry(retry))
+//!     }
+//! }
+//!
+//! state::conformance_tests!(Memory(InMemoryDistributedLock::new()), InProcessCounter::default());
+//! ```
+//!
+//! Resource names are random per check, so checks can share one server and run in parallel.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::lock::{MAX_RESOURCE_LEN, MAX_TTL};
+use crate::{DistributedLock, LockGuard, RetryConfig, StateError};
+
+/// How the suite gets handles to the backend under test.
+#[async_trait::async_trait]
+pub trait ConformanceBackend: Send + Sync {
+    /// A handle to the lock service under test whose `acquire` uses `retry`. All handles made by one
+    /// backend value must share the same locks (as clones or connections to the same server do).
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock>;
+}
+
+/// A deliberately unsynchronised counter (read, then write) that only a working lock keeps exact.
+#[async_trait::async_trait]
+pub trait UnsyncCounter: Send + Sync {
+    /// Sets the counter to zero.
+    async fn reset(&self);
+    /// Reads the counter.
+    async fn get(&self) -> u64;
+    /// Overwrites the counter.
+    async fn set(&self, value: u64);
+}
+
+/// An [`UnsyncCounter`] in process memory that yields between read and write, so unprotected
+/// increments really do race.
+#[derive(Debug, Default)]
+pub struct InProcessCounter(AtomicU64);
+
+#[async_trait::async_trait]
+impl UnsyncCounter for InProcessCounter {
+    async fn reset(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+    async fn get(&self) -> u64 {
+        let value = self.0.load(Ordering::SeqCst);
+        tokio::task::yield_now().await;
+        value
+    }
+    async fn set(&self, value: u64) {
+        tokio::task::yield_now().await;
+        self.0.store(value, Ordering::SeqCst);
+    }
+}
+
+/// Stops and starts the server behind a backend, for the dead-server check.
+#[async_trait::async_trait]
+pub trait ServerControl: Send + Sync {
+    /// Stops the server (kill or pause); the backend's calls must then fail in bounded time.
+    async fn stop(&self);
+    /// Starts it again at the same address.
+    async fn start(&self);
+}
+
+/// How long any single call may take before the suite calls it a hang.
+pub const CALL_BOUND: Duration = Duration::from_secs(10);
+
+const TTL: Duration = Duration::from_secs(10);
+const SHORT_TTL: Duration = Duration::from_millis(300);
+
+fn resource(check: &str) -> String {
+    format!("conformance:{check}:{:016x}", rand::random::<u64>())
+}
+
+fn quick() -> RetryConfig {
+    RetryConfig::no_retry()
+}
+
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(CALL_BOUND, fut).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what} did not finish within {CALL_BOUND:?}"),
+    }
+}
+
+async fn must_acquire(lock: &Arc<dyn DistributedLock>, resource: &str, ttl: Duration) -> LockGuard {
+    bounded("try_acquire", lock.try_acquire(resource, ttl))
+        .await
+        .unwrap_or_else(|err| panic!("try_acquire({resource}) failed: {err}"))
+        .unwrap_or_else(|| panic!("try_acquire({resource}) found the lock held"))
+}
+
+async fn must_be_free(lock: &Arc<dyn DistributedLock>, resource: &str) -> bool {
+    !bounded("is_locked", lock.is_locked(resource))
+        .await
+        .unwrap_or_else(|err| panic!("is_locked({resource}) failed: {err}"))
+}
+
+/// Polls until `resource` is free, for at most `within`.
+async fn wait_until_free(lock: &Arc<dyn DistributedLock>, resource: &str, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if must_be_free(lock, resource).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// A held lock is exclusive: a second `acquire` gives up with `LockNotAcquired`.
+pub async fn exclusive_acquire(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(RetryConfig::default()).await;
+    let contender = backend.lock(quick()).await;
+    let name = resource("exclusive");
+    let guard = bounded("acquire", lock.acquire(&name, TTL))
+        .await
+        .expect("first acquire succeeds");
+    assert_eq!(guard.resource(), name);
+    assert!(!guard.is_expired());
+    assert!(guard.time_remaining() > TTL / 2);
+    match bounded("acquire", contender.acquire(&name, TTL)).await {
+        Err(StateError::LockNotAcquired { resource, attempts }) => {
+            assert_eq!(resource, name);
+            assert_eq!(attempts, 1);
+        }
+        other => panic!("second acquire must fail with LockNotAcquired, got {other:?}"),
+    }
+    guard.release().await.expect("release succeeds");
+}
+
+/// `try_acquire` returns `Ok(None)` while the lock is held, and the lock while it is free.
+pub async fn try_acquire_is_none_while_held(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("try");
+    assert!(must_be_free(&lock, &name).await);
+    let guard = must_acquire(&lock, &name, TTL).await;
+    assert!(!must_be_free(&lock, &name).await);
+    let second = bounded("try_acquire", lock.try_acquire(&name, TTL))
+        .await
+        .expect("try_acquire does not error on contention");
+    assert!(second.is_none(), "a held lock must not be granted twice");
+    guard.release().await.expect("release succeeds");
+}
+
+/// After a release the lock can be taken again at once, and `is_locked` follows.
+pub async fn acquire_after_release(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("reacquire");
+    for _ in 0..3 {
+        let guard = must_acquire(&lock, &name, TTL).await;
+        assert!(!must_be_free(&lock, &name).await);
+        guard.release().await.expect("release succeeds");
+        assert!(must_be_free(&lock, &name).await);
+    }
+}
+
+/// A lease that is not extended expires and another owner takes over.
+pub async fn takeover_after_ttl_expiry(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("expiry");
+    let first = must_acquire(&lock, &name, SHORT_TTL).await;
+    assert!(bounded("try_acquire", lock.try_acquire(&name, TTL)).await.expect("no error").is_none());
+    tokio::time::sleep(SHORT_TTL + Duration::from_millis(100)).await;
+    assert!(first.is_expired(), "the guard knows its lease ran out");
+    assert_eq!(first.time_remaining(), Duration::ZERO);
+    let second = must_acquire(&lock, &name, TTL).await;
+    assert!(second.fencing_token() > first.fencing_token());
+    second.release().await.expect("release succeeds");
+    drop(first.leak());
+}
+
+/// `extend` keeps the lock held past its original TTL and moves the guard's deadline.
+pub async fn extend_keeps_lock_past_original_ttl(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("extend");
+    let mut guard = must_acquire(&lock, &name, SHORT_TTL).await;
+    let before = guard.valid_until();
+    let expires_before = guard.token().expires_at;
+    tokio::time::sleep(SHORT_TTL / 2).await;
+    bounded("extend", guard.extend(Duration::from_secs(2)))
+        .await
+        .expect("owner can extend");
+    assert!(guard.valid_until() > before);
+    assert!(guard.token().expires_at > expires_before);
+    tokio::time::sleep(SHORT_TTL).await;
+    assert!(!guard.is_expired());
+    assert!(!must_be_free(&lock, &name).await, "extended lock still held");
+    assert!(bounded("try_acquire", lock.try_acquire(&name, TTL)).await.expect("no error").is_none());
+    let info = bounded("get_lock_info", lock.get_lock_info(&name))
+        .await
+        .expect("info")
+        .expect("held");
+    assert_eq!(info.value, guard.token().value);
+    guard.release().await.expect("release succeeds");
+}
+
+/// A guard whose lease expired and was taken over can neither extend nor release, and trying does
+/// not disturb the new holder.
+pub async fn stale_guard_cannot_extend_or_release(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("stale");
+    let mut stale = must_acquire(&lock, &name, SHORT_TTL).await;
+    tokio::time::sleep(SHORT_TTL + Duration::from_millis(100)).await;
+    let holder = must_acquire(&lock, &name, TTL).await;
+    match bounded("extend", stale.extend(TTL)).await {
+        Err(StateError::LockLost { resource }) => assert_eq!(resource, name),
+        other => panic!("extend with a stale guard must be LockLost, got {other:?}"),
+    }
+    match bounded("release", stale.release()).await {
+        Err(StateError::LockLost { resource }) => assert_eq!(resource, name),
+        other => panic!("release with a stale guard must be LockLost, got {other:?}"),
+    }
+    let info = bounded("get_lock_info", lock.get_lock_info(&name))
+        .await
+        .expect("info")
+        .expect("the new holder still holds it");
+    assert_eq!(info.value, holder.token().value);
+    assert_eq!(info.fencing_token, holder.fencing_token());
+    holder.release().await.expect("the new holder releases normally");
+}
+
+/// Fencing tokens strictly increase across holders: after release and after expiry.
+pub async fn fencing_tokens_strictly_increase(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("fencing");
+    let mut last = 0;
+    for round in 0..5 {
+        let guard = must_acquire(&lock, &name, TTL).await;
+        assert!(guard.fencing_token() > last, "round {round}: token did not increase");
+        last = guard.fencing_token();
+        guard.release().await.expect("release succeeds");
+    }
+    let expiring = must_acquire(&lock, &name, SHORT_TTL).await;
+    assert!(expiring.fencing_token() > last);
+    last = expiring.fencing_token();
+    drop(expiring.leak());
+    tokio::time::sleep(SHORT_TTL + Duration::from_millis(100)).await;
+    let after_expiry = must_acquire(&lock, &name, TTL).await;
+    assert!(after_expiry.fencing_token() > last, "token must increase across expiry");
+    after_expiry.release().await.expect("release succeeds");
+}
+
+/// Dropping an unreleased guard releases the lock in the background.
+pub async fn dropping_guard_releases_lock(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("drop");
+    let guard = must_acquire(&lock, &name, Duration::from_secs(60)).await;
+    drop(guard);
+    assert!(
+        wait_until_free(&lock, &name, Duration::from_secs(5)).await,
+        "a dropped guard must release long before its 60 s TTL"
+    );
+    must_acquire(&lock, &name, TTL).await.release().await.expect("release");
+}
+
+/// A `try_acquire` cancelled at any point leaves no lock behind (beyond a short background cleanup).
+pub async fn cancelled_acquire_leaves_no_lock(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("cancel");
+    for step in 0..40u64 {
+        let cancel_after = Duration::from_micros(step * 50);
+        let attempt = tokio::time::timeout(cancel_after, lock.try_acquire(&name, Duration::from_secs(60)));
+        if let Ok(result) = attempt.await {
+            drop(result.expect("try_acquire works"));
+        }
+        assert!(
+            wait_until_free(&lock, &name, Duration::from_secs(5)).await,
+            "cancelled after {cancel_after:?}: the lock stayed held"
+        );
+    }
+}
+
+/// `get_lock_info` reports the holder's token; `None` when free.
+pub async fn lock_info_reports_holder(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("info");
+    assert!(bounded("get_lock_info", lock.get_lock_info(&name)).await.expect("info").is_none());
+    let guard = must_acquire(&lock, &name, TTL).await;
+    let info = bounded("get_lock_info", lock.get_lock_info(&name))
+        .await
+        .expect("info")
+        .expect("held");
+    assert_eq!(info.resource, name);
+    assert_eq!(info.value, guard.token().value);
+    assert_eq!(info.fencing_token, guard.fencing_token());
+    assert!(info.expires_at > info.acquired_at);
+    let lease = info
+        .expires_at
+        .duration_since(info.acquired_at)
+        .expect("expiry after acquisition");
+    assert!(lease <= TTL + Duration::from_millis(50), "lease {lease:?} longer than the TTL");
+    guard.release().await.expect("release");
+    assert!(bounded("get_lock_info", lock.get_lock_info(&name)).await.expect("info").is_none());
+}
+
+/// Resource names are user data: quotes, semicolons, unicode, spaces, braces and the longest allowed
+/// name all work, and distinct names are distinct locks.
+pub async fn awkward_resource_names_work(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let suffix = resource("awkward");
+    let names = [
+        format!("it's; DROP TABLE locks; -- {suffix}"),
+        format!("ünïcødé 🔒 {suffix}"),
+        format!("{{braces}} *glob* ?x [y] {suffix}"),
+        format!("{suffix}{}", "x".repeat(MAX_RESOURCE_LEN - suffix.len())),
+    ];
+    let mut guards = Vec::new();
+    for name in &names {
+        guards.push(must_acquire(&lock, name, TTL).await);
+    }
+    for name in &names {
+        assert!(bounded("try_acquire", lock.try_acquire(name, TTL)).await.expect("ok").is_none());
+        let info = lock.get_lock_info(name).await.expect("info").expect("held");
+        assert_eq!(&info.resource, name);
+    }
+    for guard in guards {
+        guard.release().await.expect("release");
+    }
+}
+
+/// Every kind of bad input is a clear `InvalidInput` error from every operation, never a panic, and
+/// leaves a valid lock untouched.
+pub async fn bad_input_is_rejected(backend: &dyn ConformanceBackend) {
+    let lock = backend.lock(quick()).await;
+    let good = resource("badinput");
+    let too_long = "x".repeat(MAX_RESOURCE_LEN + 1);
+    let bad_names = ["", too_long.as_str(), "nul\0inside"];
+    let bad_ttls = [
+        Duration::ZERO,
+        Duration::from_micros(500),
+        MAX_TTL + Duration::from_millis(1),
+        Duration::MAX,
+    ];
+    let invalid = |what: &str, result: Result<(), StateError>| match result {
+        Err(StateError::InvalidInput { .. }) => {}
+        other => panic!("{what}: expected InvalidInput, got {other:?}"),
+    };
+    for name in bad_names {
+        let shown = format!("{:?}", name.get(..20).unwrap_or(name));
+        invalid(&format!("try_acquire({shown})"), lock.try_acquire(name, TTL).await.map(drop));
+        invalid(&format!("acquire({shown})"), lock.acquire(name, TTL).await.map(drop));
+        invalid(&format!("is_locked({shown})"), lock.is_locked(name).await.map(drop));
+        invalid(&format!("get_lock_info({shown})"), lock.get_lock_info(name).await.map(drop));
+    }
+    let mut guard = must_acquire(&lock, &good, TTL).await;
+    for ttl in bad_ttls {
+        invalid(&format!("try_acquire ttl {ttl:?}"), lock.try_acquire(&good, ttl).await.map(drop));
+        invalid(&format!("acquire ttl {ttl:?}"), lock.acquire(&good, ttl).await.map(drop));
+        invalid(&format!("extend ttl {ttl:?}"), guard.extend(ttl).await);
+    }
+    let stolen = guard.token().clone();
+    invalid("release_internal(\"\")", lock.release_internal("", &stolen).await);
+    assert!(!must_be_free(&lock, &good).await, "bad input must not disturb a held lock");
+    guard.release().await.expect("the good lock is intact");
+}
+
+/// Mutual exclusion under contention: `tasks` tasks each increment an unsynchronised counter
+/// `increments` times under the lock; the total is exact and no two tasks are ever inside at once.
+pub async fn contended_counter_is_exact(
+    backend: &dyn ConformanceBackend,
+    counter: Arc<dyn UnsyncCounter>,
+    tasks: usize,
+    increments: usize,
+) {
+    let patient = RetryConfig {
+        max_attempts: 2_000,
+        initial_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(20),
+        backoff_multiplier: 1.5,
+    };
+    let name = resource("counter");
+    counter.reset().await;
+    let inside = Arc::new(AtomicUsize::new(0));
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::with_capacity(tasks);
+    for _ in 0..tasks {
+        let lock = backend.lock(patient.clone()).await;
+        let counter = Arc::clone(&counter);
+        let (inside, overlaps, name) = (Arc::clone(&inside), Arc::clone(&overlaps), name.clone());
+        handles.push(tokio::spawn(async move {
+            for _ in 0..increments {
+                let guard = lock.acquire(&name, TTL).await.expect("acquire under contention");
+                if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+                    overlaps.fetch_add(1, Ordering::SeqCst);
+                }
+                let value = counter.get().await;
+                counter.set(value + 1).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                guard.release().await.expect("release under contention");
+            }
+        }));
+    }
+    for handle in handles {
+        handle.await.expect("task did not panic");
+    }
+    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two holders were inside at once");
+    assert_eq!(counter.get().await, (tasks * increments) as u64, "lost updates");
+}
+
+/// With the server stopped, calls fail with an error within [`CALL_BOUND`] (no hang, no panic); once it
+/// is back, the same handle works again without being rebuilt.
+pub async fn dead_server_errors_then_recovers(
+    backend: &dyn ConformanceBackend,
+    server: &dyn ServerControl,
+) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("deadserver");
+    let held = must_acquire(&lock, &name, TTL).await;
+    server.stop().await;
+    let other = resource("deadserver-other");
+    assert!(bounded("try_acquire on a dead server", lock.try_acquire(&other, TTL)).await.is_err());
+    assert!(bounded("is_locked on a dead server", lock.is_locked(&other)).await.is_err());
+    assert!(bounded("get_lock_info on a dead server", lock.get_lock_info(&name)).await.is_err());
+    match bounded("acquire on a dead server", lock.acquire(&other, TTL)).await {
+        Err(err) => assert!(err.is_retryable(), "a dead server is a retryable failure: {err}"),
+        Ok(_) => panic!("acquire succeeded on a dead server"),
+    }
+    assert!(bounded("release on a dead server", held.release()).await.is_err());
+    server.start().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let guard = loop {
+        match bounded("try_acquire after restart", lock.try_acquire(&other, TTL)).await {
+            Ok(Some(guard)) => break guard,
+            Ok(None) => panic!("{other} is held after the restart by nobody we know"),
+            Err(err) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %err, "backend not back yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("backend did not recover within 20 s: {err}"),
+        }
+    };
+    guard.release().await.expect("release after recovery");
+}
+
+/// Expands to one `#[tokio::test]` per conformance check. The first argument is an expression giving a
+/// [`ConformanceBackend`] (it may `.await`), the second an `Arc`-able [`UnsyncCounter`] for the
+/// contention check. The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($backend:expr, $counter:expr) => {
+        $crate::__conformance_checks!($backend;
+            exclusive_acquire,
+            try_acquire_is_none_while_held,
+            acquire_after_release,
+            takeover_after_ttl_expiry,
+            extend_keeps_lock_past_original_ttl,
+            stale_guard_cannot_extend_or_release,
+            fencing_tokens_strictly_increase,
+            dropping_guard_releases_lock,
+            cancelled_acquire_leaves_no_lock,
+            lock_info_reports_holder,
+            awkward_resource_names_work,
+            bad_input_is_rejected
+        );
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn contended_counter_is_exact() {
+            let backend = $backend;
+            let counter: ::std::sync::Arc<dyn $crate::conformance::UnsyncCounter> =
+                ::std::sync::Arc::new($counter);
+            $crate::conformance::contended_counter_is_exact(&backend, counter, 32, 10).await;
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_checks {
+    ($backend:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $check() {
+                let backend = $backend;
+                $crate::conformance::$check(&backend).await;
+            }
+        )*
+    };
+}

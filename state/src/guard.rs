@@ -1,0 +1,217 @@
+//! [`LockGuard`]: proof of holding a lock, released on drop without blocking.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::runtime::Handle;
+use tokio::time::Instant;
+
+use crate::{DistributedLock, LockToken, StateResult};
+
+/// A held lock. Release it with [`release`](Self::release) to learn whether the release worked;
+/// dropping it releases in the background.
+///
+/// # Drop
+/// `Drop` never blocks and never panics: it hands the release to the Tokio runtime the lock was acquired
+/// on. If that runtime is gone, nothing is sent and the lease simply expires after its TTL.
+///
+/// # Local expiry
+/// The guard's deadline is computed on the safe side: from the instant the acquire (or extend) request was
+/// *sent*, minus a drift allowance ([`drift_allowance`](crate::lock::drift_allowance)), on the monotonic
+/// clock. So [`is_expired`](Self::is_expired) turns true before the server can have expired the lease.
+#[must_use = "dropping a LockGuard releases the lock at once"]
+#[clippy::has_significant_drop]
+pub struct LockGuard {
+    token: LockToken,
+    valid_until: Instant,
+    lock: Arc<dyn DistributedLock>,
+    runtime: Option<Handle>,
+    armed: bool,
+}
+
+impl LockGuard {
+    /// Wraps a lease a backend just granted. `valid_until` must be the safe local deadline
+    /// ([`safe_deadline`](crate::lock::safe_deadline)). Captures the current Tokio runtime for the
+    /// release on drop. Backend implementations call this; users get guards from `acquire`.
+    pub fn new(lock: Arc<dyn DistributedLock>, token: LockToken, valid_until: Instant) -> Self {
+        LockGuard {
+            token,
+            valid_until,
+            lock,
+            runtime: Handle::try_current().ok(),
+            armed: true,
+        }
+    }
+
+    /// The locked resource.
+    pub fn resource(&self) -> &str {
+        &self.token.resource
+    }
+
+    /// The full token: owner value, fencing token, server-side times.
+    pub fn token(&self) -> &LockToken {
+        &self.token
+    }
+
+    /// The fencing token of this acquisition: send it with every write the lock protects.
+    pub fn fencing_token(&self) -> u64 {
+        self.token.fencing_token
+    }
+
+    /// Whether the safe local deadline has passed: the lock may be held by someone else now.
+    pub fn is_expired(&self) -> bool {
+        Instant::now() >= self.valid_until
+    }
+
+    /// How long the lock is still safely held (zero once expired).
+    pub fn time_remaining(&self) -> Duration {
+        self.valid_until.saturating_duration_since(Instant::now())
+    }
+
+    /// The safe local deadline on the monotonic (Tokio) clock.
+    pub fn valid_until(&self) -> Instant {
+        self.valid_until
+    }
+
+    /// The backend that granted this lock.
+    pub fn lock_service(&self) -> &Arc<dyn DistributedLock> {
+        &self.lock
+    }
+
+    /// Extends the lease to `ttl` from now; shorthand for `backend.extend(&mut guard, ttl)`.
+    ///
+    /// # Errors
+    /// [`StateError::LockLost`](crate::StateError::LockLost) when the lock is no longer ours.
+    ///
+    /// # Cancel safety
+    /// See [`DistributedLock::extend`].
+    pub async fn extend(&mut self, ttl: Duration) -> StateResult<()> {
+        let lock = Arc::clone(&self.lock);
+        lock.extend(self, ttl).await
+    }
+
+    /// Records a renewed lease; backends call this from `extend` after the server agreed.
+    pub fn record_extension(&mut self, expires_at: SystemTime, valid_until: Instant) {
+        self.token.expires_at = expires_at;
+        self.valid_until = valid_until;
+    }
+
+    /// Releases the lock and reports whether it was still ours.
+    ///
+    /// # Errors
+    /// [`StateError::LockLost`](crate::StateError::LockLost) when the lease had expired or been taken over
+    /// (a false unlock is never silent); a backend error when the backend could not be reached, in which
+    /// case the lease expires after its TTL.
+    ///
+    /// # Cancel safety
+    /// If dropped mid-way the release may or may not have reached the backend; the TTL is the backstop.
+    pub async fn release(mut self) -> StateResult<()> {
+        self.armed = false;
+        let outcome = self
+            .lock
+            .release_internal(&self.token.resource, &self.token)
+            .await;
+        match &outcome {
+            Ok(()) => tracing::debug!(resource = %self.token.resource, "lock released"),
+            Err(err) => {
+                tracing::debug!(resource = %self.token.resource, error = %err, "lock release failed")
+            }
+        }
+        outcome
+    }
+
+    /// Gives up the guard without releasing: the lease stays until its TTL runs out. Returns the token,
+    /// which can still release it through [`DistributedLock::release_internal`].
+    pub fn leak(mut self) -> LockToken {
+        self.armed = false;
+        self.token.clone()
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.armed = false;
+        let Some(runtime) = self.runtime.take() else {
+            return; // no runtime to release on: the TTL expires the lease
+        };
+        let lock = Arc::clone(&self.lock);
+        let token = self.token.clone();
+        // Spawning on a handle whose runtime has shut down drops the task without running it: the
+        // TTL is the safety net then.
+        runtime.spawn(async move {
+            match lock.release_internal(&token.resource, &token).await {
+                Ok(()) => tracing::debug!(resource = %token.resource, "dropped lock released"),
+                Err(err) => {
+                    tracing::debug!(resource = %token.resource, error = %err, "dropped lock release failed")
+                }
+            }
+        });
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("token", &self.token)
+            .field("time_remaining", &self.time_remaining())
+            .field("lock", &self.lock)
+            .finish()
+    }
+}
+
+/// Cancel safety for network acquires: armed with the new owner value *before* the request is sent,
+/// it releases (compare-and-delete, so only our own lease) in the background if the acquire future is
+/// dropped or times out after the server may have granted the lease. Disarmed once a guard exists.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) struct PendingAcquire {
+    lock: Arc<dyn DistributedLock>,
+    resource: String,
+    owner: String,
+    runtime: Option<Handle>,
+    armed: bool,
+}
+
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl PendingAcquire {
+    pub(crate) fn arm(lock: Arc<dyn DistributedLock>, resource: &str, owner: &str) -> Self {
+        PendingAcquire {
+            lock,
+            resource: resource.to_owned(),
+            owner: owner.to_owned(),
+            runtime: Handle::try_current().ok(),
+            armed: true,
+        }
+    }
+
+    pub(crate) fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for PendingAcquire {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
+        let lock = Arc::clone(&self.lock);
+        let now = SystemTime::now();
+        let token = LockToken::new(
+            std::mem::take(&mut self.resource),
+            std::mem::take(&mut self.owner),
+            0,
+            now,
+            now,
+        );
+        runtime.spawn(async move {
+            // Err(LockLost) is the usual outcome: the request never reached the server.
+            let _ = lock.release_internal(&token.resource, &token).await;
+        });
+    }
+}

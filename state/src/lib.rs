@@ -1,0 +1,45 @@
+//! Distributed locks with **fencing tokens**, and the coordination recipes built on them.
+//!
+//! One contract, [`DistributedLock`], with interchangeable backends:
+//!
+//! | backend | type | cargo feature |
+//! |---|---|---|
+//! | in-process (default, one process, many tasks) | [`InMemoryDistributedLock`] | always on |
+//! | one Redis server | [`RedisDistributedLock`] | `redis` (default) |
+//!
+//! Every acquisition returns a [`LockGuard`] carrying a [`LockToken`] whose `fencing_token` is strictly
+//! greater than every token issued before for that resource, so storage can reject writes from a holder
+//! whose lease already ran out (see [`lock`] for why a TTL alone is not enough). Dropping a guard releases
+//! the lock in the background; [`LockGuard::release`] releases it and reports whether it was still ours.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> state::StateResult<()> {
+//! use std::{sync::Arc, time::Duration};
+//! use state::{DistributedLock, InMemoryDistributedLock};
+//!
+//! let locks: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
+//! let guard = locks.acquire("checkpoint:orders", Duration::from_secs(30)).await?;
+//! println!("holding with fencing token {}", guard.fencing_token());
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The `conformance` feature makes the shared backend test suite public ([`conformance`]), so a
+//! deployment can be checked with the same tests this crate runs against every backend.
+
+pub mod backends;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+pub mod error;
+pub mod guard;
+pub mod lock;
+pub mod retry;
+
+pub use backends::memory::InMemoryDistributedLock;
+#[cfg(feature = "redis")]
+pub use backends::redis::RedisDistributedLock;
+pub use error::{StateError, StateResult};
+pub use guard::LockGuard;
+pub use lock::{DistributedLock, LockToken};
+pub use retry::RetryConfig;
