@@ -1,1 +1,51 @@
+//! Real-server fixtures shared by every integration test and benchmark.
+//!
+//! Each fixture starts a real server process on a free loopback port in its own temp dir and kills it
+//! (and removes the dir) on `Drop`, also when a test panics. A missing server binary is a loud failure,
+//! never a silently skipped test. Fault injection: [`RedisServer::stop`] (SIGKILL),
+//! [`RedisServer::pause`] (SIGSTOP), [`RedisServer::resume`] (SIGCONT) and [`RedisServer::start`] (same
+//! port again).
 
+pub mod adapters;
+pub mod redis_server;
+
+pub use redis_server::{RedisCluster, RedisServer};
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+/// A port that was free on 127.0.0.1 a moment ago (bound to `:0`, then released).
+///
+/// # Panics
+/// If no port can be bound at all.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+/// The full path of a server binary on `PATH` (or in the usual system dirs).
+///
+/// # Panics
+/// With an install hint when it is missing: tests never pass without the server they need.
+pub fn require_binary(name: &str, install_hint: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/local/bin", "/usr/bin", "/usr/sbin"].map(PathBuf::from));
+    dirs.into_iter()
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{name}` not found: the integration tests need it ({install_hint}; scripts/test.sh installs it)")
+        })
+}
+
+/// Installs a `tracing` subscriber driven by `RUST_LOG` (once per test binary; later calls are no-ops).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -272,13 +272,48 @@ pub async fn dropping_guard_releases_lock(backend: &dyn ConformanceBackend) {
     must_acquire(&lock, &name, TTL).await.release().await.expect("release");
 }
 
-/// A `try_acquire` cancelled at any point leaves no lock behind (beyond a short background cleanup).
+/// A `try_acquire` cancelled at any point leaves no lock behind (beyond a short background cleanup):
+/// the future is dropped after its 1st, 2nd, ... `Pending` poll, with a pause before each drop so the
+/// server has executed the request and only the reply is outstanding — the window in which a naive
+/// backend leaks a lease until its TTL. Then the same with timeouts of growing length.
 pub async fn cancelled_acquire_leaves_no_lock(backend: &dyn ConformanceBackend) {
+    use std::task::Poll;
     let lock = backend.lock(quick()).await;
     let name = resource("cancel");
-    for step in 0..40u64 {
-        let cancel_after = Duration::from_micros(step * 50);
-        let attempt = tokio::time::timeout(cancel_after, lock.try_acquire(&name, Duration::from_secs(60)));
+    let long_ttl = Duration::from_secs(60);
+    // Warm up first (connections made, server-side scripts cached), so that the first `Pending` is
+    // the acquire request itself in flight.
+    must_acquire(&lock, &name, long_ttl).await.release().await.expect("release");
+    let mut cancelled_in_flight = 0;
+    for drop_after in 1..=6 {
+        let mut attempt = Box::pin(lock.try_acquire(&name, long_ttl));
+        let mut pending = 0;
+        let finished = loop {
+            match futures::poll!(attempt.as_mut()) {
+                Poll::Ready(result) => break Some(result.expect("try_acquire works")),
+                Poll::Pending if pending + 1 == drop_after => break None,
+                Poll::Pending => {
+                    pending += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        if finished.is_none() {
+            cancelled_in_flight += 1;
+            // Let the request reach the server and its reply arrive before cancelling.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(attempt);
+        drop(finished);
+        assert!(
+            wait_until_free(&lock, &name, Duration::from_secs(5)).await,
+            "dropped after {drop_after} pending polls: the lock stayed held"
+        );
+    }
+    tracing::debug!(cancelled_in_flight, "acquires cancelled while in flight");
+    for step in 0..20u64 {
+        let cancel_after = Duration::from_micros(step * 100);
+        let attempt = tokio::time::timeout(cancel_after, lock.try_acquire(&name, long_ttl));
         if let Ok(result) = attempt.await {
             drop(result.expect("try_acquire works"));
         }

@@ -1,0 +1,153 @@
+//! Adapters that plug the backends and fixtures into the `state` conformance suite.
+
+use std::sync::Arc;
+
+use redis::AsyncCommands;
+use state::conformance::{ConformanceBackend, ServerControl, UnsyncCounter};
+use state::{DistributedLock, InMemoryDistributedLock, RedisDistributedLock, RetryConfig};
+
+use crate::RedisServer;
+
+/// The in-process backend: every handle is a clone of one instance.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryBackend(pub InMemoryDistributedLock);
+
+#[async_trait::async_trait]
+impl ConformanceBackend for MemoryBackend {
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+        Arc::new(self.0.clone().with_retry(retry))
+    }
+}
+
+/// The single-node Redis backend: every handle is a new client (own connection) to one server.
+#[derive(Debug, Clone)]
+pub struct RedisBackend {
+    /// The server URL.
+    pub url: String,
+}
+
+#[async_trait::async_trait]
+impl ConformanceBackend for RedisBackend {
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+        let lock = RedisDistributedLock::new(&self.url)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {}: {err}", self.url));
+        Arc::new(lock.with_retry(retry))
+    }
+}
+
+/// An unsynchronised counter stored in Redis: a plain `GET` then `SET`, a network round trip apart.
+pub struct RedisCounter {
+    conn: redis::aio::MultiplexedConnection,
+    key: String,
+}
+
+impl RedisCounter {
+    /// A counter under a random key on the server at `url`.
+    pub async fn connect(url: &str) -> Self {
+        let client = redis::Client::open(url).expect("valid redis url");
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect the counter");
+        RedisCounter {
+            conn,
+            key: format!("test:counter:{:016x}", rand_suffix()),
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+#[async_trait::async_trait]
+impl UnsyncCounter for RedisCounter {
+    async fn reset(&self) {
+        let mut conn = self.conn.clone();
+        let _: () = conn.set(&self.key, 0u64).await.expect("SET counter");
+    }
+    async fn get(&self) -> u64 {
+        let mut conn = self.conn.clone();
+        let value: Option<u64> = conn.get(&self.key).await.expect("GET counter");
+        value.unwrap_or(0)
+    }
+    async fn set(&self, value: u64) {
+        let mut conn = self.conn.clone();
+        let _: () = conn.set(&self.key, value).await.expect("SET counter");
+    }
+}
+
+/// Kills and restarts a [`RedisServer`] for the dead-server check.
+pub struct RedisControl<'a>(pub &'a RedisServer);
+
+#[async_trait::async_trait]
+impl ServerControl for RedisControl<'_> {
+    async fn stop(&self) {
+        self.0.stop();
+    }
+    async fn start(&self) {
+        self.0.start();
+    }
+}
+
+/// A [`RedisCounter`] on a `redis-server` of its own, which lives as long as the counter.
+pub struct CounterServer {
+    counter: RedisCounter,
+    _server: RedisServer,
+}
+
+impl CounterServer {
+    /// Starts the server and connects the counter.
+    pub async fn start() -> Self {
+        let server = RedisServer::start_new();
+        CounterServer {
+            counter: RedisCounter::connect(&server.url()).await,
+            _server: server,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl UnsyncCounter for CounterServer {
+    async fn reset(&self) {
+        self.counter.reset().await
+    }
+    async fn get(&self) -> u64 {
+        self.counter.get().await
+    }
+    async fn set(&self, value: u64) {
+        self.counter.set(value).await
+    }
+}
+
+/// A backend adapter bundled with the `redis-server` it talks to, so the server dies with the test.
+pub struct RedisFixture {
+    /// The adapter.
+    pub backend: RedisBackend,
+    /// The server.
+    pub server: RedisServer,
+}
+
+impl RedisFixture {
+    /// Starts a server for one test.
+    pub fn start() -> Self {
+        crate::init_tracing();
+        let server = RedisServer::start_new();
+        RedisFixture {
+            backend: RedisBackend { url: server.url() },
+            server,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ConformanceBackend for RedisFixture {
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+        self.backend.lock(retry).await
+    }
+}
