@@ -63,7 +63,9 @@ impl RedisServer {
     }
 
     fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
-        self.child.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// (Re)starts the server on its port; a no-op when it runs already. Waits until it answers.

@@ -46,12 +46,18 @@ async fn paused_server_times_out_instead_of_hanging() {
         Err(StateError::Timeout { operation, .. }) => assert_eq!(operation, "acquire"),
         other => panic!("expected a timeout from a paused server, got {other:?}"),
     }
-    assert!(waited < Duration::from_secs(3), "waited {waited:?} on a paused server");
+    assert!(
+        waited < Duration::from_secs(3),
+        "waited {waited:?} on a paused server"
+    );
     // The lock taken before the pause is intact, and the cancelled acquire left nothing behind.
     held.release().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while locks.is_locked("paused-other").await.unwrap() {
-        assert!(Instant::now() < deadline, "the timed-out acquire left its lock behind");
+        assert!(
+            Instant::now() < deadline,
+            "the timed-out acquire left its lock behind"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -76,7 +82,10 @@ async fn counter_without_a_lock_loses_updates() {
         task.await.unwrap();
     }
     let total = counter.get().await;
-    assert!(total < 320, "unprotected increments should race; got all {total}");
+    assert!(
+        total < 320,
+        "unprotected increments should race; got all {total}"
+    );
 }
 
 #[tokio::test]
@@ -84,7 +93,11 @@ async fn unreachable_server_fails_construction_quickly() {
     let url = format!("redis://127.0.0.1:{}", free_port());
     let started = Instant::now();
     match RedisDistributedLock::new(&url).await {
-        Err(StateError::Backend { operation, resource, .. }) => {
+        Err(StateError::Backend {
+            operation,
+            resource,
+            ..
+        }) => {
             assert_eq!(operation, "connect to");
             assert!(resource.contains("127.0.0.1"));
         }
@@ -137,14 +150,22 @@ async fn keys_are_prefixed_lease_expires_and_fence_counter_persists() {
     assert!(b.is_some(), "different prefixes are different lock spaces");
 
     let lease_ttl: i64 = conn.pttl("billing:lock:job").await.unwrap();
-    assert!(lease_ttl > 0 && lease_ttl <= 10_000, "lease PTTL {lease_ttl}");
+    assert!(
+        lease_ttl > 0 && lease_ttl <= 10_000,
+        "lease PTTL {lease_ttl}"
+    );
     let fence_ttl: i64 = conn.pttl("billing:fence:job").await.unwrap();
     assert_eq!(fence_ttl, -1, "the fence counter must not expire");
     let fence: u64 = conn.get("billing:fence:job").await.unwrap();
     assert_eq!(fence, a.fencing_token());
 
     assert!(billing.clone().with_key_prefix(&"p".repeat(257)).is_err());
-    assert!(billing.clone().with_operation_timeout(Duration::ZERO).is_err());
+    assert!(
+        billing
+            .clone()
+            .with_operation_timeout(Duration::ZERO)
+            .is_err()
+    );
     a.release().await.unwrap();
 }
 
@@ -173,8 +194,14 @@ fn guard_dropped_after_its_runtime_is_gone_neither_panics_nor_blocks() {
     assert!(started.elapsed() < Duration::from_millis(100));
     runtime().block_on(async {
         let locks = RedisDistributedLock::new(&url).await.unwrap();
-        assert!(locks.is_locked("orphan").await.unwrap(), "nothing could release it");
+        assert!(
+            locks.is_locked("orphan").await.unwrap(),
+            "nothing could release it"
+        );
         tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(!locks.is_locked("orphan").await.unwrap(), "the TTL expired it");
+        assert!(
+            !locks.is_locked("orphan").await.unwrap(),
+            "the TTL expired it"
+        );
     });
 }

@@ -28,7 +28,9 @@ pub enum StateError {
 
     /// The caller's token no longer owns the lock: it expired, was released, or another owner took it
     /// over. Returned by `release` and `extend` with a stale guard; a false unlock is never silent.
-    #[error("lock on `{resource}` is no longer held by this owner (expired, released or taken over)")]
+    #[error(
+        "lock on `{resource}` is no longer held by this owner (expired, released or taken over)"
+    )]
     LockLost {
         /// The resource whose lock was lost.
         resource: String,
@@ -72,7 +74,9 @@ pub enum StateError {
     },
 
     /// A multi-node backend could not get a majority of its nodes to agree.
-    #[error("quorum not reached for `{resource}`: {granted} of {nodes} nodes agreed, {needed} needed")]
+    #[error(
+        "quorum not reached for `{resource}`: {granted} of {nodes} nodes agreed, {needed} needed"
+    )]
     QuorumNotReached {
         /// The resource.
         resource: String,

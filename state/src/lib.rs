@@ -43,3 +43,8 @@ pub use error::{StateError, StateResult};
 pub use guard::LockGuard;
 pub use lock::{DistributedLock, LockToken};
 pub use retry::RetryConfig;
+
+/// The user guide, `DISTRIBUTED_LOCKING.md`, compiled and run as doctests so its code cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../DISTRIBUTED_LOCKING.md")]
+pub struct UserGuide;

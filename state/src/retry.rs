@@ -1,4 +1,4 @@
-//! Retry policy for [`DistributedLock::acquire`](crate::DistributedLock::acquire): exponential
+//! Retry policy for [`DistributedLock::acquire`]: exponential
 //! backoff with jitter, written once for every backend.
 
 use std::time::Duration;

@@ -108,7 +108,7 @@ impl InMemoryDistributedLock {
             return None;
         }
         table.last_fence += 1;
-        if table.last_fence % SWEEP_EVERY == 0 {
+        if table.last_fence.is_multiple_of(SWEEP_EVERY) {
             table.sweep_expired(sent_at);
         }
         let acquired_at = SystemTime::now();
@@ -170,9 +170,8 @@ impl DistributedLock for InMemoryDistributedLock {
         validate_ttl(ttl)?;
         let granted = self.grant(resource, ttl);
         tracing::trace!(resource, granted = granted.is_some(), "memory try_acquire");
-        Ok(granted.map(|(token, valid_until)| {
-            LockGuard::new(Arc::new(self.clone()), token, valid_until)
-        }))
+        Ok(granted
+            .map(|(token, valid_until)| LockGuard::new(Arc::new(self.clone()), token, valid_until)))
     }
 
     async fn release_internal(&self, resource: &str, token: &LockToken) -> StateResult<()> {
@@ -243,7 +242,10 @@ mod tests {
             .unwrap()
             .unwrap();
         tokio::time::advance(Duration::from_millis(4_950)).await;
-        assert!(guard.is_expired(), "the guard gives up before the lease ends");
+        assert!(
+            guard.is_expired(),
+            "the guard gives up before the lease ends"
+        );
         assert!(locks.is_locked("r").await.unwrap());
         tokio::time::advance(Duration::from_millis(50)).await;
         assert!(!locks.is_locked("r").await.unwrap());

@@ -40,8 +40,10 @@ const DEFAULT_PREFIX: &str = "state:";
 const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_PREFIX_LEN: usize = 256;
 
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/acquire.lua")));
-static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
+static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/acquire.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
 static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/extend.lua")));
 static INFO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/info.lua")));
 
@@ -80,9 +82,8 @@ pub(crate) struct RedisTarget {
 
 /// Parses a `redis://`, `rediss://` (TLS) or `unix://` URL without ever echoing a password.
 pub(crate) fn parse_redis_url(raw: &str) -> StateResult<RedisTarget> {
-    let mut parsed = url::Url::parse(raw).map_err(|err| {
-        StateError::invalid("redis url", format!("not a URL ({err})"))
-    })?;
+    let mut parsed = url::Url::parse(raw)
+        .map_err(|err| StateError::invalid("redis url", format!("not a URL ({err})")))?;
     let scheme = parsed.scheme().to_owned();
     if !matches!(scheme.as_str(), "redis" | "rediss" | "unix" | "redis+unix") {
         return Err(StateError::invalid(
@@ -228,7 +229,8 @@ impl RedisDistributedLock {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> StateResult<T> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.operation_timeout, invocation.invoke_async(&mut conn)).await {
+        match tokio::time::timeout(self.operation_timeout, invocation.invoke_async(&mut conn)).await
+        {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(StateError::backend(BACKEND, operation, resource, err)),
             Err(_) => Err(StateError::Timeout {
@@ -311,7 +313,9 @@ impl DistributedLock for RedisDistributedLock {
         let mut conn = self.conn.clone();
         let mut exists = redis::cmd("EXISTS");
         exists.arg(self.lock_key(resource));
-        match tokio::time::timeout(self.operation_timeout, exists.query_async::<i64>(&mut conn)).await {
+        match tokio::time::timeout(self.operation_timeout, exists.query_async::<i64>(&mut conn))
+            .await
+        {
             Ok(Ok(count)) => Ok(count > 0),
             Ok(Err(err)) => Err(StateError::backend(BACKEND, "inspect", resource, err)),
             Err(_) => Err(StateError::Timeout {
@@ -350,16 +354,18 @@ impl DistributedLock for RedisDistributedLock {
         let info: Option<(String, u64, u64, i64, u64)> = self
             .run("inspect", resource, &INFO.key(self.lock_key(resource)))
             .await?;
-        Ok(info.map(|(owner, fence, acquired_ms, remaining_ms, now_ms)| {
-            let expires_ms = now_ms.saturating_add(u64::try_from(remaining_ms).unwrap_or(0));
-            LockToken::new(
-                resource,
-                owner,
-                fence,
-                server_time(acquired_ms),
-                server_time(expires_ms),
-            )
-        }))
+        Ok(
+            info.map(|(owner, fence, acquired_ms, remaining_ms, now_ms)| {
+                let expires_ms = now_ms.saturating_add(u64::try_from(remaining_ms).unwrap_or(0));
+                LockToken::new(
+                    resource,
+                    owner,
+                    fence,
+                    server_time(acquired_ms),
+                    server_time(expires_ms),
+                )
+            }),
+        )
     }
 }
 

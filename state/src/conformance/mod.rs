@@ -115,7 +115,11 @@ async fn must_be_free(lock: &Arc<dyn DistributedLock>, resource: &str) -> bool {
 }
 
 /// Polls until `resource` is free, for at most `within`.
-async fn wait_until_free(lock: &Arc<dyn DistributedLock>, resource: &str, within: Duration) -> bool {
+async fn wait_until_free(
+    lock: &Arc<dyn DistributedLock>,
+    resource: &str,
+    within: Duration,
+) -> bool {
     let deadline = tokio::time::Instant::now() + within;
     while tokio::time::Instant::now() < deadline {
         if must_be_free(lock, resource).await {
@@ -178,7 +182,12 @@ pub async fn takeover_after_ttl_expiry(backend: &dyn ConformanceBackend) {
     let lock = backend.lock(quick()).await;
     let name = resource("expiry");
     let first = must_acquire(&lock, &name, SHORT_TTL).await;
-    assert!(bounded("try_acquire", lock.try_acquire(&name, TTL)).await.expect("no error").is_none());
+    assert!(
+        bounded("try_acquire", lock.try_acquire(&name, TTL))
+            .await
+            .expect("no error")
+            .is_none()
+    );
     tokio::time::sleep(SHORT_TTL + Duration::from_millis(100)).await;
     assert!(first.is_expired(), "the guard knows its lease ran out");
     assert_eq!(first.time_remaining(), Duration::ZERO);
@@ -203,8 +212,16 @@ pub async fn extend_keeps_lock_past_original_ttl(backend: &dyn ConformanceBacken
     assert!(guard.token().expires_at > expires_before);
     tokio::time::sleep(SHORT_TTL).await;
     assert!(!guard.is_expired());
-    assert!(!must_be_free(&lock, &name).await, "extended lock still held");
-    assert!(bounded("try_acquire", lock.try_acquire(&name, TTL)).await.expect("no error").is_none());
+    assert!(
+        !must_be_free(&lock, &name).await,
+        "extended lock still held"
+    );
+    assert!(
+        bounded("try_acquire", lock.try_acquire(&name, TTL))
+            .await
+            .expect("no error")
+            .is_none()
+    );
     let info = bounded("get_lock_info", lock.get_lock_info(&name))
         .await
         .expect("info")
@@ -235,7 +252,10 @@ pub async fn stale_guard_cannot_extend_or_release(backend: &dyn ConformanceBacke
         .expect("the new holder still holds it");
     assert_eq!(info.value, holder.token().value);
     assert_eq!(info.fencing_token, holder.fencing_token());
-    holder.release().await.expect("the new holder releases normally");
+    holder
+        .release()
+        .await
+        .expect("the new holder releases normally");
 }
 
 /// Fencing tokens strictly increase across holders: after release and after expiry.
@@ -245,7 +265,10 @@ pub async fn fencing_tokens_strictly_increase(backend: &dyn ConformanceBackend) 
     let mut last = 0;
     for round in 0..5 {
         let guard = must_acquire(&lock, &name, TTL).await;
-        assert!(guard.fencing_token() > last, "round {round}: token did not increase");
+        assert!(
+            guard.fencing_token() > last,
+            "round {round}: token did not increase"
+        );
         last = guard.fencing_token();
         guard.release().await.expect("release succeeds");
     }
@@ -255,7 +278,10 @@ pub async fn fencing_tokens_strictly_increase(backend: &dyn ConformanceBackend) 
     drop(expiring.leak());
     tokio::time::sleep(SHORT_TTL + Duration::from_millis(100)).await;
     let after_expiry = must_acquire(&lock, &name, TTL).await;
-    assert!(after_expiry.fencing_token() > last, "token must increase across expiry");
+    assert!(
+        after_expiry.fencing_token() > last,
+        "token must increase across expiry"
+    );
     after_expiry.release().await.expect("release succeeds");
 }
 
@@ -269,7 +295,11 @@ pub async fn dropping_guard_releases_lock(backend: &dyn ConformanceBackend) {
         wait_until_free(&lock, &name, Duration::from_secs(5)).await,
         "a dropped guard must release long before its 60 s TTL"
     );
-    must_acquire(&lock, &name, TTL).await.release().await.expect("release");
+    must_acquire(&lock, &name, TTL)
+        .await
+        .release()
+        .await
+        .expect("release");
 }
 
 /// A `try_acquire` cancelled at any point leaves no lock behind (beyond a short background cleanup):
@@ -283,7 +313,11 @@ pub async fn cancelled_acquire_leaves_no_lock(backend: &dyn ConformanceBackend) 
     let long_ttl = Duration::from_secs(60);
     // Warm up first (connections made, server-side scripts cached), so that the first `Pending` is
     // the acquire request itself in flight.
-    must_acquire(&lock, &name, long_ttl).await.release().await.expect("release");
+    must_acquire(&lock, &name, long_ttl)
+        .await
+        .release()
+        .await
+        .expect("release");
     let mut cancelled_in_flight = 0;
     for drop_after in 1..=6 {
         let mut attempt = Box::pin(lock.try_acquire(&name, long_ttl));
@@ -328,7 +362,12 @@ pub async fn cancelled_acquire_leaves_no_lock(backend: &dyn ConformanceBackend) 
 pub async fn lock_info_reports_holder(backend: &dyn ConformanceBackend) {
     let lock = backend.lock(quick()).await;
     let name = resource("info");
-    assert!(bounded("get_lock_info", lock.get_lock_info(&name)).await.expect("info").is_none());
+    assert!(
+        bounded("get_lock_info", lock.get_lock_info(&name))
+            .await
+            .expect("info")
+            .is_none()
+    );
     let guard = must_acquire(&lock, &name, TTL).await;
     let info = bounded("get_lock_info", lock.get_lock_info(&name))
         .await
@@ -342,9 +381,17 @@ pub async fn lock_info_reports_holder(backend: &dyn ConformanceBackend) {
         .expires_at
         .duration_since(info.acquired_at)
         .expect("expiry after acquisition");
-    assert!(lease <= TTL + Duration::from_millis(50), "lease {lease:?} longer than the TTL");
+    assert!(
+        lease <= TTL + Duration::from_millis(50),
+        "lease {lease:?} longer than the TTL"
+    );
     guard.release().await.expect("release");
-    assert!(bounded("get_lock_info", lock.get_lock_info(&name)).await.expect("info").is_none());
+    assert!(
+        bounded("get_lock_info", lock.get_lock_info(&name))
+            .await
+            .expect("info")
+            .is_none()
+    );
 }
 
 /// Resource names are user data: quotes, semicolons, unicode, spaces, braces and the longest allowed
@@ -363,7 +410,12 @@ pub async fn awkward_resource_names_work(backend: &dyn ConformanceBackend) {
         guards.push(must_acquire(&lock, name, TTL).await);
     }
     for name in &names {
-        assert!(bounded("try_acquire", lock.try_acquire(name, TTL)).await.expect("ok").is_none());
+        assert!(
+            bounded("try_acquire", lock.try_acquire(name, TTL))
+                .await
+                .expect("ok")
+                .is_none()
+        );
         let info = lock.get_lock_info(name).await.expect("info").expect("held");
         assert_eq!(&info.resource, name);
     }
@@ -391,20 +443,44 @@ pub async fn bad_input_is_rejected(backend: &dyn ConformanceBackend) {
     };
     for name in bad_names {
         let shown = format!("{:?}", name.get(..20).unwrap_or(name));
-        invalid(&format!("try_acquire({shown})"), lock.try_acquire(name, TTL).await.map(drop));
-        invalid(&format!("acquire({shown})"), lock.acquire(name, TTL).await.map(drop));
-        invalid(&format!("is_locked({shown})"), lock.is_locked(name).await.map(drop));
-        invalid(&format!("get_lock_info({shown})"), lock.get_lock_info(name).await.map(drop));
+        invalid(
+            &format!("try_acquire({shown})"),
+            lock.try_acquire(name, TTL).await.map(drop),
+        );
+        invalid(
+            &format!("acquire({shown})"),
+            lock.acquire(name, TTL).await.map(drop),
+        );
+        invalid(
+            &format!("is_locked({shown})"),
+            lock.is_locked(name).await.map(drop),
+        );
+        invalid(
+            &format!("get_lock_info({shown})"),
+            lock.get_lock_info(name).await.map(drop),
+        );
     }
     let mut guard = must_acquire(&lock, &good, TTL).await;
     for ttl in bad_ttls {
-        invalid(&format!("try_acquire ttl {ttl:?}"), lock.try_acquire(&good, ttl).await.map(drop));
-        invalid(&format!("acquire ttl {ttl:?}"), lock.acquire(&good, ttl).await.map(drop));
+        invalid(
+            &format!("try_acquire ttl {ttl:?}"),
+            lock.try_acquire(&good, ttl).await.map(drop),
+        );
+        invalid(
+            &format!("acquire ttl {ttl:?}"),
+            lock.acquire(&good, ttl).await.map(drop),
+        );
         invalid(&format!("extend ttl {ttl:?}"), guard.extend(ttl).await);
     }
     let stolen = guard.token().clone();
-    invalid("release_internal(\"\")", lock.release_internal("", &stolen).await);
-    assert!(!must_be_free(&lock, &good).await, "bad input must not disturb a held lock");
+    invalid(
+        "release_internal(\"\")",
+        lock.release_internal("", &stolen).await,
+    );
+    assert!(
+        !must_be_free(&lock, &good).await,
+        "bad input must not disturb a held lock"
+    );
     guard.release().await.expect("the good lock is intact");
 }
 
@@ -433,7 +509,10 @@ pub async fn contended_counter_is_exact(
         let (inside, overlaps, name) = (Arc::clone(&inside), Arc::clone(&overlaps), name.clone());
         handles.push(tokio::spawn(async move {
             for _ in 0..increments {
-                let guard = lock.acquire(&name, TTL).await.expect("acquire under contention");
+                let guard = lock
+                    .acquire(&name, TTL)
+                    .await
+                    .expect("acquire under contention");
                 if inside.fetch_add(1, Ordering::SeqCst) != 0 {
                     overlaps.fetch_add(1, Ordering::SeqCst);
                 }
@@ -447,8 +526,16 @@ pub async fn contended_counter_is_exact(
     for handle in handles {
         handle.await.expect("task did not panic");
     }
-    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two holders were inside at once");
-    assert_eq!(counter.get().await, (tasks * increments) as u64, "lost updates");
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "two holders were inside at once"
+    );
+    assert_eq!(
+        counter.get().await,
+        (tasks * increments) as u64,
+        "lost updates"
+    );
 }
 
 /// With the server stopped, calls fail with an error within [`CALL_BOUND`] (no hang, no panic); once it
@@ -462,14 +549,36 @@ pub async fn dead_server_errors_then_recovers(
     let held = must_acquire(&lock, &name, TTL).await;
     server.stop().await;
     let other = resource("deadserver-other");
-    assert!(bounded("try_acquire on a dead server", lock.try_acquire(&other, TTL)).await.is_err());
-    assert!(bounded("is_locked on a dead server", lock.is_locked(&other)).await.is_err());
-    assert!(bounded("get_lock_info on a dead server", lock.get_lock_info(&name)).await.is_err());
+    assert!(
+        bounded(
+            "try_acquire on a dead server",
+            lock.try_acquire(&other, TTL)
+        )
+        .await
+        .is_err()
+    );
+    assert!(
+        bounded("is_locked on a dead server", lock.is_locked(&other))
+            .await
+            .is_err()
+    );
+    assert!(
+        bounded("get_lock_info on a dead server", lock.get_lock_info(&name))
+            .await
+            .is_err()
+    );
     match bounded("acquire on a dead server", lock.acquire(&other, TTL)).await {
-        Err(err) => assert!(err.is_retryable(), "a dead server is a retryable failure: {err}"),
+        Err(err) => assert!(
+            err.is_retryable(),
+            "a dead server is a retryable failure: {err}"
+        ),
         Ok(_) => panic!("acquire succeeded on a dead server"),
     }
-    assert!(bounded("release on a dead server", held.release()).await.is_err());
+    assert!(
+        bounded("release on a dead server", held.release())
+            .await
+            .is_err()
+    );
     server.start().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let guard = loop {
