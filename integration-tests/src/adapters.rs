@@ -4,9 +4,12 @@ use std::sync::Arc;
 
 use redis::AsyncCommands;
 use state::conformance::{ConformanceBackend, ServerControl, UnsyncCounter};
-use state::{DistributedLock, InMemoryDistributedLock, RedisDistributedLock, RetryConfig};
+use state::{
+    DistributedLock, InMemoryDistributedLock, RedisDistributedLock, RedlockDistributedLock,
+    RetryConfig,
+};
 
-use crate::RedisServer;
+use crate::{RedisCluster, RedisServer};
 
 /// The in-process backend: every handle is a clone of one instance.
 #[derive(Debug, Default, Clone)]
@@ -149,5 +152,54 @@ impl RedisFixture {
 impl ConformanceBackend for RedisFixture {
     async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
         self.backend.lock(retry).await
+    }
+}
+
+/// A Redlock backend over a [`RedisCluster`] of its own; every handle is a new client to all nodes.
+pub struct RedlockFixture {
+    /// The nodes.
+    pub cluster: RedisCluster,
+}
+
+impl RedlockFixture {
+    /// Starts `nodes` servers for one test.
+    pub fn start(nodes: usize) -> Self {
+        crate::init_tracing();
+        RedlockFixture {
+            cluster: RedisCluster::new(nodes),
+        }
+    }
+
+    /// A new client over all nodes.
+    pub async fn client(&self) -> RedlockDistributedLock {
+        let urls = self.cluster.urls();
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        RedlockDistributedLock::new(&urls)
+            .await
+            .unwrap_or_else(|err| panic!("connect redlock: {err}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl ConformanceBackend for RedlockFixture {
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+        Arc::new(self.client().await.with_retry(retry))
+    }
+}
+
+/// Stops and restarts every node of a cluster: a Redlock "server" is dead when its majority is.
+pub struct ClusterControl<'a>(pub &'a RedisCluster);
+
+#[async_trait::async_trait]
+impl ServerControl for ClusterControl<'_> {
+    async fn stop(&self) {
+        for i in 0..self.0.len() {
+            self.0.node(i).stop();
+        }
+    }
+    async fn start(&self) {
+        for i in 0..self.0.len() {
+            self.0.node(i).start();
+        }
     }
 }

@@ -75,11 +75,16 @@ pub enum StateError {
 
     /// A multi-node backend could not get a majority of its nodes to agree.
     #[error(
-        "quorum not reached for `{resource}`: {granted} of {nodes} nodes agreed, {needed} needed"
+        "quorum not reached for `{resource}` on {operation}: {granted} of {nodes} nodes agreed, {needed} needed; failed nodes: [{}]",
+        .failed_nodes.join("; ")
     )]
     QuorumNotReached {
         /// The resource.
         resource: String,
+        /// The operation (`acquire`, `extend`, `release`, `inspect`, `connect`).
+        operation: &'static str,
+        /// The nodes that failed or timed out, each with what went wrong (passwords redacted).
+        failed_nodes: Vec<String>,
         /// Nodes that granted the request.
         granted: usize,
         /// Nodes asked.

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | in-process (default, one process, many tasks) | [`InMemoryDistributedLock`] | always on |
 //! | one Redis server | [`RedisDistributedLock`] | `redis` (default) |
+//! | several Redis servers, majority quorum (Redlock) | [`RedlockDistributedLock`] | `redis` (default) |
 //!
 //! Every acquisition returns a [`LockGuard`] carrying a [`LockToken`] whose `fencing_token` is strictly
 //! greater than every token issued before for that resource, so storage can reject writes from a holder
@@ -39,6 +40,8 @@ pub mod retry;
 pub use backends::memory::InMemoryDistributedLock;
 #[cfg(feature = "redis")]
 pub use backends::redis::RedisDistributedLock;
+#[cfg(feature = "redis")]
+pub use backends::redlock::RedlockDistributedLock;
 pub use error::{StateError, StateResult};
 pub use guard::LockGuard;
 pub use lock::{DistributedLock, LockToken};

@@ -5,3 +5,6 @@ pub mod memory;
 
 #[cfg(feature = "redis")]
 pub mod redis;
+
+#[cfg(feature = "redis")]
+pub mod redlock;

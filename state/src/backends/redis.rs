@@ -36,16 +36,18 @@ use crate::retry::acquire_with_retry;
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
 const BACKEND: &str = "redis";
-const DEFAULT_PREFIX: &str = "state:";
-const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_PREFIX: &str = "state:";
+pub(crate) const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_PREFIX_LEN: usize = 256;
 
-static ACQUIRE: LazyLock<Script> =
+pub(crate) static ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/acquire.lua")));
-static RELEASE: LazyLock<Script> =
+pub(crate) static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
-static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/extend.lua")));
-static INFO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/info.lua")));
+pub(crate) static EXTEND: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/extend.lua")));
+pub(crate) static INFO: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/info.lua")));
 
 /// A lock service on one Redis server. Cheap to clone; clones share the connection.
 ///
@@ -117,13 +119,8 @@ pub(crate) async fn connect_manager(
     target: &RedisTarget,
     timeout: Duration,
 ) -> StateResult<ConnectionManager> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(1)
-        .set_min_delay(Duration::from_millis(10))
-        .set_max_delay(Duration::from_millis(100));
-    let connect = ConnectionManager::new_with_config(target.client.clone(), config);
+    let connect =
+        ConnectionManager::new_with_config(target.client.clone(), manager_config(timeout));
     match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(err)) => Err(StateError::backend(
@@ -139,6 +136,46 @@ pub(crate) async fn connect_manager(
             timeout,
         }),
     }
+}
+
+/// The lease key of `resource`.
+pub(crate) fn lock_key(prefix: &str, resource: &str) -> String {
+    format!("{prefix}lock:{resource}")
+}
+
+/// The fencing-counter key of `resource`.
+pub(crate) fn fence_key(prefix: &str, resource: &str) -> String {
+    format!("{prefix}fence:{resource}")
+}
+
+/// Checks a key prefix.
+pub(crate) fn validate_prefix(prefix: &str) -> StateResult<()> {
+    if prefix.len() > MAX_PREFIX_LEN {
+        return Err(StateError::invalid(
+            "key prefix",
+            format!("is {} bytes, the limit is {MAX_PREFIX_LEN}", prefix.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A `ConnectionManager` that connects on first use (and reconnects after failures), for nodes that may
+/// be down when the backend is built. Same timeouts as [`connect_manager`].
+pub(crate) fn lazy_manager(
+    target: &RedisTarget,
+    timeout: Duration,
+) -> StateResult<ConnectionManager> {
+    ConnectionManager::new_lazy_with_config(target.client.clone(), manager_config(timeout))
+        .map_err(|err| StateError::backend(BACKEND, "connect to", target.redacted.clone(), err))
+}
+
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(Duration::from_millis(100))
 }
 
 /// Converts a server time in ms since the epoch into a `SystemTime`.
@@ -186,12 +223,7 @@ impl RedisDistributedLock {
     /// # Errors
     /// [`StateError::InvalidInput`] when the prefix is longer than 256 bytes.
     pub fn with_key_prefix(mut self, prefix: &str) -> StateResult<Self> {
-        if prefix.len() > MAX_PREFIX_LEN {
-            return Err(StateError::invalid(
-                "key prefix",
-                format!("is {} bytes, the limit is {MAX_PREFIX_LEN}", prefix.len()),
-            ));
-        }
+        validate_prefix(prefix)?;
         self.prefix = Arc::from(prefix);
         Ok(self)
     }
@@ -214,11 +246,11 @@ impl RedisDistributedLock {
     }
 
     fn lock_key(&self, resource: &str) -> String {
-        format!("{}lock:{resource}", self.prefix)
+        lock_key(&self.prefix, resource)
     }
 
     fn fence_key(&self, resource: &str) -> String {
-        format!("{}fence:{resource}", self.prefix)
+        fence_key(&self.prefix, resource)
     }
 
     /// Runs one script invocation under the operation timeout, mapping errors with context.
@@ -229,17 +261,37 @@ impl RedisDistributedLock {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> StateResult<T> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.operation_timeout, invocation.invoke_async(&mut conn)).await
-        {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(StateError::backend(BACKEND, operation, resource, err)),
-            Err(_) => Err(StateError::Timeout {
-                backend: BACKEND,
-                operation,
-                resource: resource.to_owned(),
-                timeout: self.operation_timeout,
-            }),
-        }
+        invoke(
+            &mut conn,
+            self.operation_timeout,
+            BACKEND,
+            operation,
+            resource,
+            invocation,
+        )
+        .await
+    }
+}
+
+/// Runs one script invocation on `conn`, bounded by `timeout`, mapping driver errors and timeouts to
+/// [`StateError`]s that name the backend, operation and resource.
+pub(crate) async fn invoke<T: redis::FromRedisValue>(
+    conn: &mut ConnectionManager,
+    timeout: Duration,
+    backend: &'static str,
+    operation: &'static str,
+    resource: &str,
+    invocation: &redis::ScriptInvocation<'_>,
+) -> StateResult<T> {
+    match tokio::time::timeout(timeout, invocation.invoke_async(conn)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(StateError::backend(backend, operation, resource, err)),
+        Err(_) => Err(StateError::Timeout {
+            backend,
+            operation,
+            resource: resource.to_owned(),
+            timeout,
+        }),
     }
 }
 
