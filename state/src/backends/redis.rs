@@ -178,6 +178,53 @@ fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_millis(100))
 }
 
+/// This host's wall-clock time in ms since the epoch, for the informational timestamps of a lease.
+pub(crate) fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// What the info script returns: the stored lease string, its remaining ms, the server's time in ms.
+pub(crate) type RawLeaseInfo = (String, i64, u64);
+
+/// A lease as stored (`"<owner>:<fence>:<acquired_ms>"`), parsed from the right so that the owner may be
+/// any string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredLease {
+    pub(crate) owner: String,
+    pub(crate) fence: u64,
+    pub(crate) acquired_ms: u64,
+    pub(crate) expires_ms: u64,
+}
+
+impl StoredLease {
+    pub(crate) fn parse((raw, remaining_ms, now_ms): &RawLeaseInfo) -> Option<Self> {
+        let mut fields = raw.rsplitn(3, ':');
+        let acquired_ms = fields.next()?.parse().ok()?;
+        let fence = fields.next()?.parse().ok()?;
+        let owner = fields.next()?.to_owned();
+        let expires_ms = now_ms.saturating_add(u64::try_from(*remaining_ms).unwrap_or(0));
+        Some(StoredLease {
+            owner,
+            fence,
+            acquired_ms,
+            expires_ms,
+        })
+    }
+
+    pub(crate) fn into_token(self, resource: &str) -> LockToken {
+        LockToken::new(
+            resource,
+            self.owner,
+            self.fence,
+            server_time(self.acquired_ms),
+            server_time(self.expires_ms),
+        )
+    }
+}
+
 /// Converts a server time in ms since the epoch into a `SystemTime`.
 pub(crate) fn server_time(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
@@ -321,7 +368,8 @@ impl DistributedLock for RedisDistributedLock {
         let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner);
         let sent_at = Instant::now();
         let ttl_ms = ttl_millis(ttl);
-        let granted: Option<(u64, u64)> = self
+        let now_ms = wall_clock_ms();
+        let granted: Option<u64> = self
             .run(
                 "acquire",
                 resource,
@@ -329,12 +377,13 @@ impl DistributedLock for RedisDistributedLock {
                     .key(self.lock_key(resource))
                     .key(self.fence_key(resource))
                     .arg(&owner)
-                    .arg(ttl_ms),
+                    .arg(ttl_ms)
+                    .arg(now_ms),
             )
             .await?;
         pending.disarm();
         tracing::trace!(resource, granted = granted.is_some(), elapsed = ?sent_at.elapsed(), "redis try_acquire");
-        Ok(granted.map(|(fence, now_ms)| {
+        Ok(granted.map(|fence| {
             let acquired_at = server_time(now_ms);
             let token = LockToken::new(resource, owner, fence, acquired_at, acquired_at + ttl);
             LockGuard::new(service, token, safe_deadline(sent_at, ttl))
@@ -384,7 +433,8 @@ impl DistributedLock for RedisDistributedLock {
         validate_ttl(ttl)?;
         let resource = guard.resource().to_owned();
         let sent_at = Instant::now();
-        let extended: Option<u64> = self
+        let now_ms = wall_clock_ms();
+        let extended: i64 = self
             .run(
                 "extend",
                 &resource,
@@ -394,30 +444,22 @@ impl DistributedLock for RedisDistributedLock {
                     .arg(ttl_millis(ttl)),
             )
             .await?;
-        let now_ms = extended.ok_or(StateError::LockLost {
-            resource: resource.clone(),
-        })?;
+        if extended != 1 {
+            return Err(StateError::LockLost { resource });
+        }
         guard.record_extension(server_time(now_ms) + ttl, safe_deadline(sent_at, ttl));
         Ok(())
     }
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
-        let info: Option<(String, u64, u64, i64, u64)> = self
+        let info: Option<RawLeaseInfo> = self
             .run("inspect", resource, &INFO.key(self.lock_key(resource)))
             .await?;
-        Ok(
-            info.map(|(owner, fence, acquired_ms, remaining_ms, now_ms)| {
-                let expires_ms = now_ms.saturating_add(u64::try_from(remaining_ms).unwrap_or(0));
-                LockToken::new(
-                    resource,
-                    owner,
-                    fence,
-                    server_time(acquired_ms),
-                    server_time(expires_ms),
-                )
-            }),
-        )
+        Ok(info
+            .as_ref()
+            .and_then(StoredLease::parse)
+            .map(|lease| lease.into_token(resource)))
     }
 }
 
@@ -443,6 +485,22 @@ mod tests {
                 Ok(_) => panic!("{bad:?} was accepted"),
             }
         }
+    }
+
+    #[test]
+    fn stored_leases_parse_from_the_right() {
+        let raw = (
+            "a:b:c:42:1700000000000".to_owned(),
+            1_500,
+            1_700_000_000_500,
+        );
+        let lease = StoredLease::parse(&raw).unwrap();
+        assert_eq!(lease.owner, "a:b:c");
+        assert_eq!(lease.fence, 42);
+        assert_eq!(lease.acquired_ms, 1_700_000_000_000);
+        assert_eq!(lease.expires_ms, 1_700_000_002_000);
+        assert!(StoredLease::parse(&("garbage".to_owned(), 1, 1)).is_none());
+        assert!(StoredLease::parse(&("o:x:1".to_owned(), 1, 1)).is_none());
     }
 
     #[test]

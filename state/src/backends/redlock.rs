@@ -32,7 +32,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -41,8 +41,9 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use super::redis::{
-    ACQUIRE, DEFAULT_PREFIX, EXTEND, INFO, RELEASE, fence_key, invoke, lazy_manager, lock_key,
-    parse_redis_url, server_time, ttl_millis, validate_prefix,
+    ACQUIRE, DEFAULT_PREFIX, EXTEND, INFO, RELEASE, RawLeaseInfo, StoredLease, fence_key, invoke,
+    lazy_manager, lock_key, parse_redis_url, server_time, ttl_millis, validate_prefix,
+    wall_clock_ms,
 };
 use crate::guard::PendingAcquire;
 use crate::lock::{validate_resource, validate_ttl};
@@ -98,6 +99,28 @@ struct Tally<T> {
 }
 
 impl<T> Tally<T> {
+    fn new() -> Self {
+        Tally {
+            granted: Vec::new(),
+            refused: 0,
+            failed: Vec::new(),
+        }
+    }
+
+    /// Counts one node's reply; returns whether the quorum outcome is now known.
+    fn record(&mut self, nodes: &[Node], index: usize, reply: StateResult<Option<T>>) -> bool {
+        match reply {
+            Ok(Some(value)) => self.granted.push((index, value)),
+            Ok(None) => self.refused += 1,
+            Err(err) => {
+                tracing::debug!(node = %nodes[index].address, error = %err, "redlock node failed");
+                self.failed.push(format!("{}: {err}", nodes[index].address));
+            }
+        }
+        let (total, quorum) = (nodes.len(), quorum_of(nodes.len()));
+        self.granted.len() >= quorum || self.refused + self.failed.len() > total - quorum
+    }
+
     fn failure(&self, resource: &str, operation: &'static str, nodes: usize) -> StateError {
         StateError::QuorumNotReached {
             resource: resource.to_owned(),
@@ -280,8 +303,6 @@ impl RedlockDistributedLock {
         F: Fn(ConnectionManager, Duration) -> Fut,
         Fut: Future<Output = StateResult<Option<T>>>,
     {
-        let total = self.nodes.len();
-        let quorum = self.quorum();
         let mut pending: FuturesUnordered<_> = self
             .nodes
             .iter()
@@ -291,57 +312,57 @@ impl RedlockDistributedLock {
                 async move { (index, reply.await) }
             })
             .collect();
-        let mut tally = Tally {
-            granted: Vec::new(),
-            refused: 0,
-            failed: Vec::new(),
-        };
+        let mut tally = Tally::new();
         while let Some((index, reply)) = pending.next().await {
-            match reply {
-                Ok(Some(value)) => tally.granted.push((index, value)),
-                Ok(None) => tally.refused += 1,
-                Err(err) => {
-                    tracing::debug!(node = %self.nodes[index].address, operation, resource, error = %err, "redlock node failed");
-                    tally
-                        .failed
-                        .push(format!("{}: {err}", self.nodes[index].address));
-                }
-            }
-            let decided = tally.granted.len() >= quorum
-                || tally.refused + tally.failed.len() > total - quorum;
+            let decided = tally.record(&self.nodes, index, reply);
             if early && decided {
+                tracing::trace!(operation, resource, "quorum outcome known");
                 break;
             }
         }
         tally
     }
 
-    /// Compare-and-delete of `owner`'s lease on every node; waits for all (each bounded).
+    /// Compare-and-delete of `owner`'s lease on every node. Returns as soon as the quorum outcome is
+    /// known; the requests to the remaining nodes run on to completion in the background (each bounded by
+    /// `timeout`), so a slow node delays neither the caller nor the release on it.
     async fn release_everywhere(
         &self,
         resource: &str,
         owner: &str,
         timeout: Duration,
     ) -> Tally<()> {
+        let (replies, mut incoming) = tokio::sync::mpsc::channel(self.nodes.len());
         let key = lock_key(&self.prefix, resource);
-        self.ask_nodes("release", resource, timeout, false, |mut conn, timeout| {
-            let key = key.clone();
-            async move {
+        for (index, node) in self.nodes.iter().enumerate() {
+            let (mut conn, replies) = (node.conn.clone(), replies.clone());
+            let (key, owner, resource) = (key.clone(), owner.to_owned(), resource.to_owned());
+            tokio::spawn(async move {
                 let mut invocation = RELEASE.prepare_invoke();
                 invocation.key(key).arg(owner);
-                let released: i64 = invoke(
+                let released: StateResult<i64> = invoke(
                     &mut conn,
                     timeout,
                     BACKEND,
                     "release",
-                    resource,
+                    &resource,
                     &invocation,
                 )
-                .await?;
-                Ok((released == 1).then_some(()))
+                .await;
+                // The receiver is gone once the outcome was known: nobody needs this reply then.
+                let _ = replies
+                    .send((index, released.map(|n| (n == 1).then_some(()))))
+                    .await;
+            });
+        }
+        drop(replies);
+        let mut tally = Tally::new();
+        while let Some((index, reply)) = incoming.recv().await {
+            if tally.record(&self.nodes, index, reply) {
+                break;
             }
-        })
-        .await
+        }
+        tally
     }
 
     /// Makes sure a majority of nodes hold a fencing counter of at least `token`, and that the lease
@@ -351,13 +372,10 @@ impl RedlockDistributedLock {
         resource: &str,
         owner: &str,
         token: u64,
-        granted: &[(usize, (u64, u64))],
+        granted: &[(usize, u64)],
         timeout: Duration,
     ) -> StateResult<()> {
-        let at_token = granted
-            .iter()
-            .filter(|(_, (fence, _))| *fence == token)
-            .count();
+        let at_token = granted.iter().filter(|(_, fence)| *fence == token).count();
         if at_token >= self.quorum() {
             return Ok(());
         }
@@ -406,14 +424,20 @@ impl RedlockDistributedLock {
             fence_key(&self.prefix, resource),
         );
         let ttl_ms = ttl_millis(ttl);
+        let now_ms = wall_clock_ms();
         let sent_at = Instant::now();
         let tally = self
             .ask_nodes("acquire", resource, timeout, true, |mut conn, timeout| {
                 let (lease, fence, owner) = (lease.clone(), fence.clone(), owner.clone());
                 async move {
                     let mut invocation = ACQUIRE.prepare_invoke();
-                    invocation.key(lease).key(fence).arg(owner).arg(ttl_ms);
-                    invoke::<Option<(u64, u64)>>(
+                    invocation
+                        .key(lease)
+                        .key(fence)
+                        .arg(owner)
+                        .arg(ttl_ms)
+                        .arg(now_ms);
+                    invoke::<Option<u64>>(
                         &mut conn,
                         timeout,
                         BACKEND,
@@ -430,7 +454,7 @@ impl RedlockDistributedLock {
             let token = tally
                 .granted
                 .iter()
-                .map(|(_, (fence, _))| *fence)
+                .map(|(_, fence)| *fence)
                 .max()
                 .unwrap_or(0);
             match self
@@ -438,13 +462,7 @@ impl RedlockDistributedLock {
                 .await
             {
                 Ok(()) if Instant::now() < valid_until => {
-                    let acquired_ms = tally
-                        .granted
-                        .iter()
-                        .map(|(_, (_, now))| *now)
-                        .min()
-                        .unwrap_or(0);
-                    let acquired_at = server_time(acquired_ms);
+                    let acquired_at = server_time(now_ms);
                     let token = LockToken::new(
                         resource,
                         owner.clone(),
@@ -540,6 +558,7 @@ impl DistributedLock for RedlockDistributedLock {
         let lease = lock_key(&self.prefix, &resource);
         let timeout = self.timeout_for(ttl);
         let ttl_ms = ttl_millis(ttl);
+        let now_ms = wall_clock_ms();
         let sent_at = Instant::now();
         let tally = self
             .ask_nodes("extend", &resource, timeout, true, |mut conn, timeout| {
@@ -547,7 +566,7 @@ impl DistributedLock for RedlockDistributedLock {
                 async move {
                     let mut invocation = EXTEND.prepare_invoke();
                     invocation.key(lease).arg(owner).arg(ttl_ms);
-                    invoke::<Option<u64>>(
+                    let extended: i64 = invoke(
                         &mut conn,
                         timeout,
                         BACKEND,
@@ -555,13 +574,13 @@ impl DistributedLock for RedlockDistributedLock {
                         &resource,
                         &invocation,
                     )
-                    .await
+                    .await?;
+                    Ok((extended == 1).then_some(()))
                 }
             })
             .await;
         let valid_until = self.valid_until(sent_at, ttl);
         if tally.granted.len() >= self.quorum() && Instant::now() < valid_until {
-            let now_ms = tally.granted.iter().map(|(_, now)| *now).min().unwrap_or(0);
             guard.record_extension(server_time(now_ms) + ttl, valid_until);
             Ok(())
         } else if tally.refused > self.nodes.len() - self.quorum() {
@@ -574,7 +593,6 @@ impl DistributedLock for RedlockDistributedLock {
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
         let lease = lock_key(&self.prefix, resource);
-        type Info = (String, u64, u64, i64, u64);
         let tally = self
             .ask_nodes(
                 "inspect",
@@ -585,7 +603,7 @@ impl DistributedLock for RedlockDistributedLock {
                     let lease = lease.clone();
                     async move {
                         let invocation = INFO.key(lease);
-                        let info: Option<Info> = invoke(
+                        let info: Option<RawLeaseInfo> = invoke(
                             &mut conn,
                             timeout,
                             BACKEND,
@@ -594,53 +612,47 @@ impl DistributedLock for RedlockDistributedLock {
                             &invocation,
                         )
                         .await?;
-                        // A free node is an answer too: wrap so that only failures count as failures.
-                        Ok(Some(info))
+                        // A free node is an answer too: only failures count as failures.
+                        Ok(Some(info.as_ref().and_then(StoredLease::parse)))
                     }
                 },
             )
             .await;
-        let answered = tally.granted.len();
-        if answered < self.quorum() {
+        if tally.granted.len() < self.quorum() {
             return Err(tally.failure(resource, "inspect", self.nodes.len()));
         }
-        Ok(majority_holder(resource, &tally.granted, self.quorum()))
+        let leases: Vec<StoredLease> = tally
+            .granted
+            .into_iter()
+            .filter_map(|(_, lease)| lease)
+            .collect();
+        Ok(majority_holder(&leases, self.quorum()).map(|lease| lease.into_token(resource)))
     }
 }
 
-/// The owner that holds a live lease on at least `quorum` nodes, as one token: the fence value a majority
-/// of its leases record, the earliest acquisition and the earliest expiry.
-fn majority_holder(
-    resource: &str,
-    answers: &[(usize, Option<(String, u64, u64, i64, u64)>)],
-    quorum: usize,
-) -> Option<LockToken> {
-    let leases: Vec<&(String, u64, u64, i64, u64)> = answers
-        .iter()
-        .filter_map(|(_, info)| info.as_ref())
-        .collect();
+/// The lease of the owner that holds `resource` on at least `quorum` nodes, merged into one: the fence
+/// value a majority of its leases record (stragglers granted after the decision may record their own),
+/// the earliest acquisition and the earliest expiry.
+fn majority_holder(leases: &[StoredLease], quorum: usize) -> Option<StoredLease> {
     let owner = leases
         .iter()
-        .map(|lease| &lease.0)
-        .find(|owner| leases.iter().filter(|lease| &lease.0 == *owner).count() >= quorum)?;
-    let mine: Vec<_> = leases.iter().filter(|lease| &lease.0 == owner).collect();
+        .map(|lease| &lease.owner)
+        .find(|owner| leases.iter().filter(|lease| &lease.owner == *owner).count() >= quorum)?;
+    let mine: Vec<&StoredLease> = leases
+        .iter()
+        .filter(|lease| &lease.owner == owner)
+        .collect();
     let fence = mine
         .iter()
-        .map(|lease| lease.1)
-        .find(|fence| mine.iter().filter(|lease| lease.1 == *fence).count() >= quorum)
-        .or_else(|| mine.iter().map(|lease| lease.1).max())?;
-    let acquired_ms = mine.iter().map(|lease| lease.2).min()?;
-    let expires_ms = mine
-        .iter()
-        .map(|lease| lease.4.saturating_add(u64::try_from(lease.3).unwrap_or(0)))
-        .min()?;
-    Some(LockToken::new(
-        resource,
-        owner.clone(),
+        .map(|lease| lease.fence)
+        .find(|fence| mine.iter().filter(|lease| lease.fence == *fence).count() >= quorum)
+        .or_else(|| mine.iter().map(|lease| lease.fence).max())?;
+    Some(StoredLease {
+        owner: owner.clone(),
         fence,
-        server_time(acquired_ms),
-        server_time(expires_ms).max(SystemTime::UNIX_EPOCH),
-    ))
+        acquired_ms: mine.iter().map(|lease| lease.acquired_ms).min()?,
+        expires_ms: mine.iter().map(|lease| lease.expires_ms).min()?,
+    })
 }
 
 #[cfg(test)]
@@ -657,21 +669,30 @@ mod tests {
         assert_eq!(quorum_of(7), 4);
     }
 
-    fn lease(owner: &str, fence: u64) -> Option<(String, u64, u64, i64, u64)> {
-        Some((owner.to_owned(), fence, 1_000, 5_000, 2_000))
+    fn lease(owner: &str, fence: u64, expires_ms: u64) -> StoredLease {
+        StoredLease {
+            owner: owner.to_owned(),
+            fence,
+            acquired_ms: 1_000,
+            expires_ms,
+        }
     }
 
     #[test]
     fn majority_holder_needs_a_quorum_of_one_owner() {
-        let split = [(0, lease("a", 1)), (1, lease("b", 1)), (2, None)];
-        assert!(majority_holder("r", &split, 2).is_none());
-        let held = [(0, lease("a", 7)), (1, lease("a", 7)), (2, lease("a", 9))];
-        let token = majority_holder("r", &held, 2).unwrap();
-        assert_eq!(token.value, "a");
+        let split = [lease("a", 1, 5_000), lease("b", 1, 5_000)];
+        assert!(majority_holder(&split, 2).is_none());
+        let held = [
+            lease("a", 7, 7_000),
+            lease("a", 7, 6_000),
+            lease("a", 9, 8_000),
+        ];
+        let merged = majority_holder(&held, 2).unwrap();
+        assert_eq!(merged.owner, "a");
         assert_eq!(
-            token.fencing_token, 7,
+            merged.fence, 7,
             "the fence a majority records, not a straggler's"
         );
-        assert_eq!(token.expires_at, server_time(7_000));
+        assert_eq!(merged.expires_ms, 6_000, "the earliest expiry");
     }
 }

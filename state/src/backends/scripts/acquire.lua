@@ -1,14 +1,12 @@
--- Acquire a lease: the Redis equivalent of `SET lock owner NX PX ttl` plus the fencing counter, atomically.
--- KEYS[1] lock hash (owner, fence, acquired_ms; expires with the lease)
+-- Acquire a lease: the atomic equivalent of `SET lock value NX PX ttl` plus the fencing counter.
+-- KEYS[1] lease key: a string "<owner>:<fence>:<acquired_ms>" that expires with the lease
 -- KEYS[2] fencing counter (no TTL: it must outlive every lease so tokens never repeat)
--- ARGV[1] owner value, ARGV[2] ttl in ms
--- Returns {fence, server_now_ms} when granted, nil when held.
+-- ARGV[1] owner value, ARGV[2] ttl in ms, ARGV[3] the client's wall-clock time in ms (informational)
+-- Returns the fencing token when granted, nil when held. Three commands: kept lean, since every
+-- Redlock pair runs it on every node.
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return false
 end
 local fence = redis.call('INCR', KEYS[2])
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'fence', fence, 'acquired_ms', now_ms)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {fence, now_ms}
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. fence .. ':' .. ARGV[3], 'PX', ARGV[2])
+return fence

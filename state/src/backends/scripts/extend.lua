@@ -1,8 +1,7 @@
 -- Compare-and-PEXPIRE: reset the lease in KEYS[1] to ARGV[2] ms from now, only if ARGV[1] still owns it.
--- Returns the server time in ms when extended, nil when the lease is gone or owned by someone else.
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
-  return false
+-- Returns 1 when extended, 0 when the lease is gone or owned by someone else.
+local lease = redis.call('GET', KEYS[1])
+if lease and string.sub(lease, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local t = redis.call('TIME')
-return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return 0
