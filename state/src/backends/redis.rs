@@ -186,11 +186,12 @@ pub(crate) fn wall_clock_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// What the info script returns: the stored lease string, its remaining ms, the server's time in ms.
-pub(crate) type RawLeaseInfo = (String, i64, u64);
+/// What the info script returns: the stored lease string, the fencing counter, the lease's remaining ms
+/// and the server's time in ms.
+pub(crate) type RawLeaseInfo = (String, u64, i64, u64);
 
-/// A lease as stored (`"<owner>:<fence>:<acquired_ms>"`), parsed from the right so that the owner may be
-/// any string.
+/// A lease as stored (`"<owner>:<acquired_ms>"`, parsed from the right so that the owner may be any
+/// string) with the fencing counter beside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StoredLease {
     pub(crate) owner: String,
@@ -200,11 +201,9 @@ pub(crate) struct StoredLease {
 }
 
 impl StoredLease {
-    pub(crate) fn parse((raw, remaining_ms, now_ms): &RawLeaseInfo) -> Option<Self> {
-        let mut fields = raw.rsplitn(3, ':');
-        let acquired_ms = fields.next()?.parse().ok()?;
-        let fence = fields.next()?.parse().ok()?;
-        let owner = fields.next()?.to_owned();
+    pub(crate) fn parse((raw, fence, remaining_ms, now_ms): &RawLeaseInfo) -> Option<Self> {
+        let (owner, acquired_ms) = raw.rsplit_once(':')?;
+        let (owner, acquired_ms, fence) = (owner.to_owned(), acquired_ms.parse().ok()?, *fence);
         let expires_ms = now_ms.saturating_add(u64::try_from(*remaining_ms).unwrap_or(0));
         Some(StoredLease {
             owner,
@@ -454,7 +453,12 @@ impl DistributedLock for RedisDistributedLock {
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
         let info: Option<RawLeaseInfo> = self
-            .run("inspect", resource, &INFO.key(self.lock_key(resource)))
+            .run(
+                "inspect",
+                resource,
+                INFO.key(self.lock_key(resource))
+                    .key(self.fence_key(resource)),
+            )
             .await?;
         Ok(info
             .as_ref()
@@ -490,7 +494,8 @@ mod tests {
     #[test]
     fn stored_leases_parse_from_the_right() {
         let raw = (
-            "a:b:c:42:1700000000000".to_owned(),
+            "a:b:c:1700000000000".to_owned(),
+            42,
             1_500,
             1_700_000_000_500,
         );
@@ -499,8 +504,8 @@ mod tests {
         assert_eq!(lease.fence, 42);
         assert_eq!(lease.acquired_ms, 1_700_000_000_000);
         assert_eq!(lease.expires_ms, 1_700_000_002_000);
-        assert!(StoredLease::parse(&("garbage".to_owned(), 1, 1)).is_none());
-        assert!(StoredLease::parse(&("o:x:1".to_owned(), 1, 1)).is_none());
+        assert!(StoredLease::parse(&("garbage".to_owned(), 1, 1, 1)).is_none());
+        assert!(StoredLease::parse(&("o:x".to_owned(), 1, 1, 1)).is_none());
     }
 
     #[test]

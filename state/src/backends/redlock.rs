@@ -365,12 +365,11 @@ impl RedlockDistributedLock {
         tally
     }
 
-    /// Makes sure a majority of nodes hold a fencing counter of at least `token`, and that the lease
-    /// records `token`, before it is handed out (see the module docs).
+    /// Makes sure a majority of nodes hold a fencing counter of at least `token` before it is handed
+    /// out (see the module docs).
     async fn settle_fence(
         &self,
         resource: &str,
-        owner: &str,
         token: u64,
         granted: &[(usize, u64)],
         timeout: Duration,
@@ -379,16 +378,13 @@ impl RedlockDistributedLock {
         if at_token >= self.quorum() {
             return Ok(());
         }
-        let (fence, lease) = (
-            fence_key(&self.prefix, resource),
-            lock_key(&self.prefix, resource),
-        );
+        let fence = fence_key(&self.prefix, resource);
         let tally = self
             .ask_nodes("acquire", resource, timeout, true, |mut conn, timeout| {
-                let (fence, lease) = (fence.clone(), lease.clone());
+                let fence = fence.clone();
                 async move {
                     let mut invocation = RAISE_FENCE.prepare_invoke();
-                    invocation.key(fence).key(lease).arg(token).arg(owner);
+                    invocation.key(fence).arg(token);
                     let counter: u64 = invoke(
                         &mut conn,
                         timeout,
@@ -458,7 +454,7 @@ impl RedlockDistributedLock {
                 .max()
                 .unwrap_or(0);
             match self
-                .settle_fence(resource, &owner, token, &tally.granted, timeout)
+                .settle_fence(resource, token, &tally.granted, timeout)
                 .await
             {
                 Ok(()) if Instant::now() < valid_until => {
@@ -592,7 +588,10 @@ impl DistributedLock for RedlockDistributedLock {
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
-        let lease = lock_key(&self.prefix, resource);
+        let (lease, fence) = (
+            lock_key(&self.prefix, resource),
+            fence_key(&self.prefix, resource),
+        );
         let tally = self
             .ask_nodes(
                 "inspect",
@@ -600,9 +599,10 @@ impl DistributedLock for RedlockDistributedLock {
                 self.node_timeout,
                 false,
                 |mut conn, timeout| {
-                    let lease = lease.clone();
+                    let (lease, fence) = (lease.clone(), fence.clone());
                     async move {
-                        let invocation = INFO.key(lease);
+                        let mut invocation = INFO.prepare_invoke();
+                        invocation.key(lease).key(fence);
                         let info: Option<RawLeaseInfo> = invoke(
                             &mut conn,
                             timeout,
