@@ -9,7 +9,9 @@ use state::{
     RetryConfig,
 };
 
-use crate::{RedisCluster, RedisServer};
+use state::{PostgresDistributedLock, PostgresLockMode};
+
+use crate::{PostgresServer, RedisCluster, RedisServer};
 
 /// The in-process backend: every handle is a clone of one instance.
 #[derive(Debug, Default, Clone)]
@@ -201,5 +203,55 @@ impl ServerControl for ClusterControl<'_> {
         for i in 0..self.0.len() {
             self.0.node(i).start();
         }
+    }
+}
+
+/// A PostgreSQL backend in one mode over a cluster of its own; every handle is a new pool.
+pub struct PostgresFixture {
+    /// The cluster.
+    pub server: PostgresServer,
+    /// The mode every handle uses.
+    pub mode: PostgresLockMode,
+}
+
+impl PostgresFixture {
+    /// Starts a cluster for one test.
+    pub fn start(mode: PostgresLockMode) -> Self {
+        crate::init_tracing();
+        PostgresFixture {
+            server: PostgresServer::start_new(),
+            mode,
+        }
+    }
+
+    /// A new backend handle (own pool) with `retry`.
+    pub async fn client(&self, retry: RetryConfig) -> PostgresDistributedLock {
+        PostgresDistributedLock::builder(&self.server.url())
+            .with_mode(self.mode)
+            .with_retry(retry)
+            .with_pool_size(4)
+            .build()
+            .await
+            .unwrap_or_else(|err| panic!("connect postgres: {err}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl ConformanceBackend for PostgresFixture {
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+        Arc::new(self.client(retry).await)
+    }
+}
+
+/// Stops (immediate mode: every connection dies) and restarts a [`PostgresServer`].
+pub struct PostgresControl<'a>(pub &'a PostgresServer);
+
+#[async_trait::async_trait]
+impl ServerControl for PostgresControl<'_> {
+    async fn stop(&self) {
+        self.0.stop();
+    }
+    async fn start(&self) {
+        self.0.start();
     }
 }

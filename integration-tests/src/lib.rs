@@ -1,14 +1,17 @@
 //! Real-server fixtures shared by every integration test and benchmark.
 //!
 //! Each fixture starts a real server process on a free loopback port in its own temp dir and kills it
-//! (and removes the dir) on `Drop`, also when a test panics. A missing server binary is a loud failure,
+//! (and removes the dir) on `Drop`, also when a test panics. PostgreSQL runs as the `postgres` user when the
+//! tests run as root. A missing server binary is a loud failure,
 //! never a silently skipped test. Fault injection: [`RedisServer::stop`] (SIGKILL),
 //! [`RedisServer::pause`] (SIGSTOP), [`RedisServer::resume`] (SIGCONT) and [`RedisServer::start`] (same
 //! port again).
 
 pub mod adapters;
+pub mod postgres_server;
 pub mod redis_server;
 
+pub use postgres_server::PostgresServer;
 pub use redis_server::{RedisCluster, RedisServer};
 
 use std::net::TcpListener;

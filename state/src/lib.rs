@@ -7,6 +7,7 @@
 //! | in-process (default, one process, many tasks) | [`InMemoryDistributedLock`] | always on |
 //! | one Redis server | [`RedisDistributedLock`] | `redis` (default) |
 //! | several Redis servers, majority quorum (Redlock) | [`RedlockDistributedLock`] | `redis` (default) |
+//! | PostgreSQL: lease table, advisory locks, transaction locks | `PostgresDistributedLock` | `postgres` |
 //!
 //! Every acquisition returns a [`LockGuard`] carrying a [`LockToken`] whose `fencing_token` is strictly
 //! greater than every token issued before for that resource, so storage can reject writes from a holder
@@ -38,6 +39,8 @@ pub mod lock;
 pub mod retry;
 
 pub use backends::memory::InMemoryDistributedLock;
+#[cfg(feature = "postgres")]
+pub use backends::postgres::{PostgresDistributedLock, PostgresLockBuilder, PostgresLockMode};
 #[cfg(feature = "redis")]
 pub use backends::redis::RedisDistributedLock;
 #[cfg(feature = "redis")]

@@ -8,3 +8,6 @@ pub mod redis;
 
 #[cfg(feature = "redis")]
 pub mod redlock;
+
+#[cfg(feature = "postgres")]
+pub mod postgres;

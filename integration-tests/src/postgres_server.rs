@@ -1,0 +1,245 @@
+//! Throwaway PostgreSQL clusters: `initdb` once per test process into a template, then a copy per
+//! server (about a quarter of a second), started with `pg_ctl` on a free loopback port with trust auth.
+//!
+//! PostgreSQL refuses to run as root, so when the tests run as root (CI does) every server command runs
+//! as the `postgres` user through `runuser`, in a temp dir that user owns.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+
+use tempfile::TempDir;
+
+use crate::free_port;
+
+/// One PostgreSQL cluster on a free loopback port, in its own temp dir.
+pub struct PostgresServer {
+    port: u16,
+    dir: TempDir,
+    bin: PathBuf,
+    running: Mutex<bool>,
+}
+
+/// The directory holding `initdb`, `pg_ctl` and `postgres`: the newest under `/usr/lib/postgresql`, or
+/// the one `pg_ctl` on `PATH` resolves to.
+fn postgres_bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.path().join("bin"))
+                .filter(|bin| bin.join("pg_ctl").is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort_by_key(|bin| {
+        bin.parent()
+            .and_then(|dir| dir.file_name())
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    if let Some(newest) = versions.pop() {
+        return newest;
+    }
+    let pg_ctl = crate::require_binary("pg_ctl", "apt-get install postgresql");
+    std::fs::canonicalize(&pg_ctl)
+        .ok()
+        .and_then(|real| real.parent().map(Path::to_path_buf))
+        .expect("the directory of pg_ctl")
+}
+
+fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs a PostgreSQL tool, as the `postgres` user when we are root.
+fn run_pg(bin: &Path, tool: &str, args: &[&str]) -> Output {
+    let program = bin.join(tool);
+    let mut command = if running_as_root() {
+        let mut runuser = Command::new("runuser");
+        runuser.args(["-u", "postgres", "--"]).arg(&program);
+        runuser
+    } else {
+        Command::new(&program)
+    };
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|err| panic!("run {}: {err}", program.display()))
+}
+
+fn chown_to_postgres(path: &Path) {
+    if running_as_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path)
+            .status()
+            .expect("run chown");
+        assert!(status.success(), "chown {} to postgres", path.display());
+    }
+}
+
+/// A fresh cluster made once per test process, copied for every server.
+fn template(bin: &Path) -> &'static Path {
+    static TEMPLATE: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
+    let (_, data) = TEMPLATE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("pg-template-")
+            .tempdir()
+            .expect("temp dir for the template cluster");
+        chown_to_postgres(dir.path());
+        let data = dir.path().join("data");
+        let data_arg = data.to_str().expect("utf-8 temp path");
+        let out = run_pg(
+            bin,
+            "initdb",
+            &[
+                "-D",
+                data_arg,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "initdb failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (dir, data)
+    });
+    data
+}
+
+impl PostgresServer {
+    /// Starts a new cluster and waits until it accepts connections.
+    ///
+    /// # Panics
+    /// When PostgreSQL is missing or does not start (its log is in the message).
+    pub fn start_new() -> Self {
+        let bin = postgres_bin_dir();
+        let template = template(&bin);
+        let dir = tempfile::Builder::new()
+            .prefix("pg-fixture-")
+            .tempdir()
+            .expect("temp dir for postgres");
+        chown_to_postgres(dir.path());
+        let data = dir.path().join("data");
+        let copy = if running_as_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--", "cp", "-a"])
+                .arg(template)
+                .arg(&data)
+                .status()
+        } else {
+            Command::new("cp")
+                .arg("-a")
+                .arg(template)
+                .arg(&data)
+                .status()
+        };
+        assert!(copy.expect("run cp").success(), "copy the template cluster");
+        let server = PostgresServer {
+            port: free_port(),
+            dir,
+            bin,
+            running: Mutex::new(false),
+        };
+        server.start();
+        server
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").to_string_lossy().into_owned()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// (Re)starts the cluster on its port and waits until it accepts connections; a no-op when it runs.
+    ///
+    /// # Panics
+    /// When it does not start.
+    pub fn start(&self) {
+        let mut running = self.running();
+        if *running {
+            return;
+        }
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off \
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.log_path().to_string_lossy().into_owned();
+        let data = self.data();
+        let out = run_pg(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
+            ],
+        );
+        if !out.status.success() {
+            panic!(
+                "pg_ctl start failed: {}{}\nlog:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(self.log_path()).unwrap_or_default()
+            );
+        }
+        *running = true;
+    }
+
+    /// Stops the cluster at once (`pg_ctl stop -m immediate`: like a crash, every connection dies).
+    pub fn stop(&self) {
+        let mut running = self.running();
+        if !*running {
+            return;
+        }
+        let data = self.data();
+        let _ = run_pg(
+            &self.bin,
+            "pg_ctl",
+            &["-D", &data, "-m", "immediate", "-w", "-t", "60", "stop"],
+        );
+        *running = false;
+    }
+
+    /// Stops and starts the cluster on the same port.
+    pub fn restart(&self) {
+        self.stop();
+        self.start();
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
