@@ -22,6 +22,8 @@ install_system_packages() {
   local missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   have_postgres || missing+=(postgresql)
+  # libfaketime: the clock-skew tests run a client process whose wall clock is hours off.
+  ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(faketime)
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root apt-get update -q
@@ -30,6 +32,10 @@ install_system_packages() {
   # The packages start system-wide services; the tests start their own servers on free ports.
   command -v redis-server >/dev/null
   have_postgres
+  if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+    # PostgreSQL refuses to run as root: the fixtures run it as this user.
+    useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+  fi
 }
 
 check_toolchain() {
@@ -56,7 +62,7 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 log "each feature of state builds alone"
 cargo check -q -p state --no-default-features
-for feature in redis conformance; do
+for feature in redis postgres conformance; do
   cargo check -q -p state --no-default-features --features "$feature"
 done
 

@@ -192,7 +192,7 @@ impl PostgresServer {
         }
         let options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+             -c full_page_writes=off -c max_connections=300",
             self.port,
             self.dir.path().display()
         );

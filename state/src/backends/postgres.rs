@@ -135,6 +135,15 @@ impl PostgresLockBuilder {
     /// # Cancel safety
     /// Cancel safe: a migration cut short is rolled back by the server.
     pub async fn build(self) -> StateResult<PostgresDistributedLock> {
+        let scheme_ok = ["postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| self.url.starts_with(scheme));
+        if !scheme_ok {
+            return Err(StateError::invalid(
+                "postgres url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
         let options = PgConnectOptions::from_str(&self.url).map_err(|err| {
             StateError::invalid("postgres url", format!("not a PostgreSQL URL ({err})"))
         })?;

@@ -589,7 +589,10 @@ pub async fn dead_server_errors_then_recovers(
                 tracing::debug!(error = %err, "backend not back yet");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(err) => panic!("backend did not recover within 20 s: {err}"),
+            Err(err) => panic!(
+                "backend did not recover within 20 s: {err} (source: {:?})",
+                std::error::Error::source(&err)
+            ),
         }
     };
     guard.release().await.expect("release after recovery");
