@@ -102,6 +102,18 @@ pub enum StateError {
         attempts: u32,
     },
 
+    /// A write carried a fencing token lower than one the store has already accepted for that key: the
+    /// writer's lock was lost and someone newer has written. Never retryable.
+    #[error("stale fencing token {token} for `{key}`: the store has already seen {highest}")]
+    StaleFencingToken {
+        /// The key written.
+        key: String,
+        /// The writer's token.
+        token: u64,
+        /// The highest token the store has accepted for the key.
+        highest: u64,
+    },
+
     /// A multi-step backend transaction did not commit.
     #[error("transaction failed: {reason}")]
     TransactionFailed {

@@ -36,6 +36,7 @@ pub mod conformance;
 pub mod error;
 pub mod guard;
 pub mod lock;
+pub mod recipes;
 pub mod retry;
 
 pub use backends::memory::InMemoryDistributedLock;

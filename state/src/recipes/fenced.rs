@@ -1,0 +1,258 @@
+//! Fenced writes: storage that accepts a write only if its fencing token is at least the highest it has
+//! seen for that key, atomically. This is how fencing tokens become safety: a holder whose lease ran out
+//! (paused, partitioned, slow) is refused once a newer holder has written.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> state::StateResult<()> {
+//! use state::recipes::fenced::{FencedStore, InMemoryFencedStore};
+//! use state::StateError;
+//!
+//! let store = InMemoryFencedStore::default();
+//! store.write("checkpoint:orders", 7, b"offset=100").await?;
+//! store.write("checkpoint:orders", 9, b"offset=180").await?;
+//! let stale = store.write("checkpoint:orders", 8, b"offset=150").await;
+//! assert!(matches!(stale, Err(StateError::StaleFencingToken { highest: 9, .. })));
+//! assert_eq!(store.read("checkpoint:orders").await?.unwrap().value, b"offset=180");
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::{StateError, StateResult};
+
+/// A value and the fencing token it was written with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FencedValue {
+    /// The token of the accepted write.
+    pub token: u64,
+    /// The bytes written.
+    pub value: Vec<u8>,
+}
+
+/// A key-value store whose writes are fenced.
+#[async_trait::async_trait]
+pub trait FencedStore: Send + Sync + std::fmt::Debug {
+    /// Stores `value` under `key` if `token` is at least the highest token accepted for `key`
+    /// (equal tokens are the same holder writing again).
+    ///
+    /// # Errors
+    /// [`StateError::StaleFencingToken`] when a higher token has written; a backend error.
+    async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()>;
+
+    /// The last accepted value and its token.
+    ///
+    /// # Errors
+    /// A backend error.
+    async fn read(&self, key: &str) -> StateResult<Option<FencedValue>>;
+}
+
+fn stale(key: &str, token: u64, highest: u64) -> StateError {
+    StateError::StaleFencingToken {
+        key: key.to_owned(),
+        token,
+        highest,
+    }
+}
+
+/// A [`FencedStore`] in process memory.
+#[derive(Debug, Default)]
+pub struct InMemoryFencedStore {
+    values: Mutex<HashMap<String, FencedValue>>,
+}
+
+#[async_trait::async_trait]
+impl FencedStore for InMemoryFencedStore {
+    async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()> {
+        let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = values.get(key) {
+            if token < current.token {
+                return Err(stale(key, token, current.token));
+            }
+        }
+        values.insert(
+            key.to_owned(),
+            FencedValue {
+                token,
+                value: value.to_vec(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn read(&self, key: &str) -> StateResult<Option<FencedValue>> {
+        let values = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(values.get(key).cloned())
+    }
+}
+
+#[cfg(feature = "redis")]
+pub use self::redis_store::RedisFencedStore;
+
+#[cfg(feature = "redis")]
+mod redis_store {
+    use std::sync::LazyLock;
+    use std::time::Duration;
+
+    use redis::Script;
+    use redis::aio::ConnectionManager;
+
+    use super::{FencedStore, FencedValue, stale};
+    use crate::StateResult;
+    use crate::backends::redis::{connect_manager, invoke, parse_redis_url};
+
+    static WRITE: LazyLock<Script> =
+        LazyLock::new(|| Script::new(include_str!("scripts/fenced_write.lua")));
+    const TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// A [`FencedStore`] in Redis: one hash `{prefix}{key}` = `{token, value}` per key, written by a Lua
+    /// compare-and-set.
+    #[derive(Clone)]
+    pub struct RedisFencedStore {
+        conn: ConnectionManager,
+        prefix: String,
+    }
+
+    impl std::fmt::Debug for RedisFencedStore {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RedisFencedStore")
+                .field("prefix", &self.prefix)
+                .finish()
+        }
+    }
+
+    impl RedisFencedStore {
+        /// Connects to Redis at `url`; keys are written as `state:fenced:{key}`.
+        ///
+        /// # Errors
+        /// [`StateError::InvalidInput`](crate::StateError::InvalidInput) for a malformed URL; a backend
+        /// error when the server cannot be reached.
+        pub async fn new(url: &str) -> StateResult<Self> {
+            let target = parse_redis_url(url)?;
+            Ok(RedisFencedStore {
+                conn: connect_manager(&target, TIMEOUT).await?,
+                prefix: "state:fenced:".to_owned(),
+            })
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl FencedStore for RedisFencedStore {
+        async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()> {
+            let mut conn = self.conn.clone();
+            let mut invocation = WRITE.prepare_invoke();
+            invocation
+                .key(format!("{}{key}", self.prefix))
+                .arg(token)
+                .arg(value);
+            let (written, highest): (i64, u64) =
+                invoke(&mut conn, TIMEOUT, "redis", "write", key, &invocation).await?;
+            if written == 1 {
+                Ok(())
+            } else {
+                Err(stale(key, token, highest))
+            }
+        }
+
+        async fn read(&self, key: &str) -> StateResult<Option<FencedValue>> {
+            let mut conn = self.conn.clone();
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(format!("{}{key}", self.prefix))
+                .arg("token")
+                .arg("value");
+            let read = tokio::time::timeout(TIMEOUT, cmd.query_async(&mut conn)).await;
+            let (token, value): (Option<u64>, Option<Vec<u8>>) = match read {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(err)) => return Err(crate::StateError::backend("redis", "read", key, err)),
+                Err(_) => {
+                    return Err(crate::StateError::Timeout {
+                        backend: "redis",
+                        operation: "read",
+                        resource: key.to_owned(),
+                        timeout: TIMEOUT,
+                    });
+                }
+            };
+            Ok(token
+                .zip(value)
+                .map(|(token, value)| FencedValue { token, value }))
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+pub use self::postgres_store::PostgresFencedStore;
+
+#[cfg(feature = "postgres")]
+mod postgres_store {
+    use sqlx::PgPool;
+
+    use super::{FencedStore, FencedValue, stale};
+    use crate::{StateError, StateResult};
+
+    /// A [`FencedStore`] in PostgreSQL: table `state_fenced (key text PRIMARY KEY, token bigint, value
+    /// bytea)`, written by one `INSERT … ON CONFLICT DO UPDATE … WHERE token <= new token`.
+    #[derive(Debug, Clone)]
+    pub struct PostgresFencedStore {
+        pool: PgPool,
+    }
+
+    impl PostgresFencedStore {
+        /// Uses `pool` (for example [`PostgresDistributedLock::pool`](crate::PostgresDistributedLock::pool)),
+        /// creating the table if missing.
+        ///
+        /// # Errors
+        /// A backend error when the table cannot be created.
+        pub async fn new(pool: PgPool) -> StateResult<Self> {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS state_fenced \
+                 (key text PRIMARY KEY, token bigint NOT NULL, value bytea NOT NULL)",
+            )
+            .execute(&pool)
+            .await
+            .map_err(|err| StateError::backend("postgres", "create", "state_fenced", err))?;
+            Ok(PostgresFencedStore { pool })
+        }
+    }
+
+    fn as_i64(token: u64) -> i64 {
+        i64::try_from(token).unwrap_or(i64::MAX)
+    }
+
+    #[async_trait::async_trait]
+    impl FencedStore for PostgresFencedStore {
+        async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()> {
+            let written = sqlx::query(
+                "INSERT INTO state_fenced AS f (key, token, value) VALUES ($1, $2, $3) \
+                 ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, value = EXCLUDED.value \
+                 WHERE f.token <= EXCLUDED.token",
+            )
+            .bind(key)
+            .bind(as_i64(token))
+            .bind(value)
+            .execute(&self.pool)
+            .await
+            .map_err(|err| StateError::backend("postgres", "write", key, err))?;
+            if written.rows_affected() == 1 {
+                return Ok(());
+            }
+            let highest = self.read(key).await?.map(|v| v.token).unwrap_or(token);
+            Err(stale(key, token, highest))
+        }
+
+        async fn read(&self, key: &str) -> StateResult<Option<FencedValue>> {
+            let row: Option<(i64, Vec<u8>)> =
+                sqlx::query_as("SELECT token, value FROM state_fenced WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|err| StateError::backend("postgres", "read", key, err))?;
+            Ok(row.map(|(token, value)| FencedValue {
+                token: u64::try_from(token).unwrap_or(0),
+                value,
+            }))
+        }
+    }
+}
