@@ -9,6 +9,7 @@
 
 pub mod adapters;
 pub mod postgres_server;
+pub mod recipe_env;
 pub mod redis_server;
 
 pub use postgres_server::PostgresServer;

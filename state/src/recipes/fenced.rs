@@ -67,10 +67,10 @@ pub struct InMemoryFencedStore {
 impl FencedStore for InMemoryFencedStore {
     async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()> {
         let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(current) = values.get(key) {
-            if token < current.token {
-                return Err(stale(key, token, current.token));
-            }
+        if let Some(current) = values.get(key)
+            && token < current.token
+        {
+            return Err(stale(key, token, current.token));
         }
         values.insert(
             key.to_owned(),

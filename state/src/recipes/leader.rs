@@ -218,10 +218,10 @@ impl LeaderElection {
         }
         let mut state = self.watch();
         loop {
-            if !self.is_leader() {
-                if let Err(err) = self.try_become_leader().await {
-                    tracing::debug!(resource = %self.resource, error = %err, "campaign attempt failed");
-                }
+            if !self.is_leader()
+                && let Err(err) = self.try_become_leader().await
+            {
+                tracing::debug!(resource = %self.resource, error = %err, "campaign attempt failed");
             }
             tokio::select! {
                 _ = cancel.cancelled() => break,

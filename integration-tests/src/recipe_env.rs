@@ -1,0 +1,117 @@
+//! One environment per backend for the recipe tests: a lock service plus the matching stores, over the
+//! in-process backend, a real `redis-server`, or a real PostgreSQL.
+
+use std::sync::Arc;
+
+use state::recipes::fenced::{
+    FencedStore, InMemoryFencedStore, PostgresFencedStore, RedisFencedStore,
+};
+use state::recipes::tasks::{InMemoryTaskStore, PostgresTaskStore, RedisTaskStore, TaskStore};
+use state::recipes::versioned::{
+    InMemoryVersionedStore, PostgresVersionedStore, RedisVersionedStore, VersionedStore,
+};
+use state::{
+    DistributedLock, InMemoryDistributedLock, PostgresDistributedLock, RedisDistributedLock,
+    RetryConfig,
+};
+
+use crate::{PostgresServer, RedisServer};
+
+/// A lock service and the stores of one backend; the servers live as long as the environment.
+pub struct RecipeEnv {
+    /// The backend's name, for messages.
+    pub name: &'static str,
+    /// The lock service.
+    pub lock: Arc<dyn DistributedLock>,
+    /// Fenced writes on the same backend.
+    pub fenced: Arc<dyn FencedStore>,
+    /// Versioned values on the same backend.
+    pub versioned: Arc<dyn VersionedStore>,
+    /// Tasks on the same backend.
+    pub tasks: Arc<dyn TaskStore>,
+    /// The Redis server, when the backend is Redis.
+    pub redis: Option<RedisServer>,
+    /// The PostgreSQL server, when the backend is PostgreSQL.
+    pub postgres: Option<PostgresServer>,
+}
+
+/// Waits patiently: recipes under test contend a lot.
+pub fn patient() -> RetryConfig {
+    RetryConfig {
+        max_attempts: 2_000,
+        initial_delay: std::time::Duration::from_millis(1),
+        max_delay: std::time::Duration::from_millis(20),
+        backoff_multiplier: 1.5,
+    }
+}
+
+impl RecipeEnv {
+    /// The in-process backend and stores.
+    pub async fn memory() -> Self {
+        crate::init_tracing();
+        RecipeEnv {
+            name: "memory",
+            lock: Arc::new(InMemoryDistributedLock::new().with_retry(patient())),
+            fenced: Arc::new(InMemoryFencedStore::default()),
+            versioned: Arc::new(InMemoryVersionedStore::default()),
+            tasks: Arc::new(InMemoryTaskStore::default()),
+            redis: None,
+            postgres: None,
+        }
+    }
+
+    /// A fresh `redis-server` with the Redis backend and stores.
+    pub async fn redis() -> Self {
+        crate::init_tracing();
+        let server = RedisServer::start_new();
+        let url = server.url();
+        RecipeEnv {
+            name: "redis",
+            lock: Arc::new(
+                RedisDistributedLock::new(&url)
+                    .await
+                    .expect("redis lock")
+                    .with_retry(patient()),
+            ),
+            fenced: Arc::new(RedisFencedStore::new(&url).await.expect("redis fenced")),
+            versioned: Arc::new(
+                RedisVersionedStore::new(&url)
+                    .await
+                    .expect("redis versioned"),
+            ),
+            tasks: Arc::new(RedisTaskStore::new(&url).await.expect("redis tasks")),
+            redis: Some(server),
+            postgres: None,
+        }
+    }
+
+    /// A fresh PostgreSQL with the lease-mode backend and stores.
+    pub async fn postgres() -> Self {
+        crate::init_tracing();
+        let server = PostgresServer::start_new();
+        let lock = PostgresDistributedLock::builder(&server.url())
+            .with_retry(patient())
+            .with_pool_size(32)
+            .build()
+            .await
+            .expect("postgres lock");
+        let pool = lock.pool().clone();
+        RecipeEnv {
+            name: "postgres",
+            fenced: Arc::new(
+                PostgresFencedStore::new(pool.clone())
+                    .await
+                    .expect("pg fenced"),
+            ),
+            versioned: Arc::new(
+                PostgresVersionedStore::new(pool.clone())
+                    .await
+                    .expect("pg versioned"),
+            ),
+            tasks: Arc::new(PostgresTaskStore::new(pool).await.expect("pg tasks")),
+            lock: Arc::new(lock),
+            redis: None,
+            postgres: Some(server),
+        }
+    }
+}

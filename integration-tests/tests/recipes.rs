@@ -1,0 +1,735 @@
+//! The coordination recipes, each against the in-process backend and real servers (Redis for all,
+//! PostgreSQL for the store-backed ones).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use integration_tests::recipe_env::RecipeEnv;
+use state::recipes::checkpoint::{CheckpointCoordinator, CheckpointTarget};
+use state::recipes::compaction::{CompactionOutcome, compact_partition, compaction_resource};
+use state::recipes::keeper::{KeptLock, LockContext, RenewalPolicy, with_lock};
+use state::recipes::leader::{LeaderElection, Leadership};
+use state::recipes::multi::MultiLock;
+use state::recipes::semaphore::Semaphore;
+use state::recipes::tasks::{TaskOutcome, TaskQueue};
+use state::recipes::versioned::{optimistic_update, optimistic_update_many};
+use state::{RetryConfig, StateError, StateResult};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+// ---------------------------------------------------------------- keeper (watchdog)
+
+async fn keeper_renews_past_the_ttl(env: RecipeEnv) {
+    let ttl = Duration::from_millis(300);
+    let kept = KeptLock::acquire(&env.lock, "kept", ttl, RenewalPolicy::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(!kept.is_lost(), "{}: renewed lock reported lost", env.name);
+    assert!(
+        kept.renewals() >= 2,
+        "{}: only {} renewals",
+        env.name,
+        kept.renewals()
+    );
+    assert!(env.lock.try_acquire("kept", ttl).await.unwrap().is_none());
+    kept.release().await.unwrap();
+    assert!(!env.lock.is_locked("kept").await.unwrap());
+}
+
+async fn keeper_signals_loss_by_the_safe_deadline(env: RecipeEnv) {
+    // A holder that stops renewing (max_renewals 0, like a paused process) is told its lock is lost no
+    // later than the guard's safe deadline, before anyone else can take it.
+    let ttl = Duration::from_millis(400);
+    let guard = env.lock.acquire("stalled", ttl).await.unwrap();
+    let deadline = guard.valid_until();
+    let kept = KeptLock::keep(guard, ttl, RenewalPolicy::default().with_max_renewals(0));
+    kept.lost().await;
+    let noticed = Instant::now();
+    assert!(
+        noticed <= deadline + Duration::from_millis(100),
+        "{}: lost fired late",
+        env.name
+    );
+    assert!(kept.is_lost());
+    let other = loop {
+        if let Some(other) = env.lock.try_acquire("stalled", ttl).await.unwrap() {
+            break other;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        Instant::now() >= noticed,
+        "the new holder came after the loss was signalled"
+    );
+    assert!(matches!(
+        kept.release().await,
+        Err(StateError::LockLost { .. })
+    ));
+    other.release().await.unwrap();
+}
+
+async fn with_lock_drops_work_when_the_lock_is_lost(env: RecipeEnv) {
+    let finished = Arc::new(AtomicBool::new(false));
+    let ttl = Duration::from_millis(300);
+    let guard = env.lock.acquire("with-lock", ttl).await.unwrap();
+    let kept = KeptLock::keep(
+        guard,
+        ttl,
+        RenewalPolicy::default().with_max_hold(Duration::ZERO),
+    );
+    let done = Arc::clone(&finished);
+    let outcome = state::recipes::keeper::run_kept(kept, |_ctx| async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        done.store(true, Ordering::SeqCst);
+    })
+    .await;
+    assert!(
+        matches!(outcome, Err(StateError::LockLost { .. })),
+        "{outcome:?}"
+    );
+    assert!(
+        !finished.load(Ordering::SeqCst),
+        "the work ran on without the lock"
+    );
+    let value = with_lock(&env.lock, "with-lock", ttl, |ctx| async move {
+        ctx.fencing_token()
+    })
+    .await
+    .unwrap();
+    assert!(value > 0);
+}
+
+// ---------------------------------------------------------------- leader election
+
+async fn paused_leader_is_replaced_and_fenced_off(env: RecipeEnv) {
+    let ttl = Duration::from_millis(400);
+    let paused = LeaderElection::new(env.lock.clone(), "orders", "a", ttl)
+        .unwrap()
+        .with_renewal_policy(RenewalPolicy::default().with_max_renewals(0));
+    let successor = LeaderElection::new(env.lock.clone(), "orders", "b", ttl).unwrap();
+    assert!(paused.try_become_leader().await.unwrap());
+    let old_term = paused.fencing_token().unwrap();
+    env.fenced
+        .write("orders:state", old_term, b"from a")
+        .await
+        .unwrap();
+    assert!(!successor.try_become_leader().await.unwrap());
+
+    // a stops renewing (paused); its term ends by its safe deadline and b takes over.
+    let mut changes = paused.watch();
+    while *changes.borrow_and_update() != Leadership::Follower {
+        changes.changed().await.unwrap();
+    }
+    let cancel = CancellationToken::new();
+    let campaign = {
+        let cancel = cancel.clone();
+        let successor = Arc::new(successor);
+        let running = Arc::clone(&successor);
+        (
+            tokio::spawn(async move { running.campaign(Duration::from_millis(20), cancel).await }),
+            successor,
+        )
+    };
+    let mut watch = campaign.1.watch();
+    let new_term = loop {
+        if let Leadership::Leader { fencing_token } = *watch.borrow_and_update() {
+            break fencing_token;
+        }
+        watch.changed().await.unwrap();
+    };
+    assert!(
+        new_term > old_term,
+        "{}: term {new_term} after {old_term}",
+        env.name
+    );
+    env.fenced
+        .write("orders:state", new_term, b"from b")
+        .await
+        .unwrap();
+    // a wakes up and writes with its old term: rejected.
+    match env
+        .fenced
+        .write("orders:state", old_term, b"late from a")
+        .await
+    {
+        Err(StateError::StaleFencingToken { highest, .. }) => assert_eq!(highest, new_term),
+        other => panic!("{}: stale leader write accepted: {other:?}", env.name),
+    }
+    assert_eq!(
+        env.fenced
+            .read("orders:state")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        b"from b"
+    );
+    assert!(!paused.is_leader());
+    cancel.cancel();
+    campaign.0.await.unwrap().unwrap();
+    assert!(!campaign.1.is_leader(), "campaign resigns when cancelled");
+}
+
+async fn leaders_never_overlap(env: RecipeEnv) {
+    let inside = Arc::new(AtomicUsize::new(0));
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let terms = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut candidates = Vec::new();
+    for name in ["a", "b", "c"] {
+        let election = LeaderElection::new(
+            env.lock.clone(),
+            "overlap",
+            name,
+            Duration::from_millis(500),
+        )
+        .unwrap();
+        let (inside, overlaps, terms) = (inside.clone(), overlaps.clone(), terms.clone());
+        candidates.push(tokio::spawn(async move {
+            for _ in 0..40 {
+                if election.try_become_leader().await.unwrap() {
+                    if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+                        overlaps.fetch_add(1, Ordering::SeqCst);
+                    }
+                    terms
+                        .lock()
+                        .unwrap()
+                        .push(election.fencing_token().unwrap());
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    election.resign().await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    for candidate in candidates {
+        candidate.await.unwrap();
+    }
+    let terms = terms.lock().unwrap().clone();
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "{}: two leaders at once",
+        env.name
+    );
+    assert!(
+        terms.len() >= 10,
+        "{}: only {} terms",
+        env.name,
+        terms.len()
+    );
+    let mut sorted = terms.clone();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        terms.len(),
+        "{}: a term token was reused",
+        env.name
+    );
+}
+
+// ---------------------------------------------------------------- checkpoints and compaction
+
+struct Snapshot(Arc<AtomicUsize>);
+
+#[async_trait::async_trait]
+impl CheckpointTarget for Snapshot {
+    async fn create_checkpoint(&self, ctx: &LockContext) -> StateResult<Vec<u8>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(format!("token={}", ctx.fencing_token()).into_bytes())
+    }
+}
+
+async fn checkpoints_are_exclusive_and_fenced(env: RecipeEnv) {
+    let made = Arc::new(AtomicUsize::new(0));
+    let coordinator =
+        CheckpointCoordinator::new(env.lock.clone(), env.fenced.clone(), Duration::from_secs(5))
+            .with_scope("partition-0");
+    let target = Snapshot(made.clone());
+    let (first, second) = tokio::join!(
+        coordinator.checkpoint(&target),
+        coordinator.checkpoint(&target)
+    );
+    let outcomes = [first.unwrap(), second.unwrap()];
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_some()).count(),
+        1,
+        "one checkpoint at a time"
+    );
+    assert_eq!(made.load(Ordering::SeqCst), 1);
+    let taken = outcomes.into_iter().flatten().next().unwrap();
+    let later = coordinator.checkpoint(&target).await.unwrap().unwrap();
+    assert!(later.fencing_token > taken.fencing_token);
+    // A writer still holding the first token (paused through the second checkpoint) is rejected.
+    assert!(matches!(
+        coordinator.record(taken.fencing_token, b"stale").await,
+        Err(StateError::StaleFencingToken { .. })
+    ));
+    assert_eq!(
+        coordinator.latest().await.unwrap().unwrap().token,
+        later.fencing_token
+    );
+}
+
+async fn compaction_is_skipped_when_claimed_and_stopped_when_lost(env: RecipeEnv) {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (lock, signal) = (env.lock.clone(), started.clone());
+    let running = tokio::spawn(async move {
+        compact_partition(&lock, 7, Duration::from_secs(5), |_ctx| async move {
+            signal.notify_one();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(1)
+        })
+        .await
+    });
+    started.notified().await;
+    let skipped = compact_partition(&env.lock, 7, Duration::from_secs(5), |_| async { Ok(2) })
+        .await
+        .unwrap();
+    assert_eq!(skipped, CompactionOutcome::Skipped);
+    assert_eq!(
+        running.await.unwrap().unwrap(),
+        CompactionOutcome::Completed(1)
+    );
+
+    // A compaction whose lock is taken away mid-way stops.
+    let guard = env
+        .lock
+        .acquire(&compaction_resource(8), Duration::from_millis(300))
+        .await
+        .unwrap();
+    let kept = KeptLock::keep(
+        guard,
+        Duration::from_millis(300),
+        RenewalPolicy::default().with_max_renewals(0),
+    );
+    let finished = Arc::new(AtomicBool::new(false));
+    let done = finished.clone();
+    let lost = state::recipes::keeper::run_kept(kept, |_| async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        done.store(true, Ordering::SeqCst);
+    })
+    .await;
+    assert!(matches!(lost, Err(StateError::LockLost { .. })));
+    assert!(!finished.load(Ordering::SeqCst));
+}
+
+// ---------------------------------------------------------------- task queue
+
+async fn dropped_worker_task_runs_once_to_completion_elsewhere(env: RecipeEnv) {
+    let ttl = Duration::from_millis(500);
+    let queue = TaskQueue::new(env.lock.clone(), env.tasks.clone(), ttl);
+    assert!(queue.submit("job-1", b"payload").await.unwrap());
+    assert!(
+        !queue.submit("job-1", b"again").await.unwrap(),
+        "submitting is idempotent"
+    );
+    let completions = Arc::new(AtomicUsize::new(0));
+
+    // Worker A claims it on a runtime that then dies with it (a crash: no release is ever sent).
+    let crashed = {
+        let queue = queue.clone();
+        let started = Arc::new(tokio::sync::Notify::new());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let signal = started.clone();
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    queue.run_next(|_task, _ctx| async move {
+                        signal.notify_one();
+                        std::future::pending::<()>().await;
+                        Ok(())
+                    }),
+                )
+                .await;
+            });
+            drop(runtime);
+        })
+    };
+    crashed.join().unwrap();
+    assert!(
+        env.lock.is_locked("task:job-1").await.unwrap(),
+        "the crashed worker's claim lingers"
+    );
+
+    // Worker B gets it once the claim expires, runs it to completion, exactly once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let run = loop {
+        let counter = completions.clone();
+        let run = queue
+            .run_next(|task, _ctx| async move {
+                assert_eq!(task.payload, b"payload");
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        if let Some(run) = run {
+            break run;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: the task was never reclaimed",
+            env.name
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(run.outcome, TaskOutcome::Completed);
+    assert_eq!(completions.load(Ordering::SeqCst), 1);
+    assert!(
+        queue
+            .run_next(|_, _| async { Ok(()) })
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing left"
+    );
+    assert!(!queue.task("job-1").await.unwrap().unwrap().pending);
+}
+
+async fn competing_workers_complete_every_task_exactly_once(env: RecipeEnv) {
+    let queue = TaskQueue::new(env.lock.clone(), env.tasks.clone(), Duration::from_secs(5));
+    for i in 0..20 {
+        queue.submit(&format!("t{i}"), b"").await.unwrap();
+    }
+    let runs = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (queue, runs) = (queue.clone(), runs.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let runs = runs.clone();
+                let run = queue
+                    .run_next(|task, _ctx| async move {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        *runs.lock().unwrap().entry(task.id).or_default() += 1;
+                        Ok(())
+                    })
+                    .await
+                    .unwrap();
+                if run.is_none() {
+                    break;
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let runs = runs.lock().unwrap();
+    assert_eq!(runs.len(), 20, "{}: every task ran", env.name);
+    assert!(
+        runs.values().all(|n| *n == 1),
+        "{}: a task ran twice: {runs:?}",
+        env.name
+    );
+}
+
+async fn recurring_jobs_survive_restarts_and_run_once_per_period(env: RecipeEnv) {
+    let queue = TaskQueue::new(env.lock.clone(), env.tasks.clone(), Duration::from_secs(5));
+    assert!(
+        queue
+            .ensure_recurring("nightly", Duration::from_secs(3600), b"")
+            .await
+            .unwrap()
+    );
+    let run = queue
+        .run_next(|_, _| async { Ok(()) })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.outcome, TaskOutcome::Completed);
+    // A restarted instance re-declares the job: it already exists and is not due again yet.
+    let restarted = TaskQueue::new(env.lock.clone(), env.tasks.clone(), Duration::from_secs(5));
+    assert!(
+        !restarted
+            .ensure_recurring("nightly", Duration::from_secs(3600), b"")
+            .await
+            .unwrap()
+    );
+    assert!(
+        restarted
+            .run_next(|_, _| async { Ok(()) })
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let task = restarted.task("nightly").await.unwrap().unwrap();
+    assert!(task.pending && task.completions == 1 && task.every_ms == Some(3_600_000));
+    // A failing handler leaves a task pending for another try.
+    restarted.submit("flaky", b"").await.unwrap();
+    let failed = restarted
+        .run_next(|_, _| async { Err(StateError::invalid("work", "boom")) })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(failed.outcome, TaskOutcome::Failed(_)));
+    assert!(restarted.task("flaky").await.unwrap().unwrap().pending);
+}
+
+// ---------------------------------------------------------------- multi, semaphore, versioned, fenced
+
+async fn multi_lock_is_all_or_nothing_and_deadlock_free(env: RecipeEnv) {
+    let held = env
+        .lock
+        .acquire("acct:2", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let attempt = MultiLock::try_acquire(
+        &env.lock,
+        &["acct:1", "acct:2", "acct:3"],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert!(attempt.is_none());
+    assert!(
+        !env.lock.is_locked("acct:1").await.unwrap(),
+        "all or nothing: acct:1 was let go"
+    );
+    held.release().await.unwrap();
+
+    // Opposite orders from many tasks: canonical ordering means no deadlock, and exclusion holds.
+    let inside = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (lock, inside) = (env.lock.clone(), inside.clone());
+        tasks.push(tokio::spawn(async move {
+            let set: [&str; 2] = if i % 2 == 0 {
+                ["acct:a", "acct:b"]
+            } else {
+                ["acct:b", "acct:a"]
+            };
+            for _ in 0..10 {
+                let both = MultiLock::acquire(&lock, &set, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0);
+                tokio::task::yield_now().await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                both.release().await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("deadlock")
+            .unwrap();
+    }
+    assert!(matches!(
+        MultiLock::acquire(&env.lock, &[], Duration::from_secs(1)).await,
+        Err(StateError::InvalidInput { .. })
+    ));
+}
+
+async fn semaphore_admits_exactly_its_permits(env: RecipeEnv) {
+    let seats = Semaphore::new(env.lock.clone(), "players", 10, Duration::from_secs(30)).unwrap();
+    let mut registrations = Vec::new();
+    for _ in 0..100 {
+        let seats = seats.clone();
+        registrations.push(tokio::spawn(async move { seats.try_acquire().await }));
+    }
+    let mut admitted = Vec::new();
+    for registration in registrations {
+        if let Some(permit) = registration.await.unwrap().unwrap() {
+            admitted.push(permit);
+        }
+    }
+    assert_eq!(
+        admitted.len(),
+        10,
+        "{}: exactly 10 of 100 admitted",
+        env.name
+    );
+    assert_eq!(seats.available_permits().await.unwrap(), 0);
+    let mut slots: Vec<u32> = admitted.iter().map(|p| p.slot()).collect();
+    slots.sort_unstable();
+    assert_eq!(slots, (0..10).collect::<Vec<_>>());
+    let freed = admitted.pop().unwrap();
+    freed.release().await.unwrap();
+    assert_eq!(seats.available_permits().await.unwrap(), 1);
+    assert!(seats.try_acquire().await.unwrap().is_some());
+    assert!(Semaphore::new(env.lock.clone(), "none", 0, Duration::from_secs(1)).is_err());
+}
+
+async fn optimistic_increments_are_exact(env: RecipeEnv) {
+    let retry = RetryConfig {
+        max_attempts: 500,
+        ..RetryConfig::aggressive()
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (store, retry) = (env.versioned.clone(), retry.clone());
+        tasks.push(tokio::spawn(async move {
+            optimistic_update(store.as_ref(), "counter", &retry, |old| {
+                let n: u64 = old.map_or(0, |v| String::from_utf8_lossy(v).parse().unwrap());
+                (n + 1).to_string().into_bytes()
+            })
+            .await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let end = env.versioned.get("counter").await.unwrap().unwrap();
+    assert_eq!(end.value, b"50", "{}", env.name);
+    assert_eq!(end.version, 50);
+
+    // Batch: concurrent transfers between two accounts keep the total.
+    let put = |store: Arc<dyn state::recipes::versioned::VersionedStore>, key: &'static str| async move {
+        optimistic_update(store.as_ref(), key, &RetryConfig::default(), |_| {
+            b"100".to_vec()
+        })
+        .await
+    };
+    put(env.versioned.clone(), "a").await.unwrap();
+    put(env.versioned.clone(), "b").await.unwrap();
+    let mut transfers = Vec::new();
+    for i in 0..20 {
+        let (store, retry) = (env.versioned.clone(), retry.clone());
+        transfers.push(tokio::spawn(async move {
+            let keys = if i % 2 == 0 { ["a", "b"] } else { ["b", "a"] };
+            optimistic_update_many(store.as_ref(), &keys, &retry, |old| {
+                let n = |v: &Option<state::recipes::versioned::Versioned>| -> i64 {
+                    String::from_utf8_lossy(&v.as_ref().unwrap().value)
+                        .parse()
+                        .unwrap()
+                };
+                vec![
+                    (n(&old[0]) - 3).to_string().into_bytes(),
+                    (n(&old[1]) + 3).to_string().into_bytes(),
+                ]
+            })
+            .await
+        }));
+    }
+    for transfer in transfers {
+        transfer.await.unwrap().unwrap();
+    }
+    let read = |v: Option<state::recipes::versioned::Versioned>| -> i64 {
+        String::from_utf8_lossy(&v.unwrap().value).parse().unwrap()
+    };
+    let total =
+        read(env.versioned.get("a").await.unwrap()) + read(env.versioned.get("b").await.unwrap());
+    assert_eq!(total, 200, "{}: money appeared or vanished", env.name);
+
+    // Out of retries: a clear ConcurrencyConflict.
+    let store = env.versioned.clone();
+    let conflicted = optimistic_update(
+        store.as_ref(),
+        "contended",
+        &RetryConfig::no_retry(),
+        |_| {
+            // Someone else writes between our read and our write, every time.
+            let store = store.clone();
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(optimistic_update(
+                        store.as_ref(),
+                        "contended",
+                        &RetryConfig::default(),
+                        |_| b"x".to_vec(),
+                    ))
+            })
+            .join()
+            .unwrap()
+            .unwrap();
+            b"mine".to_vec()
+        },
+    )
+    .await;
+    assert!(
+        matches!(
+            conflicted,
+            Err(StateError::ConcurrencyConflict { attempts: 1, .. })
+        ),
+        "{conflicted:?}"
+    );
+}
+
+async fn fenced_store_rejects_stale_tokens(env: RecipeEnv) {
+    env.fenced.write("k", 5, b"five").await.unwrap();
+    env.fenced.write("k", 5, b"five again").await.unwrap();
+    match env.fenced.write("k", 4, b"four").await {
+        Err(StateError::StaleFencingToken {
+            token: 4,
+            highest: 5,
+            ..
+        }) => {}
+        other => panic!("{}: {other:?}", env.name),
+    }
+    env.fenced.write("k", 6, b"six").await.unwrap();
+    let read = env.fenced.read("k").await.unwrap().unwrap();
+    assert_eq!((read.token, read.value.as_slice()), (6, b"six".as_slice()));
+    assert!(env.fenced.read("absent").await.unwrap().is_none());
+}
+
+macro_rules! recipe_tests {
+    ($backend:ident: $($test:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::$test(integration_tests::recipe_env::RecipeEnv::$backend().await).await;
+                }
+            )*
+        }
+    };
+}
+
+recipe_tests!(memory:
+    keeper_renews_past_the_ttl,
+    keeper_signals_loss_by_the_safe_deadline,
+    with_lock_drops_work_when_the_lock_is_lost,
+    paused_leader_is_replaced_and_fenced_off,
+    leaders_never_overlap,
+    checkpoints_are_exclusive_and_fenced,
+    compaction_is_skipped_when_claimed_and_stopped_when_lost,
+    dropped_worker_task_runs_once_to_completion_elsewhere,
+    competing_workers_complete_every_task_exactly_once,
+    recurring_jobs_survive_restarts_and_run_once_per_period,
+    multi_lock_is_all_or_nothing_and_deadlock_free,
+    semaphore_admits_exactly_its_permits,
+    optimistic_increments_are_exact,
+    fenced_store_rejects_stale_tokens,
+);
+
+recipe_tests!(redis:
+    keeper_renews_past_the_ttl,
+    keeper_signals_loss_by_the_safe_deadline,
+    with_lock_drops_work_when_the_lock_is_lost,
+    paused_leader_is_replaced_and_fenced_off,
+    leaders_never_overlap,
+    checkpoints_are_exclusive_and_fenced,
+    compaction_is_skipped_when_claimed_and_stopped_when_lost,
+    dropped_worker_task_runs_once_to_completion_elsewhere,
+    competing_workers_complete_every_task_exactly_once,
+    recurring_jobs_survive_restarts_and_run_once_per_period,
+    multi_lock_is_all_or_nothing_and_deadlock_free,
+    semaphore_admits_exactly_its_permits,
+    optimistic_increments_are_exact,
+    fenced_store_rejects_stale_tokens,
+);
+
+recipe_tests!(postgres:
+    paused_leader_is_replaced_and_fenced_off,
+    checkpoints_are_exclusive_and_fenced,
+    dropped_worker_task_runs_once_to_completion_elsewhere,
+    competing_workers_complete_every_task_exactly_once,
+    recurring_jobs_survive_restarts_and_run_once_per_period,
+    semaphore_admits_exactly_its_permits,
+    optimistic_increments_are_exact,
+    fenced_store_rejects_stale_tokens,
+);
