@@ -319,6 +319,28 @@ impl RedisDistributedLock {
     }
 }
 
+/// Runs one command on `conn`, bounded by `timeout`, mapping driver errors and timeouts to
+/// [`StateError`]s that name the backend, operation and resource.
+pub(crate) async fn query<T: redis::FromRedisValue>(
+    conn: &mut ConnectionManager,
+    timeout: Duration,
+    backend: &'static str,
+    operation: &'static str,
+    resource: &str,
+    cmd: &redis::Cmd,
+) -> StateResult<T> {
+    match tokio::time::timeout(timeout, cmd.query_async(conn)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(StateError::backend(backend, operation, resource, err)),
+        Err(_) => Err(StateError::Timeout {
+            backend,
+            operation,
+            resource: resource.to_owned(),
+            timeout,
+        }),
+    }
+}
+
 /// Runs one script invocation on `conn`, bounded by `timeout`, mapping driver errors and timeouts to
 /// [`StateError`]s that name the backend, operation and resource.
 pub(crate) async fn invoke<T: redis::FromRedisValue>(
@@ -413,18 +435,16 @@ impl DistributedLock for RedisDistributedLock {
         let mut conn = self.conn.clone();
         let mut exists = redis::cmd("EXISTS");
         exists.arg(self.lock_key(resource));
-        match tokio::time::timeout(self.operation_timeout, exists.query_async::<i64>(&mut conn))
-            .await
-        {
-            Ok(Ok(count)) => Ok(count > 0),
-            Ok(Err(err)) => Err(StateError::backend(BACKEND, "inspect", resource, err)),
-            Err(_) => Err(StateError::Timeout {
-                backend: BACKEND,
-                operation: "inspect",
-                resource: resource.to_owned(),
-                timeout: self.operation_timeout,
-            }),
-        }
+        let count: i64 = query(
+            &mut conn,
+            self.operation_timeout,
+            BACKEND,
+            "inspect",
+            resource,
+            &exists,
+        )
+        .await?;
+        Ok(count > 0)
     }
 
     #[tracing::instrument(level = "debug", skip(self, guard), fields(backend = BACKEND, resource = guard.resource()))]

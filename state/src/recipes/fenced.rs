@@ -101,7 +101,7 @@ mod redis_store {
 
     use super::{FencedStore, FencedValue, stale};
     use crate::StateResult;
-    use crate::backends::redis::{connect_manager, invoke, parse_redis_url};
+    use crate::backends::redis::{connect_manager, invoke, parse_redis_url, query};
 
     static WRITE: LazyLock<Script> =
         LazyLock::new(|| Script::new(include_str!("scripts/fenced_write.lua")));
@@ -162,19 +162,8 @@ mod redis_store {
             cmd.arg(format!("{}{key}", self.prefix))
                 .arg("token")
                 .arg("value");
-            let read = tokio::time::timeout(TIMEOUT, cmd.query_async(&mut conn)).await;
-            let (token, value): (Option<u64>, Option<Vec<u8>>) = match read {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(err)) => return Err(crate::StateError::backend("redis", "read", key, err)),
-                Err(_) => {
-                    return Err(crate::StateError::Timeout {
-                        backend: "redis",
-                        operation: "read",
-                        resource: key.to_owned(),
-                        timeout: TIMEOUT,
-                    });
-                }
-            };
+            let (token, value): (Option<u64>, Option<Vec<u8>>) =
+                query(&mut conn, TIMEOUT, "redis", "read", key, &cmd).await?;
             Ok(token
                 .zip(value)
                 .map(|(token, value)| FencedValue { token, value }))

@@ -392,8 +392,8 @@ mod redis_store {
     use redis::aio::ConnectionManager;
 
     use super::{TaskRecord, TaskStore};
-    use crate::backends::redis::{connect_manager, invoke, parse_redis_url};
-    use crate::{StateError, StateResult};
+    use crate::StateResult;
+    use crate::backends::redis::{connect_manager, invoke, parse_redis_url, query};
 
     static INSERT: LazyLock<Script> =
         LazyLock::new(|| Script::new(include_str!("scripts/task_insert.lua")));
@@ -437,16 +437,7 @@ mod redis_store {
             what: &str,
         ) -> StateResult<T> {
             let mut conn = self.conn.clone();
-            match tokio::time::timeout(TIMEOUT, cmd.query_async(&mut conn)).await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(err)) => Err(StateError::backend("redis", "query", what, err)),
-                Err(_) => Err(StateError::Timeout {
-                    backend: "redis",
-                    operation: "query",
-                    resource: what.to_owned(),
-                    timeout: TIMEOUT,
-                }),
-            }
+            query(&mut conn, TIMEOUT, "redis", "query", what, &cmd).await
         }
     }
 

@@ -194,8 +194,8 @@ mod redis_store {
     use redis::aio::ConnectionManager;
 
     use super::{CasWrite, Versioned, VersionedStore};
-    use crate::backends::redis::{connect_manager, invoke, parse_redis_url};
-    use crate::{StateError, StateResult};
+    use crate::StateResult;
+    use crate::backends::redis::{connect_manager, invoke, parse_redis_url, query};
 
     static CAS: LazyLock<Script> =
         LazyLock::new(|| Script::new(include_str!("scripts/versioned_cas.lua")));
@@ -238,18 +238,7 @@ mod redis_store {
             let mut cmd = redis::cmd("HMGET");
             cmd.arg(key_of(key)).arg("version").arg("value");
             let read: (Option<u64>, Option<Vec<u8>>) =
-                match tokio::time::timeout(TIMEOUT, cmd.query_async(&mut conn)).await {
-                    Ok(Ok(pair)) => pair,
-                    Ok(Err(err)) => return Err(StateError::backend("redis", "read", key, err)),
-                    Err(_) => {
-                        return Err(StateError::Timeout {
-                            backend: "redis",
-                            operation: "read",
-                            resource: key.to_owned(),
-                            timeout: TIMEOUT,
-                        });
-                    }
-                };
+                query(&mut conn, TIMEOUT, "redis", "read", key, &cmd).await?;
             Ok(read
                 .0
                 .zip(read.1)
