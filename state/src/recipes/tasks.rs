@@ -423,7 +423,7 @@ mod redis_store {
         /// Connects to Redis at `url`.
         ///
         /// # Errors
-        /// [`StateError::InvalidInput`] for a malformed URL; a backend error.
+        /// [`StateError::InvalidInput`](crate::StateError::InvalidInput) for a malformed URL; a backend error.
         pub async fn new(url: &str) -> StateResult<Self> {
             let target = parse_redis_url(url)?;
             Ok(RedisTaskStore {

@@ -1,0 +1,447 @@
+//! [`CheckpointStore`] in a shared directory (standing in for object storage):
+//!
+//! ```text
+//! {root}/{topic}/{partition}/files/{sha256}-{name}        content-addressed: each distinct file once
+//! {root}/{topic}/{partition}/manifests/{token}-{offset}.json   written last: temp file, fsync, rename
+//! ```
+//!
+//! A checkpoint exists once its manifest does; files without a manifest are garbage that
+//! [`retain`](CheckpointStore::retain) removes. Manifests are named by fencing token first, so the newest
+//! owner's checkpoints always sort last: an old owner that uploads late cannot hide a newer owner's
+//! checkpoint, and is refused outright when the newer one is already there.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::manifest::{FORMAT, Manifest, ManifestFile, digest_file};
+use super::{CheckpointStore, UploadReport};
+use crate::error::{ProcessorError, ProcessorResult};
+
+/// Checkpoints under one root directory.
+#[derive(Debug, Clone)]
+pub struct DirectoryCheckpointStore {
+    root: PathBuf,
+}
+
+fn valid_topic(topic: &str) -> ProcessorResult<()> {
+    let ok = !topic.is_empty()
+        && topic.len() <= 249
+        && topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && topic != "."
+        && topic != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(ProcessorError::InvalidInput {
+            what: "topic",
+            reason: format!("`{topic}` is not a valid Kafka topic name"),
+        })
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename, fsync the dir.
+fn write_atomically(path: &Path, bytes: &[u8]) -> ProcessorResult<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut file = fs::File::create(&tmp).map_err(ProcessorError::io(&tmp))?;
+    file.write_all(bytes).map_err(ProcessorError::io(&tmp))?;
+    file.sync_all().map_err(ProcessorError::io(&tmp))?;
+    fs::rename(&tmp, path).map_err(ProcessorError::io(path))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> ProcessorResult<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ProcessorError::io(dir))
+}
+
+/// Copies `from` to `to` atomically (temp + fsync + rename).
+fn copy_atomically(from: &Path, to: &Path) -> ProcessorResult<u64> {
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        to.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let copied = fs::copy(from, &tmp).map_err(ProcessorError::io(from))?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(ProcessorError::io(&tmp))?;
+    fs::rename(&tmp, to).map_err(ProcessorError::io(to))?;
+    Ok(copied)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl DirectoryCheckpointStore {
+    /// A store under `root` (created if missing).
+    ///
+    /// # Errors
+    /// An I/O error when `root` cannot be created or is not writable.
+    pub fn new(root: impl Into<PathBuf>) -> ProcessorResult<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(ProcessorError::io(&root))?;
+        let probe = root.join(format!(".write-probe-{}", std::process::id()));
+        fs::write(&probe, b"").map_err(ProcessorError::io(&root))?;
+        let _ = fs::remove_file(&probe);
+        Ok(DirectoryCheckpointStore { root })
+    }
+
+    fn partition_dir(&self, topic: &str, partition: i32) -> PathBuf {
+        self.root.join(topic).join(partition.to_string())
+    }
+
+    fn files_dir(&self, topic: &str, partition: i32) -> PathBuf {
+        self.partition_dir(topic, partition).join("files")
+    }
+
+    fn manifests_dir(&self, topic: &str, partition: i32) -> PathBuf {
+        self.partition_dir(topic, partition).join("manifests")
+    }
+
+    /// Manifest paths of the partition, newest last.
+    fn manifest_paths(&self, topic: &str, partition: i32) -> ProcessorResult<Vec<PathBuf>> {
+        let dir = self.manifests_dir(topic, partition);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(ProcessorError::io(&dir)(err)),
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| !n.starts_with('.'))
+            })
+            .collect();
+        paths.sort();
+        Ok(paths)
+    }
+
+    fn read_manifest(path: &Path) -> ProcessorResult<Manifest> {
+        let bytes = fs::read(path).map_err(ProcessorError::io(path))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|err| ProcessorError::CorruptCheckpoint {
+                path: path.to_path_buf(),
+                reason: format!("unreadable manifest: {err}"),
+            })?;
+        if manifest.format != FORMAT {
+            return Err(ProcessorError::CorruptCheckpoint {
+                path: path.to_path_buf(),
+                reason: format!("unknown manifest format {}", manifest.format),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Checks that every file of `manifest` is present with its size and checksum.
+    fn verify(&self, manifest: &Manifest) -> ProcessorResult<()> {
+        let files = self.files_dir(&manifest.topic, manifest.partition);
+        for file in &manifest.files {
+            let blob = files.join(Manifest::blob_name(file));
+            let corrupt = |reason: String| ProcessorError::CorruptCheckpoint {
+                path: blob.clone(),
+                reason,
+            };
+            let (size, sha) = digest_file(&blob).map_err(|err| corrupt(err.to_string()))?;
+            if size != file.size {
+                return Err(corrupt(format!("size {size}, manifest says {}", file.size)));
+            }
+            if sha != file.sha256 {
+                return Err(corrupt("checksum mismatch".to_owned()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CheckpointStore for DirectoryCheckpointStore {
+    fn upload(
+        &self,
+        topic: &str,
+        partition: i32,
+        snapshot_dir: &Path,
+        next_offset: i64,
+        fencing_token: u64,
+    ) -> ProcessorResult<UploadReport> {
+        valid_topic(topic)?;
+        if let Some(newest) = self.manifest_paths(topic, partition)?.last() {
+            let newest = Self::read_manifest(newest)?;
+            if newest.fencing_token > fencing_token {
+                return Err(ProcessorError::StaleOwner {
+                    partition,
+                    token: fencing_token,
+                    highest: newest.fencing_token,
+                });
+            }
+        }
+        let files_dir = self.files_dir(topic, partition);
+        let manifests_dir = self.manifests_dir(topic, partition);
+        for dir in [&files_dir, &manifests_dir] {
+            fs::create_dir_all(dir).map_err(ProcessorError::io(dir))?;
+        }
+        let mut local: Vec<PathBuf> = fs::read_dir(snapshot_dir)
+            .map_err(ProcessorError::io(snapshot_dir))?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.is_file())
+            .collect();
+        local.sort();
+        let (mut files, mut copied_files, mut reused_files, mut copied_bytes) =
+            (Vec::new(), 0, 0, 0);
+        for path in local {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| ProcessorError::InvalidInput {
+                    what: "snapshot file name",
+                    reason: format!("{} is not UTF-8", path.display()),
+                })?
+                .to_owned();
+            let (size, sha256) = digest_file(&path)?;
+            let file = ManifestFile { name, size, sha256 };
+            let blob = files_dir.join(Manifest::blob_name(&file));
+            let present = fs::metadata(&blob).is_ok_and(|m| m.len() == size);
+            if present {
+                reused_files += 1;
+            } else {
+                copied_bytes += copy_atomically(&path, &blob)?;
+                copied_files += 1;
+            }
+            files.push(file);
+        }
+        sync_dir(&files_dir)?;
+        let manifest = Manifest {
+            format: FORMAT,
+            topic: topic.to_owned(),
+            partition,
+            next_offset,
+            fencing_token,
+            created_at_ms: now_ms(),
+            files,
+        };
+        let bytes = serde_json::to_vec_pretty(&manifest)
+            .map_err(|err| ProcessorError::store(partition, "encode a manifest", err))?;
+        write_atomically(
+            &manifests_dir.join(format!("{}.json", manifest.id())),
+            &bytes,
+        )?;
+        tracing::debug!(
+            topic,
+            partition,
+            next_offset,
+            fencing_token,
+            copied_files,
+            reused_files,
+            "checkpoint uploaded"
+        );
+        Ok(UploadReport {
+            manifest,
+            copied_files,
+            reused_files,
+            copied_bytes,
+        })
+    }
+
+    fn latest_valid(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> ProcessorResult<(Option<Manifest>, Vec<ProcessorError>)> {
+        valid_topic(topic)?;
+        let mut skipped = Vec::new();
+        for path in self.manifest_paths(topic, partition)?.iter().rev() {
+            match Self::read_manifest(path).and_then(|m| self.verify(&m).map(|()| m)) {
+                Ok(manifest) => return Ok((Some(manifest), skipped)),
+                Err(err) => {
+                    tracing::warn!(topic, partition, error = %err, "skipping a corrupt checkpoint");
+                    skipped.push(err);
+                }
+            }
+        }
+        Ok((None, skipped))
+    }
+
+    fn restore(&self, manifest: &Manifest, dest: &Path) -> ProcessorResult<()> {
+        valid_topic(&manifest.topic)?;
+        fs::create_dir_all(dest).map_err(ProcessorError::io(dest))?;
+        let files = self.files_dir(&manifest.topic, manifest.partition);
+        for file in &manifest.files {
+            let blob = files.join(Manifest::blob_name(file));
+            let target = dest.join(&file.name);
+            fs::copy(&blob, &target).map_err(ProcessorError::io(&blob))?;
+            let (size, sha) = digest_file(&target)?;
+            if size != file.size || sha != file.sha256 {
+                return Err(ProcessorError::CorruptCheckpoint {
+                    path: blob,
+                    reason: "file changed while restoring".to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn retain(&self, topic: &str, partition: i32, keep: usize) -> ProcessorResult<usize> {
+        valid_topic(topic)?;
+        let paths = self.manifest_paths(topic, partition)?;
+        let cut = paths.len().saturating_sub(keep.max(1));
+        let (old, kept) = paths.split_at(cut);
+        for path in old {
+            fs::remove_file(path).map_err(ProcessorError::io(path))?;
+        }
+        let mut referenced = std::collections::HashSet::new();
+        for path in kept {
+            if let Ok(manifest) = Self::read_manifest(path) {
+                referenced.extend(manifest.files.iter().map(Manifest::blob_name));
+            }
+        }
+        let files = self.files_dir(topic, partition);
+        if let Ok(entries) = fs::read_dir(&files) {
+            for entry in entries.filter_map(Result::ok) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') && !referenced.contains(&name) {
+                    let path = entry.path();
+                    fs::remove_file(&path).map_err(ProcessorError::io(&path))?;
+                }
+            }
+        }
+        Ok(old.len())
+    }
+
+    fn partitions(&self, topic: &str) -> ProcessorResult<Vec<i32>> {
+        valid_topic(topic)?;
+        let dir = self.root.join(topic);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(ProcessorError::io(&dir)(err)),
+        };
+        let mut partitions: Vec<i32> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect();
+        partitions.sort_unstable();
+        Ok(partitions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::rocksdb::RocksDbStores;
+    use crate::store::{PartitionStore, StateBatch};
+
+    fn fill(store: &dyn PartitionStore, from: u32, to: u32, token: u64) {
+        for chunk in (from..to).collect::<Vec<_>>().chunks(500) {
+            let mut batch = StateBatch::new(i64::from(*chunk.last().unwrap()) + 1, token);
+            for i in chunk {
+                batch.put(format!("key-{i:08}"), vec![b'x'; 100]);
+            }
+            store.apply(&batch).unwrap();
+        }
+    }
+
+    #[test]
+    fn upload_is_incremental_restore_round_trips_and_retention_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = RocksDbStores::new(8 << 20, 4 << 20);
+        let db = stores.open(0, &dir.path().join("db")).unwrap();
+        let shared = DirectoryCheckpointStore::new(dir.path().join("shared")).unwrap();
+
+        fill(&db, 0, 5_000, 1);
+        db.snapshot_to(&dir.path().join("snap1")).unwrap();
+        let first = shared
+            .upload("orders", 0, &dir.path().join("snap1"), 5_000, 1)
+            .unwrap();
+        assert!(first.copied_files > 0);
+        assert_eq!(first.reused_files, 0);
+
+        fill(&db, 5_000, 6_000, 1);
+        db.snapshot_to(&dir.path().join("snap2")).unwrap();
+        let second = shared
+            .upload("orders", 0, &dir.path().join("snap2"), 6_000, 1)
+            .unwrap();
+        assert!(
+            second.reused_files > 0,
+            "SST files of the first checkpoint are not copied again"
+        );
+        assert!(second.copied_bytes < first.copied_bytes + 1);
+
+        let (latest, skipped) = shared.latest_valid("orders", 0).unwrap();
+        let latest = latest.unwrap();
+        assert!(skipped.is_empty());
+        assert_eq!(latest.next_offset, 6_000);
+        shared
+            .restore(&latest, &dir.path().join("restored"))
+            .unwrap();
+        let restored = stores.open(0, &dir.path().join("restored")).unwrap();
+        assert_eq!(restored.entries().unwrap().len(), 6_000);
+        assert_eq!(restored.meta().unwrap().unwrap().next_offset, 6_000);
+
+        assert_eq!(shared.retain("orders", 0, 1).unwrap(), 1);
+        let (still, _) = shared.latest_valid("orders", 0).unwrap();
+        assert_eq!(
+            still.unwrap().next_offset,
+            6_000,
+            "retention keeps the newest and its files"
+        );
+        assert_eq!(shared.partitions("orders").unwrap(), vec![0]);
+    }
+
+    #[test]
+    fn corrupt_checkpoints_are_skipped_and_stale_owners_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = dir.path().join("snap");
+        fs::create_dir_all(&snapshot).unwrap();
+        fs::write(snapshot.join("a.sst"), b"first").unwrap();
+        let shared = DirectoryCheckpointStore::new(dir.path().join("shared")).unwrap();
+        shared.upload("t", 3, &snapshot, 10, 5).unwrap();
+        fs::write(snapshot.join("b.sst"), b"second").unwrap();
+        let newer = shared.upload("t", 3, &snapshot, 20, 5).unwrap().manifest;
+
+        // Damage a file only the newer checkpoint has: it is skipped with a clear error.
+        let blob = shared
+            .files_dir("t", 3)
+            .join(Manifest::blob_name(&newer.files[1]));
+        fs::write(&blob, b"bit rot").unwrap();
+        let (latest, skipped) = shared.latest_valid("t", 3).unwrap();
+        assert_eq!(
+            latest.unwrap().next_offset,
+            10,
+            "the older valid checkpoint is used"
+        );
+        assert!(matches!(
+            skipped.as_slice(),
+            [ProcessorError::CorruptCheckpoint { .. }]
+        ));
+
+        // A newer owner checkpoints; the old owner's late upload is refused.
+        shared.upload("t", 3, &snapshot, 25, 6).unwrap();
+        match shared.upload("t", 3, &snapshot, 30, 5) {
+            Err(ProcessorError::StaleOwner {
+                token: 5,
+                highest: 6,
+                ..
+            }) => {}
+            other => panic!("stale upload accepted: {other:?}"),
+        }
+        assert!(shared.upload("../etc", 0, &snapshot, 1, 1).is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! Checkpoints of partition state in a shared store (a directory standing in for object storage, behind
+//! [`CheckpointStore`]), with a [`Manifest`] per checkpoint written last and atomically.
+
+pub mod directory;
+pub mod manifest;
+
+use std::path::Path;
+
+pub use directory::DirectoryCheckpointStore;
+pub use manifest::{Manifest, ManifestFile};
+
+use crate::error::ProcessorResult;
+
+/// What one upload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UploadReport {
+    /// The manifest written.
+    pub manifest: Manifest,
+    /// Files copied into the store.
+    pub copied_files: usize,
+    /// Files already in the store (incremental: not copied again).
+    pub reused_files: usize,
+    /// Bytes copied.
+    pub copied_bytes: u64,
+}
+
+/// The shared store of checkpoints.
+pub trait CheckpointStore: Send + Sync {
+    /// Uploads the local snapshot in `snapshot_dir` as the checkpoint of `partition` of `topic` covering
+    /// offsets below `next_offset`, written under `fencing_token`. Files already in the store are not
+    /// copied again; the manifest is written last, atomically.
+    ///
+    /// # Errors
+    /// [`ProcessorError::StaleOwner`](crate::error::ProcessorError::StaleOwner) when a checkpoint with a
+    /// higher fencing token exists (a newer owner checkpointed); an I/O error.
+    fn upload(
+        &self,
+        topic: &str,
+        partition: i32,
+        snapshot_dir: &Path,
+        next_offset: i64,
+        fencing_token: u64,
+    ) -> ProcessorResult<UploadReport>;
+
+    /// The newest checkpoint of the partition whose files are all present and match their checksums,
+    /// plus the errors of the newer ones that did not (corrupt checkpoints are skipped, never loaded).
+    ///
+    /// # Errors
+    /// An I/O error listing the store.
+    fn latest_valid(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> ProcessorResult<(Option<Manifest>, Vec<crate::error::ProcessorError>)>;
+
+    /// Copies the files of `manifest` into the new directory `dest`, verifying each checksum.
+    ///
+    /// # Errors
+    /// [`ProcessorError::CorruptCheckpoint`](crate::error::ProcessorError::CorruptCheckpoint) on a
+    /// mismatch; an I/O error.
+    fn restore(&self, manifest: &Manifest, dest: &Path) -> ProcessorResult<()>;
+
+    /// Keeps the newest `keep` checkpoints of the partition and deletes the others and every file no
+    /// remaining checkpoint references. Returns how many checkpoints were removed.
+    ///
+    /// # Errors
+    /// An I/O error.
+    fn retain(&self, topic: &str, partition: i32, keep: usize) -> ProcessorResult<usize>;
+
+    /// The partitions of `topic` that have checkpoints.
+    ///
+    /// # Errors
+    /// An I/O error.
+    fn partitions(&self, topic: &str) -> ProcessorResult<Vec<i32>>;
+}

@@ -1,0 +1,247 @@
+//! Fleet membership and partition assignment through the `state` crate — not Kafka's group rebalancing.
+//!
+//! - **Membership**: each instance holds a kept lock on one *member slot* `member:{group}:{slot}` (slots
+//!   `0..max_members`, like a semaphore) and records its instance id in a [`FencedStore`] under that
+//!   slot with the slot's fencing token. The live members are the held slots. An instance that dies stops
+//!   renewing; its slot expires and it drops out of everyone's view.
+//! - **Assignment**: rendezvous (highest-random-weight) hashing of each partition over the live members'
+//!   ids: every instance computes the same owner for every partition from the same member list, and when a
+//!   member joins or leaves only the partitions it gains or loses move.
+//! - **Claims**: the owner still claims `partition:{topic}:{p}` with a kept lock; the hash only says who
+//!   *should* claim. The lock (and its fencing token) is what makes ownership safe when views disagree
+//!   for a moment.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use state::DistributedLock;
+use state::recipes::fenced::FencedStore;
+use state::recipes::keeper::{KeptLock, RenewalPolicy};
+
+use crate::error::{ProcessorError, ProcessorResult};
+
+/// Stable 64-bit FNV-1a, for rendezvous weights (must agree across processes and releases).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.iter().chain([0xffu8].iter()) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    // A final avalanche (splitmix64) so similar ids do not get correlated weights.
+    let mut z = hash.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The member that should own `partition` of `topic` among `members` (rendezvous hashing); `None` when
+/// there are no members.
+pub fn owner_of<'a>(topic: &str, partition: i32, members: &'a [String]) -> Option<&'a str> {
+    members
+        .iter()
+        .max_by_key(|member| {
+            (
+                fnv1a(&[
+                    topic.as_bytes(),
+                    &partition.to_be_bytes(),
+                    member.as_bytes(),
+                ]),
+                member.as_str(),
+            )
+        })
+        .map(String::as_str)
+}
+
+/// The partitions of `topic` (`0..partitions`) that `member` should own.
+pub fn assigned_to(topic: &str, partitions: i32, member: &str, members: &[String]) -> Vec<i32> {
+    (0..partitions)
+        .filter(|p| owner_of(topic, *p, members) == Some(member))
+        .collect()
+}
+
+/// This instance's membership in a fleet.
+pub struct Membership {
+    lock: Arc<dyn DistributedLock>,
+    registry: Arc<dyn FencedStore>,
+    group: String,
+    instance: String,
+    max_members: u32,
+    ttl: Duration,
+    slot: Option<(u32, KeptLock)>,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("group", &self.group)
+            .field("instance", &self.instance)
+            .field("slot", &self.slot.as_ref().map(|(slot, _)| *slot))
+            .finish()
+    }
+}
+
+impl Membership {
+    /// Membership of `instance` in `group`, with at most `max_members` members, announced by leases of
+    /// `ttl` (renewed every `ttl / 3`).
+    ///
+    /// # Errors
+    /// [`ProcessorError::InvalidInput`] for an empty instance id or a zero `max_members`.
+    pub fn new(
+        lock: Arc<dyn DistributedLock>,
+        registry: Arc<dyn FencedStore>,
+        group: &str,
+        instance: &str,
+        max_members: u32,
+        ttl: Duration,
+    ) -> ProcessorResult<Self> {
+        if instance.is_empty() || max_members == 0 {
+            return Err(ProcessorError::InvalidInput {
+                what: "membership",
+                reason: "the instance id must not be empty and max_members must be at least 1"
+                    .to_owned(),
+            });
+        }
+        Ok(Membership {
+            lock,
+            registry,
+            group: group.to_owned(),
+            instance: instance.to_owned(),
+            max_members,
+            ttl,
+            slot: None,
+        })
+    }
+
+    fn slot_resource(&self, slot: u32) -> String {
+        format!("member:{}:{slot}", self.group)
+    }
+
+    /// Takes a member slot (if not holding one, or if the held one was lost) and records this instance in
+    /// it. Returns whether this instance is a live member now.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub async fn announce(&mut self) -> ProcessorResult<bool> {
+        if self.slot.as_ref().is_some_and(|(_, kept)| !kept.is_lost()) {
+            return Ok(true);
+        }
+        self.slot = None;
+        for slot in 0..self.max_members {
+            let resource = self.slot_resource(slot);
+            if let Some(kept) =
+                KeptLock::try_acquire(&self.lock, &resource, self.ttl, RenewalPolicy::default())
+                    .await?
+            {
+                self.registry
+                    .write(&resource, kept.fencing_token(), self.instance.as_bytes())
+                    .await?;
+                tracing::info!(group = %self.group, instance = %self.instance, slot, "joined the fleet");
+                self.slot = Some((slot, kept));
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The ids of the live members (held slots), sorted.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub async fn live_members(&self) -> ProcessorResult<Vec<String>> {
+        let mut members = Vec::new();
+        for slot in 0..self.max_members {
+            let resource = self.slot_resource(slot);
+            let Some(holder) = self.lock.get_lock_info(&resource).await? else {
+                continue;
+            };
+            // The registry entry must be the current holder's (same fencing token), not a dead one's.
+            if let Some(entry) = self.registry.read(&resource).await?
+                && entry.token == holder.fencing_token
+            {
+                members.push(String::from_utf8_lossy(&entry.value).into_owned());
+            }
+        }
+        members.sort();
+        members.dedup();
+        Ok(members)
+    }
+
+    /// This instance's id.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Leaves the fleet at once (others see it gone without waiting for the TTL).
+    ///
+    /// # Errors
+    /// A backend error; `LockLost` when the slot had already been lost.
+    pub async fn leave(&mut self) -> ProcessorResult<()> {
+        match self.slot.take() {
+            Some((_, kept)) => kept.release().await.map_err(ProcessorError::from),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use state::InMemoryDistributedLock;
+    use state::recipes::fenced::InMemoryFencedStore;
+
+    fn members(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn every_partition_has_exactly_one_owner_and_the_split_is_fair() {
+        let fleet = members(&["a", "b", "c"]);
+        let mut counts = std::collections::HashMap::new();
+        for p in 0..600 {
+            *counts
+                .entry(owner_of("orders", p, &fleet).unwrap())
+                .or_insert(0) += 1;
+        }
+        for member in &fleet {
+            let n = counts[member.as_str()];
+            assert!((150..=250).contains(&n), "{member} owns {n} of 600");
+        }
+        let total: usize = fleet
+            .iter()
+            .map(|m| assigned_to("orders", 600, m, &fleet).len())
+            .sum();
+        assert_eq!(total, 600);
+        assert_eq!(owner_of("orders", 0, &[]), None);
+    }
+
+    #[test]
+    fn a_member_leaving_moves_only_its_own_partitions() {
+        let before = members(&["a", "b", "c", "d"]);
+        let after = members(&["a", "b", "d"]);
+        for p in 0..200 {
+            let old = owner_of("t", p, &before).unwrap();
+            let new = owner_of("t", p, &after).unwrap();
+            if old != "c" {
+                assert_eq!(old, new, "partition {p} moved although its owner stayed");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn members_announce_see_each_other_and_leave() {
+        let lock: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
+        let registry: Arc<dyn FencedStore> = Arc::new(InMemoryFencedStore::default());
+        let ttl = Duration::from_secs(5);
+        let mut a = Membership::new(lock.clone(), registry.clone(), "g", "a", 8, ttl).unwrap();
+        let mut b = Membership::new(lock.clone(), registry.clone(), "g", "b", 8, ttl).unwrap();
+        assert!(a.announce().await.unwrap());
+        assert!(b.announce().await.unwrap());
+        assert_eq!(a.live_members().await.unwrap(), members(&["a", "b"]));
+        b.leave().await.unwrap();
+        assert_eq!(a.live_members().await.unwrap(), members(&["a"]));
+        let mut full = Membership::new(lock, registry, "g", "c", 1, ttl).unwrap();
+        assert!(!full.announce().await.unwrap(), "no free slot among 1");
+    }
+}
