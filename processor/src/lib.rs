@@ -11,11 +11,14 @@
 //!   (`{count, sum, min, max, chain}` per key, malformed values to the dead letters);
 //! - [`partition`]: one owned partition's processing — operator, atomic batch of state + next offset
 //!   under the ownership fencing token, replays skipped (exactly-once state), nothing written once lost;
+//! - [`kafka`]: the mock cluster as a development broker, a deterministic workload with its exact
+//!   expected result, and the `assign()`-based consume loop of one partition;
 //! - [`ownership`]: fleet membership through member-slot leases and rendezvous assignment of partitions;
 //! - the lock resource names the fleet coordinates on.
 
 pub mod checkpoint;
 pub mod error;
+pub mod kafka;
 pub mod operator;
 pub mod ownership;
 pub mod partition;
