@@ -117,3 +117,118 @@ async fn crash_and_resume_on_the_mock_cluster_is_exact() {
         );
     }
 }
+
+/// Checkpoints every partition's store into the shared store under `fencing_token`.
+fn checkpoint_all(
+    stores: &[Arc<dyn PartitionStore>],
+    shared: &processor::checkpoint::DirectoryCheckpointStore,
+    scratch: &std::path::Path,
+    fencing_token: u64,
+) -> Vec<processor::checkpoint::Manifest> {
+    use processor::checkpoint::CheckpointStore;
+    stores
+        .iter()
+        .map(|store| {
+            let partition = store.partition();
+            let snapshot = scratch.join(format!("snap-{partition}-{}", rand::random::<u32>()));
+            store.snapshot_to(&snapshot).unwrap();
+            let next_offset = store.meta().unwrap().unwrap().next_offset;
+            shared
+                .upload(TOPIC, partition, &snapshot, next_offset, fencing_token)
+                .unwrap()
+                .manifest
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_move_through_checkpoints_and_corrupt_ones_are_skipped() {
+    use processor::checkpoint::{CheckpointStore, DirectoryCheckpointStore, Manifest};
+    use processor::error::ProcessorError;
+
+    integration_tests::init_tracing();
+    let broker = DevBroker::start(TOPIC, PARTITIONS).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 12_000,
+        keys: 40,
+        seed: 7,
+        partitions: PARTITIONS,
+    };
+    workload.produce(&brokers, TOPIC).await.unwrap();
+    let ends: Vec<i64> = (0..PARTITIONS)
+        .map(|p| high_watermark(&brokers, TOPIC, p).unwrap())
+        .collect();
+    let root = tempfile::tempdir().unwrap();
+    let shared = DirectoryCheckpointStore::new(root.path().join("shared")).unwrap();
+    let stores = RocksDbStores::new(16 << 20, 8 << 20);
+
+    // Instance A owns everything (token 1): checkpoints at ~30 % and ~60 %, then dies.
+    let a_dir = root.path().join("a");
+    let a = run(&brokers, &stores, &a_dir, 1, |p| ends[p as usize] * 3 / 10).await;
+    let older = checkpoint_all(&a, &shared, root.path(), 1);
+    drop(a);
+    let a = run(&brokers, &stores, &a_dir, 1, |p| ends[p as usize] * 6 / 10).await;
+    let newer = checkpoint_all(&a, &shared, root.path(), 1);
+
+    // Bit rot in a file only partition 0's newer checkpoint has.
+    let known: std::collections::HashSet<String> =
+        older[0].files.iter().map(Manifest::blob_name).collect();
+    let fresh = newer[0]
+        .files
+        .iter()
+        .find(|f| !known.contains(&Manifest::blob_name(f)))
+        .expect("the newer checkpoint has new files");
+    let blob = root
+        .path()
+        .join("shared")
+        .join(TOPIC)
+        .join("0")
+        .join("files")
+        .join(Manifest::blob_name(fresh));
+    std::fs::write(&blob, b"bit rot").unwrap();
+
+    // Instance B (token 2) gets every partition with an empty disk: it restores the latest *valid*
+    // checkpoint and replays Kafka from that checkpoint's offset.
+    let b_dir = root.path().join("b");
+    for partition in 0..PARTITIONS {
+        let (manifest, skipped) = shared.latest_valid(TOPIC, partition).unwrap();
+        let manifest = manifest.expect("a valid checkpoint");
+        if partition == 0 {
+            assert_eq!(
+                manifest.next_offset, older[0].next_offset,
+                "fell back to the older checkpoint"
+            );
+            assert!(matches!(
+                skipped.as_slice(),
+                [ProcessorError::CorruptCheckpoint { .. }]
+            ));
+        } else {
+            assert_eq!(manifest.next_offset, newer[partition as usize].next_offset);
+            assert!(skipped.is_empty());
+        }
+        shared
+            .restore(&manifest, &b_dir.join(format!("p{partition}")))
+            .unwrap();
+    }
+    let b = run(&brokers, &stores, &b_dir, 2, |p| ends[p as usize]).await;
+    let state = dump(&b);
+    assert_eq!(
+        state,
+        workload.expected().into_iter().collect(),
+        "restored + replayed state is exact"
+    );
+
+    // B checkpoints under token 2; A, paused all along, wakes up and tries to publish: refused.
+    checkpoint_all(&b, &shared, root.path(), 2);
+    let snapshot = root.path().join("late-a");
+    a[1].snapshot_to(&snapshot).unwrap();
+    match shared.upload(TOPIC, 1, &snapshot, ends[1], 1) {
+        Err(ProcessorError::StaleOwner {
+            token: 1,
+            highest: 2,
+            ..
+        }) => {}
+        other => panic!("a stale owner's checkpoint was accepted: {other:?}"),
+    }
+}
