@@ -207,6 +207,10 @@ impl PartitionStore for RocksDbPartitionStore {
     }
 
     fn snapshot_to(&self, dir: &Path) -> ProcessorResult<()> {
+        // RocksDB creates `dir` itself but not its parents.
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(ProcessorError::io(parent))?;
+        }
         let checkpoint = Checkpoint::new(&self.db)
             .map_err(|err| ProcessorError::store(self.partition, "start a checkpoint", err))?;
         checkpoint
