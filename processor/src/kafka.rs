@@ -113,6 +113,19 @@ impl Workload {
     /// # Errors
     /// A Kafka error.
     pub async fn produce(&self, brokers: &str, topic: &str) -> ProcessorResult<()> {
+        self.produce_range(brokers, topic, 0..self.records).await
+    }
+
+    /// Produces records `range` of the workload (for producing it in parts), in order.
+    ///
+    /// # Errors
+    /// A Kafka error.
+    pub async fn produce_range(
+        &self,
+        brokers: &str,
+        topic: &str,
+        range: std::ops::Range<u64>,
+    ) -> ProcessorResult<()> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
@@ -120,7 +133,7 @@ impl Workload {
             .create()
             .map_err(kafka_error("create a producer"))?;
         let mut pending = Vec::with_capacity(1024);
-        for i in 0..self.records {
+        for i in range {
             let (partition, key, value) = self.record(i);
             let record = FutureRecord::to(topic)
                 .partition(partition)

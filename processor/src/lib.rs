@@ -13,11 +13,14 @@
 //!   under the ownership fencing token, replays skipped (exactly-once state), nothing written once lost;
 //! - [`kafka`]: the mock cluster as a development broker, a deterministic workload with its exact
 //!   expected result, and the `assign()`-based consume loop of one partition;
+//! - [`fleet`]: one fleet instance — membership, rendezvous assignment, claims as kept locks, one task
+//!   per owned partition (restore or reuse, consume, checkpoint, hand off);
 //! - [`ownership`]: fleet membership through member-slot leases and rendezvous assignment of partitions;
 //! - the lock resource names the fleet coordinates on.
 
 pub mod checkpoint;
 pub mod error;
+pub mod fleet;
 pub mod kafka;
 pub mod operator;
 pub mod ownership;
