@@ -77,7 +77,10 @@ async fn restart_during_in_flight_acquires_never_hangs_and_service_resumes() {
     assert!(before_restart > 0, "acquires worked before the restart");
     // Calls during the outage either fail (retryably, checked above) or ride it out inside the pool's
     // acquire timeout; which one depends on timing, so only "no hang" and "works again" are asserted.
-    tracing::info!(failed = failed.load(Ordering::SeqCst), "calls that failed during the restart");
+    tracing::info!(
+        failed = failed.load(Ordering::SeqCst),
+        "calls that failed during the restart"
+    );
     assert!(
         ok.load(Ordering::SeqCst) > restarted_at,
         "acquires work again after the restart, on the same handle"
