@@ -24,6 +24,16 @@ pub enum ProcessorError {
         source: BoxError,
     },
 
+    /// Kafka (the client or the broker) failed.
+    #[error("kafka failed to {operation}")]
+    Kafka {
+        /// What was being done.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// A write or checkpoint carried a fencing token lower than one already recorded: this instance no
     /// longer owns the partition.
     #[error(

@@ -22,7 +22,10 @@ use crate::operator::{Aggregate, Record};
 use crate::partition::{PartitionProcessor, PartitionStats};
 
 fn kafka_error(what: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> ProcessorError {
-    move |err| ProcessorError::store(-1, what, err)
+    move |err| ProcessorError::Kafka {
+        operation: what,
+        source: Box::new(err),
+    }
 }
 
 /// librdkafka's in-process mock cluster: a real Kafka-protocol broker on loopback ports. No transactions,
@@ -130,6 +133,7 @@ impl Workload {
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
+            .set("message.timeout.ms", "15000")
             .create()
             .map_err(kafka_error("create a producer"))?;
         let mut pending = Vec::with_capacity(1024);
