@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 
-use crate::{DistributedLock, LockToken, StateResult};
+use crate::{DistributedLock, LockToken, StateError, StateResult};
 
 /// A held lock. Release it with [`release`](Self::release) to learn whether the release worked;
 /// dropping it releases in the background.
@@ -173,6 +173,10 @@ pub(crate) struct PendingAcquire {
     owner: String,
     runtime: Option<Handle>,
     armed: bool,
+    /// How long the cleanup keeps retrying a release that found nothing: a backend whose cancelled
+    /// request may still execute *after* a release sent on another connection (PostgreSQL through a pool)
+    /// needs this; a backend that orders both on one connection (Redis) does not.
+    retry_for: Duration,
 }
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -184,7 +188,15 @@ impl PendingAcquire {
             owner: owner.to_owned(),
             runtime: Handle::try_current().ok(),
             armed: true,
+            retry_for: Duration::ZERO,
         }
+    }
+
+    /// Keeps retrying the cleanup release for `retry_for` while it finds no lease of ours.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn retrying_for(mut self, retry_for: Duration) -> Self {
+        self.retry_for = retry_for;
+        self
     }
 
     pub(crate) fn disarm(mut self) {
@@ -209,9 +221,19 @@ impl Drop for PendingAcquire {
             now,
             now,
         );
+        let retry_for = self.retry_for;
         runtime.spawn(async move {
-            // Err(LockLost) is the usual outcome: the request never reached the server.
-            let _ = lock.release_internal(&token.resource, &token).await;
+            // Err(LockLost) is the usual outcome: the request never reached the server. Where the
+            // cancelled request can still land later, keep trying for a while.
+            let started = Instant::now();
+            loop {
+                match lock.release_internal(&token.resource, &token).await {
+                    Ok(()) => return,
+                    Err(StateError::InvalidInput { .. }) => return,
+                    Err(_) if started.elapsed() >= retry_for => return,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+                }
+            }
         });
     }
 }

@@ -617,7 +617,10 @@ impl PostgresDistributedLock {
         ttl: Duration,
     ) -> StateResult<Option<LockGuard>> {
         let owner = LockToken::new_owner_value();
-        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner);
+        // A cancelled INSERT may still commit after a release sent on another pooled connection: keep
+        // the cleanup going for as long as this call could have run.
+        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner)
+            .retrying_for(self.inner.operation_timeout * 2);
         let sent_at = Instant::now();
         let row = self
             .within(
