@@ -82,7 +82,7 @@ impl LockGuard {
     /// Extends the lease to `ttl` from now; shorthand for `backend.extend(&mut guard, ttl)`.
     ///
     /// # Errors
-    /// [`StateError::LockLost`](crate::StateError::LockLost) when the lock is no longer ours.
+    /// [`StateError::LockLost`] when the lock is no longer ours.
     ///
     /// # Cancel safety
     /// See [`DistributedLock::extend`].
@@ -100,7 +100,7 @@ impl LockGuard {
     /// Releases the lock and reports whether it was still ours.
     ///
     /// # Errors
-    /// [`StateError::LockLost`](crate::StateError::LockLost) when the lease had expired or been taken over
+    /// [`StateError::LockLost`] when the lease had expired or been taken over
     /// (a false unlock is never silent); a backend error when the backend could not be reached, in which
     /// case the lease expires after its TTL.
     ///
