@@ -545,16 +545,14 @@ impl PostgresDistributedLock {
         resource: &str,
         fut: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> StateResult<T> {
-        match tokio::time::timeout(self.inner.operation_timeout, fut).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(StateError::backend(BACKEND, operation, resource, err)),
-            Err(_) => Err(StateError::Timeout {
-                backend: BACKEND,
-                operation,
-                resource: resource.to_owned(),
-                timeout: self.inner.operation_timeout,
-            }),
-        }
+        super::bounded(
+            self.inner.operation_timeout,
+            BACKEND,
+            operation,
+            resource,
+            fut,
+        )
+        .await
     }
 
     /// Creates or upgrades the tables; concurrent starters wait for each other.

@@ -121,21 +121,7 @@ pub(crate) async fn connect_manager(
 ) -> StateResult<ConnectionManager> {
     let connect =
         ConnectionManager::new_with_config(target.client.clone(), manager_config(timeout));
-    match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(err)) => Err(StateError::backend(
-            BACKEND,
-            "connect to",
-            target.redacted.clone(),
-            err,
-        )),
-        Err(_) => Err(StateError::Timeout {
-            backend: BACKEND,
-            operation: "connect to",
-            resource: target.redacted.clone(),
-            timeout,
-        }),
-    }
+    super::bounded(timeout, BACKEND, "connect to", &target.redacted, connect).await
 }
 
 /// The lease key of `resource`.
@@ -329,16 +315,7 @@ pub(crate) async fn query<T: redis::FromRedisValue>(
     resource: &str,
     cmd: &redis::Cmd,
 ) -> StateResult<T> {
-    match tokio::time::timeout(timeout, cmd.query_async(conn)).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(err)) => Err(StateError::backend(backend, operation, resource, err)),
-        Err(_) => Err(StateError::Timeout {
-            backend,
-            operation,
-            resource: resource.to_owned(),
-            timeout,
-        }),
-    }
+    super::bounded(timeout, backend, operation, resource, cmd.query_async(conn)).await
 }
 
 /// Runs one script invocation on `conn`, bounded by `timeout`, mapping driver errors and timeouts to
@@ -351,16 +328,14 @@ pub(crate) async fn invoke<T: redis::FromRedisValue>(
     resource: &str,
     invocation: &redis::ScriptInvocation<'_>,
 ) -> StateResult<T> {
-    match tokio::time::timeout(timeout, invocation.invoke_async(conn)).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(err)) => Err(StateError::backend(backend, operation, resource, err)),
-        Err(_) => Err(StateError::Timeout {
-            backend,
-            operation,
-            resource: resource.to_owned(),
-            timeout,
-        }),
-    }
+    super::bounded(
+        timeout,
+        backend,
+        operation,
+        resource,
+        invocation.invoke_async(conn),
+    )
+    .await
 }
 
 impl fmt::Debug for RedisDistributedLock {
