@@ -3,17 +3,15 @@
 //! recomputation (no record lost or double-counted).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use processor::checkpoint::{CheckpointStore, DirectoryCheckpointStore};
-use processor::fleet::{Instance, InstanceConfig, Services};
+use processor::Services;
+use processor::fleet::{Instance, InstanceConfig};
 use processor::kafka::{DevBroker, Workload, high_watermark};
-use processor::operator::{Aggregate, KeyedAggregation};
+use processor::maintenance::MaintenanceConfig;
+use processor::operator::Aggregate;
 use processor::store::PartitionStore;
 use processor::store::rocksdb::RocksDbStores;
-use state::InMemoryDistributedLock;
-use state::recipes::fenced::InMemoryFencedStore;
 use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
@@ -36,20 +34,20 @@ async fn fleet_survives_an_abrupt_stop_and_a_join_with_exact_state() {
         .unwrap();
 
     let root = tempfile::tempdir().unwrap();
-    let shared = Arc::new(DirectoryCheckpointStore::new(root.path().join("shared")).unwrap());
-    let services = Services {
-        lock: Arc::new(InMemoryDistributedLock::new()),
-        registry: Arc::new(InMemoryFencedStore::default()),
-        checkpoints: shared.clone(),
-        operator: Arc::new(KeyedAggregation),
-        stores: Arc::new(RocksDbStores::new(32 << 20, 16 << 20)),
-    };
+    let services = Services::in_memory(root.path().join("shared")).unwrap();
+    let shared = services.checkpoints.clone();
     let start = |id: &str| {
         let config = InstanceConfig::new(id, TOPIC, PARTITIONS, &brokers, root.path().join(id))
             .with_checkpoint_every(Duration::from_millis(300))
-            .with_claim_ttl(Duration::from_millis(1500));
+            .with_claim_ttl(Duration::from_millis(1500))
+            .with_maintenance(
+                MaintenanceConfig::default()
+                    .with_every(Duration::from_millis(500))
+                    .with_keep_checkpoints(2)
+                    .with_grace(Duration::from_millis(500)),
+            );
         let stop = CancellationToken::new();
-        let instance = Instance::new(config, services.clone());
+        let instance = Instance::new(config, services.clone()).unwrap();
         let status = instance.status();
         (tokio::spawn(instance.run(stop.clone())), stop, status)
     };
@@ -101,11 +99,47 @@ async fn fleet_survives_an_abrupt_stop_and_a_join_with_exact_state() {
         let (manifest, _) = shared.latest_valid(TOPIC, *p).unwrap();
         assert!(manifest.unwrap().next_offset >= ends[*p as usize]);
     }
+    // Fleet duties ran: one leader at a time scheduled the maintenance jobs, and they were claimed and
+    // run (retention + compaction under the compaction lock) while checkpoints kept coming.
+    let statuses: Vec<_> = fleet.iter().map(|(_, _, s)| s.borrow().clone()).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| s.leader).count(),
+        1,
+        "exactly one leader: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().map(|s| s.compactions).sum::<u64>() > 0,
+        "no maintenance job ran: {statuses:?}"
+    );
     for (_, stop, _) in &fleet {
         stop.cancel();
     }
     for (handle, _, _) in fleet {
         handle.await.unwrap().unwrap();
+    }
+    // Retention kept the checkpoint history short (keep 2, plus at most the ones written since the last
+    // maintenance run).
+    for p in 0..PARTITIONS {
+        let manifests = std::fs::read_dir(
+            root.path()
+                .join("shared")
+                .join(TOPIC)
+                .join(p.to_string())
+                .join("manifests"),
+        )
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".json")
+        })
+        .count();
+        assert!(
+            manifests <= 12,
+            "partition {p} has {manifests} checkpoints: retention did not run"
+        );
     }
 
     // The state in the final checkpoints is exactly the recomputation.

@@ -48,7 +48,7 @@ async fn run(
         let end = until(partition);
         tasks.push(tokio::spawn(async move {
             let stop = CancellationToken::new();
-            consume_partition(&consumer, &mut processor, 500, Some(end), &stop)
+            consume_partition(&consumer, &mut processor, 500, Some(end), None, &stop)
                 .await
                 .unwrap();
             processor.next_offset()

@@ -3,28 +3,33 @@
 //! restore or reuse local state, consume from the stored offset, checkpoint periodically and on hand-off,
 //! release. Partitions it should no longer own are checkpointed and released; partitions whose owner died
 //! are claimed once that owner's lease expires.
+//!
+//! Beside the partitions, each instance runs its fleet duties: it campaigns in the leader election
+//! `leader:{group}`; the leader schedules the maintenance jobs (see [`crate::maintenance`]) and the
+//! followers claim and run them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use state::DistributedLock;
-use state::recipes::fenced::FencedStore;
+use state::recipes::checkpoint::CheckpointCoordinator;
 use state::recipes::keeper::{KeptLock, RenewalPolicy};
+use state::recipes::leader::LeaderElection;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::CheckpointStore;
 use crate::error::{ProcessorError, ProcessorResult};
-use crate::kafka::{consume_partition, partition_consumer};
-use crate::operator::Operator;
+use crate::kafka::{OutputSink, consume_partition, partition_consumer};
+use crate::maintenance::{
+    Maintenance, MaintenanceConfig, MaintenanceOutcome, hold_compaction_lock,
+};
 use crate::ownership::{Membership, assigned_to};
 use crate::partition::PartitionProcessor;
 use crate::partition_resource;
+pub use crate::services::Services;
 use crate::store::PartitionStore;
-use crate::store::rocksdb::RocksDbStores;
 
 /// How an instance runs.
 #[derive(Debug, Clone)]
@@ -48,16 +53,21 @@ pub struct InstanceConfig {
     pub checkpoint_every: Duration,
     /// Records per atomic batch.
     pub batch_size: usize,
-    /// Checkpoints kept per partition.
-    pub keep_checkpoints: usize,
-    /// How often membership and assignment are re-evaluated.
+    /// Retention and compaction of the shared checkpoints (scheduled by the leader).
+    pub maintenance: MaintenanceConfig,
+    /// How often membership, assignment and fleet duties are re-evaluated.
     pub tick: Duration,
     /// Most members the fleet may have.
     pub max_members: u32,
+    /// Topic for the updated aggregates (at-least-once), if any.
+    pub output_topic: Option<String>,
+    /// Topic for malformed records, if any (they are logged either way).
+    pub dead_letter_topic: Option<String>,
 }
 
 impl InstanceConfig {
-    /// Defaults: 5 s claims, checkpoints every 2 s, batches of 500, keep 3 checkpoints, 250 ms ticks.
+    /// Defaults: 5 s claims, checkpoints every 2 s, batches of 500, maintenance every 10 s keeping 3
+    /// checkpoints, 250 ms ticks, no output or dead-letter topic.
     pub fn new(
         instance_id: &str,
         topic: &str,
@@ -75,10 +85,36 @@ impl InstanceConfig {
             claim_ttl: Duration::from_secs(5),
             checkpoint_every: Duration::from_secs(2),
             batch_size: 500,
-            keep_checkpoints: 3,
+            maintenance: MaintenanceConfig::default(),
             tick: Duration::from_millis(250),
             max_members: 64,
+            output_topic: None,
+            dead_letter_topic: None,
         }
+    }
+
+    /// Sets the fleet name (lock namespace; also the Kafka group id, for lag monitoring only).
+    pub fn with_group(mut self, group: &str) -> Self {
+        self.group = group.to_owned();
+        self
+    }
+
+    /// Sets how checkpoints are retained and compacted.
+    pub fn with_maintenance(mut self, maintenance: MaintenanceConfig) -> Self {
+        self.maintenance = maintenance;
+        self
+    }
+
+    /// Publishes each updated aggregate to `topic` (at-least-once: sent before its batch commits).
+    pub fn with_output_topic(mut self, topic: &str) -> Self {
+        self.output_topic = Some(topic.to_owned());
+        self
+    }
+
+    /// Sends malformed records to `topic` (at-least-once) besides logging them.
+    pub fn with_dead_letter_topic(mut self, topic: &str) -> Self {
+        self.dead_letter_topic = Some(topic.to_owned());
+        self
     }
 
     /// Sets the checkpoint interval.
@@ -87,11 +123,38 @@ impl InstanceConfig {
         self
     }
 
-    /// Sets the claim lease.
+    /// Sets the claim lease (membership, partitions, leadership and maintenance claims).
     pub fn with_claim_ttl(mut self, ttl: Duration) -> Self {
         self.claim_ttl = ttl;
+        self.maintenance.claim_ttl = ttl;
         self
     }
+}
+
+/// The [`CheckpointCoordinator`] scope of a partition's checkpoints (lock and record
+/// `checkpoint:{group}:{topic}:{partition}`).
+pub fn checkpoint_scope(group: &str, topic: &str, partition: i32) -> String {
+    format!("{group}:{topic}:{partition}")
+}
+
+/// The offset the latest recorded checkpoint of `partition` covers, from the coordinator's fenced record
+/// (cheap: no checkpoint file is read; for progress and lag reports).
+///
+/// # Errors
+/// A backend error.
+pub async fn checkpointed_offset(
+    services: &Services,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> ProcessorResult<Option<i64>> {
+    let key = format!("checkpoint:{}", checkpoint_scope(group, topic, partition));
+    let Some(record) = services.registry.read(&key).await? else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice::<serde_json::Value>(&record.value)
+        .ok()
+        .and_then(|v| v.get("next_offset").and_then(serde_json::Value::as_i64)))
 }
 
 /// What an instance is doing, for operators and the demo.
@@ -102,23 +165,22 @@ pub struct InstanceStatus {
     pub members: Vec<String>,
     /// Owned partitions and the fencing token of each claim.
     pub owned: BTreeMap<i32, u64>,
+    /// Whether it leads the fleet now.
+    pub leader: bool,
+    /// Records applied to state (since start; replays after a restore count again).
+    pub processed: u64,
+    /// Malformed records sent to the dead letters.
+    pub dead_letters: u64,
     /// Checkpoints written.
     pub checkpoints: u64,
-}
-
-/// The shared services an instance uses.
-#[derive(Clone)]
-pub struct Services {
-    /// Locks (membership, partition claims).
-    pub lock: Arc<dyn DistributedLock>,
-    /// Membership registry.
-    pub registry: Arc<dyn FencedStore>,
-    /// Shared checkpoint store.
-    pub checkpoints: Arc<dyn CheckpointStore>,
-    /// The operator.
-    pub operator: Arc<dyn Operator>,
-    /// Local RocksDB resources.
-    pub stores: Arc<RocksDbStores>,
+    /// Partitions whose state was restored from a checkpoint (rather than reused from local disk).
+    pub restores: u64,
+    /// Maintenance jobs claimed from the task queue.
+    pub task_claims: u64,
+    /// Of those, compactions that ran under the partition's compaction lock.
+    pub compactions: u64,
+    /// The last maintenance job and its outcome.
+    pub last_task: Option<String>,
 }
 
 /// One fleet instance.
@@ -126,6 +188,7 @@ pub struct Instance {
     config: InstanceConfig,
     services: Services,
     status: watch::Sender<InstanceStatus>,
+    sink: Option<OutputSink>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -138,12 +201,25 @@ impl std::fmt::Debug for Instance {
 
 impl Instance {
     /// An instance with `config` over `services`.
-    pub fn new(config: InstanceConfig, services: Services) -> Arc<Self> {
-        Arc::new(Instance {
+    ///
+    /// # Errors
+    /// A Kafka error when the producer for the output or dead-letter topic cannot be created.
+    pub fn new(config: InstanceConfig, services: Services) -> ProcessorResult<Arc<Self>> {
+        let sink = if config.output_topic.is_some() || config.dead_letter_topic.is_some() {
+            Some(OutputSink::new(
+                &config.brokers,
+                config.output_topic.as_deref(),
+                config.dead_letter_topic.as_deref(),
+            )?)
+        } else {
+            None
+        };
+        Ok(Arc::new(Instance {
             config,
             services,
             status: watch::channel(InstanceStatus::default()).0,
-        })
+            sink,
+        }))
     }
 
     /// Status updates.
@@ -166,6 +242,17 @@ impl Instance {
             self.config.max_members,
             self.config.claim_ttl,
         )?;
+        let election = LeaderElection::new(
+            self.services.lock.clone(),
+            &self.config.group,
+            &self.config.instance_id,
+            self.config.claim_ttl,
+        )?;
+        let duties_stop = CancellationToken::new();
+        // Aborted with `run`'s future when the instance is dropped abruptly, like the partition tasks.
+        let duties = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            Arc::clone(&self).run_duties(election, duties_stop.clone()),
+        ));
         let mut tasks: JoinSet<(i32, ProcessorResult<()>)> = JoinSet::new();
         let mut running: HashMap<i32, CancellationToken> = HashMap::new();
         while !stop.is_cancelled() {
@@ -191,12 +278,90 @@ impl Instance {
                 _ = tokio::time::sleep(self.config.tick) => {}
             }
         }
+        duties_stop.cancel();
         for token in running.values() {
             token.cancel();
         }
         while tasks.join_next().await.is_some() {}
+        let _ = duties.await;
         let _ = membership.leave().await;
         Ok(())
+    }
+
+    /// The fleet duties, one round per tick until `stop`: campaign for leadership; as leader, schedule
+    /// the maintenance jobs once per term; as a follower (or when alone), claim and run one due job.
+    /// Resigns at the end so the next leader need not wait for the lease to lapse.
+    async fn run_duties(self: Arc<Self>, election: LeaderElection, stop: CancellationToken) {
+        let maintenance = Maintenance::new(
+            self.services.lock.clone(),
+            self.services.tasks.clone(),
+            self.services.checkpoints.clone(),
+            &self.config.group,
+            &self.config.topic,
+            self.config.partitions,
+            self.config.maintenance,
+        );
+        let mut scheduled_term = None;
+        while !stop.is_cancelled() {
+            match election.try_become_leader().await {
+                Ok(leader) => self.status.send_if_modified(|s| {
+                    let changed = s.leader != leader;
+                    s.leader = leader;
+                    changed
+                }),
+                Err(err) => {
+                    tracing::debug!(instance = %self.config.instance_id, error = %err, "campaign failed");
+                    false
+                }
+            };
+            let term = election.fencing_token();
+            if term.is_some() && term != scheduled_term {
+                match maintenance.schedule().await {
+                    Ok(created) => {
+                        scheduled_term = term;
+                        tracing::info!(instance = %self.config.instance_id, term, created, "leading: maintenance scheduled");
+                    }
+                    Err(err) => {
+                        tracing::warn!(instance = %self.config.instance_id, error = %err, "scheduling maintenance failed");
+                    }
+                }
+            }
+            let alone = self.status.borrow().members.len() <= 1;
+            if term.is_none() || alone {
+                // Drain what is due (at most one round over the partitions per tick).
+                for _ in 0..self.config.partitions {
+                    let run = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        run = maintenance.run_next() => run,
+                    };
+                    match run {
+                        Ok(Some(run)) => self.record_maintenance(&run.task_id, &run.outcome),
+                        Ok(None) => break,
+                        Err(err) => {
+                            tracing::warn!(instance = %self.config.instance_id, error = %err, "maintenance claim failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(self.config.tick) => {}
+            }
+        }
+        let _ = election.resign().await;
+        self.status.send_modify(|s| s.leader = false);
+    }
+
+    fn record_maintenance(&self, task_id: &str, outcome: &MaintenanceOutcome) {
+        tracing::debug!(instance = %self.config.instance_id, task_id, ?outcome, "maintenance job");
+        self.status.send_modify(|s| {
+            s.task_claims += 1;
+            if matches!(outcome, MaintenanceOutcome::Compacted { .. }) {
+                s.compactions += 1;
+            }
+            s.last_task = Some(format!("{task_id}: {outcome:?}"));
+        });
     }
 
     async fn rebalance(
@@ -285,6 +450,7 @@ impl Instance {
         }
         if let Some(manifest) = latest {
             self.services.checkpoints.restore(&manifest, &dir)?;
+            self.status.send_modify(|s| s.restores += 1);
             tracing::info!(
                 partition,
                 next_offset = manifest.next_offset,
@@ -294,7 +460,11 @@ impl Instance {
         Ok(Arc::new(self.services.stores.open(partition, &dir)?))
     }
 
-    fn checkpoint(
+    /// Checkpoints one owned partition: a RocksDB checkpoint (hard links) uploaded to the shared store
+    /// under the ownership fencing token, while holding the partition's compaction lock (so retention
+    /// cannot delete a file the upload reuses), then recorded through the [`CheckpointCoordinator`]
+    /// with the same token (a stale owner's record is refused there too).
+    async fn checkpoint(
         &self,
         store: &Arc<dyn PartitionStore>,
         fencing_token: u64,
@@ -303,28 +473,71 @@ impl Instance {
             return Ok(());
         };
         let partition = store.partition();
+        let Some(compaction_lock) = hold_compaction_lock(
+            &self.services.lock,
+            partition,
+            self.config.claim_ttl,
+            self.config.claim_ttl,
+        )
+        .await?
+        else {
+            return Err(ProcessorError::State(state::StateError::LockNotAcquired {
+                resource: format!("compaction lock of partition {partition} (checkpoint upload)"),
+                attempts: 1,
+            }));
+        };
         let scratch = self.config.state_dir.join(format!(
             ".snapshot-{}-{partition}-{}",
             self.config.topic, meta.next_offset
         ));
-        if scratch.exists() {
-            std::fs::remove_dir_all(&scratch).map_err(ProcessorError::io(&scratch))?;
-        }
-        store.snapshot_to(&scratch)?;
-        let uploaded = self.services.checkpoints.upload(
-            &self.config.topic,
-            partition,
-            &scratch,
-            meta.next_offset,
-            fencing_token,
+        let (store_for_upload, checkpoints, topic) = (
+            Arc::clone(store),
+            Arc::clone(&self.services.checkpoints),
+            self.config.topic.clone(),
         );
-        let _ = std::fs::remove_dir_all(&scratch);
-        uploaded?;
-        self.services.checkpoints.retain(
+        let uploaded = tokio::task::spawn_blocking(move || {
+            if scratch.exists() {
+                std::fs::remove_dir_all(&scratch).map_err(ProcessorError::io(&scratch))?;
+            }
+            store_for_upload.snapshot_to(&scratch)?;
+            let uploaded =
+                checkpoints.upload(&topic, partition, &scratch, meta.next_offset, fencing_token);
+            let _ = std::fs::remove_dir_all(&scratch);
+            uploaded
+        })
+        .await
+        .map_err(|err| ProcessorError::store(partition, "upload a checkpoint", err))?;
+        let _ = compaction_lock.release().await;
+        let report = uploaded?;
+        let coordinator = CheckpointCoordinator::new(
+            self.services.lock.clone(),
+            self.services.registry.clone(),
+            self.config.claim_ttl,
+        )
+        .with_scope(&checkpoint_scope(
+            &self.config.group,
             &self.config.topic,
             partition,
-            self.config.keep_checkpoints,
-        )?;
+        ));
+        let record = serde_json::json!({
+            "manifest": report.manifest.id(),
+            "next_offset": report.manifest.next_offset,
+            "instance": self.config.instance_id,
+        });
+        match coordinator
+            .record(fencing_token, record.to_string().as_bytes())
+            .await
+        {
+            Ok(()) => {}
+            Err(state::StateError::StaleFencingToken { highest, .. }) => {
+                return Err(ProcessorError::StaleOwner {
+                    partition,
+                    token: fencing_token,
+                    highest,
+                });
+            }
+            Err(err) => return Err(err.into()),
+        }
         self.status.send_modify(|s| s.checkpoints += 1);
         Ok(())
     }
@@ -337,7 +550,10 @@ impl Instance {
     ) -> ProcessorResult<()> {
         let fencing_token = kept.fencing_token();
         let lost = kept.lost_token();
-        let store = self.prepare_store(partition)?;
+        let preparing = Arc::clone(&self);
+        let store = tokio::task::spawn_blocking(move || preparing.prepare_store(partition))
+            .await
+            .map_err(|err| ProcessorError::store(partition, "open or restore the state", err))??;
         let mut processor = PartitionProcessor::resume(
             store.clone(),
             self.services.operator.clone(),
@@ -366,15 +582,22 @@ impl Instance {
                     segment.cancel();
                 })
             };
+            let before = processor.stats();
             let consumed = consume_partition(
                 &consumer,
                 &mut processor,
                 self.config.batch_size,
                 None,
+                self.sink.as_ref(),
                 &segment,
             )
             .await;
             timer.abort();
+            let after = processor.stats();
+            self.status.send_modify(|s| {
+                s.processed += after.applied - before.applied;
+                s.dead_letters += after.dead_letters - before.dead_letters;
+            });
             consumed?;
             if lost.is_cancelled() {
                 return Err(ProcessorError::StaleOwner {
@@ -383,7 +606,7 @@ impl Instance {
                     highest: fencing_token.saturating_add(1),
                 });
             }
-            self.checkpoint(&store, fencing_token)?;
+            self.checkpoint(&store, fencing_token).await?;
             if stop.is_cancelled() {
                 break;
             }

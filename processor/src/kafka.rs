@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::operator::{Aggregate, Record};
-use crate::partition::{PartitionProcessor, PartitionStats};
+use crate::partition::{BatchReport, PartitionProcessor, PartitionStats};
 
 fn kafka_error(what: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> ProcessorError {
     move |err| ProcessorError::Kafka {
@@ -216,9 +216,89 @@ pub fn partition_consumer(
     Ok(consumer)
 }
 
+/// Where a partition's outputs go: updated aggregates to the output topic and malformed records to the
+/// dead-letter topic, each sent (and acknowledged) *before* the batch that produced them commits, so
+/// nothing is lost downstream: a crash in between replays and resends (at-least-once). Dead letters are
+/// logged whether or not a topic is set.
+pub struct OutputSink {
+    producer: FutureProducer,
+    output_topic: Option<String>,
+    dead_letter_topic: Option<String>,
+}
+
+impl std::fmt::Debug for OutputSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputSink")
+            .field("output_topic", &self.output_topic)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .finish()
+    }
+}
+
+impl OutputSink {
+    /// A sink producing to `brokers` (idempotent producer).
+    ///
+    /// # Errors
+    /// A Kafka error creating the producer.
+    pub fn new(
+        brokers: &str,
+        output_topic: Option<&str>,
+        dead_letter_topic: Option<&str>,
+    ) -> ProcessorResult<Self> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "15000")
+            .create()
+            .map_err(kafka_error("create a producer"))?;
+        Ok(OutputSink {
+            producer,
+            output_topic: output_topic.map(str::to_owned),
+            dead_letter_topic: dead_letter_topic.map(str::to_owned),
+        })
+    }
+
+    /// Sends a batch's outputs and dead letters and waits until the broker has acknowledged them all.
+    /// Dead letters carry the source partition and offset in their key (`{partition}:{offset}`) and the
+    /// reason as the payload.
+    ///
+    /// # Errors
+    /// A Kafka error; the batch must not be committed then.
+    pub async fn deliver(&self, partition: i32, report: &BatchReport) -> ProcessorResult<()> {
+        let mut pending = Vec::new();
+        if let Some(topic) = &self.output_topic {
+            for (key, value) in &report.outputs {
+                let record = FutureRecord::to(topic).key(key).payload(value);
+                pending.push(
+                    self.producer
+                        .send_result(record)
+                        .map_err(|(err, _)| kafka_error("queue an output")(err))?,
+                );
+            }
+        }
+        for (offset, reason) in &report.dead_letters {
+            tracing::warn!(partition, offset, reason = %reason, "dead letter");
+            if let Some(topic) = &self.dead_letter_topic {
+                let key = format!("{partition}:{offset}");
+                let record = FutureRecord::to(topic).key(&key).payload(reason);
+                pending.push(
+                    self.producer
+                        .send_result(record)
+                        .map_err(|(err, _)| kafka_error("queue a dead letter")(err))?,
+                );
+            }
+        }
+        for delivery in pending {
+            await_delivery(delivery).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Consumes one partition into `processor` in batches of up to `batch_size` records until `stop` fires
 /// (or, with `until`, until the processor reaches that offset). Each batch is one atomic write of state
-/// and next offset.
+/// and next offset; with a `sink`, its outputs and dead letters are delivered before it is written.
 ///
 /// # Errors
 /// A Kafka or store error, or [`ProcessorError::StaleOwner`] once ownership is lost.
@@ -230,6 +310,7 @@ pub async fn consume_partition(
     processor: &mut PartitionProcessor,
     batch_size: usize,
     until: Option<i64>,
+    sink: Option<&OutputSink>,
     stop: &CancellationToken,
 ) -> ProcessorResult<PartitionStats> {
     let linger = Duration::from_millis(20);
@@ -265,7 +346,19 @@ pub async fn consume_partition(
                 value: m.payload(),
             })
             .collect();
-        processor.process(&records)?;
+        let prepared = processor.prepare(&records)?;
+        match sink {
+            Some(sink) => {
+                sink.deliver(processor.partition(), prepared.report())
+                    .await?
+            }
+            None => {
+                for (offset, reason) in &prepared.report().dead_letters {
+                    tracing::warn!(partition = processor.partition(), offset, reason = %reason, "dead letter");
+                }
+            }
+        }
+        processor.commit(prepared)?;
     }
 }
 

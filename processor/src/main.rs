@@ -2,6 +2,8 @@
 //! workload, and inspect checkpointed state. Flags can also come from environment variables.
 //!
 //! ```text
+//! processor demo                                              # the whole fleet, nothing to install
+//! processor demo --lock-url redis://127.0.0.1:6379            # the same on a real Redis
 //! processor dev-broker --topic orders --partitions 8          # prints the bootstrap address first
 //! processor produce --brokers HOST:PORT --topic orders --partitions 8 --records 100000 --keys 500 --seed 1
 //! processor run --brokers HOST:PORT --topic orders --partitions 8 --state-dir /var/lib/p1 \
@@ -14,24 +16,17 @@
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use processor::checkpoint::{CheckpointStore, DirectoryCheckpointStore};
-use processor::fleet::{Instance, InstanceConfig, Services};
+use processor::Services;
+use processor::checkpoint::DirectoryCheckpointStore;
+use processor::demo::{DemoConfig, run_demo};
+use processor::fleet::{Instance, InstanceConfig};
+use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
 use processor::kafka::{DevBroker, Workload};
-
-use processor::operator::{Aggregate, KeyedAggregation};
-use processor::store::PartitionStore;
-use processor::store::rocksdb::RocksDbStores;
-use state::recipes::fenced::{
-    FencedStore, InMemoryFencedStore, PostgresFencedStore, RedisFencedStore,
-};
-use state::{
-    DistributedLock, InMemoryDistributedLock, PostgresDistributedLock, RedisDistributedLock,
-};
+use processor::maintenance::MaintenanceConfig;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -46,6 +41,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The fleet demo on the embedded default: mock Kafka cluster, in-process locks, RocksDB in a temp dir.
+    Demo(DemoArgs),
     /// Run one fleet instance until SIGTERM/SIGINT (then checkpoint, release, exit 0).
     Run(RunArgs),
     /// Host librdkafka's mock cluster with the topic; prints the bootstrap address first; runs until killed.
@@ -77,6 +74,9 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Produce only records `start-at..records` of the workload (to produce it in parts).
+        #[arg(long, default_value_t = 0)]
+        start_at: u64,
     },
     /// Inspect checkpointed state.
     State {
@@ -108,6 +108,34 @@ enum StateCommand {
 }
 
 #[derive(clap::Args)]
+struct DemoArgs {
+    /// `memory` (in-process locks), `redis://…` or `postgres://…` (a real lock backend).
+    #[arg(long, env = "LOCK_URL", default_value = "memory")]
+    lock_url: String,
+    /// Records in the workload (the mock cluster keeps about 100 000 message sets per partition).
+    #[arg(long, default_value_t = 100_000)]
+    records: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 1_000)]
+    keys: u64,
+    /// Partitions of the topic.
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    /// Instances at the start (one is killed and one added mid-way).
+    #[arg(long, default_value_t = 3)]
+    instances: usize,
+    /// Workload seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Keep state and checkpoints here instead of a temporary directory.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Plain status lines instead of progress bars.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(clap::Args)]
 struct RunArgs {
     /// Bootstrap servers.
     #[arg(long, env = "BROKERS")]
@@ -136,51 +164,42 @@ struct RunArgs {
     /// Seconds between checkpoints of an owned partition.
     #[arg(long, env = "CHECKPOINT_INTERVAL_SECS", default_value_t = 2.0)]
     checkpoint_interval_secs: f64,
+    /// Seconds a membership, partition or leadership claim lasts without renewal (renewed every third):
+    /// how long a dead instance's partitions wait before others take them.
+    #[arg(long, env = "CLAIM_TTL_SECS", default_value_t = 5.0)]
+    claim_ttl_secs: f64,
+    /// Checkpoints kept per partition by the maintenance jobs.
+    #[arg(long, env = "KEEP_CHECKPOINTS", default_value_t = 3)]
+    keep_checkpoints: usize,
+    /// Seconds between maintenance runs (retention and compaction) of each partition.
+    #[arg(long, env = "MAINTENANCE_INTERVAL_SECS", default_value_t = 10.0)]
+    maintenance_interval_secs: f64,
+    /// Topic for the updated aggregates (at-least-once).
+    #[arg(long, env = "OUTPUT_TOPIC")]
+    output_topic: Option<String>,
+    /// Topic for malformed records (they are logged either way).
+    #[arg(long, env = "DEAD_LETTER_TOPIC")]
+    dead_letter_topic: Option<String>,
 }
 
-async fn services(lock_url: &str, checkpoint_dir: PathBuf) -> anyhow::Result<Services> {
-    let (lock, registry): (Arc<dyn DistributedLock>, Arc<dyn FencedStore>) = if lock_url == "memory"
-    {
-        (
-            Arc::new(InMemoryDistributedLock::new()),
-            Arc::new(InMemoryFencedStore::default()),
-        )
-    } else if lock_url.starts_with("redis") {
-        (
-            Arc::new(
-                RedisDistributedLock::new(lock_url)
-                    .await
-                    .context("lock backend")?,
-            ),
-            Arc::new(
-                RedisFencedStore::new(lock_url)
-                    .await
-                    .context("membership registry")?,
-            ),
-        )
-    } else if lock_url.starts_with("postgres") {
-        let lock = PostgresDistributedLock::new(lock_url)
-            .await
-            .context("lock backend")?;
-        let registry = PostgresFencedStore::new(lock.pool().clone()).await?;
-        (Arc::new(lock), Arc::new(registry))
+fn positive_secs(flag: &str, secs: f64) -> anyhow::Result<Duration> {
+    if secs > 0.0 && secs.is_finite() && secs < 1e9 {
+        Ok(Duration::from_secs_f64(secs))
     } else {
-        bail!("--lock-url must be memory, redis://… or postgres://…");
-    };
-    Ok(Services {
-        lock,
-        registry,
-        checkpoints: Arc::new(
-            DirectoryCheckpointStore::new(checkpoint_dir).context("checkpoint dir")?,
-        ),
-        operator: Arc::new(KeyedAggregation),
-        stores: Arc::new(RocksDbStores::new(128 << 20, 64 << 20)),
-    })
+        bail!("{flag} must be a positive number of seconds")
+    }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    if !(args.checkpoint_interval_secs > 0.0 && args.checkpoint_interval_secs.is_finite()) {
-        bail!("--checkpoint-interval-secs must be positive");
+    let checkpoint_every =
+        positive_secs("--checkpoint-interval-secs", args.checkpoint_interval_secs)?;
+    let maintenance_every = positive_secs(
+        "--maintenance-interval-secs",
+        args.maintenance_interval_secs,
+    )?;
+    let claim_ttl = positive_secs("--claim-ttl-secs", args.claim_ttl_secs)?;
+    if claim_ttl < Duration::from_millis(100) {
+        bail!("--claim-ttl-secs must be at least 0.1");
     }
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("state dir {} is not writable", args.state_dir.display()))?;
@@ -191,7 +210,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.brokers, args.topic
         )
     })?;
-    let services = services(&args.lock_url, args.checkpoint_dir.clone()).await?;
+    let services = Services::connect(&args.lock_url, args.checkpoint_dir.clone())
+        .await
+        .with_context(|| format!("lock backend {}", redact(&args.lock_url)))?;
     let mut config = InstanceConfig::new(
         &args.instance_id,
         &args.topic,
@@ -199,9 +220,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         &args.brokers,
         args.state_dir,
     )
-    .with_checkpoint_every(Duration::from_secs_f64(args.checkpoint_interval_secs));
-    config.group = args.group;
-    let instance = Instance::new(config, services);
+    .with_group(&args.group)
+    .with_checkpoint_every(checkpoint_every)
+    .with_maintenance(
+        MaintenanceConfig::default()
+            .with_every(maintenance_every)
+            .with_keep_checkpoints(args.keep_checkpoints),
+    )
+    .with_claim_ttl(claim_ttl);
+    if let Some(topic) = &args.output_topic {
+        config = config.with_output_topic(topic);
+    }
+    if let Some(topic) = &args.dead_letter_topic {
+        config = config.with_dead_letter_topic(topic);
+    }
+    let instance = Instance::new(config, services)?;
     let stop = CancellationToken::new();
     let signals = stop.clone();
     tokio::spawn(async move {
@@ -229,35 +262,39 @@ fn emit(out: &mut impl std::io::Write, line: serde_json::Value) -> anyhow::Resul
     }
 }
 
+/// `user:password@` removed from a URL, for error lines.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 fn dump(checkpoint_dir: PathBuf, topic: &str, offsets_only: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let store = DirectoryCheckpointStore::new(checkpoint_dir)?;
-    let scratch = tempfile::tempdir()?;
-    let stores = RocksDbStores::new(32 << 20, 16 << 20);
-    let mut merged = std::collections::BTreeMap::new();
-    for partition in store.partitions(topic)? {
-        let (manifest, skipped) = store.latest_valid(topic, partition)?;
-        for err in skipped {
-            eprintln!("skipped a corrupt checkpoint of partition {partition}: {err}");
-        }
-        let Some(manifest) = manifest else { continue };
-        if offsets_only {
-            let line = serde_json::json!({"partition": partition, "offset": manifest.next_offset,
-                                          "fencing_token": manifest.fencing_token});
+    if offsets_only {
+        for checkpoint in checkpoint_offsets(&store, topic)? {
+            for err in &checkpoint.skipped {
+                eprintln!(
+                    "skipped a corrupt checkpoint of partition {}: {err}",
+                    checkpoint.partition
+                );
+            }
+            let line = serde_json::json!({"partition": checkpoint.partition,
+                                          "offset": checkpoint.next_offset,
+                                          "fencing_token": checkpoint.fencing_token});
             if !emit(&mut out, line)? {
                 return Ok(());
             }
-            continue;
         }
-        let dir = scratch.path().join(partition.to_string());
-        store.restore(&manifest, &dir)?;
-        let state = stores.open(partition, &dir)?;
-        for (key, value) in state.entries()? {
-            merged.insert(
-                String::from_utf8_lossy(&key).into_owned(),
-                Aggregate::decode(&value)?,
-            );
-        }
+        return Ok(());
+    }
+    let (merged, skipped) = checkpointed_aggregates(&store, topic)?;
+    for err in skipped {
+        eprintln!("skipped a corrupt checkpoint: {err}");
     }
     for (key, a) in merged {
         let line = serde_json::json!({"key": key, "count": a.count, "sum": a.sum, "min": a.min,
@@ -267,6 +304,50 @@ fn dump(checkpoint_dir: PathBuf, topic: &str, offsets_only: bool) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let mut config = DemoConfig::default();
+    config.lock_url = args.lock_url;
+    config.records = args.records;
+    config.keys = args.keys;
+    config.partitions = args.partitions;
+    config.instances = args.instances;
+    config.seed = args.seed;
+    config.work_dir = args.work_dir;
+    config.progress = !args.no_progress;
+    let (records, keys) = (config.records, config.keys);
+    let report = run_demo(config).await?;
+    println!();
+    println!("instances at the end:");
+    for (id, s) in &report.instances {
+        println!(
+            "  {id}: applied {:>7}  checkpoints {:>3}  restores {:>2}  task claims {:>3}  compactions {:>3}",
+            s.processed, s.checkpoints, s.restores, s.task_claims, s.compactions
+        );
+    }
+    println!("leaders, in order: {}", report.leaders.join(" -> "));
+    println!(
+        "throughput: {records} records in {:.1} s = {:.0} records/s for the fleet ({} applied incl. replays after restores)",
+        report.processing_time.as_secs_f64(),
+        report.throughput(),
+        report.applied_with_replays
+    );
+    if report.exact() {
+        println!(
+            "verdict: EXACT - all {} keys ({records} records over {keys} keys) equal the recomputation (count, sum, min, max, order-sensitive chain)",
+            report.expected_keys
+        );
+        Ok(())
+    } else {
+        println!(
+            "verdict: WRONG - {} of {} keys differ: {:?}",
+            report.mismatches.len(),
+            report.expected_keys,
+            report.mismatches.iter().take(10).collect::<Vec<_>>()
+        );
+        bail!("the fleet's state differs from the recomputation")
+    }
 }
 
 async fn dev_broker(topic: &str, partitions: i32) -> anyhow::Result<()> {
@@ -283,15 +364,22 @@ async fn dev_broker(topic: &str, partitions: i32) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() {
+    let cli = Cli::parse();
+    // The demo draws progress bars: only warnings interrupt them unless RUST_LOG says otherwise.
+    let default_level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let outcome = match cli.command {
+        Command::Demo(args) => demo(args).await,
         Command::Run(args) => run(args).await,
         Command::DevBroker { topic, partitions } => dev_broker(&topic, partitions).await,
         Command::Produce {
@@ -301,6 +389,7 @@ async fn main() {
             records,
             keys,
             seed,
+            start_at,
         } => {
             let workload = Workload {
                 records,
@@ -308,8 +397,12 @@ async fn main() {
                 seed,
                 partitions,
             };
+            if start_at > records {
+                eprintln!("processor: --start-at must not exceed --records");
+                std::process::exit(2);
+            }
             workload
-                .produce(&brokers, &topic)
+                .produce_range(&brokers, &topic, start_at..records)
                 .await
                 .map_err(anyhow::Error::from)
         }

@@ -127,6 +127,11 @@ impl PartitionProcessor {
     /// [`ProcessorError::StaleOwner`] when ownership was lost; [`ProcessorError::InvalidInput`] for records
     /// out of order or of another partition; a store error (nothing of the batch is written then).
     pub fn process(&mut self, records: &[Record<'_>]) -> ProcessorResult<BatchReport> {
+        let prepared = self.prepare(records)?;
+        self.commit(prepared)
+    }
+
+    fn ensure_owner(&self) -> ProcessorResult<()> {
         if self.lost.is_cancelled() {
             return Err(ProcessorError::StaleOwner {
                 partition: self.partition(),
@@ -134,6 +139,17 @@ impl PartitionProcessor {
                 highest: self.fencing_token.saturating_add(1),
             });
         }
+        Ok(())
+    }
+
+    /// Runs `records` through the operator without writing anything: the batch and its report (outputs
+    /// and dead letters), for a caller that publishes them before [`commit`](Self::commit) (at-least-once
+    /// downstream: a crash in between replays the records and publishes them again).
+    ///
+    /// # Errors
+    /// As [`process`](Self::process).
+    pub fn prepare(&self, records: &[Record<'_>]) -> ProcessorResult<PreparedBatch> {
+        self.ensure_owner()?;
         let mut report = BatchReport::default();
         let mut batch = StateBatch::new(self.next_offset, self.fencing_token);
         let mut last = self.next_offset - 1;
@@ -173,6 +189,36 @@ impl PartitionProcessor {
                 Outcome::DeadLetter { reason } => report.dead_letters.push((record.offset, reason)),
             }
         }
+        Ok(PreparedBatch {
+            batch,
+            report,
+            from_offset: self.next_offset,
+            last,
+        })
+    }
+
+    /// Writes a prepared batch: state and next offset in one atomic write under the fencing token.
+    ///
+    /// # Errors
+    /// [`ProcessorError::StaleOwner`] when ownership was lost meanwhile; [`ProcessorError::InvalidInput`]
+    /// when the batch was prepared at another offset; a store error.
+    pub fn commit(&mut self, prepared: PreparedBatch) -> ProcessorResult<BatchReport> {
+        self.ensure_owner()?;
+        let PreparedBatch {
+            mut batch,
+            mut report,
+            from_offset,
+            last,
+        } = prepared;
+        if from_offset != self.next_offset {
+            return Err(ProcessorError::InvalidInput {
+                what: "prepared batch",
+                reason: format!(
+                    "prepared at offset {from_offset}, the partition is at {}",
+                    self.next_offset
+                ),
+            });
+        }
         if last >= self.next_offset {
             batch.set_next_offset(last + 1);
             self.store.apply(&batch)?;
@@ -183,6 +229,22 @@ impl PartitionProcessor {
         self.stats.dead_letters += report.dead_letters.len() as u64;
         report.next_offset = self.next_offset;
         Ok(report)
+    }
+}
+
+/// A batch run through the operator but not yet written (see [`PartitionProcessor::prepare`]).
+#[derive(Debug)]
+pub struct PreparedBatch {
+    batch: StateBatch,
+    report: BatchReport,
+    from_offset: i64,
+    last: i64,
+}
+
+impl PreparedBatch {
+    /// What the batch will do: its outputs and dead letters are final.
+    pub fn report(&self) -> &BatchReport {
+        &self.report
     }
 }
 

@@ -6,14 +6,16 @@
 //! ```
 //!
 //! A checkpoint exists once its manifest does; files without a manifest are garbage that
-//! [`retain`](CheckpointStore::retain) removes. Manifests are named by fencing token first, so the newest
+//! [`retain`](CheckpointStore::retain) removes once they have been unused for its grace period (an upload
+//! that reuses a file touches it first, so a concurrent retention cannot pull it from under a manifest
+//! about to be written). Manifests are named by fencing token first, so the newest
 //! owner's checkpoints always sort last: an old owner that uploads late cannot hide a newer owner's
 //! checkpoint, and is refused outright when the newer one is already there.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::manifest::{FORMAT, Manifest, ManifestFile, digest_file};
 use super::{CheckpointStore, UploadReport};
@@ -78,6 +80,24 @@ fn copy_atomically(from: &Path, to: &Path) -> ProcessorResult<u64> {
         .map_err(ProcessorError::io(&tmp))?;
     fs::rename(&tmp, to).map_err(ProcessorError::io(to))?;
     Ok(copied)
+}
+
+/// Marks `path` as just used (its modification time); `false` if it vanished meanwhile.
+fn touch(path: &Path) -> bool {
+    fs::File::options()
+        .append(true)
+        .open(path)
+        .and_then(|file| file.set_modified(SystemTime::now()))
+        .is_ok()
+}
+
+/// Whether `path` was last modified more than `grace` ago.
+fn unused_for(path: &Path, grace: Duration) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|modified| SystemTime::now().duration_since(modified).ok())
+        .is_some_and(|age| age > grace)
 }
 
 fn now_ms() -> u64 {
@@ -219,7 +239,9 @@ impl CheckpointStore for DirectoryCheckpointStore {
             let file = ManifestFile { name, size, sha256 };
             let blob = files_dir.join(Manifest::blob_name(&file));
             let present = fs::metadata(&blob).is_ok_and(|m| m.len() == size);
-            if present {
+            if present && touch(&blob) {
+                // Touched: retention leaves recently used files alone for its grace period, so it cannot
+                // delete this file between now and our manifest becoming visible.
                 reused_files += 1;
             } else {
                 copied_bytes += copy_atomically(&path, &blob)?;
@@ -298,7 +320,13 @@ impl CheckpointStore for DirectoryCheckpointStore {
         Ok(())
     }
 
-    fn retain(&self, topic: &str, partition: i32, keep: usize) -> ProcessorResult<usize> {
+    fn retain(
+        &self,
+        topic: &str,
+        partition: i32,
+        keep: usize,
+        grace: Duration,
+    ) -> ProcessorResult<usize> {
         valid_topic(topic)?;
         let paths = self.manifest_paths(topic, partition)?;
         let cut = paths.len().saturating_sub(keep.max(1));
@@ -316,9 +344,14 @@ impl CheckpointStore for DirectoryCheckpointStore {
         if let Ok(entries) = fs::read_dir(&files) {
             for entry in entries.filter_map(Result::ok) {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !name.starts_with('.') && !referenced.contains(&name) {
-                    let path = entry.path();
-                    fs::remove_file(&path).map_err(ProcessorError::io(&path))?;
+                let path = entry.path();
+                if !name.starts_with('.') && !referenced.contains(&name) && unused_for(&path, grace)
+                {
+                    match fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(err) => return Err(ProcessorError::io(&path)(err)),
+                    }
                 }
             }
         }
@@ -395,7 +428,22 @@ mod tests {
         assert_eq!(restored.entries().unwrap().len(), 6_000);
         assert_eq!(restored.meta().unwrap().unwrap().next_offset, 6_000);
 
-        assert_eq!(shared.retain("orders", 0, 1).unwrap(), 1);
+        // Within the grace period nothing unreferenced is deleted; after it, the first checkpoint's
+        // own files go.
+        let blobs = || fs::read_dir(shared.files_dir("orders", 0)).unwrap().count();
+        let before = blobs();
+        assert_eq!(
+            shared
+                .retain("orders", 0, 1, Duration::from_secs(3600))
+                .unwrap(),
+            1
+        );
+        assert_eq!(blobs(), before, "files used within the grace period stay");
+        assert_eq!(shared.retain("orders", 0, 1, Duration::ZERO).unwrap(), 0);
+        assert!(
+            blobs() < before,
+            "unreferenced files go once the grace period is over"
+        );
         let (still, _) = shared.latest_valid("orders", 0).unwrap();
         assert_eq!(
             still.unwrap().next_offset,

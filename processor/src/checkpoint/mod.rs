@@ -5,6 +5,7 @@ pub mod directory;
 pub mod manifest;
 
 use std::path::Path;
+use std::time::Duration;
 
 pub use directory::DirectoryCheckpointStore;
 pub use manifest::{Manifest, ManifestFile};
@@ -61,12 +62,19 @@ pub trait CheckpointStore: Send + Sync {
     /// mismatch; an I/O error.
     fn restore(&self, manifest: &Manifest, dest: &Path) -> ProcessorResult<()>;
 
-    /// Keeps the newest `keep` checkpoints of the partition and deletes the others and every file no
-    /// remaining checkpoint references. Returns how many checkpoints were removed.
+    /// Keeps the newest `keep` checkpoints of the partition (at least one) and deletes the others, and
+    /// every file no remaining checkpoint references that has not been used for `grace` (so an upload in
+    /// flight keeps the files it reuses). Returns how many checkpoints were removed.
     ///
     /// # Errors
     /// An I/O error.
-    fn retain(&self, topic: &str, partition: i32, keep: usize) -> ProcessorResult<usize>;
+    fn retain(
+        &self,
+        topic: &str,
+        partition: i32,
+        keep: usize,
+        grace: Duration,
+    ) -> ProcessorResult<usize>;
 
     /// The partitions of `topic` that have checkpoints.
     ///

@@ -1,0 +1,58 @@
+//! The README's main command, `processor demo`, as a test: on in-process locks and on a real Redis, the
+//! fleet (3 instances, one killed abruptly mid-stream, one added) must end with state equal to the exact
+//! recomputation, with a leader elected and maintenance jobs run.
+
+use processor::demo::{DemoConfig, run_demo};
+
+use integration_tests::RedisServer;
+
+fn small_demo(lock_url: &str) -> DemoConfig {
+    let mut config = DemoConfig::default();
+    config.lock_url = lock_url.to_owned();
+    config.records = 30_000;
+    config.keys = 200;
+    config.progress = false;
+    config
+}
+
+async fn check(config: DemoConfig) {
+    let report = run_demo(config).await.expect("the demo runs");
+    assert!(
+        report.exact(),
+        "{} of {} keys differ: {:?}",
+        report.mismatches.len(),
+        report.expected_keys,
+        &report.mismatches[..report.mismatches.len().min(10)]
+    );
+    assert_eq!(
+        report.instances.len(),
+        4,
+        "a, b (killed), c and d: {:?}",
+        report.instances
+    );
+    assert!(!report.leaders.is_empty(), "nobody led the fleet");
+    assert!(
+        report
+            .instances
+            .values()
+            .map(|s| s.task_claims)
+            .sum::<u64>()
+            > 0,
+        "no maintenance job was claimed: {:?}",
+        report.instances
+    );
+    assert!(report.applied_with_replays >= report.records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_demo_is_exact_on_in_process_locks() {
+    integration_tests::init_tracing();
+    check(small_demo("memory")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_demo_is_exact_on_a_real_redis() {
+    integration_tests::init_tracing();
+    let redis = RedisServer::start_new();
+    check(small_demo(&redis.url())).await;
+}

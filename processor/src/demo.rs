@@ -1,0 +1,438 @@
+//! `processor demo`: the whole product on one machine with nothing installed — librdkafka's mock cluster
+//! in process, in-process locks (or a real Redis/PostgreSQL with a lock URL), RocksDB in a temporary
+//! directory. It produces a deterministic workload, runs a fleet, kills one instance abruptly and adds
+//! another mid-way, shows what each instance is doing, and at the end compares the checkpointed
+//! aggregates with a recomputation of the workload and prints the verdict and the throughput.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ProcessorError, ProcessorResult};
+use crate::fleet::{Instance, InstanceConfig, InstanceStatus, checkpointed_offset};
+use crate::inspect::checkpointed_aggregates;
+use crate::kafka::{DevBroker, Workload, high_watermark};
+use crate::maintenance::MaintenanceConfig;
+use crate::services::Services;
+use crate::store::rocksdb::RocksDbStores;
+
+/// How the demo runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DemoConfig {
+    /// `memory`, `redis://…` or `postgres://…`.
+    pub lock_url: String,
+    /// Topic name.
+    pub topic: String,
+    /// Partitions.
+    pub partitions: i32,
+    /// Instances at the start (one is killed, one added).
+    pub instances: usize,
+    /// The workload.
+    pub records: u64,
+    /// Distinct keys.
+    pub keys: u64,
+    /// Seed.
+    pub seed: u64,
+    /// Where state and checkpoints go (a temporary directory, removed at the end, when `None`).
+    pub work_dir: Option<PathBuf>,
+    /// Draw progress bars (when stderr is a terminal); otherwise print a status line every few seconds.
+    pub progress: bool,
+}
+
+impl Default for DemoConfig {
+    /// In-process locks, topic `orders` with 8 partitions, 3 instances, 100 000 records over 1 000 keys.
+    fn default() -> Self {
+        DemoConfig {
+            lock_url: "memory".to_owned(),
+            topic: "orders".to_owned(),
+            partitions: 8,
+            instances: 3,
+            records: 100_000,
+            keys: 1_000,
+            seed: 42,
+            work_dir: None,
+            progress: true,
+        }
+    }
+}
+
+/// What the demo found.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DemoReport {
+    /// Records produced.
+    pub records: u64,
+    /// Keys in the recomputation.
+    pub expected_keys: usize,
+    /// Keys whose checkpointed aggregate equals the recomputation.
+    pub matching_keys: usize,
+    /// Keys that differ or are missing (empty when exact).
+    pub mismatches: Vec<String>,
+    /// From the fleet's start until every partition's checkpoint covered the whole topic.
+    pub processing_time: Duration,
+    /// Records applied by all instances, replays after restores included.
+    pub applied_with_replays: u64,
+    /// Final status of each instance, by id (the killed one as it was when killed).
+    pub instances: BTreeMap<String, InstanceStatus>,
+    /// Leader terms observed (instance ids in order).
+    pub leaders: Vec<String>,
+}
+
+impl DemoReport {
+    /// Whether every key matches the recomputation exactly.
+    pub fn exact(&self) -> bool {
+        self.mismatches.is_empty() && self.matching_keys == self.expected_keys
+    }
+
+    /// Records per second of the whole fleet (workload records over processing time).
+    pub fn throughput(&self) -> f64 {
+        self.records as f64 / self.processing_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The demo's console: progress bars on a terminal, periodic plain lines elsewhere.
+struct Console {
+    bars: MultiProgress,
+    produced: ProgressBar,
+    checkpointed: ProgressBar,
+    lines: BTreeMap<String, ProgressBar>,
+    plain: bool,
+    last_plain: Instant,
+}
+
+impl Console {
+    fn new(records: u64, progress: bool) -> Self {
+        let plain = !(progress && std::io::stderr().is_terminal());
+        let bars = MultiProgress::with_draw_target(if plain {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        });
+        let style = ProgressStyle::with_template(
+            "{prefix:>13} [{bar:40.cyan/blue}] {pos:>7}/{len:7} {per_sec:>12} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let produced = bars.add(ProgressBar::new(records).with_style(style.clone()));
+        produced.set_prefix("produced");
+        let checkpointed = bars.add(ProgressBar::new(records).with_style(style));
+        checkpointed.set_prefix("checkpointed");
+        Console {
+            bars,
+            produced,
+            checkpointed,
+            lines: BTreeMap::new(),
+            plain,
+            last_plain: Instant::now(),
+        }
+    }
+
+    fn event(&self, message: &str) {
+        if self.plain {
+            eprintln!("[demo] {message}");
+        } else {
+            let _ = self.bars.println(format!("  » {message}"));
+        }
+    }
+
+    fn instance_line(&mut self, id: &str) -> &ProgressBar {
+        let bars = &self.bars;
+        self.lines.entry(id.to_owned()).or_insert_with(|| {
+            let line = bars.add(
+                ProgressBar::new_spinner().with_style(
+                    ProgressStyle::with_template("{prefix:>13} {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                ),
+            );
+            line.set_prefix(format!("instance {id}"));
+            line
+        })
+    }
+
+    fn update(
+        &mut self,
+        produced: u64,
+        checkpointed: u64,
+        statuses: &BTreeMap<String, (InstanceStatus, bool)>,
+    ) {
+        self.produced.set_position(produced);
+        self.checkpointed.set_position(checkpointed);
+        let mut summary = Vec::new();
+        for (id, (status, alive)) in statuses {
+            let line = describe(status, *alive);
+            summary.push(format!("{id}: {line}"));
+            self.instance_line(id).set_message(line);
+        }
+        if self.plain && self.last_plain.elapsed() >= Duration::from_secs(3) {
+            self.last_plain = Instant::now();
+            eprintln!("[demo] produced {produced}, checkpointed {checkpointed}");
+            for line in summary {
+                eprintln!("[demo]   {line}");
+            }
+        }
+    }
+
+    fn finish(&self) {
+        self.produced.finish();
+        self.checkpointed.finish();
+        for line in self.lines.values() {
+            line.finish();
+        }
+    }
+}
+
+fn describe(status: &InstanceStatus, alive: bool) -> String {
+    if !alive {
+        return "KILLED (no shutdown: its claims lapse and others take over)".to_owned();
+    }
+    let owned: Vec<String> = status.owned.keys().map(ToString::to_string).collect();
+    format!(
+        "{:<8} partitions [{}]  applied {}  checkpoints {}  restores {}  task claims {}  compactions {}",
+        if status.leader { "LEADER" } else { "follower" },
+        owned.join(","),
+        status.processed,
+        status.checkpoints,
+        status.restores,
+        status.task_claims,
+        status.compactions,
+    )
+}
+
+struct Member {
+    handle: JoinHandle<ProcessorResult<()>>,
+    stop: CancellationToken,
+    status: watch::Receiver<InstanceStatus>,
+    alive: bool,
+}
+
+/// Runs the demo.
+///
+/// # Errors
+/// A broker, lock-backend or I/O error; an invalid configuration. A wrong result is not an error: see
+/// [`DemoReport::exact`].
+pub async fn run_demo(config: DemoConfig) -> ProcessorResult<DemoReport> {
+    if config.instances < 2 || config.records == 0 || config.keys == 0 {
+        return Err(ProcessorError::InvalidInput {
+            what: "demo",
+            reason: "needs at least 2 instances, 1 record and 1 key".to_owned(),
+        });
+    }
+    let temp = tempfile::tempdir().map_err(ProcessorError::io(std::env::temp_dir()))?;
+    let root = config
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    let broker = DevBroker::start(&config.topic, config.partitions)?;
+    let brokers = broker.bootstrap_servers();
+    let base = Services::connect(&config.lock_url, root.join("checkpoints")).await?;
+    // A fresh fleet name per run, so runs against a shared Redis or PostgreSQL do not meet.
+    let group = format!(
+        "demo-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let workload = Workload {
+        records: config.records,
+        keys: config.keys,
+        seed: config.seed,
+        partitions: config.partitions,
+    };
+    let mut console = Console::new(config.records, config.progress);
+    console.event(&format!(
+        "mock Kafka cluster at {brokers}; topic {} with {} partitions; locks: {}; work dir {}",
+        config.topic,
+        config.partitions,
+        config.lock_url,
+        root.display()
+    ));
+
+    // The first 40 % of the workload, then a pause until the kill, then the rest: the kill always lands
+    // mid-stream, with records still to come for the dead instance's partitions.
+    let produced = Arc::new(AtomicU64::new(0));
+    let (kill_done, mut after_kill) = watch::channel(false);
+    let mut producer = {
+        let (produced, brokers, topic) = (produced.clone(), brokers.clone(), config.topic.clone());
+        Some(tokio::spawn(async move {
+            let step = (workload.records / 20).max(1);
+            let first_part = workload.records * 2 / 5;
+            let mut from = 0;
+            while from < workload.records {
+                if from >= first_part {
+                    let _ = after_kill.wait_for(|killed| *killed).await;
+                }
+                let to = (from + step).min(workload.records);
+                let to = if from < first_part {
+                    to.min(first_part.max(1))
+                } else {
+                    to
+                };
+                workload.produce_range(&brokers, &topic, from..to).await?;
+                produced.store(to, Ordering::Relaxed);
+                from = to;
+            }
+            Ok::<(), ProcessorError>(())
+        }))
+    };
+
+    let start_member = |id: &str| -> ProcessorResult<Member> {
+        let instance_config = InstanceConfig::new(
+            id,
+            &config.topic,
+            config.partitions,
+            &brokers,
+            root.join("state").join(id),
+        )
+        .with_group(&group)
+        .with_checkpoint_every(Duration::from_millis(1_000))
+        .with_claim_ttl(Duration::from_secs(3))
+        .with_maintenance(
+            MaintenanceConfig::default()
+                .with_every(Duration::from_secs(3))
+                .with_keep_checkpoints(2)
+                .with_grace(Duration::from_secs(5)),
+        );
+        let services = Services {
+            stores: Arc::new(RocksDbStores::new(32 << 20, 16 << 20)),
+            ..base.clone()
+        };
+        let instance = Instance::new(instance_config, services)?;
+        let stop = CancellationToken::new();
+        Ok(Member {
+            status: instance.status(),
+            handle: tokio::spawn(instance.run(stop.clone())),
+            stop,
+            alive: true,
+        })
+    };
+
+    let started = Instant::now();
+    let mut fleet: BTreeMap<String, Member> = BTreeMap::new();
+    let names: Vec<String> = (0..config.instances)
+        .map(|i| char::from(b'a' + (i % 26) as u8).to_string())
+        .collect();
+    for name in &names {
+        fleet.insert(name.clone(), start_member(name)?);
+    }
+    console.event(&format!("started instances {}", names.join(", ")));
+    let victim = names[1].clone();
+    let newcomer = char::from(b'a' + (config.instances % 26) as u8).to_string();
+    let (mut killed, mut joined) = (false, false);
+    let mut leaders: Vec<String> = Vec::new();
+    let mut final_statuses: BTreeMap<String, InstanceStatus> = BTreeMap::new();
+    let mut ends: Option<Vec<i64>> = None;
+
+    loop {
+        let produced_now = produced.load(Ordering::Relaxed);
+        let mut checkpointed = 0u64;
+        let mut covered = 0;
+        for partition in 0..config.partitions {
+            let offset = checkpointed_offset(&base, &group, &config.topic, partition)
+                .await?
+                .unwrap_or(0);
+            checkpointed += u64::try_from(offset).unwrap_or(0);
+            if let Some(ends) = &ends
+                && offset >= ends[partition as usize]
+            {
+                covered += 1;
+            }
+        }
+        let statuses: BTreeMap<String, (InstanceStatus, bool)> = fleet
+            .iter()
+            .map(|(id, m)| (id.clone(), (m.status.borrow().clone(), m.alive)))
+            .collect();
+        if let Some((id, _)) = statuses.iter().find(|(_, (s, alive))| s.leader && *alive)
+            && leaders.last() != Some(id)
+        {
+            console.event(&format!(
+                "instance {id} leads the fleet (schedules maintenance)"
+            ));
+            leaders.push(id.clone());
+        }
+        console.update(produced_now, checkpointed, &statuses);
+
+        if !killed && checkpointed >= config.records * 3 / 10 {
+            if let Some(member) = fleet.get_mut(&victim) {
+                member.handle.abort();
+                member.alive = false;
+                final_statuses.insert(victim.clone(), member.status.borrow().clone());
+            }
+            killed = true;
+            let _ = kill_done.send(true);
+            console.event(&format!(
+                "killed instance {victim} abruptly (no checkpoint, no hand-off)"
+            ));
+        }
+        if killed && !joined && checkpointed >= config.records / 2 {
+            fleet.insert(newcomer.clone(), start_member(&newcomer)?);
+            joined = true;
+            console.event(&format!("instance {newcomer} joined the fleet"));
+        }
+        if let Some(done) = producer.take_if(|handle| handle.is_finished()) {
+            done.await
+                .map_err(|err| ProcessorError::store(-1, "produce the workload", err))??;
+            let mut marks = Vec::new();
+            for partition in 0..config.partitions {
+                marks.push(high_watermark(&brokers, &config.topic, partition)?);
+            }
+            ends = Some(marks);
+        }
+        if killed && joined && ends.is_some() && covered == config.partitions {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let processing_time = started.elapsed();
+    console.event(&format!(
+        "every partition checkpointed up to its end after {:.1} s; stopping the fleet gracefully",
+        processing_time.as_secs_f64()
+    ));
+    for member in fleet.values().filter(|m| m.alive) {
+        member.stop.cancel();
+    }
+    let mut applied_with_replays = 0;
+    for (id, member) in fleet {
+        if member.alive {
+            match member.handle.await {
+                Ok(outcome) => outcome?,
+                Err(err) => return Err(ProcessorError::store(-1, "join an instance", err)),
+            }
+            final_statuses.insert(id.clone(), member.status.borrow().clone());
+        }
+        applied_with_replays += final_statuses.get(&id).map_or(0, |s| s.processed);
+    }
+    console.finish();
+
+    let (state, _skipped) = checkpointed_aggregates(base.checkpoints.as_ref(), &config.topic)?;
+    let expected = workload.expected();
+    let mut mismatches = Vec::new();
+    let mut matching_keys = 0;
+    for (key, aggregate) in &expected {
+        if state.get(key) == Some(aggregate) {
+            matching_keys += 1;
+        } else {
+            mismatches.push(key.clone());
+        }
+    }
+    mismatches.extend(state.keys().filter(|k| !expected.contains_key(*k)).cloned());
+    drop(broker);
+    Ok(DemoReport {
+        records: config.records,
+        expected_keys: expected.len(),
+        matching_keys,
+        mismatches,
+        processing_time,
+        applied_with_replays,
+        instances: final_statuses,
+        leaders,
+    })
+}

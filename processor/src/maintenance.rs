@@ -1,0 +1,366 @@
+//! Fleet-wide maintenance of the shared checkpoint store: retention (keep the last K checkpoints of a
+//! partition) and compaction (delete the files no kept checkpoint references).
+//!
+//! - The **leader** — one instance, elected with [`LeaderElection`](state::recipes::leader::LeaderElection)
+//!   — schedules the work: at the start of each term it makes sure one recurring job per partition,
+//!   `maintain:{group}:{topic}:{p}`, exists in the [`TaskQueue`]. The jobs survive the leader: the queue keeps
+//!   them due every period whoever leads.
+//! - **Followers** claim due jobs (`task:maintain:{group}:{topic}:{p}`, kept alive by heartbeats while running)
+//!   and run them; a job that crashed mid-run is run again by someone else, and each period completes once.
+//! - Each run takes the partition's **compaction lock** (`compaction:partition:{p}`, the per-partition
+//!   compaction recipe), which the partition's owner also takes while it uploads a checkpoint: an upload
+//!   that reuses a file and the retention that would delete it never overlap. Files are also only deleted
+//!   after a grace period without use, for the case where a lock expired under a paused process.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use state::recipes::compaction::{CompactionOutcome, compact_partition};
+use state::recipes::tasks::{TaskOutcome, TaskQueue, TaskStore};
+use state::{DistributedLock, StateError, StateResult};
+
+use crate::checkpoint::CheckpointStore;
+use crate::error::ProcessorResult;
+
+/// The id of the recurring maintenance job of `partition` of `topic` in fleet `group`.
+pub fn maintenance_task_id(group: &str, topic: &str, partition: i32) -> String {
+    format!("maintain:{group}:{topic}:{partition}")
+}
+
+/// How maintenance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MaintenanceConfig {
+    /// How often each partition's job is due.
+    pub every: Duration,
+    /// Checkpoints kept per partition.
+    pub keep_checkpoints: usize,
+    /// How long an unreferenced file must have been unused before it is deleted.
+    pub grace: Duration,
+    /// Lease of task claims and compaction locks (renewed while running).
+    pub claim_ttl: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    /// Every 10 s, keep 3, a 60 s grace, 5 s claims.
+    fn default() -> Self {
+        MaintenanceConfig {
+            every: Duration::from_secs(10),
+            keep_checkpoints: 3,
+            grace: Duration::from_secs(60),
+            claim_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+impl MaintenanceConfig {
+    /// Sets how often each partition's job is due.
+    pub fn with_every(mut self, every: Duration) -> Self {
+        self.every = every;
+        self
+    }
+
+    /// Sets how many checkpoints are kept per partition (at least one always is).
+    pub fn with_keep_checkpoints(mut self, keep: usize) -> Self {
+        self.keep_checkpoints = keep;
+        self
+    }
+
+    /// Sets how long an unreferenced file must have been unused before it is deleted.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+}
+
+/// What one claimed job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MaintenanceOutcome {
+    /// Retention ran under the compaction lock and the job completed; old checkpoints removed.
+    Compacted {
+        /// Checkpoints removed.
+        removed_checkpoints: usize,
+    },
+    /// Someone else held the partition's compaction lock (an upload or another cleaner); the job
+    /// completed without work (the next period retries).
+    Skipped,
+    /// The job ran, but its period had been completed elsewhere meanwhile.
+    AlreadyCompleted,
+    /// The claim or the compaction lock was lost mid-run; the job was stopped and stays due.
+    Lost,
+    /// The job failed and stays due.
+    Failed(String),
+}
+
+/// One claimed job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MaintenanceRun {
+    /// The task id.
+    pub task_id: String,
+    /// The partition it maintained.
+    pub partition: i32,
+    /// The claim's fencing token.
+    pub fencing_token: u64,
+    /// What happened.
+    pub outcome: MaintenanceOutcome,
+}
+
+/// Maintenance of one topic's checkpoints.
+#[derive(Clone)]
+pub struct Maintenance {
+    queue: TaskQueue,
+    lock: Arc<dyn DistributedLock>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    group: String,
+    topic: String,
+    partitions: i32,
+    config: MaintenanceConfig,
+}
+
+impl std::fmt::Debug for Maintenance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maintenance")
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Maintenance {
+    /// Maintenance of `partitions` partitions of `topic` in `checkpoints` for fleet `group`, with jobs in
+    /// `tasks`.
+    pub fn new(
+        lock: Arc<dyn DistributedLock>,
+        tasks: Arc<dyn TaskStore>,
+        checkpoints: Arc<dyn CheckpointStore>,
+        group: &str,
+        topic: &str,
+        partitions: i32,
+        config: MaintenanceConfig,
+    ) -> Self {
+        Maintenance {
+            queue: TaskQueue::new(Arc::clone(&lock), tasks, config.claim_ttl),
+            lock,
+            checkpoints,
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            partitions,
+            config,
+        }
+    }
+
+    /// The leader's duty: makes sure every partition's recurring job exists. Returns how many were
+    /// created (0 when an earlier leader already scheduled them all).
+    ///
+    /// # Errors
+    /// A task-store error.
+    pub async fn schedule(&self) -> StateResult<usize> {
+        let mut created = 0;
+        for partition in 0..self.partitions {
+            let id = maintenance_task_id(&self.group, &self.topic, partition);
+            if self
+                .queue
+                .ensure_recurring(&id, self.config.every, partition.to_string().as_bytes())
+                .await?
+            {
+                created += 1;
+            }
+        }
+        Ok(created)
+    }
+
+    /// A follower's duty: claims the first due job nobody holds and runs it; `Ok(None)` when nothing is
+    /// due.
+    ///
+    /// # Errors
+    /// A task-store or lock error from claiming.
+    pub async fn run_next(&self) -> StateResult<Option<MaintenanceRun>> {
+        let result: Arc<Mutex<Option<(i32, MaintenanceOutcome)>>> = Arc::default();
+        let record = Arc::clone(&result);
+        let run = self
+            .queue
+            .run_next(|task, _claim| async move {
+                let partition = parse_partition(&task.payload)?;
+                let outcome = self.compact(partition).await?;
+                *record.lock().unwrap_or_else(|p| p.into_inner()) = Some((partition, outcome));
+                Ok(())
+            })
+            .await?;
+        let Some(run) = run else { return Ok(None) };
+        let ran = result.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let partition = ran.as_ref().map_or(-1, |(p, _)| *p);
+        let outcome = match (run.outcome, ran) {
+            (TaskOutcome::Completed, Some((_, outcome))) => outcome,
+            (TaskOutcome::Completed, None) => MaintenanceOutcome::Skipped,
+            (TaskOutcome::AlreadyCompleted, _) => MaintenanceOutcome::AlreadyCompleted,
+            (TaskOutcome::Lost, _) => MaintenanceOutcome::Lost,
+            (TaskOutcome::Failed(reason), _) => MaintenanceOutcome::Failed(reason),
+            (other, _) => MaintenanceOutcome::Failed(format!("{other:?}")),
+        };
+        Ok(Some(MaintenanceRun {
+            task_id: run.id,
+            partition,
+            fencing_token: run.fencing_token,
+            outcome,
+        }))
+    }
+
+    /// Retention of one partition under its compaction lock.
+    async fn compact(&self, partition: i32) -> StateResult<MaintenanceOutcome> {
+        let index = u32::try_from(partition)
+            .map_err(|_| StateError::invalid("partition", "must not be negative"))?;
+        let outcome = compact_partition(&self.lock, index, self.config.claim_ttl, |ctx| {
+            let store = Arc::clone(&self.checkpoints);
+            let (topic, keep, grace) = (
+                self.topic.clone(),
+                self.config.keep_checkpoints,
+                self.config.grace,
+            );
+            async move {
+                let removed = tokio::task::spawn_blocking(move || {
+                    store.retain(&topic, partition, keep, grace)
+                })
+                .await
+                .map_err(|err| storage("run retention", err))?
+                .map_err(|err| storage("run retention", err))?;
+                if ctx.is_lost() {
+                    return Err(StateError::LockLost {
+                        resource: ctx.resource().to_owned(),
+                    });
+                }
+                Ok(removed)
+            }
+        })
+        .await?;
+        Ok(match outcome {
+            CompactionOutcome::Completed(removed_checkpoints) => MaintenanceOutcome::Compacted {
+                removed_checkpoints,
+            },
+            CompactionOutcome::Lost => MaintenanceOutcome::Lost,
+            _ => MaintenanceOutcome::Skipped,
+        })
+    }
+}
+
+fn storage(operation: &str, err: impl std::error::Error + Send + Sync + 'static) -> StateError {
+    StateError::StorageError {
+        operation: operation.to_owned(),
+        source: Box::new(err),
+    }
+}
+
+fn parse_partition(payload: &[u8]) -> StateResult<i32> {
+    std::str::from_utf8(payload)
+        .ok()
+        .and_then(|text| text.parse::<i32>().ok())
+        .filter(|p| *p >= 0)
+        .ok_or_else(|| StateError::invalid("maintenance payload", "not a partition number"))
+}
+
+/// Waits up to `wait` for the compaction lock of `partition` (taken by the owner while it uploads a
+/// checkpoint, so retention cannot run concurrently); `Ok(None)` when `wait` ran out.
+///
+/// # Errors
+/// A lock backend error.
+pub(crate) async fn hold_compaction_lock(
+    lock: &Arc<dyn DistributedLock>,
+    partition: i32,
+    ttl: Duration,
+    wait: Duration,
+) -> ProcessorResult<Option<state::LockGuard>> {
+    let Ok(index) = u32::try_from(partition) else {
+        return Ok(None);
+    };
+    let resource = state::recipes::compaction::compaction_resource(index);
+    match tokio::time::timeout(wait, lock.acquire(&resource, ttl)).await {
+        Ok(guard) => Ok(Some(guard?)),
+        Err(_) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::DirectoryCheckpointStore;
+    use state::InMemoryDistributedLock;
+    use state::recipes::tasks::InMemoryTaskStore;
+
+    #[tokio::test]
+    async fn the_leader_schedules_once_and_a_follower_cleans_each_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoints =
+            Arc::new(DirectoryCheckpointStore::new(dir.path().join("shared")).unwrap());
+        let snapshot = dir.path().join("snap");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        for offset in 1..=5 {
+            std::fs::write(snapshot.join("state.sst"), format!("v{offset}")).unwrap();
+            checkpoints.upload("t", 1, &snapshot, offset, 1).unwrap();
+        }
+        let lock: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
+        let tasks: Arc<dyn TaskStore> = Arc::new(InMemoryTaskStore::default());
+        let config = MaintenanceConfig {
+            keep_checkpoints: 2,
+            grace: Duration::ZERO,
+            ..MaintenanceConfig::default()
+        };
+        let maintenance = Maintenance::new(
+            lock.clone(),
+            tasks,
+            checkpoints.clone(),
+            "g",
+            "t",
+            2,
+            config,
+        );
+        assert_eq!(maintenance.schedule().await.unwrap(), 2);
+        assert_eq!(
+            maintenance.schedule().await.unwrap(),
+            0,
+            "a second leader adds nothing"
+        );
+
+        let mut outcomes = Vec::new();
+        while let Some(run) = maintenance.run_next().await.unwrap() {
+            outcomes.push((run.partition, run.outcome));
+        }
+        outcomes.sort_by_key(|(p, _)| *p);
+        assert_eq!(
+            outcomes,
+            vec![
+                (
+                    0,
+                    MaintenanceOutcome::Compacted {
+                        removed_checkpoints: 0
+                    }
+                ),
+                (
+                    1,
+                    MaintenanceOutcome::Compacted {
+                        removed_checkpoints: 3
+                    }
+                ),
+            ]
+        );
+        assert!(
+            maintenance.run_next().await.unwrap().is_none(),
+            "not due again yet"
+        );
+        let (latest, _) = checkpoints.latest_valid("t", 1).unwrap();
+        assert_eq!(latest.unwrap().next_offset, 5);
+
+        // While the owner holds the compaction lock (uploading), a cleaner skips the partition.
+        let held = hold_compaction_lock(&lock, 1, Duration::from_secs(5), Duration::from_secs(1))
+            .await
+            .unwrap()
+            .expect("free");
+        assert_eq!(
+            maintenance.compact(1).await.unwrap(),
+            MaintenanceOutcome::Skipped
+        );
+        held.release().await.unwrap();
+        assert!(parse_partition(b"-3").is_err() && parse_partition(b"x").is_err());
+    }
+}

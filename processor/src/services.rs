@@ -1,0 +1,124 @@
+//! The shared services a fleet instance coordinates through: the lock backend, the fenced registry
+//! (membership and checkpoint records), the task store of fleet-wide jobs, the shared checkpoint store,
+//! the operator and the local RocksDB resources.
+//!
+//! [`Services::connect`] builds them all from one lock URL — `memory` (one process), `redis://…` or
+//! `postgres://…` — so every coordination structure lives in the same backend.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use state::recipes::fenced::{
+    FencedStore, InMemoryFencedStore, PostgresFencedStore, RedisFencedStore,
+};
+use state::recipes::tasks::{InMemoryTaskStore, PostgresTaskStore, RedisTaskStore, TaskStore};
+use state::{
+    DistributedLock, InMemoryDistributedLock, PostgresDistributedLock, RedisDistributedLock,
+};
+
+use crate::checkpoint::{CheckpointStore, DirectoryCheckpointStore};
+use crate::error::{ProcessorError, ProcessorResult};
+use crate::operator::{KeyedAggregation, Operator};
+use crate::store::rocksdb::RocksDbStores;
+
+/// The shared services an instance uses. Clone it to run several instances in one process (they then
+/// share the in-process lock table, like separate processes share a Redis).
+#[derive(Clone)]
+pub struct Services {
+    /// Locks: membership slots, partition claims, leadership, compaction and task claims.
+    pub lock: Arc<dyn DistributedLock>,
+    /// Fenced records: the membership registry and the checkpoint records.
+    pub registry: Arc<dyn FencedStore>,
+    /// The task store of fleet-wide jobs (retention and compaction of checkpoints).
+    pub tasks: Arc<dyn TaskStore>,
+    /// The shared checkpoint store.
+    pub checkpoints: Arc<dyn CheckpointStore>,
+    /// The operator.
+    pub operator: Arc<dyn Operator>,
+    /// Local RocksDB resources (one block cache and write-buffer manager for every partition).
+    pub stores: Arc<RocksDbStores>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("tasks", &self.tasks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Block cache shared by the partitions of one instance.
+const CACHE_BYTES: usize = 128 << 20;
+/// Memtable budget shared by the partitions of one instance.
+const WRITE_BUFFER_BYTES: usize = 64 << 20;
+
+impl Services {
+    /// In-process services (locks, registry and tasks in memory) over the checkpoint directory
+    /// `checkpoint_dir`, with the built-in keyed aggregation.
+    ///
+    /// # Errors
+    /// An I/O error when `checkpoint_dir` cannot be created or written.
+    pub fn in_memory(checkpoint_dir: impl Into<PathBuf>) -> ProcessorResult<Self> {
+        Ok(Services {
+            lock: Arc::new(InMemoryDistributedLock::new()),
+            registry: Arc::new(InMemoryFencedStore::default()),
+            tasks: Arc::new(InMemoryTaskStore::default()),
+            checkpoints: Arc::new(DirectoryCheckpointStore::new(checkpoint_dir)?),
+            operator: Arc::new(KeyedAggregation),
+            stores: Arc::new(RocksDbStores::new(CACHE_BYTES, WRITE_BUFFER_BYTES)),
+        })
+    }
+
+    /// Services on the backend named by `lock_url` (`memory`, `redis://…`, `rediss://…`,
+    /// `postgres://…`): locks, registry and task store all live there.
+    ///
+    /// # Errors
+    /// [`ProcessorError::InvalidInput`] for another scheme; the backend's error when it cannot be
+    /// reached; an I/O error for the checkpoint directory.
+    pub async fn connect(
+        lock_url: &str,
+        checkpoint_dir: impl Into<PathBuf>,
+    ) -> ProcessorResult<Self> {
+        let mut services = Services::in_memory(checkpoint_dir)?;
+        if lock_url == "memory" {
+            return Ok(services);
+        }
+        if lock_url.starts_with("redis://") || lock_url.starts_with("rediss://") {
+            services.lock = Arc::new(RedisDistributedLock::new(lock_url).await?);
+            services.registry = Arc::new(RedisFencedStore::new(lock_url).await?);
+            services.tasks = Arc::new(RedisTaskStore::new(lock_url).await?);
+        } else if lock_url.starts_with("postgres://") || lock_url.starts_with("postgresql://") {
+            let lock = PostgresDistributedLock::new(lock_url).await?;
+            services.registry = Arc::new(PostgresFencedStore::new(lock.pool().clone()).await?);
+            services.tasks = Arc::new(PostgresTaskStore::new(lock.pool().clone()).await?);
+            services.lock = Arc::new(lock);
+        } else {
+            return Err(ProcessorError::InvalidInput {
+                what: "lock url",
+                reason: "must be `memory`, `redis://…`, `rediss://…` or `postgres://…`".to_owned(),
+            });
+        }
+        Ok(services)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unknown_lock_urls_are_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Services::connect("zookeeper://x", dir.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ProcessorError::InvalidInput {
+                what: "lock url",
+                ..
+            }
+        ));
+        assert!(Services::connect("memory", dir.path()).await.is_ok());
+    }
+}

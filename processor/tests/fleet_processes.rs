@@ -1,0 +1,301 @@
+//! The fleet as operators run it: separate `processor` OS processes coordinating through a real Redis.
+//!
+//! `processor dev-broker` hosts the mock cluster; three `processor run` instances share a checkpoint
+//! directory and a `redis-server`; half the workload is produced, one instance is killed with SIGKILL
+//! mid-stream (no checkpoint, no release: its claims must lapse) and restarted on its old state
+//! directory; another is frozen with SIGSTOP past its claims' TTL and thawed (a paused owner: fenced, it
+//! must notice and never publish over the new owners); the rest is produced, and once every partition's
+//! checkpoint covers the whole topic the instances are stopped with SIGTERM (exit 0) and `processor state dump` must equal the exact
+//! recomputation of the workload.
+
+// A test: helpers panic on failure by design.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::RedisServer;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use processor::kafka::Workload;
+
+const BIN: &str = env!("CARGO_BIN_EXE_processor");
+const TOPIC: &str = "orders";
+const PARTITIONS: i32 = 8;
+
+/// A child process killed on drop (a failing test leaves nothing running).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.0.id()).unwrap());
+        kill(pid, signal).unwrap();
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit in {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn processor(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(args).env(
+        "RUST_LOG",
+        std::env::var("FLEET_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+    );
+    command
+}
+
+fn run_instance(id: &str, brokers: &str, redis: &str, root: &Path) -> Proc {
+    let state_dir = root.join("state").join(id);
+    let checkpoint_dir = root.join("checkpoints");
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(root.join(format!("{id}.log")))
+        .unwrap();
+    let child = processor(&["run", "--brokers", brokers, "--topic", TOPIC])
+        .args(["--partitions", &PARTITIONS.to_string()])
+        .args(["--group", "procs", "--instance-id", id, "--lock-url", redis])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--checkpoint-dir")
+        .arg(&checkpoint_dir)
+        .args(["--checkpoint-interval-secs", "0.5"])
+        .args(["--maintenance-interval-secs", "1", "--claim-ttl-secs", "2"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+fn produce(brokers: &str, workload: &Workload, range: std::ops::Range<u64>) {
+    let status = processor(&["produce", "--brokers", brokers, "--topic", TOPIC])
+        .args(["--partitions", &workload.partitions.to_string()])
+        .args(["--records", &range.end.to_string()])
+        .args(["--start-at", &range.start.to_string()])
+        .args(["--keys", &workload.keys.to_string()])
+        .args(["--seed", &workload.seed.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "produce failed");
+}
+
+/// `processor state offsets`: partition -> checkpointed offset.
+fn offsets(checkpoint_dir: &Path) -> BTreeMap<i32, i64> {
+    let out = processor(&["state", "offsets", "--topic", TOPIC])
+        .arg("--checkpoint-dir")
+        .arg(checkpoint_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "state offsets failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (
+                i32::try_from(v["partition"].as_i64().unwrap()).unwrap(),
+                v["offset"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The partitions `id` owns now, by its log: started and neither handed off nor ended since.
+fn owned_by_log(root: &Path, id: &str) -> std::collections::BTreeSet<i32> {
+    let log = std::fs::read_to_string(root.join(format!("{id}.log"))).unwrap_or_default();
+    let mut owned = std::collections::BTreeSet::new();
+    for line in log.lines() {
+        let plain: String = line
+            .split('\u{1b}')
+            .map(|part| part.split_once('m').map_or(part, |(_, rest)| rest))
+            .collect();
+        let Some(partition) = plain
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("partition="))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if plain.contains("partition started") {
+            owned.insert(partition);
+        } else if plain.contains("partition handed off") || plain.contains("partition task ended") {
+            owned.remove(&partition);
+        }
+    }
+    owned
+}
+
+fn wait_for(what: &str, within: Duration, logs: &Path, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        if Instant::now() > deadline {
+            let mut tails = String::new();
+            for id in ["p1", "p2", "p3"] {
+                let log =
+                    std::fs::read_to_string(logs.join(format!("{id}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                tails.push_str(&format!(
+                    "\n--- {id} ---\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+            panic!("timed out waiting for {what}{tails}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn three_processes_with_redis_survive_a_sigkill_and_restart_with_exact_state() {
+    let redis = RedisServer::start_new();
+    let root: PathBuf = tempfile::tempdir().unwrap().keep();
+    let workload = Workload {
+        records: 40_000,
+        keys: 300,
+        seed: 11,
+        partitions: PARTITIONS,
+    };
+    let mut expected_ends = vec![0i64; PARTITIONS as usize];
+    for i in 0..workload.records {
+        expected_ends[workload.record(i).0 as usize] += 1;
+    }
+
+    let mut broker = Proc(
+        processor(&["dev-broker", "--topic", TOPIC])
+            .args(["--partitions", &PARTITIONS.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first_line = String::new();
+    BufReader::new(broker.0.stdout.take().unwrap())
+        .read_line(&mut first_line)
+        .unwrap();
+    let brokers = first_line.trim().to_owned();
+    assert!(
+        brokers.starts_with("127.0.0.1:") || brokers.contains(':'),
+        "{brokers}"
+    );
+
+    produce(&brokers, &workload, 0..workload.records / 2);
+    let url = redis.url();
+    let mut fleet: BTreeMap<&str, Proc> = ["p1", "p2", "p3"]
+        .into_iter()
+        .map(|id| (id, run_instance(id, &brokers, &url, &root)))
+        .collect();
+    let checkpoints = root.join("checkpoints");
+
+    // Mid-stream: some partitions checkpointed, the first half not yet fully processed.
+    wait_for("first checkpoints", Duration::from_secs(60), &root, || {
+        offsets(&checkpoints).values().filter(|o| **o > 0).count() >= 3
+    });
+    // A paused owner: p3, while it owns partitions, freezes (SIGSTOP) well past its claims' TTL; the
+    // others take its partitions and checkpoint them; when p3 wakes up it must notice it lost them and
+    // never publish over the newer owners' checkpoints. Meanwhile p2 is killed (SIGKILL: no checkpoint,
+    // no release) and restarted on its old state directory.
+    wait_for(
+        "p3 to own partitions",
+        Duration::from_secs(60),
+        &root,
+        || !owned_by_log(&root, "p3").is_empty(),
+    );
+    let frozen = &fleet["p3"];
+    frozen.signal(Signal::SIGSTOP);
+    let victim = fleet.remove("p2").unwrap();
+    victim.signal(Signal::SIGKILL);
+    drop(victim);
+    fleet.insert("p2", run_instance("p2", &brokers, &url, &root));
+    std::thread::sleep(Duration::from_secs(7));
+    fleet["p3"].signal(Signal::SIGCONT);
+    produce(&brokers, &workload, workload.records / 2..workload.records);
+
+    wait_for(
+        "the fleet to catch up",
+        Duration::from_secs(180),
+        &root,
+        || {
+            let now = offsets(&checkpoints);
+            (0..PARTITIONS).all(|p| now.get(&p) == Some(&expected_ends[p as usize]))
+        },
+    );
+    for proc in fleet.values() {
+        proc.signal(Signal::SIGTERM);
+    }
+    for (id, proc) in &mut fleet {
+        let status = proc.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "{id} exited with {status} after SIGTERM");
+    }
+    broker.signal(Signal::SIGTERM);
+    assert!(broker.wait_exit(Duration::from_secs(10)).success());
+
+    let out = processor(&["state", "dump", "--topic", TOPIC])
+        .arg("--checkpoint-dir")
+        .arg(&checkpoints)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dumped: BTreeMap<String, serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (v["key"].as_str().unwrap().to_owned(), v)
+        })
+        .collect();
+    let expected = workload.expected();
+    assert_eq!(dumped.len(), expected.len());
+    for (key, a) in &expected {
+        let got = &dumped[key];
+        assert_eq!(
+            (
+                got["count"].as_u64(),
+                got["sum"].as_i64(),
+                got["min"].as_i64(),
+                got["max"].as_i64(),
+                got["chain"].as_u64()
+            ),
+            (
+                Some(a.count),
+                Some(a.sum),
+                Some(a.min),
+                Some(a.max),
+                Some(a.chain)
+            ),
+            "key {key}: lost, duplicated or reordered"
+        );
+    }
+    // The paused owner found out it was stale and stopped (fenced), instead of writing on.
+    let p3_log = std::fs::read_to_string(root.join("p3.log")).unwrap_or_default();
+    assert!(
+        p3_log.contains("stale owner"),
+        "p3 never noticed it lost its partitions:\n{p3_log}"
+    );
+    for id in ["p1", "p2", "p3"] {
+        let log = std::fs::read_to_string(root.join(format!("{id}.log"))).unwrap_or_default();
+        assert!(!log.contains("panicked"), "{id}: {log}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
