@@ -7,12 +7,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use processor::kafka::{
-    DevBroker, Workload, consume_partition, high_watermark, partition_consumer,
+    DevBroker, OutputSink, Workload, consume_partition, high_watermark, partition_consumer,
 };
 use processor::operator::{Aggregate, KeyedAggregation, Operator};
 use processor::partition::PartitionProcessor;
 use processor::store::PartitionStore;
 use processor::store::rocksdb::RocksDbStores;
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
@@ -231,4 +234,83 @@ async fn partitions_move_through_checkpoints_and_corrupt_ones_are_skipped() {
         }) => {}
         other => panic!("a stale owner's checkpoint was accepted: {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_and_dead_letters_reach_their_topics_and_never_stop_the_partition() {
+    integration_tests::init_tracing();
+    let broker = DevBroker::start(TOPIC, PARTITIONS).unwrap();
+    broker.create_topic("orders.out", 1).unwrap();
+    broker.create_topic("orders.dlq", 1).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let malformed = |i: u64| i % 50 == 7;
+    for i in 0..1_000u64 {
+        let value = if malformed(i) {
+            format!("{i}.5 EUR")
+        } else {
+            i.to_string()
+        };
+        let key = format!("k{}", i % 10);
+        producer
+            .send(
+                FutureRecord::to(TOPIC)
+                    .partition(0)
+                    .key(&key)
+                    .payload(&value),
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+    let root = tempfile::tempdir().unwrap();
+    let stores = RocksDbStores::new(8 << 20, 4 << 20);
+    let store: Arc<dyn PartitionStore> = Arc::new(stores.open(0, &root.path().join("p0")).unwrap());
+    let mut processor = PartitionProcessor::resume(
+        store,
+        Arc::new(KeyedAggregation),
+        1,
+        CancellationToken::new(),
+    )
+    .unwrap();
+    let consumer = partition_consumer(&brokers, "test", TOPIC, 0, 0).unwrap();
+    let sink = OutputSink::new(&brokers, Some("orders.out"), Some("orders.dlq")).unwrap();
+    let stats = consume_partition(
+        &consumer,
+        &mut processor,
+        128,
+        Some(1_000),
+        Some(&sink),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((stats.applied, stats.dead_letters), (980, 20));
+    assert_eq!(
+        processor.next_offset(),
+        1_000,
+        "dead letters do not stop the partition"
+    );
+    // Nothing crashed, so at-least-once delivered exactly once.
+    assert_eq!(high_watermark(&brokers, "orders.out", 0).unwrap(), 980);
+    assert_eq!(high_watermark(&brokers, "orders.dlq", 0).unwrap(), 20);
+
+    let dlq = partition_consumer(&brokers, "test", "orders.dlq", 0, 0).unwrap();
+    let mut keys = Vec::new();
+    for _ in 0..20 {
+        let message = dlq.recv().await.unwrap();
+        keys.push(String::from_utf8(message.key().unwrap().to_vec()).unwrap());
+        assert!(String::from_utf8_lossy(message.payload().unwrap()).contains("EUR"));
+    }
+    let expected: Vec<String> = (0..1_000u64)
+        .filter(|i| malformed(*i))
+        .map(|i| format!("0:{i}"))
+        .collect();
+    assert_eq!(
+        keys, expected,
+        "each dead letter names its partition and offset, in order"
+    );
 }

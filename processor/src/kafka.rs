@@ -61,6 +61,22 @@ impl DevBroker {
         Ok(DevBroker { cluster })
     }
 
+    /// Creates another topic (an output or dead-letter topic, say).
+    ///
+    /// # Errors
+    /// [`ProcessorError::InvalidInput`] for a bad partition count; a Kafka error.
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> ProcessorResult<()> {
+        if partitions < 1 {
+            return Err(ProcessorError::InvalidInput {
+                what: "partitions",
+                reason: format!("{partitions} must be at least 1"),
+            });
+        }
+        self.cluster
+            .create_topic(topic, partitions, 1)
+            .map_err(kafka_error("create a topic"))
+    }
+
     /// The bootstrap address (`host:port`).
     pub fn bootstrap_servers(&self) -> String {
         self.cluster.bootstrap_servers()

@@ -53,6 +53,9 @@ enum Command {
         /// Its partition count.
         #[arg(long, env = "PARTITIONS", default_value_t = 8)]
         partitions: i32,
+        /// More topics to create, one partition each (output and dead-letter topics); repeatable.
+        #[arg(long = "also-create")]
+        also_create: Vec<String>,
     },
     /// Produce the deterministic workload.
     Produce {
@@ -350,8 +353,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn dev_broker(topic: &str, partitions: i32) -> anyhow::Result<()> {
+async fn dev_broker(topic: &str, partitions: i32, also_create: &[String]) -> anyhow::Result<()> {
     let broker = DevBroker::start(topic, partitions)?;
+    for extra in also_create {
+        broker.create_topic(extra, 1)?;
+    }
     println!("{}", broker.bootstrap_servers());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -381,7 +387,11 @@ async fn main() {
     let outcome = match cli.command {
         Command::Demo(args) => demo(args).await,
         Command::Run(args) => run(args).await,
-        Command::DevBroker { topic, partitions } => dev_broker(&topic, partitions).await,
+        Command::DevBroker {
+            topic,
+            partitions,
+            also_create,
+        } => dev_broker(&topic, partitions, &also_create).await,
         Command::Produce {
             brokers,
             topic,
