@@ -137,7 +137,7 @@ async fn main() {
             let end = ends[p as usize];
             tokio::spawn(async move {
                 let stop = CancellationToken::new();
-                consume_partition(&consumer, &mut processor, 500, Some(end), None, &stop)
+                consume_partition(&consumer, &mut processor, 500, Some(end), None, None, &stop)
                     .await
                     .expect("consume")
                     .applied

@@ -51,7 +51,7 @@ async fn run(
         let end = until(partition);
         tasks.push(tokio::spawn(async move {
             let stop = CancellationToken::new();
-            consume_partition(&consumer, &mut processor, 500, Some(end), None, &stop)
+            consume_partition(&consumer, &mut processor, 500, Some(end), None, None, &stop)
                 .await
                 .unwrap();
             processor.next_offset()
@@ -284,6 +284,7 @@ async fn outputs_and_dead_letters_reach_their_topics_and_never_stop_the_partitio
         128,
         Some(1_000),
         Some(&sink),
+        None,
         &CancellationToken::new(),
     )
     .await

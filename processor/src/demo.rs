@@ -79,7 +79,8 @@ pub struct DemoReport {
     pub mismatches: Vec<String>,
     /// From the fleet's start until every partition's checkpoint covered the whole topic.
     pub processing_time: Duration,
-    /// Records applied by all instances, replays after restores included.
+    /// Records applied by all instances, as counted at their checkpoints (a record re-applied after a
+    /// restore counts again; work a killed instance did after its last checkpoint does not count).
     pub applied_with_replays: u64,
     /// Final status of each instance, by id (the killed one as it was when killed).
     pub instances: BTreeMap<String, InstanceStatus>,
@@ -118,7 +119,7 @@ impl Console {
             ProgressDrawTarget::stderr()
         });
         let style = ProgressStyle::with_template(
-            "{prefix:>13} [{bar:40.cyan/blue}] {pos:>7}/{len:7} {per_sec:>12} {msg}",
+            "{prefix:>13} [{bar:40.cyan/blue}] {human_pos:>7}/{human_len:7} {elapsed:>4} {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");

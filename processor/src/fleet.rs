@@ -53,6 +53,9 @@ pub struct InstanceConfig {
     pub checkpoint_every: Duration,
     /// Records per atomic batch.
     pub batch_size: usize,
+    /// How many owned partitions process a batch at the same time (the others wait, and their
+    /// prefetch queues fill up and stop fetching).
+    pub parallelism: usize,
     /// Retention and compaction of the shared checkpoints (scheduled by the leader).
     pub maintenance: MaintenanceConfig,
     /// How often membership, assignment and fleet duties are re-evaluated.
@@ -66,7 +69,8 @@ pub struct InstanceConfig {
 }
 
 impl InstanceConfig {
-    /// Defaults: 5 s claims, checkpoints every 2 s, batches of 500, maintenance every 10 s keeping 3
+    /// Defaults: 5 s claims, checkpoints every 2 s, batches of 500, as many partitions processing at once
+    /// as there are CPUs, maintenance every 10 s keeping 3
     /// checkpoints, 250 ms ticks, no output or dead-letter topic.
     pub fn new(
         instance_id: &str,
@@ -85,12 +89,19 @@ impl InstanceConfig {
             claim_ttl: Duration::from_secs(5),
             checkpoint_every: Duration::from_secs(2),
             batch_size: 500,
+            parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
             maintenance: MaintenanceConfig::default(),
             tick: Duration::from_millis(250),
             max_members: 64,
             output_topic: None,
             dead_letter_topic: None,
         }
+    }
+
+    /// Sets how many partitions process a batch at the same time (at least 1).
+    pub fn with_parallelism(mut self, parallelism: usize) -> Self {
+        self.parallelism = parallelism.max(1);
+        self
     }
 
     /// Sets the fleet name (lock namespace; also the Kafka group id, for lag monitoring only).
@@ -189,6 +200,7 @@ pub struct Instance {
     services: Services,
     status: watch::Sender<InstanceStatus>,
     sink: Option<OutputSink>,
+    permits: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Instance {
@@ -215,10 +227,11 @@ impl Instance {
             None
         };
         Ok(Arc::new(Instance {
-            config,
             services,
             status: watch::channel(InstanceStatus::default()).0,
             sink,
+            permits: tokio::sync::Semaphore::new(config.parallelism.max(1)),
+            config,
         }))
     }
 
@@ -589,6 +602,7 @@ impl Instance {
                 self.config.batch_size,
                 None,
                 self.sink.as_ref(),
+                Some(&self.permits),
                 &segment,
             )
             .await;

@@ -220,6 +220,8 @@ pub fn partition_consumer(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
+        // Bounded prefetch per partition: a partition that processes slowly stops fetching.
+        .set("queued.max.messages.kbytes", "8192")
         .create()
         .map_err(kafka_error("create a consumer"))?;
     let mut assignment = TopicPartitionList::new();
@@ -314,7 +316,10 @@ impl OutputSink {
 
 /// Consumes one partition into `processor` in batches of up to `batch_size` records until `stop` fires
 /// (or, with `until`, until the processor reaches that offset). Each batch is one atomic write of state
-/// and next offset; with a `sink`, its outputs and dead letters are delivered before it is written.
+/// and next offset; with a `sink`, its outputs and dead letters are delivered before it is written. With
+/// `permits`, each batch is processed under one permit: an instance bounds how many of its partitions
+/// process at once, and a partition waiting for a permit stops fetching once librdkafka's bounded
+/// prefetch queue is full (backpressure instead of unbounded buffering).
 ///
 /// # Errors
 /// A Kafka or store error, or [`ProcessorError::StaleOwner`] once ownership is lost.
@@ -327,6 +332,7 @@ pub async fn consume_partition(
     batch_size: usize,
     until: Option<i64>,
     sink: Option<&OutputSink>,
+    permits: Option<&tokio::sync::Semaphore>,
     stop: &CancellationToken,
 ) -> ProcessorResult<PartitionStats> {
     let linger = Duration::from_millis(20);
@@ -362,6 +368,12 @@ pub async fn consume_partition(
                 value: m.payload(),
             })
             .collect();
+        let _permit = match permits {
+            Some(permits) => Some(permits.acquire().await.map_err(|_| {
+                ProcessorError::store(processor.partition(), "wait for a permit", "closed")
+            })?),
+            None => None,
+        };
         let prepared = processor.prepare(&records)?;
         match sink {
             Some(sink) => {

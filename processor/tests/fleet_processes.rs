@@ -299,3 +299,84 @@ fn three_processes_with_redis_survive_a_sigkill_and_restart_with_exact_state() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Runs `processor` with `args` and returns (exit success, stderr).
+fn fails_with(args: &[&str]) -> String {
+    let out = processor(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "{args:?}: no error message");
+    stderr
+}
+
+#[test]
+fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let checkpoints = dir.path().join("ck");
+    let (state, checkpoints) = (state.to_str().unwrap(), checkpoints.to_str().unwrap());
+    let run = |brokers: &'static str, lock_url: &'static str| {
+        vec![
+            "run",
+            "--brokers",
+            brokers,
+            "--topic",
+            TOPIC,
+            "--instance-id",
+            "x",
+            "--state-dir",
+            state,
+            "--checkpoint-dir",
+            checkpoints,
+            "--lock-url",
+            lock_url,
+        ]
+    };
+
+    // No broker there: one line naming it.
+    let err = fails_with(&run("127.0.0.1:1", "memory"));
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+
+    // A broker, but the lock backend is unreachable or unknown.
+    let mut broker = Proc(
+        processor(&["dev-broker", "--topic", TOPIC])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(broker.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let brokers: &'static str = Box::leak(line.trim().to_owned().into_boxed_str());
+    let err = fails_with(&run(brokers, "redis://127.0.0.1:1"));
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("lock backend"), "{err}");
+    let err = fails_with(&run(brokers, "zookeeper://127.0.0.1:2181"));
+    assert!(err.contains("lock url"), "{err}");
+
+    // An unwritable state directory (a file stands where the directory should be).
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let blocked = file.join("state");
+    let mut args = run(brokers, "memory");
+    args[8] = blocked.to_str().unwrap();
+    let err = fails_with(&args);
+    assert!(err.contains("state dir"), "{err}");
+
+    // A bad flag value.
+    let err = fails_with(&[
+        "run",
+        "--brokers",
+        brokers,
+        "--topic",
+        TOPIC,
+        "--checkpoint-interval-secs",
+        "-1",
+    ]);
+    assert!(!err.is_empty());
+    broker.signal(Signal::SIGTERM);
+    assert!(broker.wait_exit(Duration::from_secs(10)).success());
+}
