@@ -1,6 +1,6 @@
-//! The README's main command, `processor demo`, as a test: on in-process locks and on a real Redis, the
-//! fleet (3 instances, one killed abruptly mid-stream, one added) must end with state equal to the exact
-//! recomputation, with a leader elected and maintenance jobs run.
+//! The README's main command, `processor demo`, as a test: on in-process locks, a real Redis and a real
+//! PostgreSQL, the fleet (3 instances, one killed abruptly mid-stream, one added) must end with state
+//! equal to the exact recomputation, with a leader elected and maintenance jobs run.
 
 use processor::demo::{DemoConfig, run_demo};
 
@@ -55,4 +55,11 @@ async fn the_demo_is_exact_on_a_real_redis() {
     integration_tests::init_tracing();
     let redis = RedisServer::start_new();
     check(small_demo(&redis.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_demo_is_exact_on_a_real_postgres() {
+    integration_tests::init_tracing();
+    let postgres = integration_tests::PostgresServer::start_new();
+    check(small_demo(&postgres.url())).await;
 }
