@@ -145,13 +145,7 @@ impl Workload {
         topic: &str,
         range: std::ops::Range<u64>,
     ) -> ProcessorResult<()> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "15000")
-            .create()
-            .map_err(kafka_error("create a producer"))?;
+        let producer = idempotent_producer(brokers)?;
         let mut pending = Vec::with_capacity(1024);
         for i in range {
             let (partition, key, value) = self.record(i);
@@ -174,6 +168,17 @@ impl Workload {
         }
         Ok(())
     }
+}
+
+/// A producer that neither reorders nor duplicates on retries (idempotence), batching for 5 ms.
+fn idempotent_producer(brokers: &str) -> ProcessorResult<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "15000")
+        .create()
+        .map_err(kafka_error("create a producer"))
 }
 
 async fn await_delivery(delivery: rdkafka::producer::DeliveryFuture) -> ProcessorResult<()> {
@@ -263,13 +268,7 @@ impl OutputSink {
         output_topic: Option<&str>,
         dead_letter_topic: Option<&str>,
     ) -> ProcessorResult<Self> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "15000")
-            .create()
-            .map_err(kafka_error("create a producer"))?;
+        let producer = idempotent_producer(brokers)?;
         Ok(OutputSink {
             producer,
             output_topic: output_topic.map(str::to_owned),
