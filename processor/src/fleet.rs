@@ -19,6 +19,7 @@ use state::recipes::leader::LeaderElection;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::kafka::{OutputSink, consume_partition, partition_consumer};
@@ -142,6 +143,16 @@ impl InstanceConfig {
     }
 }
 
+/// Waits for a checkpoint upload of `partition`.
+async fn finish_publishing(
+    partition: i32,
+    upload: AbortOnDropHandle<ProcessorResult<()>>,
+) -> ProcessorResult<()> {
+    upload
+        .await
+        .map_err(|err| ProcessorError::store(partition, "upload a checkpoint", err))?
+}
+
 /// The [`CheckpointCoordinator`] scope of a partition's checkpoints (lock and record
 /// `checkpoint:{group}:{topic}:{partition}`).
 pub fn checkpoint_scope(group: &str, topic: &str, partition: i32) -> String {
@@ -263,7 +274,7 @@ impl Instance {
         )?;
         let duties_stop = CancellationToken::new();
         // Aborted with `run`'s future when the instance is dropped abruptly, like the partition tasks.
-        let duties = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        let duties = AbortOnDropHandle::new(tokio::spawn(
             Arc::clone(&self).run_duties(election, duties_stop.clone()),
         ));
         let mut tasks: JoinSet<(i32, ProcessorResult<()>)> = JoinSet::new();
@@ -473,19 +484,49 @@ impl Instance {
         Ok(Arc::new(self.services.stores.open(partition, &dir)?))
     }
 
-    /// Checkpoints one owned partition: a RocksDB checkpoint (hard links) uploaded to the shared store
-    /// under the ownership fencing token, while holding the partition's compaction lock (so retention
-    /// cannot delete a file the upload reuses), then recorded through the [`CheckpointCoordinator`]
-    /// with the same token (a stale owner's record is refused there too).
-    async fn checkpoint(
+    /// The local half of a checkpoint: a RocksDB checkpoint (hard links, so the pause does not grow with
+    /// the state) in a scratch directory, and the offset it covers; `None` for a partition with no state
+    /// yet. Earlier scratch directories of the partition (left by an aborted upload) are removed first.
+    async fn snapshot(
         &self,
         store: &Arc<dyn PartitionStore>,
-        fencing_token: u64,
-    ) -> ProcessorResult<()> {
+    ) -> ProcessorResult<Option<(PathBuf, i64)>> {
         let Some(meta) = store.meta()? else {
-            return Ok(());
+            return Ok(None);
         };
         let partition = store.partition();
+        let prefix = format!(".snapshot-{}-{partition}-", self.config.topic);
+        let scratch = self
+            .config
+            .state_dir
+            .join(format!("{prefix}{}", meta.next_offset));
+        let (store, state_dir) = (Arc::clone(store), self.config.state_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Ok(entries) = std::fs::read_dir(&state_dir) {
+                for entry in entries.filter_map(Result::ok) {
+                    if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+            store.snapshot_to(&scratch)?;
+            Ok(Some((scratch, meta.next_offset)))
+        })
+        .await
+        .map_err(|err| ProcessorError::store(partition, "snapshot the state", err))?
+    }
+
+    /// The shared half of a checkpoint, while the partition keeps processing: uploads the snapshot in
+    /// `scratch` under the ownership fencing token while holding the partition's compaction lock (so
+    /// retention cannot delete a file the upload reuses), then records it through the
+    /// [`CheckpointCoordinator`] with the same token (a stale owner's record is refused there too).
+    async fn publish(
+        self: Arc<Self>,
+        partition: i32,
+        scratch: PathBuf,
+        next_offset: i64,
+        fencing_token: u64,
+    ) -> ProcessorResult<()> {
         let Some(compaction_lock) = hold_compaction_lock(
             &self.services.lock,
             partition,
@@ -497,24 +538,16 @@ impl Instance {
             // Retention is running long on this partition: skip this checkpoint, the next one comes
             // soon (a successor would restore the previous one and replay a little more).
             tracing::debug!(partition, "checkpoint skipped: the compaction lock is busy");
+            let _ = tokio::fs::remove_dir_all(&scratch).await;
             return Ok(());
         };
-        let scratch = self.config.state_dir.join(format!(
-            ".snapshot-{}-{partition}-{}",
-            self.config.topic, meta.next_offset
-        ));
-        let (store_for_upload, checkpoints, topic) = (
-            Arc::clone(store),
+        let (checkpoints, topic) = (
             Arc::clone(&self.services.checkpoints),
             self.config.topic.clone(),
         );
         let uploaded = tokio::task::spawn_blocking(move || {
-            if scratch.exists() {
-                std::fs::remove_dir_all(&scratch).map_err(ProcessorError::io(&scratch))?;
-            }
-            store_for_upload.snapshot_to(&scratch)?;
             let uploaded =
-                checkpoints.upload(&topic, partition, &scratch, meta.next_offset, fencing_token);
+                checkpoints.upload(&topic, partition, &scratch, next_offset, fencing_token);
             let _ = std::fs::remove_dir_all(&scratch);
             uploaded
         })
@@ -581,6 +614,9 @@ impl Instance {
             processor.next_offset(),
         )?;
         tracing::info!(instance = %self.config.instance_id, partition, fencing_token, from = processor.next_offset(), "partition started");
+        // The upload of the last snapshot runs while the partition goes on processing; dropped (aborted)
+        // with this task.
+        let mut publishing: Option<AbortOnDropHandle<ProcessorResult<()>>> = None;
         loop {
             // One segment: consume until the next checkpoint is due, ownership is lost, or we stop.
             let segment = stop.child_token();
@@ -620,8 +656,20 @@ impl Instance {
                     highest: fencing_token.saturating_add(1),
                 });
             }
-            self.checkpoint(&store, fencing_token).await?;
+            // One upload at a time per partition, in order: the previous one must have landed.
+            if let Some(previous) = publishing.take() {
+                finish_publishing(partition, previous).await?;
+            }
+            if let Some((scratch, next_offset)) = self.snapshot(&store).await? {
+                publishing = Some(AbortOnDropHandle::new(tokio::spawn(
+                    Arc::clone(&self).publish(partition, scratch, next_offset, fencing_token),
+                )));
+            }
             if stop.is_cancelled() {
+                // Hand-off: the final checkpoint must land before the claim is released.
+                if let Some(last) = publishing.take() {
+                    finish_publishing(partition, last).await?;
+                }
                 break;
             }
         }
