@@ -2,16 +2,13 @@
 //! stopped abruptly mid-stream and a fourth added; the state in the final checkpoints equals the exact
 //! recomputation (no record lost or double-counted).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use processor::Services;
 use processor::fleet::{Instance, InstanceConfig};
+use processor::inspect::checkpointed_aggregates;
 use processor::kafka::{DevBroker, Workload, high_watermark};
 use processor::maintenance::MaintenanceConfig;
-use processor::operator::Aggregate;
-use processor::store::PartitionStore;
-use processor::store::rocksdb::RocksDbStores;
 use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
@@ -143,21 +140,8 @@ async fn fleet_survives_an_abrupt_stop_and_a_join_with_exact_state() {
     }
 
     // The state in the final checkpoints is exactly the recomputation.
-    let stores = RocksDbStores::new(8 << 20, 4 << 20);
-    let mut state = BTreeMap::new();
-    for p in 0..PARTITIONS {
-        let (manifest, skipped) = shared.latest_valid(TOPIC, p).unwrap();
-        assert!(skipped.is_empty());
-        let dir = root.path().join(format!("verify-{p}"));
-        shared.restore(&manifest.unwrap(), &dir).unwrap();
-        let store = stores.open(p, &dir).unwrap();
-        for (k, v) in store.entries().unwrap() {
-            state.insert(
-                String::from_utf8(k).unwrap(),
-                Aggregate::decode(&v).unwrap(),
-            );
-        }
-    }
+    let (state, skipped) = checkpointed_aggregates(shared.as_ref(), TOPIC).unwrap();
+    assert!(skipped.is_empty());
     let expected = workload.expected();
     assert_eq!(state.len(), expected.len());
     for (key, aggregate) in &expected {

@@ -159,6 +159,19 @@ pub fn checkpoint_scope(group: &str, topic: &str, partition: i32) -> String {
     format!("{group}:{topic}:{partition}")
 }
 
+/// The coordinator that records `partition`'s checkpoints (`ttl` only matters for its own
+/// `checkpoint()`, which the fleet does not use: it records under the partition claim's token).
+fn checkpoint_coordinator(
+    services: &Services,
+    group: &str,
+    topic: &str,
+    partition: i32,
+    ttl: Duration,
+) -> CheckpointCoordinator {
+    CheckpointCoordinator::new(services.lock.clone(), services.registry.clone(), ttl)
+        .with_scope(&checkpoint_scope(group, topic, partition))
+}
+
 /// The offset the latest recorded checkpoint of `partition` covers, from the coordinator's fenced record
 /// (cheap: no checkpoint file is read; for progress and lag reports).
 ///
@@ -170,8 +183,9 @@ pub async fn checkpointed_offset(
     topic: &str,
     partition: i32,
 ) -> ProcessorResult<Option<i64>> {
-    let key = format!("checkpoint:{}", checkpoint_scope(group, topic, partition));
-    let Some(record) = services.registry.read(&key).await? else {
+    let coordinator =
+        checkpoint_coordinator(services, group, topic, partition, Duration::from_secs(5));
+    let Some(record) = coordinator.latest().await? else {
         return Ok(None);
     };
     Ok(serde_json::from_slice::<serde_json::Value>(&record.value)
@@ -555,16 +569,13 @@ impl Instance {
         .map_err(|err| ProcessorError::store(partition, "upload a checkpoint", err))?;
         let _ = compaction_lock.release().await;
         let report = uploaded?;
-        let coordinator = CheckpointCoordinator::new(
-            self.services.lock.clone(),
-            self.services.registry.clone(),
-            self.config.claim_ttl,
-        )
-        .with_scope(&checkpoint_scope(
+        let coordinator = checkpoint_coordinator(
+            &self.services,
             &self.config.group,
             &self.config.topic,
             partition,
-        ));
+            self.config.claim_ttl,
+        );
         let record = serde_json::json!({
             "manifest": report.manifest.id(),
             "next_offset": report.manifest.next_offset,

@@ -48,17 +48,11 @@ impl DevBroker {
     /// # Errors
     /// [`ProcessorError::InvalidInput`] for a bad topic or partition count; a Kafka error.
     pub fn start(topic: &str, partitions: i32) -> ProcessorResult<Self> {
-        if partitions < 1 {
-            return Err(ProcessorError::InvalidInput {
-                what: "partitions",
-                reason: format!("{partitions} must be at least 1"),
-            });
-        }
-        let cluster = MockCluster::new(1).map_err(kafka_error("start the mock cluster"))?;
-        cluster
-            .create_topic(topic, partitions, 1)
-            .map_err(kafka_error("create the topic"))?;
-        Ok(DevBroker { cluster })
+        let broker = DevBroker {
+            cluster: MockCluster::new(1).map_err(kafka_error("start the mock cluster"))?,
+        };
+        broker.create_topic(topic, partitions)?;
+        Ok(broker)
     }
 
     /// Creates another topic (an output or dead-letter topic, say).
@@ -241,8 +235,8 @@ pub fn partition_consumer(
 
 /// Where a partition's outputs go: updated aggregates to the output topic and malformed records to the
 /// dead-letter topic, each sent (and acknowledged) *before* the batch that produced them commits, so
-/// nothing is lost downstream: a crash in between replays and resends (at-least-once). Dead letters are
-/// logged whether or not a topic is set.
+/// nothing is lost downstream: a crash in between replays and resends (at-least-once). The consume loop
+/// logs dead letters whether or not a topic is set.
 pub struct OutputSink {
     producer: FutureProducer,
     output_topic: Option<String>,
@@ -294,9 +288,8 @@ impl OutputSink {
                 );
             }
         }
-        for (offset, reason) in &report.dead_letters {
-            tracing::warn!(partition, offset, reason = %reason, "dead letter");
-            if let Some(topic) = &self.dead_letter_topic {
+        if let Some(topic) = &self.dead_letter_topic {
+            for (offset, reason) in &report.dead_letters {
                 let key = format!("{partition}:{offset}");
                 let record = FutureRecord::to(topic).key(&key).payload(reason);
                 pending.push(
@@ -374,16 +367,12 @@ pub async fn consume_partition(
             None => None,
         };
         let prepared = processor.prepare(&records)?;
-        match sink {
-            Some(sink) => {
-                sink.deliver(processor.partition(), prepared.report())
-                    .await?
-            }
-            None => {
-                for (offset, reason) in &prepared.report().dead_letters {
-                    tracing::warn!(partition = processor.partition(), offset, reason = %reason, "dead letter");
-                }
-            }
+        for (offset, reason) in &prepared.report().dead_letters {
+            tracing::warn!(partition = processor.partition(), offset, reason = %reason, "dead letter");
+        }
+        if let Some(sink) = sink {
+            sink.deliver(processor.partition(), prepared.report())
+                .await?;
         }
         processor.commit(prepared)?;
     }

@@ -218,7 +218,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     })?;
     let services = Services::connect(&args.lock_url, args.checkpoint_dir.clone())
         .await
-        .with_context(|| format!("lock backend {}", redact(&args.lock_url)))?;
+        .context("lock backend")?; // its errors name the server, password redacted
     let mut config = InstanceConfig::new(
         &args.instance_id,
         &args.topic,
@@ -270,16 +270,6 @@ fn emit(out: &mut impl std::io::Write, line: serde_json::Value) -> anyhow::Resul
         Ok(()) => Ok(true),
         Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
         Err(err) => Err(err.into()),
-    }
-}
-
-/// `user:password@` removed from a URL, for error lines.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
     }
 }
 

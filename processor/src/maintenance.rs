@@ -12,7 +12,7 @@
 //!   that reuses a file and the retention that would delete it never overlap. Files are also only deleted
 //!   after a grace period without use, for the case where a lock expired under a paused process.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use state::recipes::compaction::{CompactionOutcome, compact_partition};
@@ -178,19 +178,17 @@ impl Maintenance {
     /// # Errors
     /// A task-store or lock error from claiming.
     pub async fn run_next(&self) -> StateResult<Option<MaintenanceRun>> {
-        let result: Arc<Mutex<Option<(i32, MaintenanceOutcome)>>> = Arc::default();
-        let record = Arc::clone(&result);
+        let mut ran: Option<(i32, MaintenanceOutcome)> = None;
+        let record = &mut ran;
         let run = self
             .queue
             .run_next(|task, _claim| async move {
                 let partition = parse_partition(&task.payload)?;
-                let outcome = self.compact(partition).await?;
-                *record.lock().unwrap_or_else(|p| p.into_inner()) = Some((partition, outcome));
+                *record = Some((partition, self.compact(partition).await?));
                 Ok(())
             })
             .await?;
         let Some(run) = run else { return Ok(None) };
-        let ran = result.lock().unwrap_or_else(|p| p.into_inner()).take();
         let partition = ran.as_ref().map_or(-1, |(p, _)| *p);
         let outcome = match (run.outcome, ran) {
             (TaskOutcome::Completed, Some((_, outcome))) => outcome,

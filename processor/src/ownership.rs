@@ -59,16 +59,16 @@ pub fn assignment<'a>(
     if members.is_empty() || partitions <= 0 {
         return owners;
     }
-    let count = u32::try_from(partitions).unwrap_or(0) as usize;
-    let cap = count.div_ceil(members.len());
+    let cap = usize::try_from(partitions)
+        .unwrap_or(0)
+        .div_ceil(members.len());
     let mut load: BTreeMap<&str, usize> = BTreeMap::new();
     for partition in 0..partitions {
-        let mut ranked: Vec<&'a String> = members.iter().collect();
-        ranked.sort_by_key(|m| std::cmp::Reverse((weight(topic, partition, m), m.as_str())));
-        if let Some(owner) = ranked
-            .into_iter()
-            .find(|m| load.get(m.as_str()).copied().unwrap_or(0) < cap)
-        {
+        let owner = members
+            .iter()
+            .filter(|m| load.get(m.as_str()).copied().unwrap_or(0) < cap)
+            .max_by_key(|m| (weight(topic, partition, m), m.as_str()));
+        if let Some(owner) = owner {
             *load.entry(owner.as_str()).or_insert(0) += 1;
             owners.insert(partition, owner.as_str());
         }

@@ -5,8 +5,8 @@
 //! mid-stream (no checkpoint, no release: its claims must lapse) and restarted on its old state
 //! directory; another is frozen with SIGSTOP past its claims' TTL and thawed (a paused owner: fenced, it
 //! must notice and never publish over the new owners); the rest is produced, and once every partition's
-//! checkpoint covers the whole topic the instances are stopped with SIGTERM (exit 0) and `processor state dump` must equal the exact
-//! recomputation of the workload.
+//! checkpoint covers the whole topic the instances are stopped with SIGTERM (exit 0) and
+//! `processor state dump` must equal the exact recomputation of the workload.
 
 // A test: helpers panic on failure by design.
 #![allow(clippy::unwrap_used)]
@@ -64,6 +64,22 @@ fn processor(args: &[&str]) -> Command {
         std::env::var("FLEET_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
     );
     command
+}
+
+/// `processor dev-broker` for the topic, and the bootstrap address it printed first.
+fn dev_broker() -> (Proc, String) {
+    let mut broker = Proc(
+        processor(&["dev-broker", "--topic", TOPIC])
+            .args(["--partitions", &PARTITIONS.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first_line = String::new();
+    BufReader::new(broker.0.stdout.take().unwrap())
+        .read_line(&mut first_line)
+        .unwrap();
+    (broker, first_line.trim().to_owned())
 }
 
 fn run_instance(id: &str, brokers: &str, redis: &str, root: &Path) -> Proc {
@@ -183,18 +199,7 @@ fn three_processes_with_redis_survive_a_sigkill_and_restart_with_exact_state() {
         expected_ends[workload.record(i).0 as usize] += 1;
     }
 
-    let mut broker = Proc(
-        processor(&["dev-broker", "--topic", TOPIC])
-            .args(["--partitions", &PARTITIONS.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut first_line = String::new();
-    BufReader::new(broker.0.stdout.take().unwrap())
-        .read_line(&mut first_line)
-        .unwrap();
-    let brokers = first_line.trim().to_owned();
+    let (mut broker, brokers) = dev_broker();
     assert!(
         brokers.starts_with("127.0.0.1:") || brokers.contains(':'),
         "{brokers}"
@@ -340,17 +345,8 @@ fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
     assert!(err.contains("127.0.0.1:1"), "{err}");
 
     // A broker, but the lock backend is unreachable or unknown.
-    let mut broker = Proc(
-        processor(&["dev-broker", "--topic", TOPIC])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(broker.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let brokers: &'static str = Box::leak(line.trim().to_owned().into_boxed_str());
+    let (mut broker, brokers) = dev_broker();
+    let brokers: &'static str = Box::leak(brokers.into_boxed_str());
     let err = fails_with(&run(brokers, "redis://127.0.0.1:1"));
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("lock backend"), "{err}");

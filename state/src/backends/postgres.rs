@@ -198,7 +198,8 @@ impl PostgresLockBuilder {
             }),
             retry: self.retry,
         };
-        lock.within("connect to", "", lock.migrate()).await?;
+        let address = lock.inner.address.clone();
+        lock.within("connect to", &address, lock.migrate()).await?;
         tracing::debug!(server = %lock.inner.address, table = %lock.inner.names.table, mode = ?lock.inner.mode, "postgres lock backend ready");
         Ok(lock)
     }
