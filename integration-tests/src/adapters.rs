@@ -11,7 +11,7 @@ use state::{
 
 use state::{PostgresDistributedLock, PostgresLockMode};
 
-use crate::{PostgresServer, RedisCluster, RedisServer};
+use crate::{FaultProxy, PostgresServer, RedisCluster, RedisServer};
 
 /// The in-process backend: every handle is a clone of one instance.
 #[derive(Debug, Default, Clone)]
@@ -253,5 +253,140 @@ impl ServerControl for PostgresControl<'_> {
     }
     async fn start(&self) {
         self.0.start();
+    }
+}
+
+/// Freezes (and thaws) the [`FaultProxy`]s in front of a backend: `stop` makes the backend hang —
+/// requests go out, no answer comes back, connections stay open — for the hung-backend check.
+pub struct FreezeControl<'a>(pub Vec<&'a FaultProxy>);
+
+#[async_trait::async_trait]
+impl ServerControl for FreezeControl<'_> {
+    async fn stop(&self) {
+        for proxy in &self.0 {
+            proxy.freeze();
+        }
+    }
+    async fn start(&self) {
+        for proxy in &self.0 {
+            proxy.pass();
+        }
+    }
+}
+
+/// A single-node Redis reached through a [`FaultProxy`].
+pub struct ProxiedRedis {
+    /// The proxy every handle connects through.
+    pub proxy: FaultProxy,
+    /// The server.
+    pub server: RedisServer,
+}
+
+impl ProxiedRedis {
+    /// Starts a server and a proxy in front of it.
+    pub async fn start() -> Self {
+        crate::init_tracing();
+        let server = RedisServer::start_new();
+        ProxiedRedis {
+            proxy: FaultProxy::start(server.port()).await,
+            server,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ConformanceBackend for ProxiedRedis {
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+        RedisBackend {
+            url: self.proxy.redis_url(),
+        }
+        .lock(retry)
+        .await
+    }
+}
+
+/// Redlock over nodes each reached through its own [`FaultProxy`].
+pub struct ProxiedRedlock {
+    /// One proxy per node, in node order.
+    pub proxies: Vec<FaultProxy>,
+    /// The nodes.
+    pub cluster: RedisCluster,
+}
+
+impl ProxiedRedlock {
+    /// Starts `nodes` servers, each behind a proxy.
+    pub async fn start(nodes: usize) -> Self {
+        crate::init_tracing();
+        let cluster = RedisCluster::new(nodes);
+        let mut proxies = Vec::with_capacity(nodes);
+        for i in 0..nodes {
+            proxies.push(FaultProxy::start(cluster.node(i).port()).await);
+        }
+        ProxiedRedlock { proxies, cluster }
+    }
+
+    /// The proxies of a majority of the nodes (the first `n / 2 + 1`).
+    pub fn majority(&self) -> Vec<&FaultProxy> {
+        self.proxies
+            .iter()
+            .take(self.proxies.len() / 2 + 1)
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl ConformanceBackend for ProxiedRedlock {
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+        let urls: Vec<String> = self.proxies.iter().map(FaultProxy::redis_url).collect();
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let lock = RedlockDistributedLock::new(&urls)
+            .await
+            .unwrap_or_else(|err| panic!("connect redlock: {err}"));
+        Arc::new(lock.with_retry(retry))
+    }
+}
+
+/// PostgreSQL in one mode, reached through a [`FaultProxy`].
+pub struct ProxiedPostgres {
+    /// The proxy every handle connects through.
+    pub proxy: FaultProxy,
+    /// The cluster.
+    pub server: PostgresServer,
+    /// The mode every handle uses.
+    pub mode: PostgresLockMode,
+}
+
+impl ProxiedPostgres {
+    /// Starts a cluster and a proxy in front of it.
+    pub async fn start(mode: PostgresLockMode) -> Self {
+        crate::init_tracing();
+        let server = PostgresServer::start_new();
+        ProxiedPostgres {
+            proxy: FaultProxy::start(server.port()).await,
+            server,
+            mode,
+        }
+    }
+
+    /// The server's URL with the proxy's port.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            self.proxy.port()
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl ConformanceBackend for ProxiedPostgres {
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+        let lock = PostgresDistributedLock::builder(&self.url())
+            .with_mode(self.mode)
+            .with_retry(retry)
+            .with_pool_size(4)
+            .build()
+            .await
+            .unwrap_or_else(|err| panic!("connect postgres through the proxy: {err}"));
+        Arc::new(lock)
     }
 }

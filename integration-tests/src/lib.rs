@@ -5,14 +5,16 @@
 //! tests run as root. A missing server binary is a loud failure,
 //! never a silently skipped test. Fault injection: [`RedisServer::stop`] (SIGKILL),
 //! [`RedisServer::pause`] (SIGSTOP), [`RedisServer::resume`] (SIGCONT) and [`RedisServer::start`] (same
-//! port again).
+//! port again), and [`FaultProxy`] between a client and any server: delay, freeze (a hung server) and cut.
 
 pub mod adapters;
 pub mod postgres_server;
+pub mod proxy;
 pub mod recipe_env;
 pub mod redis_server;
 
 pub use postgres_server::PostgresServer;
+pub use proxy::{FaultProxy, ProxyMode};
 pub use redis_server::{RedisCluster, RedisServer};
 
 use std::net::TcpListener;

@@ -48,6 +48,47 @@ pub enum ProcessorError {
         highest: u64,
     },
 
+    /// The partition's claim was lost (its lease expired or was taken over) while this instance was
+    /// processing it under `token`: it stopped writing and gave the partition up.
+    #[error(
+        "stale owner of partition {partition}: its claim with fencing token {token} expired or was taken over"
+    )]
+    OwnershipLost {
+        /// The partition.
+        partition: i32,
+        /// The fencing token of the claim that was lost.
+        token: u64,
+    },
+
+    /// Encoding or decoding a value failed (an aggregate, a manifest, a checkpoint record).
+    #[error("could not {operation} {what}")]
+    Codec {
+        /// What was being encoded or decoded.
+        what: &'static str,
+        /// `encode` or `decode`.
+        operation: &'static str,
+        /// The codec's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A background task of the processor panicked or was cancelled.
+    #[error("background task `{task}` failed")]
+    TaskFailed {
+        /// Which task.
+        task: String,
+        /// The runtime's error.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+
+    /// The instance is shutting down: `what` could not be done.
+    #[error("the instance is shutting down: cannot {what}")]
+    ShuttingDown {
+        /// What could not be done.
+        what: &'static str,
+    },
+
     /// A checkpoint is damaged (checksum or size mismatch, missing file, unreadable manifest); it is never
     /// loaded.
     #[error("checkpoint {path} is corrupt: {reason}")]
@@ -87,6 +128,30 @@ impl ProcessorError {
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ProcessorError {
         let path = path.into();
         move |source| ProcessorError::Io { path, source }
+    }
+
+    /// A [`ProcessorError::Codec`] for encoding `what`.
+    pub fn encode(what: &'static str, source: impl Into<BoxError>) -> Self {
+        ProcessorError::Codec {
+            what,
+            operation: "encode",
+            source: source.into(),
+        }
+    }
+
+    /// A [`ProcessorError::Codec`] for decoding `what`.
+    pub fn decode(what: &'static str, source: impl Into<BoxError>) -> Self {
+        ProcessorError::Codec {
+            what,
+            operation: "decode",
+            source: source.into(),
+        }
+    }
+
+    /// A [`ProcessorError::TaskFailed`] for the background task `task`.
+    pub fn task(task: impl Into<String>) -> impl FnOnce(tokio::task::JoinError) -> ProcessorError {
+        let task = task.into();
+        move |source| ProcessorError::TaskFailed { task, source }
     }
 
     /// A [`ProcessorError::Store`] wrapping a store error.

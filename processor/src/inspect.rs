@@ -1,14 +1,16 @@
-//! Reading what the fleet checkpointed: the offset each partition's latest valid checkpoint covers, and
-//! the aggregates merged from those checkpoints (what `processor state offsets|dump` print and what the
-//! demo and the tests compare with the recomputation).
+//! Reading what the fleet checkpointed: the offset each partition's latest valid checkpoint covers, the
+//! aggregates merged from those checkpoints (what `processor state offsets|dump` print and what the demo
+//! and the tests compare with the recomputation), and the offsets of the fenced checkpoint records (the
+//! fleet's progress, read without touching a checkpoint file).
 
 use std::collections::BTreeMap;
 
+use crate::checkpoint::CheckpointRecords;
 use crate::checkpoint::CheckpointStore;
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::operator::Aggregate;
-use crate::store::PartitionStore;
-use crate::store::rocksdb::RocksDbStores;
+use crate::services::Services;
+use crate::store::StoreFactory;
 
 /// One partition's latest valid checkpoint.
 #[derive(Debug)]
@@ -48,16 +50,17 @@ pub fn checkpoint_offsets(
 }
 
 /// The aggregates of `topic` merged from the latest valid checkpoint of each partition (restored into a
-/// temporary directory and read), by key; plus the corrupt checkpoints that were skipped.
+/// temporary directory, opened with `stores` — the kind of store that wrote them — and streamed), by
+/// key; plus the corrupt checkpoints that were skipped.
 ///
 /// # Errors
 /// An I/O, store or decoding error.
 pub fn checkpointed_aggregates(
     store: &dyn CheckpointStore,
+    stores: &dyn StoreFactory,
     topic: &str,
 ) -> ProcessorResult<(BTreeMap<String, Aggregate>, Vec<ProcessorError>)> {
     let scratch = tempfile::tempdir().map_err(ProcessorError::io(std::env::temp_dir()))?;
-    let stores = RocksDbStores::new(32 << 20, 16 << 20);
     let mut merged = BTreeMap::new();
     let mut skipped_all = Vec::new();
     for partition in store.partitions(topic)? {
@@ -66,13 +69,36 @@ pub fn checkpointed_aggregates(
         let Some(manifest) = manifest else { continue };
         let dir = scratch.path().join(partition.to_string());
         store.restore(&manifest, &dir)?;
-        let state = stores.open(partition, &dir)?;
-        for (key, value) in state.entries()? {
+        let state = stores.open_store(partition, &dir)?;
+        state.scan(&mut |key, value| {
             merged.insert(
-                String::from_utf8_lossy(&key).into_owned(),
-                Aggregate::decode(&value)?,
+                String::from_utf8_lossy(key).into_owned(),
+                Aggregate::decode(value)?,
             );
-        }
+            Ok(())
+        })?;
     }
     Ok((merged, skipped_all))
+}
+
+/// The offset the latest recorded checkpoint of `partition` covers, from its fenced
+/// [`CheckpointRecord`](crate::checkpoint::CheckpointRecord) (cheap: no checkpoint file is read; for
+/// progress and lag reports).
+///
+/// # Errors
+/// A backend error, or a record this release cannot read.
+pub async fn checkpointed_offset(
+    services: &Services,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> ProcessorResult<Option<i64>> {
+    let records = CheckpointRecords::new(
+        services.lock.clone(),
+        services.registry.clone(),
+        group,
+        topic,
+        partition,
+    );
+    Ok(records.latest().await?.map(|record| record.next_offset))
 }

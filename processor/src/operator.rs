@@ -99,17 +99,17 @@ impl Aggregate {
     /// Never in practice; an encoding error otherwise.
     pub fn encode(&self) -> ProcessorResult<Vec<u8>> {
         bincode::serde::encode_to_vec(self, bincode::config::standard())
-            .map_err(|err| ProcessorError::store(-1, "encode an aggregate", err))
+            .map_err(|err| ProcessorError::encode("an aggregate", err))
     }
 
     /// Decodes bincode.
     ///
     /// # Errors
-    /// A store error for undecodable bytes.
+    /// [`ProcessorError::Codec`] for undecodable bytes.
     pub fn decode(bytes: &[u8]) -> ProcessorResult<Aggregate> {
         bincode::serde::decode_from_slice(bytes, bincode::config::standard())
             .map(|(aggregate, _)| aggregate)
-            .map_err(|err| ProcessorError::store(-1, "decode an aggregate", err))
+            .map_err(|err| ProcessorError::decode("an aggregate", err))
     }
 }
 

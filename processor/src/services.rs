@@ -1,6 +1,6 @@
 //! The shared services a fleet instance coordinates through: the lock backend, the fenced registry
 //! (membership and checkpoint records), the task store of fleet-wide jobs, the shared checkpoint store,
-//! the operator and the local RocksDB resources.
+//! the operator and the factory of local partition stores.
 //!
 //! [`Services::connect`] builds them all from one lock URL — `memory` (one process), `redis://…` or
 //! `postgres://…` — so every coordination structure lives in the same backend.
@@ -19,6 +19,7 @@ use state::{
 use crate::checkpoint::{CheckpointStore, DirectoryCheckpointStore};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::operator::{KeyedAggregation, Operator};
+use crate::store::StoreFactory;
 use crate::store::rocksdb::RocksDbStores;
 
 /// The shared services an instance uses. Clone it to run several instances in one process (they then
@@ -35,8 +36,9 @@ pub struct Services {
     pub checkpoints: Arc<dyn CheckpointStore>,
     /// The operator.
     pub operator: Arc<dyn Operator>,
-    /// Local RocksDB resources (one block cache and write-buffer manager for every partition).
-    pub stores: Arc<RocksDbStores>,
+    /// Opens the local partition stores: RocksDB by default (one block cache and write-buffer manager
+    /// for every partition of the instance), or any other [`StoreFactory`] such as the in-memory one.
+    pub stores: Arc<dyn StoreFactory>,
 }
 
 impl std::fmt::Debug for Services {
@@ -54,7 +56,7 @@ const WRITE_BUFFER_BYTES: usize = 64 << 20;
 
 impl Services {
     /// In-process services (locks, registry and tasks in memory) over the checkpoint directory
-    /// `checkpoint_dir`, with the built-in keyed aggregation.
+    /// `checkpoint_dir`, with the built-in keyed aggregation and RocksDB partition stores.
     ///
     /// # Errors
     /// An I/O error when `checkpoint_dir` cannot be created or written.

@@ -260,7 +260,7 @@ impl CheckpointStore for DirectoryCheckpointStore {
             files,
         };
         let bytes = serde_json::to_vec_pretty(&manifest)
-            .map_err(|err| ProcessorError::store(partition, "encode a manifest", err))?;
+            .map_err(|err| ProcessorError::encode("a checkpoint manifest", err))?;
         write_atomically(
             &manifests_dir.join(format!("{}.json", manifest.id())),
             &bytes,

@@ -1,14 +1,17 @@
 //! Checkpoints of partition state in a shared store (a directory standing in for object storage, behind
-//! [`CheckpointStore`]), with a [`Manifest`] per checkpoint written last and atomically.
+//! [`CheckpointStore`]), with a [`Manifest`] per checkpoint written last and atomically, and the fenced
+//! [`CheckpointRecord`] that names a partition's newest published checkpoint.
 
 pub mod directory;
 pub mod manifest;
+pub mod record;
 
 use std::path::Path;
 use std::time::Duration;
 
 pub use directory::DirectoryCheckpointStore;
 pub use manifest::{Manifest, ManifestFile};
+pub use record::{CheckpointRecord, CheckpointRecords};
 
 use crate::error::ProcessorResult;
 

@@ -1,12 +1,13 @@
 //! An in-process [`PartitionStore`]: a sorted map behind a mutex. Snapshots are one bincode file.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use super::{PartitionStore, StateBatch, StoreMeta};
+use super::{EntryVisitor, PartitionStore, StateBatch, StoreFactory, StoreMeta};
 use crate::error::{ProcessorError, ProcessorResult};
 
 const SNAPSHOT_FILE: &str = "memory-store.bin";
@@ -15,6 +16,23 @@ const SNAPSHOT_FILE: &str = "memory-store.bin";
 struct Contents {
     entries: BTreeMap<Vec<u8>, Vec<u8>>,
     meta: Option<(i64, u64)>,
+}
+
+/// The [`StoreFactory`] of in-memory stores: a directory holds at most a snapshot (written by
+/// [`PartitionStore::snapshot_to`] or restored from a checkpoint), which `open_store` loads; the live state
+/// is never written back to disk, so after a crash a partition restores from its last checkpoint and
+/// replays from Kafka.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InMemoryStores;
+
+impl StoreFactory for InMemoryStores {
+    fn open_store(&self, partition: i32, dir: &Path) -> ProcessorResult<Arc<dyn PartitionStore>> {
+        if dir.join(SNAPSHOT_FILE).exists() {
+            Ok(Arc::new(InMemoryPartitionStore::load(partition, dir)?))
+        } else {
+            Ok(Arc::new(InMemoryPartitionStore::new(partition)))
+        }
+    }
 }
 
 /// A partition's state in memory.
@@ -97,13 +115,26 @@ impl PartitionStore for InMemoryPartitionStore {
             }))
     }
 
-    fn entries(&self) -> ProcessorResult<Vec<(Vec<u8>, Vec<u8>)>> {
-        Ok(self
-            .contents()
-            .entries
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+    fn scan(&self, visit: &mut EntryVisitor<'_>) -> ProcessorResult<()> {
+        // One entry at a time, the lock released between them, so `visit` may read the store.
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let next = {
+                let contents = self.contents();
+                let mut range = match &after {
+                    Some(last) => contents
+                        .entries
+                        .range::<[u8], _>((Bound::Excluded(last.as_slice()), Bound::Unbounded)),
+                    None => contents.entries.range::<[u8], _>(..),
+                };
+                range.next().map(|(k, v)| (k.clone(), v.clone()))
+            };
+            let Some((key, value)) = next else {
+                return Ok(());
+            };
+            visit(&key, &value)?;
+            after = Some(key);
+        }
     }
 
     fn snapshot_to(&self, dir: &Path) -> ProcessorResult<()> {

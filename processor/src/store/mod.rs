@@ -11,6 +11,7 @@ pub mod memory;
 pub mod rocksdb;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::ProcessorResult;
 
@@ -77,6 +78,9 @@ impl StateBatch {
     }
 }
 
+/// Receives each state entry of a [`PartitionStore::scan`]: key and value; an error stops the scan.
+pub type EntryVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> ProcessorResult<()> + 'a;
+
 /// What a store remembers besides the state: where to resume and under which owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreMeta {
@@ -113,19 +117,46 @@ pub trait PartitionStore: Send + Sync {
     /// A store error.
     fn meta(&self) -> ProcessorResult<Option<StoreMeta>>;
 
-    /// Every state entry, in key order.
+    /// Visits every state entry in key order, one at a time (nothing is collected); stops at the first
+    /// error `visit` returns.
+    ///
+    /// # Errors
+    /// A store error, or `visit`'s.
+    fn scan(&self, visit: &mut EntryVisitor<'_>) -> ProcessorResult<()>;
+
+    /// Every state entry in key order, collected (for tests and small stores; [`scan`](Self::scan)
+    /// streams).
     ///
     /// # Errors
     /// A store error.
-    fn entries(&self) -> ProcessorResult<Vec<(Vec<u8>, Vec<u8>)>>;
+    fn entries(&self) -> ProcessorResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut entries = Vec::new();
+        self.scan(&mut |key, value| {
+            entries.push((key.to_vec(), value.to_vec()));
+            Ok(())
+        })?;
+        Ok(entries)
+    }
 
     /// Writes a consistent snapshot of the whole store (state and meta) into the new directory `dir`, from
-    /// which [`open`](rocksdb::RocksDbStores::open) (or the store's own loader) can reopen it. For RocksDB
+    /// which the store's [`StoreFactory`] can reopen it. For RocksDB
     /// these are hard links, so the cost does not grow with the state size.
     ///
     /// # Errors
     /// A store or I/O error.
     fn snapshot_to(&self, dir: &Path) -> ProcessorResult<()>;
+}
+
+/// Opens partition stores of one kind: the fleet gets its stores through this, never naming their type,
+/// so the same fleet runs on RocksDB ([`rocksdb::RocksDbStores`]) or in memory
+/// ([`memory::InMemoryStores`]).
+pub trait StoreFactory: Send + Sync {
+    /// Opens the store of `partition` kept in `dir`: the state left there by an earlier run or restored
+    /// there from a snapshot, or a new empty store when `dir` holds none.
+    ///
+    /// # Errors
+    /// A store or I/O error.
+    fn open_store(&self, partition: i32, dir: &Path) -> ProcessorResult<Arc<dyn PartitionStore>>;
 }
 
 /// Checks every store implementation the same way (TiKV's `engine_traits_tests` idea).

@@ -8,7 +8,7 @@
 //! the immutable SST files, so taking one barely depends on the state size.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{
@@ -16,7 +16,7 @@ use rocksdb::{
     WriteBufferManager, WriteOptions,
 };
 
-use super::{PartitionStore, StateBatch, StoreMeta};
+use super::{EntryVisitor, PartitionStore, StateBatch, StoreFactory, StoreMeta};
 use crate::error::{ProcessorError, ProcessorResult};
 
 const META_CF: &str = "meta";
@@ -90,6 +90,12 @@ impl RocksDbStores {
             write_lock: Mutex::new(()),
             sync_writes: self.sync_writes,
         })
+    }
+}
+
+impl StoreFactory for RocksDbStores {
+    fn open_store(&self, partition: i32, dir: &Path) -> ProcessorResult<Arc<dyn PartitionStore>> {
+        Ok(Arc::new(self.open(partition, dir)?))
     }
 }
 
@@ -196,14 +202,13 @@ impl PartitionStore for RocksDbPartitionStore {
             }))
     }
 
-    fn entries(&self) -> ProcessorResult<Vec<(Vec<u8>, Vec<u8>)>> {
-        self.db
-            .iterator(IteratorMode::Start)
-            .map(|item| {
-                item.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(|err| ProcessorError::store(self.partition, "scan", err))
-            })
-            .collect()
+    fn scan(&self, visit: &mut EntryVisitor<'_>) -> ProcessorResult<()> {
+        for item in self.db.iterator(IteratorMode::Start) {
+            let (key, value) =
+                item.map_err(|err| ProcessorError::store(self.partition, "scan", err))?;
+            visit(&key, &value)?;
+        }
+        Ok(())
     }
 
     fn snapshot_to(&self, dir: &Path) -> ProcessorResult<()> {

@@ -2,14 +2,17 @@
 //!
 //! # Keys
 //! For a resource `R` and the key prefix `P` (default `state:`):
-//! - `P` `lock:` `R` — a hash `{owner, fence, acquired_ms}` that expires with the lease (`PEXPIRE`);
+//! - `P` `lock:` `R` — a string `"{owner}:{acquired_ms}"` written with `SET … NX PX ttl`, so it expires
+//!   with the lease (the acquired time is the client's wall clock, informational only);
 //! - `P` `fence:` `R` — the fencing counter, **without** TTL, so tokens keep increasing across expiry.
-//!   One small key per distinct resource name ever locked.
+//!   One small key per distinct resource name ever locked. While a lease exists nobody else can `INCR`
+//!   it, so its value is the holder's fencing token.
 //!
-//! Acquire is one Lua script, one round trip: "does the lease exist? if not, `INCR` the fence counter,
-//! write the lease, `PEXPIRE` it" — the atomic equivalent of `SET lock owner NX PX ttl` plus the counter.
-//! Release and extend are owner-checked scripts (compare-and-delete, compare-and-`PEXPIRE`). Scripts are
-//! sent as `EVALSHA` with an automatic `EVAL` fallback.
+//! Acquire is one Lua script, one round trip, two commands: `SET lock value NX PX ttl` and, when granted,
+//! `INCR` of the counter (`scripts/acquire.lua`). Release and extend are owner-checked scripts
+//! (compare-and-`DEL`, compare-and-`PEXPIRE` on the `owner:` prefix of the value); `info` reads the value,
+//! the counter and `PTTL` with the server's `TIME`. Scripts are sent as `EVALSHA` with an automatic `EVAL`
+//! fallback.
 //!
 //! # Durability of fencing tokens
 //! The fence counter is as durable as the Redis server: with persistence off, a restarted server

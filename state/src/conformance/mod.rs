@@ -598,6 +598,127 @@ pub async fn dead_server_errors_then_recovers(
     guard.release().await.expect("release after recovery");
 }
 
+/// How late a loss signal may come after the safe deadline in [`hung_backend_reports_lost_by_the_safe_deadline`]
+/// (scheduling slack; the renewal itself is not allowed to wait past the deadline).
+pub const LOSS_SLACK: Duration = Duration::from_millis(100);
+
+/// With the server *hung* (`server.stop()` must make it accept requests and never answer — a frozen
+/// network proxy, or a SIGSTOP'd server), every holder is told the lock is lost no later than its safe
+/// deadline + [`LOSS_SLACK`]: a [`KeptLock`](crate::recipes::keeper::KeptLock), work under
+/// [`with_lock`](crate::recipes::keeper::with_lock) (dropped at that moment) and an elected leader
+/// (stepped down). A renewal that waits for the backend's own operation timeout fails this check.
+pub async fn hung_backend_reports_lost_by_the_safe_deadline(
+    backend: &dyn ConformanceBackend,
+    server: &dyn ServerControl,
+) {
+    use crate::recipes::keeper::{KeptLock, RenewalPolicy, with_lock};
+    use crate::recipes::leader::{LeaderElection, Leadership};
+    use tokio::time::Instant;
+
+    const HUNG_TTL: Duration = Duration::from_millis(1500);
+    let lock = backend.lock(quick()).await;
+
+    let kept = bounded(
+        "acquire a kept lock",
+        KeptLock::acquire(
+            &lock,
+            &resource("hung-kept"),
+            HUNG_TTL,
+            RenewalPolicy::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("acquire a kept lock: {err}"));
+
+    let (context_tx, context_rx) = tokio::sync::oneshot::channel();
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let work = {
+        let lock = Arc::clone(&lock);
+        let name = resource("hung-with-lock");
+        tokio::spawn(async move {
+            with_lock(&lock, &name, HUNG_TTL, |ctx| async move {
+                /// Records the instant the work future is dropped.
+                struct OnDrop(Option<tokio::sync::oneshot::Sender<Instant>>);
+                impl Drop for OnDrop {
+                    fn drop(&mut self) {
+                        if let Some(tx) = self.0.take() {
+                            let _ = tx.send(Instant::now());
+                        }
+                    }
+                }
+                let _on_drop = OnDrop(Some(dropped_tx));
+                let _ = context_tx.send(ctx);
+                std::future::pending::<()>().await
+            })
+            .await
+        })
+    };
+    let context = bounded("with_lock starts its work", context_rx)
+        .await
+        .unwrap_or_else(|_| panic!("with_lock never ran its work"));
+
+    let election = LeaderElection::new(Arc::clone(&lock), &resource("hung-leader"), "me", HUNG_TTL)
+        .unwrap_or_else(|err| panic!("leader election: {err}"));
+    assert!(
+        bounded("campaign", election.try_become_leader())
+            .await
+            .unwrap_or_else(|err| panic!("campaign: {err}")),
+        "the only candidate must lead"
+    );
+    let term = election
+        .term_context()
+        .unwrap_or_else(|| panic!("a leader has a term"));
+    let mut leadership = election.watch();
+
+    // Steady state: renewals have happened; then the backend hangs.
+    let renewed_by = Instant::now() + HUNG_TTL * 2;
+    while kept.renewals() < 1 {
+        assert!(Instant::now() < renewed_by, "the kept lock never renewed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+    let hung_at = Instant::now();
+
+    let kept_lost = async {
+        bounded("a kept lock's loss signal", kept.lost()).await;
+        Instant::now()
+    };
+    let leader_lost = async {
+        bounded(
+            "the leader stepping down",
+            leadership.wait_for(|state| *state == Leadership::Follower),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the election's state channel closed"));
+        Instant::now()
+    };
+    let work_dropped = async {
+        bounded("work under with_lock being dropped", dropped_rx)
+            .await
+            .unwrap_or_else(|_| panic!("with_lock's work was never dropped"))
+    };
+    let (kept_at, leader_at, work_at) = tokio::join!(kept_lost, leader_lost, work_dropped);
+    for (what, at, deadline) in [
+        ("a kept lock", kept_at, kept.valid_until()),
+        ("work under with_lock", work_at, context.valid_until()),
+        ("the leader", leader_at, term.valid_until()),
+    ] {
+        assert!(
+            at <= deadline + LOSS_SLACK,
+            "{what} was told it lost the lock {:?} after its safe deadline (hung {:?} before the deadline)",
+            at - deadline,
+            deadline.saturating_duration_since(hung_at),
+        );
+    }
+    match bounded("with_lock returning", work).await {
+        Ok(Err(StateError::LockLost { .. })) => {}
+        other => panic!("with_lock must end with LockLost: {other:?}"),
+    }
+    server.start().await;
+    drop(kept);
+    drop(election);
+}
+
 /// Expands to one `#[tokio::test]` per conformance check. The first argument is an expression giving a
 /// [`ConformanceBackend`] (it may `.await`), the second an `Arc`-able [`UnsyncCounter`] for the
 /// contention check. The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.

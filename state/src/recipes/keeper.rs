@@ -2,6 +2,12 @@
 //! lost — no later than the guard's safe local deadline, so protected work can stop before another holder
 //! can start.
 //!
+//! Every renewal races the safe deadline: an extension that hangs (a frozen server, a cut network, a
+//! stalled pool) is abandoned the moment the lease may have run out on the server, and the loss is
+//! signalled then — not when the backend's own operation timeout fires. Releasing or dropping a
+//! [`KeptLock`] also cancels its lost-token: work holding the context stops whenever the lock is no
+//! longer held, for whatever reason.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> state::StateResult<()> {
@@ -32,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -91,6 +97,7 @@ pub struct LockContext {
     resource: Arc<str>,
     fencing_token: u64,
     lost: CancellationToken,
+    valid_until: Arc<watch::Sender<Instant>>,
 }
 
 impl LockContext {
@@ -113,6 +120,12 @@ impl LockContext {
     pub fn is_lost(&self) -> bool {
         self.lost.is_cancelled()
     }
+
+    /// The safe local deadline of the latest grant or renewal: the lock is reported lost no later than
+    /// this unless a renewal moves it.
+    pub fn valid_until(&self) -> Instant {
+        *self.valid_until.borrow()
+    }
 }
 
 /// A lock kept alive by a background renewal task. Release it with [`release`](Self::release); dropping
@@ -124,6 +137,8 @@ pub struct KeptLock {
     renewals: Arc<AtomicU32>,
     stop: CancellationToken,
     _stop_on_drop: DropGuard,
+    /// Released or dropped, the lock is no longer held: the context's lost-token fires.
+    _lost_on_drop: DropGuard,
     task: Option<JoinHandle<()>>,
 }
 
@@ -182,12 +197,13 @@ impl KeptLock {
     pub fn keep(guard: LockGuard, ttl: Duration, policy: RenewalPolicy) -> KeptLock {
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
+        let deadline = guard.valid_until();
         let context = LockContext {
             resource: Arc::from(guard.resource()),
             fencing_token: guard.fencing_token(),
             lost: lost.clone(),
+            valid_until: Arc::new(watch::channel(deadline).0),
         };
-        let deadline = guard.valid_until();
         let guard = Arc::new(Mutex::new(Some(guard)));
         let renewals = Arc::new(AtomicU32::new(0));
         let task = tokio::spawn(renew(
@@ -195,10 +211,11 @@ impl KeptLock {
                 guard: Arc::clone(&guard),
                 ttl,
                 policy,
-                lost,
+                lost: lost.clone(),
                 stop: stop.clone(),
                 renewals: Arc::clone(&renewals),
                 resource: Arc::clone(&context.resource),
+                valid_until: Arc::clone(&context.valid_until),
             },
             deadline,
         ));
@@ -207,6 +224,7 @@ impl KeptLock {
             context,
             renewals,
             _stop_on_drop: stop.clone().drop_guard(),
+            _lost_on_drop: lost.drop_guard(),
             stop,
             task: Some(task),
         }
@@ -240,6 +258,11 @@ impl KeptLock {
     /// Whether the lock has been lost. Once true it stays true.
     pub fn is_lost(&self) -> bool {
         self.context.is_lost()
+    }
+
+    /// The safe local deadline of the latest grant or renewal (see [`LockContext::valid_until`]).
+    pub fn valid_until(&self) -> Instant {
+        self.context.valid_until()
     }
 
     /// How many times the lease was renewed.
@@ -286,6 +309,7 @@ struct Renewal {
     stop: CancellationToken,
     renewals: Arc<AtomicU32>,
     resource: Arc<str>,
+    valid_until: Arc<watch::Sender<Instant>>,
 }
 
 impl Renewal {
@@ -333,17 +357,30 @@ async fn renew(renewal: Renewal, mut deadline: Instant) {
         if renewal.stop.is_cancelled() {
             return; // released: never extend after the release began
         }
-        match guard.extend(renewal.ttl).await {
-            Ok(()) => {
+        // The extension races the safe deadline: past it the server may have expired the lease and
+        // granted it to someone else, whatever the backend's own operation timeout says.
+        let extended = tokio::select! {
+            biased;
+            _ = tokio::time::sleep_until(deadline) => None,
+            extended = guard.extend(renewal.ttl) => Some(extended),
+        };
+        match extended {
+            None => {
+                renewal
+                    .declare_lost("the backend did not confirm a renewal before the safe deadline");
+                return;
+            }
+            Some(Ok(())) => {
                 renewal.renewals.fetch_add(1, Ordering::SeqCst);
                 deadline = guard.valid_until();
+                renewal.valid_until.send_replace(deadline);
                 next = Instant::now() + interval;
             }
-            Err(err) if err.is_retryable() => {
+            Some(Err(err)) if err.is_retryable() => {
                 tracing::debug!(resource = %renewal.resource, error = %err, "renewal failed, retrying");
                 next = Instant::now() + renewal.policy.retry_delay;
             }
-            Err(err) => {
+            Some(Err(err)) => {
                 renewal.declare_lost(&err.to_string());
                 return;
             }
@@ -394,8 +431,10 @@ where
     match outcome {
         Some(value) => kept.release().await.map(|()| value),
         None => {
+            // Lost: say so now. The release goes on in the background (dropping the kept lock hands it
+            // to the runtime), so a hung backend cannot hold the caller past the safe deadline.
             let resource = kept.resource().to_owned();
-            let _ = kept.release().await;
+            drop(kept);
             Err(StateError::LockLost { resource })
         }
     }

@@ -26,9 +26,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::lock::{validate_resource, validate_ttl};
-use crate::recipes::keeper::{KeptLock, RenewalPolicy};
+use crate::recipes::keeper::{KeptLock, LockContext, RenewalPolicy};
 use crate::{DistributedLock, StateError, StateResult};
 
 /// Where a candidate stands.
@@ -55,9 +56,11 @@ pub struct LeaderElection {
     term: Mutex<Option<Term>>,
 }
 
+/// One term. The watcher comes first so that it is aborted before the kept lock is dropped (which
+/// cancels the lost-token the watcher waits on): a dropped election ends its watcher quietly.
 struct Term {
+    watcher: AbortOnDropHandle<()>,
     kept: KeptLock,
-    watcher: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for LeaderElection {
@@ -128,12 +131,12 @@ impl LeaderElection {
         let lost = kept.lost_token();
         let state = self.state.clone();
         let (resource, candidate) = (self.resource.clone(), self.candidate.clone());
-        let watcher = tokio::spawn(async move {
+        let watcher = AbortOnDropHandle::new(tokio::spawn(async move {
             lost.cancelled().await;
             tracing::warn!(resource, candidate, fencing_token, "leadership lost");
             state.send_replace(Leadership::Follower);
-        });
-        if let Some(old) = self.term().replace(Term { kept, watcher }) {
+        }));
+        if let Some(old) = self.term().replace(Term { watcher, kept }) {
             old.watcher.abort();
         }
         tracing::info!(resource = %self.resource, candidate = %self.candidate, fencing_token, "became leader");
@@ -176,6 +179,11 @@ impl LeaderElection {
     /// A token cancelled when the current term ends (`None` when not leading): hand it to leader-only work.
     pub fn term_token(&self) -> Option<CancellationToken> {
         self.term().as_ref().map(|t| t.kept.lost_token())
+    }
+
+    /// The current term's context — fencing token, lost-token and safe deadline — while leading.
+    pub fn term_context(&self) -> Option<LockContext> {
+        self.term().as_ref().map(|t| t.kept.context())
     }
 
     /// Leadership changes, starting with the current state.

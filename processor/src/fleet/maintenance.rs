@@ -20,58 +20,9 @@ use state::recipes::tasks::{TaskOutcome, TaskQueue, TaskStore};
 use state::{DistributedLock, StateError, StateResult};
 
 use crate::checkpoint::CheckpointStore;
+use crate::config::MaintenanceConfig;
 use crate::error::ProcessorResult;
-
-/// The id of the recurring maintenance job of `partition` of `topic` in fleet `group`.
-pub fn maintenance_task_id(group: &str, topic: &str, partition: i32) -> String {
-    format!("maintain:{group}:{topic}:{partition}")
-}
-
-/// How maintenance runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct MaintenanceConfig {
-    /// How often each partition's job is due.
-    pub every: Duration,
-    /// Checkpoints kept per partition.
-    pub keep_checkpoints: usize,
-    /// How long an unreferenced file must have been unused before it is deleted.
-    pub grace: Duration,
-    /// Lease of task claims and compaction locks (renewed while running).
-    pub claim_ttl: Duration,
-}
-
-impl Default for MaintenanceConfig {
-    /// Every 10 s, keep 3, a 60 s grace, 5 s claims.
-    fn default() -> Self {
-        MaintenanceConfig {
-            every: Duration::from_secs(10),
-            keep_checkpoints: 3,
-            grace: Duration::from_secs(60),
-            claim_ttl: Duration::from_secs(5),
-        }
-    }
-}
-
-impl MaintenanceConfig {
-    /// Sets how often each partition's job is due.
-    pub fn with_every(mut self, every: Duration) -> Self {
-        self.every = every;
-        self
-    }
-
-    /// Sets how many checkpoints are kept per partition (at least one always is).
-    pub fn with_keep_checkpoints(mut self, keep: usize) -> Self {
-        self.keep_checkpoints = keep;
-        self
-    }
-
-    /// Sets how long an unreferenced file must have been unused before it is deleted.
-    pub fn with_grace(mut self, grace: Duration) -> Self {
-        self.grace = grace;
-        self
-    }
-}
+use crate::resources::maintenance_task_id;
 
 /// What one claimed job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,8 +50,8 @@ pub enum MaintenanceOutcome {
 pub struct MaintenanceRun {
     /// The task id.
     pub task_id: String,
-    /// The partition it maintained.
-    pub partition: i32,
+    /// The partition it maintained (`None` when the job's payload named none: it failed).
+    pub partition: Option<i32>,
     /// The claim's fencing token.
     pub fencing_token: u64,
     /// What happened.
@@ -189,7 +140,7 @@ impl Maintenance {
             })
             .await?;
         let Some(run) = run else { return Ok(None) };
-        let partition = ran.as_ref().map_or(-1, |(p, _)| *p);
+        let partition = ran.as_ref().map(|(p, _)| *p);
         let outcome = match (run.outcome, ran) {
             (TaskOutcome::Completed, Some((_, outcome))) => outcome,
             (TaskOutcome::Completed, None) => MaintenanceOutcome::Skipped,
@@ -329,13 +280,13 @@ mod tests {
             outcomes,
             vec![
                 (
-                    0,
+                    Some(0),
                     MaintenanceOutcome::Compacted {
                         removed_checkpoints: 0
                     }
                 ),
                 (
-                    1,
+                    Some(1),
                     MaintenanceOutcome::Compacted {
                         removed_checkpoints: 3
                     }

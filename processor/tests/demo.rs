@@ -2,7 +2,10 @@
 //! PostgreSQL, the fleet (3 instances, one killed abruptly mid-stream, one added) must end with state
 //! equal to the exact recomputation, with a leader elected and maintenance jobs run.
 
-use processor::demo::{DemoConfig, run_demo};
+// Test and benchmark code: a failed step is a failed run, so helpers unwrap.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use processor::dev::demo::{DemoConfig, Quiet, run_demo};
 
 use integration_tests::RedisServer;
 
@@ -11,12 +14,11 @@ fn small_demo(lock_url: &str) -> DemoConfig {
     config.lock_url = lock_url.to_owned();
     config.records = 30_000;
     config.keys = 200;
-    config.progress = false;
     config
 }
 
 async fn check(config: DemoConfig) {
-    let report = run_demo(config).await.expect("the demo runs");
+    let report = run_demo(config, &mut Quiet).await.expect("the demo runs");
     assert!(
         report.exact(),
         "{} of {} keys differ: {:?}",

@@ -5,23 +5,22 @@
 //! aggregates with a recomputation of the workload and prints the verdict and the throughput.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::{DevBroker, Workload};
+use crate::config::{InstanceConfig, MaintenanceConfig};
 use crate::error::{ProcessorError, ProcessorResult};
-use crate::fleet::{Instance, InstanceConfig, InstanceStatus, checkpointed_offset};
-use crate::inspect::checkpointed_aggregates;
-use crate::kafka::{DevBroker, Workload, high_watermark};
-use crate::maintenance::MaintenanceConfig;
+use crate::fleet::{Instance, InstanceStatus};
+use crate::inspect::{checkpointed_aggregates, checkpointed_offset};
 use crate::services::Services;
+use crate::source::high_watermark;
 use crate::store::rocksdb::RocksDbStores;
 
 /// How the demo runs.
@@ -44,8 +43,6 @@ pub struct DemoConfig {
     pub seed: u64,
     /// Where state and checkpoints go (a temporary directory, removed at the end, when `None`).
     pub work_dir: Option<PathBuf>,
-    /// Draw progress bars (when stderr is a terminal); otherwise print a status line every few seconds.
-    pub progress: bool,
 }
 
 impl Default for DemoConfig {
@@ -60,7 +57,6 @@ impl Default for DemoConfig {
             keys: 1_000,
             seed: 42,
             work_dir: None,
-            progress: true,
         }
     }
 }
@@ -100,113 +96,34 @@ impl DemoReport {
     }
 }
 
-/// The demo's console: progress bars on a terminal, periodic plain lines elsewhere.
-struct Console {
-    bars: MultiProgress,
-    produced: ProgressBar,
-    checkpointed: ProgressBar,
-    lines: BTreeMap<String, ProgressBar>,
-    plain: bool,
-    last_plain: Instant,
-}
-
-impl Console {
-    fn new(records: u64, progress: bool) -> Self {
-        let plain = !(progress && std::io::stderr().is_terminal());
-        let bars = MultiProgress::with_draw_target(if plain {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
-        });
-        let style = ProgressStyle::with_template(
-            "{prefix:>13} [{bar:40.cyan/blue}] {human_pos:>7}/{human_len:7} {elapsed:>4} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-        let produced = bars.add(ProgressBar::new(records).with_style(style.clone()));
-        produced.set_prefix("produced");
-        let checkpointed = bars.add(ProgressBar::new(records).with_style(style));
-        checkpointed.set_prefix("checkpointed");
-        Console {
-            bars,
-            produced,
-            checkpointed,
-            lines: BTreeMap::new(),
-            plain,
-            last_plain: Instant::now(),
-        }
+/// What the demo shows while it runs. The `processor` binary draws it as progress bars; tests pass
+/// [`Quiet`]. Every method has an empty default.
+pub trait DemoObserver: Send {
+    /// Something happened: the broker started, an instance was killed or joined, a new leader.
+    fn event(&mut self, message: &str) {
+        let _ = message;
     }
 
-    fn event(&self, message: &str) {
-        if self.plain {
-            eprintln!("[demo] {message}");
-        } else {
-            let _ = self.bars.println(format!("  » {message}"));
-        }
-    }
-
-    fn instance_line(&mut self, id: &str) -> &ProgressBar {
-        let bars = &self.bars;
-        self.lines.entry(id.to_owned()).or_insert_with(|| {
-            let line = bars.add(
-                ProgressBar::new_spinner().with_style(
-                    ProgressStyle::with_template("{prefix:>13} {msg}")
-                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-                ),
-            );
-            line.set_prefix(format!("instance {id}"));
-            line
-        })
-    }
-
-    fn update(
+    /// Progress, a few times a second: records produced and covered by checkpoints so far, and every
+    /// instance's status with whether it is alive (the killed one stays, frozen as it was).
+    fn progress(
         &mut self,
         produced: u64,
         checkpointed: u64,
-        statuses: &BTreeMap<String, (InstanceStatus, bool)>,
+        instances: &BTreeMap<String, (InstanceStatus, bool)>,
     ) {
-        self.produced.set_position(produced);
-        self.checkpointed.set_position(checkpointed);
-        let mut summary = Vec::new();
-        for (id, (status, alive)) in statuses {
-            let line = describe(status, *alive);
-            summary.push(format!("{id}: {line}"));
-            self.instance_line(id).set_message(line);
-        }
-        if self.plain && self.last_plain.elapsed() >= Duration::from_secs(3) {
-            self.last_plain = Instant::now();
-            eprintln!("[demo] produced {produced}, checkpointed {checkpointed}");
-            for line in summary {
-                eprintln!("[demo]   {line}");
-            }
-        }
+        let _ = (produced, checkpointed, instances);
     }
 
-    fn finish(&self) {
-        self.produced.finish();
-        self.checkpointed.finish();
-        for line in self.lines.values() {
-            line.finish();
-        }
-    }
+    /// The fleet has stopped; the verdict follows.
+    fn finish(&mut self) {}
 }
 
-fn describe(status: &InstanceStatus, alive: bool) -> String {
-    if !alive {
-        return "KILLED (no shutdown: its claims lapse and others take over)".to_owned();
-    }
-    let owned: Vec<String> = status.owned.keys().map(ToString::to_string).collect();
-    format!(
-        "{:<8} partitions [{}]  applied {}  checkpoints {}  restores {}  task claims {}  compactions {}",
-        if status.leader { "LEADER" } else { "follower" },
-        owned.join(","),
-        status.processed,
-        status.checkpoints,
-        status.restores,
-        status.task_claims,
-        status.compactions,
-    )
-}
+/// A [`DemoObserver`] that shows nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quiet;
+
+impl DemoObserver for Quiet {}
 
 struct Member {
     handle: JoinHandle<ProcessorResult<()>>,
@@ -215,12 +132,15 @@ struct Member {
     alive: bool,
 }
 
-/// Runs the demo.
+/// Runs the demo, telling `observer` what happens.
 ///
 /// # Errors
 /// A broker, lock-backend or I/O error; an invalid configuration. A wrong result is not an error: see
 /// [`DemoReport::exact`].
-pub async fn run_demo(config: DemoConfig) -> ProcessorResult<DemoReport> {
+pub async fn run_demo(
+    config: DemoConfig,
+    observer: &mut dyn DemoObserver,
+) -> ProcessorResult<DemoReport> {
     if config.instances < 2 || config.records == 0 || config.keys == 0 {
         return Err(ProcessorError::InvalidInput {
             what: "demo",
@@ -248,8 +168,7 @@ pub async fn run_demo(config: DemoConfig) -> ProcessorResult<DemoReport> {
         seed: config.seed,
         partitions: config.partitions,
     };
-    let mut console = Console::new(config.records, config.progress);
-    console.event(&format!(
+    observer.event(&format!(
         "mock Kafka cluster at {brokers}; topic {} with {} partitions; locks: {}; work dir {}",
         config.topic,
         config.partitions,
@@ -324,7 +243,7 @@ pub async fn run_demo(config: DemoConfig) -> ProcessorResult<DemoReport> {
     for name in &names {
         fleet.insert(name.clone(), start_member(name)?);
     }
-    console.event(&format!("started instances {}", names.join(", ")));
+    observer.event(&format!("started instances {}", names.join(", ")));
     let victim = names[1].clone();
     let newcomer = char::from(b'a' + (config.instances % 26) as u8).to_string();
     let (mut killed, mut joined) = (false, false);
@@ -354,12 +273,12 @@ pub async fn run_demo(config: DemoConfig) -> ProcessorResult<DemoReport> {
         if let Some((id, _)) = statuses.iter().find(|(_, (s, alive))| s.leader && *alive)
             && leaders.last() != Some(id)
         {
-            console.event(&format!(
+            observer.event(&format!(
                 "instance {id} leads the fleet (schedules maintenance)"
             ));
             leaders.push(id.clone());
         }
-        console.update(produced_now, checkpointed, &statuses);
+        observer.progress(produced_now, checkpointed, &statuses);
 
         if !killed && checkpointed >= config.records * 3 / 10 {
             if let Some(member) = fleet.get_mut(&victim) {
@@ -369,18 +288,18 @@ pub async fn run_demo(config: DemoConfig) -> ProcessorResult<DemoReport> {
             }
             killed = true;
             let _ = kill_done.send(true);
-            console.event(&format!(
+            observer.event(&format!(
                 "killed instance {victim} abruptly (no checkpoint, no hand-off)"
             ));
         }
         if killed && !joined && checkpointed >= config.records / 2 {
             fleet.insert(newcomer.clone(), start_member(&newcomer)?);
             joined = true;
-            console.event(&format!("instance {newcomer} joined the fleet"));
+            observer.event(&format!("instance {newcomer} joined the fleet"));
         }
         if let Some(done) = producer.take_if(|handle| handle.is_finished()) {
             done.await
-                .map_err(|err| ProcessorError::store(-1, "produce the workload", err))??;
+                .map_err(ProcessorError::task("produce the workload"))??;
             let mut marks = Vec::new();
             for partition in 0..config.partitions {
                 marks.push(high_watermark(&brokers, &config.topic, partition)?);
@@ -393,7 +312,7 @@ pub async fn run_demo(config: DemoConfig) -> ProcessorResult<DemoReport> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let processing_time = started.elapsed();
-    console.event(&format!(
+    observer.event(&format!(
         "every partition checkpointed up to its end after {:.1} s; stopping the fleet gracefully",
         processing_time.as_secs_f64()
     ));
@@ -405,15 +324,19 @@ pub async fn run_demo(config: DemoConfig) -> ProcessorResult<DemoReport> {
         if member.alive {
             match member.handle.await {
                 Ok(outcome) => outcome?,
-                Err(err) => return Err(ProcessorError::store(-1, "join an instance", err)),
+                Err(err) => return Err(ProcessorError::task(format!("instance {id}"))(err)),
             }
             final_statuses.insert(id.clone(), member.status.borrow().clone());
         }
         applied_with_replays += final_statuses.get(&id).map_or(0, |s| s.processed);
     }
-    console.finish();
+    observer.finish();
 
-    let (state, _skipped) = checkpointed_aggregates(base.checkpoints.as_ref(), &config.topic)?;
+    let (state, _skipped) = checkpointed_aggregates(
+        base.checkpoints.as_ref(),
+        base.stores.as_ref(),
+        &config.topic,
+    )?;
     let expected = workload.expected();
     let mut mismatches = Vec::new();
     let mut matching_keys = 0;

@@ -20,25 +20,11 @@ use state::recipes::fenced::FencedStore;
 use state::recipes::keeper::{KeptLock, RenewalPolicy};
 
 use crate::error::{ProcessorError, ProcessorResult};
+use crate::hash::stable_hash;
 
-/// Stable 64-bit FNV-1a, for rendezvous weights (must agree across processes and releases).
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for byte in part.iter().chain([0xffu8].iter()) {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    // A final avalanche (splitmix64) so similar ids do not get correlated weights.
-    let mut z = hash.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
+/// The rendezvous weight of `member` for `partition` (stable across processes and releases).
 fn weight(topic: &str, partition: i32, member: &str) -> u64 {
-    fnv1a(&[
+    stable_hash(&[
         topic.as_bytes(),
         &partition.to_be_bytes(),
         member.as_bytes(),

@@ -3,14 +3,17 @@
 //! half-way (everything dropped, nothing graceful), a restart from the offsets stored with the state, and
 //! the final state compared with the exact recomputation.
 
+// Test and benchmark code: a failed step is a failed run, so helpers unwrap.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use processor::kafka::{
-    DevBroker, OutputSink, Workload, consume_partition, high_watermark, partition_consumer,
-};
+use processor::dev::{DevBroker, Workload};
 use processor::operator::{Aggregate, KeyedAggregation, Operator};
 use processor::partition::PartitionProcessor;
+use processor::sink::OutputSink;
+use processor::source::{consume_partition, high_watermark, partition_consumer};
 use processor::store::PartitionStore;
 use processor::store::rocksdb::RocksDbStores;
 use rdkafka::ClientConfig;

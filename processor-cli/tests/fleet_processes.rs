@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use integration_tests::RedisServer;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use processor::kafka::Workload;
+use processor::dev::Workload;
 
 const BIN: &str = env!("CARGO_BIN_EXE_processor");
 const TOPIC: &str = "orders";

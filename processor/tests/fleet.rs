@@ -1,14 +1,20 @@
 //! A fleet of processor instances in one process on the mock cluster: 3 instances over 8 partitions, one
 //! stopped abruptly mid-stream and a fourth added; the state in the final checkpoints equals the exact
-//! recomputation (no record lost or double-counted).
+//! recomputation (no record lost or double-counted). Once with RocksDB partition stores, once with the
+//! in-memory ones: the fleet only knows the `StoreFactory` trait.
 
+// Test code: a failed step is a failed run, so helpers unwrap.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use processor::Services;
-use processor::fleet::{Instance, InstanceConfig};
+use processor::dev::{DevBroker, Workload};
 use processor::inspect::checkpointed_aggregates;
-use processor::kafka::{DevBroker, Workload, high_watermark};
-use processor::maintenance::MaintenanceConfig;
+use processor::source::high_watermark;
+use processor::store::StoreFactory;
+use processor::store::memory::InMemoryStores;
+use processor::{Instance, InstanceConfig, MaintenanceConfig, Services};
 use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
@@ -16,6 +22,16 @@ const PARTITIONS: i32 = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fleet_survives_an_abrupt_stop_and_a_join_with_exact_state() {
+    abrupt_stop_and_join_is_exact(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fleet_on_in_memory_stores_survives_an_abrupt_stop_and_a_join_with_exact_state() {
+    abrupt_stop_and_join_is_exact(Some(Arc::new(InMemoryStores))).await;
+}
+
+/// The scenario, on the default RocksDB stores or on `stores`.
+async fn abrupt_stop_and_join_is_exact(stores: Option<Arc<dyn StoreFactory>>) {
     integration_tests::init_tracing();
     let broker = DevBroker::start(TOPIC, PARTITIONS).unwrap();
     let brokers = broker.bootstrap_servers();
@@ -31,7 +47,10 @@ async fn fleet_survives_an_abrupt_stop_and_a_join_with_exact_state() {
         .unwrap();
 
     let root = tempfile::tempdir().unwrap();
-    let services = Services::in_memory(root.path().join("shared")).unwrap();
+    let mut services = Services::in_memory(root.path().join("shared")).unwrap();
+    if let Some(stores) = stores {
+        services.stores = stores;
+    }
     let shared = services.checkpoints.clone();
     let start = |id: &str| {
         let config = InstanceConfig::new(id, TOPIC, PARTITIONS, &brokers, root.path().join(id))
@@ -140,7 +159,8 @@ async fn fleet_survives_an_abrupt_stop_and_a_join_with_exact_state() {
     }
 
     // The state in the final checkpoints is exactly the recomputation.
-    let (state, skipped) = checkpointed_aggregates(shared.as_ref(), TOPIC).unwrap();
+    let (state, skipped) =
+        checkpointed_aggregates(shared.as_ref(), services.stores.as_ref(), TOPIC).unwrap();
     assert!(skipped.is_empty());
     let expected = workload.expected();
     assert_eq!(state.len(), expected.len());

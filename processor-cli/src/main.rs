@@ -18,16 +18,19 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod console;
+
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use processor::Services;
 use processor::checkpoint::DirectoryCheckpointStore;
-use processor::demo::{DemoConfig, run_demo};
-use processor::fleet::{Instance, InstanceConfig};
+use processor::dev::demo::{DemoConfig, run_demo};
+use processor::dev::{DevBroker, Workload};
 use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
-use processor::kafka::{DevBroker, Workload};
-use processor::maintenance::MaintenanceConfig;
+use processor::store::rocksdb::RocksDbStores;
+use processor::{Instance, InstanceConfig, MaintenanceConfig, Services};
 use tokio_util::sync::CancellationToken;
+
+use crate::console::Console;
 
 #[derive(Parser)]
 #[command(
@@ -196,7 +199,9 @@ fn positive_secs(flag: &str, secs: f64) -> anyhow::Result<Duration> {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// The instance configuration from the flags; the flags' own ranges are checked here, the rest by
+/// [`InstanceConfig::validate`].
+fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
     let checkpoint_every =
         positive_secs("--checkpoint-interval-secs", args.checkpoint_interval_secs)?;
     let maintenance_every = positive_secs(
@@ -204,27 +209,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.maintenance_interval_secs,
     )?;
     let claim_ttl = positive_secs("--claim-ttl-secs", args.claim_ttl_secs)?;
-    if claim_ttl < Duration::from_millis(100) {
-        bail!("--claim-ttl-secs must be at least 0.1");
-    }
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("state dir {} is not writable", args.state_dir.display()))?;
-    // Fail fast, with one line, when the broker or topic is not there.
-    processor::kafka::high_watermark(&args.brokers, &args.topic, 0).with_context(|| {
-        format!(
-            "broker {} (topic {}) is not reachable",
-            args.brokers, args.topic
-        )
-    })?;
-    let services = Services::connect(&args.lock_url, args.checkpoint_dir.clone())
-        .await
-        .context("lock backend")?; // its errors name the server, password redacted
     let mut config = InstanceConfig::new(
         &args.instance_id,
         &args.topic,
         args.partitions,
         &args.brokers,
-        args.state_dir,
+        args.state_dir.clone(),
     )
     .with_group(&args.group)
     .with_checkpoint_every(checkpoint_every)
@@ -245,6 +235,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(topic) = &args.dead_letter_topic {
         config = config.with_dead_letter_topic(topic);
     }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = instance_config(&args)?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("state dir {} is not writable", args.state_dir.display()))?;
+    // Fail fast, with one line, when the broker or topic is not there.
+    processor::source::high_watermark(&args.brokers, &args.topic, 0).with_context(|| {
+        format!(
+            "broker {} (topic {}) is not reachable",
+            args.brokers, args.topic
+        )
+    })?;
+    let services = Services::connect(&args.lock_url, args.checkpoint_dir.clone())
+        .await
+        .context("lock backend")?; // its errors name the server, password redacted
     let instance = Instance::new(config, services)?;
     let stop = CancellationToken::new();
     let signals = stop.clone();
@@ -273,6 +281,11 @@ fn emit(out: &mut impl std::io::Write, line: serde_json::Value) -> anyhow::Resul
     }
 }
 
+/// The stores `state dump` restores checkpoints into: RocksDB, as `run` writes them.
+fn inspection_stores() -> RocksDbStores {
+    RocksDbStores::new(32 << 20, 16 << 20)
+}
+
 fn dump(checkpoint_dir: PathBuf, topic: &str, offsets_only: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let store = DirectoryCheckpointStore::new(checkpoint_dir)?;
@@ -293,7 +306,7 @@ fn dump(checkpoint_dir: PathBuf, topic: &str, offsets_only: bool) -> anyhow::Res
         }
         return Ok(());
     }
-    let (merged, skipped) = checkpointed_aggregates(&store, topic)?;
+    let (merged, skipped) = checkpointed_aggregates(&store, &inspection_stores(), topic)?;
     for err in skipped {
         eprintln!("skipped a corrupt checkpoint: {err}");
     }
@@ -316,9 +329,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     config.instances = args.instances;
     config.seed = args.seed;
     config.work_dir = args.work_dir;
-    config.progress = !args.no_progress;
     let (records, keys) = (config.records, config.keys);
-    let report = run_demo(config).await?;
+    let mut console = Console::new(records, !args.no_progress);
+    let report = run_demo(config, &mut console).await?;
     println!();
     println!("instances at the end:");
     for (id, s) in &report.instances {

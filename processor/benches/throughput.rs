@@ -11,14 +11,16 @@
 //! cargo test  -p benches --bench processor    # smoke run with small counts
 //! ```
 
+// Test and benchmark code: a failed step is a failed run, so helpers unwrap.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use processor::kafka::{
-    DevBroker, Workload, consume_partition, high_watermark, partition_consumer,
-};
+use processor::dev::{DevBroker, Workload};
 use processor::operator::{KeyedAggregation, Operator};
 use processor::partition::PartitionProcessor;
+use processor::source::{consume_partition, high_watermark, partition_consumer};
 use processor::store::rocksdb::RocksDbStores;
 use processor::store::{PartitionStore, StateBatch};
 use rdkafka::consumer::StreamConsumer;

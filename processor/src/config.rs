@@ -1,0 +1,268 @@
+//! The configuration of a fleet instance and its maintenance, and their validation: one clear
+//! [`ProcessorError::InvalidInput`] per problem, at construction, before anything connects.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{ProcessorError, ProcessorResult};
+
+/// The shortest claim lease: renewals run every third of it, and a backend round trip must fit.
+pub const MIN_CLAIM_TTL: Duration = Duration::from_millis(100);
+
+fn invalid(what: &'static str, reason: String) -> ProcessorError {
+    ProcessorError::InvalidInput { what, reason }
+}
+
+/// How an instance runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct InstanceConfig {
+    /// This instance's id (unique in the fleet).
+    pub instance_id: String,
+    /// The fleet (also the Kafka group id, for lag monitoring only).
+    pub group: String,
+    /// The topic.
+    pub topic: String,
+    /// Its partition count.
+    pub partitions: i32,
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Where this instance keeps local partition state.
+    pub state_dir: PathBuf,
+    /// Lease of membership and partition claims (renewed every third).
+    pub claim_ttl: Duration,
+    /// Time between checkpoints of an owned partition.
+    pub checkpoint_every: Duration,
+    /// Records per atomic batch.
+    pub batch_size: usize,
+    /// How many owned partitions process a batch at the same time (the others wait, and their
+    /// prefetch queues fill up and stop fetching).
+    pub parallelism: usize,
+    /// Retention and compaction of the shared checkpoints (scheduled by the leader).
+    pub maintenance: MaintenanceConfig,
+    /// How often membership, assignment and fleet duties are re-evaluated.
+    pub tick: Duration,
+    /// Most members the fleet may have.
+    pub max_members: u32,
+    /// Topic for the updated aggregates (at-least-once), if any.
+    pub output_topic: Option<String>,
+    /// Topic for malformed records, if any (they are logged either way).
+    pub dead_letter_topic: Option<String>,
+}
+
+impl InstanceConfig {
+    /// Defaults: 5 s claims, checkpoints every 2 s, batches of 500, as many partitions processing at once
+    /// as there are CPUs, maintenance every 10 s keeping 3
+    /// checkpoints, 250 ms ticks, no output or dead-letter topic.
+    pub fn new(
+        instance_id: &str,
+        topic: &str,
+        partitions: i32,
+        brokers: &str,
+        state_dir: PathBuf,
+    ) -> Self {
+        InstanceConfig {
+            instance_id: instance_id.to_owned(),
+            group: "processor".to_owned(),
+            topic: topic.to_owned(),
+            partitions,
+            brokers: brokers.to_owned(),
+            state_dir,
+            claim_ttl: Duration::from_secs(5),
+            checkpoint_every: Duration::from_secs(2),
+            batch_size: 500,
+            parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            maintenance: MaintenanceConfig::default(),
+            tick: Duration::from_millis(250),
+            max_members: 64,
+            output_topic: None,
+            dead_letter_topic: None,
+        }
+    }
+
+    /// Sets how many partitions process a batch at the same time (at least 1).
+    pub fn with_parallelism(mut self, parallelism: usize) -> Self {
+        self.parallelism = parallelism.max(1);
+        self
+    }
+
+    /// Sets the fleet name (lock namespace; also the Kafka group id, for lag monitoring only).
+    pub fn with_group(mut self, group: &str) -> Self {
+        self.group = group.to_owned();
+        self
+    }
+
+    /// Sets how checkpoints are retained and compacted.
+    pub fn with_maintenance(mut self, maintenance: MaintenanceConfig) -> Self {
+        self.maintenance = maintenance;
+        self
+    }
+
+    /// Publishes each updated aggregate to `topic` (at-least-once: sent before its batch commits).
+    pub fn with_output_topic(mut self, topic: &str) -> Self {
+        self.output_topic = Some(topic.to_owned());
+        self
+    }
+
+    /// Sends malformed records to `topic` (at-least-once) besides logging them.
+    pub fn with_dead_letter_topic(mut self, topic: &str) -> Self {
+        self.dead_letter_topic = Some(topic.to_owned());
+        self
+    }
+
+    /// Sets the checkpoint interval.
+    pub fn with_checkpoint_every(mut self, every: Duration) -> Self {
+        self.checkpoint_every = every;
+        self
+    }
+
+    /// Sets the claim lease (membership, partitions, leadership and maintenance claims).
+    pub fn with_claim_ttl(mut self, ttl: Duration) -> Self {
+        self.claim_ttl = ttl;
+        self.maintenance.claim_ttl = ttl;
+        self
+    }
+
+    /// Checks every setting; the first problem found is the error.
+    ///
+    /// # Errors
+    /// [`ProcessorError::InvalidInput`] naming the setting, the value and what it must be.
+    pub fn validate(&self) -> ProcessorResult<()> {
+        let names = [
+            ("instance id", &self.instance_id),
+            ("group", &self.group),
+            ("topic", &self.topic),
+            ("brokers", &self.brokers),
+        ];
+        for (what, value) in names {
+            if value.trim().is_empty() {
+                return Err(invalid(what, "must not be empty".to_owned()));
+            }
+        }
+        if self.partitions < 1 {
+            return Err(invalid(
+                "partitions",
+                format!("{} must be at least 1", self.partitions),
+            ));
+        }
+        if self.claim_ttl < MIN_CLAIM_TTL {
+            return Err(invalid(
+                "claim ttl",
+                format!(
+                    "{:?} must be at least {MIN_CLAIM_TTL:?} (it is renewed every third)",
+                    self.claim_ttl
+                ),
+            ));
+        }
+        let positive = [
+            ("checkpoint interval", self.checkpoint_every),
+            ("tick", self.tick),
+            ("maintenance interval", self.maintenance.every),
+        ];
+        for (what, value) in positive {
+            if value.is_zero() {
+                return Err(invalid(what, "must be longer than zero".to_owned()));
+            }
+        }
+        let counts = [
+            ("batch size", self.batch_size),
+            ("parallelism", self.parallelism),
+            ("max members", self.max_members as usize),
+            ("checkpoints kept", self.maintenance.keep_checkpoints),
+        ];
+        for (what, value) in counts {
+            if value == 0 {
+                return Err(invalid(what, "must be at least 1".to_owned()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How maintenance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MaintenanceConfig {
+    /// How often each partition's job is due.
+    pub every: Duration,
+    /// Checkpoints kept per partition.
+    pub keep_checkpoints: usize,
+    /// How long an unreferenced file must have been unused before it is deleted.
+    pub grace: Duration,
+    /// Lease of task claims and compaction locks (renewed while running).
+    pub claim_ttl: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    /// Every 10 s, keep 3, a 60 s grace, 5 s claims.
+    fn default() -> Self {
+        MaintenanceConfig {
+            every: Duration::from_secs(10),
+            keep_checkpoints: 3,
+            grace: Duration::from_secs(60),
+            claim_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+impl MaintenanceConfig {
+    /// Sets how often each partition's job is due.
+    pub fn with_every(mut self, every: Duration) -> Self {
+        self.every = every;
+        self
+    }
+
+    /// Sets how many checkpoints are kept per partition (at least one always is).
+    pub fn with_keep_checkpoints(mut self, keep: usize) -> Self {
+        self.keep_checkpoints = keep;
+        self
+    }
+
+    /// Sets how long an unreferenced file must have been unused before it is deleted.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> InstanceConfig {
+        InstanceConfig::new("a", "orders", 8, "127.0.0.1:9092", PathBuf::from("/tmp/a"))
+    }
+
+    #[test]
+    fn defaults_are_valid_and_each_bad_setting_is_named() {
+        assert!(config().validate().is_ok());
+        let cases: Vec<(InstanceConfig, &str)> = vec![
+            (
+                InstanceConfig::new("", "orders", 8, "b:1", PathBuf::new()),
+                "instance id",
+            ),
+            (
+                InstanceConfig::new("a", "orders", 0, "b:1", PathBuf::new()),
+                "partitions",
+            ),
+            (
+                config().with_claim_ttl(Duration::from_millis(10)),
+                "claim ttl",
+            ),
+            (
+                config().with_checkpoint_every(Duration::ZERO),
+                "checkpoint interval",
+            ),
+            (
+                config().with_maintenance(MaintenanceConfig::default().with_keep_checkpoints(0)),
+                "checkpoints kept",
+            ),
+        ];
+        for (config, expected) in cases {
+            match config.validate() {
+                Err(ProcessorError::InvalidInput { what, .. }) => assert_eq!(what, expected),
+                other => panic!("{expected}: {other:?}"),
+            }
+        }
+    }
+}

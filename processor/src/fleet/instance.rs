@@ -1,0 +1,267 @@
+//! One instance of the fleet: announces itself, works out which partitions it should own (rendezvous
+//! hashing over the live members), claims them with kept locks, and runs one task per owned partition
+//! (see [`super::partition_task`]). Partitions it should no longer own are handed off; partitions whose
+//! owner died are claimed once that owner's lease expires.
+//!
+//! Beside the partitions, each instance runs its fleet duties: it campaigns in the leader election
+//! `leader:{group}`; the leader schedules the maintenance jobs (see [`super::maintenance`]) and the
+//! followers claim and run them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use state::recipes::keeper::{KeptLock, RenewalPolicy};
+use state::recipes::leader::LeaderElection;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::maintenance::{Maintenance, MaintenanceOutcome};
+use super::membership::{Membership, assigned_to};
+use super::status::InstanceStatus;
+use crate::config::InstanceConfig;
+use crate::error::ProcessorResult;
+use crate::resources::partition_resource;
+use crate::services::Services;
+use crate::sink::OutputSink;
+
+/// One fleet instance.
+pub struct Instance {
+    pub(super) config: InstanceConfig,
+    pub(super) services: Services,
+    pub(super) status: watch::Sender<InstanceStatus>,
+    pub(super) sink: Option<OutputSink>,
+    pub(super) permits: tokio::sync::Semaphore,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Instance {
+    /// An instance with `config` over `services`.
+    ///
+    /// # Errors
+    /// [`ProcessorError::InvalidInput`] for a bad configuration (see [`InstanceConfig::validate`]); a
+    /// Kafka error when the producer for the output or dead-letter topic cannot be created.
+    pub fn new(config: InstanceConfig, services: Services) -> ProcessorResult<Arc<Self>> {
+        config.validate()?;
+        let sink = if config.output_topic.is_some() || config.dead_letter_topic.is_some() {
+            Some(OutputSink::new(
+                &config.brokers,
+                config.output_topic.as_deref(),
+                config.dead_letter_topic.as_deref(),
+            )?)
+        } else {
+            None
+        };
+        Ok(Arc::new(Instance {
+            services,
+            status: watch::channel(InstanceStatus::default()).0,
+            sink,
+            permits: tokio::sync::Semaphore::new(config.parallelism.max(1)),
+            config,
+        }))
+    }
+
+    /// Status updates.
+    pub fn status(&self) -> watch::Receiver<InstanceStatus> {
+        self.status.subscribe()
+    }
+
+    /// Runs until `stop` fires, then checkpoints and releases every owned partition and leaves the fleet.
+    /// Dropping the future instead is an abrupt stop: partition tasks are aborted and their claims lapse.
+    ///
+    /// # Errors
+    /// [`ProcessorError::InvalidInput`] for a bad configuration. Partition failures are logged; the
+    /// partition is claimed again on a later tick.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> ProcessorResult<()> {
+        let mut membership = Membership::new(
+            self.services.lock.clone(),
+            self.services.registry.clone(),
+            &self.config.group,
+            &self.config.instance_id,
+            self.config.max_members,
+            self.config.claim_ttl,
+        )?;
+        let election = LeaderElection::new(
+            self.services.lock.clone(),
+            &self.config.group,
+            &self.config.instance_id,
+            self.config.claim_ttl,
+        )?;
+        let duties_stop = CancellationToken::new();
+        // Aborted with `run`'s future when the instance is dropped abruptly, like the partition tasks.
+        let duties = AbortOnDropHandle::new(tokio::spawn(
+            Arc::clone(&self).run_duties(election, duties_stop.clone()),
+        ));
+        let mut tasks: JoinSet<(i32, ProcessorResult<()>)> = JoinSet::new();
+        let mut running: HashMap<i32, CancellationToken> = HashMap::new();
+        while !stop.is_cancelled() {
+            while let Some(done) = tasks.try_join_next() {
+                if let Ok((partition, outcome)) = done {
+                    running.remove(&partition);
+                    self.status.send_modify(|s| {
+                        s.owned.remove(&partition);
+                    });
+                    if let Err(err) = outcome {
+                        tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "partition task ended");
+                    }
+                }
+            }
+            if let Err(err) = self
+                .rebalance(&mut membership, &mut tasks, &mut running)
+                .await
+            {
+                tracing::warn!(instance = %self.config.instance_id, error = %err, "rebalance failed");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(self.config.tick) => {}
+            }
+        }
+        duties_stop.cancel();
+        for token in running.values() {
+            token.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+        let _ = duties.await;
+        let _ = membership.leave().await;
+        Ok(())
+    }
+
+    /// The fleet duties, one round per tick until `stop`: campaign for leadership; as leader, schedule
+    /// the maintenance jobs once per term; as a follower (or when alone), claim and run one due job.
+    /// Resigns at the end so the next leader need not wait for the lease to lapse.
+    async fn run_duties(self: Arc<Self>, election: LeaderElection, stop: CancellationToken) {
+        let maintenance = Maintenance::new(
+            self.services.lock.clone(),
+            self.services.tasks.clone(),
+            self.services.checkpoints.clone(),
+            &self.config.group,
+            &self.config.topic,
+            self.config.partitions,
+            self.config.maintenance,
+        );
+        let mut scheduled_term = None;
+        while !stop.is_cancelled() {
+            match election.try_become_leader().await {
+                Ok(leader) => self.status.send_if_modified(|s| {
+                    let changed = s.leader != leader;
+                    s.leader = leader;
+                    changed
+                }),
+                Err(err) => {
+                    tracing::debug!(instance = %self.config.instance_id, error = %err, "campaign failed");
+                    false
+                }
+            };
+            let term = election.fencing_token();
+            if term.is_some() && term != scheduled_term {
+                match maintenance.schedule().await {
+                    Ok(created) => {
+                        scheduled_term = term;
+                        tracing::info!(instance = %self.config.instance_id, term, created, "leading: maintenance scheduled");
+                    }
+                    Err(err) => {
+                        tracing::warn!(instance = %self.config.instance_id, error = %err, "scheduling maintenance failed");
+                    }
+                }
+            }
+            let alone = self.status.borrow().members.len() <= 1;
+            if term.is_none() || alone {
+                // Drain what is due (at most one round over the partitions per tick).
+                for _ in 0..self.config.partitions {
+                    let run = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        run = maintenance.run_next() => run,
+                    };
+                    match run {
+                        Ok(Some(run)) => self.record_maintenance(&run.task_id, &run.outcome),
+                        Ok(None) => break,
+                        Err(err) => {
+                            tracing::warn!(instance = %self.config.instance_id, error = %err, "maintenance claim failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(self.config.tick) => {}
+            }
+        }
+        let _ = election.resign().await;
+        self.status.send_modify(|s| s.leader = false);
+    }
+
+    fn record_maintenance(&self, task_id: &str, outcome: &MaintenanceOutcome) {
+        tracing::debug!(instance = %self.config.instance_id, task_id, ?outcome, "maintenance job");
+        self.status.send_modify(|s| {
+            s.task_claims += 1;
+            if matches!(outcome, MaintenanceOutcome::Compacted { .. }) {
+                s.compactions += 1;
+            }
+            s.last_task = Some(format!("{task_id}: {outcome:?}"));
+        });
+    }
+
+    async fn rebalance(
+        self: &Arc<Self>,
+        membership: &mut Membership,
+        tasks: &mut JoinSet<(i32, ProcessorResult<()>)>,
+        running: &mut HashMap<i32, CancellationToken>,
+    ) -> ProcessorResult<()> {
+        if !membership.announce().await? {
+            return Ok(());
+        }
+        let members = membership.live_members().await?;
+        let desired: HashSet<i32> = assigned_to(
+            &self.config.topic,
+            self.config.partitions,
+            &self.config.instance_id,
+            &members,
+        )
+        .into_iter()
+        .collect();
+        self.status.send_modify(|s| s.members = members.clone());
+        for (partition, token) in running.iter() {
+            if !desired.contains(partition) {
+                token.cancel(); // hand-off: the task checkpoints and releases
+            }
+        }
+        for partition in desired {
+            if running.contains_key(&partition) {
+                continue;
+            }
+            let resource = partition_resource(&self.config.topic, partition);
+            let policy = RenewalPolicy::default();
+            let Some(kept) = KeptLock::try_acquire(
+                &self.services.lock,
+                &resource,
+                self.config.claim_ttl,
+                policy,
+            )
+            .await?
+            else {
+                continue; // its previous owner still holds it: hand-off or expiry pending
+            };
+            let token = CancellationToken::new();
+            running.insert(partition, token.clone());
+            self.status.send_modify(|s| {
+                s.owned.insert(partition, kept.fencing_token());
+            });
+            let instance = Arc::clone(self);
+            tasks.spawn(async move {
+                let outcome = instance.run_partition(partition, kept, token).await;
+                (partition, outcome)
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! The fleet: instances of one job that share a topic's partitions, coordinated through the `state`
+//! crate rather than Kafka's group rebalancing.
+//!
+//! - [`instance`]: one [`Instance`] — membership ticks, assignment, partition claims, fleet duties;
+//! - [`membership`]: member slots and the rendezvous assignment with bounded loads;
+//! - [`partition_task`]: one owned partition's life — restore or reuse, consume, checkpoint, hand off;
+//! - [`maintenance`]: retention and compaction of the shared checkpoints, scheduled by the leader on the
+//!   distributed task queue and run by followers under the per-partition compaction lock;
+//! - [`status`]: what an instance reports about itself.
+
+pub mod instance;
+pub mod maintenance;
+pub mod membership;
+pub mod partition_task;
+pub mod status;
+
+pub use instance::Instance;
+pub use status::InstanceStatus;

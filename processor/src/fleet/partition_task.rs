@@ -1,0 +1,256 @@
+//! One owned partition's life on an instance: open its state (reuse the local copy if it is the newest,
+//! otherwise restore the latest valid checkpoint), consume from the stored offset in atomic batches,
+//! checkpoint periodically (a local snapshot, then an upload and a fenced record in the background) and
+//! on hand-off, and release the claim.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use state::recipes::keeper::KeptLock;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::instance::Instance;
+use super::maintenance::hold_compaction_lock;
+use crate::checkpoint::{CheckpointRecord, CheckpointRecords};
+use crate::error::{ProcessorError, ProcessorResult};
+use crate::partition::PartitionProcessor;
+use crate::source::{consume_partition, partition_consumer};
+use crate::store::PartitionStore;
+
+/// Waits for a checkpoint upload of `partition`.
+async fn finish_publishing(
+    partition: i32,
+    upload: AbortOnDropHandle<ProcessorResult<()>>,
+) -> ProcessorResult<()> {
+    upload.await.map_err(ProcessorError::task(format!(
+        "upload a checkpoint of partition {partition}"
+    )))?
+}
+
+impl Instance {
+    /// Opens the partition's local state: reused if this disk holds the newest state (its token and
+    /// offset are not behind the latest valid checkpoint), otherwise replaced by that checkpoint.
+    pub(super) fn prepare_store(&self, partition: i32) -> ProcessorResult<Arc<dyn PartitionStore>> {
+        let dir = self
+            .config
+            .state_dir
+            .join(format!("{}-{partition}", self.config.topic));
+        let (latest, skipped) = self
+            .services
+            .checkpoints
+            .latest_valid(&self.config.topic, partition)?;
+        for err in skipped {
+            tracing::warn!(partition, error = %err, "skipped a corrupt checkpoint");
+        }
+        if dir.exists() {
+            let local = self.services.stores.open_store(partition, &dir)?;
+            let reusable = match (local.meta()?, &latest) {
+                (Some(meta), Some(manifest)) => {
+                    meta.fencing_token >= manifest.fencing_token
+                        && meta.next_offset >= manifest.next_offset
+                }
+                (_, None) => true,
+                (None, Some(_)) => false,
+            };
+            if reusable {
+                return Ok(local);
+            }
+            drop(local);
+            std::fs::remove_dir_all(&dir).map_err(ProcessorError::io(&dir))?;
+        }
+        if let Some(manifest) = latest {
+            self.services.checkpoints.restore(&manifest, &dir)?;
+            self.status.send_modify(|s| s.restores += 1);
+            tracing::info!(
+                partition,
+                next_offset = manifest.next_offset,
+                "restored from checkpoint"
+            );
+        }
+        self.services.stores.open_store(partition, &dir)
+    }
+
+    /// The local half of a checkpoint: a RocksDB checkpoint (hard links, so the pause does not grow with
+    /// the state) in a scratch directory, and the offset it covers; `None` for a partition with no state
+    /// yet. Earlier scratch directories of the partition (left by an aborted upload) are removed first.
+    pub(super) async fn snapshot(
+        &self,
+        store: &Arc<dyn PartitionStore>,
+    ) -> ProcessorResult<Option<(PathBuf, i64)>> {
+        let Some(meta) = store.meta()? else {
+            return Ok(None);
+        };
+        let partition = store.partition();
+        let prefix = format!(".snapshot-{}-{partition}-", self.config.topic);
+        let scratch = self
+            .config
+            .state_dir
+            .join(format!("{prefix}{}", meta.next_offset));
+        let (store, state_dir) = (Arc::clone(store), self.config.state_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Ok(entries) = std::fs::read_dir(&state_dir) {
+                for entry in entries.filter_map(Result::ok) {
+                    if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+            store.snapshot_to(&scratch)?;
+            Ok(Some((scratch, meta.next_offset)))
+        })
+        .await
+        .map_err(ProcessorError::task(format!(
+            "snapshot the state of partition {partition}"
+        )))?
+    }
+
+    /// The shared half of a checkpoint, while the partition keeps processing: uploads the snapshot in
+    /// `scratch` under the ownership fencing token while holding the partition's compaction lock (so
+    /// retention cannot delete a file the upload reuses), then records it through the
+    /// [`CheckpointRecords`] with the same token (a stale owner's record is refused there too).
+    pub(super) async fn publish(
+        self: Arc<Self>,
+        partition: i32,
+        scratch: PathBuf,
+        next_offset: i64,
+        fencing_token: u64,
+    ) -> ProcessorResult<()> {
+        let Some(compaction_lock) = hold_compaction_lock(
+            &self.services.lock,
+            partition,
+            self.config.claim_ttl,
+            self.config.claim_ttl,
+        )
+        .await?
+        else {
+            // Retention is running long on this partition: skip this checkpoint, the next one comes
+            // soon (a successor would restore the previous one and replay a little more).
+            tracing::debug!(partition, "checkpoint skipped: the compaction lock is busy");
+            let _ = tokio::fs::remove_dir_all(&scratch).await;
+            return Ok(());
+        };
+        let (checkpoints, topic) = (
+            Arc::clone(&self.services.checkpoints),
+            self.config.topic.clone(),
+        );
+        let uploaded = tokio::task::spawn_blocking(move || {
+            let uploaded =
+                checkpoints.upload(&topic, partition, &scratch, next_offset, fencing_token);
+            let _ = std::fs::remove_dir_all(&scratch);
+            uploaded
+        })
+        .await
+        .map_err(ProcessorError::task(format!(
+            "upload a checkpoint of partition {partition}"
+        )))?;
+        let _ = compaction_lock.release().await;
+        let report = uploaded?;
+        CheckpointRecords::new(
+            self.services.lock.clone(),
+            self.services.registry.clone(),
+            &self.config.group,
+            &self.config.topic,
+            partition,
+        )
+        .publish(
+            fencing_token,
+            &CheckpointRecord::new(&report.manifest, &self.config.instance_id),
+        )
+        .await?;
+        self.status.send_modify(|s| s.checkpoints += 1);
+        Ok(())
+    }
+
+    pub(super) async fn run_partition(
+        self: Arc<Self>,
+        partition: i32,
+        kept: KeptLock,
+        stop: CancellationToken,
+    ) -> ProcessorResult<()> {
+        let fencing_token = kept.fencing_token();
+        let lost = kept.lost_token();
+        let preparing = Arc::clone(&self);
+        let store = tokio::task::spawn_blocking(move || preparing.prepare_store(partition))
+            .await
+            .map_err(ProcessorError::task(format!(
+                "open or restore the state of partition {partition}"
+            )))??;
+        let mut processor = PartitionProcessor::resume(
+            store.clone(),
+            self.services.operator.clone(),
+            fencing_token,
+            lost.clone(),
+        )?;
+        let consumer = partition_consumer(
+            &self.config.brokers,
+            &self.config.group,
+            &self.config.topic,
+            partition,
+            processor.next_offset(),
+        )?;
+        tracing::info!(instance = %self.config.instance_id, partition, fencing_token, from = processor.next_offset(), "partition started");
+        // The upload of the last snapshot runs while the partition goes on processing; dropped (aborted)
+        // with this task.
+        let mut publishing: Option<AbortOnDropHandle<ProcessorResult<()>>> = None;
+        loop {
+            // One segment: consume until the next checkpoint is due, ownership is lost, or we stop.
+            let segment = stop.child_token();
+            let timer = {
+                let (segment, lost, every) =
+                    (segment.clone(), lost.clone(), self.config.checkpoint_every);
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = lost.cancelled() => {}
+                    }
+                    segment.cancel();
+                })
+            };
+            let before = processor.stats();
+            let consumed = consume_partition(
+                &consumer,
+                &mut processor,
+                self.config.batch_size,
+                None,
+                self.sink.as_ref(),
+                Some(&self.permits),
+                &segment,
+            )
+            .await;
+            timer.abort();
+            let after = processor.stats();
+            self.status.send_modify(|s| {
+                s.processed += after.applied - before.applied;
+                s.dead_letters += after.dead_letters - before.dead_letters;
+            });
+            consumed?;
+            if lost.is_cancelled() {
+                return Err(ProcessorError::OwnershipLost {
+                    partition,
+                    token: fencing_token,
+                });
+            }
+            // One upload at a time per partition, in order: the previous one must have landed.
+            if let Some(previous) = publishing.take() {
+                finish_publishing(partition, previous).await?;
+            }
+            if let Some((scratch, next_offset)) = self.snapshot(&store).await? {
+                publishing = Some(AbortOnDropHandle::new(tokio::spawn(
+                    Arc::clone(&self).publish(partition, scratch, next_offset, fencing_token),
+                )));
+            }
+            if stop.is_cancelled() {
+                // Hand-off: the final checkpoint must land before the claim is released.
+                if let Some(last) = publishing.take() {
+                    finish_publishing(partition, last).await?;
+                }
+                break;
+            }
+        }
+        drop(consumer);
+        kept.release().await.map_err(ProcessorError::from)?;
+        tracing::info!(instance = %self.config.instance_id, partition, "partition handed off");
+        Ok(())
+    }
+}

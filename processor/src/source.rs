@@ -1,0 +1,155 @@
+//! The input side: a consumer of one owned partition positioned with `assign()`, the consume loop that
+//! turns its records into atomic batches, and broker metadata (watermarks).
+//!
+//! Partitions are consumed with `assign()` from the offset stored with the partition's state — never from
+//! Kafka's committed group offset — so the fleet decides ownership itself (through the `state` crate) and
+//! state stays exactly-once.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ProcessorError, ProcessorResult};
+use crate::operator::Record;
+use crate::partition::{PartitionProcessor, PartitionStats};
+use crate::sink::OutputSink;
+
+/// Maps a client error to [`ProcessorError::Kafka`] naming what was being done.
+pub(crate) fn kafka_error(
+    what: &'static str,
+) -> impl FnOnce(rdkafka::error::KafkaError) -> ProcessorError {
+    move |err| ProcessorError::Kafka {
+        operation: what,
+        source: Box::new(err),
+    }
+}
+
+/// The end offset (high watermark) of a partition.
+///
+/// # Errors
+/// A Kafka error.
+pub fn high_watermark(brokers: &str, topic: &str, partition: i32) -> ProcessorResult<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(kafka_error("create a consumer"))?;
+    consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map(|(_, high)| high)
+        .map_err(kafka_error("fetch watermarks"))
+}
+
+/// A consumer of exactly one partition, positioned at `from_offset` with `assign()`.
+///
+/// # Errors
+/// A Kafka error.
+pub fn partition_consumer(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partition: i32,
+    from_offset: i64,
+) -> ProcessorResult<StreamConsumer> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        // Bounded prefetch per partition: a partition that processes slowly stops fetching.
+        .set("queued.max.messages.kbytes", "8192")
+        .create()
+        .map_err(kafka_error("create a consumer"))?;
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Offset(from_offset))
+        .map_err(kafka_error("build an assignment"))?;
+    consumer
+        .assign(&assignment)
+        .map_err(kafka_error("assign a partition"))?;
+    Ok(consumer)
+}
+
+/// Consumes one partition into `processor` in batches of up to `batch_size` records until `stop` fires
+/// (or, with `until`, until the processor reaches that offset). Each batch is one atomic write of state
+/// and next offset; with a `sink`, its outputs and dead letters are delivered before it is written. With
+/// `permits`, each batch is processed under one permit: an instance bounds how many of its partitions
+/// process at once, and a partition waiting for a permit stops fetching once librdkafka's bounded
+/// prefetch queue is full (backpressure instead of unbounded buffering).
+///
+/// # Errors
+/// A Kafka or store error, or [`ProcessorError::StaleOwner`] once ownership is lost.
+///
+/// # Cancel safety
+/// Dropping the future loses only the batch being gathered: nothing of it was written.
+pub async fn consume_partition(
+    consumer: &StreamConsumer,
+    processor: &mut PartitionProcessor,
+    batch_size: usize,
+    until: Option<i64>,
+    sink: Option<&OutputSink>,
+    permits: Option<&tokio::sync::Semaphore>,
+    stop: &CancellationToken,
+) -> ProcessorResult<PartitionStats> {
+    let linger = Duration::from_millis(20);
+    loop {
+        if until.is_some_and(|end| processor.next_offset() >= end) || stop.is_cancelled() {
+            return Ok(processor.stats());
+        }
+        let mut messages: Vec<OwnedMessage> = Vec::with_capacity(batch_size);
+        while messages.len() < batch_size {
+            let wait = if messages.is_empty() {
+                Duration::from_millis(200)
+            } else {
+                linger
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                received = tokio::time::timeout(wait, consumer.recv()) => match received {
+                    Ok(Ok(message)) => messages.push(message.detach()),
+                    Ok(Err(err)) => return Err(kafka_error("consume")(err)),
+                    Err(_) => break,
+                },
+            }
+        }
+        if messages.is_empty() {
+            continue;
+        }
+        let records: Vec<Record<'_>> = messages
+            .iter()
+            .map(|m| Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key(),
+                value: m.payload(),
+            })
+            .collect();
+        let _permit = match permits {
+            Some(permits) => {
+                Some(
+                    permits
+                        .acquire()
+                        .await
+                        .map_err(|_| ProcessorError::ShuttingDown {
+                            what: "wait for a processing permit",
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let prepared = processor.prepare(&records)?;
+        for (offset, reason) in &prepared.report().dead_letters {
+            tracing::warn!(partition = processor.partition(), offset, reason = %reason, "dead letter");
+        }
+        if let Some(sink) = sink {
+            sink.deliver(processor.partition(), prepared.report())
+                .await?;
+        }
+        processor.commit(prepared)?;
+    }
+}

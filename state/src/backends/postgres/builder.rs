@@ -1,0 +1,185 @@
+//! [`PostgresLockBuilder`]: the URL, schema, table, mode, pool size and timeouts of a
+//! [`PostgresDistributedLock`], validated when it connects.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::Postgres;
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::PgConnectOptions;
+
+use super::schema::{Statements, TableNames};
+use super::{
+    DEFAULT_ADVISORY_TABLE, DEFAULT_LEASE_TABLE, Inner, PostgresDistributedLock, PostgresLockMode,
+};
+use crate::{RetryConfig, StateError, StateResult};
+
+/// Builds a [`PostgresDistributedLock`] with a non-default schema, table, mode or pool.
+#[derive(Clone)]
+pub struct PostgresLockBuilder {
+    pub(super) url: String,
+    pub(super) schema: String,
+    pub(super) table: Option<String>,
+    pub(super) mode: PostgresLockMode,
+    pub(super) retry: RetryConfig,
+    pub(super) pool_size: u32,
+    pub(super) operation_timeout: Duration,
+}
+
+impl fmt::Debug for PostgresLockBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresLockBuilder")
+            .field("url", &redact(&self.url))
+            .field("schema", &self.schema)
+            .field("table", &self.table)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresLockBuilder {
+    /// The schema holding the lock tables (default `public`; created if missing).
+    pub fn with_schema(mut self, schema: &str) -> Self {
+        schema.clone_into(&mut self.schema);
+        self
+    }
+
+    /// The lease table (default `state_locks`, or `state_advisory_locks` in advisory mode). Keep lease and
+    /// advisory mode on different tables.
+    pub fn with_table(mut self, table: &str) -> Self {
+        self.table = Some(table.to_owned());
+        self
+    }
+
+    /// The locking mode (default [`PostgresLockMode::Lease`]).
+    pub fn with_mode(mut self, mode: PostgresLockMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The retry policy of `acquire`.
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The most pooled connections (default 16). Advisory mode opens one more per held lock.
+    pub fn with_pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// Bounds every database call, connection included (default 5 s).
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Connects, creates or migrates the lock tables, and returns the backend.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] for a malformed URL, schema or table name, a zero pool size or
+    /// timeout; a backend error when the server cannot be reached or the migration fails.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a migration cut short is rolled back by the server.
+    pub async fn build(self) -> StateResult<PostgresDistributedLock> {
+        let scheme_ok = ["postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| self.url.starts_with(scheme));
+        if !scheme_ok {
+            return Err(StateError::invalid(
+                "postgres url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        let options = PgConnectOptions::from_str(&self.url).map_err(|err| {
+            StateError::invalid("postgres url", format!("not a PostgreSQL URL ({err})"))
+        })?;
+        let table = self.table.clone().unwrap_or_else(|| {
+            match self.mode {
+                PostgresLockMode::Lease => DEFAULT_LEASE_TABLE,
+                PostgresLockMode::Advisory => DEFAULT_ADVISORY_TABLE,
+            }
+            .to_owned()
+        });
+        let names = TableNames::new(&self.schema, &table)?;
+        if self.pool_size == 0 {
+            return Err(StateError::invalid("pool size", "must be at least 1"));
+        }
+        if self.operation_timeout.is_zero() {
+            return Err(StateError::invalid("operation timeout", "must not be zero"));
+        }
+        let address = redact(&self.url);
+        let pool = PoolOptions::<Postgres>::new()
+            .max_connections(self.pool_size)
+            .acquire_timeout(self.operation_timeout)
+            .test_before_acquire(false)
+            .connect_lazy_with(options.clone());
+        let advisory_pool = (self.mode == PostgresLockMode::Advisory).then(|| {
+            PoolOptions::<Postgres>::new()
+                .max_connections(self.pool_size)
+                .acquire_timeout(self.operation_timeout)
+                .test_before_acquire(false)
+                // A connection only returns here without a lock: attempts that were refused, or cut
+                // short (cancelled, failed) before their lock was handed to a guard. Scrub it anyway, so a
+                // pooled connection can never carry a session lock.
+                .after_release(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::query("SELECT pg_advisory_unlock_all()")
+                            .execute(&mut *conn)
+                            .await?;
+                        Ok(true)
+                    })
+                })
+                .connect_lazy_with(options)
+        });
+        let lock = PostgresDistributedLock {
+            inner: Arc::new(Inner {
+                statements: Statements::new(&names),
+                names,
+                pool,
+                advisory_pool,
+                mode: self.mode,
+                address,
+                operation_timeout: self.operation_timeout,
+                held: Mutex::new(HashMap::new()),
+            }),
+            retry: self.retry,
+        };
+        let address = lock.inner.address.clone();
+        lock.within("connect to", &address, lock.migrate()).await?;
+        tracing::debug!(server = %lock.inner.address, table = %lock.inner.names.table, mode = ?lock.inner.mode, "postgres lock backend ready");
+        Ok(lock)
+    }
+}
+
+/// The URL with its password replaced, for `Debug` and errors.
+pub(super) fn redact(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "(unparsable url)".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact("postgres://app:hunter2@db:5432/app?sslmode=require"),
+            "postgres://app:***@db:5432/app?sslmode=require"
+        );
+        assert_eq!(redact("::"), "(unparsable url)");
+    }
+}
