@@ -37,6 +37,8 @@ pub mod error;
 pub mod guard;
 pub mod lock;
 pub mod recipes;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod redact;
 pub mod retry;
 
 pub use backends::memory::InMemoryDistributedLock;

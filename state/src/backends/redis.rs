@@ -35,6 +35,7 @@ use tokio::time::Instant;
 
 use crate::guard::PendingAcquire;
 use crate::lock::{safe_deadline, validate_resource, validate_ttl};
+use crate::redact::redact_url;
 use crate::retry::acquire_with_retry;
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
@@ -87,7 +88,7 @@ pub(crate) struct RedisTarget {
 
 /// Parses a `redis://`, `rediss://` (TLS) or `unix://` URL without ever echoing a password.
 pub(crate) fn parse_redis_url(raw: &str) -> StateResult<RedisTarget> {
-    let mut parsed = url::Url::parse(raw)
+    let parsed = url::Url::parse(raw)
         .map_err(|err| StateError::invalid("redis url", format!("not a URL ({err})")))?;
     let scheme = parsed.scheme().to_owned();
     if !matches!(scheme.as_str(), "redis" | "rediss" | "unix" | "redis+unix") {
@@ -104,15 +105,15 @@ pub(crate) fn parse_redis_url(raw: &str) -> StateResult<RedisTarget> {
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
     let client = redis::Client::open(raw).map_err(|err| {
-        StateError::invalid("redis url", format!("rejected by the driver ({err})"))
+        // The driver's message may quote the URL: keep only its kind.
+        StateError::invalid(
+            "redis url",
+            format!("rejected by the driver ({:?})", err.kind()),
+        )
     })?;
-    if parsed.password().is_some() {
-        // Cannot fail for URLs with a host, which every password-bearing URL has.
-        let _ = parsed.set_password(Some("***"));
-    }
     Ok(RedisTarget {
         client,
-        redacted: parsed.to_string(),
+        redacted: redact_url(raw),
     })
 }
 

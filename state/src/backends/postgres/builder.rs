@@ -15,6 +15,7 @@ use super::schema::{Statements, TableNames};
 use super::{
     DEFAULT_ADVISORY_TABLE, DEFAULT_LEASE_TABLE, Inner, PostgresDistributedLock, PostgresLockMode,
 };
+use crate::redact::redact_url;
 use crate::{RetryConfig, StateError, StateResult};
 
 /// Builds a [`PostgresDistributedLock`] with a non-default schema, table, mode or pool.
@@ -32,7 +33,7 @@ pub struct PostgresLockBuilder {
 impl fmt::Debug for PostgresLockBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresLockBuilder")
-            .field("url", &redact(&self.url))
+            .field("url", &redact_url(&self.url))
             .field("schema", &self.schema)
             .field("table", &self.table)
             .field("mode", &self.mode)
@@ -96,9 +97,7 @@ impl PostgresLockBuilder {
                 "must start with postgres:// or postgresql://",
             ));
         }
-        let options = PgConnectOptions::from_str(&self.url).map_err(|err| {
-            StateError::invalid("postgres url", format!("not a PostgreSQL URL ({err})"))
-        })?;
+        let options = PgConnectOptions::from_str(&self.url).map_err(|err| invalid_url(&err))?;
         let table = self.table.clone().unwrap_or_else(|| {
             match self.mode {
                 PostgresLockMode::Lease => DEFAULT_LEASE_TABLE,
@@ -113,7 +112,7 @@ impl PostgresLockBuilder {
         if self.operation_timeout.is_zero() {
             return Err(StateError::invalid("operation timeout", "must not be zero"));
         }
-        let address = redact(&self.url);
+        let address = redact_url(&self.url);
         let pool = PoolOptions::<Postgres>::new()
             .max_connections(self.pool_size)
             .acquire_timeout(self.operation_timeout)
@@ -157,29 +156,45 @@ impl PostgresLockBuilder {
     }
 }
 
-/// The URL with its password replaced, for `Debug` and errors.
-pub(super) fn redact(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("***"));
-            }
-            parsed.to_string()
+/// A URL the driver rejected. The driver's message can quote the URL's parameters, so only its kind
+/// is kept: never a credential in an error.
+fn invalid_url(err: &sqlx::Error) -> StateError {
+    let reason = match err {
+        sqlx::Error::Configuration(_) => {
+            "not a valid PostgreSQL URL (check its host, port and parameters)"
         }
-        Err(_) => "(unparsable url)".to_owned(),
-    }
+        _ => "not a PostgreSQL URL",
+    };
+    StateError::invalid("postgres url", reason)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact("postgres://app:hunter2@db:5432/app?sslmode=require"),
-            "postgres://app:***@db:5432/app?sslmode=require"
-        );
-        assert_eq!(redact("::"), "(unparsable url)");
+    #[tokio::test]
+    async fn no_credential_form_appears_in_debug_or_errors() {
+        for url in [
+            "postgres://app:hunter2@db:5432/app?sslmode=require",
+            "postgres://app@db:5432/app?password=hunter2",
+            "postgres://app@db:5432/app?sslmode=bogus&password=hunter2",
+        ] {
+            let builder = PostgresDistributedLock::builder(url);
+            let shown = format!("{builder:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        // A URL the driver rejects: the error says what is wrong, never what the URL held.
+        let rejected = PostgresDistributedLock::builder(
+            "postgres://app:hunter2@db:5432/app?sslmode=bogus&password=hunter2",
+        )
+        .build()
+        .await;
+        match rejected {
+            Err(err @ StateError::InvalidInput { .. }) => {
+                let shown = format!("{err} {err:?}");
+                assert!(!shown.contains("hunter2"), "{shown}");
+            }
+            other => panic!("a bad sslmode must be refused: {other:?}"),
+        }
     }
 }

@@ -30,9 +30,9 @@
 //! `DO UPDATE` path, where the fencing token is drawn under the row lock.
 //!
 //! # Layout
-//! [`builder`] (connection, pool and mode settings), [`schema`] (validated table names, the SQL of every
-//! operation, migrations), [`lease`], [`advisory`] and [`transaction`] (one file per mode); this file holds
-//! the service and dispatches each [`DistributedLock`] call to its mode.
+//! `builder.rs` (connection, pool and mode settings), `schema.rs` (validated table names, the SQL of every
+//! operation, migrations), `lease.rs`, `advisory.rs` and `transaction.rs` (one file per mode); `mod.rs`
+//! holds the service and dispatches each [`DistributedLock`] call to its mode.
 
 mod advisory;
 mod builder;

@@ -1,0 +1,79 @@
+//! Credentials never leave the crate: every URL that appears in `Debug` output, an error or a log line
+//! goes through [`redact_url`] first.
+
+/// Query parameters that carry a secret (matched case-insensitively, also as a part of the name, e.g.
+/// `sslpassword`, `auth_token`).
+const SECRET_PARAMETERS: &[&str] = &["pass", "pwd", "secret", "token", "auth", "key"];
+
+/// `raw` with the password of its user-info and the value of every secret-looking query parameter
+/// replaced by `***`; `(unparsable url)` when it is not a URL (so a malformed URL that holds a secret is
+/// never echoed either).
+pub(crate) fn redact_url(raw: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(raw) else {
+        return "(unparsable url)".to_owned();
+    };
+    if parsed.password().is_some() {
+        // Only fails for URLs that cannot have a password, which this one has.
+        let _ = parsed.set_password(Some("***"));
+    }
+    let secret = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        SECRET_PARAMETERS.iter().any(|part| name.contains(part))
+    };
+    if parsed.query_pairs().any(|(name, _)| secret(&name)) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if secret(&name) {
+                    "***".to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_credential_form_is_redacted() {
+        let cases = [
+            (
+                "postgres://app:hunter2@db:5432/app?sslmode=require",
+                "postgres://app:***@db:5432/app?sslmode=require",
+            ),
+            (
+                "postgres://app@db/app?password=hunter2&sslmode=require",
+                "postgres://app@db/app?password=***&sslmode=require",
+            ),
+            (
+                "postgresql://db/app?user=app&PassWord=hunter2&sslpassword=hunter2",
+                "postgresql://db/app?user=app&PassWord=***&sslpassword=***",
+            ),
+            (
+                "redis://:hunter2@127.0.0.1:6379/0",
+                "redis://:***@127.0.0.1:6379/0",
+            ),
+            (
+                "rediss://user:hunter2@cache:6380",
+                "rediss://user:***@cache:6380",
+            ),
+            (
+                "redis://cache:6379/?auth_token=hunter2",
+                "redis://cache:6379/?auth_token=***",
+            ),
+        ];
+        for (raw, expected) in cases {
+            let redacted = redact_url(raw);
+            assert_eq!(redacted, expected);
+            assert!(!redacted.contains("hunter2"), "{redacted}");
+        }
+        assert_eq!(redact_url("::hunter2"), "(unparsable url)");
+    }
+}
