@@ -45,7 +45,7 @@ async fn keeper_signals_loss_by_the_safe_deadline(env: RecipeEnv) {
     let ttl = Duration::from_millis(400);
     let guard = env.lock.acquire("stalled", ttl).await.unwrap();
     let deadline = guard.valid_until();
-    let kept = KeptLock::keep(guard, ttl, RenewalPolicy::default().with_max_renewals(0));
+    let kept = KeptLock::keep(guard, ttl, RenewalPolicy::default().with_max_renewals(0)).unwrap();
     kept.lost().await;
     let noticed = Instant::now();
     assert!(
@@ -79,7 +79,8 @@ async fn with_lock_drops_work_when_the_lock_is_lost(env: RecipeEnv) {
         guard,
         ttl,
         RenewalPolicy::default().with_max_hold(Duration::ZERO),
-    );
+    )
+    .unwrap();
     let done = Arc::clone(&finished);
     let outcome = state::recipes::keeper::run_kept(kept, |_ctx| async move {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -306,7 +307,8 @@ async fn compaction_is_skipped_when_claimed_and_stopped_when_lost(env: RecipeEnv
         guard,
         Duration::from_millis(300),
         RenewalPolicy::default().with_max_renewals(0),
-    );
+    )
+    .unwrap();
     let finished = Arc::new(AtomicBool::new(false));
     let done = finished.clone();
     let lost = state::recipes::keeper::run_kept(kept, |_| async move {

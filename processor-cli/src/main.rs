@@ -115,7 +115,8 @@ enum StateCommand {
 
 #[derive(clap::Args)]
 struct DemoArgs {
-    /// `memory` (in-process locks), `redis://…` or `postgres://…` (a real lock backend).
+    /// `memory` (in-process locks), or a real lock backend: `redis://…`, `redlock://h1:p1,h2:p2,h3:p3`,
+    /// `postgres://…`.
     #[arg(long, env = "LOCK_URL", default_value = "memory")]
     lock_url: String,
     /// Records in the workload (the mock cluster keeps about 100 000 message sets per partition).
@@ -161,7 +162,7 @@ struct RunArgs {
     /// Shared checkpoint directory.
     #[arg(long, env = "CHECKPOINT_DIR")]
     checkpoint_dir: PathBuf,
-    /// `memory` (single process), `redis://…` or `postgres://…`.
+    /// `memory` (single process), `redis://…`, `redlock://h1:p1,h2:p2,h3:p3` or `postgres://…`.
     #[arg(long, env = "LOCK_URL", default_value = "memory")]
     lock_url: String,
     /// Instance id (unique in the fleet).

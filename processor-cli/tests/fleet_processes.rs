@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::RedisServer;
+use integration_tests::{RedisCluster, RedisServer};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use processor::dev::Workload;
@@ -187,6 +187,21 @@ fn wait_for(what: &str, within: Duration, logs: &Path, mut done: impl FnMut() ->
 #[test]
 fn three_processes_with_redis_survive_a_sigkill_and_restart_with_exact_state() {
     let redis = RedisServer::start_new();
+    sigkill_restart_and_a_frozen_owner_end_exact(&redis.url());
+}
+
+/// The same fleet coordinating through Redlock over three `redis-server`s (`redlock://h1,h2,h3`).
+#[test]
+fn three_processes_with_redlock_survive_a_sigkill_and_restart_with_exact_state() {
+    let nodes = RedisCluster::new(3);
+    let hosts: Vec<String> = (0..nodes.len())
+        .map(|i| format!("127.0.0.1:{}", nodes.node(i).port()))
+        .collect();
+    sigkill_restart_and_a_frozen_owner_end_exact(&format!("redlock://{}", hosts.join(",")));
+}
+
+/// The scenario of the module docs with every instance on `lock_url`.
+fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
     let root: PathBuf = tempfile::tempdir().unwrap().keep();
     let workload = Workload {
         records: 40_000,
@@ -206,7 +221,7 @@ fn three_processes_with_redis_survive_a_sigkill_and_restart_with_exact_state() {
     );
 
     produce(&brokers, &workload, 0..workload.records / 2);
-    let url = redis.url();
+    let url = lock_url.to_owned();
     let mut fleet: BTreeMap<&str, Proc> = ["p1", "p2", "p3"]
         .into_iter()
         .map(|id| (id, run_instance(id, &brokers, &url, &root)))

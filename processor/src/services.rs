@@ -2,19 +2,16 @@
 //! (membership and checkpoint records), the task store of fleet-wide jobs, the shared checkpoint store,
 //! the operator and the factory of local partition stores.
 //!
-//! [`Services::connect`] builds them all from one lock URL — `memory` (one process), `redis://…` or
-//! `postgres://…` — so every coordination structure lives in the same backend.
+//! [`Services::connect`] builds them all from one lock URL through [`state::connect`] — `memory` (one
+//! process), `redis://…`, `redlock://h1,h2,h3` or `postgres://…` — so every coordination structure lives
+//! in the same backend.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use state::recipes::fenced::{
-    FencedStore, InMemoryFencedStore, PostgresFencedStore, RedisFencedStore,
-};
-use state::recipes::tasks::{InMemoryTaskStore, PostgresTaskStore, RedisTaskStore, TaskStore};
-use state::{
-    DistributedLock, InMemoryDistributedLock, PostgresDistributedLock, RedisDistributedLock,
-};
+use state::recipes::fenced::{FencedStore, InMemoryFencedStore};
+use state::recipes::tasks::{InMemoryTaskStore, TaskStore};
+use state::{DistributedLock, InMemoryDistributedLock, StateError};
 
 use crate::checkpoint::{CheckpointStore, DirectoryCheckpointStore};
 use crate::error::{ProcessorError, ProcessorResult};
@@ -71,35 +68,28 @@ impl Services {
         })
     }
 
-    /// Services on the backend named by `lock_url` (`memory`, `redis://…`, `rediss://…`,
-    /// `postgres://…`): locks, registry and task store all live there.
+    /// Services on the backend named by `lock_url` — `memory`, `redis://…`, `rediss://…`,
+    /// `redlock://h1:p1,h2:p2,h3:p3`, `postgres://…` (see [`state::connect`]): locks, registry and task
+    /// store all live there, sharing its connections.
     ///
     /// # Errors
-    /// [`ProcessorError::InvalidInput`] for another scheme; the backend's error when it cannot be
-    /// reached; an I/O error for the checkpoint directory.
+    /// [`ProcessorError::InvalidInput`] (`lock url`) for an unknown scheme or a malformed URL; the
+    /// backend's error when it cannot be reached; an I/O error for the checkpoint directory.
     pub async fn connect(
         lock_url: &str,
         checkpoint_dir: impl Into<PathBuf>,
     ) -> ProcessorResult<Self> {
         let mut services = Services::in_memory(checkpoint_dir)?;
-        if lock_url == "memory" {
-            return Ok(services);
-        }
-        if lock_url.starts_with("redis://") || lock_url.starts_with("rediss://") {
-            services.lock = Arc::new(RedisDistributedLock::new(lock_url).await?);
-            services.registry = Arc::new(RedisFencedStore::new(lock_url).await?);
-            services.tasks = Arc::new(RedisTaskStore::new(lock_url).await?);
-        } else if lock_url.starts_with("postgres://") || lock_url.starts_with("postgresql://") {
-            let lock = PostgresDistributedLock::new(lock_url).await?;
-            services.registry = Arc::new(PostgresFencedStore::new(lock.pool().clone()).await?);
-            services.tasks = Arc::new(PostgresTaskStore::new(lock.pool().clone()).await?);
-            services.lock = Arc::new(lock);
-        } else {
-            return Err(ProcessorError::InvalidInput {
-                what: "lock url",
-                reason: "must be `memory`, `redis://…`, `rediss://…` or `postgres://…`".to_owned(),
-            });
-        }
+        let backend = state::connect(lock_url).await.map_err(|err| match err {
+            StateError::InvalidInput { what, reason } => {
+                ProcessorError::InvalidInput { what, reason }
+            }
+            other => other.into(),
+        })?;
+        tracing::info!(backend = %backend.description, "coordination backend");
+        services.lock = backend.lock;
+        services.registry = backend.fenced;
+        services.tasks = backend.tasks;
         Ok(services)
     }
 }

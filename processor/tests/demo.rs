@@ -7,7 +7,7 @@
 
 use processor::dev::demo::{DemoConfig, Quiet, run_demo};
 
-use integration_tests::RedisServer;
+use integration_tests::{RedisCluster, RedisServer};
 
 fn small_demo(lock_url: &str) -> DemoConfig {
     let mut config = DemoConfig::default();
@@ -64,4 +64,14 @@ async fn the_demo_is_exact_on_a_real_postgres() {
     integration_tests::init_tracing();
     let postgres = integration_tests::PostgresServer::start_new();
     check(small_demo(&postgres.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_demo_is_exact_on_redlock_over_three_redis_servers() {
+    integration_tests::init_tracing();
+    let nodes = RedisCluster::new(3);
+    let hosts: Vec<String> = (0..nodes.len())
+        .map(|i| format!("127.0.0.1:{}", nodes.node(i).port()))
+        .collect();
+    check(small_demo(&format!("redlock://{}", hosts.join(",")))).await;
 }

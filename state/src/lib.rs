@@ -33,11 +33,11 @@
 pub mod backends;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod connect;
 pub mod error;
 pub mod guard;
 pub mod lock;
 pub mod recipes;
-#[cfg(any(feature = "redis", feature = "postgres"))]
 mod redact;
 pub mod retry;
 
@@ -48,6 +48,7 @@ pub use backends::postgres::{PostgresDistributedLock, PostgresLockBuilder, Postg
 pub use backends::redis::RedisDistributedLock;
 #[cfg(feature = "redis")]
 pub use backends::redlock::RedlockDistributedLock;
+pub use connect::{Backend, connect};
 pub use error::{StateError, StateResult};
 pub use guard::LockGuard;
 pub use lock::{DistributedLock, LockToken};

@@ -79,24 +79,58 @@ impl RetryConfig {
         let exponent = attempt.saturating_sub(1).min(64) as i32;
         let scaled = self.initial_delay.as_secs_f64() * multiplier.powi(exponent);
         let capped = scaled.min(self.max_delay.as_secs_f64());
-        if capped.is_finite() && capped >= 0.0 {
-            Duration::from_secs_f64(capped)
-        } else {
-            self.max_delay
-        }
+        Duration::try_from_secs_f64(capped).unwrap_or(self.max_delay)
     }
 
     /// The delay to sleep after failed attempt number `attempt`, jittered into `[base/2, base]`.
     pub fn jittered_delay(&self, attempt: u32) -> Duration {
         let base = self.base_delay(attempt);
         let half = base / 2;
-        let spread = base.saturating_sub(half).as_nanos() as u64;
+        let spread = u64::try_from(base.saturating_sub(half).as_nanos()).unwrap_or(u64::MAX);
         let extra = if spread == 0 {
             0
         } else {
             rand::rng().random_range(0..=spread)
         };
-        half + Duration::from_nanos(extra)
+        half.saturating_add(Duration::from_nanos(extra))
+    }
+
+    /// The longest delay a policy may ask for.
+    pub const MAX_DELAY: Duration = Duration::from_secs(3600);
+
+    /// Checks the policy: delays of at most [`MAX_DELAY`](Self::MAX_DELAY), `initial_delay <= max_delay`,
+    /// a finite multiplier. `acquire` runs this first, so a bad policy is an error, never a panic.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] naming the field and its value.
+    pub fn validate(&self) -> StateResult<()> {
+        for (what, delay) in [
+            ("retry initial delay", self.initial_delay),
+            ("retry max delay", self.max_delay),
+        ] {
+            if delay > Self::MAX_DELAY {
+                return Err(StateError::invalid(
+                    what,
+                    format!("{delay:?} is longer than {:?}", Self::MAX_DELAY),
+                ));
+            }
+        }
+        if self.initial_delay > self.max_delay {
+            return Err(StateError::invalid(
+                "retry initial delay",
+                format!(
+                    "{:?} is longer than the max delay {:?}",
+                    self.initial_delay, self.max_delay
+                ),
+            ));
+        }
+        if !self.backoff_multiplier.is_finite() {
+            return Err(StateError::invalid(
+                "retry backoff multiplier",
+                format!("{} is not a finite number", self.backoff_multiplier),
+            ));
+        }
+        Ok(())
     }
 
     fn attempts(&self) -> u32 {
@@ -123,6 +157,7 @@ pub async fn acquire_with_retry<L>(
 where
     L: DistributedLock + ?Sized,
 {
+    retry.validate()?;
     let attempts = retry.attempts();
     let mut last_error = None;
     for attempt in 1..=attempts {

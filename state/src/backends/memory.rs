@@ -143,6 +143,7 @@ impl std::fmt::Debug for InMemoryDistributedLock {
 impl DistributedLock for InMemoryDistributedLock {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = "memory"))]
     async fn acquire(&self, resource: &str, ttl: Duration) -> StateResult<LockGuard> {
+        self.retry.validate()?;
         let attempts = self.retry.max_attempts.max(1);
         for attempt in 1..=attempts {
             // Register for the wake-up before trying, so a release between the try and the wait is

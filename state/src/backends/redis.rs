@@ -247,6 +247,25 @@ impl RedisDistributedLock {
         })
     }
 
+    /// Uses an existing connection of the application's: no connection of its own, no URL. Every call
+    /// is still bounded by the operation timeout. Errors name the server as `(application connection)`.
+    pub fn from_connection_manager(conn: ConnectionManager) -> Self {
+        RedisDistributedLock {
+            conn,
+            prefix: Arc::from(DEFAULT_PREFIX),
+            retry: RetryConfig::default(),
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            address: Arc::from("(application connection)"),
+        }
+    }
+
+    /// The connection this backend uses, to share with the Redis recipe stores
+    /// ([`RedisFencedStore::from_connection_manager`](crate::recipes::fenced::RedisFencedStore::from_connection_manager),
+    /// [`RedisTaskStore::from_connection_manager`](crate::recipes::tasks::RedisTaskStore::from_connection_manager)).
+    pub fn connection_manager(&self) -> &ConnectionManager {
+        &self.conn
+    }
+
     /// Sets the retry policy of [`acquire`](DistributedLock::acquire).
     pub fn with_retry(mut self, retry: RetryConfig) -> Self {
         self.retry = retry;

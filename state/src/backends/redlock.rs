@@ -228,6 +228,15 @@ impl RedlockDistributedLock {
                 format!("{factor} is outside [0, 0.5)"),
             ));
         }
+        if constant > crate::lock::MAX_TTL {
+            return Err(StateError::invalid(
+                "drift constant",
+                format!(
+                    "{constant:?} is longer than the longest lock ({:?})",
+                    crate::lock::MAX_TTL
+                ),
+            ));
+        }
         self.drift_factor = factor;
         self.drift_constant = constant;
         Ok(self)
@@ -254,7 +263,9 @@ impl RedlockDistributedLock {
 
     /// The instant until which a lease for `ttl`, requested at `sent_at`, is safely held.
     fn valid_until(&self, sent_at: Instant, ttl: Duration) -> Instant {
-        let drift = ttl.mul_f64(self.drift_factor) + self.drift_constant;
+        let drift = ttl
+            .mul_f64(self.drift_factor)
+            .saturating_add(self.drift_constant);
         sent_at + ttl.saturating_sub(drift)
     }
 

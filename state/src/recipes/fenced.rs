@@ -131,10 +131,18 @@ mod redis_store {
         /// error when the server cannot be reached.
         pub async fn new(url: &str) -> StateResult<Self> {
             let target = parse_redis_url(url)?;
-            Ok(RedisFencedStore {
-                conn: connect_manager(&target, TIMEOUT).await?,
+            Ok(Self::from_connection_manager(
+                connect_manager(&target, TIMEOUT).await?,
+            ))
+        }
+
+        /// Uses an existing connection (the application's own, or a lock backend's: see
+        /// [`RedisDistributedLock::connection_manager`](crate::RedisDistributedLock::connection_manager)).
+        pub fn from_connection_manager(conn: ConnectionManager) -> Self {
+            RedisFencedStore {
+                conn,
                 prefix: "state:fenced:".to_owned(),
-            })
+            }
         }
     }
 

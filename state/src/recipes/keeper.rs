@@ -71,6 +71,33 @@ impl Default for RenewalPolicy {
 }
 
 impl RenewalPolicy {
+    /// Checks the policy against the lease `ttl` it will renew: an interval (when set) longer than zero
+    /// and shorter than the TTL (a zero interval would spin, a longer one never renew in time), and a
+    /// retry delay shorter than the TTL. Every [`KeptLock`] constructor runs this first.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] naming the setting and its value.
+    pub fn validate(&self, ttl: Duration) -> StateResult<()> {
+        if let Some(interval) = self.interval
+            && (interval.is_zero() || interval >= ttl)
+        {
+            return Err(StateError::invalid(
+                "renewal interval",
+                format!("{interval:?} must be longer than zero and shorter than the ttl {ttl:?}"),
+            ));
+        }
+        if self.retry_delay >= ttl {
+            return Err(StateError::invalid(
+                "renewal retry delay",
+                format!(
+                    "{:?} must be shorter than the ttl {ttl:?}",
+                    self.retry_delay
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Renew every `interval` instead of every third of the TTL.
     pub fn with_interval(mut self, interval: Duration) -> Self {
         self.interval = Some(interval);
@@ -167,8 +194,9 @@ impl KeptLock {
         ttl: Duration,
         policy: RenewalPolicy,
     ) -> StateResult<KeptLock> {
+        policy.validate(ttl)?;
         let guard = lock.acquire(resource, ttl).await?;
-        Ok(KeptLock::keep(guard, ttl, policy))
+        KeptLock::keep(guard, ttl, policy)
     }
 
     /// One attempt; `Ok(None)` when someone else holds it.
@@ -184,17 +212,23 @@ impl KeptLock {
         ttl: Duration,
         policy: RenewalPolicy,
     ) -> StateResult<Option<KeptLock>> {
-        Ok(lock
-            .try_acquire(resource, ttl)
+        policy.validate(ttl)?;
+        lock.try_acquire(resource, ttl)
             .await?
-            .map(|guard| KeptLock::keep(guard, ttl, policy)))
+            .map(|guard| KeptLock::keep(guard, ttl, policy))
+            .transpose()
     }
 
     /// Starts keeping a guard: renews it to `ttl` every interval until released, dropped or lost.
     ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] for a policy that cannot keep a lease of `ttl` (see
+    /// [`RenewalPolicy::validate`]); the guard is dropped (released) then.
+    ///
     /// # Panics
     /// Outside a Tokio runtime (it spawns the renewal task).
-    pub fn keep(guard: LockGuard, ttl: Duration, policy: RenewalPolicy) -> KeptLock {
+    pub fn keep(guard: LockGuard, ttl: Duration, policy: RenewalPolicy) -> StateResult<KeptLock> {
+        policy.validate(ttl)?;
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
         let deadline = guard.valid_until();
@@ -219,7 +253,7 @@ impl KeptLock {
             },
             deadline,
         ));
-        KeptLock {
+        Ok(KeptLock {
             guard,
             context,
             renewals,
@@ -227,7 +261,7 @@ impl KeptLock {
             _lost_on_drop: lost.drop_guard(),
             stop,
             task: Some(task),
-        }
+        })
     }
 
     /// The resource, fencing token and lost-token, to hand to the protected work.
@@ -393,7 +427,8 @@ async fn renew(renewal: Renewal, mut deadline: Instant) {
 ///
 /// # Errors
 /// [`StateError::LockLost`] if the lock was lost mid-way — the work future is dropped at that moment;
-/// the acquire's errors; the release's error if the release failed after the work completed.
+/// the acquire's errors. Work that finished while the lock was held returns its value even if the
+/// release after it fails (that failure is logged: the lease then runs out by its TTL).
 ///
 /// # Cancel safety
 /// Dropping the future drops the work and releases the lock in the background.
@@ -429,7 +464,15 @@ where
         value = work(kept.context()) => Some(value),
     };
     match outcome {
-        Some(value) => kept.release().await.map(|()| value),
+        Some(value) => {
+            // The work finished while the lock was held: its result stands. A release that fails now
+            // only means the lease runs out by its TTL instead; it is reported, not returned.
+            let resource = kept.resource().to_owned();
+            if let Err(err) = kept.release().await {
+                tracing::warn!(resource, error = %err, "work finished under the lock; releasing it failed (the lease will expire)");
+            }
+            Ok(value)
+        }
         None => {
             // Lost: say so now. The release goes on in the background (dropping the kept lock hands it
             // to the runtime), so a hung backend cannot hold the caller past the safe deadline.

@@ -2,6 +2,11 @@
 //! that two callers wanting overlapping sets can never deadlock; on any failure or drop, everything taken
 //! is released.
 //!
+//! All or nothing also means all *valid*: waiting for a later resource can eat the lease of an earlier
+//! one, so when the set is complete every guard must still have at least the minimum validity (by
+//! default half the TTL). If one does not, everything is released and the set is acquired again (up to
+//! [`SET_ATTEMPTS`] rounds), never returned half-expired.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> state::StateResult<()> {
@@ -29,6 +34,9 @@ pub struct MultiLock {
     guards: Vec<LockGuard>,
 }
 
+/// Rounds of acquiring the whole set before `acquire` gives up on leases that keep running short.
+pub const SET_ATTEMPTS: u32 = 3;
+
 /// Sorted, de-duplicated, non-empty.
 fn canonical<'a>(resources: &[&'a str]) -> StateResult<Vec<&'a str>> {
     let mut sorted = resources.to_vec();
@@ -44,11 +52,13 @@ fn canonical<'a>(resources: &[&'a str]) -> StateResult<Vec<&'a str>> {
 }
 
 impl MultiLock {
-    /// Acquires every resource, each waiting per the backend's retry policy, in sorted order.
+    /// Acquires every resource, each waiting per the backend's retry policy, in sorted order; when `Ok`
+    /// returns, every guard is valid for at least half of `ttl`.
     ///
     /// # Errors
-    /// The first failure (`LockNotAcquired`, a backend error, invalid input); everything taken so far
-    /// has been released then.
+    /// The first failure (`LockNotAcquired`, a backend error, invalid input); `LockNotAcquired` naming
+    /// the short resource when [`SET_ATTEMPTS`] rounds each ended with a lease below the minimum.
+    /// Everything taken has been released then.
     ///
     /// # Cancel safety
     /// Cancel safe: locks taken by a dropped future are released by their guards.
@@ -57,20 +67,64 @@ impl MultiLock {
         resources: &[&str],
         ttl: Duration,
     ) -> StateResult<MultiLock> {
-        let mut guards = Vec::new();
-        for resource in canonical(resources)? {
-            match lock.acquire(resource, ttl).await {
-                Ok(guard) => guards.push(guard),
-                Err(err) => {
+        Self::acquire_with_min_validity(lock, resources, ttl, ttl / 2).await
+    }
+
+    /// As [`acquire`](Self::acquire), with every guard valid for at least `min_validity` when `Ok`
+    /// returns.
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire); [`StateError::InvalidInput`] when `min_validity` is not below
+    /// `ttl`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn acquire_with_min_validity(
+        lock: &Arc<dyn DistributedLock>,
+        resources: &[&str],
+        ttl: Duration,
+        min_validity: Duration,
+    ) -> StateResult<MultiLock> {
+        if min_validity >= ttl {
+            return Err(StateError::invalid(
+                "min validity",
+                format!("{min_validity:?} must be shorter than the ttl {ttl:?}"),
+            ));
+        }
+        let sorted = canonical(resources)?;
+        let mut short = String::new();
+        for round in 1..=SET_ATTEMPTS {
+            let mut guards = Vec::with_capacity(sorted.len());
+            for resource in &sorted {
+                match lock.acquire(resource, ttl).await {
+                    Ok(guard) => guards.push(guard),
+                    Err(err) => {
+                        release_all(guards).await;
+                        return Err(err);
+                    }
+                }
+            }
+            match first_short(&guards, min_validity) {
+                None => return Ok(MultiLock { guards }),
+                Some(resource) => {
+                    tracing::debug!(
+                        resource,
+                        round,
+                        "a lease ran short while waiting for the rest: acquiring the set again"
+                    );
+                    short = resource;
                     release_all(guards).await;
-                    return Err(err);
                 }
             }
         }
-        Ok(MultiLock { guards })
+        Err(StateError::LockNotAcquired {
+            resource: short,
+            attempts: SET_ATTEMPTS,
+        })
     }
 
-    /// One attempt at every resource: `Ok(None)` (and nothing held) if any is taken.
+    /// One attempt at every resource: `Ok(None)` (and nothing held) if any is taken (or, on a backend
+    /// so slow that a lease ran below half the TTL meanwhile, if any ran short).
     ///
     /// # Errors
     /// A backend error or invalid input; nothing is held then.
@@ -95,6 +149,11 @@ impl MultiLock {
                     return Err(err);
                 }
             }
+        }
+        if first_short(&guards, ttl / 2).is_some() {
+            // Only a very slow backend gets here; treat it like contention.
+            release_all(guards).await;
+            return Ok(None);
         }
         Ok(Some(MultiLock { guards }))
     }
@@ -143,8 +202,56 @@ impl MultiLock {
     }
 }
 
+/// The first guard with less than `min_validity` left, by resource.
+fn first_short(guards: &[LockGuard], min_validity: Duration) -> Option<String> {
+    guards
+        .iter()
+        .find(|guard| guard.time_remaining() < min_validity)
+        .map(|guard| guard.resource().to_owned())
+}
+
 async fn release_all(guards: Vec<LockGuard>) {
     for guard in guards.into_iter().rev() {
         let _ = guard.release().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{InMemoryDistributedLock, RetryConfig};
+
+    #[tokio::test]
+    async fn a_set_is_never_returned_with_a_lease_that_ran_short() {
+        let patient = RetryConfig {
+            max_attempts: 200,
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(20),
+            backoff_multiplier: 1.0,
+        };
+        let locks: Arc<dyn DistributedLock> =
+            Arc::new(InMemoryDistributedLock::new().with_retry(patient));
+        let ttl = Duration::from_millis(400);
+        // "b" is busy for 300 ms: the set takes "a" first, then waits for "b" while a's lease runs.
+        let busy = locks.acquire("b", Duration::from_secs(5)).await.unwrap();
+        let freed = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            busy.release().await
+        });
+        let set = MultiLock::acquire(&locks, &["a", "b"], ttl).await.unwrap();
+        for guard in set.guards() {
+            assert!(
+                guard.time_remaining() >= ttl / 2,
+                "{} was returned with only {:?} left",
+                guard.resource(),
+                guard.time_remaining()
+            );
+        }
+        freed.await.unwrap().unwrap();
+        set.release().await.unwrap();
+        assert!(matches!(
+            MultiLock::acquire_with_min_validity(&locks, &["a"], ttl, ttl).await,
+            Err(StateError::InvalidInput { .. })
+        ));
     }
 }

@@ -426,9 +426,15 @@ mod redis_store {
         /// [`StateError::InvalidInput`](crate::StateError::InvalidInput) for a malformed URL; a backend error.
         pub async fn new(url: &str) -> StateResult<Self> {
             let target = parse_redis_url(url)?;
-            Ok(RedisTaskStore {
-                conn: connect_manager(&target, TIMEOUT).await?,
-            })
+            Ok(Self::from_connection_manager(
+                connect_manager(&target, TIMEOUT).await?,
+            ))
+        }
+
+        /// Uses an existing connection (the application's own, or a lock backend's: see
+        /// [`RedisDistributedLock::connection_manager`](crate::RedisDistributedLock::connection_manager)).
+        pub fn from_connection_manager(conn: ConnectionManager) -> Self {
+            RedisTaskStore { conn }
         }
 
         async fn query<T: redis::FromRedisValue>(

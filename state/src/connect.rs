@@ -1,0 +1,254 @@
+//! One URL, one backend set: [`connect`] builds the lock service, the fenced store and the task store an
+//! application coordinates through from a single URL, on one backend, sharing its connections — so every
+//! backend works wherever a URL is accepted (the processor, its demo, the examples).
+//!
+//! | URL | lock | fenced store and task store |
+//! |---|---|---|
+//! | `memory` | [`InMemoryDistributedLock`] (one process) | in process |
+//! | `redis://[user:password@]host:port[/db]`, `rediss://…` (TLS) | [`RedisDistributedLock`] | the same server, the same connection |
+//! | `redlock://[user:password@]h1:p1,h2:p2,h3:p3[/db]`, `redlocks://…` (TLS) | [`RedlockDistributedLock`] over every host | the **first** host (see below) |
+//! | `postgres://…`, `postgresql://…` | `PostgresDistributedLock` (lease mode) | the same database, the same pool |
+//!
+//! Redlock has no replicated record store: fenced records (checkpoint records, membership) and tasks live
+//! on the first host. If it is down, they are unavailable (errors, never wrong answers) until it returns;
+//! the locks keep working on the quorum.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> state::StateResult<()> {
+//! let backend = state::connect("memory").await?;
+//! let guard = backend.lock.acquire("orders:3", std::time::Duration::from_secs(5)).await?;
+//! backend.fenced.write("orders:3", guard.fencing_token(), b"offset 1200").await?;
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+
+use crate::recipes::fenced::{FencedStore, InMemoryFencedStore};
+use crate::recipes::tasks::{InMemoryTaskStore, TaskStore};
+use crate::{DistributedLock, InMemoryDistributedLock, StateError, StateResult};
+
+#[cfg(feature = "redis")]
+use crate::{RedisDistributedLock, RedlockDistributedLock};
+
+/// The coordination structures of one backend.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Backend {
+    /// The lock service.
+    pub lock: Arc<dyn DistributedLock>,
+    /// Fenced records (a write carrying a lower token than one already written is refused).
+    pub fenced: Arc<dyn FencedStore>,
+    /// The distributed task queue's store.
+    pub tasks: Arc<dyn TaskStore>,
+    /// The backend and its servers, credentials redacted (for logs).
+    pub description: String,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("description", &self.description)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The schemes [`connect`] accepts, for error messages.
+const SCHEMES: &str =
+    "memory, redis://, rediss://, redlock://h1:p1,h2:p2,h3:p3, redlocks://…, postgres://";
+
+/// Connects the backend named by `url` (see the module docs for the forms).
+///
+/// # Errors
+/// [`StateError::InvalidInput`] (`what` = `lock url`) for an unknown scheme, a malformed URL or a scheme
+/// whose cargo feature is off; the backend's error when it cannot be reached.
+///
+/// # Cancel safety
+/// Cancel safe: nothing is held until it returns.
+pub async fn connect(url: &str) -> StateResult<Backend> {
+    let scheme = url.split("://").next().unwrap_or_default();
+    match scheme {
+        "memory" if url == "memory" || url == "memory://" => Ok(memory()),
+        "redis" | "rediss" | "unix" => redis(url).await,
+        "redlock" | "redlocks" => redlock(url).await,
+        "postgres" | "postgresql" => postgres(url).await,
+        _ => Err(StateError::invalid(
+            "lock url",
+            format!(
+                "unknown scheme in `{}`: use one of {SCHEMES}",
+                crate::redact::redact_url(url)
+            ),
+        )),
+    }
+}
+
+fn memory() -> Backend {
+    Backend {
+        lock: Arc::new(InMemoryDistributedLock::new()),
+        fenced: Arc::new(InMemoryFencedStore::default()),
+        tasks: Arc::new(InMemoryTaskStore::default()),
+        description: "memory (one process)".to_owned(),
+    }
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis(_url: &str) -> StateResult<Backend> {
+    Err(feature_off("redis"))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redlock(_url: &str) -> StateResult<Backend> {
+    Err(feature_off("redis"))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres(_url: &str) -> StateResult<Backend> {
+    Err(feature_off("postgres"))
+}
+
+#[cfg(any(not(feature = "redis"), not(feature = "postgres")))]
+fn feature_off(feature: &str) -> StateError {
+    StateError::invalid(
+        "lock url",
+        format!("this build of `state` has no `{feature}` feature: enable it in Cargo.toml"),
+    )
+}
+
+#[cfg(feature = "redis")]
+async fn redis(url: &str) -> StateResult<Backend> {
+    use crate::recipes::fenced::RedisFencedStore;
+    use crate::recipes::tasks::RedisTaskStore;
+
+    let lock = RedisDistributedLock::new(url).await?;
+    let conn = lock.connection_manager().clone();
+    Ok(Backend {
+        description: format!("redis {}", crate::redact::redact_url(url)),
+        fenced: Arc::new(RedisFencedStore::from_connection_manager(conn.clone())),
+        tasks: Arc::new(RedisTaskStore::from_connection_manager(conn)),
+        lock: Arc::new(lock),
+    })
+}
+
+/// The node URLs of `redlock://[userinfo@]h1:p1,h2:p2[/db]` (`redlocks://` for TLS).
+#[cfg(feature = "redis")]
+fn redlock_nodes(url: &str) -> StateResult<Vec<String>> {
+    let invalid = |reason: String| StateError::invalid("lock url", reason);
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| invalid("a redlock URL is redlock://h1:p1,h2:p2,h3:p3".to_owned()))?;
+    let node_scheme = if scheme == "redlocks" {
+        "rediss"
+    } else {
+        "redis"
+    };
+    let (userinfo, rest) = match rest.rsplit_once('@') {
+        Some((userinfo, rest)) => (Some(userinfo), rest),
+        None => (None, rest),
+    };
+    let (hosts, path) = match rest.split_once('/') {
+        Some((hosts, path)) => (hosts, Some(path)),
+        None => (rest, None),
+    };
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|host| !host.is_empty())
+        .map(|host| {
+            let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+            let path = path.map(|p| format!("/{p}")).unwrap_or_default();
+            format!("{node_scheme}://{userinfo}{host}{path}")
+        })
+        .collect();
+    if nodes.is_empty() {
+        return Err(invalid(
+            "a redlock URL names its nodes: redlock://h1:p1,h2:p2,h3:p3".to_owned(),
+        ));
+    }
+    Ok(nodes)
+}
+
+#[cfg(feature = "redis")]
+async fn redlock(url: &str) -> StateResult<Backend> {
+    use crate::recipes::fenced::RedisFencedStore;
+    use crate::recipes::tasks::RedisTaskStore;
+
+    let nodes = redlock_nodes(url)?;
+    let node_refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let lock = RedlockDistributedLock::new(&node_refs).await?;
+    // The records live on the first node (see the module docs), on one connection of their own.
+    let first = crate::backends::redis::parse_redis_url(&nodes[0])?;
+    let conn = crate::backends::redis::connect_manager(
+        &first,
+        crate::backends::redis::DEFAULT_OPERATION_TIMEOUT,
+    )
+    .await?;
+    let shown: Vec<String> = nodes.iter().map(|n| crate::redact::redact_url(n)).collect();
+    Ok(Backend {
+        description: format!(
+            "redlock over {} nodes [{}], records on the first",
+            nodes.len(),
+            shown.join(", ")
+        ),
+        lock: Arc::new(lock),
+        fenced: Arc::new(RedisFencedStore::from_connection_manager(conn.clone())),
+        tasks: Arc::new(RedisTaskStore::from_connection_manager(conn)),
+    })
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(url: &str) -> StateResult<Backend> {
+    use crate::PostgresDistributedLock;
+    use crate::recipes::fenced::PostgresFencedStore;
+    use crate::recipes::tasks::PostgresTaskStore;
+
+    let lock = PostgresDistributedLock::new(url).await?;
+    Ok(Backend {
+        description: format!("postgres {}", crate::redact::redact_url(url)),
+        fenced: Arc::new(PostgresFencedStore::new(lock.pool().clone()).await?),
+        tasks: Arc::new(PostgresTaskStore::new(lock.pool().clone()).await?),
+        lock: Arc::new(lock),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unknown_schemes_are_one_clear_error_without_secrets() {
+        for url in [
+            "zookeeper://u:hunter2@zk:2181",
+            "",
+            "memoryx",
+            "etcd://h:2379",
+        ] {
+            match connect(url).await {
+                Err(StateError::InvalidInput { what, reason }) => {
+                    assert_eq!(what, "lock url");
+                    assert!(reason.contains("redis://"), "{reason}");
+                    assert!(!reason.contains("hunter2"), "{reason}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        assert!(connect("memory").await.is_ok());
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redlock_urls_name_every_node() {
+        assert_eq!(
+            redlock_nodes("redlock://:pw@h1:6379,h2:6380, h3:6381/2").unwrap(),
+            vec![
+                "redis://:pw@h1:6379/2",
+                "redis://:pw@h2:6380/2",
+                "redis://:pw@h3:6381/2"
+            ]
+        );
+        assert_eq!(
+            redlock_nodes("redlocks://h1:1,h2:2").unwrap(),
+            vec!["rediss://h1:1", "rediss://h2:2"]
+        );
+        assert!(redlock_nodes("redlock://").is_err());
+    }
+}
