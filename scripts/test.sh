@@ -70,3 +70,14 @@ RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps --all-features
 log "tests (unit, doc, conformance, real servers, bench smoke runs)"
 cargo test --workspace --all-features --all-targets
 cargo test --workspace --all-features --doc
+
+log "one build: the demo's build after the test command compiles nothing"
+# The README promises that the demo command and this command share one build. Cargo unifies features
+# per command, so a dependency feature that only the tests enable would rebuild RocksDB and librdkafka
+# for the demo (workspace-hack/Cargo.toml pins them); this catches a new one.
+rebuilt=$(cargo build -p processor-cli 2>&1 | grep -E '^ *Compiling ' || true)
+if [ -n "$rebuilt" ]; then
+  echo "the demo's build recompiled after the test command (add the differing features to workspace-hack):" >&2
+  echo "$rebuilt" >&2
+  exit 1
+fi
