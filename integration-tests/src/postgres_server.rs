@@ -175,6 +175,11 @@ impl PostgresServer {
         self.dir.path().join("postgres.log")
     }
 
+    /// The server's log so far (with `log_statement = 'all'`, every statement it ran).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     fn running(&self) -> std::sync::MutexGuard<'_, bool> {
         self.running
             .lock()

@@ -108,3 +108,75 @@ async fn bad_configuration_is_invalid_input_never_a_panic() {
         "nothing was acquired"
     );
 }
+
+/// A guard can only be extended by the lock service that granted it (or its clones): another service
+/// refuses it with a clear error instead of touching its own lock of the same name.
+#[tokio::test]
+async fn extend_refuses_a_guard_from_another_lock_service() {
+    use state::{InMemoryDistributedLock, StateError};
+
+    let ttl = Duration::from_secs(5);
+    let granting = InMemoryDistributedLock::new();
+    let other = InMemoryDistributedLock::new();
+    let mut guard = granting.acquire("orders:3", ttl).await.unwrap();
+    let _others_own = other.acquire("orders:3", ttl).await.unwrap();
+    match other.extend(&mut guard, ttl).await {
+        Err(StateError::InvalidInput { what: "guard", .. }) => {}
+        outcome => panic!("a foreign guard must be refused: {outcome:?}"),
+    }
+    granting.clone().extend(&mut guard, ttl).await.unwrap();
+    guard.extend(ttl).await.unwrap();
+    guard.release().await.unwrap();
+}
+
+/// Acquires cut short (cancelled, timed out) clean up after themselves with a bounded number of release
+/// statements — backing off, only when the request may have been sent — instead of a release every
+/// 25 ms for twice the operation timeout. Counted in the server's own statement log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_postgres_acquires_clean_up_with_a_bounded_number_of_releases() {
+    use integration_tests::PostgresServer;
+    use state::PostgresDistributedLock;
+
+    const CANCELLED: usize = 5;
+    const MOST_RELEASES_EACH: usize = 10;
+    integration_tests::init_tracing();
+    let server = PostgresServer::start_new();
+    let postgres = PostgresDistributedLock::new(&server.url()).await.unwrap();
+    for statement in [
+        "ALTER SYSTEM SET log_statement = 'all'",
+        "SELECT pg_reload_conf()",
+    ] {
+        sqlx::query(statement)
+            .execute(postgres.pool())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lock: Arc<dyn DistributedLock> = Arc::new(postgres.clone());
+    for i in 0..CANCELLED {
+        let resource = format!("storm:{i}");
+        let _ = tokio::time::timeout(
+            Duration::from_micros(300),
+            lock.try_acquire(&resource, Duration::from_secs(30)),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let releases = server
+        .log()
+        .lines()
+        .filter(|line| line.contains("SET expires_at = '-infinity'"))
+        .count();
+    assert!(
+        releases <= CANCELLED * MOST_RELEASES_EACH,
+        "{releases} release statements for {CANCELLED} cancelled acquires"
+    );
+    for i in 0..CANCELLED {
+        let resource = format!("storm:{i}");
+        assert!(
+            !lock.is_locked(&resource).await.unwrap(),
+            "{resource}: a cancelled acquire left its lease behind"
+        );
+    }
+    postgres.shutdown().await;
+}

@@ -2,7 +2,7 @@
 //! (membership and checkpoint records), the task store of fleet-wide jobs, the shared checkpoint store,
 //! the operator and the factory of local partition stores.
 //!
-//! [`Services::connect`] builds them all from one lock URL through [`state::connect`] — `memory` (one
+//! [`Services::connect`] builds them all from one lock URL through [`state::connect()`] — `memory` (one
 //! process), `redis://…`, `redlock://h1,h2,h3` or `postgres://…` — so every coordination structure lives
 //! in the same backend.
 
@@ -69,7 +69,7 @@ impl Services {
     }
 
     /// Services on the backend named by `lock_url` — `memory`, `redis://…`, `rediss://…`,
-    /// `redlock://h1:p1,h2:p2,h3:p3`, `postgres://…` (see [`state::connect`]): locks, registry and task
+    /// `redlock://h1:p1,h2:p2,h3:p3`, `postgres://…` (see [`state::connect()`]): locks, registry and task
     /// store all live there, sharing its connections.
     ///
     /// # Errors

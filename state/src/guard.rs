@@ -6,7 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio::runtime::Handle;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
+use crate::lock::Internal;
 use crate::{DistributedLock, LockToken, StateError, StateResult};
 
 /// A held lock. Release it with [`release`](Self::release) to learn whether the release worked;
@@ -26,6 +28,8 @@ pub struct LockGuard {
     token: LockToken,
     valid_until: Instant,
     lock: Arc<dyn DistributedLock>,
+    /// [`DistributedLock::service_id`] of the service that granted it.
+    issuer: usize,
     runtime: Option<Handle>,
     armed: bool,
 }
@@ -33,11 +37,22 @@ pub struct LockGuard {
 impl LockGuard {
     /// Wraps a lease a backend just granted. `valid_until` must be the safe local deadline
     /// ([`safe_deadline`](crate::lock::safe_deadline)). Captures the current Tokio runtime for the
-    /// release on drop. Backend implementations call this; users get guards from `acquire`.
-    pub fn new(lock: Arc<dyn DistributedLock>, token: LockToken, valid_until: Instant) -> Self {
+    /// release on drop. Only backends make guards; users get them from `acquire`:
+    ///
+    /// ```compile_fail,E0624
+    /// # fn forge(lock: std::sync::Arc<dyn state::DistributedLock>, token: state::LockToken) {
+    /// let _ = state::LockGuard::new(lock, token, tokio::time::Instant::now());
+    /// # }
+    /// ```
+    pub(crate) fn new(
+        lock: Arc<dyn DistributedLock>,
+        token: LockToken,
+        valid_until: Instant,
+    ) -> Self {
         LockGuard {
             token,
             valid_until,
+            issuer: lock.service_id(Internal::new()),
             lock,
             runtime: Handle::try_current().ok(),
             armed: true,
@@ -74,6 +89,23 @@ impl LockGuard {
         self.valid_until
     }
 
+    /// Refuses a guard that the service `service_id` did not grant (a backend's `extend` checks this
+    /// first).
+    pub(crate) fn ensure_issued_by(&self, service_id: usize) -> StateResult<()> {
+        if self.issuer == service_id {
+            Ok(())
+        } else {
+            Err(StateError::invalid(
+                "guard",
+                format!(
+                    "the guard of `{}` was granted by another lock service: extend it with the \
+                     service that granted it (or call guard.extend)",
+                    self.token.resource
+                ),
+            ))
+        }
+    }
+
     /// The backend that granted this lock.
     pub fn lock_service(&self) -> &Arc<dyn DistributedLock> {
         &self.lock
@@ -92,7 +124,13 @@ impl LockGuard {
     }
 
     /// Records a renewed lease; backends call this from `extend` after the server agreed.
-    pub fn record_extension(&mut self, expires_at: SystemTime, valid_until: Instant) {
+    ///
+    /// ```compile_fail,E0624
+    /// # fn lengthen(guard: &mut state::LockGuard) {
+    /// guard.record_extension(std::time::SystemTime::now(), tokio::time::Instant::now());
+    /// # }
+    /// ```
+    pub(crate) fn record_extension(&mut self, expires_at: SystemTime, valid_until: Instant) {
         self.token.expires_at = expires_at;
         self.valid_until = valid_until;
     }
@@ -110,7 +148,7 @@ impl LockGuard {
         self.armed = false;
         let outcome = self
             .lock
-            .release_internal(&self.token.resource, &self.token)
+            .release_internal(&self.token.resource, &self.token, Internal::new())
             .await;
         match &outcome {
             Ok(()) => tracing::debug!(resource = %self.token.resource, "lock released"),
@@ -121,8 +159,8 @@ impl LockGuard {
         outcome
     }
 
-    /// Gives up the guard without releasing: the lease stays until its TTL runs out. Returns the token,
-    /// which can still release it through [`DistributedLock::release_internal`].
+    /// Gives up the guard without releasing: the lease stays until its TTL runs out. Returns the token
+    /// (its fencing token stays valid for writes until then).
     pub fn leak(mut self) -> LockToken {
         self.armed = false;
         self.token.clone()
@@ -143,7 +181,7 @@ impl Drop for LockGuard {
         // Spawning on a handle whose runtime has shut down drops the task without running it: the
         // TTL is the safety net then.
         runtime.spawn(async move {
-            match lock.release_internal(&token.resource, &token).await {
+            match lock.release_internal(&token.resource, &token, Internal::new()).await {
                 Ok(()) => tracing::debug!(resource = %token.resource, "dropped lock released"),
                 Err(err) => {
                     tracing::debug!(resource = %token.resource, error = %err, "dropped lock release failed")
@@ -163,21 +201,32 @@ impl fmt::Debug for LockGuard {
     }
 }
 
-/// Cancel safety for network acquires: armed with the new owner value *before* the request is sent,
-/// it releases (compare-and-delete, so only our own lease) in the background if the acquire future is
-/// dropped or times out after the server may have granted the lease. Disarmed once a guard exists.
+/// Cancel safety for network acquires: armed with the new owner value right before the request may be
+/// sent, it releases (compare-and-delete, so only our own lease) in the background if the acquire future
+/// is dropped or times out after the server may have granted the lease. Disarmed once a guard exists, or
+/// when the request provably never left (no connection could be had): nothing to clean up then.
+///
+/// The clean-up is bounded: a release that finds nothing is retried with exponential backoff (from
+/// [`CLEANUP_FIRST_DELAY`], doubling) only for `retry_for` and at most [`CLEANUP_MAX_ATTEMPTS`] times, on
+/// the backend's [`TaskTracker`] when it has one, so the backend can wait for its clean-ups on shutdown.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) struct PendingAcquire {
     lock: Arc<dyn DistributedLock>,
     resource: String,
     owner: String,
     runtime: Option<Handle>,
+    tracker: Option<TaskTracker>,
     armed: bool,
     /// How long the cleanup keeps retrying a release that found nothing: a backend whose cancelled
     /// request may still execute *after* a release sent on another connection (PostgreSQL through a pool)
     /// needs this; a backend that orders both on one connection (Redis) does not.
     retry_for: Duration,
 }
+
+/// The first pause between clean-up releases that found nothing.
+pub(crate) const CLEANUP_FIRST_DELAY: Duration = Duration::from_millis(25);
+/// The most releases one clean-up sends.
+pub(crate) const CLEANUP_MAX_ATTEMPTS: u32 = 10;
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 impl PendingAcquire {
@@ -187,6 +236,7 @@ impl PendingAcquire {
             resource: resource.to_owned(),
             owner: owner.to_owned(),
             runtime: Handle::try_current().ok(),
+            tracker: None,
             armed: true,
             retry_for: Duration::ZERO,
         }
@@ -196,6 +246,13 @@ impl PendingAcquire {
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn retrying_for(mut self, retry_for: Duration) -> Self {
         self.retry_for = retry_for;
+        self
+    }
+
+    /// Runs the clean-up on `tracker` (which the backend drains on shutdown).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn tracked_by(mut self, tracker: &TaskTracker) -> Self {
+        self.tracker = Some(tracker.clone());
         self
     }
 
@@ -222,18 +279,29 @@ impl Drop for PendingAcquire {
             now,
         );
         let retry_for = self.retry_for;
-        runtime.spawn(async move {
+        let cleanup = async move {
             // Err(LockLost) is the usual outcome: the request never reached the server. Where the
-            // cancelled request can still land later, keep trying for a while.
+            // cancelled request can still land later, try again for a while, backing off.
             let started = Instant::now();
-            loop {
-                match lock.release_internal(&token.resource, &token).await {
-                    Ok(()) => return,
-                    Err(StateError::InvalidInput { .. }) => return,
-                    Err(_) if started.elapsed() >= retry_for => return,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+            let mut delay = CLEANUP_FIRST_DELAY;
+            for _ in 0..CLEANUP_MAX_ATTEMPTS {
+                match lock
+                    .release_internal(&token.resource, &token, Internal::new())
+                    .await
+                {
+                    Ok(()) | Err(StateError::InvalidInput { .. }) => return,
+                    Err(_) if started.elapsed() + delay > retry_for => return,
+                    Err(_) => {
+                        tokio::time::sleep(delay).await;
+                        delay = delay.saturating_mul(2);
+                    }
                 }
             }
-        });
+        };
+        // Spawning on a runtime that has shut down drops the task: the TTL is the safety net then.
+        match &self.tracker {
+            Some(tracker) => drop(tracker.spawn_on(cleanup, &runtime)),
+            None => drop(runtime.spawn(cleanup)),
+        }
     }
 }

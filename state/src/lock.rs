@@ -120,12 +120,28 @@ pub trait DistributedLock: Send + Sync + fmt::Debug {
     /// in the background (or expires after `ttl`).
     async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>>;
 
-    /// Releases only if `token` still owns `resource`. Guards call this; users call
-    /// [`LockGuard::release`].
+    /// Releases only if `token` still owns `resource`. Only this crate's guards can call it — an
+    /// [`Internal`] cannot be made elsewhere; users call [`LockGuard::release`].
+    ///
+    /// ```compile_fail,E0423
+    /// # async fn steal(lock: std::sync::Arc<dyn state::DistributedLock>, token: state::LockToken) {
+    /// // Releasing someone else's lock by its token does not compile outside the crate.
+    /// let _ = lock.release_internal("orders:3", &token, state::lock::Internal(())).await;
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// [`StateError::LockLost`] when `token` no longer owns the lock (nothing is changed then).
-    async fn release_internal(&self, resource: &str, token: &LockToken) -> StateResult<()>;
+    async fn release_internal(
+        &self,
+        resource: &str,
+        token: &LockToken,
+        internal: Internal,
+    ) -> StateResult<()>;
+
+    /// The identity of this lock service, shared by its clones: a guard remembers the service that
+    /// granted it, and `extend` refuses a guard granted by another one.
+    fn service_id(&self, internal: Internal) -> usize;
 
     /// Whether anyone currently holds `resource`.
     ///
@@ -149,6 +165,17 @@ pub trait DistributedLock: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`StateError::InvalidInput`] for a bad name; a backend error when the backend failed.
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>>;
+}
+
+/// A capability only this crate can create: it seals the [`DistributedLock`] methods that only guards
+/// and backends may call ([`DistributedLock::release_internal`], [`DistributedLock::service_id`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Internal(());
+
+impl Internal {
+    pub(crate) const fn new() -> Self {
+        Internal(())
+    }
 }
 
 /// Checks a resource name: not empty, at most [`MAX_RESOURCE_LEN`] bytes, no NUL character (which some

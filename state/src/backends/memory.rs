@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::lock::{safe_deadline, validate_resource, validate_ttl};
+use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl};
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
 /// How many acquisitions pass between sweeps of expired entries.
@@ -175,7 +175,12 @@ impl DistributedLock for InMemoryDistributedLock {
             .map(|(token, valid_until)| LockGuard::new(Arc::new(self.clone()), token, valid_until)))
     }
 
-    async fn release_internal(&self, resource: &str, token: &LockToken) -> StateResult<()> {
+    async fn release_internal(
+        &self,
+        resource: &str,
+        token: &LockToken,
+        _internal: Internal,
+    ) -> StateResult<()> {
         validate_resource(resource)?;
         let now = Instant::now();
         let released = {
@@ -202,7 +207,12 @@ impl DistributedLock for InMemoryDistributedLock {
         Ok(self.table().live_holder(resource, Instant::now()).is_some())
     }
 
+    fn service_id(&self, _internal: Internal) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
     async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
+        guard.ensure_issued_by(self.service_id(Internal::new()))?;
         validate_ttl(ttl)?;
         let sent_at = Instant::now();
         let expires_at = SystemTime::now() + ttl;

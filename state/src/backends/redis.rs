@@ -34,7 +34,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
 use crate::guard::PendingAcquire;
-use crate::lock::{safe_deadline, validate_resource, validate_ttl};
+use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl};
 use crate::redact::redact_url;
 use crate::retry::acquire_with_retry;
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
@@ -410,7 +410,12 @@ impl DistributedLock for RedisDistributedLock {
     }
 
     #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
-    async fn release_internal(&self, resource: &str, token: &LockToken) -> StateResult<()> {
+    async fn release_internal(
+        &self,
+        resource: &str,
+        token: &LockToken,
+        _internal: Internal,
+    ) -> StateResult<()> {
         validate_resource(resource)?;
         let released: i64 = self
             .run(
@@ -445,8 +450,13 @@ impl DistributedLock for RedisDistributedLock {
         Ok(count > 0)
     }
 
+    fn service_id(&self, _internal: Internal) -> usize {
+        Arc::as_ptr(&self.address).cast::<u8>() as usize
+    }
+
     #[tracing::instrument(level = "debug", skip(self, guard), fields(backend = BACKEND, resource = guard.resource()))]
     async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
+        guard.ensure_issued_by(self.service_id(Internal::new()))?;
         validate_ttl(ttl)?;
         let resource = guard.resource().to_owned();
         let sent_at = Instant::now();

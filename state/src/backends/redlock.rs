@@ -46,7 +46,7 @@ use super::redis::{
     wall_clock_ms,
 };
 use crate::guard::PendingAcquire;
-use crate::lock::{validate_resource, validate_ttl};
+use crate::lock::{Internal, validate_resource, validate_ttl};
 use crate::retry::acquire_with_retry;
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
@@ -537,7 +537,12 @@ impl DistributedLock for RedlockDistributedLock {
     }
 
     #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
-    async fn release_internal(&self, resource: &str, token: &LockToken) -> StateResult<()> {
+    async fn release_internal(
+        &self,
+        resource: &str,
+        token: &LockToken,
+        _internal: Internal,
+    ) -> StateResult<()> {
         validate_resource(resource)?;
         let tally = self
             .release_everywhere(resource, &token.value, self.node_timeout)
@@ -557,8 +562,13 @@ impl DistributedLock for RedlockDistributedLock {
         Ok(self.get_lock_info(resource).await?.is_some())
     }
 
+    fn service_id(&self, _internal: Internal) -> usize {
+        Arc::as_ptr(&self.nodes).cast::<u8>() as usize
+    }
+
     #[tracing::instrument(level = "debug", skip(self, guard), fields(backend = BACKEND, resource = guard.resource()))]
     async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
+        guard.ensure_issued_by(self.service_id(Internal::new()))?;
         validate_ttl(ttl)?;
         let resource = guard.resource().to_owned();
         let owner = guard.token().value.clone();

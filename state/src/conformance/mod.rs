@@ -475,7 +475,8 @@ pub async fn bad_input_is_rejected(backend: &dyn ConformanceBackend) {
     let stolen = guard.token().clone();
     invalid(
         "release_internal(\"\")",
-        lock.release_internal("", &stolen).await,
+        lock.release_internal("", &stolen, crate::lock::Internal::new())
+            .await,
     );
     assert!(
         !must_be_free(&lock, &good).await,

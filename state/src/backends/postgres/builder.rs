@@ -146,6 +146,7 @@ impl PostgresLockBuilder {
                 address,
                 operation_timeout: self.operation_timeout,
                 held: Mutex::new(HashMap::new()),
+                cleanups: tokio_util::task::TaskTracker::new(),
             }),
             retry: self.retry,
         };

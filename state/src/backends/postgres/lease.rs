@@ -19,11 +19,17 @@ impl PostgresDistributedLock {
         ttl: Duration,
     ) -> StateResult<Option<LockGuard>> {
         let owner = LockToken::new_owner_value();
-        // A cancelled INSERT may still commit after a release sent on another pooled connection: keep
-        // the cleanup going for as long as this call could have run.
-        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner)
-            .retrying_for(self.inner.operation_timeout * 2);
         let sent_at = Instant::now();
+        // No connection, no request: a failure here leaves nothing to clean up.
+        let mut conn = self
+            .within("acquire", resource, self.inner.pool.acquire())
+            .await?;
+        // From here the INSERT may reach the server. A cancelled one may still commit after a release
+        // sent on another pooled connection: the clean-up retries (backing off) for as long as this
+        // call could have run.
+        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner)
+            .retrying_for(self.inner.operation_timeout * 2)
+            .tracked_by(&self.inner.cleanups);
         let row = self
             .within(
                 "acquire",
@@ -32,7 +38,7 @@ impl PostgresDistributedLock {
                     .bind(resource)
                     .bind(&owner)
                     .bind(ttl_millis(ttl))
-                    .fetch_optional(&self.inner.pool),
+                    .fetch_optional(&mut *conn),
             )
             .await?;
         pending.disarm();

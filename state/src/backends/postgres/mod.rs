@@ -50,8 +50,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
-use crate::lock::{safe_deadline, validate_resource, validate_ttl};
+use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl};
 use crate::retry::acquire_with_retry;
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
@@ -104,6 +105,8 @@ struct Inner {
     operation_timeout: Duration,
     /// Advisory mode: the dedicated connection of every lock this process holds, by owner value.
     held: Mutex<HashMap<String, AdvisoryHold>>,
+    /// Background clean-ups of acquires cancelled after their request may have been sent.
+    cleanups: TaskTracker,
 }
 
 fn millis_to_time(ms: i64) -> SystemTime {
@@ -191,6 +194,23 @@ impl PostgresDistributedLock {
         &self.inner.pool
     }
 
+    /// Shuts the backend down: waits (at most twice the operation timeout) for the background
+    /// clean-ups of cancelled acquires, then closes the pools. Call it before the process exits so that
+    /// no lease a cancelled acquire may have taken outlives it for a whole TTL.
+    pub async fn shutdown(&self) {
+        self.inner.cleanups.close();
+        let drained =
+            tokio::time::timeout(self.inner.operation_timeout * 2, self.inner.cleanups.wait())
+                .await;
+        if drained.is_err() {
+            tracing::warn!(server = %self.inner.address, "shutdown: lease clean-ups still running; leases left expire by their TTL");
+        }
+        self.inner.pool.close().await;
+        if let Some(advisory) = &self.inner.advisory_pool {
+            advisory.close().await;
+        }
+    }
+
     /// Bounds `fut` by the operation timeout.
     async fn within<T>(
         &self,
@@ -246,7 +266,12 @@ impl DistributedLock for PostgresDistributedLock {
     }
 
     #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
-    async fn release_internal(&self, resource: &str, token: &LockToken) -> StateResult<()> {
+    async fn release_internal(
+        &self,
+        resource: &str,
+        token: &LockToken,
+        _internal: Internal,
+    ) -> StateResult<()> {
         validate_resource(resource)?;
         let lost = || StateError::LockLost {
             resource: resource.to_owned(),
@@ -276,8 +301,13 @@ impl DistributedLock for PostgresDistributedLock {
         Ok(self.get_lock_info(resource).await?.is_some())
     }
 
+    fn service_id(&self, _internal: Internal) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
     #[tracing::instrument(level = "debug", skip(self, guard), fields(backend = BACKEND, resource = guard.resource()))]
     async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
+        guard.ensure_issued_by(self.service_id(Internal::new()))?;
         validate_ttl(ttl)?;
         let resource = guard.resource().to_owned();
         let owner = guard.token().value.clone();
