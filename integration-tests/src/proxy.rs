@@ -31,6 +31,9 @@ pub enum ProxyMode {
     Delay(Duration),
     /// Hold every byte until the mode changes.
     Freeze,
+    /// Let requests through but hold every answer (server to client) until the mode changes: the
+    /// server acts, the client does not hear of it.
+    FreezeAnswers,
 }
 
 /// A TCP proxy from a free loopback port to `127.0.0.1:{upstream}`. Stops (and drops every connection)
@@ -111,6 +114,11 @@ impl FaultProxy {
         self.mode.send_replace(ProxyMode::Freeze);
     }
 
+    /// Passes requests but holds every answer until [`pass`](Self::pass).
+    pub fn freeze_answers(&self) {
+        self.mode.send_replace(ProxyMode::FreezeAnswers);
+    }
+
     /// Resets every open connection; later connections are accepted as usual.
     pub fn cut(&self) {
         let mut current = self.cut.lock().unwrap_or_else(|p| p.into_inner());
@@ -161,8 +169,9 @@ async fn accept_loop(
                 server_write,
                 mode.clone(),
                 Arc::clone(&forwarded),
+                false,
             );
-            let down = pump(server_read, client_write, mode, forwarded);
+            let down = pump(server_read, client_write, mode, forwarded, true);
             tokio::select! {
                 _ = connection_cut.cancelled() => {}
                 _ = async { tokio::join!(up, down) } => {}
@@ -172,12 +181,14 @@ async fn accept_loop(
     }
 }
 
-/// Copies `from` to `to`, chunk by chunk, obeying the mode for every chunk.
+/// Copies `from` to `to`, chunk by chunk, obeying the mode for every chunk; `answers` is the server to
+/// client direction.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<ProxyMode>,
     forwarded: Arc<AtomicU64>,
+    answers: bool,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
@@ -192,11 +203,12 @@ async fn pump(
             let current = *mode.borrow_and_update();
             match current {
                 ProxyMode::Pass => break,
+                ProxyMode::FreezeAnswers if !answers => break,
                 ProxyMode::Delay(delay) => {
                     tokio::time::sleep(delay).await;
                     break;
                 }
-                ProxyMode::Freeze => {
+                ProxyMode::Freeze | ProxyMode::FreezeAnswers => {
                     if mode.changed().await.is_err() {
                         return;
                     }

@@ -180,3 +180,84 @@ async fn cancelled_postgres_acquires_clean_up_with_a_bounded_number_of_releases(
     }
     postgres.shutdown().await;
 }
+
+/// PostgreSQL advisory mode: an extension the server performed just before the lease ran out, whose
+/// answer arrives only after the local TTL monitor's deadline, is never undone by the monitor (release,
+/// extension and expiry are one state machine under one mutex). Driven with the fault proxy: requests
+/// pass, answers are held across the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advisory_extend_in_flight_at_the_deadline_is_not_undone_by_the_monitor() {
+    use integration_tests::adapters::ProxiedPostgres;
+    use state::{PostgresDistributedLock, PostgresLockMode};
+
+    let fixture = ProxiedPostgres::start(PostgresLockMode::Advisory).await;
+    let advisory = |url: String| async move {
+        PostgresDistributedLock::builder(&url)
+            .with_mode(PostgresLockMode::Advisory)
+            .build()
+            .await
+            .unwrap()
+    };
+    let holder = advisory(fixture.url()).await;
+    let other = advisory(fixture.server.url()).await;
+    let ttl = Duration::from_millis(600);
+    let mut guard = holder.try_acquire("race", ttl).await.unwrap().unwrap();
+    // One extension first: the session prepares the statement, so the next one is a single round trip
+    // (otherwise its execution would wait for the held answer to the prepare).
+    guard.extend(ttl).await.unwrap();
+
+    tokio::time::sleep_until(guard.valid_until() - Duration::from_millis(60)).await;
+    fixture.proxy.freeze_answers();
+    let extending = tokio::spawn(async move {
+        let extended = guard.extend(Duration::from_secs(5)).await;
+        (guard, extended)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await; // the monitor's deadline passes meanwhile
+    fixture.proxy.pass();
+    let (guard, extended) = extending.await.unwrap();
+    extended.expect("the server extended the lease before it ran out");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        other.try_acquire("race", ttl).await.unwrap().is_none(),
+        "an extended advisory lock was freed behind its holder's back"
+    );
+    guard
+        .release()
+        .await
+        .expect("the extended lock is still ours to release");
+}
+
+/// PostgreSQL advisory mode keeps each held lock's session in a bounded pool: past its size an acquire
+/// fails fast with an error that says what to do, and releasing a lock makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advisory_sessions_come_from_a_bounded_pool_with_a_clear_error_when_exhausted() {
+    use integration_tests::PostgresServer;
+    use state::{PostgresDistributedLock, PostgresLockMode, StateError};
+
+    let server = PostgresServer::start_new();
+    let locks = PostgresDistributedLock::builder(&server.url())
+        .with_mode(PostgresLockMode::Advisory)
+        .with_pool_size(2)
+        .with_operation_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(30);
+    let first = locks.try_acquire("a", ttl).await.unwrap().unwrap();
+    let _second = locks.try_acquire("b", ttl).await.unwrap().unwrap();
+    match locks.try_acquire("c", ttl).await {
+        Err(err @ StateError::Backend { .. }) => {
+            let message = format!(
+                "{err}: {}",
+                std::error::Error::source(&err)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+            assert!(message.contains("with_pool_size"), "{message}");
+        }
+        other => panic!("a third session must not be opened past the pool's 2: {other:?}"),
+    }
+    first.release().await.unwrap();
+    let third = locks.try_acquire("c", ttl).await.unwrap();
+    assert!(third.is_some(), "a released session makes room");
+}

@@ -5,20 +5,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgConnection;
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
+use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::{BACKEND, PostgresDistributedLock, lease_token, sql, ttl_millis};
 use crate::lock::safe_deadline;
 use crate::{DistributedLock, LockGuard, LockToken, StateError, StateResult};
 
-/// A held advisory lock: its own connection, and the monitor that enforces its TTL.
+/// A held advisory lock. Release, extension and expiry are one state machine under one mutex: the
+/// session's connection is `Some` exactly while the lock is held, and each of them takes the mutex and
+/// re-checks before acting — an extension can never succeed on a lock being released, and the monitor
+/// never expires a lock whose deadline an extension just moved.
 pub(super) struct AdvisoryHold {
-    pub(super) conn: Arc<tokio::sync::Mutex<PgConnection>>,
-    pub(super) key: i64,
-    pub(super) resource: String,
-    pub(super) deadline: tokio::sync::watch::Sender<Instant>,
-    pub(super) monitor: tokio::task::AbortHandle,
+    /// The session holding the lock: a connection of the bounded advisory pool (never detached), `None`
+    /// once released or expired.
+    conn: tokio::sync::Mutex<Option<PoolConnection<Postgres>>>,
+    key: i64,
+    resource: String,
+    /// The local TTL the monitor enforces; moved by each extension.
+    deadline: watch::Sender<Instant>,
+    /// Ends the monitor (a release; the monitor never aborts itself).
+    monitor_stop: CancellationToken,
 }
 
 /// Stable 64-bit FNV-1a of the table and resource name: the advisory lock key. Different resources can
@@ -42,6 +52,11 @@ pub(super) fn key_halves(key: i64) -> (i64, i64) {
 }
 
 impl PostgresDistributedLock {
+    /// The hold of the advisory lock owned by `owner`, if this process holds it.
+    pub(super) fn hold(&self, owner: &str) -> Option<Arc<AdvisoryHold>> {
+        self.held().get(owner).cloned()
+    }
+
     pub(super) async fn try_acquire_advisory(
         &self,
         service: Arc<dyn DistributedLock>,
@@ -51,13 +66,37 @@ impl PostgresDistributedLock {
         let Some(advisory_pool) = &self.inner.advisory_pool else {
             return Err(StateError::invalid("mode", "advisory pool missing"));
         };
+        if self.held().values().any(|hold| hold.resource == resource) {
+            // Held by this process already: no session needed to know it is taken (each held lock
+            // keeps one of the bounded pool's sessions; asking would need another).
+            return Ok(None);
+        }
         let key = advisory_key(&self.inner.names.table, resource);
         let sent_at = Instant::now();
-        // From here until the connection is detached, dropping it returns it to the advisory pool, whose
-        // release hook unlocks everything: a cancelled attempt cannot leave a lock behind.
-        let mut conn = self
-            .within("acquire", resource, advisory_pool.acquire())
-            .await?;
+        // Until the hold owns it, dropping the connection returns it to the advisory pool, whose release
+        // hook unlocks everything: a cancelled attempt cannot leave a lock behind.
+        let mut conn = match tokio::time::timeout(
+            self.inner.operation_timeout,
+            advisory_pool.acquire(),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) => {
+                return Err(StateError::backend(
+                    BACKEND,
+                    "acquire",
+                    resource,
+                    format!(
+                        "no advisory connection free within {:?}: each held advisory lock keeps one of the \
+                         pool's {} connections (raise `with_pool_size`, or release locks)",
+                        self.inner.operation_timeout,
+                        advisory_pool.options().get_max_connections()
+                    ),
+                ));
+            }
+            Ok(Err(err)) => return Err(StateError::backend(BACKEND, "acquire", resource, err)),
+        };
         let locked: bool = self
             .within(
                 "acquire",
@@ -84,19 +123,16 @@ impl PostgresDistributedLock {
             .await?;
         let token = lease_token(resource, owner.clone(), &row)
             .map_err(|err| StateError::backend(BACKEND, "acquire", resource, err))?;
-        let conn = Arc::new(tokio::sync::Mutex::new(conn.detach()));
-        let (deadline, watch) = tokio::sync::watch::channel(sent_at + ttl);
-        let monitor = tokio::spawn(expire_at_deadline(self.clone(), owner.clone(), watch));
-        self.held().insert(
-            owner,
-            AdvisoryHold {
-                conn,
-                key,
-                resource: resource.to_owned(),
-                deadline,
-                monitor: monitor.abort_handle(),
-            },
-        );
+        let hold = Arc::new(AdvisoryHold {
+            conn: tokio::sync::Mutex::new(Some(conn)),
+            key,
+            resource: resource.to_owned(),
+            deadline: watch::channel(sent_at + ttl).0,
+            monitor_stop: CancellationToken::new(),
+        });
+        // Registered before the monitor starts, so the monitor always finds it.
+        self.held().insert(owner.clone(), Arc::clone(&hold));
+        tokio::spawn(expire_at_deadline(self.clone(), owner, hold));
         Ok(Some(LockGuard::new(
             service,
             token,
@@ -104,11 +140,55 @@ impl PostgresDistributedLock {
         )))
     }
 
-    /// Unlocks and closes a held advisory lock's connection, and marks its lease row released.
-    /// `Err(LockLost)` when the session had died (the server freed the lock then).
-    pub(super) async fn unlock_advisory(&self, owner: &str, hold: AdvisoryHold) -> StateResult<()> {
-        hold.monitor.abort();
+    /// Releases the advisory lock of `owner`: takes the session out of the hold (under its mutex, so
+    /// no extension or expiry runs meanwhile), unlocks, marks the lease row released and returns the
+    /// connection to the pool. `Err(LockLost)` when it was not held (any more), or the session had died
+    /// (the server freed the lock then).
+    pub(super) async fn release_advisory(&self, resource: &str, owner: &str) -> StateResult<()> {
+        let lost = || StateError::LockLost {
+            resource: resource.to_owned(),
+        };
+        let hold = self.held().remove(owner).ok_or_else(lost)?;
+        hold.monitor_stop.cancel();
+        let session = hold.conn.lock().await.take().ok_or_else(lost)?;
+        self.end_session(owner, &hold, session).await
+    }
+
+    /// Extends the hold of `owner` under its mutex: `Ok(None)` when it is no longer held here.
+    pub(super) async fn extend_advisory<T>(
+        &self,
+        owner: &str,
+        sent_at: Instant,
+        ttl: Duration,
+        extend: impl for<'c> FnOnce(
+            &'c mut sqlx::PgConnection,
+        ) -> futures::future::BoxFuture<'c, StateResult<Option<T>>>,
+    ) -> StateResult<Option<T>> {
+        let Some(hold) = self.hold(owner) else {
+            return Ok(None);
+        };
         let mut conn = hold.conn.lock().await;
+        let Some(session) = conn.as_mut() else {
+            return Ok(None); // released or expired while we waited for the mutex
+        };
+        let extended = extend(session).await?;
+        if extended.is_some() {
+            hold.deadline.send_replace(sent_at + ttl);
+        }
+        Ok(extended)
+    }
+
+    /// Unlocks the session `conn` taken out of `hold` (under its mutex, by the caller), marks the lease
+    /// row released, and returns the connection to the pool — or closes it when it failed.
+    async fn end_session(
+        &self,
+        owner: &str,
+        hold: &AdvisoryHold,
+        mut conn: PoolConnection<Postgres>,
+    ) -> StateResult<()> {
+        let lost = || StateError::LockLost {
+            resource: hold.resource.clone(),
+        };
         let unlocked = self
             .within(
                 "release",
@@ -128,35 +208,52 @@ impl PostgresDistributedLock {
                     .execute(&mut *conn),
             )
             .await;
-        drop(conn); // the connection closes with the last reference to it: the session ends
+        if unlocked.is_err() || marked.is_err() {
+            // A broken or hung session must not go back to the pool: closing it ends the session, and
+            // the server frees whatever it held.
+            drop(conn.detach());
+        }
         match (unlocked, marked) {
             (Ok(true), Ok(_)) => Ok(()),
-            (Ok(false), _) | (Err(StateError::Backend { .. }), _) => Err(StateError::LockLost {
-                resource: hold.resource.clone(),
-            }),
+            (Ok(false), _) | (Err(StateError::Backend { .. }), _) => Err(lost()),
             (Err(err), _) | (Ok(true), Err(err)) => Err(err),
         }
     }
 }
 
-/// Advisory mode's TTL: unlocks when the deadline passes without an extension. Owns no guard.
-async fn expire_at_deadline(
-    lock: PostgresDistributedLock,
-    owner: String,
-    mut deadline: tokio::sync::watch::Receiver<Instant>,
-) {
+/// Advisory mode's TTL: unlocks when the deadline passes without an extension. It re-checks the
+/// deadline under the hold's mutex, so an extension that was in flight at the deadline wins.
+async fn expire_at_deadline(lock: PostgresDistributedLock, owner: String, hold: Arc<AdvisoryHold>) {
+    let mut deadline = hold.deadline.subscribe();
     loop {
         let until = *deadline.borrow_and_update();
         tokio::select! {
-            _ = tokio::time::sleep_until(until) => break,
-            changed = deadline.changed() => if changed.is_err() { return },
+            _ = hold.monitor_stop.cancelled() => return,
+            _ = tokio::time::sleep_until(until) => {}
+            changed = deadline.changed() => {
+                if changed.is_err() { return }
+                continue;
+            }
         }
-    }
-    let hold = lock.held().remove(&owner);
-    if let Some(hold) = hold {
-        let resource = hold.resource.clone();
-        let outcome = lock.unlock_advisory(&owner, hold).await;
-        tracing::debug!(resource, ?outcome, "advisory lock expired by its TTL");
+        let mut slot = hold.conn.lock().await;
+        if slot.is_none() || hold.monitor_stop.is_cancelled() {
+            return; // released meanwhile
+        }
+        if Instant::now() < *hold.deadline.borrow() {
+            continue; // an extension moved the deadline while we waited for the mutex
+        }
+        // Expired: the session leaves the hold under the mutex, so no extension can follow.
+        let Some(session) = slot.take() else { return };
+        drop(slot);
+        {
+            let mut held = lock.held();
+            if held.get(&owner).is_some_and(|h| Arc::ptr_eq(h, &hold)) {
+                held.remove(&owner);
+            }
+        }
+        let outcome = lock.end_session(&owner, &hold, session).await;
+        tracing::debug!(resource = %hold.resource, ?outcome, "advisory lock expired by its TTL");
+        return;
     }
 }
 

@@ -104,7 +104,7 @@ struct Inner {
     address: String,
     operation_timeout: Duration,
     /// Advisory mode: the dedicated connection of every lock this process holds, by owner value.
-    held: Mutex<HashMap<String, AdvisoryHold>>,
+    held: Mutex<HashMap<String, Arc<AdvisoryHold>>>,
     /// Background clean-ups of acquires cancelled after their request may have been sent.
     cleanups: TaskTracker,
 }
@@ -228,7 +228,7 @@ impl PostgresDistributedLock {
         .await
     }
 
-    fn held(&self) -> MutexGuard<'_, HashMap<String, AdvisoryHold>> {
+    fn held(&self) -> MutexGuard<'_, HashMap<String, Arc<AdvisoryHold>>> {
         // Every update is a single insert or remove: a panic elsewhere cannot leave it inconsistent.
         self.inner
             .held
@@ -277,8 +277,7 @@ impl DistributedLock for PostgresDistributedLock {
             resource: resource.to_owned(),
         };
         if self.inner.mode == PostgresLockMode::Advisory {
-            let hold = self.held().remove(&token.value).ok_or_else(lost)?;
-            return self.unlock_advisory(&token.value, hold).await;
+            return self.release_advisory(resource, &token.value).await;
         }
         let done = self
             .within(
@@ -320,21 +319,26 @@ impl DistributedLock for PostgresDistributedLock {
             .bind(&owner)
             .bind(ttl_millis(ttl));
         let row = if self.inner.mode == PostgresLockMode::Advisory {
-            let (conn, deadline) = {
-                let held = self.held();
-                let hold = held.get(&owner).ok_or_else(lost)?;
-                (Arc::clone(&hold.conn), hold.deadline.clone())
-            };
-            let mut conn = conn.lock().await;
-            // A dead session has lost its advisory lock: that is a lost lock, not a backend hiccup.
-            let row = self
-                .within("extend", &resource, query.fetch_optional(&mut *conn))
-                .await
-                .map_err(|_| lost())?;
-            if row.is_some() {
-                deadline.send_replace(sent_at + ttl);
-            }
-            row
+            // Under the hold's mutex: never on a lock being released or expired.
+            let timeout = self.inner.operation_timeout;
+            let resource_name = resource.clone();
+            self.extend_advisory(&owner, sent_at, ttl, move |conn| {
+                Box::pin(async move {
+                    // A dead session has lost its advisory lock: a lost lock, not a backend hiccup.
+                    super::bounded(
+                        timeout,
+                        BACKEND,
+                        "extend",
+                        &resource_name,
+                        query.fetch_optional(conn),
+                    )
+                    .await
+                    .map_err(|_| StateError::LockLost {
+                        resource: resource_name.clone(),
+                    })
+                })
+            })
+            .await?
         } else {
             self.within("extend", &resource, query.fetch_optional(&self.inner.pool))
                 .await?
