@@ -13,7 +13,7 @@ use state::recipes::keeper::{KeptLock, LockContext, RenewalPolicy, with_lock};
 use state::recipes::leader::{LeaderElection, Leadership};
 use state::recipes::multi::MultiLock;
 use state::recipes::semaphore::Semaphore;
-use state::recipes::tasks::{TaskOutcome, TaskQueue};
+use state::recipes::tasks::{TaskOutcome, TaskQueue, TaskRetryPolicy};
 use state::recipes::versioned::{optimistic_update, optimistic_update_many};
 use state::{RetryConfig, StateError, StateResult};
 use tokio::time::Instant;
@@ -477,6 +477,106 @@ async fn recurring_jobs_survive_restarts_and_run_once_per_period(env: RecipeEnv)
     assert!(restarted.task("flaky").await.unwrap().unwrap().pending);
 }
 
+async fn poison_tasks_back_off_dead_letter_and_requeue(env: RecipeEnv) {
+    let policy =
+        TaskRetryPolicy::new(3, Duration::from_millis(200), Duration::from_secs(2)).unwrap();
+    let queue = TaskQueue::new(env.lock.clone(), env.tasks.clone(), Duration::from_secs(5))
+        .with_retry_policy(policy);
+    // The same idempotency key twice is one task; the first payload wins.
+    assert!(queue.enqueue(b"poison", Some("poison")).await.unwrap().1);
+    assert!(!queue.enqueue(b"another", Some("poison")).await.unwrap().1);
+    assert_eq!(
+        queue.task("poison").await.unwrap().unwrap().payload,
+        b"poison"
+    );
+    let (fresh, created) = queue.enqueue(b"", None).await.unwrap();
+    assert!(created && fresh != "poison");
+    for i in 0..5 {
+        queue.submit(&format!("good-{i}"), b"").await.unwrap();
+    }
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dead_lettered = loop {
+        assert!(
+            Instant::now() < deadline,
+            "{}: the poison task never dead-lettered",
+            env.name
+        );
+        let seen = Arc::clone(&attempts);
+        let run = queue
+            .run_next(|task, _| async move {
+                if task.id == "poison" {
+                    seen.lock().unwrap().push(Instant::now());
+                    Err(StateError::invalid("work", "poison pill"))
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        match run {
+            Some(run) if matches!(run.outcome, TaskOutcome::DeadLettered(_)) => break run,
+            Some(_) => {}
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(dead_lettered.id, "poison");
+    // The others were never starved, and the poison task was retried with growing delays.
+    for i in 0..5 {
+        let task = queue.task(&format!("good-{i}")).await.unwrap().unwrap();
+        assert!(!task.pending, "{}: good-{i} starved", env.name);
+    }
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(
+        attempts.len(),
+        3,
+        "{}: three attempts, then the dead letters",
+        env.name
+    );
+    let (first_gap, second_gap) = (attempts[1] - attempts[0], attempts[2] - attempts[1]);
+    assert!(
+        first_gap >= Duration::from_millis(100) && second_gap >= Duration::from_millis(200),
+        "{}: backoff gaps {first_gap:?}, {second_gap:?}",
+        env.name
+    );
+    let dead = queue.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{}: {dead:?}", env.name);
+    assert!(dead[0].dead && !dead[0].pending && dead[0].attempts == 3);
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("poison pill"))
+    );
+    assert!(
+        queue
+            .run_next(|_, _| async { Ok(()) })
+            .await
+            .unwrap()
+            .is_none(),
+        "{}: a dead letter is never due",
+        env.name
+    );
+    // Requeued by the API, it runs again from zero attempts.
+    assert!(queue.requeue("poison").await.unwrap());
+    assert!(
+        !queue.requeue("poison").await.unwrap(),
+        "only dead letters are requeued"
+    );
+    let again = queue.task("poison").await.unwrap().unwrap();
+    assert!(again.pending && !again.dead && again.attempts == 0);
+    let run = queue
+        .run_next(|_, _| async { Ok(()) })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (run.id.as_str(), run.outcome),
+        ("poison", TaskOutcome::Completed)
+    );
+    assert!(queue.dead_letters(10).await.unwrap().is_empty());
+}
+
 // ---------------------------------------------------------------- multi, semaphore, versioned, fenced
 
 async fn multi_lock_is_all_or_nothing_and_deadlock_free(env: RecipeEnv) {
@@ -692,6 +792,7 @@ macro_rules! recipe_tests {
 }
 
 recipe_tests!(memory:
+    poison_tasks_back_off_dead_letter_and_requeue,
     keeper_renews_past_the_ttl,
     keeper_signals_loss_by_the_safe_deadline,
     with_lock_drops_work_when_the_lock_is_lost,
@@ -709,6 +810,7 @@ recipe_tests!(memory:
 );
 
 recipe_tests!(redis:
+    poison_tasks_back_off_dead_letter_and_requeue,
     keeper_renews_past_the_ttl,
     keeper_signals_loss_by_the_safe_deadline,
     with_lock_drops_work_when_the_lock_is_lost,
@@ -726,6 +828,7 @@ recipe_tests!(redis:
 );
 
 recipe_tests!(postgres:
+    poison_tasks_back_off_dead_letter_and_requeue,
     paused_leader_is_replaced_and_fenced_off,
     checkpoints_are_exclusive_and_fenced,
     dropped_worker_task_runs_once_to_completion_elsewhere,

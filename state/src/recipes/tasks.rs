@@ -8,6 +8,16 @@
 //! compare-and-set on the task's completion count, so of two runs of the same period only one completes,
 //! and a worker that lost its claim is stopped (its work future is dropped) before it can complete.
 //!
+//! **Retries** ([`TaskRetryPolicy`]): a handler that fails is retried with exponential backoff and jitter
+//! (the task is due again later, so a poison task never runs back to back and never starves the others);
+//! each failure is counted in [`TaskRecord::attempts`] with its error. After `max_attempts` failures a
+//! one-shot task moves to the **dead letters** ([`TaskQueue::dead_letters`], [`TaskQueue::requeue`]); a
+//! recurring job skips to its next period instead, so its schedule survives. A run lost mid-way (crash,
+//! lost claim) is not a failure: it is run again at once.
+//!
+//! **Idempotent enqueue**: a task's id is its idempotency key — submitting the same id twice makes one
+//! task (the first payload wins); [`TaskQueue::enqueue`] takes the key, or makes a unique id.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> state::StateResult<()> {
@@ -60,6 +70,41 @@ pub struct TaskRecord {
     pub due_ms: u64,
     /// How many runs completed; completing run `n` requires `completions == n`.
     pub completions: u64,
+    /// Failed attempts of the current run (reset when a run completes or the task is requeued).
+    pub attempts: u32,
+    /// The error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// Moved to the dead letters after too many failed attempts (then also not `pending`).
+    pub dead: bool,
+}
+
+impl TaskRecord {
+    /// A new task, due at `due_ms`.
+    pub fn new(id: &str, payload: &[u8], every_ms: Option<u64>, due_ms: u64) -> Self {
+        TaskRecord {
+            id: id.to_owned(),
+            payload: payload.to_vec(),
+            pending: true,
+            every_ms,
+            due_ms,
+            completions: 0,
+            attempts: 0,
+            last_error: None,
+            dead: false,
+        }
+    }
+}
+
+/// What to do with a failed attempt of run `run` (see [`TaskStore::fail`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AfterFailure {
+    /// Due again at this time (ms since the epoch).
+    RetryAt(u64),
+    /// A recurring job out of attempts: skip to its next period, due at this time.
+    NextPeriod(u64),
+    /// A one-shot task out of attempts: to the dead letters.
+    DeadLetter,
 }
 
 /// Where tasks persist.
@@ -89,6 +134,114 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// A backend error.
     async fn complete(&self, id: &str, run: u64, next_due_ms: Option<u64>) -> StateResult<bool>;
+
+    /// Records a failed attempt of run `run` of `id` (only while it is pending at that run): counts it,
+    /// keeps `error`, and then does what `then` says. `Ok(true)` when recorded.
+    ///
+    /// # Errors
+    /// A backend error.
+    async fn fail(&self, id: &str, run: u64, error: &str, then: &AfterFailure)
+    -> StateResult<bool>;
+
+    /// Up to `limit` dead-lettered tasks, by id.
+    ///
+    /// # Errors
+    /// A backend error.
+    async fn dead_letters(&self, limit: usize) -> StateResult<Vec<TaskRecord>>;
+
+    /// Moves the dead-lettered task `id` back to the queue, due at `due_ms` with no attempts counted:
+    /// `Ok(false)` when it is not dead-lettered.
+    ///
+    /// # Errors
+    /// A backend error.
+    async fn requeue(&self, id: &str, due_ms: u64) -> StateResult<bool>;
+}
+
+/// How failed tasks are retried: exponential backoff with jitter, then the dead letters.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct TaskRetryPolicy {
+    /// Failed attempts of one run before it is given up (dead-lettered, or skipped for recurring jobs).
+    pub max_attempts: u32,
+    /// The delay after the first failure (before jitter).
+    pub initial_backoff: Duration,
+    /// The longest delay (before jitter).
+    pub max_backoff: Duration,
+}
+
+impl Default for TaskRetryPolicy {
+    /// 5 attempts, 1 s doubling up to 5 min.
+    fn default() -> Self {
+        TaskRetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+impl TaskRetryPolicy {
+    /// A policy of `max_attempts` attempts, backing off from `initial_backoff` (doubling) up to
+    /// `max_backoff`.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] for zero attempts, a zero initial backoff, or a maximum below the
+    /// initial backoff or above a day.
+    pub fn new(
+        max_attempts: u32,
+        initial_backoff: Duration,
+        max_backoff: Duration,
+    ) -> StateResult<Self> {
+        if max_attempts == 0 {
+            return Err(StateError::invalid(
+                "task max attempts",
+                "must be at least 1",
+            ));
+        }
+        if initial_backoff.is_zero() || max_backoff < initial_backoff {
+            return Err(StateError::invalid(
+                "task backoff",
+                format!(
+                    "{initial_backoff:?}..{max_backoff:?} must be a non-empty range above zero"
+                ),
+            ));
+        }
+        if max_backoff > Duration::from_secs(86_400) {
+            return Err(StateError::invalid(
+                "task backoff",
+                format!("{max_backoff:?} is longer than a day"),
+            ));
+        }
+        Ok(TaskRetryPolicy {
+            max_attempts,
+            initial_backoff,
+            max_backoff,
+        })
+    }
+
+    /// The jittered delay after failed attempt `attempt` (1-based): `initial * 2^(attempt-1)`, capped,
+    /// then a random point in its upper half.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        crate::RetryConfig {
+            max_attempts: self.max_attempts,
+            initial_delay: self.initial_backoff,
+            max_delay: self.max_backoff,
+            backoff_multiplier: 2.0,
+        }
+        .jittered_delay(attempt)
+    }
+
+    fn after_failure(&self, task: &TaskRecord, now_ms: u64) -> AfterFailure {
+        let attempt = task.attempts.saturating_add(1);
+        if attempt < self.max_attempts {
+            let delay = u64::try_from(self.backoff(attempt).as_millis()).unwrap_or(u64::MAX);
+            return AfterFailure::RetryAt(now_ms.saturating_add(delay));
+        }
+        match task.every_ms {
+            Some(every) => AfterFailure::NextPeriod(now_ms.saturating_add(every)),
+            None => AfterFailure::DeadLetter,
+        }
+    }
 }
 
 /// How one claimed task ended.
@@ -99,8 +252,11 @@ pub enum TaskOutcome {
     Completed,
     /// The handler succeeded but the run had been completed elsewhere meanwhile; nothing was recorded.
     AlreadyCompleted,
-    /// The handler failed; the task stays pending.
+    /// The handler failed; the task is due again after a backoff (or, for a recurring job out of
+    /// attempts, at its next period).
     Failed(String),
+    /// The handler failed for the last allowed time: the task moved to the dead letters.
+    DeadLettered(String),
     /// The claim was lost mid-run; the handler was stopped and the task stays pending.
     Lost,
 }
@@ -132,6 +288,7 @@ pub struct TaskQueue {
     store: Arc<dyn TaskStore>,
     claim_ttl: Duration,
     batch: usize,
+    retry: TaskRetryPolicy,
 }
 
 impl std::fmt::Debug for TaskQueue {
@@ -159,7 +316,46 @@ impl TaskQueue {
             store,
             claim_ttl,
             batch: 32,
+            retry: TaskRetryPolicy::default(),
         }
+    }
+
+    /// Retries failed tasks per `retry` (default [`TaskRetryPolicy::default`]).
+    pub fn with_retry_policy(mut self, retry: TaskRetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Enqueues a one-shot task, due now, under the idempotency key `key` (the same key twice is one
+    /// task: the first payload wins), or under a fresh unique id when `key` is `None`. Returns the id
+    /// and whether this call created it.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] for a bad key; a backend error.
+    pub async fn enqueue(&self, payload: &[u8], key: Option<&str>) -> StateResult<(String, bool)> {
+        let id = match key {
+            Some(key) => key.to_owned(),
+            None => format!("t-{:032x}", rand::random::<u128>()),
+        };
+        let created = self.submit(&id, payload).await?;
+        Ok((id, created))
+    }
+
+    /// Up to `limit` tasks in the dead letters, with their attempts and last error.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub async fn dead_letters(&self, limit: usize) -> StateResult<Vec<TaskRecord>> {
+        self.store.dead_letters(limit).await
+    }
+
+    /// Moves the dead-lettered task `id` back to the queue, due now, attempts reset; `Ok(false)` when it
+    /// is not in the dead letters.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub async fn requeue(&self, id: &str) -> StateResult<bool> {
+        self.store.requeue(id, now_ms()).await
     }
 
     /// Submits a one-shot task, due now; `Ok(false)` if the id exists (submitting is idempotent).
@@ -169,14 +365,7 @@ impl TaskQueue {
     pub async fn submit(&self, id: &str, payload: &[u8]) -> StateResult<bool> {
         validate_resource(&claim_resource(id))?;
         self.store
-            .insert_if_missing(&TaskRecord {
-                id: id.to_owned(),
-                payload: payload.to_vec(),
-                pending: true,
-                every_ms: None,
-                due_ms: now_ms(),
-                completions: 0,
-            })
+            .insert_if_missing(&TaskRecord::new(id, payload, None, now_ms()))
             .await
     }
 
@@ -197,14 +386,7 @@ impl TaskQueue {
             return Err(StateError::invalid("period", "must be at least 1 ms"));
         }
         self.store
-            .insert_if_missing(&TaskRecord {
-                id: id.to_owned(),
-                payload: payload.to_vec(),
-                pending: true,
-                every_ms: Some(every_ms),
-                due_ms: now_ms(),
-                completions: 0,
-            })
+            .insert_if_missing(&TaskRecord::new(id, payload, Some(every_ms), now_ms()))
             .await
     }
 
@@ -268,6 +450,7 @@ impl TaskQueue {
         let fencing_token = kept.fencing_token();
         let store = Arc::clone(&self.store);
         let completing = id.clone();
+        let claimed = task.clone();
         let outcome = run_kept(kept, |ctx| async move {
             handler(task, ctx).await?;
             let next_due = every_ms.map(|every| now_ms().saturating_add(every));
@@ -277,7 +460,7 @@ impl TaskQueue {
         let outcome = match outcome {
             Ok(Ok(true)) => TaskOutcome::Completed,
             Ok(Ok(false)) => TaskOutcome::AlreadyCompleted,
-            Ok(Err(err)) => TaskOutcome::Failed(err.to_string()),
+            Ok(Err(err)) => self.record_failure(&claimed, &err.to_string()).await?,
             Err(StateError::LockLost { .. }) => TaskOutcome::Lost,
             Err(err) => return Err(err),
         };
@@ -285,6 +468,29 @@ impl TaskQueue {
             id,
             fencing_token,
             outcome,
+        })
+    }
+
+    /// Counts a failed attempt of `task` and schedules what follows it (see [`TaskRetryPolicy`]).
+    async fn record_failure(&self, task: &TaskRecord, error: &str) -> StateResult<TaskOutcome> {
+        let then = self.retry.after_failure(task, now_ms());
+        let attempt = task.attempts.saturating_add(1);
+        self.store
+            .fail(&task.id, task.completions, error, &then)
+            .await?;
+        Ok(match then {
+            AfterFailure::DeadLetter => {
+                tracing::warn!(id = %task.id, attempt, error, "task dead-lettered after its last attempt");
+                TaskOutcome::DeadLettered(error.to_owned())
+            }
+            AfterFailure::NextPeriod(_) => {
+                tracing::warn!(id = %task.id, attempt, error, "recurring job failed its last attempt; it runs again next period");
+                TaskOutcome::Failed(error.to_owned())
+            }
+            AfterFailure::RetryAt(at) => {
+                tracing::debug!(id = %task.id, attempt, error, retry_at_ms = at, "task failed; retrying later");
+                TaskOutcome::Failed(error.to_owned())
+            }
         })
     }
 
@@ -372,10 +578,63 @@ impl TaskStore for InMemoryTaskStore {
             return Ok(false);
         }
         task.completions += 1;
+        task.attempts = 0;
         match next_due_ms {
             Some(next) => task.due_ms = next,
             None => task.pending = false,
         }
+        Ok(true)
+    }
+
+    async fn fail(
+        &self,
+        id: &str,
+        run: u64,
+        error: &str,
+        then: &AfterFailure,
+    ) -> StateResult<bool> {
+        let mut tasks = self.tasks();
+        let Some(task) = tasks.get_mut(id) else {
+            return Ok(false);
+        };
+        if !task.pending || task.completions != run {
+            return Ok(false);
+        }
+        task.last_error = Some(error.to_owned());
+        match then {
+            AfterFailure::RetryAt(at) => {
+                task.attempts = task.attempts.saturating_add(1);
+                task.due_ms = *at;
+            }
+            AfterFailure::NextPeriod(at) => {
+                task.attempts = 0;
+                task.due_ms = *at;
+            }
+            AfterFailure::DeadLetter => {
+                task.attempts = task.attempts.saturating_add(1);
+                task.pending = false;
+                task.dead = true;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn dead_letters(&self, limit: usize) -> StateResult<Vec<TaskRecord>> {
+        let mut dead: Vec<TaskRecord> = self.tasks().values().filter(|t| t.dead).cloned().collect();
+        dead.sort_by(|a, b| a.id.cmp(&b.id));
+        dead.truncate(limit);
+        Ok(dead)
+    }
+
+    async fn requeue(&self, id: &str, due_ms: u64) -> StateResult<bool> {
+        let mut tasks = self.tasks();
+        let Some(task) = tasks.get_mut(id).filter(|t| t.dead) else {
+            return Ok(false);
+        };
+        task.dead = false;
+        task.pending = true;
+        task.attempts = 0;
+        task.due_ms = due_ms;
         Ok(true)
     }
 }
@@ -391,7 +650,7 @@ mod redis_store {
     use redis::Script;
     use redis::aio::ConnectionManager;
 
-    use super::{TaskRecord, TaskStore};
+    use super::{AfterFailure, TaskRecord, TaskStore};
     use crate::StateResult;
     use crate::backends::redis::{connect_manager, invoke, parse_redis_url, query};
 
@@ -399,15 +658,21 @@ mod redis_store {
         LazyLock::new(|| Script::new(include_str!("scripts/task_insert.lua")));
     static COMPLETE: LazyLock<Script> =
         LazyLock::new(|| Script::new(include_str!("scripts/task_complete.lua")));
+    static FAIL: LazyLock<Script> =
+        LazyLock::new(|| Script::new(include_str!("scripts/task_fail.lua")));
+    static REQUEUE: LazyLock<Script> =
+        LazyLock::new(|| Script::new(include_str!("scripts/task_requeue.lua")));
     const TIMEOUT: Duration = Duration::from_secs(2);
     const DUE: &str = "state:tasks:due";
+    const DEAD: &str = "state:tasks:dead";
 
     fn key_of(id: &str) -> String {
         format!("state:task:{id}")
     }
 
-    /// A [`TaskStore`] in Redis: a hash `state:task:{id}` per task and a sorted set `state:tasks:due` of
-    /// pending ids by due time; insert and complete are Lua scripts.
+    /// A [`TaskStore`] in Redis: a hash `state:task:{id}` per task, a sorted set `state:tasks:due` of
+    /// pending ids by due time and `state:tasks:dead` of dead-lettered ids by when; insert, complete,
+    /// fail and requeue are Lua scripts.
     #[derive(Clone)]
     pub struct RedisTaskStore {
         conn: ConnectionManager,
@@ -466,26 +731,39 @@ mod redis_store {
 
         async fn get(&self, id: &str) -> StateResult<Option<TaskRecord>> {
             let mut cmd = redis::cmd("HMGET");
-            cmd.arg(key_of(id))
-                .arg(&["payload", "status", "every_ms", "due_ms", "completions"][..]);
-            let (payload, status, every_ms, due_ms, completions): (
+            cmd.arg(key_of(id)).arg(
+                &[
+                    "payload",
+                    "status",
+                    "every_ms",
+                    "due_ms",
+                    "completions",
+                    "attempts",
+                    "last_error",
+                ][..],
+            );
+            type Fields = (
                 Option<Vec<u8>>,
                 Option<String>,
                 Option<u64>,
                 Option<u64>,
                 Option<u64>,
-            ) = self.query(cmd, id).await?;
+                Option<u32>,
+                Option<String>,
+            );
+            let (payload, status, every_ms, due_ms, completions, attempts, last_error): Fields =
+                self.query(cmd, id).await?;
             let (Some(payload), Some(status), Some(due_ms)) = (payload, status, due_ms) else {
                 return Ok(None);
             };
-            Ok(Some(TaskRecord {
-                id: id.to_owned(),
-                payload,
-                pending: status == "pending",
-                every_ms: every_ms.filter(|every| *every > 0),
-                due_ms,
-                completions: completions.unwrap_or(0),
-            }))
+            let mut task =
+                TaskRecord::new(id, &payload, every_ms.filter(|every| *every > 0), due_ms);
+            task.pending = status == "pending";
+            task.dead = status == "dead";
+            task.completions = completions.unwrap_or(0);
+            task.attempts = attempts.unwrap_or(0);
+            task.last_error = last_error;
+            Ok(Some(task))
         }
 
         async fn due(&self, now_ms: u64, limit: usize) -> StateResult<Vec<TaskRecord>> {
@@ -526,6 +804,63 @@ mod redis_store {
                 invoke(&mut conn, TIMEOUT, "redis", "complete", id, &invocation).await?;
             Ok(done == 1)
         }
+
+        async fn fail(
+            &self,
+            id: &str,
+            run: u64,
+            error: &str,
+            then: &AfterFailure,
+        ) -> StateResult<bool> {
+            let (what, at) = match then {
+                AfterFailure::RetryAt(at) => ("retry", *at),
+                AfterFailure::NextPeriod(at) => ("next", *at),
+                AfterFailure::DeadLetter => ("dead", super::now_ms()),
+            };
+            let mut conn = self.conn.clone();
+            let mut invocation = FAIL.prepare_invoke();
+            invocation
+                .key(key_of(id))
+                .key(DUE)
+                .key(DEAD)
+                .arg(id)
+                .arg(run)
+                .arg(error)
+                .arg(what)
+                .arg(at);
+            let done: i64 = invoke(&mut conn, TIMEOUT, "redis", "fail", id, &invocation).await?;
+            Ok(done == 1)
+        }
+
+        async fn dead_letters(&self, limit: usize) -> StateResult<Vec<TaskRecord>> {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let mut cmd = redis::cmd("ZRANGE");
+            cmd.arg(DEAD).arg(0).arg(limit.saturating_sub(1));
+            let mut ids: Vec<String> = self.query(cmd, DEAD).await?;
+            ids.sort();
+            let mut tasks = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(task) = self.get(&id).await? {
+                    tasks.push(task);
+                }
+            }
+            Ok(tasks)
+        }
+
+        async fn requeue(&self, id: &str, due_ms: u64) -> StateResult<bool> {
+            let mut conn = self.conn.clone();
+            let mut invocation = REQUEUE.prepare_invoke();
+            invocation
+                .key(key_of(id))
+                .key(DUE)
+                .key(DEAD)
+                .arg(id)
+                .arg(due_ms);
+            let done: i64 = invoke(&mut conn, TIMEOUT, "redis", "requeue", id, &invocation).await?;
+            Ok(done == 1)
+        }
     }
 }
 
@@ -536,7 +871,7 @@ pub use self::postgres_store::PostgresTaskStore;
 mod postgres_store {
     use sqlx::PgPool;
 
-    use super::{TaskRecord, TaskStore};
+    use super::{AfterFailure, TaskRecord, TaskStore};
     use crate::{StateError, StateResult};
 
     /// A [`TaskStore`] in PostgreSQL: table `state_tasks`; completion is one conditional `UPDATE`.
@@ -545,7 +880,17 @@ mod postgres_store {
         pool: PgPool,
     }
 
-    type Row = (String, Vec<u8>, bool, Option<i64>, i64, i64);
+    type Row = (
+        String,
+        Vec<u8>,
+        bool,
+        Option<i64>,
+        i64,
+        i64,
+        i64,
+        Option<String>,
+        bool,
+    );
 
     fn to_u64(value: i64) -> u64 {
         u64::try_from(value).unwrap_or(0)
@@ -555,18 +900,20 @@ mod postgres_store {
         i64::try_from(value).unwrap_or(i64::MAX)
     }
 
-    fn record((id, payload, pending, every_ms, due_ms, completions): Row) -> TaskRecord {
-        TaskRecord {
-            id,
-            payload,
-            pending,
-            every_ms: every_ms.map(to_u64),
-            due_ms: to_u64(due_ms),
-            completions: to_u64(completions),
-        }
+    fn record(
+        (id, payload, pending, every_ms, due_ms, completions, attempts, last_error, dead): Row,
+    ) -> TaskRecord {
+        let mut task = TaskRecord::new(&id, &payload, every_ms.map(to_u64), to_u64(due_ms));
+        task.pending = pending;
+        task.completions = to_u64(completions);
+        task.attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+        task.last_error = last_error;
+        task.dead = dead;
+        task
     }
 
-    const COLUMNS: &str = "id, payload, pending, every_ms, due_ms, completions";
+    const COLUMNS: &str =
+        "id, payload, pending, every_ms, due_ms, completions, attempts, last_error, dead";
 
     impl PostgresTaskStore {
         /// Uses `pool`, creating the table if missing.
@@ -575,7 +922,7 @@ mod postgres_store {
         /// A backend error.
         pub async fn new(pool: PgPool) -> StateResult<Self> {
             sqlx::raw_sql(
-                "CREATE TABLE IF NOT EXISTS state_tasks (id text PRIMARY KEY, payload bytea NOT NULL,                  pending boolean NOT NULL, every_ms bigint, due_ms bigint NOT NULL,                  completions bigint NOT NULL);                  CREATE INDEX IF NOT EXISTS state_tasks_due ON state_tasks (due_ms) WHERE pending;",
+                "CREATE TABLE IF NOT EXISTS state_tasks (id text PRIMARY KEY, payload bytea NOT NULL,                  pending boolean NOT NULL, every_ms bigint, due_ms bigint NOT NULL,                  completions bigint NOT NULL);                  CREATE INDEX IF NOT EXISTS state_tasks_due ON state_tasks (due_ms) WHERE pending;                  ALTER TABLE state_tasks ADD COLUMN IF NOT EXISTS attempts bigint NOT NULL DEFAULT 0,                      ADD COLUMN IF NOT EXISTS last_error text,                      ADD COLUMN IF NOT EXISTS dead boolean NOT NULL DEFAULT false;",
             )
             .execute(&pool)
             .await
@@ -630,7 +977,7 @@ mod postgres_store {
             next_due_ms: Option<u64>,
         ) -> StateResult<bool> {
             let done = sqlx::query(
-                "UPDATE state_tasks SET completions = completions + 1,                      pending = ($3::int8 IS NOT NULL), due_ms = coalesce($3::int8, due_ms)                  WHERE id = $1 AND pending AND completions = $2",
+                "UPDATE state_tasks SET completions = completions + 1, attempts = 0,                      pending = ($3::int8 IS NOT NULL), due_ms = coalesce($3::int8, due_ms)                  WHERE id = $1 AND pending AND completions = $2",
             )
             .bind(id)
             .bind(to_i64(run))
@@ -638,6 +985,62 @@ mod postgres_store {
             .execute(&self.pool)
             .await
             .map_err(|err| StateError::backend("postgres", "complete", id, err))?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn fail(
+            &self,
+            id: &str,
+            run: u64,
+            error: &str,
+            then: &AfterFailure,
+        ) -> StateResult<bool> {
+            // One conditional UPDATE per outcome: only while pending at this run.
+            let (statement, at) = match then {
+                AfterFailure::RetryAt(at) => (
+                    "UPDATE state_tasks SET attempts = attempts + 1, last_error = $3, due_ms = $4                      WHERE id = $1 AND pending AND completions = $2",
+                    Some(*at),
+                ),
+                AfterFailure::NextPeriod(at) => (
+                    "UPDATE state_tasks SET attempts = 0, last_error = $3, due_ms = $4                      WHERE id = $1 AND pending AND completions = $2",
+                    Some(*at),
+                ),
+                AfterFailure::DeadLetter => (
+                    "UPDATE state_tasks SET attempts = attempts + 1, last_error = $3, pending = false,                          dead = true, due_ms = coalesce($4, due_ms)                      WHERE id = $1 AND pending AND completions = $2",
+                    None,
+                ),
+            };
+            let done = sqlx::query(statement)
+                .bind(id)
+                .bind(to_i64(run))
+                .bind(error)
+                .bind(at.map(to_i64))
+                .execute(&self.pool)
+                .await
+                .map_err(|err| StateError::backend("postgres", "fail", id, err))?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn dead_letters(&self, limit: usize) -> StateResult<Vec<TaskRecord>> {
+            let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM state_tasks WHERE dead ORDER BY id LIMIT $1"
+            )))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|err| StateError::backend("postgres", "list", "state_tasks", err))?;
+            Ok(rows.into_iter().map(record).collect())
+        }
+
+        async fn requeue(&self, id: &str, due_ms: u64) -> StateResult<bool> {
+            let done = sqlx::query(
+                "UPDATE state_tasks SET dead = false, pending = true, attempts = 0, due_ms = $2                  WHERE id = $1 AND dead",
+            )
+            .bind(id)
+            .bind(to_i64(due_ms))
+            .execute(&self.pool)
+            .await
+            .map_err(|err| StateError::backend("postgres", "requeue", id, err))?;
             Ok(done.rows_affected() == 1)
         }
     }

@@ -8,6 +8,7 @@ if tonumber(redis.call('HGET', KEYS[1], 'completions')) ~= tonumber(ARGV[2]) the
   return 0
 end
 redis.call('HINCRBY', KEYS[1], 'completions', 1)
+redis.call('HSET', KEYS[1], 'attempts', 0)
 if tonumber(ARGV[3]) < 0 then
   redis.call('HSET', KEYS[1], 'status', 'done')
   redis.call('ZREM', KEYS[2], ARGV[1])
