@@ -128,6 +128,15 @@ pub enum StateError {
         key: String,
     },
 
+    /// The caller cancelled the operation (its cancellation token fired) before it could finish.
+    #[error("{operation} of `{resource}` was cancelled")]
+    Cancelled {
+        /// What was being done.
+        operation: &'static str,
+        /// The resource.
+        resource: String,
+    },
+
     /// Local or shared storage failed.
     #[error("storage error during {operation}")]
     StorageError {

@@ -110,6 +110,56 @@ pub trait DistributedLock: Send + Sync + fmt::Debug {
     /// Cancel safe: a lock obtained by a dropped future is released by its guard's `Drop`.
     async fn acquire(&self, resource: &str, ttl: Duration) -> StateResult<LockGuard>;
 
+    /// Waits at most `wait` for the lock (Redisson's `tryLock(wait, lease)`): retries with the backend's
+    /// backoff until `wait` runs out — the policy's attempt count does not apply — then
+    /// [`StateError::LockNotAcquired`].
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire).
+    ///
+    /// # Cancel safety
+    /// As [`acquire`](Self::acquire).
+    async fn acquire_within(
+        &self,
+        resource: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> StateResult<LockGuard> {
+        let until = tokio::time::Instant::now()
+            .checked_add(wait)
+            .ok_or_else(|| StateError::invalid("wait", format!("{wait:?} is too long")))?;
+        let budget = crate::retry::Budget {
+            until: Some(until),
+            ..Default::default()
+        };
+        crate::retry::acquire_with_budget(self, self.retry_policy(), resource, ttl, budget).await
+    }
+
+    /// Waits for the lock until `cancel` fires (etcd's `Lock(ctx)`), retrying with the backend's
+    /// backoff without an attempt limit; a fired token ends the wait with [`StateError::Cancelled`].
+    ///
+    /// # Errors
+    /// [`StateError::Cancelled`]; invalid input; the backend's non-retryable errors.
+    ///
+    /// # Cancel safety
+    /// As [`acquire`](Self::acquire).
+    async fn acquire_cancellable(
+        &self,
+        resource: &str,
+        ttl: Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> StateResult<LockGuard> {
+        let budget = crate::retry::Budget {
+            until: Some(tokio::time::Instant::now() + crate::lock::MAX_TTL),
+            cancel: Some(cancel),
+            wake: None,
+        };
+        crate::retry::acquire_with_budget(self, self.retry_policy(), resource, ttl, budget).await
+    }
+
+    /// The retry policy of [`acquire`](Self::acquire).
+    fn retry_policy(&self) -> &crate::RetryConfig;
+
     /// One attempt: `Ok(None)` when someone else holds it.
     ///
     /// # Errors

@@ -6,6 +6,10 @@ use std::time::Duration;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
 use crate::{DistributedLock, LockGuard, StateError, StateResult};
 
 /// How `acquire` retries a contended (or failing) lock.
@@ -138,16 +142,163 @@ impl RetryConfig {
     }
 }
 
-/// The generic `acquire` every backend delegates to: `try_acquire` until it succeeds or the retry
-/// policy runs out.
+/// What bounds a retry loop besides its policy.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Budget<'a> {
+    /// Keep trying until this instant (the policy's attempt count is then ignored: the wait budget
+    /// decides, as Redisson's `tryLock(wait, lease)` does).
+    pub until: Option<Instant>,
+    /// Give up as soon as this fires (etcd's `Lock(ctx)`).
+    pub cancel: Option<&'a CancellationToken>,
+    /// Wake from a backoff sleep early when this is notified (a release in the same process).
+    pub wake: Option<&'a Notify>,
+}
+
+/// How a retry loop ended.
+#[derive(Debug)]
+pub enum Retried<T> {
+    /// An attempt succeeded.
+    Done(T),
+    /// The attempts or the wait budget ran out; the last attempt's retryable error, if it failed.
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error when it was a (retryable) failure rather than contention.
+        last_error: Option<StateError>,
+    },
+    /// The budget's cancel token fired.
+    Cancelled,
+}
+
+/// The crate's one retry loop — lock acquisition on every backend, semaphores and optimistic updates
+/// all run on it: `attempt(n)` until it returns `Some`, sleeping the policy's jittered backoff between
+/// attempts, within the [`Budget`]. `Ok(None)` and retryable errors are retried; any other error
+/// returns at once. (Hand-written rather than `backon`: it needs wake-ups from local releases and a
+/// deadline that also shortens the last sleep, in one place.)
+///
+/// # Errors
+/// [`StateError::InvalidInput`] for an invalid policy; the first non-retryable error of an attempt.
+///
+/// # Cancel safety
+/// As cancel safe as `attempt`'s future: dropping it (also when `cancel` fires) drops the attempt.
+pub async fn retry_loop<T, F, Fut>(
+    retry: &RetryConfig,
+    budget: Budget<'_>,
+    mut attempt: F,
+) -> StateResult<Retried<T>>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: std::future::Future<Output = StateResult<Option<T>>>,
+{
+    retry.validate()?;
+    let cancelled = || budget.cancel.is_some_and(CancellationToken::is_cancelled);
+    let mut made = 0u32;
+    loop {
+        made = made.saturating_add(1);
+        // Registered before the attempt, so a release between the attempt and the sleep still wakes us.
+        let woken = budget.wake.map(Notify::notified);
+        let outcome = match budget.cancel {
+            Some(cancel) => tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(Retried::Cancelled),
+                outcome = attempt(made) => outcome,
+            },
+            None => attempt(made).await,
+        };
+        let last_error = match outcome {
+            Ok(Some(value)) => return Ok(Retried::Done(value)),
+            Ok(None) => None,
+            Err(err) if err.is_retryable() => Some(err),
+            Err(err) => return Err(err),
+        };
+        let now = Instant::now();
+        let out_of_budget = match budget.until {
+            Some(until) => now >= until,
+            None => made >= retry.attempts(),
+        };
+        if out_of_budget {
+            return Ok(Retried::GaveUp {
+                attempts: made,
+                last_error,
+            });
+        }
+        let mut delay = retry.jittered_delay(made);
+        if let Some(until) = budget.until {
+            delay = delay.min(until.saturating_duration_since(now));
+        }
+        let sleep = tokio::time::sleep(delay);
+        let cancel = async {
+            match budget.cancel {
+                Some(cancel) => cancel.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let wake = async {
+            match woken {
+                Some(woken) => woken.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = wake => {}
+            _ = cancel => return Ok(Retried::Cancelled),
+        }
+        if cancelled() {
+            return Ok(Retried::Cancelled);
+        }
+    }
+}
+
+/// `acquire` within a [`Budget`], on [`retry_loop`]: what every backend's `acquire`, `acquire_within`
+/// and `acquire_cancellable` run.
 ///
 /// Contention ends in [`StateError::LockNotAcquired`]; if the last attempt failed with a retryable
-/// backend error, that error is returned instead so the caller sees *why*. Non-retryable errors
-/// (invalid input) return at once.
+/// backend error, that error is returned instead so the caller sees *why*; a fired cancel token ends in
+/// [`StateError::Cancelled`]. Non-retryable errors (invalid input) return at once.
+///
+/// # Errors
+/// As above.
 ///
 /// # Cancel safety
 /// Cancel safe as long as the backend's `try_acquire` is: a guard that was obtained is either returned
 /// or, when the future is dropped, released by the guard's `Drop`.
+pub async fn acquire_with_budget<L>(
+    lock: &L,
+    retry: &RetryConfig,
+    resource: &str,
+    ttl: Duration,
+    budget: Budget<'_>,
+) -> StateResult<LockGuard>
+where
+    L: DistributedLock + ?Sized,
+{
+    match retry_loop(retry, budget, |_| lock.try_acquire(resource, ttl)).await? {
+        Retried::Done(guard) => {
+            tracing::debug!(resource, "lock acquired");
+            Ok(guard)
+        }
+        Retried::GaveUp {
+            attempts,
+            last_error,
+        } => Err(last_error.unwrap_or_else(|| StateError::LockNotAcquired {
+            resource: resource.to_owned(),
+            attempts,
+        })),
+        Retried::Cancelled => Err(StateError::Cancelled {
+            operation: "acquire",
+            resource: resource.to_owned(),
+        }),
+    }
+}
+
+/// The generic `acquire`: [`acquire_with_budget`] bounded by the policy's attempts.
+///
+/// # Errors
+/// As [`acquire_with_budget`].
+///
+/// # Cancel safety
+/// As [`acquire_with_budget`].
 pub async fn acquire_with_retry<L>(
     lock: &L,
     retry: &RetryConfig,
@@ -157,30 +308,7 @@ pub async fn acquire_with_retry<L>(
 where
     L: DistributedLock + ?Sized,
 {
-    retry.validate()?;
-    let attempts = retry.attempts();
-    let mut last_error = None;
-    for attempt in 1..=attempts {
-        match lock.try_acquire(resource, ttl).await {
-            Ok(Some(guard)) => {
-                tracing::debug!(resource, attempt, "lock acquired");
-                return Ok(guard);
-            }
-            Ok(None) => last_error = None,
-            Err(err) if err.is_retryable() => {
-                tracing::debug!(resource, attempt, error = %err, "acquire attempt failed");
-                last_error = Some(err);
-            }
-            Err(err) => return Err(err),
-        }
-        if attempt < attempts {
-            tokio::time::sleep(retry.jittered_delay(attempt)).await;
-        }
-    }
-    Err(last_error.unwrap_or_else(|| StateError::LockNotAcquired {
-        resource: resource.to_owned(),
-        attempts,
-    }))
+    acquire_with_budget(lock, retry, resource, ttl, Budget::default()).await
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl};
+use crate::retry::{Budget, acquire_with_budget};
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
 /// How many acquisitions pass between sweeps of expired entries.
@@ -143,27 +144,12 @@ impl std::fmt::Debug for InMemoryDistributedLock {
 impl DistributedLock for InMemoryDistributedLock {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = "memory"))]
     async fn acquire(&self, resource: &str, ttl: Duration) -> StateResult<LockGuard> {
-        self.retry.validate()?;
-        let attempts = self.retry.max_attempts.max(1);
-        for attempt in 1..=attempts {
-            // Register for the wake-up before trying, so a release between the try and the wait is
-            // not missed.
-            let released = self.inner.released.notified();
-            if let Some(guard) = self.try_acquire(resource, ttl).await? {
-                return Ok(guard);
-            }
-            if attempt < attempts {
-                let delay = self.retry.jittered_delay(attempt);
-                tokio::select! {
-                    _ = released => {}
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-        Err(StateError::LockNotAcquired {
-            resource: resource.to_owned(),
-            attempts,
-        })
+        // Woken early by a release in this process instead of sleeping the whole backoff.
+        let budget = Budget {
+            wake: Some(&self.inner.released),
+            ..Budget::default()
+        };
+        acquire_with_budget(self, &self.retry, resource, ttl, budget).await
     }
 
     async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
@@ -205,6 +191,10 @@ impl DistributedLock for InMemoryDistributedLock {
     async fn is_locked(&self, resource: &str) -> StateResult<bool> {
         validate_resource(resource)?;
         Ok(self.table().live_holder(resource, Instant::now()).is_some())
+    }
+
+    fn retry_policy(&self) -> &RetryConfig {
+        &self.retry
     }
 
     fn service_id(&self, _internal: Internal) -> usize {

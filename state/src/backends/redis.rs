@@ -84,6 +84,19 @@ pub struct RedisDistributedLock {
 pub(crate) struct RedisTarget {
     pub(crate) client: redis::Client,
     pub(crate) redacted: String,
+    /// `rediss://`: the connection needs a rustls crypto provider.
+    pub(crate) tls: bool,
+}
+
+/// redis-rs builds its TLS configuration from rustls' process-level crypto provider. Install `ring` only
+/// when the application has installed none — at the first TLS connection, never while parsing a URL —
+/// so an application that wants its own provider installs it before connecting.
+fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // An Err means another thread installed one meanwhile: that one is used.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        tracing::debug!("installed rustls' ring crypto provider (the application had none)");
+    }
 }
 
 /// Parses a `redis://`, `rediss://` (TLS) or `unix://` URL without ever echoing a password.
@@ -100,10 +113,6 @@ pub(crate) fn parse_redis_url(raw: &str) -> StateResult<RedisTarget> {
     if scheme.starts_with("redis") && !scheme.ends_with("unix") && parsed.host_str().is_none() {
         return Err(StateError::invalid("redis url", "has no host"));
     }
-    if scheme == "rediss" {
-        // rustls needs a process-wide crypto provider; an Err only means one is installed already.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
     let client = redis::Client::open(raw).map_err(|err| {
         // The driver's message may quote the URL: keep only its kind.
         StateError::invalid(
@@ -114,6 +123,7 @@ pub(crate) fn parse_redis_url(raw: &str) -> StateResult<RedisTarget> {
     Ok(RedisTarget {
         client,
         redacted: redact_url(raw),
+        tls: scheme == "rediss",
     })
 }
 
@@ -123,6 +133,9 @@ pub(crate) async fn connect_manager(
     target: &RedisTarget,
     timeout: Duration,
 ) -> StateResult<ConnectionManager> {
+    if target.tls {
+        ensure_crypto_provider();
+    }
     let connect =
         ConnectionManager::new_with_config(target.client.clone(), manager_config(timeout));
     super::bounded(timeout, BACKEND, "connect to", &target.redacted, connect).await
@@ -450,6 +463,10 @@ impl DistributedLock for RedisDistributedLock {
         Ok(count > 0)
     }
 
+    fn retry_policy(&self) -> &RetryConfig {
+        &self.retry
+    }
+
     fn service_id(&self, _internal: Internal) -> usize {
         Arc::as_ptr(&self.address).cast::<u8>() as usize
     }
@@ -534,6 +551,16 @@ mod tests {
         assert_eq!(lease.expires_ms, 1_700_000_002_000);
         assert!(StoredLease::parse(&("garbage".to_owned(), 1, 1, 1)).is_none());
         assert!(StoredLease::parse(&("o:x".to_owned(), 1, 1, 1)).is_none());
+    }
+
+    #[test]
+    fn parsing_a_tls_url_installs_no_crypto_provider() {
+        let target = parse_redis_url("rediss://:hunter2@localhost:6390").unwrap();
+        assert!(target.tls);
+        assert!(
+            rustls::crypto::CryptoProvider::get_default().is_none(),
+            "an application must still be able to install its own provider"
+        );
     }
 
     #[test]

@@ -562,6 +562,10 @@ impl DistributedLock for RedlockDistributedLock {
         Ok(self.get_lock_info(resource).await?.is_some())
     }
 
+    fn retry_policy(&self) -> &RetryConfig {
+        &self.retry
+    }
+
     fn service_id(&self, _internal: Internal) -> usize {
         Arc::as_ptr(&self.nodes).cast::<u8>() as usize
     }

@@ -599,6 +599,67 @@ pub async fn dead_server_errors_then_recovers(
     guard.release().await.expect("release after recovery");
 }
 
+/// Waiting has a budget and can be cancelled: `acquire_within` gives up when its wait runs out (not
+/// after a number of attempts), returns the lock as soon as it is freed within the wait, and
+/// `acquire_cancellable` ends with `Cancelled` when its token fires.
+pub async fn waiting_is_bounded_and_cancellable(backend: &dyn ConformanceBackend) {
+    use tokio::time::Instant;
+    let holder = backend.lock(quick()).await;
+    let waiter = backend.lock(RetryConfig::default()).await;
+    let name = resource("waiting");
+    let held = must_acquire(&holder, &name, TTL).await;
+
+    let wait = Duration::from_millis(400);
+    let started = Instant::now();
+    match bounded("acquire_within", waiter.acquire_within(&name, TTL, wait)).await {
+        Err(StateError::LockNotAcquired { .. }) => {}
+        other => panic!("acquire_within on a held lock must run out of its wait: {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= wait && waited < wait + Duration::from_secs(2),
+        "acquire_within waited {waited:?} for a budget of {wait:?}"
+    );
+
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let canceller = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            cancel.cancel();
+        })
+    };
+    let started = Instant::now();
+    match bounded(
+        "acquire_cancellable",
+        waiter.acquire_cancellable(&name, TTL, &cancel),
+    )
+    .await
+    {
+        Err(StateError::Cancelled { .. }) => {}
+        other => panic!("a cancelled wait must end with Cancelled: {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cancellation took {:?}",
+        started.elapsed()
+    );
+    let _ = canceller.await;
+
+    let releaser = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        held.release().await
+    });
+    let guard = bounded(
+        "acquire_within a freed lock",
+        waiter.acquire_within(&name, TTL, Duration::from_secs(5)),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("the lock was freed within the wait: {err}"));
+    assert!(matches!(releaser.await, Ok(Ok(()))));
+    guard.release().await.expect("release");
+}
+
 /// How late a loss signal may come after the safe deadline in [`hung_backend_reports_lost_by_the_safe_deadline`]
 /// (scheduling slack; the renewal itself is not allowed to wait past the deadline).
 pub const LOSS_SLACK: Duration = Duration::from_millis(100);
@@ -738,7 +799,8 @@ macro_rules! conformance_tests {
             cancelled_acquire_leaves_no_lock,
             lock_info_reports_holder,
             awkward_resource_names_work,
-            bad_input_is_rejected
+            bad_input_is_rejected,
+            waiting_is_bounded_and_cancellable
         );
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

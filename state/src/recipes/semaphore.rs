@@ -30,6 +30,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use crate::lock::{validate_resource, validate_ttl};
+use crate::retry::{Budget, Retried};
 use crate::{DistributedLock, LockGuard, RetryConfig, StateError, StateResult};
 
 /// At most `permits` holders of `name` at once.
@@ -156,19 +157,23 @@ impl Semaphore {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn acquire(&self) -> StateResult<Permit> {
-        let attempts = self.retry.max_attempts.max(1);
-        for attempt in 1..=attempts {
-            if let Some(permit) = self.try_acquire().await? {
-                return Ok(permit);
-            }
-            if attempt < attempts {
-                tokio::time::sleep(self.retry.jittered_delay(attempt)).await;
-            }
+        let retried =
+            crate::retry::retry_loop(&self.retry, Budget::default(), |_| self.try_acquire())
+                .await?;
+        match retried {
+            Retried::Done(permit) => Ok(permit),
+            Retried::GaveUp {
+                attempts,
+                last_error,
+            } => Err(last_error.unwrap_or_else(|| StateError::LockNotAcquired {
+                resource: format!("semaphore:{}", self.name),
+                attempts,
+            })),
+            Retried::Cancelled => Err(StateError::Cancelled {
+                operation: "acquire",
+                resource: format!("semaphore:{}", self.name),
+            }),
         }
-        Err(StateError::LockNotAcquired {
-            resource: format!("semaphore:{}", self.name),
-            attempts,
-        })
     }
 
     /// How many permits are free right now (a snapshot: one check per slot).

@@ -23,6 +23,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::retry::{Budget, Retried, retry_loop};
 use crate::{RetryConfig, StateError, StateResult};
 
 /// A value and its version (1 for the first write; 0 means "absent" in compare-and-set).
@@ -106,47 +107,64 @@ where
     if keys.is_empty() {
         return Err(StateError::invalid("keys", "at least one key is needed"));
     }
-    let attempts = retry.max_attempts.max(1);
-    for attempt in 1..=attempts {
-        let mut old = Vec::with_capacity(keys.len());
-        for key in keys {
-            old.push(store.get(key).await?);
-        }
-        let new = update(&old);
-        if new.len() != keys.len() {
-            return Err(StateError::invalid(
-                "update",
-                format!("returned {} values for {} keys", new.len(), keys.len()),
-            ));
-        }
-        let writes: Vec<CasWrite> = keys
-            .iter()
-            .zip(&old)
-            .zip(new)
-            .map(|((key, old), value)| CasWrite {
-                key: (*key).to_owned(),
-                expected: old.as_ref().map_or(0, |v| v.version),
-                value,
-            })
-            .collect();
-        if store.compare_and_set(&writes).await? {
-            return Ok(writes
-                .into_iter()
-                .map(|w| Versioned {
-                    version: w.expected + 1,
-                    value: w.value,
+    // Called once per attempt, never across an await.
+    let update = std::sync::Mutex::new(&mut update);
+    let retried = retry_loop(retry, Budget::default(), |attempt| {
+        let update = &update;
+        async move {
+            let mut old = Vec::with_capacity(keys.len());
+            for key in keys {
+                old.push(store.get(key).await?);
+            }
+            let new = (update.lock().unwrap_or_else(|p| p.into_inner()))(&old);
+            if new.len() != keys.len() {
+                return Err(StateError::invalid(
+                    "update",
+                    format!("returned {} values for {} keys", new.len(), keys.len()),
+                ));
+            }
+            let writes: Vec<CasWrite> = keys
+                .iter()
+                .zip(&old)
+                .zip(new)
+                .map(|((key, old), value)| CasWrite {
+                    key: (*key).to_owned(),
+                    expected: old.as_ref().map_or(0, |v| v.version),
+                    value,
                 })
-                .collect());
+                .collect();
+            if store.compare_and_set(&writes).await? {
+                return Ok(Some(
+                    writes
+                        .into_iter()
+                        .map(|w| Versioned {
+                            version: w.expected + 1,
+                            value: w.value,
+                        })
+                        .collect(),
+                ));
+            }
+            tracing::trace!(attempt, keys = ?keys, "optimistic update conflicted");
+            Ok(None)
         }
-        tracing::trace!(attempt, keys = ?keys, "optimistic update conflicted");
-        if attempt < attempts {
-            tokio::time::sleep(retry.jittered_delay(attempt)).await;
-        }
-    }
-    Err(StateError::ConcurrencyConflict {
-        key: keys.join(","),
-        attempts,
     })
+    .await?;
+    match retried {
+        Retried::Done(written) => Ok(written),
+        Retried::GaveUp {
+            attempts,
+            last_error,
+        } => Err(
+            last_error.unwrap_or_else(|| StateError::ConcurrencyConflict {
+                key: keys.join(","),
+                attempts,
+            }),
+        ),
+        Retried::Cancelled => Err(StateError::Cancelled {
+            operation: "optimistic update",
+            resource: keys.join(","),
+        }),
+    }
 }
 
 /// A [`VersionedStore`] in process memory.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sqlx::Postgres;
 use sqlx::pool::PoolOptions;
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool};
 
 use super::schema::{Statements, TableNames};
 use super::{
@@ -22,6 +22,8 @@ use crate::{RetryConfig, StateError, StateResult};
 #[derive(Clone)]
 pub struct PostgresLockBuilder {
     pub(super) url: String,
+    /// The application's own pool, when built with [`PostgresDistributedLock::builder_from_pool`].
+    pub(super) pool: Option<PgPool>,
     pub(super) schema: String,
     pub(super) table: Option<String>,
     pub(super) mode: PostgresLockMode,
@@ -99,16 +101,21 @@ impl PostgresLockBuilder {
     /// # Cancel safety
     /// Cancel safe: a migration cut short is rolled back by the server.
     pub async fn build(self) -> StateResult<PostgresDistributedLock> {
-        let scheme_ok = ["postgres://", "postgresql://"]
-            .iter()
-            .any(|scheme| self.url.starts_with(scheme));
-        if !scheme_ok {
-            return Err(StateError::invalid(
-                "postgres url",
-                "must start with postgres:// or postgresql://",
-            ));
-        }
-        let options = PgConnectOptions::from_str(&self.url).map_err(|err| invalid_url(&err))?;
+        let options = match &self.pool {
+            Some(pool) => (*pool.connect_options()).clone(),
+            None => {
+                let scheme_ok = ["postgres://", "postgresql://"]
+                    .iter()
+                    .any(|scheme| self.url.starts_with(scheme));
+                if !scheme_ok {
+                    return Err(StateError::invalid(
+                        "postgres url",
+                        "must start with postgres:// or postgresql://",
+                    ));
+                }
+                PgConnectOptions::from_str(&self.url).map_err(|err| invalid_url(&err))?
+            }
+        };
         let table = self.table.clone().unwrap_or_else(|| {
             match self.mode {
                 PostgresLockMode::Lease => DEFAULT_LEASE_TABLE,
@@ -123,12 +130,18 @@ impl PostgresLockBuilder {
         if self.operation_timeout.is_zero() {
             return Err(StateError::invalid("operation timeout", "must not be zero"));
         }
-        let address = redact_url(&self.url);
-        let pool = PoolOptions::<Postgres>::new()
-            .max_connections(self.pool_size)
-            .acquire_timeout(self.operation_timeout)
-            .test_before_acquire(false)
-            .connect_lazy_with(options.clone());
+        let address = match &self.pool {
+            Some(_) => "(application pool)".to_owned(),
+            None => redact_url(&self.url),
+        };
+        let pool = match &self.pool {
+            Some(pool) => pool.clone(),
+            None => PoolOptions::<Postgres>::new()
+                .max_connections(self.pool_size)
+                .acquire_timeout(self.operation_timeout)
+                .test_before_acquire(false)
+                .connect_lazy_with(options.clone()),
+        };
         let advisory_pool = (self.mode == PostgresLockMode::Advisory).then(|| {
             PoolOptions::<Postgres>::new()
                 .max_connections(self.pool_size)
@@ -158,6 +171,7 @@ impl PostgresLockBuilder {
                 operation_timeout: self.operation_timeout,
                 held: Mutex::new(HashMap::new()),
                 cleanups: tokio_util::task::TaskTracker::new(),
+                owns_pool: self.pool.is_none(),
             }),
             retry: self.retry,
         };

@@ -107,6 +107,8 @@ struct Inner {
     held: Mutex<HashMap<String, Arc<AdvisoryHold>>>,
     /// Background clean-ups of acquires cancelled after their request may have been sent.
     cleanups: TaskTracker,
+    /// Whether `pool` is ours to close (not the application's, from `builder_from_pool`).
+    owns_pool: bool,
 }
 
 fn millis_to_time(ms: i64) -> SystemTime {
@@ -169,6 +171,7 @@ impl PostgresDistributedLock {
     pub fn builder(database_url: &str) -> PostgresLockBuilder {
         PostgresLockBuilder {
             url: database_url.to_owned(),
+            pool: None,
             schema: DEFAULT_SCHEMA.to_owned(),
             table: None,
             mode: PostgresLockMode::Lease,
@@ -176,6 +179,16 @@ impl PostgresDistributedLock {
             pool_size: DEFAULT_POOL_SIZE,
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
         }
+    }
+
+    /// A builder over the application's own pool: lease mode runs its statements on it (so the lock
+    /// tables live next to the data it protects, and no second pool is opened); advisory mode opens
+    /// its bounded session pool with the same connect options. `with_pool_size` then sizes only the
+    /// advisory sessions. Errors name the server as `(application pool)`.
+    pub fn builder_from_pool(pool: PgPool) -> PostgresLockBuilder {
+        let mut builder = Self::builder("");
+        builder.pool = Some(pool);
+        builder
     }
 
     /// Sets the retry policy of [`acquire`](DistributedLock::acquire).
@@ -195,7 +208,8 @@ impl PostgresDistributedLock {
     }
 
     /// Shuts the backend down: waits (at most twice the operation timeout) for the background
-    /// clean-ups of cancelled acquires, then closes the pools. Call it before the process exits so that
+    /// clean-ups of cancelled acquires, then closes its pools (never the application's own, from
+    /// [`builder_from_pool`](Self::builder_from_pool)). Call it before the process exits so that
     /// no lease a cancelled acquire may have taken outlives it for a whole TTL.
     pub async fn shutdown(&self) {
         self.inner.cleanups.close();
@@ -205,7 +219,9 @@ impl PostgresDistributedLock {
         if drained.is_err() {
             tracing::warn!(server = %self.inner.address, "shutdown: lease clean-ups still running; leases left expire by their TTL");
         }
-        self.inner.pool.close().await;
+        if self.inner.owns_pool {
+            self.inner.pool.close().await;
+        }
         if let Some(advisory) = &self.inner.advisory_pool {
             advisory.close().await;
         }
@@ -298,6 +314,10 @@ impl DistributedLock for PostgresDistributedLock {
 
     async fn is_locked(&self, resource: &str) -> StateResult<bool> {
         Ok(self.get_lock_info(resource).await?.is_some())
+    }
+
+    fn retry_policy(&self) -> &RetryConfig {
+        &self.retry
     }
 
     fn service_id(&self, _internal: Internal) -> usize {
