@@ -144,6 +144,17 @@ mod redis_store {
                 prefix: "state:fenced:".to_owned(),
             }
         }
+
+        /// Writes its keys under `prefix` (as `{prefix}fenced:{key}`; default `state:`), for example the
+        /// lock backend's own prefix so that one application's keys share one namespace.
+        ///
+        /// # Errors
+        /// [`StateError::InvalidInput`](crate::StateError::InvalidInput) for a prefix over 256 bytes.
+        pub fn with_key_prefix(mut self, prefix: &str) -> StateResult<Self> {
+            crate::backends::redis::validate_prefix(prefix)?;
+            self.prefix = format!("{prefix}fenced:");
+            Ok(self)
+        }
     }
 
     #[async_trait::async_trait]
@@ -194,23 +205,39 @@ mod postgres_store {
     #[derive(Debug, Clone)]
     pub struct PostgresFencedStore {
         pool: PgPool,
+        /// The (quoted) table.
+        table: String,
     }
 
     impl PostgresFencedStore {
         /// Uses `pool` (for example [`PostgresDistributedLock::pool`](crate::PostgresDistributedLock::pool)),
-        /// creating the table if missing.
+        /// creating the table `state_fenced` (in the connection's search path) if missing.
         ///
         /// # Errors
         /// A backend error when the table cannot be created.
         pub async fn new(pool: PgPool) -> StateResult<Self> {
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS state_fenced \
-                 (key text PRIMARY KEY, token bigint NOT NULL, value bytea NOT NULL)",
-            )
+            Self::create(pool, "state_fenced".to_owned()).await
+        }
+
+        /// As [`new`](Self::new), with the table `schema.table` (the schema must exist: the lock
+        /// backend's `with_schema` creates it).
+        ///
+        /// # Errors
+        /// [`StateError::InvalidInput`] for a bad name; a backend error.
+        pub async fn in_table(pool: PgPool, schema: &str, table: &str) -> StateResult<Self> {
+            let (qualified, _) = crate::backends::postgres::recipe_table(schema, table)?;
+            Self::create(pool, qualified).await
+        }
+
+        async fn create(pool: PgPool, table: String) -> StateResult<Self> {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE TABLE IF NOT EXISTS {table} \
+                 (key text PRIMARY KEY, token bigint NOT NULL, value bytea NOT NULL)"
+            )))
             .execute(&pool)
             .await
-            .map_err(|err| StateError::backend("postgres", "create", "state_fenced", err))?;
-            Ok(PostgresFencedStore { pool })
+            .map_err(|err| StateError::backend("postgres", "create", table.clone(), err))?;
+            Ok(PostgresFencedStore { pool, table })
         }
     }
 
@@ -221,11 +248,12 @@ mod postgres_store {
     #[async_trait::async_trait]
     impl FencedStore for PostgresFencedStore {
         async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()> {
-            let written = sqlx::query(
-                "INSERT INTO state_fenced AS f (key, token, value) VALUES ($1, $2, $3) \
+            let written = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {} AS f (key, token, value) VALUES ($1, $2, $3) \
                  ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, value = EXCLUDED.value \
                  WHERE f.token <= EXCLUDED.token",
-            )
+                self.table
+            )))
             .bind(key)
             .bind(as_i64(token))
             .bind(value)
@@ -240,12 +268,14 @@ mod postgres_store {
         }
 
         async fn read(&self, key: &str) -> StateResult<Option<FencedValue>> {
-            let row: Option<(i64, Vec<u8>)> =
-                sqlx::query_as("SELECT token, value FROM state_fenced WHERE key = $1")
-                    .bind(key)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(|err| StateError::backend("postgres", "read", key, err))?;
+            let row: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT token, value FROM {} WHERE key = $1",
+                self.table
+            )))
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|err| StateError::backend("postgres", "read", key, err))?;
             Ok(row.map(|(token, value)| FencedValue {
                 token: u64::try_from(token).unwrap_or(0),
                 value,

@@ -663,12 +663,7 @@ mod redis_store {
     static REQUEUE: LazyLock<Script> =
         LazyLock::new(|| Script::new(include_str!("scripts/task_requeue.lua")));
     const TIMEOUT: Duration = Duration::from_secs(2);
-    const DUE: &str = "state:tasks:due";
-    const DEAD: &str = "state:tasks:dead";
-
-    fn key_of(id: &str) -> String {
-        format!("state:task:{id}")
-    }
+    const DEFAULT_PREFIX: &str = "state:";
 
     /// A [`TaskStore`] in Redis: a hash `state:task:{id}` per task, a sorted set `state:tasks:due` of
     /// pending ids by due time and `state:tasks:dead` of dead-lettered ids by when; insert, complete,
@@ -676,6 +671,7 @@ mod redis_store {
     #[derive(Clone)]
     pub struct RedisTaskStore {
         conn: ConnectionManager,
+        prefix: String,
     }
 
     impl std::fmt::Debug for RedisTaskStore {
@@ -699,7 +695,33 @@ mod redis_store {
         /// Uses an existing connection (the application's own, or a lock backend's: see
         /// [`RedisDistributedLock::connection_manager`](crate::RedisDistributedLock::connection_manager)).
         pub fn from_connection_manager(conn: ConnectionManager) -> Self {
-            RedisTaskStore { conn }
+            RedisTaskStore {
+                conn,
+                prefix: DEFAULT_PREFIX.to_owned(),
+            }
+        }
+
+        /// Writes its keys under `prefix` (`{prefix}task:{id}`, `{prefix}tasks:due`,
+        /// `{prefix}tasks:dead`; default `state:`), for example the lock backend's own prefix.
+        ///
+        /// # Errors
+        /// [`StateError::InvalidInput`](crate::StateError::InvalidInput) for a prefix over 256 bytes.
+        pub fn with_key_prefix(mut self, prefix: &str) -> StateResult<Self> {
+            crate::backends::redis::validate_prefix(prefix)?;
+            prefix.clone_into(&mut self.prefix);
+            Ok(self)
+        }
+
+        fn key_of(&self, id: &str) -> String {
+            format!("{}task:{id}", self.prefix)
+        }
+
+        fn due_key(&self) -> String {
+            format!("{}tasks:due", self.prefix)
+        }
+
+        fn dead_key(&self) -> String {
+            format!("{}tasks:dead", self.prefix)
         }
 
         async fn query<T: redis::FromRedisValue>(
@@ -718,8 +740,8 @@ mod redis_store {
             let mut conn = self.conn.clone();
             let mut invocation = INSERT.prepare_invoke();
             invocation
-                .key(key_of(&task.id))
-                .key(DUE)
+                .key(self.key_of(&task.id))
+                .key(self.due_key())
                 .arg(&task.id)
                 .arg(task.payload.as_slice())
                 .arg(task.every_ms.unwrap_or(0))
@@ -731,7 +753,7 @@ mod redis_store {
 
         async fn get(&self, id: &str) -> StateResult<Option<TaskRecord>> {
             let mut cmd = redis::cmd("HMGET");
-            cmd.arg(key_of(id)).arg(
+            cmd.arg(self.key_of(id)).arg(
                 &[
                     "payload",
                     "status",
@@ -768,14 +790,14 @@ mod redis_store {
 
         async fn due(&self, now_ms: u64, limit: usize) -> StateResult<Vec<TaskRecord>> {
             let mut cmd = redis::cmd("ZRANGE");
-            cmd.arg(DUE)
+            cmd.arg(self.due_key())
                 .arg("-inf")
                 .arg(now_ms)
                 .arg("BYSCORE")
                 .arg("LIMIT")
                 .arg(0)
                 .arg(limit);
-            let ids: Vec<String> = self.query(cmd, DUE).await?;
+            let ids: Vec<String> = self.query(cmd, "tasks:due").await?;
             let mut tasks = Vec::with_capacity(ids.len());
             for id in ids {
                 if let Some(task) = self.get(&id).await? {
@@ -795,8 +817,8 @@ mod redis_store {
             let next = next_due_ms.map_or(-1, |next| i64::try_from(next).unwrap_or(i64::MAX));
             let mut invocation = COMPLETE.prepare_invoke();
             invocation
-                .key(key_of(id))
-                .key(DUE)
+                .key(self.key_of(id))
+                .key(self.due_key())
                 .arg(id)
                 .arg(run)
                 .arg(next);
@@ -820,9 +842,9 @@ mod redis_store {
             let mut conn = self.conn.clone();
             let mut invocation = FAIL.prepare_invoke();
             invocation
-                .key(key_of(id))
-                .key(DUE)
-                .key(DEAD)
+                .key(self.key_of(id))
+                .key(self.due_key())
+                .key(self.dead_key())
                 .arg(id)
                 .arg(run)
                 .arg(error)
@@ -837,8 +859,8 @@ mod redis_store {
                 return Ok(Vec::new());
             }
             let mut cmd = redis::cmd("ZRANGE");
-            cmd.arg(DEAD).arg(0).arg(limit.saturating_sub(1));
-            let mut ids: Vec<String> = self.query(cmd, DEAD).await?;
+            cmd.arg(self.dead_key()).arg(0).arg(limit.saturating_sub(1));
+            let mut ids: Vec<String> = self.query(cmd, "tasks:dead").await?;
             ids.sort();
             let mut tasks = Vec::with_capacity(ids.len());
             for id in ids {
@@ -853,9 +875,9 @@ mod redis_store {
             let mut conn = self.conn.clone();
             let mut invocation = REQUEUE.prepare_invoke();
             invocation
-                .key(key_of(id))
-                .key(DUE)
-                .key(DEAD)
+                .key(self.key_of(id))
+                .key(self.due_key())
+                .key(self.dead_key())
                 .arg(id)
                 .arg(due_ms);
             let done: i64 = invoke(&mut conn, TIMEOUT, "redis", "requeue", id, &invocation).await?;
@@ -878,6 +900,8 @@ mod postgres_store {
     #[derive(Debug, Clone)]
     pub struct PostgresTaskStore {
         pool: PgPool,
+        /// The (quoted) table.
+        table: String,
     }
 
     type Row = (
@@ -921,22 +945,47 @@ mod postgres_store {
         /// # Errors
         /// A backend error.
         pub async fn new(pool: PgPool) -> StateResult<Self> {
-            sqlx::raw_sql(
-                "CREATE TABLE IF NOT EXISTS state_tasks (id text PRIMARY KEY, payload bytea NOT NULL,                  pending boolean NOT NULL, every_ms bigint, due_ms bigint NOT NULL,                  completions bigint NOT NULL);                  CREATE INDEX IF NOT EXISTS state_tasks_due ON state_tasks (due_ms) WHERE pending;                  ALTER TABLE state_tasks ADD COLUMN IF NOT EXISTS attempts bigint NOT NULL DEFAULT 0,                      ADD COLUMN IF NOT EXISTS last_error text,                      ADD COLUMN IF NOT EXISTS dead boolean NOT NULL DEFAULT false;",
-            )
+            Self::create(pool, "state_tasks".to_owned(), "state_tasks".to_owned()).await
+        }
+
+        /// As [`new`](Self::new), with the table `schema.table` (the schema must exist: the lock
+        /// backend's `with_schema` creates it).
+        ///
+        /// # Errors
+        /// [`StateError::InvalidInput`] for a bad name; a backend error.
+        pub async fn in_table(pool: PgPool, schema: &str, table: &str) -> StateResult<Self> {
+            let (qualified, name) = crate::backends::postgres::recipe_table(schema, table)?;
+            Self::create(pool, qualified, name).await
+        }
+
+        async fn create(pool: PgPool, table: String, name: String) -> StateResult<Self> {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "CREATE TABLE IF NOT EXISTS {table} (id text PRIMARY KEY, payload bytea NOT NULL, \
+                     pending boolean NOT NULL, every_ms bigint, due_ms bigint NOT NULL, \
+                     completions bigint NOT NULL); \
+                 CREATE INDEX IF NOT EXISTS \"{name}_due\" ON {table} (due_ms) WHERE pending; \
+                 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS attempts bigint NOT NULL DEFAULT 0, \
+                     ADD COLUMN IF NOT EXISTS last_error text, \
+                     ADD COLUMN IF NOT EXISTS dead boolean NOT NULL DEFAULT false;"
+            )))
             .execute(&pool)
             .await
-            .map_err(|err| StateError::backend("postgres", "create", "state_tasks", err))?;
-            Ok(PostgresTaskStore { pool })
+            .map_err(|err| StateError::backend("postgres", "create", table.clone(), err))?;
+            Ok(PostgresTaskStore { pool, table })
+        }
+
+        /// `statement` with the store's table in place of `state_tasks`.
+        fn sql(&self, statement: &str) -> sqlx::AssertSqlSafe<String> {
+            sqlx::AssertSqlSafe(statement.replace("state_tasks", &self.table))
         }
     }
 
     #[async_trait::async_trait]
     impl TaskStore for PostgresTaskStore {
         async fn insert_if_missing(&self, task: &TaskRecord) -> StateResult<bool> {
-            let done = sqlx::query(
+            let done = sqlx::query(self.sql(
                 "INSERT INTO state_tasks (id, payload, pending, every_ms, due_ms, completions)                  VALUES ($1, $2, true, $3, $4, 0) ON CONFLICT (id) DO NOTHING",
-            )
+            ))
             .bind(&task.id)
             .bind(&task.payload)
             .bind(task.every_ms.map(to_i64))
@@ -948,9 +997,9 @@ mod postgres_store {
         }
 
         async fn get(&self, id: &str) -> StateResult<Option<TaskRecord>> {
-            let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT {COLUMNS} FROM state_tasks WHERE id = $1"
-            )))
+            let row: Option<Row> = sqlx::query_as(
+                self.sql(&format!("SELECT {COLUMNS} FROM state_tasks WHERE id = $1")),
+            )
             .bind(id)
             .fetch_optional(&self.pool)
             .await
@@ -959,7 +1008,7 @@ mod postgres_store {
         }
 
         async fn due(&self, now_ms: u64, limit: usize) -> StateResult<Vec<TaskRecord>> {
-            let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            let rows: Vec<Row> = sqlx::query_as(self.sql(&format!(
                 "SELECT {COLUMNS} FROM state_tasks WHERE pending AND due_ms <= $1                  ORDER BY due_ms LIMIT $2"
             )))
             .bind(to_i64(now_ms))
@@ -976,9 +1025,9 @@ mod postgres_store {
             run: u64,
             next_due_ms: Option<u64>,
         ) -> StateResult<bool> {
-            let done = sqlx::query(
+            let done = sqlx::query(self.sql(
                 "UPDATE state_tasks SET completions = completions + 1, attempts = 0,                      pending = ($3::int8 IS NOT NULL), due_ms = coalesce($3::int8, due_ms)                  WHERE id = $1 AND pending AND completions = $2",
-            )
+            ))
             .bind(id)
             .bind(to_i64(run))
             .bind(next_due_ms.map(to_i64))
@@ -1010,7 +1059,7 @@ mod postgres_store {
                     None,
                 ),
             };
-            let done = sqlx::query(statement)
+            let done = sqlx::query(self.sql(statement))
                 .bind(id)
                 .bind(to_i64(run))
                 .bind(error)
@@ -1022,7 +1071,7 @@ mod postgres_store {
         }
 
         async fn dead_letters(&self, limit: usize) -> StateResult<Vec<TaskRecord>> {
-            let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            let rows: Vec<Row> = sqlx::query_as(self.sql(&format!(
                 "SELECT {COLUMNS} FROM state_tasks WHERE dead ORDER BY id LIMIT $1"
             )))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -1033,9 +1082,9 @@ mod postgres_store {
         }
 
         async fn requeue(&self, id: &str, due_ms: u64) -> StateResult<bool> {
-            let done = sqlx::query(
+            let done = sqlx::query(self.sql(
                 "UPDATE state_tasks SET dead = false, pending = true, attempts = 0, due_ms = $2                  WHERE id = $1 AND dead",
-            )
+            ))
             .bind(id)
             .bind(to_i64(due_ms))
             .execute(&self.pool)

@@ -59,6 +59,14 @@ use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, Stat
 use advisory::{AdvisoryHold, advisory_key, key_halves};
 use schema::{Statements, TableNames};
 
+/// A recipe store's table: `"schema"."table"` with both names validated as the lock tables' are, and
+/// the bare table name (for the names of its indexes). The recipe stores use it so their tables can live
+/// in the application's schema beside the lock table.
+pub(crate) fn recipe_table(schema: &str, table: &str) -> StateResult<(String, String)> {
+    let names = TableNames::new(schema, table)?;
+    Ok((names.qualified, names.table))
+}
+
 const BACKEND: &str = "postgres";
 const DEFAULT_SCHEMA: &str = "public";
 const DEFAULT_LEASE_TABLE: &str = "state_locks";
