@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure};
 use clap::Parser;
-use examples::{Backend, init_logs};
+use examples::init_logs;
 use state::recipes::checkpoint::{CheckpointCoordinator, CheckpointTarget};
 use state::recipes::keeper::LockContext;
 use state::{StateError, StateResult};
@@ -51,7 +51,7 @@ impl CheckpointTarget for RunningTotal {
 async fn main() -> anyhow::Result<()> {
     init_logs();
     let args = Args::parse();
-    let backend = Backend::from_url(&args.lock_url).await?;
+    let backend = examples::backend(&args.lock_url).await?;
     let total = Arc::new(AtomicU64::new(0));
     let inside = Arc::new(AtomicUsize::new(0));
     let coordinator = CheckpointCoordinator::new(

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use clap::Parser;
-use examples::{Backend, init_logs};
+use examples::init_logs;
 use state::StateError;
 use state::recipes::compaction::{CompactionOutcome, compact_partition};
 
@@ -30,7 +30,7 @@ const PARTITIONS: u32 = 8;
 async fn main() -> anyhow::Result<()> {
     init_logs();
     let args = Args::parse();
-    let backend = Backend::from_url(&args.lock_url).await?;
+    let backend = examples::backend(&args.lock_url).await?;
     let busy: Arc<Vec<AtomicUsize>> =
         Arc::new((0..PARTITIONS).map(|_| AtomicUsize::new(0)).collect());
     let compacted: Arc<Vec<AtomicUsize>> =

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure};
 use clap::Parser;
-use examples::{Backend, init_logs};
+use examples::init_logs;
 use state::StateError;
 use state::recipes::keeper::RenewalPolicy;
 use state::recipes::leader::{LeaderElection, Leadership};
@@ -43,7 +43,7 @@ async fn wait_for_leader(candidates: &[Arc<LeaderElection>]) -> (usize, u64) {
 async fn main() -> anyhow::Result<()> {
     init_logs();
     let args = Args::parse();
-    let backend = Backend::from_url(&args.lock_url).await?;
+    let backend = examples::backend(&args.lock_url).await?;
     let ttl = Duration::from_millis(600);
 
     // Candidate 0 will "pause": it renews at most twice, then stops renewing.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use clap::Parser;
-use examples::{Backend, init_logs};
+use examples::init_logs;
 use state::recipes::multi::MultiLock;
 use tokio::sync::Mutex;
 
@@ -53,7 +53,7 @@ impl Ledger {
 async fn main() -> anyhow::Result<()> {
     init_logs();
     let args = Args::parse();
-    let backend = Backend::from_url(&args.lock_url).await?;
+    let backend = examples::backend(&args.lock_url).await?;
     let ledger = Arc::new(Ledger::default());
     for account in ACCOUNTS {
         ledger.write(account, 1_000).await;

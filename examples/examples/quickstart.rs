@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
-use state::{DistributedLock, InMemoryDistributedLock, RedisDistributedLock, RetryConfig};
+use state::DistributedLock;
 use tokio::sync::Mutex;
 
 #[derive(Parser, Debug)]
@@ -37,24 +37,7 @@ struct Args {
 }
 
 async fn lock_service(url: &str) -> anyhow::Result<Arc<dyn DistributedLock>> {
-    let patient = RetryConfig {
-        max_attempts: 1_000,
-        initial_delay: Duration::from_millis(1),
-        max_delay: Duration::from_millis(20),
-        backoff_multiplier: 1.5,
-    };
-    Ok(if url == "memory" {
-        Arc::new(InMemoryDistributedLock::new().with_retry(patient))
-    } else if url.starts_with("redis") {
-        Arc::new(
-            RedisDistributedLock::new(url)
-                .await
-                .context("connecting to Redis")?
-                .with_retry(patient),
-        )
-    } else {
-        bail!("--lock-url must be `memory` or a redis:// URL")
-    })
+    Ok(examples::backend(url).await?.lock)
 }
 
 /// A storage register that accepts a write only with a fencing token at least as high as any it has

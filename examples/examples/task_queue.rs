@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use clap::Parser;
-use examples::{Backend, init_logs};
+use examples::init_logs;
 use state::recipes::tasks::TaskQueue;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +29,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     init_logs();
     let args = Args::parse();
-    let backend = Backend::from_url(&args.lock_url).await?;
+    let backend = examples::backend(&args.lock_url).await?;
     let run = format!("{:08x}", rand_suffix());
     let queue = TaskQueue::new(
         backend.lock.clone(),

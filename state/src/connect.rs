@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use crate::recipes::fenced::{FencedStore, InMemoryFencedStore};
 use crate::recipes::tasks::{InMemoryTaskStore, TaskStore};
-use crate::{DistributedLock, InMemoryDistributedLock, StateError, StateResult};
+use crate::{DistributedLock, InMemoryDistributedLock, RetryConfig, StateError, StateResult};
 
 #[cfg(feature = "redis")]
 use crate::{RedisDistributedLock, RedlockDistributedLock};
@@ -66,12 +66,23 @@ const SCHEMES: &str =
 /// # Cancel safety
 /// Cancel safe: nothing is held until it returns.
 pub async fn connect(url: &str) -> StateResult<Backend> {
+    connect_with_retry(url, RetryConfig::default()).await
+}
+
+/// As [`connect`], with `retry` as the lock's [`acquire`](DistributedLock::acquire) policy.
+///
+/// # Errors
+/// As [`connect`].
+///
+/// # Cancel safety
+/// Cancel safe.
+pub async fn connect_with_retry(url: &str, retry: RetryConfig) -> StateResult<Backend> {
     let scheme = url.split("://").next().unwrap_or_default();
     match scheme {
-        "memory" if url == "memory" || url == "memory://" => Ok(memory()),
-        "redis" | "rediss" | "unix" => redis(url).await,
-        "redlock" | "redlocks" => redlock(url).await,
-        "postgres" | "postgresql" => postgres(url).await,
+        "memory" if url == "memory" || url == "memory://" => Ok(memory(retry)),
+        "redis" | "rediss" | "unix" => redis(url, retry).await,
+        "redlock" | "redlocks" => redlock(url, retry).await,
+        "postgres" | "postgresql" => postgres(url, retry).await,
         _ => Err(StateError::invalid(
             "lock url",
             format!(
@@ -82,9 +93,9 @@ pub async fn connect(url: &str) -> StateResult<Backend> {
     }
 }
 
-fn memory() -> Backend {
+fn memory(retry: RetryConfig) -> Backend {
     Backend {
-        lock: Arc::new(InMemoryDistributedLock::new()),
+        lock: Arc::new(InMemoryDistributedLock::new().with_retry(retry)),
         fenced: Arc::new(InMemoryFencedStore::default()),
         tasks: Arc::new(InMemoryTaskStore::default()),
         description: "memory (one process)".to_owned(),
@@ -92,17 +103,17 @@ fn memory() -> Backend {
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis(_url: &str) -> StateResult<Backend> {
+async fn redis(_url: &str, _retry: RetryConfig) -> StateResult<Backend> {
     Err(feature_off("redis"))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redlock(_url: &str) -> StateResult<Backend> {
+async fn redlock(_url: &str, _retry: RetryConfig) -> StateResult<Backend> {
     Err(feature_off("redis"))
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn postgres(_url: &str) -> StateResult<Backend> {
+async fn postgres(_url: &str, _retry: RetryConfig) -> StateResult<Backend> {
     Err(feature_off("postgres"))
 }
 
@@ -115,7 +126,7 @@ fn feature_off(feature: &str) -> StateError {
 }
 
 #[cfg(feature = "redis")]
-async fn redis(url: &str) -> StateResult<Backend> {
+async fn redis(url: &str, retry: RetryConfig) -> StateResult<Backend> {
     use crate::recipes::fenced::RedisFencedStore;
     use crate::recipes::tasks::RedisTaskStore;
 
@@ -125,7 +136,7 @@ async fn redis(url: &str) -> StateResult<Backend> {
         description: format!("redis {}", crate::redact::redact_url(url)),
         fenced: Arc::new(RedisFencedStore::from_connection_manager(conn.clone())),
         tasks: Arc::new(RedisTaskStore::from_connection_manager(conn)),
-        lock: Arc::new(lock),
+        lock: Arc::new(lock.with_retry(retry)),
     })
 }
 
@@ -168,7 +179,7 @@ fn redlock_nodes(url: &str) -> StateResult<Vec<String>> {
 }
 
 #[cfg(feature = "redis")]
-async fn redlock(url: &str) -> StateResult<Backend> {
+async fn redlock(url: &str, retry: RetryConfig) -> StateResult<Backend> {
     use crate::recipes::fenced::RedisFencedStore;
     use crate::recipes::tasks::RedisTaskStore;
 
@@ -189,14 +200,14 @@ async fn redlock(url: &str) -> StateResult<Backend> {
             nodes.len(),
             shown.join(", ")
         ),
-        lock: Arc::new(lock),
+        lock: Arc::new(lock.with_retry(retry)),
         fenced: Arc::new(RedisFencedStore::from_connection_manager(conn.clone())),
         tasks: Arc::new(RedisTaskStore::from_connection_manager(conn)),
     })
 }
 
 #[cfg(feature = "postgres")]
-async fn postgres(url: &str) -> StateResult<Backend> {
+async fn postgres(url: &str, retry: RetryConfig) -> StateResult<Backend> {
     use crate::PostgresDistributedLock;
     use crate::recipes::fenced::PostgresFencedStore;
     use crate::recipes::tasks::PostgresTaskStore;
@@ -206,7 +217,7 @@ async fn postgres(url: &str) -> StateResult<Backend> {
         description: format!("postgres {}", crate::redact::redact_url(url)),
         fenced: Arc::new(PostgresFencedStore::new(lock.pool().clone()).await?),
         tasks: Arc::new(PostgresTaskStore::new(lock.pool().clone()).await?),
-        lock: Arc::new(lock),
+        lock: Arc::new(lock.with_retry(retry)),
     })
 }
 

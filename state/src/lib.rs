@@ -48,7 +48,7 @@ pub use backends::postgres::{PostgresDistributedLock, PostgresLockBuilder, Postg
 pub use backends::redis::RedisDistributedLock;
 #[cfg(feature = "redis")]
 pub use backends::redlock::RedlockDistributedLock;
-pub use connect::{Backend, connect};
+pub use connect::{Backend, connect, connect_with_retry};
 pub use error::{StateError, StateResult};
 pub use guard::LockGuard;
 pub use lock::{DistributedLock, LockToken};
