@@ -130,6 +130,16 @@ impl ProcessorError {
         move |source| ProcessorError::Io { path, source }
     }
 
+    /// Maps a Kafka client error to [`ProcessorError::Kafka`] naming what was being done.
+    pub fn kafka(
+        operation: &'static str,
+    ) -> impl FnOnce(rdkafka::error::KafkaError) -> ProcessorError {
+        move |err| ProcessorError::Kafka {
+            operation,
+            source: Box::new(err),
+        }
+    }
+
     /// A [`ProcessorError::Codec`] for encoding `what`.
     pub fn encode(what: &'static str, source: impl Into<BoxError>) -> Self {
         ProcessorError::Codec {

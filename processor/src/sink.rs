@@ -6,7 +6,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::partition::BatchReport;
-use crate::source::kafka_error;
 
 /// A producer that neither reorders nor duplicates on retries (idempotence), batching for 5 ms.
 pub(crate) fn idempotent_producer(brokers: &str) -> ProcessorResult<FutureProducer> {
@@ -16,7 +15,7 @@ pub(crate) fn idempotent_producer(brokers: &str) -> ProcessorResult<FutureProduc
         .set("linger.ms", "5")
         .set("message.timeout.ms", "15000")
         .create()
-        .map_err(kafka_error("create a producer"))
+        .map_err(ProcessorError::kafka("create a producer"))
 }
 
 pub(crate) async fn await_delivery(
@@ -24,7 +23,7 @@ pub(crate) async fn await_delivery(
 ) -> ProcessorResult<()> {
     match delivery.await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err((err, _))) => Err(kafka_error("deliver a record")(err)),
+        Ok(Err((err, _))) => Err(ProcessorError::kafka("deliver a record")(err)),
         Err(_) => Err(ProcessorError::Kafka {
             operation: "deliver a record",
             source: "the producer was dropped before the broker acknowledged the record".into(),
@@ -83,7 +82,7 @@ impl OutputSink {
                 pending.push(
                     self.producer
                         .send_result(record)
-                        .map_err(|(err, _)| kafka_error("queue an output")(err))?,
+                        .map_err(|(err, _)| ProcessorError::kafka("queue an output")(err))?,
                 );
             }
         }
@@ -94,7 +93,7 @@ impl OutputSink {
                 pending.push(
                     self.producer
                         .send_result(record)
-                        .map_err(|(err, _)| kafka_error("queue a dead letter")(err))?,
+                        .map_err(|(err, _)| ProcessorError::kafka("queue a dead letter")(err))?,
                 );
             }
         }

@@ -19,16 +19,6 @@ use crate::operator::Record;
 use crate::partition::{PartitionProcessor, PartitionStats};
 use crate::sink::OutputSink;
 
-/// Maps a client error to [`ProcessorError::Kafka`] naming what was being done.
-pub(crate) fn kafka_error(
-    what: &'static str,
-) -> impl FnOnce(rdkafka::error::KafkaError) -> ProcessorError {
-    move |err| ProcessorError::Kafka {
-        operation: what,
-        source: Box::new(err),
-    }
-}
-
 /// The end offset (high watermark) of a partition.
 ///
 /// # Errors
@@ -37,11 +27,11 @@ pub fn high_watermark(brokers: &str, topic: &str, partition: i32) -> ProcessorRe
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
-        .map_err(kafka_error("create a consumer"))?;
+        .map_err(ProcessorError::kafka("create a consumer"))?;
     consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .map(|(_, high)| high)
-        .map_err(kafka_error("fetch watermarks"))
+        .map_err(ProcessorError::kafka("fetch watermarks"))
 }
 
 /// A consumer of exactly one partition, positioned at `from_offset` with `assign()`.
@@ -64,14 +54,14 @@ pub fn partition_consumer(
         // Bounded prefetch per partition: a partition that processes slowly stops fetching.
         .set("queued.max.messages.kbytes", "8192")
         .create()
-        .map_err(kafka_error("create a consumer"))?;
+        .map_err(ProcessorError::kafka("create a consumer"))?;
     let mut assignment = TopicPartitionList::new();
     assignment
         .add_partition_offset(topic, partition, Offset::Offset(from_offset))
-        .map_err(kafka_error("build an assignment"))?;
+        .map_err(ProcessorError::kafka("build an assignment"))?;
     consumer
         .assign(&assignment)
-        .map_err(kafka_error("assign a partition"))?;
+        .map_err(ProcessorError::kafka("assign a partition"))?;
     Ok(consumer)
 }
 
@@ -112,7 +102,7 @@ pub async fn consume_partition(
                 _ = stop.cancelled() => break,
                 received = tokio::time::timeout(wait, consumer.recv()) => match received {
                     Ok(Ok(message)) => messages.push(message.detach()),
-                    Ok(Err(err)) => return Err(kafka_error("consume")(err)),
+                    Ok(Err(err)) => return Err(ProcessorError::kafka("consume")(err)),
                     Err(_) => break,
                 },
             }

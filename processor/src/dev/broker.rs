@@ -5,7 +5,6 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
 use crate::error::{ProcessorError, ProcessorResult};
-use crate::source::kafka_error;
 
 /// librdkafka's in-process mock cluster: a real Kafka-protocol broker on loopback ports. No transactions,
 /// and only about 5 MiB / 100 000 message sets per partition.
@@ -28,7 +27,8 @@ impl DevBroker {
     /// [`ProcessorError::InvalidInput`] for a bad topic or partition count; a Kafka error.
     pub fn start(topic: &str, partitions: i32) -> ProcessorResult<Self> {
         let broker = DevBroker {
-            cluster: MockCluster::new(1).map_err(kafka_error("start the mock cluster"))?,
+            cluster: MockCluster::new(1)
+                .map_err(ProcessorError::kafka("start the mock cluster"))?,
         };
         broker.create_topic(topic, partitions)?;
         Ok(broker)
@@ -47,7 +47,7 @@ impl DevBroker {
         }
         self.cluster
             .create_topic(topic, partitions, 1)
-            .map_err(kafka_error("create a topic"))
+            .map_err(ProcessorError::kafka("create a topic"))
     }
 
     /// The bootstrap address (`host:port`).

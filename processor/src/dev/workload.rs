@@ -5,11 +5,10 @@ use std::collections::BTreeMap;
 
 use rdkafka::producer::FutureRecord;
 
-use crate::error::ProcessorResult;
+use crate::error::{ProcessorError, ProcessorResult};
 use crate::hash::splitmix64;
 use crate::operator::Aggregate;
 use crate::sink::{await_delivery, idempotent_producer};
-use crate::source::kafka_error;
 
 /// A deterministic workload: record `i` has key `entity-{k}` and a decimal amount, both derived from
 /// `seed` and `i`; every key lives in one partition, so its records have a total order.
@@ -77,7 +76,7 @@ impl Workload {
                 .payload(&value);
             let delivery = producer
                 .send_result(record)
-                .map_err(|(err, _)| kafka_error("queue a record")(err))?;
+                .map_err(|(err, _)| ProcessorError::kafka("queue a record")(err))?;
             pending.push(delivery);
             if pending.len() >= 1024 {
                 for delivery in pending.drain(..) {
