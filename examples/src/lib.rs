@@ -21,7 +21,7 @@ pub fn patient() -> RetryConfig {
     }
 }
 
-/// The backend named by `--lock-url` (any URL [`state::connect`] accepts), with the [`patient`]
+/// The backend named by `--lock-url` (any URL [`state::connect()`] accepts), with the [`patient`]
 /// retry policy.
 ///
 /// # Errors

@@ -261,3 +261,54 @@ async fn advisory_sessions_come_from_a_bounded_pool_with_a_clear_error_when_exha
     let third = locks.try_acquire("c", ttl).await.unwrap();
     assert!(third.is_some(), "a released session makes room");
 }
+
+/// Released or dropped, a kept lock is no longer held: work holding its context is told so.
+#[tokio::test]
+async fn releasing_or_dropping_a_kept_lock_cancels_its_context() {
+    use state::InMemoryDistributedLock;
+    use state::recipes::keeper::{KeptLock, RenewalPolicy};
+
+    let locks: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
+    let ttl = Duration::from_secs(5);
+    let released = KeptLock::acquire(&locks, "a", ttl, RenewalPolicy::default())
+        .await
+        .unwrap();
+    let context = released.context();
+    released.release().await.unwrap();
+    assert!(context.is_lost(), "release must cancel the context");
+    let dropped = KeptLock::acquire(&locks, "b", ttl, RenewalPolicy::default())
+        .await
+        .unwrap();
+    let token = dropped.lost_token();
+    drop(dropped);
+    assert!(token.is_cancelled(), "drop must cancel the lost-token");
+}
+
+/// A leading election that is dropped leaves no task behind (its watcher and its renewal both end).
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_leading_election_ends_its_tasks() {
+    use state::InMemoryDistributedLock;
+    use state::recipes::leader::LeaderElection;
+
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let locks: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
+    let baseline = metrics.num_alive_tasks();
+    let election = LeaderElection::new(locks, "jobs", "me", Duration::from_secs(5)).unwrap();
+    assert!(election.try_become_leader().await.unwrap());
+    assert!(metrics.num_alive_tasks() > baseline, "leading runs tasks");
+    drop(election);
+    for _ in 0..100 {
+        if metrics.num_alive_tasks() <= baseline + 1 {
+            // The background release of the dropped guard may still be running: let it finish.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if metrics.num_alive_tasks() == baseline {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!(
+        "{} tasks still alive after the election was dropped (baseline {baseline})",
+        metrics.num_alive_tasks()
+    );
+}
