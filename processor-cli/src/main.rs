@@ -162,9 +162,14 @@ struct RunArgs {
     /// Shared checkpoint directory.
     #[arg(long, env = "CHECKPOINT_DIR")]
     checkpoint_dir: PathBuf,
-    /// `memory` (single process), `redis://…`, `redlock://h1:p1,h2:p2,h3:p3` or `postgres://…`.
-    #[arg(long, env = "LOCK_URL", default_value = "memory")]
-    lock_url: String,
+    /// The fleet's lock backend: `redis://…`, `redlock://h1:p1,h2:p2,h3:p3` or `postgres://…`. Required:
+    /// instances that do not share one each own every partition. `memory` only with
+    /// `--single-instance`.
+    #[arg(long, env = "LOCK_URL")]
+    lock_url: Option<String>,
+    /// Run as the only instance of the fleet, with in-process locks (no `--lock-url` needed).
+    #[arg(long, env = "SINGLE_INSTANCE")]
+    single_instance: bool,
     /// Instance id (unique in the fleet).
     #[arg(long, env = "INSTANCE_ID")]
     instance_id: String,
@@ -240,7 +245,27 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
     Ok(config)
 }
 
+/// The lock URL `run` coordinates through. A forgotten `LOCK_URL` must not make every process own
+/// every partition: in-process locks only for an instance that says it is alone.
+fn fleet_lock_url(args: &RunArgs) -> anyhow::Result<&str> {
+    match (args.lock_url.as_deref(), args.single_instance) {
+        (None, true) => Ok("memory"),
+        (Some("memory"), true) => Ok("memory"),
+        (Some("memory"), false) => bail!(
+            "--lock-url memory coordinates nothing between processes: pass --single-instance if this is the only instance, or a shared lock backend (redis://, redlock://, postgres://)"
+        ),
+        (Some(url), false) => Ok(url),
+        (Some(_), true) => bail!(
+            "--single-instance runs on in-process locks: drop --lock-url, or drop --single-instance to join a fleet"
+        ),
+        (None, false) => bail!(
+            "--lock-url (or LOCK_URL) is required: the fleet's instances must share a lock backend (redis://, redlock://, postgres://); pass --single-instance to run alone"
+        ),
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let lock_url = fleet_lock_url(&args)?.to_owned();
     let config = instance_config(&args)?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("state dir {} is not writable", args.state_dir.display()))?;
@@ -251,7 +276,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.brokers, args.topic
         )
     })?;
-    let services = Services::connect(&args.lock_url, args.checkpoint_dir.clone())
+    let services = Services::connect(&lock_url, args.checkpoint_dir.clone())
         .await
         .context("lock backend")?; // its errors name the server, password redacted
     let instance = Instance::new(config, services)?;

@@ -337,7 +337,7 @@ fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
     let checkpoints = dir.path().join("ck");
     let (state, checkpoints) = (state.to_str().unwrap(), checkpoints.to_str().unwrap());
     let run = |brokers: &'static str, lock_url: &'static str| {
-        vec![
+        let mut args = vec![
             "run",
             "--brokers",
             brokers,
@@ -349,9 +349,13 @@ fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
             state,
             "--checkpoint-dir",
             checkpoints,
-            "--lock-url",
-            lock_url,
-        ]
+        ];
+        if lock_url == "memory" {
+            args.push("--single-instance");
+        } else {
+            args.extend(["--lock-url", lock_url]);
+        }
+        args
     };
 
     // No broker there: one line naming it.
@@ -367,6 +371,20 @@ fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
     assert!(err.contains("lock backend"), "{err}");
     let err = fails_with(&run(brokers, "zookeeper://127.0.0.1:2181"));
     assert!(err.contains("lock url"), "{err}");
+
+    // A forgotten lock URL must not let every process own every partition: refused, one line.
+    let mut no_lock_url = run(brokers, "memory");
+    no_lock_url.retain(|arg| *arg != "--single-instance");
+    let err = fails_with(&no_lock_url);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--lock-url") && err.contains("--single-instance"),
+        "{err}"
+    );
+    let mut memory_in_a_fleet = no_lock_url.clone();
+    memory_in_a_fleet.extend(["--lock-url", "memory"]);
+    let err = fails_with(&memory_in_a_fleet);
+    assert!(err.contains("--single-instance"), "{err}");
 
     // An unwritable state directory (a file stands where the directory should be).
     let file = dir.path().join("a-file");
