@@ -27,7 +27,7 @@ use processor::dev::demo::{DemoConfig, run_demo};
 use processor::dev::{DevBroker, Workload};
 use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
 use processor::store::rocksdb::RocksDbStores;
-use processor::{Instance, InstanceConfig, MaintenanceConfig, Services};
+use processor::{Instance, InstanceConfig, KafkaSettings, MaintenanceConfig, Services};
 use tokio_util::sync::CancellationToken;
 
 use crate::console::Console;
@@ -47,7 +47,7 @@ enum Command {
     /// The fleet demo on the embedded default: mock Kafka cluster, in-process locks, RocksDB in a temp dir.
     Demo(DemoArgs),
     /// Run one fleet instance until SIGTERM/SIGINT (then checkpoint, release, exit 0).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Host librdkafka's mock cluster with the topic; prints the bootstrap address first; runs until killed.
     DevBroker {
         /// Topic to create.
@@ -167,6 +167,15 @@ struct RunArgs {
     /// `--single-instance`.
     #[arg(long, env = "LOCK_URL")]
     lock_url: Option<String>,
+    /// A librdkafka client property (`KEY=VALUE`: `security.protocol=SASL_SSL`, `sasl.password=…`, any
+    /// tuning) for every consumer and producer of the instance; repeatable. Secret values are never
+    /// logged.
+    #[arg(long = "kafka-config", value_name = "KEY=VALUE")]
+    kafka_config: Vec<String>,
+    /// A file of librdkafka client properties, one `KEY=VALUE` per line (`#` comments); `--kafka-config`
+    /// flags override it.
+    #[arg(long, env = "KAFKA_CONFIG_FILE")]
+    kafka_config_file: Option<PathBuf>,
     /// Run as the only instance of the fleet, with in-process locks (no `--lock-url` needed).
     #[arg(long, env = "SINGLE_INSTANCE")]
     single_instance: bool,
@@ -241,8 +250,18 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
     if let Some(topic) = &args.dead_letter_topic {
         config = config.with_dead_letter_topic(topic);
     }
+    config = config.with_kafka(kafka_settings(args)?);
     config.validate()?;
     Ok(config)
+}
+
+/// `--brokers`, then the properties of `--kafka-config-file`, then every `--kafka-config`.
+fn kafka_settings(args: &RunArgs) -> anyhow::Result<KafkaSettings> {
+    let mut kafka = KafkaSettings::new(&args.brokers);
+    if let Some(file) = &args.kafka_config_file {
+        kafka = kafka.with_file(file)?;
+    }
+    Ok(kafka.with_pairs(args.kafka_config.iter().map(String::as_str))?)
 }
 
 /// The lock URL `run` coordinates through. A forgotten `LOCK_URL` must not make every process own
@@ -269,8 +288,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = instance_config(&args)?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("state dir {} is not writable", args.state_dir.display()))?;
-    // Fail fast, with one line, when the broker or topic is not there.
-    processor::source::high_watermark(&args.brokers, &args.topic, 0).with_context(|| {
+    // Fail fast, with one line, when the broker or topic is not there (with the instance's client
+    // settings: a bad property or a refused login shows here).
+    processor::source::high_watermark(&config.kafka, &args.topic, 0).with_context(|| {
         format!(
             "broker {} (topic {}) is not reachable",
             args.brokers, args.topic
@@ -423,7 +443,7 @@ async fn main() {
         .init();
     let outcome = match cli.command {
         Command::Demo(args) => demo(args).await,
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::DevBroker {
             topic,
             partitions,

@@ -386,6 +386,24 @@ fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
     let err = fails_with(&memory_in_a_fleet);
     assert!(err.contains("--single-instance"), "{err}");
 
+    // Client properties reach the Kafka clients: an unknown one is one line naming it, and a secret
+    // given beside it never shows; a property the processor owns is refused.
+    let mut properties = run(brokers, "memory");
+    properties.extend([
+        "--kafka-config",
+        "sasl.password=hunter2-kafka",
+        "--kafka-config",
+        "no.such.property=1",
+    ]);
+    let err = fails_with(&properties);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no.such.property"), "{err}");
+    assert!(!err.contains("hunter2-kafka"), "{err}");
+    let mut reserved = run(brokers, "memory");
+    reserved.extend(["--kafka-config", "enable.auto.commit=true"]);
+    let err = fails_with(&reserved);
+    assert!(err.contains("enable.auto.commit"), "{err}");
+
     // An unwritable state directory (a file stands where the directory should be).
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"").unwrap();

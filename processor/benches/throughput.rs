@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use processor::KafkaSettings;
 use processor::dev::{DevBroker, Workload};
 use processor::operator::{KeyedAggregation, Operator};
 use processor::partition::PartitionProcessor;
@@ -103,14 +104,15 @@ async fn main() {
     };
     workload.produce(&brokers, TOPIC).await.expect("produce");
     let ends: Vec<i64> = (0..PARTITIONS)
-        .map(|p| high_watermark(&brokers, TOPIC, p).expect("watermark"))
+        .map(|p| high_watermark(&KafkaSettings::new(&brokers), TOPIC, p).expect("watermark"))
         .collect();
 
     // Raw: consume only.
     let started = Instant::now();
     let tasks: Vec<_> = (0..PARTITIONS)
         .map(|p| {
-            let consumer = partition_consumer(&brokers, "raw", TOPIC, p, 0).expect("consumer");
+            let consumer = partition_consumer(&KafkaSettings::new(&brokers), "raw", TOPIC, p, 0)
+                .expect("consumer");
             tokio::spawn(raw_consume(consumer, ends[p as usize]))
         })
         .collect();
@@ -135,7 +137,8 @@ async fn main() {
             let mut processor =
                 PartitionProcessor::resume(store, operator.clone(), 1, CancellationToken::new())
                     .expect("resume");
-            let consumer = partition_consumer(&brokers, "full", TOPIC, p, 0).expect("consumer");
+            let consumer = partition_consumer(&KafkaSettings::new(&brokers), "full", TOPIC, p, 0)
+                .expect("consumer");
             let end = ends[p as usize];
             tokio::spawn(async move {
                 let stop = CancellationToken::new();

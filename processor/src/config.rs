@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{ProcessorError, ProcessorResult};
+use crate::kafka_settings::KafkaSettings;
 
 /// The shortest claim lease: renewals run every third of it, and a backend round trip must fit.
 pub const MIN_CLAIM_TTL: Duration = Duration::from_millis(100);
@@ -25,8 +26,8 @@ pub struct InstanceConfig {
     pub topic: String,
     /// Its partition count.
     pub partitions: i32,
-    /// Kafka bootstrap servers.
-    pub brokers: String,
+    /// Kafka bootstrap servers and client properties (SASL, TLS, tuning) of every client.
+    pub kafka: KafkaSettings,
     /// Where this instance keeps local partition state.
     pub state_dir: PathBuf,
     /// Lease of membership and partition claims (renewed every third).
@@ -66,7 +67,7 @@ impl InstanceConfig {
             group: "processor".to_owned(),
             topic: topic.to_owned(),
             partitions,
-            brokers: brokers.to_owned(),
+            kafka: KafkaSettings::new(brokers),
             state_dir,
             claim_ttl: Duration::from_secs(5),
             checkpoint_every: Duration::from_secs(2),
@@ -123,16 +124,22 @@ impl InstanceConfig {
         self
     }
 
+    /// Uses `kafka` (servers and client properties) for every client of the instance.
+    pub fn with_kafka(mut self, kafka: KafkaSettings) -> Self {
+        self.kafka = kafka;
+        self
+    }
+
     /// Checks every setting; the first problem found is the error.
     ///
     /// # Errors
     /// [`ProcessorError::InvalidInput`] naming the setting, the value and what it must be.
     pub fn validate(&self) -> ProcessorResult<()> {
         let names = [
-            ("instance id", &self.instance_id),
-            ("group", &self.group),
-            ("topic", &self.topic),
-            ("brokers", &self.brokers),
+            ("instance id", self.instance_id.as_str()),
+            ("group", self.group.as_str()),
+            ("topic", self.topic.as_str()),
+            ("brokers", self.kafka.brokers()),
         ];
         for (what, value) in names {
             if value.trim().is_empty() {

@@ -16,6 +16,7 @@
 //! - [`fleet`]: instances sharing a topic — membership, assignment, partition claims as kept locks, the
 //!   partition task (restore, consume, checkpoint, hand off), leader-scheduled maintenance;
 //! - [`config`]: the instance configuration and its validation;
+//! - [`kafka_settings`]: the bootstrap servers and librdkafka client properties of every client;
 //! - [`services`]: the backends an instance coordinates through, built from one lock URL;
 //! - [`resources`]: every lock, record and task name the fleet coordinates on;
 //! - [`inspect`]: reading what the fleet checkpointed;
@@ -32,6 +33,7 @@ pub mod error;
 pub mod fleet;
 mod hash;
 pub mod inspect;
+pub mod kafka_settings;
 pub mod operator;
 pub mod partition;
 pub mod resources;
@@ -43,4 +45,5 @@ pub mod store;
 pub use config::{InstanceConfig, MaintenanceConfig};
 pub use error::{ProcessorError, ProcessorResult};
 pub use fleet::{Instance, InstanceStatus};
+pub use kafka_settings::KafkaSettings;
 pub use services::Services;

@@ -1,21 +1,21 @@
 //! Where a partition's results go: the output topic (updated aggregates) and the dead-letter topic
 //! (malformed records), delivered and acknowledged before the batch that produced them commits.
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::error::{ProcessorError, ProcessorResult};
+use crate::kafka_settings::KafkaSettings;
 use crate::partition::BatchReport;
 
 /// A producer that neither reorders nor duplicates on retries (idempotence), batching for 5 ms.
-pub(crate) fn idempotent_producer(brokers: &str) -> ProcessorResult<FutureProducer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+pub(crate) fn idempotent_producer(kafka: &KafkaSettings) -> ProcessorResult<FutureProducer> {
+    kafka
+        .client_config()
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "15000")
         .create()
-        .map_err(ProcessorError::kafka("create a producer"))
+        .map_err(kafka.client_error("create a producer"))
 }
 
 pub(crate) async fn await_delivery(
@@ -56,11 +56,11 @@ impl OutputSink {
     /// # Errors
     /// A Kafka error creating the producer.
     pub fn new(
-        brokers: &str,
+        kafka: &KafkaSettings,
         output_topic: Option<&str>,
         dead_letter_topic: Option<&str>,
     ) -> ProcessorResult<Self> {
-        let producer = idempotent_producer(brokers)?;
+        let producer = idempotent_producer(kafka)?;
         Ok(OutputSink {
             producer,
             output_topic: output_topic.map(str::to_owned),

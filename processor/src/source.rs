@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
@@ -15,6 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ProcessorError, ProcessorResult};
+use crate::kafka_settings::KafkaSettings;
 use crate::operator::Record;
 use crate::partition::{PartitionProcessor, PartitionStats};
 use crate::sink::OutputSink;
@@ -23,11 +23,11 @@ use crate::sink::OutputSink;
 ///
 /// # Errors
 /// A Kafka error.
-pub fn high_watermark(brokers: &str, topic: &str, partition: i32) -> ProcessorResult<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+pub fn high_watermark(kafka: &KafkaSettings, topic: &str, partition: i32) -> ProcessorResult<i64> {
+    let consumer: BaseConsumer = kafka
+        .client_config()
         .create()
-        .map_err(ProcessorError::kafka("create a consumer"))?;
+        .map_err(kafka.client_error("create a consumer"))?;
     consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .map(|(_, high)| high)
@@ -39,14 +39,14 @@ pub fn high_watermark(brokers: &str, topic: &str, partition: i32) -> ProcessorRe
 /// # Errors
 /// A Kafka error.
 pub fn partition_consumer(
-    brokers: &str,
+    kafka: &KafkaSettings,
     group: &str,
     topic: &str,
     partition: i32,
     from_offset: i64,
 ) -> ProcessorResult<StreamConsumer> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: StreamConsumer = kafka
+        .client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -54,7 +54,7 @@ pub fn partition_consumer(
         // Bounded prefetch per partition: a partition that processes slowly stops fetching.
         .set("queued.max.messages.kbytes", "8192")
         .create()
-        .map_err(ProcessorError::kafka("create a consumer"))?;
+        .map_err(kafka.client_error("create a consumer"))?;
     let mut assignment = TopicPartitionList::new();
     assignment
         .add_partition_offset(topic, partition, Offset::Offset(from_offset))

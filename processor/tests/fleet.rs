@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use processor::KafkaSettings;
 use processor::dev::{DevBroker, Workload};
 use processor::inspect::checkpointed_aggregates;
 use processor::source::high_watermark;
@@ -90,7 +91,7 @@ async fn abrupt_stop_and_join_is_exact(stores: Option<Arc<dyn StoreFactory>>) {
         .unwrap();
     fleet.push(start("d"));
     let ends: Vec<i64> = (0..PARTITIONS)
-        .map(|p| high_watermark(&brokers, TOPIC, p).unwrap())
+        .map(|p| high_watermark(&KafkaSettings::new(&brokers), TOPIC, p).unwrap())
         .collect();
     assert_eq!(ends.iter().sum::<i64>(), 24_000);
 

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use processor::KafkaSettings;
 use processor::dev::{DevBroker, Workload};
 use processor::operator::{Aggregate, KeyedAggregation, Operator};
 use processor::partition::PartitionProcessor;
@@ -49,8 +50,14 @@ async fn run(
             CancellationToken::new(),
         )
         .unwrap();
-        let consumer =
-            partition_consumer(brokers, "test", TOPIC, partition, processor.next_offset()).unwrap();
+        let consumer = partition_consumer(
+            &KafkaSettings::new(brokers),
+            "test",
+            TOPIC,
+            partition,
+            processor.next_offset(),
+        )
+        .unwrap();
         let end = until(partition);
         tasks.push(tokio::spawn(async move {
             let stop = CancellationToken::new();
@@ -92,7 +99,7 @@ async fn crash_and_resume_on_the_mock_cluster_is_exact() {
     };
     workload.produce(&brokers, TOPIC).await.unwrap();
     let ends: Vec<i64> = (0..PARTITIONS)
-        .map(|p| high_watermark(&brokers, TOPIC, p).unwrap())
+        .map(|p| high_watermark(&KafkaSettings::new(&brokers), TOPIC, p).unwrap())
         .collect();
     assert_eq!(ends.iter().sum::<i64>(), 20_000, "every record landed");
 
@@ -163,7 +170,7 @@ async fn partitions_move_through_checkpoints_and_corrupt_ones_are_skipped() {
     };
     workload.produce(&brokers, TOPIC).await.unwrap();
     let ends: Vec<i64> = (0..PARTITIONS)
-        .map(|p| high_watermark(&brokers, TOPIC, p).unwrap())
+        .map(|p| high_watermark(&KafkaSettings::new(&brokers), TOPIC, p).unwrap())
         .collect();
     let root = tempfile::tempdir().unwrap();
     let shared = DirectoryCheckpointStore::new(root.path().join("shared")).unwrap();
@@ -279,8 +286,13 @@ async fn outputs_and_dead_letters_reach_their_topics_and_never_stop_the_partitio
         CancellationToken::new(),
     )
     .unwrap();
-    let consumer = partition_consumer(&brokers, "test", TOPIC, 0, 0).unwrap();
-    let sink = OutputSink::new(&brokers, Some("orders.out"), Some("orders.dlq")).unwrap();
+    let consumer = partition_consumer(&KafkaSettings::new(&brokers), "test", TOPIC, 0, 0).unwrap();
+    let sink = OutputSink::new(
+        &KafkaSettings::new(&brokers),
+        Some("orders.out"),
+        Some("orders.dlq"),
+    )
+    .unwrap();
     let stats = consume_partition(
         &consumer,
         &mut processor,
@@ -299,10 +311,17 @@ async fn outputs_and_dead_letters_reach_their_topics_and_never_stop_the_partitio
         "dead letters do not stop the partition"
     );
     // Nothing crashed, so at-least-once delivered exactly once.
-    assert_eq!(high_watermark(&brokers, "orders.out", 0).unwrap(), 980);
-    assert_eq!(high_watermark(&brokers, "orders.dlq", 0).unwrap(), 20);
+    assert_eq!(
+        high_watermark(&KafkaSettings::new(&brokers), "orders.out", 0).unwrap(),
+        980
+    );
+    assert_eq!(
+        high_watermark(&KafkaSettings::new(&brokers), "orders.dlq", 0).unwrap(),
+        20
+    );
 
-    let dlq = partition_consumer(&brokers, "test", "orders.dlq", 0, 0).unwrap();
+    let dlq =
+        partition_consumer(&KafkaSettings::new(&brokers), "test", "orders.dlq", 0, 0).unwrap();
     let mut keys = Vec::new();
     for _ in 0..20 {
         let message = dlq.recv().await.unwrap();

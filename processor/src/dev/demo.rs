@@ -19,6 +19,7 @@ use crate::config::{InstanceConfig, MaintenanceConfig};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::fleet::{Instance, InstanceStatus};
 use crate::inspect::{checkpointed_aggregates, checkpointed_offset};
+use crate::kafka_settings::KafkaSettings;
 use crate::services::Services;
 use crate::source::high_watermark;
 use crate::store::rocksdb::RocksDbStores;
@@ -302,7 +303,11 @@ pub async fn run_demo(
                 .map_err(ProcessorError::task("produce the workload"))??;
             let mut marks = Vec::new();
             for partition in 0..config.partitions {
-                marks.push(high_watermark(&brokers, &config.topic, partition)?);
+                marks.push(high_watermark(
+                    &KafkaSettings::new(&brokers),
+                    &config.topic,
+                    partition,
+                )?);
             }
             ends = Some(marks);
         }

@@ -7,6 +7,7 @@ use rdkafka::producer::FutureRecord;
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::hash::splitmix64;
+use crate::kafka_settings::KafkaSettings;
 use crate::operator::Aggregate;
 use crate::sink::{await_delivery, idempotent_producer};
 
@@ -66,7 +67,7 @@ impl Workload {
         topic: &str,
         range: std::ops::Range<u64>,
     ) -> ProcessorResult<()> {
-        let producer = idempotent_producer(brokers)?;
+        let producer = idempotent_producer(&KafkaSettings::new(brokers))?;
         let mut pending = Vec::with_capacity(1024);
         for i in range {
             let (partition, key, value) = self.record(i);

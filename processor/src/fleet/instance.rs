@@ -53,7 +53,7 @@ impl Instance {
         config.validate()?;
         let sink = if config.output_topic.is_some() || config.dead_letter_topic.is_some() {
             Some(OutputSink::new(
-                &config.brokers,
+                &config.kafka,
                 config.output_topic.as_deref(),
                 config.dead_letter_topic.as_deref(),
             )?)

@@ -183,7 +183,7 @@ impl Instance {
             lost.clone(),
         )?;
         let consumer = partition_consumer(
-            &self.config.brokers,
+            &self.config.kafka,
             &self.config.group,
             &self.config.topic,
             partition,

@@ -1,0 +1,237 @@
+//! How an instance reaches Kafka: the bootstrap servers and any librdkafka client properties — SASL,
+//! TLS, tuning — applied to every consumer and producer the instance makes. Secrets never appear in
+//! `Debug` output.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rdkafka::ClientConfig;
+
+use crate::error::{ProcessorError, ProcessorResult};
+
+/// Properties the processor sets itself because its guarantees depend on them: exactly-once state needs
+/// `assign()` from the stored offset, no auto-commit and no auto offset store; brokers come from
+/// `--brokers`.
+const RESERVED: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.partition.eof",
+    "enable.idempotence",
+    "transactional.id",
+];
+
+/// Parts of property names whose values are secrets (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, …).
+const SECRET_PARTS: &[&str] = &["password", "secret", "token", "jaas"];
+
+/// Whether the value of the librdkafka property `key` is a secret.
+pub fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_PARTS.iter().any(|part| key.contains(part))
+}
+
+/// The bootstrap servers and client properties of an instance.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaSettings {
+    brokers: String,
+    properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(key, value)| {
+                let value = if is_secret(key) {
+                    "***"
+                } else {
+                    value.as_str()
+                };
+                (key.as_str(), value)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("properties", &shown)
+            .finish()
+    }
+}
+
+impl KafkaSettings {
+    /// Settings with only the bootstrap servers (`host:port,host:port`).
+    pub fn new(brokers: &str) -> Self {
+        KafkaSettings {
+            brokers: brokers.to_owned(),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// Adds the librdkafka property `key` = `value` (a later value for the same key wins).
+    ///
+    /// # Errors
+    /// [`ProcessorError::InvalidInput`] for an empty key or a property the processor sets itself.
+    pub fn with_property(mut self, key: &str, value: &str) -> ProcessorResult<Self> {
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(ProcessorError::InvalidInput {
+                what: "kafka config",
+                reason: "a property needs a name: KEY=VALUE".to_owned(),
+            });
+        }
+        if RESERVED.contains(&key) {
+            return Err(ProcessorError::InvalidInput {
+                what: "kafka config",
+                reason: format!(
+                    "`{key}` is set by the processor itself (its guarantees depend on it); use --brokers and --group for the servers and the group"
+                ),
+            });
+        }
+        self.properties.insert(key.to_owned(), value.to_owned());
+        Ok(self)
+    }
+
+    /// Adds every `KEY=VALUE` of `pairs` (the `--kafka-config` flag's form).
+    ///
+    /// # Errors
+    /// [`ProcessorError::InvalidInput`] naming a pair without `=` (its value is never shown).
+    pub fn with_pairs<'a>(
+        mut self,
+        pairs: impl IntoIterator<Item = &'a str>,
+    ) -> ProcessorResult<Self> {
+        for pair in pairs {
+            let Some((key, value)) = pair.split_once('=') else {
+                let key = pair.split_whitespace().next().unwrap_or_default();
+                return Err(ProcessorError::InvalidInput {
+                    what: "kafka config",
+                    reason: format!("`{key}…` is not KEY=VALUE"),
+                });
+            };
+            self = self.with_property(key, value)?;
+        }
+        Ok(self)
+    }
+
+    /// Adds the properties of a librdkafka-style file: one `KEY=VALUE` per line, `#` comments and
+    /// blank lines ignored.
+    ///
+    /// # Errors
+    /// An I/O error naming the file; [`ProcessorError::InvalidInput`] naming the bad line's number.
+    pub fn with_file(mut self, path: &Path) -> ProcessorResult<Self> {
+        let text = std::fs::read_to_string(path).map_err(ProcessorError::io(path))?;
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            self = self
+                .with_pairs([line])
+                .map_err(|err| ProcessorError::InvalidInput {
+                    what: "kafka config file",
+                    reason: format!("{}, line {}: {err}", path.display(), number + 1),
+                })?;
+        }
+        Ok(self)
+    }
+
+    /// Maps an error creating a client to [`ProcessorError::Kafka`] with every property *value* cut out
+    /// of librdkafka's message (it quotes the offending property with its value, and a mistyped secret's
+    /// name does not look secret).
+    pub(crate) fn client_error(
+        &self,
+        operation: &'static str,
+    ) -> impl FnOnce(rdkafka::error::KafkaError) -> ProcessorError + '_ {
+        move |err| {
+            let mut message = err.to_string();
+            for value in self.properties.values().filter(|v| v.len() >= 2) {
+                message = message.replace(value.as_str(), "***");
+            }
+            ProcessorError::Kafka {
+                operation,
+                source: message.into(),
+            }
+        }
+    }
+
+    /// The bootstrap servers.
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    /// A client configuration with the servers and every property, to which the caller adds what its
+    /// client needs (those settings win over the properties).
+    pub(crate) fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+impl From<&str> for KafkaSettings {
+    fn from(brokers: &str) -> Self {
+        KafkaSettings::new(brokers)
+    }
+}
+
+impl From<&String> for KafkaSettings {
+    fn from(brokers: &String) -> Self {
+        KafkaSettings::new(brokers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_are_checked_and_secrets_hidden() {
+        let settings = KafkaSettings::new("b:9092")
+            .with_pairs([
+                "security.protocol=SASL_SSL",
+                "sasl.password=hunter2",
+                "x=a=b",
+            ])
+            .unwrap();
+        let shown = format!("{settings:?}");
+        assert!(
+            shown.contains("SASL_SSL") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert_eq!(
+            settings.client_config().get("x"),
+            Some("a=b"),
+            "only the first = splits"
+        );
+        for bad in ["enable.auto.commit=true", "=1", "no-equals-sign"] {
+            assert!(matches!(
+                KafkaSettings::new("b:9092").with_pairs([bad]),
+                Err(ProcessorError::InvalidInput { .. })
+            ));
+        }
+        let err = KafkaSettings::new("b:9092")
+            .with_pairs(["sasl.password hunter2"])
+            .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        // A mistyped secret's name does not look secret; librdkafka quotes its value: cut out.
+        let typo = KafkaSettings::new("b:9092")
+            .with_pairs(["sasl.pasword=hunter2"])
+            .unwrap();
+        let err = typo
+            .client_config()
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .map_err(typo.client_error("create a consumer"))
+            .err()
+            .expect("an unknown property fails");
+        let shown = format!("{err} {:?}", std::error::Error::source(&err));
+        assert!(
+            shown.contains("sasl.pasword") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
+}
