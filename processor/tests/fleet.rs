@@ -16,6 +16,8 @@ use processor::source::high_watermark;
 use processor::store::StoreFactory;
 use processor::store::memory::InMemoryStores;
 use processor::{Instance, InstanceConfig, MaintenanceConfig, Services};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
@@ -133,6 +135,27 @@ async fn abrupt_stop_and_join_is_exact(stores: Option<Arc<dyn StoreFactory>>) {
     }
     for (handle, _, _) in fleet {
         handle.await.unwrap().unwrap();
+    }
+    // Lag tools see the fleet's progress: the group's committed offsets are the processed ones.
+    let lag_tool: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "processor")
+        .create()
+        .unwrap();
+    let mut wanted = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        wanted.add_partition(TOPIC, p);
+    }
+    let committed = lag_tool
+        .committed_offsets(wanted, Duration::from_secs(10))
+        .unwrap();
+    for p in 0..PARTITIONS {
+        let offset = committed.find_partition(TOPIC, p).unwrap().offset();
+        assert_eq!(
+            offset,
+            Offset::Offset(ends[p as usize]),
+            "partition {p}: the group's committed offset"
+        );
     }
     // Retention kept the checkpoint history short (keep 2, plus at most the ones written since the last
     // maintenance run).

@@ -46,13 +46,46 @@ fn valid_topic(topic: &str) -> ProcessorResult<()> {
 }
 
 /// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename, fsync the dir.
+/// Marks a temp file: `.{name}{TEMP_MARK}{pid}-{random}`.
+const TEMP_MARK: &str = ".tmp-";
+
+/// How old a temp file must be before retention deletes it as a leftover of a crashed writer: far
+/// longer than any write takes, so a live write is never pulled from under its writer.
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+
+/// A temp name beside `path` that no other writer uses: the pid alone repeats across containers (every
+/// one of them can be pid 1), so 64 random bits follow it.
+fn temp_path(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    dir.join(format!(
+        ".{}{TEMP_MARK}{}-{:016x}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id(),
+        rand::random::<u64>()
+    ))
+}
+
+/// Deletes the temp files in `dir` older than [`STALE_TEMP_AGE`] (left by writers that crashed between
+/// creating and renaming them); returns how many.
+fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with('.') && name.contains(TEMP_MARK)
+        })
+        .filter(|entry| unused_for(&entry.path(), STALE_TEMP_AGE))
+        .filter(|entry| fs::remove_file(entry.path()).is_ok())
+        .count()
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> ProcessorResult<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
+    let tmp = temp_path(path);
     let mut file = fs::File::create(&tmp).map_err(ProcessorError::io(&tmp))?;
     file.write_all(bytes).map_err(ProcessorError::io(&tmp))?;
     file.sync_all().map_err(ProcessorError::io(&tmp))?;
@@ -68,12 +101,7 @@ fn sync_dir(dir: &Path) -> ProcessorResult<()> {
 
 /// Copies `from` to `to` atomically (temp + fsync + rename).
 fn copy_atomically(from: &Path, to: &Path) -> ProcessorResult<u64> {
-    let dir = to.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        to.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
+    let tmp = temp_path(to);
     let copied = fs::copy(from, &tmp).map_err(ProcessorError::io(from))?;
     fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
@@ -115,7 +143,7 @@ impl DirectoryCheckpointStore {
     pub fn new(root: impl Into<PathBuf>) -> ProcessorResult<Self> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(ProcessorError::io(&root))?;
-        let probe = root.join(format!(".write-probe-{}", std::process::id()));
+        let probe = temp_path(&root.join("write-probe"));
         fs::write(&probe, b"").map_err(ProcessorError::io(&root))?;
         let _ = fs::remove_file(&probe);
         Ok(DirectoryCheckpointStore { root })
@@ -341,6 +369,16 @@ impl CheckpointStore for DirectoryCheckpointStore {
             }
         }
         let files = self.files_dir(topic, partition);
+        let stale =
+            remove_stale_temps(&files) + remove_stale_temps(&self.manifests_dir(topic, partition));
+        if stale > 0 {
+            tracing::info!(
+                topic,
+                partition,
+                stale,
+                "removed temp files left by crashed writers"
+            );
+        }
         if let Ok(entries) = fs::read_dir(&files) {
             for entry in entries.filter_map(Result::ok) {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -491,5 +529,45 @@ mod tests {
             other => panic!("stale upload accepted: {other:?}"),
         }
         assert!(shared.upload("../etc", 0, &snapshot, 1, 1).is_err());
+    }
+
+    #[test]
+    fn temp_names_are_unique_and_stale_temps_are_cleaned_by_retention() {
+        let target = Path::new("/x/manifests/m.json");
+        assert_ne!(
+            temp_path(target),
+            temp_path(target),
+            "same pid, two writers"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let shared = DirectoryCheckpointStore::new(dir.path()).unwrap();
+        let files = shared.files_dir("orders", 0);
+        let manifests = shared.manifests_dir("orders", 0);
+        fs::create_dir_all(&files).unwrap();
+        fs::create_dir_all(&manifests).unwrap();
+        let stale = temp_path(&files.join("000123.sst"));
+        let stale_manifest = temp_path(&manifests.join("m.json"));
+        let fresh = temp_path(&files.join("000124.sst"));
+        for path in [&stale, &stale_manifest, &fresh] {
+            fs::write(path, b"partial").unwrap();
+        }
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        for path in [&stale, &stale_manifest] {
+            fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+        shared
+            .retain("orders", 0, 3, Duration::from_secs(60))
+            .unwrap();
+        assert!(
+            !stale.exists() && !stale_manifest.exists(),
+            "leftovers of crashed writers go"
+        );
+        assert!(fresh.exists(), "a write that may be in progress stays");
     }
 }

@@ -231,6 +231,13 @@ impl Instance {
                     token: fencing_token,
                 });
             }
+            report_progress(
+                &consumer,
+                &self.config.topic,
+                partition,
+                processor.next_offset(),
+                false,
+            );
             // One upload at a time per partition, in order: the previous one must have landed.
             if let Some(previous) = publishing.take() {
                 finish_publishing(partition, previous).await?;
@@ -248,9 +255,46 @@ impl Instance {
                 break;
             }
         }
+        // The last progress for lag tools, synchronously: the next owner resumes from its own state.
+        report_progress(
+            &consumer,
+            &self.config.topic,
+            partition,
+            processor.next_offset(),
+            true,
+        );
         drop(consumer);
         kept.release().await.map_err(ProcessorError::from)?;
         tracing::info!(instance = %self.config.instance_id, partition, "partition handed off");
         Ok(())
+    }
+}
+
+/// Commits `next_offset` of `partition` to the instance's Kafka group, so that standard tools
+/// (`kafka-consumer-groups`, lag exporters) see the fleet's progress and lag. Informational only: the
+/// offset stored with the partition's state is what a new owner resumes from, never this one, so a
+/// failed commit is logged and otherwise ignored.
+fn report_progress(
+    consumer: &rdkafka::consumer::StreamConsumer,
+    topic: &str,
+    partition: i32,
+    next_offset: i64,
+    wait: bool,
+) {
+    use rdkafka::consumer::{CommitMode, Consumer};
+    let mut offsets = rdkafka::TopicPartitionList::new();
+    if offsets
+        .add_partition_offset(topic, partition, rdkafka::Offset::Offset(next_offset))
+        .is_err()
+    {
+        return;
+    }
+    let mode = if wait {
+        CommitMode::Sync
+    } else {
+        CommitMode::Async
+    };
+    if let Err(err) = consumer.commit(&offsets, mode) {
+        tracing::debug!(topic, partition, next_offset, error = %err, "could not commit progress to the group (informational)");
     }
 }
