@@ -26,6 +26,7 @@ use processor::checkpoint::DirectoryCheckpointStore;
 use processor::dev::demo::{DemoConfig, run_demo};
 use processor::dev::{DevBroker, Workload};
 use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
+use processor::resources::checkpoint_root;
 use processor::store::rocksdb::RocksDbStores;
 use processor::{Instance, InstanceConfig, KafkaSettings, MaintenanceConfig, Services};
 use tokio_util::sync::CancellationToken;
@@ -101,6 +102,9 @@ enum StateCommand {
         /// Topic.
         #[arg(long, env = "TOPIC")]
         topic: String,
+        /// The fleet whose checkpoints to read (its `run --group`).
+        #[arg(long, env = "GROUP", default_value = "processor")]
+        group: String,
     },
     /// One JSON line per key, merged from the latest valid checkpoint of each partition.
     Dump {
@@ -110,6 +114,9 @@ enum StateCommand {
         /// Topic.
         #[arg(long, env = "TOPIC")]
         topic: String,
+        /// The fleet whose checkpoints to read (its `run --group`).
+        #[arg(long, env = "GROUP", default_value = "processor")]
+        group: String,
     },
 }
 
@@ -153,7 +160,8 @@ struct RunArgs {
     /// The topic's partition count.
     #[arg(long, env = "PARTITIONS", default_value_t = 8)]
     partitions: i32,
-    /// Fleet name (also the Kafka group id, for lag monitoring only).
+    /// Fleet name: scopes every lock, record, task and checkpoint path, so two fleets on one topic and
+    /// one backend each process everything; also the Kafka group its progress is committed to.
     #[arg(long, env = "GROUP", default_value = "processor")]
     group: String,
     /// Local state directory of this instance.
@@ -296,9 +304,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.brokers, args.topic
         )
     })?;
-    let services = Services::connect(&lock_url, args.checkpoint_dir.clone())
-        .await
-        .context("lock backend")?; // its errors name the server, password redacted
+    // Each fleet (group) has checkpoints of its own under the shared directory.
+    let services = Services::connect(
+        &lock_url,
+        checkpoint_root(&args.checkpoint_dir, &args.group),
+    )
+    .await
+    .context("lock backend")?; // its errors name the server, password redacted
     let instance = Instance::new(config, services)?;
     let stop = CancellationToken::new();
     let signals = stop.clone();
@@ -478,15 +490,17 @@ async fn main() {
                 StateCommand::Offsets {
                     checkpoint_dir,
                     topic,
+                    group,
                 },
-        } => dump(checkpoint_dir, &topic, true),
+        } => dump(checkpoint_root(&checkpoint_dir, &group), &topic, true),
         Command::State {
             command:
                 StateCommand::Dump {
                     checkpoint_dir,
                     topic,
+                    group,
                 },
-        } => dump(checkpoint_dir, &topic, false),
+        } => dump(checkpoint_root(&checkpoint_dir, &group), &topic, false),
     };
     if let Err(err) = outcome {
         eprintln!("processor: {err:#}");

@@ -120,7 +120,7 @@ fn produce(brokers: &str, workload: &Workload, range: std::ops::Range<u64>) {
 
 /// `processor state offsets`: partition -> checkpointed offset.
 fn offsets(checkpoint_dir: &Path) -> BTreeMap<i32, i64> {
-    let out = processor(&["state", "offsets", "--topic", TOPIC])
+    let out = processor(&["state", "offsets", "--topic", TOPIC, "--group", "procs"])
         .arg("--checkpoint-dir")
         .arg(checkpoint_dir)
         .output()
@@ -271,7 +271,7 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
     broker.signal(Signal::SIGTERM);
     assert!(broker.wait_exit(Duration::from_secs(10)).success());
 
-    let out = processor(&["state", "dump", "--topic", TOPIC])
+    let out = processor(&["state", "dump", "--topic", TOPIC, "--group", "procs"])
         .arg("--checkpoint-dir")
         .arg(&checkpoints)
         .output()

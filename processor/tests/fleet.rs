@@ -196,3 +196,93 @@ async fn abrupt_stop_and_join_is_exact(stores: Option<Arc<dyn StoreFactory>>) {
         );
     }
 }
+
+/// Two fleets (groups) on one topic and one Redis: every name they coordinate on is scoped by group, so
+/// each processes the whole topic and ends exact — neither splits the partitions with the other nor
+/// reads its checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_fleets_on_one_topic_and_one_redis_each_process_everything() {
+    use processor::resources::checkpoint_root;
+
+    integration_tests::init_tracing();
+    let broker = DevBroker::start(TOPIC, PARTITIONS).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 6_000,
+        keys: 40,
+        seed: 9,
+        partitions: PARTITIONS,
+    };
+    workload.produce(&brokers, TOPIC).await.unwrap();
+    let ends: Vec<i64> = (0..PARTITIONS)
+        .map(|p| high_watermark(&KafkaSettings::new(&brokers), TOPIC, p).unwrap())
+        .collect();
+    let redis = integration_tests::RedisServer::start_new();
+    let root = tempfile::tempdir().unwrap();
+    let mut fleets = Vec::new();
+    for group in ["billing", "search"] {
+        let services = Services::connect(
+            &redis.url(),
+            checkpoint_root(&root.path().join("ck"), group),
+        )
+        .await
+        .unwrap();
+        let mut members = Vec::new();
+        for id in ["a", "b"] {
+            let config = InstanceConfig::new(
+                id,
+                TOPIC,
+                PARTITIONS,
+                &brokers,
+                root.path().join("state").join(id),
+            )
+            .with_group(group)
+            .with_checkpoint_every(Duration::from_millis(300))
+            .with_claim_ttl(Duration::from_millis(1500));
+            let stop = CancellationToken::new();
+            let instance = Instance::new(config, services.clone()).unwrap();
+            members.push((tokio::spawn(instance.run(stop.clone())), stop));
+        }
+        fleets.push((group, services, members));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (group, services, _) in &fleets {
+        loop {
+            let covered = (0..PARTITIONS).all(|p| {
+                services
+                    .checkpoints
+                    .latest_valid(TOPIC, p)
+                    .ok()
+                    .and_then(|(m, _)| m)
+                    .is_some_and(|m| m.next_offset >= ends[p as usize])
+            });
+            if covered {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fleet {group} never covered the whole topic: the fleets split the partitions"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let expected = workload.expected();
+    for (group, services, members) in fleets {
+        for (_, stop) in &members {
+            stop.cancel();
+        }
+        for (handle, _) in members {
+            handle.await.unwrap().unwrap();
+        }
+        let (state, _) = checkpointed_aggregates(
+            services.checkpoints.as_ref(),
+            services.stores.as_ref(),
+            TOPIC,
+        )
+        .unwrap();
+        assert_eq!(
+            state, expected,
+            "fleet {group}: its state is the whole topic's"
+        );
+    }
+}

@@ -20,6 +20,7 @@ use crate::error::{ProcessorError, ProcessorResult};
 use crate::fleet::{Instance, InstanceStatus};
 use crate::inspect::{checkpointed_aggregates, checkpointed_offset};
 use crate::kafka_settings::KafkaSettings;
+use crate::resources::checkpoint_root;
 use crate::services::Services;
 use crate::source::high_watermark;
 use crate::store::rocksdb::RocksDbStores;
@@ -155,7 +156,6 @@ pub async fn run_demo(
         .unwrap_or_else(|| temp.path().to_path_buf());
     let broker = DevBroker::start(&config.topic, config.partitions)?;
     let brokers = broker.bootstrap_servers();
-    let base = Services::connect(&config.lock_url, root.join("checkpoints")).await?;
     // A fresh fleet name per run, so runs against a shared Redis or PostgreSQL do not meet.
     let group = format!(
         "demo-{}",
@@ -163,6 +163,11 @@ pub async fn run_demo(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis())
     );
+    let base = Services::connect(
+        &config.lock_url,
+        checkpoint_root(&root.join("checkpoints"), &group),
+    )
+    .await?;
     let workload = Workload {
         records: config.records,
         keys: config.keys,

@@ -239,7 +239,7 @@ impl Instance {
             if running.contains_key(&partition) {
                 continue;
             }
-            let resource = partition_resource(&self.config.topic, partition);
+            let resource = partition_resource(&self.config.group, &self.config.topic, partition);
             let policy = RenewalPolicy::default();
             let Some(kept) = KeptLock::try_acquire(
                 &self.services.lock,

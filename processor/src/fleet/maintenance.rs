@@ -7,7 +7,7 @@
 //!   them due every period whoever leads.
 //! - **Followers** claim due jobs (`task:maintain:{group}:{topic}:{p}`, kept alive by heartbeats while running)
 //!   and run them; a job that crashed mid-run is run again by someone else, and each period completes once.
-//! - Each run takes the partition's **compaction lock** (`compaction:partition:{p}`, the per-partition
+//! - Each run takes the partition's **compaction lock** (`compaction:{group}:{topic}:{p}`, through the
 //!   compaction recipe), which the partition's owner also takes while it uploads a checkpoint: an upload
 //!   that reuses a file and the retention that would delete it never overlap. Files are also only deleted
 //!   after a grace period without use, for the case where a lock expired under a paused process.
@@ -15,14 +15,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use state::recipes::compaction::{CompactionOutcome, compact_partition};
+use state::recipes::compaction::{CompactionOutcome, compact_resource};
 use state::recipes::tasks::{TaskOutcome, TaskQueue, TaskStore};
 use state::{DistributedLock, StateError, StateResult};
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::MaintenanceConfig;
 use crate::error::ProcessorResult;
-use crate::resources::maintenance_task_id;
+use crate::resources::{compaction_resource, maintenance_task_id};
 
 /// What one claimed job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,9 +159,8 @@ impl Maintenance {
 
     /// Retention of one partition under its compaction lock.
     async fn compact(&self, partition: i32) -> StateResult<MaintenanceOutcome> {
-        let index = u32::try_from(partition)
-            .map_err(|_| StateError::invalid("partition", "must not be negative"))?;
-        let outcome = compact_partition(&self.lock, index, self.config.claim_ttl, |ctx| {
+        let resource = compaction_resource(&self.group, &self.topic, partition);
+        let outcome = compact_resource(&self.lock, &resource, self.config.claim_ttl, |ctx| {
             let store = Arc::clone(&self.checkpoints);
             let (topic, keep, grace) = (
                 self.topic.clone(),
@@ -209,22 +208,19 @@ fn parse_partition(payload: &[u8]) -> StateResult<i32> {
         .ok_or_else(|| StateError::invalid("maintenance payload", "not a partition number"))
 }
 
-/// Waits up to `wait` for the compaction lock of `partition` (taken by the owner while it uploads a
+/// Waits up to `wait` for the compaction lock `resource` (see
+/// [`compaction_resource`](crate::resources::compaction_resource): taken by the owner while it uploads a
 /// checkpoint, so retention cannot run concurrently); `Ok(None)` when `wait` ran out.
 ///
 /// # Errors
 /// A lock backend error.
 pub(crate) async fn hold_compaction_lock(
     lock: &Arc<dyn DistributedLock>,
-    partition: i32,
+    resource: &str,
     ttl: Duration,
     wait: Duration,
 ) -> ProcessorResult<Option<state::LockGuard>> {
-    let Ok(index) = u32::try_from(partition) else {
-        return Ok(None);
-    };
-    let resource = state::recipes::compaction::compaction_resource(index);
-    match tokio::time::timeout(wait, lock.acquire(&resource, ttl)).await {
+    match tokio::time::timeout(wait, lock.acquire(resource, ttl)).await {
         Ok(guard) => Ok(Some(guard?)),
         Err(_) => Ok(None),
     }
@@ -301,10 +297,15 @@ mod tests {
         assert_eq!(latest.unwrap().next_offset, 5);
 
         // While the owner holds the compaction lock (uploading), a cleaner skips the partition.
-        let held = hold_compaction_lock(&lock, 1, Duration::from_secs(5), Duration::from_secs(1))
-            .await
-            .unwrap()
-            .expect("free");
+        let held = hold_compaction_lock(
+            &lock,
+            &compaction_resource("g", "t", 1),
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap()
+        .expect("free");
         assert_eq!(
             maintenance.compact(1).await.unwrap(),
             MaintenanceOutcome::Skipped

@@ -15,6 +15,7 @@ use super::maintenance::hold_compaction_lock;
 use crate::checkpoint::{CheckpointRecord, CheckpointRecords};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::partition::PartitionProcessor;
+use crate::resources::{compaction_resource, local_state_dir};
 use crate::source::{consume_partition, partition_consumer};
 use crate::store::PartitionStore;
 
@@ -32,10 +33,12 @@ impl Instance {
     /// Opens the partition's local state: reused if this disk holds the newest state (its token and
     /// offset are not behind the latest valid checkpoint), otherwise replaced by that checkpoint.
     pub(super) fn prepare_store(&self, partition: i32) -> ProcessorResult<Arc<dyn PartitionStore>> {
-        let dir = self
-            .config
-            .state_dir
-            .join(format!("{}-{partition}", self.config.topic));
+        let dir = local_state_dir(
+            &self.config.state_dir,
+            &self.config.group,
+            &self.config.topic,
+            partition,
+        );
         let (latest, skipped) = self
             .services
             .checkpoints
@@ -83,11 +86,9 @@ impl Instance {
         };
         let partition = store.partition();
         let prefix = format!(".snapshot-{}-{partition}-", self.config.topic);
-        let scratch = self
-            .config
-            .state_dir
-            .join(format!("{prefix}{}", meta.next_offset));
-        let (store, state_dir) = (Arc::clone(store), self.config.state_dir.clone());
+        let state_dir = self.config.state_dir.join(&self.config.group);
+        let scratch = state_dir.join(format!("{prefix}{}", meta.next_offset));
+        let store = Arc::clone(store);
         tokio::task::spawn_blocking(move || {
             if let Ok(entries) = std::fs::read_dir(&state_dir) {
                 for entry in entries.filter_map(Result::ok) {
@@ -118,7 +119,7 @@ impl Instance {
     ) -> ProcessorResult<()> {
         let Some(compaction_lock) = hold_compaction_lock(
             &self.services.lock,
-            partition,
+            &compaction_resource(&self.config.group, &self.config.topic, partition),
             self.config.claim_ttl,
             self.config.claim_ttl,
         )

@@ -60,10 +60,30 @@ where
     F: FnOnce(LockContext) -> Fut,
     Fut: Future<Output = StateResult<T>>,
 {
-    let resource = compaction_resource(partition);
-    let Some(kept) = KeptLock::try_acquire(lock, &resource, ttl, RenewalPolicy::default()).await?
+    compact_resource(lock, &compaction_resource(partition), ttl, job).await
+}
+
+/// As [`compact_partition`], on a compaction lock named by the caller (so that, say, two jobs
+/// compacting the same partition number of different data never exclude each other).
+///
+/// # Errors
+/// The job's error, or a backend error from the claim.
+///
+/// # Cancel safety
+/// Dropping the future stops the job and releases the lock.
+pub async fn compact_resource<T, F, Fut>(
+    lock: &Arc<dyn DistributedLock>,
+    resource: &str,
+    ttl: Duration,
+    job: F,
+) -> StateResult<CompactionOutcome<T>>
+where
+    F: FnOnce(LockContext) -> Fut,
+    Fut: Future<Output = StateResult<T>>,
+{
+    let Some(kept) = KeptLock::try_acquire(lock, resource, ttl, RenewalPolicy::default()).await?
     else {
-        tracing::debug!(partition, "compaction skipped: claimed elsewhere");
+        tracing::debug!(resource, "compaction skipped: claimed elsewhere");
         return Ok(CompactionOutcome::Skipped);
     };
     match run_kept(kept, job).await {
