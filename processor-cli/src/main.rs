@@ -28,7 +28,9 @@ use processor::dev::{DevBroker, Workload};
 use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
 use processor::resources::checkpoint_root;
 use processor::store::rocksdb::RocksDbStores;
-use processor::{Instance, InstanceConfig, KafkaSettings, MaintenanceConfig, Services};
+use processor::{
+    Instance, InstanceConfig, KafkaSettings, MaintenanceConfig, MissingOffsets, Services,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::console::Console;
@@ -184,6 +186,11 @@ struct RunArgs {
     /// flags override it.
     #[arg(long, env = "KAFKA_CONFIG_FILE")]
     kafka_config_file: Option<PathBuf>,
+    /// When a partition's stored offset is outside the topic's log (records deleted by retention, or the
+    /// topic recreated): `fail` (refuse the partition, the default), `earliest` or `latest` (skip to the
+    /// log's start or end, logged with the offsets skipped).
+    #[arg(long, env = "ON_MISSING_OFFSETS", default_value = "fail")]
+    on_missing_offsets: MissingOffsets,
     /// Run as the only instance of the fleet, with in-process locks (no `--lock-url` needed).
     #[arg(long, env = "SINGLE_INSTANCE")]
     single_instance: bool,
@@ -258,7 +265,9 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
     if let Some(topic) = &args.dead_letter_topic {
         config = config.with_dead_letter_topic(topic);
     }
-    config = config.with_kafka(kafka_settings(args)?);
+    config = config
+        .with_kafka(kafka_settings(args)?)
+        .with_on_missing_offsets(args.on_missing_offsets);
     config.validate()?;
     Ok(config)
 }

@@ -14,6 +14,38 @@ fn invalid(what: &'static str, reason: String) -> ProcessorError {
     ProcessorError::InvalidInput { what, reason }
 }
 
+/// What a partition does when the offset stored with its state is outside the topic's log: below its
+/// start (retention deleted records it never processed) or above its end (the topic was deleted and
+/// recreated). A partition with no state yet starts at the log start without asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MissingOffsets {
+    /// Refuse to process the partition, with an error naming the offsets (the default: nothing is
+    /// skipped without an operator deciding it).
+    #[default]
+    Fail,
+    /// Resume at the log start, skipping what is gone (logged with the offsets skipped).
+    Earliest,
+    /// Resume at the log end, skipping everything before it (logged with the offsets skipped).
+    Latest,
+}
+
+impl std::str::FromStr for MissingOffsets {
+    type Err = ProcessorError;
+
+    fn from_str(text: &str) -> ProcessorResult<Self> {
+        match text {
+            "fail" => Ok(MissingOffsets::Fail),
+            "earliest" => Ok(MissingOffsets::Earliest),
+            "latest" => Ok(MissingOffsets::Latest),
+            other => Err(invalid(
+                "on-missing-offsets",
+                format!("`{other}` must be fail, earliest or latest"),
+            )),
+        }
+    }
+}
+
 /// How an instance runs.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -49,6 +81,8 @@ pub struct InstanceConfig {
     pub output_topic: Option<String>,
     /// Topic for malformed records, if any (they are logged either way).
     pub dead_letter_topic: Option<String>,
+    /// What a partition does when its stored offset is outside the log (default: refuse).
+    pub on_missing_offsets: MissingOffsets,
 }
 
 impl InstanceConfig {
@@ -78,6 +112,7 @@ impl InstanceConfig {
             max_members: 64,
             output_topic: None,
             dead_letter_topic: None,
+            on_missing_offsets: MissingOffsets::Fail,
         }
     }
 
@@ -121,6 +156,12 @@ impl InstanceConfig {
     pub fn with_claim_ttl(mut self, ttl: Duration) -> Self {
         self.claim_ttl = ttl;
         self.maintenance.claim_ttl = ttl;
+        self
+    }
+
+    /// Sets what a partition does when its stored offset is outside the log.
+    pub fn with_on_missing_offsets(mut self, policy: MissingOffsets) -> Self {
+        self.on_missing_offsets = policy;
         self
     }
 

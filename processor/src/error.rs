@@ -60,6 +60,22 @@ pub enum ProcessorError {
         token: u64,
     },
 
+    /// The offset stored with a partition's state is outside the topic's log: records it never processed
+    /// were deleted (below the start), or the topic was recreated (above the end). Nothing was processed.
+    #[error(
+        "partition {partition}: the stored offset {offset} is outside the log [{low}, {high}) — records were deleted by retention or the topic was recreated; nothing was processed (check, then choose --on-missing-offsets earliest|latest to skip)"
+    )]
+    OffsetOutOfRange {
+        /// The partition.
+        partition: i32,
+        /// The offset stored with its state.
+        offset: i64,
+        /// The log start.
+        low: i64,
+        /// The log end.
+        high: i64,
+    },
+
     /// Encoding or decoding a value failed (an aggregate, a manifest, a checkpoint record).
     #[error("could not {operation} {what}")]
     Codec {

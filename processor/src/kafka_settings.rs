@@ -19,6 +19,7 @@ const RESERVED: &[&str] = &[
     "enable.auto.commit",
     "enable.auto.offset.store",
     "enable.partition.eof",
+    "auto.offset.reset",
     "enable.idempotence",
     "transactional.id",
 ];

@@ -34,6 +34,24 @@ pub fn high_watermark(kafka: &KafkaSettings, topic: &str, partition: i32) -> Pro
         .map_err(ProcessorError::kafka("fetch watermarks"))
 }
 
+/// The log start and end (low and high watermarks) of a partition.
+///
+/// # Errors
+/// A Kafka error.
+pub fn watermarks(
+    kafka: &KafkaSettings,
+    topic: &str,
+    partition: i32,
+) -> ProcessorResult<(i64, i64)> {
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .create()
+        .map_err(kafka.client_error("create a consumer"))?;
+    consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(ProcessorError::kafka("fetch watermarks"))
+}
+
 /// A consumer of exactly one partition, positioned at `from_offset` with `assign()`.
 ///
 /// # Errors
@@ -51,6 +69,9 @@ pub fn partition_consumer(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
+        // Never jump silently when the position leaves the log (retention overtook a lagging partition):
+        // the consume loop gets an error and the partition stops (see `MissingOffsets`).
+        .set("auto.offset.reset", "error")
         // Bounded prefetch per partition: a partition that processes slowly stops fetching.
         .set("queued.max.messages.kbytes", "8192")
         .create()

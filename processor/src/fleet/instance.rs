@@ -108,6 +108,10 @@ impl Instance {
                     running.remove(&partition);
                     self.status.send_modify(|s| {
                         s.owned.remove(&partition);
+                        match &outcome {
+                            Ok(()) => s.partition_errors.remove(&partition),
+                            Err(err) => s.partition_errors.insert(partition, err.to_string()),
+                        };
                     });
                     if let Err(err) = outcome {
                         tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "partition task ended");

@@ -13,11 +13,12 @@ use tokio_util::task::AbortOnDropHandle;
 use super::instance::Instance;
 use super::maintenance::hold_compaction_lock;
 use crate::checkpoint::{CheckpointRecord, CheckpointRecords};
+use crate::config::MissingOffsets;
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::partition::PartitionProcessor;
 use crate::resources::{compaction_resource, local_state_dir};
-use crate::source::{consume_partition, partition_consumer};
-use crate::store::PartitionStore;
+use crate::source::{consume_partition, partition_consumer, watermarks};
+use crate::store::{PartitionStore, StateBatch};
 
 /// Waits for a checkpoint upload of `partition`.
 async fn finish_publishing(
@@ -163,6 +164,57 @@ impl Instance {
         Ok(())
     }
 
+    /// Checks the offset stored with the partition's state against the log (`[low, high)`): inside it,
+    /// nothing to do; outside it (records deleted by retention, or the topic recreated), the
+    /// `on_missing_offsets` policy decides — refuse (the default), or move the stored offset to the log's
+    /// start or end in one fenced batch and say what was skipped. A partition without state starts at the
+    /// log start.
+    async fn ensure_offset_in_log(
+        &self,
+        store: &Arc<dyn PartitionStore>,
+        partition: i32,
+        fencing_token: u64,
+    ) -> ProcessorResult<()> {
+        let (kafka, topic) = (self.config.kafka.clone(), self.config.topic.clone());
+        let (low, high) =
+            tokio::task::spawn_blocking(move || watermarks(&kafka, &topic, partition))
+                .await
+                .map_err(ProcessorError::task(format!(
+                    "read the log bounds of partition {partition}"
+                )))??;
+        let stored = store.meta()?.map(|meta| meta.next_offset);
+        let (offset, to) = match stored {
+            Some(offset) if offset < low || offset > high => {
+                let to = match self.config.on_missing_offsets {
+                    MissingOffsets::Fail => {
+                        return Err(ProcessorError::OffsetOutOfRange {
+                            partition,
+                            offset,
+                            low,
+                            high,
+                        });
+                    }
+                    MissingOffsets::Latest => high,
+                    _ => low,
+                };
+                (offset, to)
+            }
+            None if low > 0 => (0, low),
+            _ => return Ok(()),
+        };
+        tracing::warn!(
+            instance = %self.config.instance_id,
+            partition,
+            stored = offset,
+            log_start = low,
+            log_end = high,
+            resume_at = to,
+            skipped = if to > offset { to - offset } else { 0 },
+            "stored offset outside the log: resuming at {to} (records [{offset}, {to}) are not in the state)"
+        );
+        store.apply(&StateBatch::new(to, fencing_token))
+    }
+
     pub(super) async fn run_partition(
         self: Arc<Self>,
         partition: i32,
@@ -177,6 +229,8 @@ impl Instance {
             .map_err(ProcessorError::task(format!(
                 "open or restore the state of partition {partition}"
             )))??;
+        self.ensure_offset_in_log(&store, partition, fencing_token)
+            .await?;
         let mut processor = PartitionProcessor::resume(
             store.clone(),
             self.services.operator.clone(),

@@ -26,4 +26,7 @@ pub struct InstanceStatus {
     pub compactions: u64,
     /// The last maintenance job and its outcome.
     pub last_task: Option<String>,
+    /// Why each partition's task last ended with an error (cleared when a task of it ends cleanly), for
+    /// operators.
+    pub partition_errors: BTreeMap<i32, String>,
 }

@@ -1,0 +1,160 @@
+//! A partition whose stored offset is outside the topic's log (here: above its end, as after the topic
+//! was deleted and recreated) refuses to process by default, naming the offsets — instead of skipping
+//! every new record as an already-applied replay — and each `--on-missing-offsets` choice does what it
+//! says.
+
+// Test code: a failed step is a failed run, so helpers unwrap.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use processor::dev::{DevBroker, Workload};
+use processor::resources::local_state_dir;
+use processor::store::rocksdb::RocksDbStores;
+use processor::store::{PartitionStore, StateBatch};
+use processor::{Instance, InstanceConfig, InstanceStatus, MissingOffsets, Services};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = "orders";
+const GROUP: &str = "processor";
+
+/// Local state of partition 0 that claims to have processed up to offset 1 000.
+fn seed_state(state_dir: &Path) {
+    let stores = RocksDbStores::new(8 << 20, 4 << 20);
+    let store = stores
+        .open(0, &local_state_dir(state_dir, GROUP, TOPIC, 0))
+        .unwrap();
+    let mut batch = StateBatch::new(1_000, 0);
+    batch.put("entity-old", "from the old topic");
+    store.apply(&batch).unwrap();
+}
+
+fn stored_offset(state_dir: &Path) -> i64 {
+    let stores = RocksDbStores::new(8 << 20, 4 << 20);
+    let store = stores
+        .open(0, &local_state_dir(state_dir, GROUP, TOPIC, 0))
+        .unwrap();
+    store.meta().unwrap().unwrap().next_offset
+}
+
+async fn wait_for(
+    status: &mut watch::Receiver<InstanceStatus>,
+    what: &str,
+    done: impl Fn(&InstanceStatus) -> bool,
+) -> InstanceStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = status.borrow().clone();
+        if done(&now) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs one instance on a fresh one-partition topic of 10 records, over local state at offset 1 000.
+async fn run_over_a_recreated_topic(policy: MissingOffsets) -> (InstanceStatus, i64) {
+    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 10,
+        keys: 3,
+        seed: 5,
+        partitions: 1,
+    };
+    workload.produce(&brokers, TOPIC).await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let state_dir = root.path().join("state");
+    seed_state(&state_dir);
+    let services = Services::in_memory(root.path().join("ck")).unwrap();
+    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, state_dir.clone())
+        .with_on_missing_offsets(policy)
+        .with_checkpoint_every(Duration::from_millis(200));
+    let instance = Instance::new(config, services).unwrap();
+    let mut status = instance.status();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(instance.run(stop.clone()));
+    let seen = match policy {
+        MissingOffsets::Fail => {
+            wait_for(&mut status, "the refusal", |s| {
+                s.partition_errors.contains_key(&0)
+            })
+            .await
+        }
+        _ => wait_for(&mut status, "the records", |s| s.processed >= 10).await,
+    };
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    (seen, stored_offset(&state_dir))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_the_partition_refuses_and_names_the_offsets() {
+    let (status, offset) = run_over_a_recreated_topic(MissingOffsets::Fail).await;
+    let error = &status.partition_errors[&0];
+    assert!(
+        error.contains("stored offset 1000 is outside the log [0, 10)"),
+        "{error}"
+    );
+    assert_eq!(status.processed, 0, "nothing was processed");
+    assert_eq!(offset, 1_000, "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn earliest_resumes_at_the_log_start() {
+    let (status, offset) = run_over_a_recreated_topic(MissingOffsets::Earliest).await;
+    assert_eq!(
+        status.processed, 10,
+        "every record of the new log was applied"
+    );
+    assert_eq!(offset, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_resumes_at_the_log_end() {
+    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 15,
+        keys: 3,
+        seed: 5,
+        partitions: 1,
+    };
+    workload
+        .produce_range(&brokers, TOPIC, 0..10)
+        .await
+        .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let state_dir = root.path().join("state");
+    seed_state(&state_dir);
+    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, state_dir.clone())
+        .with_on_missing_offsets(MissingOffsets::Latest)
+        .with_checkpoint_every(Duration::from_millis(200));
+    let instance =
+        Instance::new(config, Services::in_memory(root.path().join("ck")).unwrap()).unwrap();
+    let mut status = instance.status();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(instance.run(stop.clone()));
+    wait_for(&mut status, "the partition", |s| s.owned.contains_key(&0)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status.borrow().processed,
+        0,
+        "the 10 old records are skipped"
+    );
+    workload
+        .produce_range(&brokers, TOPIC, 10..15)
+        .await
+        .unwrap();
+    wait_for(&mut status, "the new records", |s| s.processed >= 5).await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(status.borrow().processed, 5);
+    assert_eq!(stored_offset(&state_dir), 15);
+}
