@@ -30,9 +30,40 @@ async fn finish_publishing(
     )))?
 }
 
+/// Marks the scratch directory a checkpoint is restored into before it is renamed into place.
+const RESTORING: &str = ".restoring-";
+/// Marks a local state directory that failed to open and was moved aside.
+const UNREADABLE: &str = ".unreadable-";
+
+/// A new sibling of `dir` named `{dir}{mark}{random}`.
+fn sibling(dir: &std::path::Path, mark: &str) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.with_file_name(format!("{name}{mark}{:016x}", rand::random::<u64>()))
+}
+
+/// Removes the siblings of `dir` marked `mark` (scratch left by a crash).
+fn remove_leftovers(dir: &std::path::Path, mark: &str) {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}{mark}", name.to_string_lossy());
+    if let Ok(entries) = std::fs::read_dir(parent) {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
 impl Instance {
     /// Opens the partition's local state: reused if this disk holds the newest state (its token and
-    /// offset are not behind the latest valid checkpoint), otherwise replaced by that checkpoint.
+    /// offset are not behind the latest valid checkpoint), otherwise replaced by that checkpoint —
+    /// restored atomically (scratch directory, then rename). A local directory that does not open is
+    /// moved aside and replaced the same way.
     pub(super) fn prepare_store(&self, partition: i32) -> ProcessorResult<Arc<dyn PartitionStore>> {
         let dir = local_state_dir(
             &self.config.state_dir,
@@ -47,24 +78,46 @@ impl Instance {
         for err in skipped {
             tracing::warn!(partition, error = %err, "skipped a corrupt checkpoint");
         }
+        remove_leftovers(&dir, RESTORING);
         if dir.exists() {
-            let local = self.services.stores.open_store(partition, &dir)?;
-            let reusable = match (local.meta()?, &latest) {
-                (Some(meta), Some(manifest)) => {
-                    meta.fencing_token >= manifest.fencing_token
-                        && meta.next_offset >= manifest.next_offset
+            match self.services.stores.open_store(partition, &dir) {
+                Ok(local) => {
+                    let reusable = match (local.meta()?, &latest) {
+                        (Some(meta), Some(manifest)) => {
+                            meta.fencing_token >= manifest.fencing_token
+                                && meta.next_offset >= manifest.next_offset
+                        }
+                        (_, None) => true,
+                        (None, Some(_)) => false,
+                    };
+                    if reusable {
+                        return Ok(local);
+                    }
+                    drop(local);
+                    std::fs::remove_dir_all(&dir).map_err(ProcessorError::io(&dir))?;
                 }
-                (_, None) => true,
-                (None, Some(_)) => false,
-            };
-            if reusable {
-                return Ok(local);
+                Err(err) => {
+                    // A directory that does not open (a crash of an older release mid-restore, a
+                    // damaged disk) is kept for inspection, never deleted, and replaced below.
+                    let aside = sibling(&dir, UNREADABLE);
+                    std::fs::rename(&dir, &aside).map_err(ProcessorError::io(&dir))?;
+                    tracing::warn!(partition, error = %err, moved_to = %aside.display(), "local state does not open: moved aside, restoring from the checkpoint");
+                }
             }
-            drop(local);
-            std::fs::remove_dir_all(&dir).map_err(ProcessorError::io(&dir))?;
         }
         if let Some(manifest) = latest {
-            self.services.checkpoints.restore(&manifest, &dir)?;
+            // Restored beside the final place and renamed into it: a crash mid-restore leaves only a
+            // scratch directory, removed at the next start, never a half-restored state directory.
+            let restoring = sibling(&dir, RESTORING);
+            let restored = self
+                .services
+                .checkpoints
+                .restore(&manifest, &restoring)
+                .and_then(|()| std::fs::rename(&restoring, &dir).map_err(ProcessorError::io(&dir)));
+            if let Err(err) = restored {
+                let _ = std::fs::remove_dir_all(&restoring);
+                return Err(err);
+            }
             self.status.send_modify(|s| s.restores += 1);
             tracing::info!(
                 partition,
