@@ -191,6 +191,14 @@ struct RunArgs {
     /// log's start or end, logged with the offsets skipped).
     #[arg(long, env = "ON_MISSING_OFFSETS", default_value = "fail")]
     on_missing_offsets: MissingOffsets,
+    /// Create the checkpoint directory if it does not exist (first use). Without it a missing directory —
+    /// an unmounted volume — is an error instead of an empty store.
+    #[arg(long, env = "CREATE_CHECKPOINT_DIR")]
+    create_checkpoint_dir: bool,
+    /// When the checkpoint a partition's record names cannot be read, restore the newest readable one (or
+    /// start empty) instead of refusing the partition: accepts losing what that checkpoint held.
+    #[arg(long, env = "RESTORE_OLDER_CHECKPOINT")]
+    restore_older_checkpoint: bool,
     /// Run as the only instance of the fleet, with in-process locks (no `--lock-url` needed).
     #[arg(long, env = "SINGLE_INSTANCE")]
     single_instance: bool,
@@ -267,7 +275,8 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
     }
     config = config
         .with_kafka(kafka_settings(args)?)
-        .with_on_missing_offsets(args.on_missing_offsets);
+        .with_on_missing_offsets(args.on_missing_offsets)
+        .with_restore_older_checkpoint(args.restore_older_checkpoint);
     config.validate()?;
     Ok(config)
 }
@@ -303,6 +312,12 @@ fn fleet_lock_url(args: &RunArgs) -> anyhow::Result<&str> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let lock_url = fleet_lock_url(&args)?.to_owned();
     let config = instance_config(&args)?;
+    if !args.checkpoint_dir.is_dir() && !args.create_checkpoint_dir {
+        bail!(
+            "checkpoint dir {} does not exist: mount it (a missing mount must not look like an empty store), or pass --create-checkpoint-dir for a new fleet",
+            args.checkpoint_dir.display()
+        );
+    }
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("state dir {} is not writable", args.state_dir.display()))?;
     // Fail fast, with one line, when the broker or topic is not there (with the instance's client

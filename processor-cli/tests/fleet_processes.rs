@@ -97,6 +97,7 @@ fn run_instance(id: &str, brokers: &str, redis: &str, root: &Path) -> Proc {
         .arg(&state_dir)
         .arg("--checkpoint-dir")
         .arg(&checkpoint_dir)
+        .arg("--create-checkpoint-dir")
         .args(["--checkpoint-interval-secs", "0.5"])
         .args(["--maintenance-interval-secs", "1", "--claim-ttl-secs", "2"])
         .stdout(Stdio::null())
@@ -322,7 +323,23 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
 
 /// Runs `processor` with `args` and returns (exit success, stderr).
 fn fails_with(args: &[&str]) -> String {
-    let out = processor(args).output().unwrap();
+    // A mistake must be refused at start: a process still running after 30 s was not refused (killed, so
+    // the test fails instead of hanging).
+    let mut child = processor(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} was not refused: still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "{args:?} succeeded");
     let stderr = String::from_utf8(out.stderr).unwrap();
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -349,6 +366,7 @@ fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
             state,
             "--checkpoint-dir",
             checkpoints,
+            "--create-checkpoint-dir",
         ];
         if lock_url == "memory" {
             args.push("--single-instance");
@@ -403,6 +421,18 @@ fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
     reserved.extend(["--kafka-config", "enable.auto.commit=true"]);
     let err = fails_with(&reserved);
     assert!(err.contains("enable.auto.commit"), "{err}");
+
+    // A checkpoint directory that is not there (an unmounted volume) is not an empty store.
+    let mut unmounted = run(brokers, "memory");
+    unmounted.retain(|arg| *arg != "--create-checkpoint-dir");
+    let never_created = dir.path().join("not-mounted");
+    unmounted[10] = never_created.to_str().unwrap();
+    let err = fails_with(&unmounted);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("does not exist") && err.contains("--create-checkpoint-dir"),
+        "{err}"
+    );
 
     // An unwritable state directory (a file stands where the directory should be).
     let file = dir.path().join("a-file");

@@ -83,6 +83,9 @@ pub struct InstanceConfig {
     pub dead_letter_topic: Option<String>,
     /// What a partition does when its stored offset is outside the log (default: refuse).
     pub on_missing_offsets: MissingOffsets,
+    /// When the checkpoint a partition's record names cannot be read, restore the newest checkpoint that
+    /// can (or start empty) instead of refusing — the operator's explicit acceptance of the loss.
+    pub restore_older_checkpoint: bool,
 }
 
 impl InstanceConfig {
@@ -113,6 +116,7 @@ impl InstanceConfig {
             output_topic: None,
             dead_letter_topic: None,
             on_missing_offsets: MissingOffsets::Fail,
+            restore_older_checkpoint: false,
         }
     }
 
@@ -162,6 +166,12 @@ impl InstanceConfig {
     /// Sets what a partition does when its stored offset is outside the log.
     pub fn with_on_missing_offsets(mut self, policy: MissingOffsets) -> Self {
         self.on_missing_offsets = policy;
+        self
+    }
+
+    /// Accepts losing an unreadable checkpoint of record (see the field).
+    pub fn with_restore_older_checkpoint(mut self, accept: bool) -> Self {
+        self.restore_older_checkpoint = accept;
         self
     }
 

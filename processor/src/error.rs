@@ -76,6 +76,20 @@ pub enum ProcessorError {
         high: i64,
     },
 
+    /// The checkpoint a partition's record names cannot be read: the partition refuses to start rather
+    /// than start from older or empty state.
+    #[error(
+        "partition {partition}: the checkpoint of record {checkpoint} cannot be read ({cause}); refusing to start from older or empty state — fix the checkpoint store (mount, permissions), or pass --restore-older-checkpoint to accept losing it"
+    )]
+    CheckpointUnreadable {
+        /// The partition.
+        partition: i32,
+        /// The checkpoint id the record names.
+        checkpoint: String,
+        /// Why it cannot be read.
+        cause: Box<ProcessorError>,
+    },
+
     /// Encoding or decoding a value failed (an aggregate, a manifest, a checkpoint record).
     #[error("could not {operation} {what}")]
     Codec {

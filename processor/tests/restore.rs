@@ -102,3 +102,152 @@ async fn a_local_state_that_does_not_open_is_moved_aside_and_restored() {
     .unwrap();
     assert_eq!(state, workload.expected(), "exact across the restore");
 }
+
+/// Runs one instance over `services` until partition 0 has processed `records` and checkpointed, then
+/// stops it gracefully (a final checkpoint and record).
+async fn first_life(services: &Services, brokers: &str, state_dir: &std::path::Path, records: u64) {
+    let config = InstanceConfig::new("a", TOPIC, 1, brokers, state_dir.to_path_buf())
+        .with_checkpoint_every(Duration::from_millis(200));
+    let instance = Instance::new(config, services.clone()).unwrap();
+    let status = instance.status();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(instance.run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status.borrow().processed < records || status.borrow().checkpoints < 2 {
+        assert!(Instant::now() < deadline, "the first life did not process");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+/// The newest manifest of partition 0: the checkpoint of record after a graceful stop.
+fn newest_manifest(checkpoints: &std::path::Path) -> std::path::PathBuf {
+    let dir = checkpoints.join(TOPIC).join("0").join("manifests");
+    let mut manifests: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    manifests.sort();
+    manifests.pop().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_checkpoint_of_record_refuses_instead_of_starting_empty() {
+    integration_tests::init_tracing();
+    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 500,
+        keys: 10,
+        seed: 4,
+        partitions: 1,
+    };
+    workload.produce(&brokers, TOPIC).await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let (state_dir, checkpoints) = (root.path().join("state"), root.path().join("ck"));
+    let services = Services::in_memory(&checkpoints).unwrap();
+    first_life(&services, &brokers, &state_dir, 500).await;
+
+    // The new owner has no local state, and the recorded checkpoint cannot be read (its manifest is
+    // replaced by a directory: reading it is an I/O error, as with a permission error or a bad mount).
+    std::fs::remove_dir_all(local_state_dir(&state_dir, "processor", TOPIC, 0)).unwrap();
+    let recorded = newest_manifest(&checkpoints);
+    std::fs::remove_file(&recorded).unwrap();
+    std::fs::create_dir(&recorded).unwrap();
+
+    let config = InstanceConfig::new("b", TOPIC, 1, &brokers, root.path().join("state-b"))
+        .with_checkpoint_every(Duration::from_millis(200));
+    let instance = Instance::new(config, services.clone()).unwrap();
+    let status = instance.status();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(instance.run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let error = loop {
+        if let Some(error) = status.borrow().partition_errors.get(&0) {
+            break error.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal: {:?}",
+            status.borrow()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(error.contains("cannot be read"), "{error}");
+    assert_eq!(
+        status.borrow().processed,
+        0,
+        "nothing was replayed into empty state"
+    );
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_checkpoint_of_record_falls_back_to_an_older_one_and_says_so() {
+    integration_tests::init_tracing();
+    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 500,
+        keys: 10,
+        seed: 6,
+        partitions: 1,
+    };
+    let root = tempfile::tempdir().unwrap();
+    let (state_dir, checkpoints) = (root.path().join("state"), root.path().join("ck"));
+    let services = Services::in_memory(&checkpoints).unwrap();
+    // Two checkpoints at different offsets: one to corrupt, an older one to fall back to.
+    workload
+        .produce_range(&brokers, TOPIC, 0..250)
+        .await
+        .unwrap();
+    first_life(&services, &brokers, &state_dir, 250).await;
+    workload
+        .produce_range(&brokers, TOPIC, 250..500)
+        .await
+        .unwrap();
+    first_life(&services, &brokers, &state_dir, 250).await;
+    std::fs::remove_dir_all(local_state_dir(&state_dir, "processor", TOPIC, 0)).unwrap();
+    // Corrupt the recorded checkpoint's manifest (unparsable: damage, not an I/O failure).
+    std::fs::write(newest_manifest(&checkpoints), b"{ not a manifest").unwrap();
+
+    let config = InstanceConfig::new("b", TOPIC, 1, &brokers, root.path().join("state-b"))
+        .with_checkpoint_every(Duration::from_millis(200));
+    let instance = Instance::new(config, services.clone()).unwrap();
+    let status = instance.status();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(instance.run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status.borrow().checkpoints == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no progress: {:?}",
+            status.borrow()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    let seen = status.borrow().clone();
+    assert!(seen.corrupt_checkpoints_skipped >= 1, "{seen:?}");
+    assert_eq!(
+        seen.restores, 1,
+        "the older checkpoint was restored: {seen:?}"
+    );
+    assert!(seen.partition_errors.is_empty(), "{seen:?}");
+    let (state, _) = checkpointed_aggregates(
+        services.checkpoints.as_ref(),
+        services.stores.as_ref(),
+        TOPIC,
+    )
+    .unwrap();
+    assert_eq!(
+        state,
+        workload.expected(),
+        "exact after the fallback and replay"
+    );
+}

@@ -83,6 +83,17 @@ fn remove_stale_temps(dir: &Path) -> usize {
         .count()
 }
 
+/// The fencing token in a manifest's file name (`{token:020}-{offset:020}.json`, see [`Manifest::id`]).
+fn token_of(manifest_path: &Path) -> Option<u64> {
+    manifest_path
+        .file_stem()?
+        .to_str()?
+        .split_once('-')?
+        .0
+        .parse()
+        .ok()
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> ProcessorResult<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = temp_path(path);
@@ -208,7 +219,15 @@ impl DirectoryCheckpointStore {
                 path: blob.clone(),
                 reason,
             };
-            let (size, sha) = digest_file(&blob).map_err(|err| corrupt(err.to_string()))?;
+            let (size, sha) = digest_file(&blob).map_err(|err| match err {
+                // A missing file is damage; any other read error is the store failing, not corruption.
+                ProcessorError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    corrupt("file missing".to_owned())
+                }
+                other => other,
+            })?;
             if size != file.size {
                 return Err(corrupt(format!("size {size}, manifest says {}", file.size)));
             }
@@ -231,12 +250,17 @@ impl CheckpointStore for DirectoryCheckpointStore {
     ) -> ProcessorResult<UploadReport> {
         valid_topic(topic)?;
         if let Some(newest) = self.manifest_paths(topic, partition)?.last() {
-            let newest = Self::read_manifest(newest)?;
-            if newest.fencing_token > fencing_token {
+            // The token is in the manifest's name (`{token}-{offset}`, written by its uploader), so a
+            // damaged newest manifest neither hides a newer owner nor blocks every later upload.
+            let highest = match token_of(newest) {
+                Some(token) => token,
+                None => Self::read_manifest(newest)?.fencing_token,
+            };
+            if highest > fencing_token {
                 return Err(ProcessorError::StaleOwner {
                     partition,
                     token: fencing_token,
-                    highest: newest.fencing_token,
+                    highest,
                 });
             }
         }
@@ -320,13 +344,24 @@ impl CheckpointStore for DirectoryCheckpointStore {
         for path in self.manifest_paths(topic, partition)?.iter().rev() {
             match Self::read_manifest(path).and_then(|m| self.verify(&m).map(|()| m)) {
                 Ok(manifest) => return Ok((Some(manifest), skipped)),
-                Err(err) => {
+                Err(err @ ProcessorError::CorruptCheckpoint { .. }) => {
                     tracing::warn!(topic, partition, error = %err, "skipping a corrupt checkpoint");
                     skipped.push(err);
                 }
+                Err(err) => return Err(err),
             }
         }
         Ok((None, skipped))
+    }
+
+    fn checkpoint(&self, topic: &str, partition: i32, id: &str) -> ProcessorResult<Manifest> {
+        valid_topic(topic)?;
+        let path = self
+            .manifests_dir(topic, partition)
+            .join(format!("{id}.json"));
+        let manifest = Self::read_manifest(&path)?;
+        self.verify(&manifest)?;
+        Ok(manifest)
     }
 
     fn restore(&self, manifest: &Manifest, dest: &Path) -> ProcessorResult<()> {

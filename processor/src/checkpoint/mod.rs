@@ -51,12 +51,21 @@ pub trait CheckpointStore: Send + Sync {
     /// plus the errors of the newer ones that did not (corrupt checkpoints are skipped, never loaded).
     ///
     /// # Errors
-    /// An I/O error listing the store.
+    /// An I/O error listing or reading the store: a store that cannot be read is an error, never "no
+    /// checkpoint" (only corruption — a bad checksum, a missing file, an unreadable manifest — is
+    /// skipped).
     fn latest_valid(
         &self,
         topic: &str,
         partition: i32,
     ) -> ProcessorResult<(Option<Manifest>, Vec<crate::error::ProcessorError>)>;
+
+    /// The checkpoint `id` ([`Manifest::id`]) of the partition, verified.
+    ///
+    /// # Errors
+    /// [`ProcessorError::CorruptCheckpoint`](crate::error::ProcessorError::CorruptCheckpoint) when it is
+    /// damaged; an I/O error when it cannot be read (a missing manifest included).
+    fn checkpoint(&self, topic: &str, partition: i32, id: &str) -> ProcessorResult<Manifest>;
 
     /// Copies the files of `manifest` into the new directory `dest`, verifying each checksum.
     ///

@@ -12,7 +12,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::instance::Instance;
 use super::maintenance::hold_compaction_lock;
-use crate::checkpoint::{CheckpointRecord, CheckpointRecords};
+use crate::checkpoint::{CheckpointRecord, CheckpointRecords, Manifest};
 use crate::config::MissingOffsets;
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::partition::PartitionProcessor;
@@ -64,20 +64,18 @@ impl Instance {
     /// offset are not behind the latest valid checkpoint), otherwise replaced by that checkpoint —
     /// restored atomically (scratch directory, then rename). A local directory that does not open is
     /// moved aside and replaced the same way.
-    pub(super) fn prepare_store(&self, partition: i32) -> ProcessorResult<Arc<dyn PartitionStore>> {
+    pub(super) fn prepare_store(
+        &self,
+        partition: i32,
+        recorded: Option<CheckpointRecord>,
+    ) -> ProcessorResult<Arc<dyn PartitionStore>> {
         let dir = local_state_dir(
             &self.config.state_dir,
             &self.config.group,
             &self.config.topic,
             partition,
         );
-        let (latest, skipped) = self
-            .services
-            .checkpoints
-            .latest_valid(&self.config.topic, partition)?;
-        for err in skipped {
-            tracing::warn!(partition, error = %err, "skipped a corrupt checkpoint");
-        }
+        let latest = self.checkpoint_to_restore(partition, recorded)?;
         remove_leftovers(&dir, RESTORING);
         if dir.exists() {
             match self.services.stores.open_store(partition, &dir) {
@@ -126,6 +124,57 @@ impl Instance {
             );
         }
         self.services.stores.open_store(partition, &dir)
+    }
+
+    /// The checkpoint the partition resumes from. The fenced record names it: read and verified, it is
+    /// the one; corrupt, the newest older valid one is used instead (logged and counted); unreadable — a
+    /// missing mount, a permission error, a deleted manifest — the partition refuses, unless the operator
+    /// accepted the loss (`restore_older_checkpoint`). Without a record (a new fleet, or checkpoints from
+    /// before records existed), the newest valid checkpoint; a store that cannot be read is an error.
+    fn checkpoint_to_restore(
+        &self,
+        partition: i32,
+        recorded: Option<CheckpointRecord>,
+    ) -> ProcessorResult<Option<Manifest>> {
+        let checkpoints = &self.services.checkpoints;
+        let topic = &self.config.topic;
+        let newest_valid = || -> ProcessorResult<Option<Manifest>> {
+            let (latest, skipped) = checkpoints.latest_valid(topic, partition)?;
+            self.count_corrupt(partition, &skipped);
+            Ok(latest)
+        };
+        let Some(record) = recorded else {
+            return newest_valid();
+        };
+        match checkpoints.checkpoint(topic, partition, &record.manifest) {
+            Ok(manifest) => Ok(Some(manifest)),
+            Err(err @ ProcessorError::CorruptCheckpoint { .. }) => {
+                self.count_corrupt(partition, std::slice::from_ref(&err));
+                newest_valid()
+            }
+            Err(err) if self.config.restore_older_checkpoint => {
+                tracing::warn!(partition, checkpoint = %record.manifest, error = %err, "the checkpoint of record cannot be read; restoring an older one as the operator allowed");
+                newest_valid().or_else(|older| {
+                    tracing::warn!(partition, error = %older, "no older checkpoint can be read either: starting empty, as the operator allowed");
+                    Ok(None)
+                })
+            }
+            Err(err) => Err(ProcessorError::CheckpointUnreadable {
+                partition,
+                checkpoint: record.manifest,
+                cause: Box::new(err),
+            }),
+        }
+    }
+
+    fn count_corrupt(&self, partition: i32, skipped: &[ProcessorError]) {
+        for err in skipped {
+            tracing::warn!(partition, error = %err, "skipped a corrupt checkpoint: restoring an older one and replaying from it");
+        }
+        if !skipped.is_empty() {
+            self.status
+                .send_modify(|s| s.corrupt_checkpoints_skipped += skipped.len() as u64);
+        }
     }
 
     /// The local half of a checkpoint: a RocksDB checkpoint (hard links, so the pause does not grow with
@@ -276,12 +325,22 @@ impl Instance {
     ) -> ProcessorResult<()> {
         let fencing_token = kept.fencing_token();
         let lost = kept.lost_token();
+        let recorded = CheckpointRecords::new(
+            self.services.lock.clone(),
+            self.services.registry.clone(),
+            &self.config.group,
+            &self.config.topic,
+            partition,
+        )
+        .latest()
+        .await?;
         let preparing = Arc::clone(&self);
-        let store = tokio::task::spawn_blocking(move || preparing.prepare_store(partition))
-            .await
-            .map_err(ProcessorError::task(format!(
-                "open or restore the state of partition {partition}"
-            )))??;
+        let store =
+            tokio::task::spawn_blocking(move || preparing.prepare_store(partition, recorded))
+                .await
+                .map_err(ProcessorError::task(format!(
+                    "open or restore the state of partition {partition}"
+                )))??;
         self.ensure_offset_in_log(&store, partition, fencing_token)
             .await?;
         let mut processor = PartitionProcessor::resume(

@@ -26,6 +26,9 @@ pub struct InstanceStatus {
     pub compactions: u64,
     /// The last maintenance job and its outcome.
     pub last_task: Option<String>,
+    /// Corrupt checkpoints skipped when restoring (a newer one was damaged; an older one was restored and
+    /// replayed).
+    pub corrupt_checkpoints_skipped: u64,
     /// Why each partition's task last ended with an error (cleared when a task of it ends cleanly), for
     /// operators.
     pub partition_errors: BTreeMap<i32, String>,
