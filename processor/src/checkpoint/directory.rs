@@ -392,8 +392,23 @@ impl CheckpointStore for DirectoryCheckpointStore {
     ) -> ProcessorResult<usize> {
         valid_topic(topic)?;
         let paths = self.manifest_paths(topic, partition)?;
-        let cut = paths.len().saturating_sub(keep.max(1));
-        let (old, kept) = paths.split_at(cut);
+        // Keep the newest `keep` *valid* checkpoints, and every (damaged) one newer than the oldest of
+        // them: damaged checkpoints never push a valid one out. A checkpoint that cannot be read at all
+        // stops the run (retention never guesses).
+        let mut valid = 0;
+        let mut kept_count = 0;
+        for path in paths.iter().rev() {
+            if valid >= keep.max(1) {
+                break;
+            }
+            kept_count += 1;
+            match Self::read_manifest(path).and_then(|m| self.verify(&m)) {
+                Ok(()) => valid += 1,
+                Err(ProcessorError::CorruptCheckpoint { .. }) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        let (old, kept) = paths.split_at(paths.len() - kept_count);
         for path in old {
             fs::remove_file(path).map_err(ProcessorError::io(path))?;
         }
@@ -604,5 +619,42 @@ mod tests {
             "leftovers of crashed writers go"
         );
         assert!(fresh.exists(), "a write that may be in progress stays");
+    }
+
+    #[test]
+    fn retention_with_the_newest_checkpoints_corrupt_keeps_a_valid_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = RocksDbStores::new(8 << 20, 4 << 20);
+        let db = stores.open(0, &dir.path().join("db")).unwrap();
+        let shared = DirectoryCheckpointStore::new(dir.path().join("shared")).unwrap();
+        for round in 1..=4u32 {
+            fill(&db, (round - 1) * 100, round * 100, 1);
+            let snap = dir.path().join(format!("snap{round}"));
+            db.snapshot_to(&snap).unwrap();
+            shared
+                .upload("orders", 0, &snap, i64::from(round * 100), 1)
+                .unwrap();
+        }
+        // The two newest manifests are damaged.
+        let manifests = shared.manifest_paths("orders", 0).unwrap();
+        assert_eq!(manifests.len(), 4);
+        for path in &manifests[2..] {
+            fs::write(path, b"{ damaged").unwrap();
+        }
+        shared.retain("orders", 0, 2, Duration::ZERO).unwrap();
+        let (latest, skipped) = shared.latest_valid("orders", 0).unwrap();
+        assert_eq!(skipped.len(), 2);
+        assert_eq!(
+            latest.map(|m| m.next_offset),
+            Some(200),
+            "a valid checkpoint survives retention"
+        );
+        let restored = dir.path().join("restored");
+        let (latest, _) = shared.latest_valid("orders", 0).unwrap();
+        shared.restore(&latest.unwrap(), &restored).unwrap();
+        assert_eq!(
+            stores.open(0, &restored).unwrap().entries().unwrap().len(),
+            200
+        );
     }
 }

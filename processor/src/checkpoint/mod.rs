@@ -74,7 +74,8 @@ pub trait CheckpointStore: Send + Sync {
     /// mismatch; an I/O error.
     fn restore(&self, manifest: &Manifest, dest: &Path) -> ProcessorResult<()>;
 
-    /// Keeps the newest `keep` checkpoints of the partition (at least one) and deletes the others, and
+    /// Keeps the newest `keep` *valid* checkpoints of the partition (at least one; damaged ones never
+    /// push a valid one out) and deletes the older ones, and
     /// every file no remaining checkpoint references that has not been used for `grace` (so an upload in
     /// flight keeps the files it reuses). Returns how many checkpoints were removed.
     ///
