@@ -159,9 +159,9 @@ struct RunArgs {
     /// Topic.
     #[arg(long, env = "TOPIC")]
     topic: String,
-    /// The topic's partition count.
-    #[arg(long, env = "PARTITIONS", default_value_t = 8)]
-    partitions: i32,
+    /// The topic's partition count, checked against the brokers' (read from them when absent).
+    #[arg(long, env = "PARTITIONS")]
+    partitions: Option<i32>,
     /// Fleet name: scopes every lock, record, task and checkpoint path, so two fleets on one topic and
     /// one backend each process everything; also the Kafka group its progress is committed to.
     #[arg(long, env = "GROUP", default_value = "processor")]
@@ -250,7 +250,7 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
     let mut config = InstanceConfig::new(
         &args.instance_id,
         &args.topic,
-        args.partitions,
+        args.partitions.unwrap_or(1),
         &args.brokers,
         args.state_dir.clone(),
     )
@@ -321,13 +321,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("state dir {} is not writable", args.state_dir.display()))?;
     // Fail fast, with one line, when the broker or topic is not there (with the instance's client
-    // settings: a bad property or a refused login shows here).
-    processor::source::high_watermark(&config.kafka, &args.topic, 0).with_context(|| {
-        format!(
-            "broker {} (topic {}) is not reachable",
-            args.brokers, args.topic
-        )
-    })?;
+    // settings: a bad property or a refused login shows here). The partition count is the brokers'.
+    let mut config = config;
+    config.partitions = match processor::source::partition_count(&config.kafka, &args.topic) {
+        Ok(count) => count,
+        Err(err @ processor::ProcessorError::InvalidInput { .. }) => return Err(err.into()),
+        Err(err) => {
+            return Err(anyhow::Error::from(err)
+                .context(format!("broker {} is not reachable", args.brokers)));
+        }
+    };
+    if let Some(flag) = args.partitions
+        && flag != config.partitions
+    {
+        bail!(
+            "topic {} has {} partitions on the brokers, --partitions says {flag}: drop the flag or fix it",
+            args.topic,
+            config.partitions
+        );
+    }
     // Each fleet (group) has checkpoints of its own under the shared directory.
     let services = Services::connect(
         &lock_url,

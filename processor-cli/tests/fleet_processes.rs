@@ -90,8 +90,8 @@ fn run_instance(id: &str, brokers: &str, redis: &str, root: &Path) -> Proc {
         .append(true)
         .open(root.join(format!("{id}.log")))
         .unwrap();
+    // No --partitions: the count comes from the brokers.
     let child = processor(&["run", "--brokers", brokers, "--topic", TOPIC])
-        .args(["--partitions", &PARTITIONS.to_string()])
         .args(["--group", "procs", "--instance-id", id, "--lock-url", redis])
         .arg("--state-dir")
         .arg(&state_dir)
@@ -421,6 +421,20 @@ fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
     reserved.extend(["--kafka-config", "enable.auto.commit=true"]);
     let err = fails_with(&reserved);
     assert!(err.contains("enable.auto.commit"), "{err}");
+
+    // A topic that does not exist, and a partition count that disagrees with the brokers'.
+    let mut no_topic = run(brokers, "memory");
+    no_topic[4] = "no-such-topic";
+    let err = fails_with(&no_topic);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no-such-topic") && err.contains("does not exist"),
+        "{err}"
+    );
+    let mut wrong_count = run(brokers, "memory");
+    wrong_count.extend(["--partitions", "3"]);
+    let err = fails_with(&wrong_count);
+    assert!(err.contains("--partitions says 3"), "{err}");
 
     // A checkpoint directory that is not there (an unmounted volume) is not an empty store.
     let mut unmounted = run(brokers, "memory");

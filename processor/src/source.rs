@@ -34,6 +34,46 @@ pub fn high_watermark(kafka: &KafkaSettings, topic: &str, partition: i32) -> Pro
         .map_err(ProcessorError::kafka("fetch watermarks"))
 }
 
+/// How many partitions `topic` has, from the brokers' metadata — never a guess.
+///
+/// # Errors
+/// [`ProcessorError::InvalidInput`] (`topic`) when the topic does not exist; a Kafka error when the
+/// brokers cannot be reached.
+pub fn partition_count(kafka: &KafkaSettings, topic: &str) -> ProcessorResult<i32> {
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .create()
+        .map_err(kafka.client_error("create a consumer"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(ProcessorError::kafka("fetch the topic's metadata"))?;
+    let missing = || ProcessorError::InvalidInput {
+        what: "topic",
+        reason: format!(
+            "`{topic}` does not exist on {}: create it first (the processor never creates topics)",
+            kafka.brokers()
+        ),
+    };
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(missing)?;
+    match found.error() {
+        None if !found.partitions().is_empty() => {
+            Ok(i32::try_from(found.partitions().len()).unwrap_or(i32::MAX))
+        }
+        None => Err(missing()),
+        Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
+            Err(missing())
+        }
+        Some(code) => Err(ProcessorError::Kafka {
+            operation: "read the topic's metadata",
+            source: format!("{code:?}").into(),
+        }),
+    }
+}
+
 /// The log start and end (low and high watermarks) of a partition.
 ///
 /// # Errors
