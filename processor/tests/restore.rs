@@ -15,6 +15,22 @@ use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
 
+/// A running instance `id` of a one-partition fleet over `services`: its task, its stop and its status.
+type Running = (
+    tokio::task::JoinHandle<processor::ProcessorResult<()>>,
+    CancellationToken,
+    tokio::sync::watch::Receiver<processor::InstanceStatus>,
+);
+
+fn start(services: &Services, brokers: &str, id: &str, state_dir: &std::path::Path) -> Running {
+    let config = InstanceConfig::new(id, TOPIC, 1, brokers, state_dir.to_path_buf())
+        .with_checkpoint_every(Duration::from_millis(200));
+    let instance = Instance::new(config, services.clone()).unwrap();
+    let status = instance.status();
+    let stop = CancellationToken::new();
+    (tokio::spawn(instance.run(stop.clone())), stop, status)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_state_that_does_not_open_is_moved_aside_and_restored() {
     integration_tests::init_tracing();
@@ -33,27 +49,8 @@ async fn a_local_state_that_does_not_open_is_moved_aside_and_restored() {
     let root = tempfile::tempdir().unwrap();
     let state_dir = root.path().join("state");
     let services = Services::in_memory(root.path().join("ck")).unwrap();
-    let run = |services: Services| {
-        let config = InstanceConfig::new("a", TOPIC, 1, &brokers, state_dir.clone())
-            .with_checkpoint_every(Duration::from_millis(200));
-        let instance = Instance::new(config, services).unwrap();
-        let status = instance.status();
-        let stop = CancellationToken::new();
-        (tokio::spawn(instance.run(stop.clone())), stop, status)
-    };
-
     // First life: process the first half and hand off (a final checkpoint).
-    let (handle, stop, status) = run(services.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status.borrow().processed < 1_000 || status.borrow().checkpoints == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the first half was not processed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.cancel();
-    handle.await.unwrap().unwrap();
+    first_life(&services, &brokers, &state_dir, 1_000).await;
 
     // The local directory is left as a crash half-way through an old, in-place restore leaves it.
     let local = local_state_dir(&state_dir, "processor", TOPIC, 0);
@@ -66,7 +63,7 @@ async fn a_local_state_that_does_not_open_is_moved_aside_and_restored() {
         .produce_range(&brokers, TOPIC, 1_000..2_000)
         .await
         .unwrap();
-    let (handle, stop, status) = run(services.clone());
+    let (handle, stop, status) = start(&services, &brokers, "a", &state_dir);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let covered = services
@@ -106,12 +103,7 @@ async fn a_local_state_that_does_not_open_is_moved_aside_and_restored() {
 /// Runs one instance over `services` until partition 0 has processed `records` and checkpointed, then
 /// stops it gracefully (a final checkpoint and record).
 async fn first_life(services: &Services, brokers: &str, state_dir: &std::path::Path, records: u64) {
-    let config = InstanceConfig::new("a", TOPIC, 1, brokers, state_dir.to_path_buf())
-        .with_checkpoint_every(Duration::from_millis(200));
-    let instance = Instance::new(config, services.clone()).unwrap();
-    let status = instance.status();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(instance.run(stop.clone()));
+    let (handle, stop, status) = start(services, brokers, "a", state_dir);
     let deadline = Instant::now() + Duration::from_secs(30);
     while status.borrow().processed < records || status.borrow().checkpoints < 2 {
         assert!(Instant::now() < deadline, "the first life did not process");
@@ -158,12 +150,7 @@ async fn an_unreadable_checkpoint_of_record_refuses_instead_of_starting_empty() 
     std::fs::remove_file(&recorded).unwrap();
     std::fs::create_dir(&recorded).unwrap();
 
-    let config = InstanceConfig::new("b", TOPIC, 1, &brokers, root.path().join("state-b"))
-        .with_checkpoint_every(Duration::from_millis(200));
-    let instance = Instance::new(config, services.clone()).unwrap();
-    let status = instance.status();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(instance.run(stop.clone()));
+    let (handle, stop, status) = start(&services, &brokers, "b", &root.path().join("state-b"));
     let deadline = Instant::now() + Duration::from_secs(30);
     let error = loop {
         if let Some(error) = status.borrow().partition_errors.get(&0) {
@@ -215,12 +202,7 @@ async fn a_corrupt_checkpoint_of_record_falls_back_to_an_older_one_and_says_so()
     // Corrupt the recorded checkpoint's manifest (unparsable: damage, not an I/O failure).
     std::fs::write(newest_manifest(&checkpoints), b"{ not a manifest").unwrap();
 
-    let config = InstanceConfig::new("b", TOPIC, 1, &brokers, root.path().join("state-b"))
-        .with_checkpoint_every(Duration::from_millis(200));
-    let instance = Instance::new(config, services.clone()).unwrap();
-    let status = instance.status();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(instance.run(stop.clone()));
+    let (handle, stop, status) = start(&services, &brokers, "b", &root.path().join("state-b"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while status.borrow().checkpoints == 0 {
         assert!(
