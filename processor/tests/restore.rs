@@ -233,3 +233,67 @@ async fn a_corrupt_checkpoint_of_record_falls_back_to_an_older_one_and_says_so()
         "exact after the fallback and replay"
     );
 }
+
+/// A hand-off whose final checkpoint finds retention holding the compaction lock takes it again instead
+/// of releasing the partition without it (the successor would restore an older checkpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_takes_its_final_checkpoint_again_when_retention_held_the_lock() {
+    use processor::resources::compaction_resource;
+
+    integration_tests::init_tracing();
+    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 500,
+        keys: 10,
+        seed: 3,
+        partitions: 1,
+    };
+    workload
+        .produce_range(&brokers, TOPIC, 0..300)
+        .await
+        .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let services = Services::in_memory(root.path().join("ck")).unwrap();
+    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, root.path().join("state"))
+        .with_checkpoint_every(Duration::from_millis(200))
+        .with_claim_ttl(Duration::from_millis(1_000));
+    let instance = Instance::new(config, services.clone()).unwrap();
+    let status = instance.status();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(instance.run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status.borrow().processed < 300 || status.borrow().checkpoints == 0 {
+        assert!(Instant::now() < deadline, "no first checkpoint");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Retention (played by the test) holds the compaction lock while the rest arrives and the owner
+    // hands off: every checkpoint meanwhile is skipped.
+    let retention = services
+        .lock
+        .acquire(
+            &compaction_resource("processor", TOPIC, 0),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    workload
+        .produce_range(&brokers, TOPIC, 300..500)
+        .await
+        .unwrap();
+    while status.borrow().processed < 500 {
+        assert!(Instant::now() < deadline, "the rest was not processed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    // The first final attempt waits a claim (1 s) behind the upload in flight (up to 1 s), then gives up.
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    retention.release().await.unwrap();
+    handle.await.unwrap().unwrap();
+    let (latest, _) = services.checkpoints.latest_valid(TOPIC, 0).unwrap();
+    assert_eq!(
+        latest.map(|m| m.next_offset),
+        Some(500),
+        "the hand-off's final checkpoint landed after retention let go"
+    );
+}

@@ -23,12 +23,23 @@ use crate::store::{PartitionStore, StateBatch};
 /// Waits for a checkpoint upload of `partition`.
 async fn finish_publishing(
     partition: i32,
-    upload: AbortOnDropHandle<ProcessorResult<()>>,
-) -> ProcessorResult<()> {
+    upload: AbortOnDropHandle<ProcessorResult<Published>>,
+) -> ProcessorResult<Published> {
     upload.await.map_err(ProcessorError::task(format!(
         "upload a checkpoint of partition {partition}"
     )))?
 }
+
+/// Whether a checkpoint was uploaded and recorded, or skipped because retention held the partition's
+/// compaction lock for longer than a claim lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Published {
+    Recorded,
+    Skipped,
+}
+
+/// Attempts at the final checkpoint of a hand-off while retention holds the compaction lock.
+const HAND_OFF_ATTEMPTS: u32 = 3;
 
 /// Marks the scratch directory a checkpoint is restored into before it is renamed into place.
 const RESTORING: &str = ".restoring-";
@@ -177,6 +188,43 @@ impl Instance {
         }
     }
 
+    /// Waits for the hand-off's final checkpoint. Skipped (retention holds the compaction lock), it is
+    /// taken again, up to [`HAND_OFF_ATTEMPTS`] times; still skipped, the claim is released without it
+    /// and the next owner restores the previous checkpoint and replays from there (exact, only slower) —
+    /// said in a warning, never silently.
+    async fn finish_hand_off(
+        self: &Arc<Self>,
+        store: &Arc<dyn PartitionStore>,
+        partition: i32,
+        fencing_token: u64,
+        last: AbortOnDropHandle<ProcessorResult<Published>>,
+    ) -> ProcessorResult<()> {
+        let mut outcome = finish_publishing(partition, last).await?;
+        let mut attempt = 1;
+        while outcome == Published::Skipped && attempt < HAND_OFF_ATTEMPTS {
+            attempt += 1;
+            tracing::info!(
+                partition,
+                attempt,
+                "final checkpoint skipped (compaction lock busy): taking it again"
+            );
+            let Some((scratch, next_offset)) = self.snapshot(store).await? else {
+                return Ok(());
+            };
+            outcome = Arc::clone(self)
+                .publish(partition, scratch, next_offset, fencing_token)
+                .await?;
+        }
+        if outcome == Published::Skipped {
+            tracing::warn!(
+                partition,
+                attempts = HAND_OFF_ATTEMPTS,
+                "handing off without a final checkpoint: retention held the compaction lock; the next owner restores the previous checkpoint and replays from it"
+            );
+        }
+        Ok(())
+    }
+
     /// The local half of a checkpoint: a RocksDB checkpoint (hard links, so the pause does not grow with
     /// the state) in a scratch directory, and the offset it covers; `None` for a partition with no state
     /// yet. Earlier scratch directories of the partition (left by an aborted upload) are removed first.
@@ -219,7 +267,7 @@ impl Instance {
         scratch: PathBuf,
         next_offset: i64,
         fencing_token: u64,
-    ) -> ProcessorResult<()> {
+    ) -> ProcessorResult<Published> {
         let Some(compaction_lock) = hold_compaction_lock(
             &self.services.lock,
             &compaction_resource(&self.config.group, &self.config.topic, partition),
@@ -232,7 +280,7 @@ impl Instance {
             // soon (a successor would restore the previous one and replay a little more).
             tracing::debug!(partition, "checkpoint skipped: the compaction lock is busy");
             let _ = tokio::fs::remove_dir_all(&scratch).await;
-            return Ok(());
+            return Ok(Published::Skipped);
         };
         let (checkpoints, topic) = (
             Arc::clone(&self.services.checkpoints),
@@ -263,7 +311,7 @@ impl Instance {
         )
         .await?;
         self.status.send_modify(|s| s.checkpoints += 1);
-        Ok(())
+        Ok(Published::Recorded)
     }
 
     /// Checks the offset stored with the partition's state against the log (`[low, high)`): inside it,
@@ -359,7 +407,7 @@ impl Instance {
         tracing::info!(instance = %self.config.instance_id, partition, fencing_token, from = processor.next_offset(), "partition started");
         // The upload of the last snapshot runs while the partition goes on processing; dropped (aborted)
         // with this task.
-        let mut publishing: Option<AbortOnDropHandle<ProcessorResult<()>>> = None;
+        let mut publishing: Option<AbortOnDropHandle<ProcessorResult<Published>>> = None;
         loop {
             // One segment: consume until the next checkpoint is due, ownership is lost, or we stop.
             let segment = stop.child_token();
@@ -417,7 +465,8 @@ impl Instance {
             if stop.is_cancelled() {
                 // Hand-off: the final checkpoint must land before the claim is released.
                 if let Some(last) = publishing.take() {
-                    finish_publishing(partition, last).await?;
+                    self.finish_hand_off(&store, partition, fencing_token, last)
+                        .await?;
                 }
                 break;
             }
