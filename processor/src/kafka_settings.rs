@@ -174,18 +174,6 @@ impl KafkaSettings {
     }
 }
 
-impl From<&str> for KafkaSettings {
-    fn from(brokers: &str) -> Self {
-        KafkaSettings::new(brokers)
-    }
-}
-
-impl From<&String> for KafkaSettings {
-    fn from(brokers: &String) -> Self {
-        KafkaSettings::new(brokers)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

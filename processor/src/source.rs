@@ -24,14 +24,7 @@ use crate::sink::OutputSink;
 /// # Errors
 /// A Kafka error.
 pub fn high_watermark(kafka: &KafkaSettings, topic: &str, partition: i32) -> ProcessorResult<i64> {
-    let consumer: BaseConsumer = kafka
-        .client_config()
-        .create()
-        .map_err(kafka.client_error("create a consumer"))?;
-    consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map(|(_, high)| high)
-        .map_err(ProcessorError::kafka("fetch watermarks"))
+    watermarks(kafka, topic, partition).map(|(_, high)| high)
 }
 
 /// How many partitions `topic` has, from the brokers' metadata — never a guess.

@@ -23,8 +23,16 @@ type Running = (
 );
 
 fn start(services: &Services, brokers: &str, id: &str, state_dir: &std::path::Path) -> Running {
-    let config = InstanceConfig::new(id, TOPIC, 1, brokers, state_dir.to_path_buf())
-        .with_checkpoint_every(Duration::from_millis(200));
+    start_with(services, config(brokers, id, state_dir))
+}
+
+/// The configuration of instance `id`: one partition, checkpoints every 200 ms.
+fn config(brokers: &str, id: &str, state_dir: &std::path::Path) -> InstanceConfig {
+    InstanceConfig::new(id, TOPIC, 1, brokers, state_dir.to_path_buf())
+        .with_checkpoint_every(Duration::from_millis(200))
+}
+
+fn start_with(services: &Services, config: InstanceConfig) -> Running {
     let instance = Instance::new(config, services.clone()).unwrap();
     let status = instance.status();
     let stop = CancellationToken::new();
@@ -255,13 +263,11 @@ async fn a_hand_off_takes_its_final_checkpoint_again_when_retention_held_the_loc
         .unwrap();
     let root = tempfile::tempdir().unwrap();
     let services = Services::in_memory(root.path().join("ck")).unwrap();
-    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, root.path().join("state"))
-        .with_checkpoint_every(Duration::from_millis(200))
-        .with_claim_ttl(Duration::from_millis(1_000));
-    let instance = Instance::new(config, services.clone()).unwrap();
-    let status = instance.status();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(instance.run(stop.clone()));
+    let (handle, stop, status) = start_with(
+        &services,
+        config(&brokers, "a", &root.path().join("state"))
+            .with_claim_ttl(Duration::from_millis(1_000)),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while status.borrow().processed < 300 || status.borrow().checkpoints == 0 {
         assert!(Instant::now() < deadline, "no first checkpoint");
