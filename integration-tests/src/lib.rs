@@ -8,6 +8,7 @@
 //! port again), and [`FaultProxy`] between a client and any server: delay, freeze (a hung server) and cut.
 
 pub mod adapters;
+pub mod clock_skew;
 pub mod postgres_server;
 pub mod proxy;
 pub mod recipe_env;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration_tests::adapters::{PostgresControl, PostgresFixture};
+use integration_tests::clock_skew::skew_clock;
 use state::{DistributedLock, PostgresDistributedLock, PostgresLockMode, RetryConfig, StateError};
 
 const TTL: Duration = Duration::from_secs(60);
@@ -140,19 +141,6 @@ async fn killed_advisory_session_frees_the_lock_at_once() {
     taken.release().await.unwrap();
 }
 
-fn libfaketime() -> String {
-    let candidates = [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/faketime/libfaketime.so.1",
-    ];
-    candidates
-        .iter()
-        .find(|path| std::path::Path::new(path).is_file())
-        .map(|path| (*path).to_owned())
-        .expect("libfaketime not found: apt-get install faketime (scripts/test.sh installs it)")
-}
-
 /// Runs the contender binary with its wall clock shifted by `offset` (libfaketime, e.g. "+1h").
 fn contender(
     url: &str,
@@ -161,7 +149,8 @@ fn contender(
     hold_ms: u64,
     ttl_ms: u64,
 ) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_lock_contender"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lock_contender"));
+    command
         .args([
             url,
             "skewed",
@@ -169,11 +158,8 @@ fn contender(
             &hold_ms.to_string(),
             &ttl_ms.to_string(),
         ])
-        .env("LD_PRELOAD", libfaketime())
-        .env("FAKETIME", offset)
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .env("FAKETIME_NO_CACHE", "1")
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    skew_clock(&mut command, offset)
         .spawn()
         .expect("spawn lock_contender")
 }
@@ -249,12 +235,11 @@ async fn clients_with_skewed_clocks_never_hold_the_lock_at_once() {
     // ahead is neither expired at once for an on-time client, nor kept for an hour.
     let on_time = PostgresDistributedLock::new(&url).await.unwrap();
     for offset in ["+1h", "-1h"] {
-        let leaked = Command::new(env!("CARGO_BIN_EXE_lock_contender"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lock_contender"));
+        command
             .args([url.as_str(), "expiry", "1", "0", "1500", "leak"])
-            .env("LD_PRELOAD", libfaketime())
-            .env("FAKETIME", offset)
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-            .stdout(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let leaked = skew_clock(&mut command, offset)
             .spawn()
             .expect("spawn lock_contender");
         let started = Instant::now();

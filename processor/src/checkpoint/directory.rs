@@ -8,7 +8,16 @@
 //! A checkpoint exists once its manifest does; files without a manifest are garbage that
 //! [`retain`](CheckpointStore::retain) removes once they have been unused for its grace period (an upload
 //! that reuses a file touches it first, so a concurrent retention cannot pull it from under a manifest
-//! about to be written). Manifests are named by fencing token first, so the newest
+//! about to be written).
+//!
+//! **One clock.** "Unused for the grace period" is measured on the store's clock only, never by comparing
+//! the clocks of the machine that used a file and the machine that cleans: a touch changes the file's
+//! status-change time (`ctime`), which the file system (the file server, for a network mount) stamps with
+//! its own time whatever the toucher's clock says, and "now" is the modification time of a probe file the
+//! cleaner writes into the store just before it decides. Temp files are only ever written, so their
+//! modification time is the store's clock too.
+//!
+//! Manifests are named by fencing token first, so the newest
 //! owner's checkpoints always sort last: an old owner that uploads late cannot hide a newer owner's
 //! checkpoint, and is refused outright when the newer one is already there.
 
@@ -65,9 +74,9 @@ fn temp_path(path: &Path) -> PathBuf {
     ))
 }
 
-/// Deletes the temp files in `dir` older than [`STALE_TEMP_AGE`] (left by writers that crashed between
-/// creating and renaming them); returns how many.
-fn remove_stale_temps(dir: &Path) -> usize {
+/// Deletes the temp files in `dir` last written more than [`STALE_TEMP_AGE`] before `now` (left by
+/// writers that crashed between creating and renaming them); returns how many.
+fn remove_stale_temps(dir: &Path, now: StoreTime) -> usize {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };
@@ -78,7 +87,11 @@ fn remove_stale_temps(dir: &Path) -> usize {
             let name = name.to_string_lossy();
             name.starts_with('.') && name.contains(TEMP_MARK)
         })
-        .filter(|entry| unused_for(&entry.path(), STALE_TEMP_AGE))
+        .filter(|entry| {
+            entry
+                .metadata()
+                .is_ok_and(|meta| now - modified(&meta) > STALE_TEMP_AGE.as_nanos() as i128)
+        })
         .filter(|entry| fs::remove_file(entry.path()).is_ok())
         .count()
 }
@@ -121,7 +134,8 @@ fn copy_atomically(from: &Path, to: &Path) -> ProcessorResult<u64> {
     Ok(copied)
 }
 
-/// Marks `path` as just used (its modification time); `false` if it vanished meanwhile.
+/// Marks `path` as just used: any change of its attributes makes the store stamp its `ctime` with the
+/// store's own clock (the time set here is irrelevant); `false` if it vanished meanwhile.
 fn touch(path: &Path) -> bool {
     fs::File::options()
         .append(true)
@@ -130,13 +144,32 @@ fn touch(path: &Path) -> bool {
         .is_ok()
 }
 
-/// Whether `path` was last modified more than `grace` ago.
-fn unused_for(path: &Path, grace: Duration) -> bool {
-    fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|modified| SystemTime::now().duration_since(modified).ok())
-        .is_some_and(|age| age > grace)
+/// A point on the store's clock (nanoseconds since the epoch).
+type StoreTime = i128;
+
+fn status_changed(meta: &fs::Metadata) -> StoreTime {
+    use std::os::unix::fs::MetadataExt;
+    i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec())
+}
+
+fn modified(meta: &fs::Metadata) -> StoreTime {
+    use std::os::unix::fs::MetadataExt;
+    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+}
+
+/// "Now" on the clock of the store holding `dir`: the modification time of a probe file written there.
+fn store_now(dir: &Path) -> ProcessorResult<StoreTime> {
+    let probe = temp_path(&dir.join("clock-probe"));
+    fs::write(&probe, b"now").map_err(ProcessorError::io(&probe))?;
+    let now = fs::metadata(&probe).map(|meta| modified(&meta));
+    let _ = fs::remove_file(&probe);
+    now.map_err(ProcessorError::io(&probe))
+}
+
+/// Whether `path` was last used (touched or written) more than `grace` before `now`, all on the store's
+/// clock.
+fn unused_for(path: &Path, grace: Duration, now: StoreTime) -> bool {
+    fs::metadata(path).is_ok_and(|meta| now - status_changed(&meta) > grace.as_nanos() as i128)
 }
 
 fn now_ms() -> u64 {
@@ -364,6 +397,31 @@ impl CheckpointStore for DirectoryCheckpointStore {
         Ok(manifest)
     }
 
+    fn confirm(&self, manifest: &Manifest) -> ProcessorResult<()> {
+        valid_topic(&manifest.topic)?;
+        let files = self.files_dir(&manifest.topic, manifest.partition);
+        for file in &manifest.files {
+            let blob = files.join(Manifest::blob_name(file));
+            match fs::metadata(&blob) {
+                Ok(meta) if meta.len() == file.size => {}
+                Ok(meta) => {
+                    return Err(ProcessorError::CorruptCheckpoint {
+                        path: blob,
+                        reason: format!("size {}, manifest says {}", meta.len(), file.size),
+                    });
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ProcessorError::CorruptCheckpoint {
+                        path: blob,
+                        reason: "file missing".to_owned(),
+                    });
+                }
+                Err(err) => return Err(ProcessorError::io(&blob)(err)),
+            }
+        }
+        Ok(())
+    }
+
     fn restore(&self, manifest: &Manifest, dest: &Path) -> ProcessorResult<()> {
         valid_topic(&manifest.topic)?;
         fs::create_dir_all(dest).map_err(ProcessorError::io(dest))?;
@@ -419,8 +477,13 @@ impl CheckpointStore for DirectoryCheckpointStore {
             }
         }
         let files = self.files_dir(topic, partition);
-        let stale =
-            remove_stale_temps(&files) + remove_stale_temps(&self.manifests_dir(topic, partition));
+        if !files.is_dir() {
+            return Ok(old.len());
+        }
+        // Read the store's clock after the listing above: a file touched since is younger still.
+        let now = store_now(&files)?;
+        let stale = remove_stale_temps(&files, now)
+            + remove_stale_temps(&self.manifests_dir(topic, partition), now);
         if stale > 0 {
             tracing::info!(
                 topic,
@@ -433,7 +496,9 @@ impl CheckpointStore for DirectoryCheckpointStore {
             for entry in entries.filter_map(Result::ok) {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let path = entry.path();
-                if !name.starts_with('.') && !referenced.contains(&name) && unused_for(&path, grace)
+                if !name.starts_with('.')
+                    && !referenced.contains(&name)
+                    && unused_for(&path, grace, now)
                 {
                     match fs::remove_file(&path) {
                         Ok(()) => {}

@@ -67,6 +67,16 @@ pub trait CheckpointStore: Send + Sync {
     /// damaged; an I/O error when it cannot be read (a missing manifest included).
     fn checkpoint(&self, topic: &str, partition: i32, id: &str) -> ProcessorResult<Manifest>;
 
+    /// Checks that every file of the just-uploaded `manifest` is in the store with its size: the cheap
+    /// check an uploader makes before it records the checkpoint, which catches a file a cleaner removed
+    /// under the upload (a cleaner whose lock expired while it was paused) before anyone can resume from
+    /// a checkpoint that lacks it.
+    ///
+    /// # Errors
+    /// [`ProcessorError::CorruptCheckpoint`](crate::error::ProcessorError::CorruptCheckpoint) naming the
+    /// first missing or short file; an I/O error.
+    fn confirm(&self, manifest: &Manifest) -> ProcessorResult<()>;
+
     /// Copies the files of `manifest` into the new directory `dest`, verifying each checksum.
     ///
     /// # Errors

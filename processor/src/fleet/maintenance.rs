@@ -8,14 +8,17 @@
 //! - **Followers** claim due jobs (`task:maintain:{group}:{topic}:{p}`, kept alive by heartbeats while running)
 //!   and run them; a job that crashed mid-run is run again by someone else, and each period completes once.
 //! - Each run takes the partition's **compaction lock** (`compaction:{group}:{topic}:{p}`, through the
-//!   compaction recipe), which the partition's owner also takes while it uploads a checkpoint: an upload
-//!   that reuses a file and the retention that would delete it never overlap. Files are also only deleted
-//!   after a grace period without use, for the case where a lock expired under a paused process.
+//!   compaction recipe), which the partition's owner also takes — kept, renewed — while it uploads a
+//!   checkpoint: an upload that reuses a file and the retention that would delete it never overlap. For
+//!   the case where a lock expired under a paused process, files are also only deleted after a grace
+//!   period without use (measured on the store's clock alone), and an uploader confirms every file of
+//!   its checkpoint is there before it records it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use state::recipes::compaction::{CompactionOutcome, compact_resource};
+use state::recipes::keeper::{KeptLock, RenewalPolicy};
 use state::recipes::tasks::{TaskOutcome, TaskQueue, TaskStore};
 use state::{DistributedLock, StateError, StateResult};
 
@@ -210,7 +213,8 @@ fn parse_partition(payload: &[u8]) -> StateResult<i32> {
 
 /// Waits up to `wait` for the compaction lock `resource` (see
 /// [`compaction_resource`](crate::resources::compaction_resource): taken by the owner while it uploads a
-/// checkpoint, so retention cannot run concurrently); `Ok(None)` when `wait` ran out.
+/// checkpoint, so retention cannot run concurrently) and keeps it renewed until released, however long
+/// the upload takes; `Ok(None)` when `wait` ran out.
 ///
 /// # Errors
 /// A lock backend error.
@@ -219,9 +223,10 @@ pub(crate) async fn hold_compaction_lock(
     resource: &str,
     ttl: Duration,
     wait: Duration,
-) -> ProcessorResult<Option<state::LockGuard>> {
-    match tokio::time::timeout(wait, lock.acquire(resource, ttl)).await {
-        Ok(guard) => Ok(Some(guard?)),
+) -> ProcessorResult<Option<KeptLock>> {
+    let acquire = KeptLock::acquire(lock, resource, ttl, RenewalPolicy::default());
+    match tokio::time::timeout(wait, acquire).await {
+        Ok(kept) => Ok(Some(kept?)),
         Err(_) => Ok(None),
     }
 }
@@ -296,20 +301,23 @@ mod tests {
         let (latest, _) = checkpoints.latest_valid("t", 1).unwrap();
         assert_eq!(latest.unwrap().next_offset, 5);
 
-        // While the owner holds the compaction lock (uploading), a cleaner skips the partition.
+        // While the owner holds the compaction lock (uploading), a cleaner skips the partition — also
+        // when the upload takes several times the lock's TTL (the lock is kept renewed).
         let held = hold_compaction_lock(
             &lock,
             &compaction_resource("g", "t", 1),
-            Duration::from_secs(5),
+            Duration::from_millis(300),
             Duration::from_secs(1),
         )
         .await
         .unwrap()
         .expect("free");
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
         assert_eq!(
             maintenance.compact(1).await.unwrap(),
             MaintenanceOutcome::Skipped
         );
+        assert!(!held.is_lost());
         held.release().await.unwrap();
         assert!(parse_partition(b"-3").is_err() && parse_partition(b"x").is_err());
     }

@@ -12,7 +12,9 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::instance::Instance;
 use super::maintenance::hold_compaction_lock;
-use crate::checkpoint::{CheckpointRecord, CheckpointRecords, Manifest};
+use crate::checkpoint::{
+    CheckpointRecord, CheckpointRecords, CheckpointStore, Manifest, UploadReport,
+};
 use crate::config::MissingOffsets;
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::partition::PartitionProcessor;
@@ -258,9 +260,14 @@ impl Instance {
     }
 
     /// The shared half of a checkpoint, while the partition keeps processing: uploads the snapshot in
-    /// `scratch` under the ownership fencing token while holding the partition's compaction lock (so
-    /// retention cannot delete a file the upload reuses), then records it through the
+    /// `scratch` under the ownership fencing token while holding the partition's compaction lock, kept
+    /// renewed for as long as the upload takes (so retention cannot delete a file the upload reuses),
+    /// confirms every file of the checkpoint is in the store, then records it through the
     /// [`CheckpointRecords`] with the same token (a stale owner's record is refused there too).
+    ///
+    /// A file missing at the confirmation (removed by a cleaner whose lock had expired under a pause) is
+    /// uploaded again, once; a compaction lock lost during the upload leaves the checkpoint unrecorded
+    /// (skipped: the next one comes soon).
     pub(super) async fn publish(
         self: Arc<Self>,
         partition: i32,
@@ -287,8 +294,14 @@ impl Instance {
             self.config.topic.clone(),
         );
         let uploaded = tokio::task::spawn_blocking(move || {
-            let uploaded =
-                checkpoints.upload(&topic, partition, &scratch, next_offset, fencing_token);
+            let uploaded = upload_confirmed(
+                checkpoints.as_ref(),
+                &topic,
+                partition,
+                &scratch,
+                next_offset,
+                fencing_token,
+            );
             let _ = std::fs::remove_dir_all(&scratch);
             uploaded
         })
@@ -296,8 +309,17 @@ impl Instance {
         .map_err(ProcessorError::task(format!(
             "upload a checkpoint of partition {partition}"
         )))?;
+        let held_throughout = !compaction_lock.is_lost();
         let _ = compaction_lock.release().await;
         let report = uploaded?;
+        if !held_throughout {
+            tracing::warn!(
+                partition,
+                checkpoint = %report.manifest.id(),
+                "checkpoint not recorded: the compaction lock was lost during its upload"
+            );
+            return Ok(Published::Skipped);
+        }
         CheckpointRecords::new(
             self.services.lock.clone(),
             self.services.registry.clone(),
@@ -486,6 +508,30 @@ impl Instance {
     }
 }
 
+/// Uploads a checkpoint and confirms every file it names is in the store; a file missing at the
+/// confirmation is uploaded again (once: the new upload copies what is missing).
+fn upload_confirmed(
+    checkpoints: &dyn CheckpointStore,
+    topic: &str,
+    partition: i32,
+    snapshot: &std::path::Path,
+    next_offset: i64,
+    fencing_token: u64,
+) -> ProcessorResult<UploadReport> {
+    let report = checkpoints.upload(topic, partition, snapshot, next_offset, fencing_token)?;
+    match checkpoints.confirm(&report.manifest) {
+        Ok(()) => Ok(report),
+        Err(err @ ProcessorError::CorruptCheckpoint { .. }) => {
+            tracing::warn!(partition, error = %err, "a file of the new checkpoint vanished before it was recorded: uploading it again");
+            let report =
+                checkpoints.upload(topic, partition, snapshot, next_offset, fencing_token)?;
+            checkpoints.confirm(&report.manifest)?;
+            Ok(report)
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// Commits `next_offset` of `partition` to the instance's Kafka group, so that standard tools
 /// (`kafka-consumer-groups`, lag exporters) see the fleet's progress and lag. Informational only: the
 /// offset stored with the partition's state is what a new owner resumes from, never this one, so a
@@ -512,5 +558,104 @@ fn report_progress(
     };
     if let Err(err) = consumer.commit(&offsets, mode) {
         tracing::debug!(topic, partition, next_offset, error = %err, "could not commit progress to the group (informational)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::DirectoryCheckpointStore;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// A store whose first upload loses one of its files right after the manifest is written, as when a
+    /// cleaner whose lock expired under a pause deletes a file the upload had just reused.
+    struct CleanerRace {
+        inner: DirectoryCheckpointStore,
+        files_dir: PathBuf,
+        raced: AtomicBool,
+    }
+
+    impl CheckpointStore for CleanerRace {
+        fn upload(
+            &self,
+            topic: &str,
+            partition: i32,
+            snapshot_dir: &std::path::Path,
+            next_offset: i64,
+            fencing_token: u64,
+        ) -> ProcessorResult<UploadReport> {
+            let report =
+                self.inner
+                    .upload(topic, partition, snapshot_dir, next_offset, fencing_token)?;
+            if !self.raced.swap(true, Ordering::SeqCst) {
+                let victim = Manifest::blob_name(&report.manifest.files[0]);
+                std::fs::remove_file(self.files_dir.join(victim)).unwrap();
+            }
+            Ok(report)
+        }
+        fn latest_valid(
+            &self,
+            topic: &str,
+            partition: i32,
+        ) -> ProcessorResult<(Option<Manifest>, Vec<ProcessorError>)> {
+            self.inner.latest_valid(topic, partition)
+        }
+        fn checkpoint(&self, topic: &str, partition: i32, id: &str) -> ProcessorResult<Manifest> {
+            self.inner.checkpoint(topic, partition, id)
+        }
+        fn confirm(&self, manifest: &Manifest) -> ProcessorResult<()> {
+            self.inner.confirm(manifest)
+        }
+        fn restore(&self, manifest: &Manifest, dest: &std::path::Path) -> ProcessorResult<()> {
+            self.inner.restore(manifest, dest)
+        }
+        fn retain(
+            &self,
+            topic: &str,
+            partition: i32,
+            keep: usize,
+            grace: Duration,
+        ) -> ProcessorResult<usize> {
+            self.inner.retain(topic, partition, keep, grace)
+        }
+        fn partitions(&self, topic: &str) -> ProcessorResult<Vec<i32>> {
+            self.inner.partitions(topic)
+        }
+    }
+
+    #[test]
+    fn a_file_lost_under_the_upload_is_uploaded_again_before_the_checkpoint_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = dir.path().join("snapshot");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::write(snapshot.join("000007.sst"), b"sorted data").unwrap();
+        let store = CleanerRace {
+            inner: DirectoryCheckpointStore::new(dir.path().join("shared")).unwrap(),
+            files_dir: dir
+                .path()
+                .join("shared")
+                .join("orders")
+                .join("0")
+                .join("files"),
+            raced: AtomicBool::new(false),
+        };
+        let report = upload_confirmed(&store, "orders", 0, &snapshot, 10, 1).unwrap();
+        store
+            .checkpoint("orders", 0, &report.manifest.id())
+            .expect("the checkpoint to be recorded is complete");
+
+        let missing = store.inner.confirm(&Manifest {
+            files: vec![crate::checkpoint::ManifestFile {
+                name: "gone.sst".to_owned(),
+                size: 1,
+                sha256: "00".to_owned(),
+            }],
+            ..report.manifest
+        });
+        assert!(
+            matches!(missing, Err(ProcessorError::CorruptCheckpoint { .. })),
+            "confirm reports a missing file: {missing:?}"
+        );
     }
 }
