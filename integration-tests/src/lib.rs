@@ -1,4 +1,5 @@
-//! Real-server fixtures shared by every integration test and benchmark.
+//! Real-server fixtures shared by every integration test and benchmark: redis-server, PostgreSQL and
+//! Apache Kafka (as processes; no Kafka client lives here).
 //!
 //! Each fixture starts a real server process on a free loopback port in its own temp dir and kills it
 //! (and removes the dir) on `Drop`, also when a test panics. PostgreSQL runs as the `postgres` user when the
@@ -9,11 +10,13 @@
 
 pub mod adapters;
 pub mod clock_skew;
+pub mod kafka_server;
 pub mod postgres_server;
 pub mod proxy;
 pub mod recipe_env;
 pub mod redis_server;
 
+pub use kafka_server::{KafkaCluster, KafkaNode};
 pub use postgres_server::PostgresServer;
 pub use proxy::{FaultProxy, ProxyMode};
 pub use redis_server::{RedisCluster, RedisServer};
@@ -30,6 +33,21 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+/// `n` distinct ports that were free on 127.0.0.1 a moment ago (all bound at once, then released, so
+/// none repeats).
+///
+/// # Panics
+/// If the ports cannot be bound.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("a bound address").port())
+        .collect()
 }
 
 /// The full path of a server binary on `PATH` (or in the usual system dirs).

@@ -56,8 +56,12 @@ pub struct InstanceConfig {
     pub group: String,
     /// The topic.
     pub topic: String,
-    /// Its partition count.
+    /// Its partition count at start (read from the brokers by `processor run`); partitions added later
+    /// are found every [`topology_refresh`](Self::topology_refresh).
     pub partitions: i32,
+    /// How often the topic's partition count is read again from the brokers, so that partitions added
+    /// while the fleet runs are claimed and consumed (`None`: never, the count stays as configured).
+    pub topology_refresh: Option<Duration>,
     /// Kafka bootstrap servers and client properties (SASL, TLS, tuning) of every client.
     pub kafka: KafkaSettings,
     /// Where this instance keeps local partition state.
@@ -91,7 +95,8 @@ pub struct InstanceConfig {
 impl InstanceConfig {
     /// Defaults: 5 s claims, checkpoints every 2 s, batches of 500, as many partitions processing at once
     /// as there are CPUs, maintenance every 10 s keeping 3
-    /// checkpoints, 250 ms ticks, no output or dead-letter topic.
+    /// checkpoints, 250 ms ticks, the partition count read again every 30 s, no output or dead-letter
+    /// topic.
     pub fn new(
         instance_id: &str,
         topic: &str,
@@ -104,6 +109,7 @@ impl InstanceConfig {
             group: "processor".to_owned(),
             topic: topic.to_owned(),
             partitions,
+            topology_refresh: Some(Duration::from_secs(30)),
             kafka: KafkaSettings::new(brokers),
             state_dir,
             claim_ttl: Duration::from_secs(5),
@@ -118,6 +124,12 @@ impl InstanceConfig {
             on_missing_offsets: MissingOffsets::Fail,
             restore_older_checkpoint: false,
         }
+    }
+
+    /// Sets how often the partition count is read again from the brokers (`None`: never).
+    pub fn with_topology_refresh(mut self, every: Option<Duration>) -> Self {
+        self.topology_refresh = every;
+        self
     }
 
     /// Sets how many partitions process a batch at the same time (at least 1).

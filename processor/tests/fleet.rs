@@ -6,11 +6,13 @@
 // Test code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use processor::KafkaSettings;
-use processor::dev::{DevBroker, Workload};
+use processor::dev::Workload;
 use processor::inspect::checkpointed_aggregates;
 use processor::source::high_watermark;
 use processor::store::StoreFactory;
@@ -18,6 +20,7 @@ use processor::store::memory::InMemoryStores;
 use processor::{Instance, InstanceConfig, MaintenanceConfig, Services};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use support::TestBroker;
 use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
@@ -36,7 +39,7 @@ async fn fleet_on_in_memory_stores_survives_an_abrupt_stop_and_a_join_with_exact
 /// The scenario, on the default RocksDB stores or on `stores`.
 async fn abrupt_stop_and_join_is_exact(stores: Option<Arc<dyn StoreFactory>>) {
     integration_tests::init_tracing();
-    let broker = DevBroker::start(TOPIC, PARTITIONS).unwrap();
+    let broker = TestBroker::start(TOPIC, PARTITIONS).await;
     let brokers = broker.bootstrap_servers();
     let workload = Workload {
         records: 24_000,
@@ -205,7 +208,7 @@ async fn two_fleets_on_one_topic_and_one_redis_each_process_everything() {
     use processor::resources::checkpoint_root;
 
     integration_tests::init_tracing();
-    let broker = DevBroker::start(TOPIC, PARTITIONS).unwrap();
+    let broker = TestBroker::start(TOPIC, PARTITIONS).await;
     let brokers = broker.bootstrap_servers();
     let workload = Workload {
         records: 6_000,

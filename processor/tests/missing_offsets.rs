@@ -6,14 +6,17 @@
 // Test code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use processor::dev::{DevBroker, Workload};
+use processor::dev::Workload;
 use processor::resources::local_state_dir;
 use processor::store::rocksdb::RocksDbStores;
 use processor::store::{PartitionStore, StateBatch};
 use processor::{Instance, InstanceConfig, InstanceStatus, MissingOffsets, Services};
+use support::TestBroker;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +63,7 @@ async fn wait_for(
 
 /// Runs one instance on a fresh one-partition topic of 10 records, over local state at offset 1 000.
 async fn run_over_a_recreated_topic(policy: MissingOffsets) -> (InstanceStatus, i64) {
-    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let broker = TestBroker::start(TOPIC, 1).await;
     let brokers = broker.bootstrap_servers();
     let workload = Workload {
         records: 10,
@@ -118,7 +121,7 @@ async fn earliest_resumes_at_the_log_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_resumes_at_the_log_end() {
-    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let broker = TestBroker::start(TOPIC, 1).await;
     let brokers = broker.bootstrap_servers();
     let workload = Workload {
         records: 15,

@@ -1,16 +1,18 @@
-//! The processor's data path end to end on librdkafka's mock cluster (a real Kafka-protocol broker on
-//! loopback): a deterministic workload over 4 partitions consumed with `assign()` into RocksDB, a crash
+//! The processor's data path end to end on librdkafka's mock cluster or a real Apache Kafka (see
+//! `support`): a deterministic workload over 4 partitions consumed with `assign()` into RocksDB, a crash
 //! half-way (everything dropped, nothing graceful), a restart from the offsets stored with the state, and
 //! the final state compared with the exact recomputation.
 
 // Test and benchmark code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use processor::KafkaSettings;
-use processor::dev::{DevBroker, Workload};
+use processor::dev::Workload;
 use processor::operator::{Aggregate, KeyedAggregation, Operator};
 use processor::partition::PartitionProcessor;
 use processor::sink::OutputSink;
@@ -20,6 +22,7 @@ use processor::store::rocksdb::RocksDbStores;
 use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use support::TestBroker;
 use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
@@ -89,7 +92,7 @@ fn dump(stores: &[Arc<dyn PartitionStore>]) -> BTreeMap<String, Aggregate> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crash_and_resume_on_the_mock_cluster_is_exact() {
     integration_tests::init_tracing();
-    let broker = DevBroker::start(TOPIC, PARTITIONS).unwrap();
+    let broker = TestBroker::start(TOPIC, PARTITIONS).await;
     let brokers = broker.bootstrap_servers();
     let workload = Workload {
         records: 20_000,
@@ -160,7 +163,7 @@ async fn partitions_move_through_checkpoints_and_corrupt_ones_are_skipped() {
     use processor::error::ProcessorError;
 
     integration_tests::init_tracing();
-    let broker = DevBroker::start(TOPIC, PARTITIONS).unwrap();
+    let broker = TestBroker::start(TOPIC, PARTITIONS).await;
     let brokers = broker.bootstrap_servers();
     let workload = Workload {
         records: 12_000,
@@ -249,9 +252,9 @@ async fn partitions_move_through_checkpoints_and_corrupt_ones_are_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_and_dead_letters_reach_their_topics_and_never_stop_the_partition() {
     integration_tests::init_tracing();
-    let broker = DevBroker::start(TOPIC, PARTITIONS).unwrap();
-    broker.create_topic("orders.out", 1).unwrap();
-    broker.create_topic("orders.dlq", 1).unwrap();
+    let broker = TestBroker::start(TOPIC, PARTITIONS).await;
+    broker.create_topic("orders.out", 1).await;
+    broker.create_topic("orders.dlq", 1).await;
     let brokers = broker.bootstrap_servers();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)

@@ -5,12 +5,15 @@
 // Test code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::time::{Duration, Instant};
 
-use processor::dev::{DevBroker, Workload};
+use processor::dev::Workload;
 use processor::inspect::checkpointed_aggregates;
 use processor::resources::local_state_dir;
 use processor::{Instance, InstanceConfig, Services};
+use support::TestBroker;
 use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
@@ -42,7 +45,7 @@ fn start_with(services: &Services, config: InstanceConfig) -> Running {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_state_that_does_not_open_is_moved_aside_and_restored() {
     integration_tests::init_tracing();
-    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let broker = TestBroker::start(TOPIC, 1).await;
     let brokers = broker.bootstrap_servers();
     let workload = Workload {
         records: 2_000,
@@ -137,7 +140,7 @@ fn newest_manifest(checkpoints: &std::path::Path) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_checkpoint_of_record_refuses_instead_of_starting_empty() {
     integration_tests::init_tracing();
-    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let broker = TestBroker::start(TOPIC, 1).await;
     let brokers = broker.bootstrap_servers();
     let workload = Workload {
         records: 500,
@@ -184,7 +187,7 @@ async fn an_unreadable_checkpoint_of_record_refuses_instead_of_starting_empty() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_checkpoint_of_record_falls_back_to_an_older_one_and_says_so() {
     integration_tests::init_tracing();
-    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let broker = TestBroker::start(TOPIC, 1).await;
     let brokers = broker.bootstrap_servers();
     let workload = Workload {
         records: 500,
@@ -249,7 +252,7 @@ async fn a_hand_off_takes_its_final_checkpoint_again_when_retention_held_the_loc
     use processor::resources::compaction_resource;
 
     integration_tests::init_tracing();
-    let broker = DevBroker::start(TOPIC, 1).unwrap();
+    let broker = TestBroker::start(TOPIC, 1).await;
     let brokers = broker.bootstrap_servers();
     let workload = Workload {
         records: 500,

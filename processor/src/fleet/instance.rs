@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use state::recipes::keeper::{KeptLock, RenewalPolicy};
 use state::recipes::leader::LeaderElection;
@@ -25,6 +26,7 @@ use crate::error::ProcessorResult;
 use crate::resources::partition_resource;
 use crate::services::Services;
 use crate::sink::OutputSink;
+use crate::source::partition_count;
 
 /// One fleet instance.
 pub struct Instance {
@@ -33,6 +35,8 @@ pub struct Instance {
     pub(super) status: watch::Sender<InstanceStatus>,
     pub(super) sink: Option<OutputSink>,
     pub(super) permits: tokio::sync::Semaphore,
+    /// The topic's partition count: the configured one, raised when the brokers report more.
+    partitions: AtomicI32,
 }
 
 impl std::fmt::Debug for Instance {
@@ -60,9 +64,14 @@ impl Instance {
         } else {
             None
         };
+        let status = InstanceStatus {
+            partitions: config.partitions,
+            ..InstanceStatus::default()
+        };
         Ok(Arc::new(Instance {
             services,
-            status: watch::channel(InstanceStatus::default()).0,
+            status: watch::channel(status).0,
+            partitions: AtomicI32::new(config.partitions),
             sink,
             permits: tokio::sync::Semaphore::new(config.parallelism.max(1)),
             config,
@@ -100,6 +109,11 @@ impl Instance {
         let duties = AbortOnDropHandle::new(tokio::spawn(
             Arc::clone(&self).run_duties(election, duties_stop.clone()),
         ));
+        let _topology = self.config.topology_refresh.map(|every| {
+            AbortOnDropHandle::new(tokio::spawn(
+                Arc::clone(&self).watch_topology(every, duties_stop.clone()),
+            ))
+        });
         let mut tasks: JoinSet<(i32, ProcessorResult<()>)> = JoinSet::new();
         let mut running: HashMap<i32, CancellationToken> = HashMap::new();
         while !stop.is_cancelled() {
@@ -139,6 +153,58 @@ impl Instance {
         Ok(())
     }
 
+    /// The topic's partition count now.
+    fn partition_count(&self) -> i32 {
+        self.partitions.load(Ordering::SeqCst)
+    }
+
+    /// Reads the topic's partition count from the brokers every `every` until `stop`, and raises the
+    /// instance's count when partitions were added: the next rebalance claims them. Off the rebalance
+    /// loop, so that a slow metadata request never delays membership.
+    async fn watch_topology(self: Arc<Self>, every: std::time::Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let (kafka, topic) = (self.config.kafka.clone(), self.config.topic.clone());
+            match tokio::task::spawn_blocking(move || partition_count(&kafka, &topic)).await {
+                Ok(Ok(count)) => self.observe_partition_count(count),
+                Ok(Err(err)) => {
+                    tracing::debug!(instance = %self.config.instance_id, error = %err, "could not read the partition count");
+                }
+                Err(err) => {
+                    tracing::debug!(instance = %self.config.instance_id, error = %err, "partition count task failed");
+                }
+            }
+        }
+    }
+
+    /// Takes in a partition count read from the brokers. Kafka only ever adds partitions; fewer than
+    /// before means the topic was deleted and recreated, which the partitions' offset checks refuse, so
+    /// the count never shrinks here.
+    fn observe_partition_count(&self, count: i32) {
+        let before = self.partitions.fetch_max(count, Ordering::SeqCst);
+        if count > before {
+            tracing::warn!(
+                instance = %self.config.instance_id,
+                topic = %self.config.topic,
+                from = before,
+                to = count,
+                "the topic has new partitions: claiming them. Keyed state does not move with its keys: a key the producers now send to a new partition starts from empty state there, and its earlier state stays in its old partition"
+            );
+            self.status.send_modify(|s| s.partitions = count);
+        } else if count < before {
+            tracing::warn!(
+                instance = %self.config.instance_id,
+                topic = %self.config.topic,
+                known = before,
+                reported = count,
+                "the brokers report fewer partitions than before: was the topic deleted and recreated?"
+            );
+        }
+    }
+
     /// The fleet duties, one round per tick until `stop`: campaign for leadership; as leader, schedule
     /// the maintenance jobs once per term; as a follower (or when alone), claim and run one due job.
     /// Resigns at the end so the next leader need not wait for the lease to lapse.
@@ -149,10 +215,9 @@ impl Instance {
             self.services.checkpoints.clone(),
             &self.config.group,
             &self.config.topic,
-            self.config.partitions,
             self.config.maintenance,
         );
-        let mut scheduled_term = None;
+        let mut scheduled = None;
         while !stop.is_cancelled() {
             match election.try_become_leader().await {
                 Ok(leader) => self.status.send_if_modified(|s| {
@@ -166,10 +231,12 @@ impl Instance {
                 }
             };
             let term = election.fencing_token();
-            if term.is_some() && term != scheduled_term {
-                match maintenance.schedule().await {
+            let partitions = self.partition_count();
+            // Once per term, and again when partitions were added.
+            if term.is_some() && scheduled != Some((term, partitions)) {
+                match maintenance.schedule(partitions).await {
                     Ok(created) => {
-                        scheduled_term = term;
+                        scheduled = Some((term, partitions));
                         tracing::info!(instance = %self.config.instance_id, term, created, "leading: maintenance scheduled");
                     }
                     Err(err) => {
@@ -180,7 +247,7 @@ impl Instance {
             let alone = self.status.borrow().members.len() <= 1;
             if term.is_none() || alone {
                 // Drain what is due (at most one round over the partitions per tick).
-                for _ in 0..self.config.partitions {
+                for _ in 0..partitions {
                     let run = tokio::select! {
                         _ = stop.cancelled() => break,
                         run = maintenance.run_next() => run,
@@ -227,7 +294,7 @@ impl Instance {
         let members = membership.live_members().await?;
         let desired: HashSet<i32> = assigned_to(
             &self.config.topic,
-            self.config.partitions,
+            self.partition_count(),
             &self.config.instance_id,
             &members,
         )

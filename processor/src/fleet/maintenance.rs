@@ -69,7 +69,6 @@ pub struct Maintenance {
     checkpoints: Arc<dyn CheckpointStore>,
     group: String,
     topic: String,
-    partitions: i32,
     config: MaintenanceConfig,
 }
 
@@ -77,22 +76,19 @@ impl std::fmt::Debug for Maintenance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Maintenance")
             .field("topic", &self.topic)
-            .field("partitions", &self.partitions)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
 impl Maintenance {
-    /// Maintenance of `partitions` partitions of `topic` in `checkpoints` for fleet `group`, with jobs in
-    /// `tasks`.
+    /// Maintenance of the partitions of `topic` in `checkpoints` for fleet `group`, with jobs in `tasks`.
     pub fn new(
         lock: Arc<dyn DistributedLock>,
         tasks: Arc<dyn TaskStore>,
         checkpoints: Arc<dyn CheckpointStore>,
         group: &str,
         topic: &str,
-        partitions: i32,
         config: MaintenanceConfig,
     ) -> Self {
         Maintenance {
@@ -101,19 +97,19 @@ impl Maintenance {
             checkpoints,
             group: group.to_owned(),
             topic: topic.to_owned(),
-            partitions,
             config,
         }
     }
 
-    /// The leader's duty: makes sure every partition's recurring job exists. Returns how many were
-    /// created (0 when an earlier leader already scheduled them all).
+    /// The leader's duty: makes sure the recurring job of every partition below `partitions` exists (the
+    /// count grows when partitions are added to the topic). Returns how many were created (0 when an
+    /// earlier leader already scheduled them all).
     ///
     /// # Errors
     /// A task-store error.
-    pub async fn schedule(&self) -> StateResult<usize> {
+    pub async fn schedule(&self, partitions: i32) -> StateResult<usize> {
         let mut created = 0;
-        for partition in 0..self.partitions {
+        for partition in 0..partitions {
             let id = maintenance_task_id(&self.group, &self.topic, partition);
             if self
                 .queue
@@ -256,18 +252,11 @@ mod tests {
             grace: Duration::ZERO,
             ..MaintenanceConfig::default()
         };
-        let maintenance = Maintenance::new(
-            lock.clone(),
-            tasks,
-            checkpoints.clone(),
-            "g",
-            "t",
-            2,
-            config,
-        );
-        assert_eq!(maintenance.schedule().await.unwrap(), 2);
+        let maintenance =
+            Maintenance::new(lock.clone(), tasks, checkpoints.clone(), "g", "t", config);
+        assert_eq!(maintenance.schedule(2).await.unwrap(), 2);
         assert_eq!(
-            maintenance.schedule().await.unwrap(),
+            maintenance.schedule(2).await.unwrap(),
             0,
             "a second leader adds nothing"
         );

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 pub struct InstanceStatus {
     /// The live members it sees.
     pub members: Vec<String>,
+    /// The topic's partition count as this instance last read it (grows when partitions are added).
+    pub partitions: i32,
     /// Owned partitions and the fencing token of each claim.
     pub owned: BTreeMap<i32, u64>,
     /// Whether it leads the fleet now.
