@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need (redis-server,
-# PostgreSQL), then runs formatting, lints, per-feature builds, docs, unit, conformance and
+# PostgreSQL, libfaketime, Java + Maven and the Apache Kafka broker jars), then runs formatting, lints, per-feature builds, docs, unit, conformance and
 # real-server integration tests. `.ci/run` calls exactly this.
 #
 # Builds into ./target, which scripts/lib/build-env.sh makes a link to ~/.cache/state-coordination/target
@@ -17,10 +17,13 @@ have_postgres() {
 
 install_test_services() {
   # libfaketime: the clock-skew tests run a client process whose wall clock is hours off.
+  # Java and Maven: the real Apache Kafka brokers (jars from Maven Central, see fetch_kafka_jars).
   install_packages \
     "redis-server:command -v redis-server" \
     "postgresql:have_postgres" \
-    "faketime:ls /usr/lib/*/faketime/libfaketime.so.1"
+    "faketime:ls /usr/lib/*/faketime/libfaketime.so.1" \
+    "openjdk-17-jre-headless:command -v java" \
+    "maven:command -v mvn"
   # The packages start system-wide services; the tests start their own servers on free ports.
   command -v redis-server >/dev/null
   have_postgres
@@ -32,8 +35,30 @@ install_test_services() {
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 }
 
+# The Apache Kafka broker's jars by Maven coordinates (integration-tests/kafka/pom.xml), once, into a
+# cache outside the clone; the fixture (integration-tests/src/kafka_server.rs) reads them from there.
+fetch_kafka_jars() {
+  local libs="${KAFKA_LIBS:-$HOME/.cache/state-coordination/kafka-4.4.0/libs}"
+  if [ -f "$libs/.complete" ]; then
+    return 0
+  fi
+  log "fetching the Apache Kafka broker jars (Maven Central) into $libs"
+  local scratch
+  mkdir -p "$(dirname "$libs")"
+  scratch=$(mktemp -d "$(dirname "$libs")/.libs-XXXXXX")
+  if ! mvn -q -B -f integration-tests/kafka/pom.xml dependency:copy-dependencies \
+      -DincludeScope=runtime "-DoutputDirectory=$scratch"; then
+    echo "mvn could not fetch the Kafka broker jars: is Maven Central reachable?" >&2
+    exit 1
+  fi
+  echo 4.4.0 >"$scratch/.complete"
+  rm -rf "$libs"
+  mv "$scratch" "$libs"
+}
+
 prepare_build
 install_test_services
+fetch_kafka_jars
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -70,6 +95,11 @@ RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps --all-features
 log "tests (unit, doc, conformance, real servers, bench smoke runs)"
 cargo test --workspace --all-features --all-targets
 cargo test --workspace --all-features --doc
+
+log "the processor's Kafka-facing suites again, on a real Apache Kafka broker"
+# Same targets and features as above (nothing rebuilds); the mock-cluster runs stay the fast default.
+PROCESSOR_TEST_BROKER=kafka cargo test --workspace --all-features \
+  --test pipeline --test fleet --test restore --test missing_offsets --test fleet_processes
 
 log "one build: the demo's build after the test command compiles nothing"
 # The README promises that the demo command and this command share one build. Cargo unifies features

@@ -215,6 +215,10 @@ struct RunArgs {
     /// How many owned partitions process a batch at the same time (default: the CPU count).
     #[arg(long, env = "PARALLELISM")]
     parallelism: Option<usize>,
+    /// Seconds between reads of the topic's partition count: partitions added to the topic are claimed
+    /// and consumed after at most this long (logged: keyed state does not move with its keys).
+    #[arg(long, env = "TOPOLOGY_REFRESH_SECS", default_value_t = 30.0)]
+    topology_refresh_secs: f64,
     /// Checkpoints kept per partition by the maintenance jobs.
     #[arg(long, env = "KEEP_CHECKPOINTS", default_value_t = 3)]
     keep_checkpoints: usize,
@@ -247,6 +251,7 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
         args.maintenance_interval_secs,
     )?;
     let claim_ttl = positive_secs("--claim-ttl-secs", args.claim_ttl_secs)?;
+    let topology_refresh = positive_secs("--topology-refresh-secs", args.topology_refresh_secs)?;
     let mut config = InstanceConfig::new(
         &args.instance_id,
         &args.topic,
@@ -255,6 +260,7 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
         args.state_dir.clone(),
     )
     .with_group(&args.group)
+    .with_topology_refresh(Some(topology_refresh))
     .with_checkpoint_every(checkpoint_every)
     .with_maintenance(
         MaintenanceConfig::default()

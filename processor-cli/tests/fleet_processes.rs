@@ -66,6 +66,49 @@ fn processor(args: &[&str]) -> Command {
     command
 }
 
+/// The broker of the multi-process scenario: `processor dev-broker` (the mock cluster, in its own
+/// process) by default, or a real Apache Kafka node with `PROCESSOR_TEST_BROKER=kafka`.
+enum Broker {
+    Dev(Proc),
+    /// Held for its `Drop`, which stops the broker.
+    Kafka(#[allow(dead_code)] integration_tests::KafkaCluster),
+}
+
+impl Broker {
+    fn start() -> (Broker, String) {
+        match std::env::var("PROCESSOR_TEST_BROKER").as_deref() {
+            Ok("kafka") => {
+                let cluster = integration_tests::KafkaCluster::single();
+                let brokers = cluster.bootstrap_servers();
+                tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(processor::dev::admin::create_topic(
+                        &brokers,
+                        TOPIC,
+                        PARTITIONS,
+                        1,
+                        &[],
+                    ))
+                    .unwrap();
+                (Broker::Kafka(cluster), brokers)
+            }
+            Ok("mock") | Err(_) => {
+                let (proc, brokers) = dev_broker();
+                (Broker::Dev(proc), brokers)
+            }
+            Ok(other) => panic!("PROCESSOR_TEST_BROKER={other}: use `mock` or `kafka`"),
+        }
+    }
+
+    /// Stops the broker; the dev broker must exit cleanly on SIGTERM.
+    fn stop(self) {
+        if let Broker::Dev(mut proc) = self {
+            proc.signal(Signal::SIGTERM);
+            assert!(proc.wait_exit(Duration::from_secs(10)).success());
+        }
+    }
+}
+
 /// `processor dev-broker` for the topic, and the bootstrap address it printed first.
 fn dev_broker() -> (Proc, String) {
     let mut broker = Proc(
@@ -215,11 +258,8 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
         expected_ends[workload.record(i).0 as usize] += 1;
     }
 
-    let (mut broker, brokers) = dev_broker();
-    assert!(
-        brokers.starts_with("127.0.0.1:") || brokers.contains(':'),
-        "{brokers}"
-    );
+    let (broker, brokers) = Broker::start();
+    assert!(brokers.starts_with("127.0.0.1:"), "{brokers}");
 
     produce(&brokers, &workload, 0..workload.records / 2);
     let url = lock_url.to_owned();
@@ -269,8 +309,7 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
         let status = proc.wait_exit(Duration::from_secs(30));
         assert!(status.success(), "{id} exited with {status} after SIGTERM");
     }
-    broker.signal(Signal::SIGTERM);
-    assert!(broker.wait_exit(Duration::from_secs(10)).success());
+    broker.stop();
 
     let out = processor(&["state", "dump", "--topic", TOPIC, "--group", "procs"])
         .arg("--checkpoint-dir")

@@ -1,7 +1,7 @@
-//! A partition whose stored offset is outside the topic's log (here: above its end, as after the topic
-//! was deleted and recreated) refuses to process by default, naming the offsets — instead of skipping
-//! every new record as an already-applied replay — and each `--on-missing-offsets` choice does what it
-//! says.
+//! A partition whose stored offset is outside the topic's log — above its end, as after the topic was
+//! deleted and recreated, or below its start, as after retention deleted records nobody processed yet (a
+//! real broker: the mock cannot delete records) — refuses to process by default, naming the offsets,
+//! instead of skipping records silently; and each `--on-missing-offsets` choice does what it says.
 
 // Test code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used)]
@@ -11,7 +11,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use processor::dev::Workload;
+use processor::dev::{Workload, admin};
 use processor::resources::local_state_dir;
 use processor::store::rocksdb::RocksDbStores;
 use processor::store::{PartitionStore, StateBatch};
@@ -25,11 +25,16 @@ const GROUP: &str = "processor";
 
 /// Local state of partition 0 that claims to have processed up to offset 1 000.
 fn seed_state(state_dir: &Path) {
+    seed_state_at(state_dir, 1_000);
+}
+
+/// Local state of partition 0 that claims to have processed up to `offset`.
+fn seed_state_at(state_dir: &Path, offset: i64) {
     let stores = RocksDbStores::new(8 << 20, 4 << 20);
     let store = stores
         .open(0, &local_state_dir(state_dir, GROUP, TOPIC, 0))
         .unwrap();
-    let mut batch = StateBatch::new(1_000, 0);
+    let mut batch = StateBatch::new(offset, 0);
     batch.put("entity-old", "from the old topic");
     store.apply(&batch).unwrap();
 }
@@ -160,4 +165,62 @@ async fn latest_resumes_at_the_log_end() {
     running.await.unwrap().unwrap();
     assert_eq!(status.borrow().processed, 5);
     assert_eq!(stored_offset(&state_dir), 15);
+}
+
+/// Runs one instance over local state at offset 5 of a partition of 20 records whose first 15 were
+/// deleted (retention, or `kafka-delete-records`), on a real broker.
+async fn run_after_deleted_records(policy: MissingOffsets) -> (InstanceStatus, i64) {
+    let broker = TestBroker::kafka(TOPIC, 1).await;
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 20,
+        keys: 3,
+        seed: 5,
+        partitions: 1,
+    };
+    workload.produce(&brokers, TOPIC).await.unwrap();
+    let log_start = admin::delete_records(&brokers, TOPIC, 0, 15).await.unwrap();
+    assert_eq!(log_start, 15);
+    let root = tempfile::tempdir().unwrap();
+    let state_dir = root.path().join("state");
+    seed_state_at(&state_dir, 5);
+    let services = Services::in_memory(root.path().join("ck")).unwrap();
+    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, state_dir.clone())
+        .with_on_missing_offsets(policy)
+        .with_checkpoint_every(Duration::from_millis(200));
+    let instance = Instance::new(config, services).unwrap();
+    let mut status = instance.status();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(instance.run(stop.clone()));
+    let seen = match policy {
+        MissingOffsets::Fail => {
+            wait_for(&mut status, "the refusal", |s| {
+                s.partition_errors.contains_key(&0)
+            })
+            .await
+        }
+        _ => wait_for(&mut status, "the records", |s| s.processed >= 5).await,
+    };
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    (seen, stored_offset(&state_dir))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_before_they_were_processed_are_refused_by_default() {
+    let (status, offset) = run_after_deleted_records(MissingOffsets::Fail).await;
+    let error = &status.partition_errors[&0];
+    assert!(
+        error.contains("stored offset 5 is outside the log [15, 20)"),
+        "{error}"
+    );
+    assert_eq!(status.processed, 0, "nothing was processed");
+    assert_eq!(offset, 5, "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_before_they_were_processed_are_skipped_with_earliest() {
+    let (status, offset) = run_after_deleted_records(MissingOffsets::Earliest).await;
+    assert_eq!(status.processed, 5, "the 5 records left were applied");
+    assert_eq!(offset, 20);
 }
