@@ -29,7 +29,8 @@ use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
 use processor::resources::checkpoint_root;
 use processor::store::rocksdb::RocksDbStores;
 use processor::{
-    Instance, InstanceConfig, KafkaSettings, MaintenanceConfig, MissingOffsets, Services,
+    Instance, InstanceConfig, KafkaSettings, MaintenanceConfig, MissingOffsets, OutputGuarantee,
+    Services,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -225,9 +226,14 @@ struct RunArgs {
     /// Seconds between maintenance runs (retention and compaction) of each partition.
     #[arg(long, env = "MAINTENANCE_INTERVAL_SECS", default_value_t = 10.0)]
     maintenance_interval_secs: f64,
-    /// Topic for the updated aggregates (at-least-once).
+    /// Topic for the updated aggregates (JSON, one per input record).
     #[arg(long, env = "OUTPUT_TOPIC")]
     output_topic: Option<String>,
+    /// What the output and dead-letter topics promise: `exactly-once` (the default: each batch's outputs
+    /// and input offset in one transaction per partition; `read_committed` readers see each record's
+    /// effect once, whatever crashes) or `at-least-once` (for brokers without transactions).
+    #[arg(long, env = "OUTPUT_GUARANTEE", default_value = "exactly-once")]
+    output_guarantee: OutputGuarantee,
     /// Topic for malformed records (they are logged either way).
     #[arg(long, env = "DEAD_LETTER_TOPIC")]
     dead_letter_topic: Option<String>,
@@ -273,6 +279,7 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
         Some(n) => config = config.with_parallelism(n),
         None => {}
     }
+    config = config.with_output_guarantee(args.output_guarantee);
     if let Some(topic) = &args.output_topic {
         config = config.with_output_topic(topic);
     }

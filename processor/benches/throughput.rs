@@ -21,7 +21,7 @@ use processor::KafkaSettings;
 use processor::dev::{DevBroker, Workload};
 use processor::operator::{KeyedAggregation, Operator};
 use processor::partition::PartitionProcessor;
-use processor::source::{consume_partition, high_watermark, partition_consumer};
+use processor::source::{Outputs, consume_partition, high_watermark, partition_consumer};
 use processor::store::rocksdb::RocksDbStores;
 use processor::store::{PartitionStore, StateBatch};
 use rdkafka::consumer::StreamConsumer;
@@ -142,10 +142,18 @@ async fn main() {
             let end = ends[p as usize];
             tokio::spawn(async move {
                 let stop = CancellationToken::new();
-                consume_partition(&consumer, &mut processor, 500, Some(end), None, None, &stop)
-                    .await
-                    .expect("consume")
-                    .applied
+                consume_partition(
+                    &consumer,
+                    &mut processor,
+                    500,
+                    Some(end),
+                    Outputs::Discard,
+                    None,
+                    &stop,
+                )
+                .await
+                .expect("consume")
+                .applied
             })
         })
         .collect();

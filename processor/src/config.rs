@@ -46,6 +46,36 @@ impl std::str::FromStr for MissingOffsets {
     }
 }
 
+/// What the output and dead-letter topics promise their readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OutputGuarantee {
+    /// Each input record's effect is visible to `read_committed` readers exactly once, across crashes,
+    /// hand-offs, frozen owners and restores (the default): each batch's outputs and its input offset
+    /// are one Kafka transaction of the partition's transactional producer, committed before its state
+    /// is written. Needs brokers with transactions.
+    #[default]
+    ExactlyOnce,
+    /// Outputs are acknowledged before their batch's state is written; a crash in between replays and
+    /// publishes them again (duplicates, never losses). No transactions needed.
+    AtLeastOnce,
+}
+
+impl std::str::FromStr for OutputGuarantee {
+    type Err = ProcessorError;
+
+    fn from_str(text: &str) -> ProcessorResult<Self> {
+        match text {
+            "exactly-once" => Ok(OutputGuarantee::ExactlyOnce),
+            "at-least-once" => Ok(OutputGuarantee::AtLeastOnce),
+            other => Err(invalid(
+                "output-guarantee",
+                format!("`{other}` must be exactly-once or at-least-once"),
+            )),
+        }
+    }
+}
+
 /// How an instance runs.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -81,8 +111,10 @@ pub struct InstanceConfig {
     pub tick: Duration,
     /// Most members the fleet may have.
     pub max_members: u32,
-    /// Topic for the updated aggregates (at-least-once), if any.
+    /// Topic for the updated aggregates, if any.
     pub output_topic: Option<String>,
+    /// What the output and dead-letter topics promise (exactly-once by default).
+    pub output_guarantee: OutputGuarantee,
     /// Topic for malformed records, if any (they are logged either way).
     pub dead_letter_topic: Option<String>,
     /// What a partition does when its stored offset is outside the log (default: refuse).
@@ -120,6 +152,7 @@ impl InstanceConfig {
             tick: Duration::from_millis(250),
             max_members: 64,
             output_topic: None,
+            output_guarantee: OutputGuarantee::ExactlyOnce,
             dead_letter_topic: None,
             on_missing_offsets: MissingOffsets::Fail,
             restore_older_checkpoint: false,
@@ -150,13 +183,19 @@ impl InstanceConfig {
         self
     }
 
-    /// Publishes each updated aggregate to `topic` (at-least-once: sent before its batch commits).
+    /// Sets what the output and dead-letter topics promise.
+    pub fn with_output_guarantee(mut self, guarantee: OutputGuarantee) -> Self {
+        self.output_guarantee = guarantee;
+        self
+    }
+
+    /// Publishes each updated aggregate to `topic` (see [`OutputGuarantee`]).
     pub fn with_output_topic(mut self, topic: &str) -> Self {
         self.output_topic = Some(topic.to_owned());
         self
     }
 
-    /// Sends malformed records to `topic` (at-least-once) besides logging them.
+    /// Sends malformed records to `topic` (see [`OutputGuarantee`]) besides logging them.
     pub fn with_dead_letter_topic(mut self, topic: &str) -> Self {
         self.dead_letter_topic = Some(topic.to_owned());
         self

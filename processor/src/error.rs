@@ -60,6 +60,19 @@ pub enum ProcessorError {
         token: u64,
     },
 
+    /// A newer owner of the partition initialised its transactional producer (same `transactional.id`),
+    /// which fenced this one: nothing this instance produces for the partition can commit any more, and
+    /// it stops processing it.
+    #[error(
+        "partition {partition}: fenced by a newer owner's producer (transactional id `{transactional_id}`): this instance stops processing it"
+    )]
+    OutputFenced {
+        /// The partition.
+        partition: i32,
+        /// The transactional id both producers share.
+        transactional_id: String,
+    },
+
     /// The offset stored with a partition's state is outside the topic's log: records it never processed
     /// were deleted (below the start), or the topic was recreated (above the end). Nothing was processed.
     #[error(

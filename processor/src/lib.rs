@@ -42,7 +42,7 @@ pub mod sink;
 pub mod source;
 pub mod store;
 
-pub use config::{InstanceConfig, MaintenanceConfig, MissingOffsets};
+pub use config::{InstanceConfig, MaintenanceConfig, MissingOffsets, OutputGuarantee};
 pub use error::{ProcessorError, ProcessorResult};
 pub use fleet::{Instance, InstanceStatus};
 pub use kafka_settings::KafkaSettings;

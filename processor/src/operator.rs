@@ -111,10 +111,20 @@ impl Aggregate {
             .map(|(aggregate, _)| aggregate)
             .map_err(|err| ProcessorError::decode("an aggregate", err))
     }
+
+    /// The output-topic form: JSON (`{"count":…,"sum":…,"min":…,"max":…,"chain":…}`), readable by any
+    /// downstream consumer (the state keeps the compact bincode form).
+    ///
+    /// # Errors
+    /// Never in practice; an encoding error otherwise.
+    pub fn to_json(&self) -> ProcessorResult<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|err| ProcessorError::encode("an aggregate", err))
+    }
 }
 
 /// The built-in job: key = entity id, value = a decimal `i64` amount; per key `{count, sum, min, max,
-/// chain}`. Anything else goes to the dead letters.
+/// chain}`, published after each record as JSON ([`Aggregate::to_json`]). Anything else goes to the dead
+/// letters.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KeyedAggregation;
 
@@ -163,11 +173,10 @@ impl Operator for KeyedAggregation {
             .transpose()?
             .unwrap_or_default();
         let after = before.with_amount(amount);
-        let encoded = after.encode()?;
-        batch.put(key.to_vec(), encoded.clone());
+        batch.put(key.to_vec(), after.encode()?);
         Ok(Outcome::Applied {
             key: key.to_vec(),
-            output: Some(encoded),
+            output: Some(after.to_json()?),
         })
     }
 }

@@ -246,6 +246,12 @@ impl PreparedBatch {
     pub fn report(&self) -> &BatchReport {
         &self.report
     }
+
+    /// The partition's next offset once the batch is written; `None` when every record of the batch
+    /// was a replay below the partition's offset (nothing to write, nothing to publish).
+    pub fn next_offset(&self) -> Option<i64> {
+        (self.last >= self.from_offset).then_some(self.last + 1)
+    }
 }
 
 #[cfg(test)]

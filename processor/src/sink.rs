@@ -1,7 +1,12 @@
 //! Where a partition's results go: the output topic (updated aggregates) and the dead-letter topic
-//! (malformed records), delivered and acknowledged before the batch that produced them commits.
+//! (malformed records). Two paths: [`OutputSink`], at-least-once (delivered and acknowledged before the
+//! batch that produced them commits), and [`TransactionalSink`], exactly-once (each batch's outputs and
+//! its input offset in one Kafka transaction, committed before the batch's state is written).
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::kafka_settings::KafkaSettings;
@@ -101,5 +106,181 @@ impl OutputSink {
             await_delivery(delivery).await?;
         }
         Ok(())
+    }
+}
+
+/// How long a transactional call (initialisation, offsets, commit, abort) may take before the partition
+/// gives up on the batch (and fails, to be claimed again: nothing of the batch is visible then).
+const TRANSACTION_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The exactly-once output path of ONE owned partition: a transactional producer whose
+/// `transactional.id` is derived from the group, topic and partition ([`transactional_id`]), so the next
+/// owner's initialisation fences this one. Each batch's outputs, dead letters AND the partition's next
+/// input offset (committed to the group through the transaction) become visible together, or not at all;
+/// the state write follows the commit (see DISTRIBUTED_LOCKING.md, "Exactly-once outputs").
+pub struct TransactionalSink {
+    producer: FutureProducer,
+    transactional_id: String,
+    topic: String,
+    partition: i32,
+    output_topic: Option<String>,
+    dead_letter_topic: Option<String>,
+}
+
+impl std::fmt::Debug for TransactionalSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransactionalSink")
+            .field("transactional_id", &self.transactional_id)
+            .field("output_topic", &self.output_topic)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `transactional.id` of the producer of `partition` of `topic` in fleet `group`: one per partition
+/// and fleet, whoever owns it, so that ownership moves fence the previous owner's producer.
+pub fn transactional_id(group: &str, topic: &str, partition: i32) -> String {
+    format!("{group}.{topic}.{partition}")
+}
+
+impl TransactionalSink {
+    /// Creates the partition's transactional producer and initialises it: this fences every earlier
+    /// producer of the partition (a previous owner, alive or frozen) and resolves its unfinished
+    /// transaction (aborted), so the group's committed offset read afterwards is final. Blocking.
+    ///
+    /// # Errors
+    /// A Kafka error, e.g. brokers without transactions (librdkafka's mock cluster).
+    pub fn open(
+        kafka: &KafkaSettings,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        output_topic: Option<&str>,
+        dead_letter_topic: Option<&str>,
+    ) -> ProcessorResult<Self> {
+        let transactional_id = transactional_id(group, topic, partition);
+        let producer: FutureProducer = kafka
+            .client_config()
+            .set("transactional.id", &transactional_id)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("transaction.timeout.ms", "60000")
+            .create()
+            .map_err(kafka.client_error("create a transactional producer"))?;
+        producer
+            .init_transactions(TRANSACTION_CALL_TIMEOUT)
+            .map_err(ProcessorError::kafka("initialise transactions"))?;
+        Ok(TransactionalSink {
+            producer,
+            transactional_id,
+            topic: topic.to_owned(),
+            partition,
+            output_topic: output_topic.map(str::to_owned),
+            dead_letter_topic: dead_letter_topic.map(str::to_owned),
+        })
+    }
+
+    /// The producer's `transactional.id`.
+    pub fn transactional_id(&self) -> &str {
+        &self.transactional_id
+    }
+
+    /// Publishes a batch's outputs and dead letters and commits `next_offset` of the input partition to
+    /// `group` in ONE transaction. Only once this returns `Ok` may the batch's state be written.
+    ///
+    /// # Errors
+    /// [`ProcessorError::OutputFenced`] when a newer owner's producer fenced this one; a Kafka error
+    /// (the transaction was aborted: nothing of the batch is visible).
+    pub async fn commit_batch(
+        &self,
+        report: &BatchReport,
+        next_offset: i64,
+        group: &std::sync::Arc<ConsumerGroupMetadata>,
+    ) -> ProcessorResult<()> {
+        self.producer
+            .begin_transaction()
+            .map_err(|err| self.transaction_error("begin a transaction", err))?;
+        match self.send_and_commit(report, next_offset, group).await {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                let producer = self.producer.clone();
+                // Best effort: a fenced producer cannot abort, and an open transaction of a failed
+                // producer is aborted by the broker at its timeout or by the next owner's initialisation.
+                let _ = tokio::task::spawn_blocking(move || {
+                    producer.abort_transaction(TRANSACTION_CALL_TIMEOUT)
+                })
+                .await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn send_and_commit(
+        &self,
+        report: &BatchReport,
+        next_offset: i64,
+        group: &std::sync::Arc<ConsumerGroupMetadata>,
+    ) -> ProcessorResult<()> {
+        let mut pending = Vec::new();
+        if let Some(topic) = &self.output_topic {
+            for (key, value) in &report.outputs {
+                let record = FutureRecord::to(topic).key(key).payload(value);
+                pending.push(
+                    self.producer
+                        .send_result(record)
+                        .map_err(|(err, _)| self.transaction_error("queue an output", err))?,
+                );
+            }
+        }
+        if let Some(topic) = &self.dead_letter_topic {
+            for (offset, reason) in &report.dead_letters {
+                let key = format!("{}:{offset}", self.partition);
+                let record = FutureRecord::to(topic).key(&key).payload(reason);
+                pending.push(
+                    self.producer
+                        .send_result(record)
+                        .map_err(|(err, _)| self.transaction_error("queue a dead letter", err))?,
+                );
+            }
+        }
+        for delivery in pending {
+            await_delivery(delivery).await?;
+        }
+        let mut offsets = TopicPartitionList::new();
+        offsets
+            .add_partition_offset(&self.topic, self.partition, Offset::Offset(next_offset))
+            .map_err(ProcessorError::kafka("build the offsets to commit"))?;
+        let producer = self.producer.clone();
+        let group = std::sync::Arc::clone(group);
+        let committed = tokio::task::spawn_blocking(move || {
+            producer.send_offsets_to_transaction(&offsets, &group, TRANSACTION_CALL_TIMEOUT)?;
+            producer.commit_transaction(TRANSACTION_CALL_TIMEOUT)
+        })
+        .await
+        .map_err(ProcessorError::task(format!(
+            "commit the outputs of partition {}",
+            self.partition
+        )))?;
+        committed.map_err(|err| self.transaction_error("commit a transaction", err))
+    }
+
+    /// A fenced producer is [`ProcessorError::OutputFenced`]; anything else a Kafka error.
+    fn transaction_error(&self, operation: &'static str, err: KafkaError) -> ProcessorError {
+        let fenced = matches!(
+            err.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::Fenced
+            )
+        );
+        if fenced {
+            ProcessorError::OutputFenced {
+                partition: self.partition,
+                transactional_id: self.transactional_id.clone(),
+            }
+        } else {
+            ProcessorError::kafka(operation)(err)
+        }
     }
 }

@@ -5,10 +5,11 @@
 //! Kafka's committed group offset — so the fleet decides ownership itself (through the `state` crate) and
 //! state stays exactly-once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -17,7 +18,7 @@ use crate::error::{ProcessorError, ProcessorResult};
 use crate::kafka_settings::KafkaSettings;
 use crate::operator::Record;
 use crate::partition::{PartitionProcessor, PartitionStats};
-use crate::sink::OutputSink;
+use crate::sink::{OutputSink, TransactionalSink};
 
 /// The end offset (high watermark) of a partition.
 ///
@@ -119,9 +120,32 @@ pub fn partition_consumer(
     Ok(consumer)
 }
 
+/// Where each batch's outputs and dead letters go before the batch's state is written.
+#[derive(Clone, Copy)]
+pub enum Outputs<'a> {
+    /// Nowhere: no output topic, or a replay whose outputs are already committed.
+    Discard,
+    /// Delivered and acknowledged first (at-least-once).
+    AtLeastOnce(&'a OutputSink),
+    /// Published with the batch's next input offset in one transaction, committed first (exactly-once);
+    /// the group metadata is the partition consumer's.
+    Transactional(&'a TransactionalSink, &'a Arc<ConsumerGroupMetadata>),
+}
+
+impl std::fmt::Debug for Outputs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outputs::Discard => f.write_str("Discard"),
+            Outputs::AtLeastOnce(sink) => f.debug_tuple("AtLeastOnce").field(sink).finish(),
+            Outputs::Transactional(sink, _) => f.debug_tuple("Transactional").field(sink).finish(),
+        }
+    }
+}
+
 /// Consumes one partition into `processor` in batches of up to `batch_size` records until `stop` fires
-/// (or, with `until`, until the processor reaches that offset). Each batch is one atomic write of state
-/// and next offset; with a `sink`, its outputs and dead letters are delivered before it is written. With
+/// (or, with `until`, until the processor reaches exactly that offset: records from `until` on are left
+/// to the consumer's next reader). Each batch is one atomic write of state
+/// and next offset, made only after its outputs went where `outputs` says. With
 /// `permits`, each batch is processed under one permit: an instance bounds how many of its partitions
 /// process at once, and a partition waiting for a permit stops fetching once librdkafka's bounded
 /// prefetch queue is full (backpressure instead of unbounded buffering).
@@ -136,7 +160,7 @@ pub async fn consume_partition(
     processor: &mut PartitionProcessor,
     batch_size: usize,
     until: Option<i64>,
-    sink: Option<&OutputSink>,
+    outputs: Outputs<'_>,
     permits: Option<&tokio::sync::Semaphore>,
     stop: &CancellationToken,
 ) -> ProcessorResult<PartitionStats> {
@@ -155,7 +179,22 @@ pub async fn consume_partition(
             tokio::select! {
                 _ = stop.cancelled() => break,
                 received = tokio::time::timeout(wait, consumer.recv()) => match received {
-                    Ok(Ok(message)) => messages.push(message.detach()),
+                    Ok(Ok(message)) => {
+                        if let Some(end) = until.filter(|end| message.offset() >= *end) {
+                            // Past the end of this run: leave it (and what follows) to the next reader
+                            // of this consumer, which must start exactly at `end`.
+                            consumer
+                                .seek(
+                                    message.topic(),
+                                    message.partition(),
+                                    Offset::Offset(end),
+                                    Duration::from_secs(10),
+                                )
+                                .map_err(ProcessorError::kafka("seek back to the end of a replay"))?;
+                            break;
+                        }
+                        messages.push(message.detach());
+                    }
                     Ok(Err(err)) => return Err(ProcessorError::kafka("consume")(err)),
                     Err(_) => break,
                 },
@@ -190,10 +229,52 @@ pub async fn consume_partition(
         for (offset, reason) in &prepared.report().dead_letters {
             tracing::warn!(partition = processor.partition(), offset, reason = %reason, "dead letter");
         }
-        if let Some(sink) = sink {
-            sink.deliver(processor.partition(), prepared.report())
-                .await?;
+        match outputs {
+            Outputs::Discard => {}
+            Outputs::AtLeastOnce(sink) => {
+                sink.deliver(processor.partition(), prepared.report())
+                    .await?;
+            }
+            Outputs::Transactional(sink, group) => {
+                if let Some(next_offset) = prepared.next_offset() {
+                    sink.commit_batch(prepared.report(), next_offset, group)
+                        .await?;
+                }
+            }
         }
         processor.commit(prepared)?;
     }
+}
+
+/// The offset of `partition` of `topic` committed to `group` — by the exactly-once path, the end of the
+/// input whose outputs are committed; `None` when nothing was committed. Read with `read_committed`
+/// semantics (librdkafka asks the coordinator for stable offsets), so an open transaction's offsets
+/// never count. Blocking.
+///
+/// # Errors
+/// A Kafka error.
+pub fn committed_offset(
+    kafka: &KafkaSettings,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> ProcessorResult<Option<i64>> {
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(kafka.client_error("create a consumer"))?;
+    let mut wanted = TopicPartitionList::new();
+    wanted.add_partition(topic, partition);
+    let committed = consumer
+        .committed_offsets(wanted, Duration::from_secs(30))
+        .map_err(ProcessorError::kafka("read the group's committed offset"))?;
+    Ok(committed
+        .find_partition(topic, partition)
+        .and_then(|element| match element.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        }))
 }

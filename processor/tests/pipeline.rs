@@ -16,7 +16,7 @@ use processor::dev::Workload;
 use processor::operator::{Aggregate, KeyedAggregation, Operator};
 use processor::partition::PartitionProcessor;
 use processor::sink::OutputSink;
-use processor::source::{consume_partition, high_watermark, partition_consumer};
+use processor::source::{Outputs, consume_partition, high_watermark, partition_consumer};
 use processor::store::PartitionStore;
 use processor::store::rocksdb::RocksDbStores;
 use rdkafka::ClientConfig;
@@ -64,9 +64,17 @@ async fn run(
         let end = until(partition);
         tasks.push(tokio::spawn(async move {
             let stop = CancellationToken::new();
-            consume_partition(&consumer, &mut processor, 500, Some(end), None, None, &stop)
-                .await
-                .unwrap();
+            consume_partition(
+                &consumer,
+                &mut processor,
+                500,
+                Some(end),
+                Outputs::Discard,
+                None,
+                &stop,
+            )
+            .await
+            .unwrap();
             processor.next_offset()
         }));
     }
@@ -301,7 +309,7 @@ async fn outputs_and_dead_letters_reach_their_topics_and_never_stop_the_partitio
         &mut processor,
         128,
         Some(1_000),
-        Some(&sink),
+        Outputs::AtLeastOnce(&sink),
         None,
         &CancellationToken::new(),
     )

@@ -21,7 +21,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::maintenance::{Maintenance, MaintenanceOutcome};
 use super::membership::{Membership, assigned_to};
 use super::status::InstanceStatus;
-use crate::config::InstanceConfig;
+use crate::config::{InstanceConfig, OutputGuarantee};
 use crate::error::ProcessorResult;
 use crate::resources::partition_resource;
 use crate::services::Services;
@@ -55,7 +55,10 @@ impl Instance {
     /// Kafka error when the producer for the output or dead-letter topic cannot be created.
     pub fn new(config: InstanceConfig, services: Services) -> ProcessorResult<Arc<Self>> {
         config.validate()?;
-        let sink = if config.output_topic.is_some() || config.dead_letter_topic.is_some() {
+        // The at-least-once path is one producer per instance; the exactly-once one is a transactional
+        // producer per owned partition, made by the partition's task.
+        let has_outputs = config.output_topic.is_some() || config.dead_letter_topic.is_some();
+        let sink = if has_outputs && config.output_guarantee == OutputGuarantee::AtLeastOnce {
             Some(OutputSink::new(
                 &config.kafka,
                 config.output_topic.as_deref(),

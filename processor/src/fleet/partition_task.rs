@@ -15,12 +15,14 @@ use super::maintenance::hold_compaction_lock;
 use crate::checkpoint::{
     CheckpointRecord, CheckpointRecords, CheckpointStore, Manifest, UploadReport,
 };
-use crate::config::MissingOffsets;
+use crate::config::{MissingOffsets, OutputGuarantee};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::partition::PartitionProcessor;
 use crate::resources::{compaction_resource, local_state_dir};
-use crate::source::{consume_partition, partition_consumer, watermarks};
+use crate::sink::TransactionalSink;
+use crate::source::{Outputs, committed_offset, consume_partition, partition_consumer, watermarks};
 use crate::store::{PartitionStore, StateBatch};
+use rdkafka::consumer::ConsumerGroupMetadata;
 
 /// Waits for a checkpoint upload of `partition`.
 async fn finish_publishing(
@@ -39,6 +41,10 @@ pub(super) enum Published {
     Recorded,
     Skipped,
 }
+
+/// How often a partition's progress reaches the instance status (and the group's informational offset),
+/// whatever the checkpoint interval.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Attempts at the final checkpoint of a hand-off while retention holds the compaction lock.
 const HAND_OFF_ATTEMPTS: u32 = 3;
@@ -336,6 +342,119 @@ impl Instance {
         Ok(Published::Recorded)
     }
 
+    /// The partition's exactly-once output path, when it has outputs and the guarantee is exactly-once:
+    /// its transactional producer, initialised — which fences every earlier owner's producer of the
+    /// partition, so none of their transactions can commit from now on — and the consumer's group
+    /// metadata its transactions commit offsets for.
+    async fn open_transactional_outputs(
+        &self,
+        partition: i32,
+        consumer: &rdkafka::consumer::StreamConsumer,
+    ) -> ProcessorResult<Option<(TransactionalSink, Arc<ConsumerGroupMetadata>)>> {
+        use rdkafka::consumer::Consumer;
+        let config = &self.config;
+        let has_outputs = config.output_topic.is_some() || config.dead_letter_topic.is_some();
+        if !has_outputs || config.output_guarantee != OutputGuarantee::ExactlyOnce {
+            return Ok(None);
+        }
+        let group = consumer
+            .group_metadata()
+            .ok_or_else(|| ProcessorError::Kafka {
+                operation: "read the consumer's group metadata",
+                source: "the consumer has no group".into(),
+            })?;
+        let (kafka, group_id, topic) = (
+            config.kafka.clone(),
+            config.group.clone(),
+            config.topic.clone(),
+        );
+        let (output, dead_letters) = (
+            config.output_topic.clone(),
+            config.dead_letter_topic.clone(),
+        );
+        let sink = tokio::task::spawn_blocking(move || {
+            TransactionalSink::open(
+                &kafka,
+                &group_id,
+                &topic,
+                partition,
+                output.as_deref(),
+                dead_letters.as_deref(),
+            )
+        })
+        .await
+        .map_err(ProcessorError::task(format!(
+            "initialise the transactional producer of partition {partition}"
+        )))??;
+        Ok(Some((sink, Arc::new(group))))
+    }
+
+    /// Brings the state up to the input whose outputs are already committed: the group offset the last
+    /// transaction committed (read after our producer fenced every earlier one, so it is final) is
+    /// where exactly-once output resumes. State behind it (restored from a checkpoint, or written by an
+    /// owner that crashed between its commit and its state write) is rebuilt by replaying the records in
+    /// between with their outputs discarded — they are visible already.
+    async fn replay_committed_outputs(
+        &self,
+        consumer: &rdkafka::consumer::StreamConsumer,
+        processor: &mut PartitionProcessor,
+        stop: &CancellationToken,
+    ) -> ProcessorResult<()> {
+        let partition = processor.partition();
+        let (kafka, group, topic) = (
+            self.config.kafka.clone(),
+            self.config.group.clone(),
+            self.config.topic.clone(),
+        );
+        let committed = tokio::task::spawn_blocking(move || {
+            committed_offset(&kafka, &group, &topic, partition)
+        })
+        .await
+        .map_err(ProcessorError::task(format!(
+            "read the committed offset of partition {partition}"
+        )))??;
+        let stored = processor.next_offset();
+        match committed {
+            Some(committed) if committed > stored => {
+                tracing::info!(
+                    instance = %self.config.instance_id,
+                    partition,
+                    stored,
+                    committed,
+                    "replaying records whose outputs are already committed (outputs discarded)"
+                );
+                let before = processor.stats();
+                let replayed = consume_partition(
+                    consumer,
+                    processor,
+                    self.config.batch_size,
+                    Some(committed),
+                    Outputs::Discard,
+                    Some(&self.permits),
+                    stop,
+                )
+                .await;
+                let after = processor.stats();
+                self.status.send_modify(|s| {
+                    s.processed += after.applied - before.applied;
+                    s.dead_letters += after.dead_letters - before.dead_letters;
+                });
+                replayed?;
+            }
+            Some(committed) if committed < stored => {
+                tracing::warn!(
+                    instance = %self.config.instance_id,
+                    partition,
+                    stored,
+                    committed,
+                    "the state is ahead of the committed outputs: the partition ran at-least-once before (or the group's offsets expired); exactly-once output starts at the stored offset"
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Checks the offset stored with the partition's state against the log (`[low, high)`): inside it,
     /// nothing to do; outside it (records deleted by retention, or the topic recreated), the
     /// `on_missing_offsets` policy decides — refuse (the default), or move the stored offset to the log's
@@ -426,16 +545,37 @@ impl Instance {
             partition,
             processor.next_offset(),
         )?;
-        tracing::info!(instance = %self.config.instance_id, partition, fencing_token, from = processor.next_offset(), "partition started");
+        let transactional = self
+            .open_transactional_outputs(partition, &consumer)
+            .await?;
+        if transactional.is_some() {
+            self.replay_committed_outputs(&consumer, &mut processor, &stop)
+                .await?;
+        }
+        let outputs = match (&transactional, self.sink.as_ref()) {
+            (Some((sink, group)), _) => Outputs::Transactional(sink, group),
+            (None, Some(sink)) => Outputs::AtLeastOnce(sink),
+            (None, None) => Outputs::Discard,
+        };
+        tracing::info!(instance = %self.config.instance_id, partition, fencing_token, from = processor.next_offset(), ?outputs, "partition started");
         // The upload of the last snapshot runs while the partition goes on processing; dropped (aborted)
         // with this task.
         let mut publishing: Option<AbortOnDropHandle<ProcessorResult<Published>>> = None;
+        let mut last_checkpoint = tokio::time::Instant::now();
         loop {
-            // One segment: consume until the next checkpoint is due, ownership is lost, or we stop.
+            // One segment: consume until the status is due for an update (or the next checkpoint, if
+            // sooner), ownership is lost, or we stop.
             let segment = stop.child_token();
             let timer = {
-                let (segment, lost, every) =
-                    (segment.clone(), lost.clone(), self.config.checkpoint_every);
+                let until_checkpoint = self
+                    .config
+                    .checkpoint_every
+                    .saturating_sub(last_checkpoint.elapsed());
+                let (segment, lost, every) = (
+                    segment.clone(),
+                    lost.clone(),
+                    until_checkpoint.min(STATUS_EVERY),
+                );
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {}
@@ -450,7 +590,7 @@ impl Instance {
                 &mut processor,
                 self.config.batch_size,
                 None,
-                self.sink.as_ref(),
+                outputs,
                 Some(&self.permits),
                 &segment,
             )
@@ -468,13 +608,19 @@ impl Instance {
                     token: fencing_token,
                 });
             }
-            report_progress(
-                &consumer,
-                &self.config.topic,
-                partition,
-                processor.next_offset(),
-                false,
-            );
+            if transactional.is_none() {
+                report_progress(
+                    &consumer,
+                    &self.config.topic,
+                    partition,
+                    processor.next_offset(),
+                    false,
+                );
+            }
+            if !stop.is_cancelled() && last_checkpoint.elapsed() < self.config.checkpoint_every {
+                continue;
+            }
+            last_checkpoint = tokio::time::Instant::now();
             // One upload at a time per partition, in order: the previous one must have landed.
             if let Some(previous) = publishing.take() {
                 finish_publishing(partition, previous).await?;
@@ -494,13 +640,16 @@ impl Instance {
             }
         }
         // The last progress for lag tools, synchronously: the next owner resumes from its own state.
-        report_progress(
-            &consumer,
-            &self.config.topic,
-            partition,
-            processor.next_offset(),
-            true,
-        );
+        // (Exactly-once outputs commit the offsets in their transactions instead.)
+        if transactional.is_none() {
+            report_progress(
+                &consumer,
+                &self.config.topic,
+                partition,
+                processor.next_offset(),
+                true,
+            );
+        }
         drop(consumer);
         kept.release().await.map_err(ProcessorError::from)?;
         tracing::info!(instance = %self.config.instance_id, partition, "partition handed off");
