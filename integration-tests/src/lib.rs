@@ -15,6 +15,7 @@ pub mod postgres_server;
 pub mod proxy;
 pub mod recipe_env;
 pub mod redis_server;
+pub mod verifier;
 
 pub use kafka_server::{KafkaCluster, KafkaNode};
 pub use postgres_server::PostgresServer;

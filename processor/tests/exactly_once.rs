@@ -108,6 +108,14 @@ async fn crash_and_take_over(guarantee: OutputGuarantee) -> usize {
     b_stop.cancel();
     b.await.unwrap().unwrap();
 
+    // The independent verifier (Python, confluent-kafka, its own recomputation) must agree.
+    let report = integration_tests::verifier::verify_outputs(&brokers, TOPIC, OUTPUT);
+    assert!(report.error.is_none(), "{report:?}");
+    match guarantee {
+        OutputGuarantee::ExactlyOnce => assert!(report.ok, "{report:?}"),
+        _ => assert!(report.duplicates > 0 && report.missing == 0, "{report:?}"),
+    }
+
     let outputs = outputs_by_key(&brokers);
     let expected = workload.expected();
     assert_eq!(outputs.len(), expected.len(), "every key has outputs");

@@ -1,0 +1,166 @@
+//! Exactly-once outputs of a fleet of `processor` OS processes on a 3-broker Apache Kafka cluster
+//! (replication factor 3, `min.insync.replicas=2`), checked by an independent verifier (Python,
+//! confluent-kafka, its own recomputation of the input; see `integration-tests/verifier/`).
+//!
+//! Three instances coordinate through Redis and publish every running aggregate to an output topic.
+//! While the workload arrives in parts: five SIGKILL + restart cycles, one owner frozen with SIGSTOP well
+//! past its claims' TTL and thawed (a zombie: its successor's producer fenced its transactional id, so
+//! nothing it produces after the takeover may become visible, and it must stop processing the
+//! partitions it lost), and the broker leading input partition 0 killed and restarted mid-run. Then a
+//! `read_committed` reader must see, per key, each running aggregate exactly once, the last one equal to
+//! the recomputation. The same run with `--output-guarantee at-least-once` shows repeats (the verifier
+//! can fail).
+
+// A test: helpers panic on failure by design.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use integration_tests::verifier::{VerifierReport, verify_outputs};
+use integration_tests::{KafkaCluster, RedisServer};
+use nix::sys::signal::Signal;
+use processor::dev::{Workload, admin};
+use support::{
+    PARTITIONS, Proc, TOPIC, offsets, owned_by_log, produce, run_instance_with, wait_for,
+};
+
+const OUTPUT: &str = "orders.out";
+
+/// One chaos run at a time: three brokers and three instances already fill two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn log_of(root: &Path, id: &str) -> String {
+    std::fs::read_to_string(root.join(format!("{id}.log"))).unwrap_or_default()
+}
+
+/// The run of the module docs with `--output-guarantee guarantee`; the verifier's report.
+fn chaos_run(guarantee: &str) -> VerifierReport {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let root: PathBuf = tempfile::tempdir().unwrap().keep();
+    let cluster = KafkaCluster::three();
+    let brokers = cluster.bootstrap_servers();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(admin::create_topic(&brokers, TOPIC, PARTITIONS, 3, &[]))
+        .unwrap();
+    runtime
+        .block_on(admin::create_topic(&brokers, OUTPUT, 4, 3, &[]))
+        .unwrap();
+    let redis = RedisServer::start_new();
+    let workload = Workload {
+        records: 24_000,
+        keys: 200,
+        seed: 5,
+        partitions: PARTITIONS,
+    };
+    let mut expected_ends = vec![0i64; PARTITIONS as usize];
+    for i in 0..workload.records {
+        expected_ends[workload.record(i).0 as usize] += 1;
+    }
+    let chunk = workload.records / 8;
+    let mut produced = 0;
+    let produce_next = |produced: &mut u64| {
+        let end = (*produced + chunk).min(workload.records);
+        produce(&brokers, &workload, *produced..end);
+        *produced = end;
+    };
+    produce_next(&mut produced);
+
+    let extra = ["--output-topic", OUTPUT, "--output-guarantee", guarantee];
+    let start = |id: &str| run_instance_with(id, &brokers, &redis.url(), &root, &extra);
+    let mut fleet: BTreeMap<&str, Proc> = ["p1", "p2", "p3"]
+        .into_iter()
+        .map(|id| (id, start(id)))
+        .collect();
+    let checkpoints = root.join("checkpoints");
+    wait_for("first checkpoints", Duration::from_secs(90), &root, || {
+        offsets(&checkpoints).values().filter(|o| **o > 0).count() >= 3
+    });
+
+    // Five SIGKILL + restart cycles (p1 and p2 in turn), the workload arriving in between.
+    for cycle in 0..5 {
+        let id = ["p1", "p2"][cycle % 2];
+        let victim = fleet.remove(id).unwrap();
+        victim.signal(Signal::SIGKILL);
+        drop(victim);
+        produce_next(&mut produced);
+        std::thread::sleep(Duration::from_millis(1_500));
+        fleet.insert(id, start(id));
+        std::thread::sleep(Duration::from_millis(1_500));
+    }
+
+    // A zombie: p3 frozen while it owns partitions, well past its claims' TTL (2 s), then thawed.
+    wait_for(
+        "p3 to own partitions",
+        Duration::from_secs(60),
+        &root,
+        || !owned_by_log(&root, "p3").is_empty(),
+    );
+    fleet["p3"].signal(Signal::SIGSTOP);
+    produce_next(&mut produced);
+    std::thread::sleep(Duration::from_secs(7));
+    fleet["p3"].signal(Signal::SIGCONT);
+
+    // The broker leading input partition 0 dies mid-run and comes back.
+    let leader = admin::partition_leaders(&brokers, TOPIC).unwrap()[0];
+    let node = cluster
+        .node_by_id(u32::try_from(leader).unwrap())
+        .expect("partition 0 has a live leader");
+    node.kill();
+    produce_next(&mut produced);
+    std::thread::sleep(Duration::from_secs(3));
+    node.start();
+    while produced < workload.records {
+        produce_next(&mut produced);
+    }
+
+    wait_for(
+        "the fleet to catch up",
+        Duration::from_secs(240),
+        &root,
+        || {
+            let now = offsets(&checkpoints);
+            (0..PARTITIONS).all(|p| now.get(&p) == Some(&expected_ends[p as usize]))
+        },
+    );
+    for proc in fleet.values() {
+        proc.signal(Signal::SIGTERM);
+    }
+    for (id, proc) in &mut fleet {
+        let status = proc.wait_exit(Duration::from_secs(60));
+        assert!(status.success(), "{id} exited with {status} after SIGTERM");
+    }
+    // The thawed zombie noticed: its claim was gone (stale owner) or its producer fenced.
+    let zombie = log_of(&root, "p3");
+    assert!(
+        zombie.contains("stale owner of partition") || zombie.contains("fenced by a newer owner"),
+        "the thawed owner never noticed it lost its partitions:\n{zombie}"
+    );
+    let report = verify_outputs(&brokers, TOPIC, OUTPUT);
+    println!("verifier, {guarantee}: {report:?}");
+    report
+}
+
+#[test]
+fn three_processes_on_three_brokers_publish_each_effect_exactly_once_through_kills_a_zombie_and_a_broker_restart()
+ {
+    let report = chaos_run("exactly-once");
+    assert!(report.error.is_none(), "{report:?}");
+    assert!(report.ok, "exactly-once violated: {report:?}");
+    assert_eq!(report.inputs, 24_000);
+}
+
+#[test]
+fn the_same_run_at_least_once_shows_repeats() {
+    let report = chaos_run("at-least-once");
+    assert!(report.error.is_none(), "{report:?}");
+    assert!(
+        report.duplicates > 0 && report.missing == 0 && report.mismatched == 0,
+        "the verifier saw no repeats at-least-once: {report:?}"
+    );
+}

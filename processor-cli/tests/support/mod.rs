@@ -1,0 +1,234 @@
+//! Helpers of the multi-process tests: `processor` child processes (killed on drop), the broker they
+//! share (the mock cluster in `processor dev-broker`, or a real Apache Kafka), producing, reading the
+//! checkpointed offsets and what each instance's log says it owns.
+
+#![allow(dead_code, clippy::unwrap_used)] // Each test binary uses part of it.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use processor::dev::Workload;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_processor");
+pub const TOPIC: &str = "orders";
+pub const PARTITIONS: i32 = 8;
+
+/// A child process killed on drop (a failing test leaves nothing running).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.0.id()).unwrap());
+        kill(pid, signal).unwrap();
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit in {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub fn processor(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(args).env(
+        "RUST_LOG",
+        std::env::var("FLEET_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+    );
+    command
+}
+
+/// The broker of the multi-process scenario: `processor dev-broker` (the mock cluster, in its own
+/// process) by default, or a real Apache Kafka node with `PROCESSOR_TEST_BROKER=kafka`.
+pub enum Broker {
+    Dev(Proc),
+    /// Held for its `Drop`, which stops the broker.
+    Kafka(#[allow(dead_code)] integration_tests::KafkaCluster),
+}
+
+impl Broker {
+    pub fn start() -> (Broker, String) {
+        match std::env::var("PROCESSOR_TEST_BROKER").as_deref() {
+            Ok("kafka") => {
+                let cluster = integration_tests::KafkaCluster::single();
+                let brokers = cluster.bootstrap_servers();
+                tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(processor::dev::admin::create_topic(
+                        &brokers,
+                        TOPIC,
+                        PARTITIONS,
+                        1,
+                        &[],
+                    ))
+                    .unwrap();
+                (Broker::Kafka(cluster), brokers)
+            }
+            Ok("mock") | Err(_) => {
+                let (proc, brokers) = dev_broker();
+                (Broker::Dev(proc), brokers)
+            }
+            Ok(other) => panic!("PROCESSOR_TEST_BROKER={other}: use `mock` or `kafka`"),
+        }
+    }
+
+    /// Stops the broker; the dev broker must exit cleanly on SIGTERM.
+    pub fn stop(self) {
+        if let Broker::Dev(mut proc) = self {
+            proc.signal(Signal::SIGTERM);
+            assert!(proc.wait_exit(Duration::from_secs(10)).success());
+        }
+    }
+}
+
+/// `processor dev-broker` for the topic, and the bootstrap address it printed first.
+pub fn dev_broker() -> (Proc, String) {
+    let mut broker = Proc(
+        processor(&["dev-broker", "--topic", TOPIC])
+            .args(["--partitions", &PARTITIONS.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first_line = String::new();
+    BufReader::new(broker.0.stdout.take().unwrap())
+        .read_line(&mut first_line)
+        .unwrap();
+    (broker, first_line.trim().to_owned())
+}
+
+pub fn run_instance(id: &str, brokers: &str, redis: &str, root: &Path) -> Proc {
+    run_instance_with(id, brokers, redis, root, &[])
+}
+
+/// `processor run` as instance `id` of group `procs`, with `extra` flags; its log goes to
+/// `{root}/{id}.log` (appended: a restarted instance continues the same log).
+pub fn run_instance_with(
+    id: &str,
+    brokers: &str,
+    redis: &str,
+    root: &Path,
+    extra: &[&str],
+) -> Proc {
+    let state_dir = root.join("state").join(id);
+    let checkpoint_dir = root.join("checkpoints");
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(root.join(format!("{id}.log")))
+        .unwrap();
+    // No --partitions: the count comes from the brokers.
+    let child = processor(&["run", "--brokers", brokers, "--topic", TOPIC])
+        .args(["--group", "procs", "--instance-id", id, "--lock-url", redis])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--checkpoint-dir")
+        .arg(&checkpoint_dir)
+        .arg("--create-checkpoint-dir")
+        .args(["--checkpoint-interval-secs", "0.5"])
+        .args(["--maintenance-interval-secs", "1", "--claim-ttl-secs", "2"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+pub fn produce(brokers: &str, workload: &Workload, range: std::ops::Range<u64>) {
+    let status = processor(&["produce", "--brokers", brokers, "--topic", TOPIC])
+        .args(["--partitions", &workload.partitions.to_string()])
+        .args(["--records", &range.end.to_string()])
+        .args(["--start-at", &range.start.to_string()])
+        .args(["--keys", &workload.keys.to_string()])
+        .args(["--seed", &workload.seed.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "produce failed");
+}
+
+/// `processor state offsets`: partition -> checkpointed offset.
+pub fn offsets(checkpoint_dir: &Path) -> BTreeMap<i32, i64> {
+    let out = processor(&["state", "offsets", "--topic", TOPIC, "--group", "procs"])
+        .arg("--checkpoint-dir")
+        .arg(checkpoint_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "state offsets failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (
+                i32::try_from(v["partition"].as_i64().unwrap()).unwrap(),
+                v["offset"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The partitions `id` owns now, by its log: started and neither handed off nor ended since.
+pub fn owned_by_log(root: &Path, id: &str) -> std::collections::BTreeSet<i32> {
+    let log = std::fs::read_to_string(root.join(format!("{id}.log"))).unwrap_or_default();
+    let mut owned = std::collections::BTreeSet::new();
+    for line in log.lines() {
+        let plain: String = line
+            .split('\u{1b}')
+            .map(|part| part.split_once('m').map_or(part, |(_, rest)| rest))
+            .collect();
+        let Some(partition) = plain
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("partition="))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if plain.contains("partition started") {
+            owned.insert(partition);
+        } else if plain.contains("partition handed off") || plain.contains("partition task ended") {
+            owned.remove(&partition);
+        }
+    }
+    owned
+}
+
+pub fn wait_for(what: &str, within: Duration, logs: &Path, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        if Instant::now() > deadline {
+            let mut tails = String::new();
+            for id in ["p1", "p2", "p3"] {
+                let log =
+                    std::fs::read_to_string(logs.join(format!("{id}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                tails.push_str(&format!(
+                    "\n--- {id} ---\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+            panic!("timed out waiting for {what}{tails}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
