@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need (redis-server,
-# PostgreSQL, libfaketime, Java + Maven and the Apache Kafka broker jars), then runs formatting, lints, per-feature builds, docs, unit, conformance and
+# PostgreSQL, libfaketime, Java + Maven and the Apache Kafka broker jars, a Python venv with
+# confluent-kafka for the independent output verifier), then runs formatting, lints, per-feature builds, docs, unit, conformance and
 # real-server integration tests. `.ci/run` calls exactly this.
 #
 # Builds into ./target, which scripts/lib/build-env.sh makes a link to ~/.cache/state-coordination/target
@@ -23,7 +24,8 @@ install_test_services() {
     "postgresql:have_postgres" \
     "faketime:ls /usr/lib/*/faketime/libfaketime.so.1" \
     "openjdk-17-jre-headless:command -v java" \
-    "maven:command -v mvn"
+    "maven:command -v mvn" \
+    "python3-venv:python3 -c 'import ensurepip'"
   # The packages start system-wide services; the tests start their own servers on free ports.
   command -v redis-server >/dev/null
   have_postgres
@@ -56,9 +58,22 @@ fetch_kafka_jars() {
   mv "$scratch" "$libs"
 }
 
+# The independent output verifier's Python environment (confluent-kafka from PyPI), once, outside the
+# clone; integration-tests/src/verifier.rs runs integration-tests/verifier/verify_outputs.py in it.
+prepare_verifier() {
+  local venv="${VERIFIER_VENV:-$HOME/.cache/state-coordination/venv}"
+  if "$venv/bin/python" -c 'import confluent_kafka' >/dev/null 2>&1; then
+    return 0
+  fi
+  log "making the output verifier's Python environment in $venv (confluent-kafka from PyPI)"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q confluent-kafka==2.16.1
+}
+
 prepare_build
 install_test_services
 fetch_kafka_jars
+prepare_verifier
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
