@@ -278,3 +278,25 @@ pub fn committed_offset(
             _ => None,
         }))
 }
+
+/// Whether the brokers are librdkafka's mock cluster (the embedded development broker), by the cluster
+/// id it reports (`mockCluster…`). It accepts transactional producers but neither keeps the offsets
+/// committed in a transaction nor hides aborted records, so exactly-once outputs cannot work on it.
+/// Blocking.
+///
+/// # Errors
+/// A Kafka error when the brokers cannot be asked.
+pub fn is_mock_cluster(kafka: &KafkaSettings) -> ProcessorResult<bool> {
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .create()
+        .map_err(kafka.client_error("create a consumer"))?;
+    let id = consumer
+        .client()
+        .fetch_cluster_id(Duration::from_secs(10))
+        .ok_or_else(|| ProcessorError::Kafka {
+            operation: "read the cluster id",
+            source: format!("no answer from {}", kafka.brokers()).into(),
+        })?;
+    Ok(id.starts_with("mockCluster"))
+}

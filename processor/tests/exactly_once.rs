@@ -156,3 +156,21 @@ async fn at_least_once_outputs_repeat_after_the_same_crash() {
         "the check cannot see repeats: no output repeated at-least-once"
     );
 }
+
+/// librdkafka's mock cluster accepts transactional producers but keeps neither transactional offsets nor
+/// aborted-record filtering (the same run on it repeats every replayed output), so instances recognise it
+/// and publish at-least-once there, with a warning, instead of promising what it cannot keep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mock_cluster_is_recognised_and_a_real_broker_is_not() {
+    let mock = TestBroker::Mock(processor::dev::DevBroker::start(TOPIC, 1).unwrap());
+    let real = TestBroker::kafka(TOPIC, 1).await;
+    for (broker, expected) in [(&mock, true), (&real, false)] {
+        let kafka = KafkaSettings::new(&broker.bootstrap_servers());
+        let is_mock = tokio::task::spawn_blocking(move || {
+            processor::source::is_mock_cluster(&kafka).unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(is_mock, expected, "{}", broker.bootstrap_servers());
+    }
+}

@@ -21,7 +21,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::maintenance::{Maintenance, MaintenanceOutcome};
 use super::membership::{Membership, assigned_to};
 use super::status::InstanceStatus;
-use crate::config::{InstanceConfig, OutputGuarantee};
+use crate::config::InstanceConfig;
 use crate::error::ProcessorResult;
 use crate::resources::partition_resource;
 use crate::services::Services;
@@ -37,6 +37,8 @@ pub struct Instance {
     pub(super) permits: tokio::sync::Semaphore,
     /// The topic's partition count: the configured one, raised when the brokers report more.
     partitions: AtomicI32,
+    /// Whether the brokers run transactions that work (not librdkafka's mock cluster): asked once.
+    pub(super) transactions_work: tokio::sync::OnceCell<bool>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -55,10 +57,11 @@ impl Instance {
     /// Kafka error when the producer for the output or dead-letter topic cannot be created.
     pub fn new(config: InstanceConfig, services: Services) -> ProcessorResult<Arc<Self>> {
         config.validate()?;
-        // The at-least-once path is one producer per instance; the exactly-once one is a transactional
-        // producer per owned partition, made by the partition's task.
+        // The at-least-once path is one producer per instance (also the fallback on librdkafka's mock
+        // cluster, which has no working transactions); the exactly-once one is a transactional producer
+        // per owned partition, made by the partition's task.
         let has_outputs = config.output_topic.is_some() || config.dead_letter_topic.is_some();
-        let sink = if has_outputs && config.output_guarantee == OutputGuarantee::AtLeastOnce {
+        let sink = if has_outputs {
             Some(OutputSink::new(
                 &config.kafka,
                 config.output_topic.as_deref(),
@@ -75,6 +78,7 @@ impl Instance {
             services,
             status: watch::channel(status).0,
             partitions: AtomicI32::new(config.partitions),
+            transactions_work: tokio::sync::OnceCell::new(),
             sink,
             permits: tokio::sync::Semaphore::new(config.parallelism.max(1)),
             config,

@@ -20,7 +20,9 @@ use crate::error::{ProcessorError, ProcessorResult};
 use crate::partition::PartitionProcessor;
 use crate::resources::{compaction_resource, local_state_dir};
 use crate::sink::TransactionalSink;
-use crate::source::{Outputs, committed_offset, consume_partition, partition_consumer, watermarks};
+use crate::source::{
+    Outputs, committed_offset, consume_partition, is_mock_cluster, partition_consumer, watermarks,
+};
 use crate::store::{PartitionStore, StateBatch};
 use rdkafka::consumer::ConsumerGroupMetadata;
 
@@ -354,7 +356,10 @@ impl Instance {
         use rdkafka::consumer::Consumer;
         let config = &self.config;
         let has_outputs = config.output_topic.is_some() || config.dead_letter_topic.is_some();
-        if !has_outputs || config.output_guarantee != OutputGuarantee::ExactlyOnce {
+        if !has_outputs
+            || config.output_guarantee != OutputGuarantee::ExactlyOnce
+            || !self.transactions_work().await?
+        {
             return Ok(None);
         }
         let group = consumer
@@ -387,6 +392,25 @@ impl Instance {
             "initialise the transactional producer of partition {partition}"
         )))??;
         Ok(Some((sink, Arc::new(group))))
+    }
+
+    /// Whether exactly-once outputs can work on these brokers: not on librdkafka's mock cluster (asked
+    /// once per instance; said once in a warning, then its partitions publish at-least-once).
+    async fn transactions_work(&self) -> ProcessorResult<bool> {
+        let kafka = self.config.kafka.clone();
+        let instance = self.config.instance_id.clone();
+        self.transactions_work
+            .get_or_try_init(|| async move {
+                let mock = tokio::task::spawn_blocking(move || is_mock_cluster(&kafka))
+                    .await
+                    .map_err(ProcessorError::task("ask the brokers for their cluster id"))??;
+                if mock {
+                    tracing::warn!(%instance, "librdkafka's mock cluster has no working transactions: outputs are at-least-once here (exactly-once needs a real Kafka cluster)");
+                }
+                Ok(!mock)
+            })
+            .await
+            .copied()
     }
 
     /// Brings the state up to the input whose outputs are already committed: the group offset the last
