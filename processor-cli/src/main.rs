@@ -147,6 +147,13 @@ struct DemoArgs {
     /// Keep state and checkpoints here instead of a temporary directory.
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Run on an existing Kafka cluster (`host:port,…`) instead of the in-process mock cluster; the demo
+    /// creates a fresh topic there (`orders-demo-…`) and leaves it.
+    #[arg(long, env = "BROKERS")]
+    brokers: Option<String>,
+    /// The replication factor of the demo's topic on an existing cluster.
+    #[arg(long, default_value_t = 1)]
+    replication_factor: i32,
     /// Plain status lines instead of progress bars.
     #[arg(long)]
     no_progress: bool,
@@ -436,6 +443,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     config.instances = args.instances;
     config.seed = args.seed;
     config.work_dir = args.work_dir;
+    config.brokers = args.brokers;
+    config.replication = args.replication_factor;
     let (records, keys) = (config.records, config.keys);
     let mut console = Console::new(records, !args.no_progress);
     let report = run_demo(config, &mut console).await?;

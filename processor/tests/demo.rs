@@ -1,5 +1,5 @@
 //! The README's main command, `processor demo`, as a test: on in-process locks, a real Redis and a real
-//! PostgreSQL, the fleet (3 instances, one killed abruptly mid-stream, one added) must end with state
+//! PostgreSQL (on the mock cluster), and on a real Apache Kafka broker, the fleet (3 instances, one killed abruptly mid-stream, one added) must end with state
 //! equal to the exact recomputation, with a leader elected and maintenance jobs run.
 
 // Test and benchmark code: a failed step is a failed run, so helpers unwrap.
@@ -74,4 +74,16 @@ async fn the_demo_is_exact_on_redlock_over_three_redis_servers() {
         .map(|i| format!("127.0.0.1:{}", nodes.node(i).port()))
         .collect();
     check(small_demo(&format!("redlock://{}", hosts.join(",")))).await;
+}
+
+/// `processor demo --brokers HOST:PORT`: the same demo on an existing (here: a real Apache Kafka) cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_demo_is_exact_on_a_real_kafka_broker() {
+    integration_tests::init_tracing();
+    let kafka = tokio::task::spawn_blocking(integration_tests::KafkaCluster::single)
+        .await
+        .unwrap();
+    let mut config = small_demo("memory");
+    config.brokers = Some(kafka.bootstrap_servers());
+    check(config).await;
 }

@@ -45,6 +45,11 @@ pub struct DemoConfig {
     pub seed: u64,
     /// Where state and checkpoints go (a temporary directory, removed at the end, when `None`).
     pub work_dir: Option<PathBuf>,
+    /// An existing Kafka cluster to run on (`host:port,…`) instead of librdkafka's in-process mock
+    /// cluster: the demo creates a fresh topic there (`{topic}-{run}`) and leaves it behind.
+    pub brokers: Option<String>,
+    /// The replication factor of that topic on an existing cluster.
+    pub replication: i32,
 }
 
 impl Default for DemoConfig {
@@ -59,6 +64,8 @@ impl Default for DemoConfig {
             keys: 1_000,
             seed: 42,
             work_dir: None,
+            brokers: None,
+            replication: 1,
         }
     }
 }
@@ -154,15 +161,37 @@ pub async fn run_demo(
         .work_dir
         .clone()
         .unwrap_or_else(|| temp.path().to_path_buf());
-    let broker = DevBroker::start(&config.topic, config.partitions)?;
-    let brokers = broker.bootstrap_servers();
-    // A fresh fleet name per run, so runs against a shared Redis or PostgreSQL do not meet.
+    // A fresh fleet name per run, so runs against a shared Redis, PostgreSQL or Kafka do not meet.
     let group = format!(
         "demo-{}",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis())
     );
+    let mut config = config;
+    let (mock, brokers, where_) = match config.brokers.clone() {
+        Some(brokers) => {
+            config.topic = format!("{}-{group}", config.topic);
+            super::admin::create_topic(
+                &brokers,
+                &config.topic,
+                config.partitions,
+                config.replication,
+                &[],
+            )
+            .await?;
+            (None, brokers.clone(), format!("Kafka cluster at {brokers}"))
+        }
+        None => {
+            let mock = DevBroker::start(&config.topic, config.partitions)?;
+            let brokers = mock.bootstrap_servers();
+            (
+                Some(mock),
+                brokers.clone(),
+                format!("mock Kafka cluster at {brokers}"),
+            )
+        }
+    };
     let base = Services::connect(
         &config.lock_url,
         checkpoint_root(&root.join("checkpoints"), &group),
@@ -175,7 +204,7 @@ pub async fn run_demo(
         partitions: config.partitions,
     };
     observer.event(&format!(
-        "mock Kafka cluster at {brokers}; topic {} with {} partitions; locks: {}; work dir {}",
+        "{where_}; topic {} with {} partitions; locks: {}; work dir {}",
         config.topic,
         config.partitions,
         config.lock_url,
@@ -358,7 +387,7 @@ pub async fn run_demo(
         }
     }
     mismatches.extend(state.keys().filter(|k| !expected.contains_key(*k)).cloned());
-    drop(broker);
+    drop(mock);
     Ok(DemoReport {
         records: config.records,
         expected_keys: expected.len(),
