@@ -112,6 +112,8 @@ pub struct KafkaNode {
     node_id: u32,
     port: u16,
     controller_port: u16,
+    /// The SASL_SSL listener's port and the directory of its certificates, when the node has one.
+    secure: Option<(u16, PathBuf)>,
     dir: PathBuf,
     libs: PathBuf,
     child: Mutex<Option<Child>>,
@@ -255,7 +257,24 @@ impl Drop for KafkaNode {
 /// A Kafka cluster of one or more combined broker+controller nodes, stopped (killed) on drop.
 pub struct KafkaCluster {
     nodes: Vec<KafkaNode>,
+    secure: Option<SecureListener>,
     _dir: TempDir,
+}
+
+/// A SASL_SSL listener: where it is, the CA that signed its certificate, and its one user.
+#[derive(Debug, Clone)]
+pub struct SecureListener {
+    /// `127.0.0.1:PORT`.
+    pub address: String,
+    /// The CA certificate (PEM) clients verify the broker with (`ssl.ca.location`).
+    pub ca_location: PathBuf,
+}
+
+impl SecureListener {
+    /// The SASL PLAIN user.
+    pub const USERNAME: &'static str = "alice";
+    /// Its password.
+    pub const PASSWORD: &'static str = "alice-Secret-7f3e";
 }
 
 impl KafkaCluster {
@@ -264,7 +283,17 @@ impl KafkaCluster {
     /// # Panics
     /// When Java or the jars are missing, or the node does not start.
     pub fn single() -> Self {
-        Self::start(1)
+        Self::start(1, false)
+    }
+
+    /// One combined node that also listens with SASL_SSL: TLS with a throwaway CA (certificate for
+    /// `127.0.0.1`) and SASL PLAIN with the one user of [`SecureListener`]. The plaintext listener stays
+    /// (for the test's own producers).
+    ///
+    /// # Panics
+    /// As [`single`](Self::single); when `openssl` is missing.
+    pub fn single_with_sasl_ssl() -> Self {
+        Self::start(1, true)
     }
 
     /// Three combined nodes (three controller voters): replication factor 3 and
@@ -273,10 +302,10 @@ impl KafkaCluster {
     /// # Panics
     /// As [`single`](Self::single).
     pub fn three() -> Self {
-        Self::start(3)
+        Self::start(3, false)
     }
 
-    fn start(n: u32) -> Self {
+    fn start(n: u32, with_sasl_ssl: bool) -> Self {
         let libs = kafka_libs();
         let dir = tempfile::Builder::new()
             .prefix("kafka-fixture-")
@@ -293,6 +322,11 @@ impl KafkaCluster {
             .collect::<Vec<_>>()
             .join(",");
         let cluster_id = random_cluster_id(&libs);
+        let secure = with_sasl_ssl.then(|| {
+            let certs = dir.path().join("certs");
+            make_certificates(&certs);
+            (free_ports(1)[0], certs)
+        });
         let nodes: Vec<KafkaNode> = ports
             .iter()
             .enumerate()
@@ -301,6 +335,7 @@ impl KafkaCluster {
                     node_id: u32::try_from(i + 1).expect("few nodes"),
                     port: *port,
                     controller_port: *controller_port,
+                    secure: secure.as_ref().map(|(port, certs)| (*port, certs.clone())),
                     dir: dir.path().join(format!("node-{}", i + 1)),
                     libs: libs.clone(),
                     child: Mutex::new(None),
@@ -316,7 +351,20 @@ impl KafkaCluster {
         for node in &nodes {
             node.wait_started();
         }
-        KafkaCluster { nodes, _dir: dir }
+        let secure = secure.map(|(port, certs)| SecureListener {
+            address: format!("127.0.0.1:{port}"),
+            ca_location: certs.join("ca.pem"),
+        });
+        KafkaCluster {
+            nodes,
+            secure,
+            _dir: dir,
+        }
+    }
+
+    /// The SASL_SSL listener, when started with [`single_with_sasl_ssl`](Self::single_with_sasl_ssl).
+    pub fn secure_listener(&self) -> Option<&SecureListener> {
+        self.secure.as_ref()
     }
 
     /// The bootstrap servers (every node).
@@ -362,11 +410,11 @@ impl KafkaNode {
             "process.roles=broker,controller\n\
              node.id={id}\n\
              controller.quorum.voters={voters}\n\
-             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}{secure_listener}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port}{secure_listener}\n\
              controller.listener.names=CONTROLLER\n\
              inter.broker.listener.name=PLAINTEXT\n\
-             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL\n\
              log.dirs={data}\n\
              num.partitions=1\n\
              default.replication.factor={replication}\n\
@@ -389,7 +437,24 @@ impl KafkaNode {
             port = self.port,
             controller = self.controller_port,
             data = data.display(),
+            secure_listener = self
+                .secure
+                .as_ref()
+                .map(|(port, _)| format!(",SASL_SSL://127.0.0.1:{port}"))
+                .unwrap_or_default(),
         );
+        if let Some((_, certs)) = &self.secure {
+            let _ = write!(
+                properties,
+                "sasl.enabled.mechanisms=PLAIN\n\
+                 listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username=\"{user}\" password=\"{password}\" user_{user}=\"{password}\";\n\
+                 listener.name.sasl_ssl.ssl.keystore.type=PEM\n\
+                 listener.name.sasl_ssl.ssl.keystore.location={keystore}\n",
+                user = SecureListener::USERNAME,
+                password = SecureListener::PASSWORD,
+                keystore = certs.join("keystore.pem").display(),
+            );
+        }
         std::fs::write(self.dir.join("server.properties"), properties)
             .expect("write server.properties");
         std::fs::write(self.dir.join("log4j2.properties"), LOG4J2)
@@ -430,4 +495,73 @@ fn random_cluster_id(libs: &Path) -> String {
         "no cluster id from StorageTool"
     );
     id
+}
+
+/// A throwaway CA and a certificate for `127.0.0.1` signed by it, in `dir`: `ca.pem` for clients,
+/// `keystore.pem` (PKCS#8 key + certificate) for the broker.
+fn make_certificates(dir: &Path) {
+    let openssl = require_binary("openssl", "apt-get install openssl");
+    std::fs::create_dir_all(dir).expect("create the certificates dir");
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write san.ext");
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    ];
+    for args in steps {
+        let output = Command::new(&openssl)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let key = std::fs::read_to_string(dir.join("server.key")).expect("read server.key");
+    let cert = std::fs::read_to_string(dir.join("server.pem")).expect("read server.pem");
+    std::fs::write(dir.join("keystore.pem"), format!("{key}{cert}")).expect("write keystore.pem");
 }

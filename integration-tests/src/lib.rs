@@ -17,7 +17,7 @@ pub mod recipe_env;
 pub mod redis_server;
 pub mod verifier;
 
-pub use kafka_server::{KafkaCluster, KafkaNode};
+pub use kafka_server::{KafkaCluster, KafkaNode, SecureListener};
 pub use postgres_server::PostgresServer;
 pub use proxy::{FaultProxy, ProxyMode};
 pub use redis_server::{RedisCluster, RedisServer};

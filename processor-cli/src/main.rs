@@ -345,7 +345,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut config = config;
     config.partitions = match processor::source::partition_count(&config.kafka, &args.topic) {
         Ok(count) => count,
-        Err(err @ processor::ProcessorError::InvalidInput { .. }) => return Err(err.into()),
+        Err(
+            err @ (processor::ProcessorError::InvalidInput { .. }
+            | processor::ProcessorError::BrokersRefused { .. }),
+        ) => return Err(err.into()),
         Err(err) => {
             return Err(anyhow::Error::from(err)
                 .context(format!("broker {} is not reachable", args.brokers)));

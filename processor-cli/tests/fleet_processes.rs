@@ -15,15 +15,14 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration_tests::{RedisCluster, RedisServer};
 use nix::sys::signal::Signal;
 use processor::dev::Workload;
 use support::{
-    Broker, PARTITIONS, Proc, TOPIC, dev_broker, offsets, owned_by_log, processor, produce,
-    run_instance, wait_for,
+    Broker, PARTITIONS, Proc, TOPIC, dev_broker, fails_with, offsets, owned_by_log, processor,
+    produce, run_instance, wait_for,
 };
 
 #[test]
@@ -156,32 +155,6 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
         assert!(!log.contains("panicked"), "{id}: {log}");
     }
     let _ = std::fs::remove_dir_all(&root);
-}
-
-/// Runs `processor` with `args` and returns (exit success, stderr).
-fn fails_with(args: &[&str]) -> String {
-    // A mistake must be refused at start: a process still running after 30 s was not refused (killed, so
-    // the test fails instead of hanging).
-    let mut child = processor(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?} was not refused: still running after 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success(), "{args:?} succeeded");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(!lines.is_empty(), "{args:?}: no error message");
-    stderr
 }
 
 #[test]

@@ -60,6 +60,17 @@ pub enum ProcessorError {
         token: u64,
     },
 
+    /// The brokers answered but refused this client: a failed SASL login or TLS handshake.
+    #[error(
+        "the brokers {brokers} refused the connection: {reason} (check the sasl.* and ssl.* client settings)"
+    )]
+    BrokersRefused {
+        /// The bootstrap servers.
+        brokers: String,
+        /// librdkafka's reason, secrets cut out.
+        reason: String,
+    },
+
     /// A newer owner of the partition initialised its transactional producer (same `transactional.id`),
     /// which fenced this one: nothing this instance produces for the partition can commit any more, and
     /// it stops processing it.

@@ -145,16 +145,19 @@ impl KafkaSettings {
         &self,
         operation: &'static str,
     ) -> impl FnOnce(rdkafka::error::KafkaError) -> ProcessorError + '_ {
-        move |err| {
-            let mut message = err.to_string();
-            for value in self.properties.values().filter(|v| v.len() >= 2) {
-                message = message.replace(value.as_str(), "***");
-            }
-            ProcessorError::Kafka {
-                operation,
-                source: message.into(),
-            }
+        move |err| ProcessorError::Kafka {
+            operation,
+            source: self.redact(&err.to_string()).into(),
         }
+    }
+
+    /// `message` with every property value cut out (see [`client_error`](Self::client_error)).
+    pub(crate) fn redact(&self, message: &str) -> String {
+        let mut message = message.to_owned();
+        for value in self.properties.values().filter(|v| v.len() >= 2) {
+            message = message.replace(value.as_str(), "***");
+        }
+        message
     }
 
     /// The bootstrap servers.

@@ -34,13 +34,20 @@ pub fn high_watermark(kafka: &KafkaSettings, topic: &str, partition: i32) -> Pro
 /// [`ProcessorError::InvalidInput`] (`topic`) when the topic does not exist; a Kafka error when the
 /// brokers cannot be reached.
 pub fn partition_count(kafka: &KafkaSettings, topic: &str) -> ProcessorResult<i32> {
-    let consumer: BaseConsumer = kafka
+    let consumer: BaseConsumer<LastBrokerError> = kafka
         .client_config()
-        .create()
+        .create_with_context(LastBrokerError::default())
         .map_err(kafka.client_error("create a consumer"))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(ProcessorError::kafka("fetch the topic's metadata"))?;
+        .map_err(|err| match refusal_of(&consumer) {
+            // The request only says "transport failure": the reason is in librdkafka's error callback.
+            Some(reason) => ProcessorError::BrokersRefused {
+                brokers: kafka.brokers().to_owned(),
+                reason: kafka.redact(&reason),
+            },
+            None => ProcessorError::kafka("fetch the topic's metadata")(err),
+        })?;
     let missing = || ProcessorError::InvalidInput {
         what: "topic",
         reason: format!(
@@ -66,6 +73,62 @@ pub fn partition_count(kafka: &KafkaSettings, topic: &str) -> ProcessorResult<i3
             source: format!("{code:?}").into(),
         }),
     }
+}
+
+/// A client context that remembers why the brokers refused the client (a failed SASL login, a TLS
+/// handshake failure): librdkafka says so only through its error callback, while the request itself
+/// fails with a bare "transport failure".
+#[derive(Default)]
+struct LastBrokerError(std::sync::Mutex<Option<String>>);
+
+impl LastBrokerError {
+    /// The last authentication or TLS failure reported, if any.
+    fn refusal(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl rdkafka::ClientContext for LastBrokerError {
+    /// librdkafka's own lines about this short-lived probe go to debug: what matters of them is in the
+    /// one error the probe returns.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        tracing::debug!(?level, facility, message, "librdkafka (probe)");
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let refused = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                rdkafka::types::RDKafkaErrorCode::Authentication
+                    | rdkafka::types::RDKafkaErrorCode::SaslAuthenticationFailed
+                    | rdkafka::types::RDKafkaErrorCode::SSL
+            )
+        ) || reason.contains("SASL authentication")
+            || reason.contains("SSL handshake");
+        if refused {
+            *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_owned());
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LastBrokerError {}
+
+/// Why the brokers refused `consumer`, after serving the events librdkafka queued (its error callback
+/// runs only when the client is polled).
+fn refusal_of(consumer: &BaseConsumer<LastBrokerError>) -> Option<String> {
+    for _ in 0..5 {
+        if let Some(reason) = consumer.context().refusal() {
+            return Some(reason);
+        }
+        let _ = consumer.poll(Duration::from_millis(20));
+    }
+    consumer.context().refusal()
 }
 
 /// The log start and end (low and high watermarks) of a partition.

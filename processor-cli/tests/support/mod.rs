@@ -232,3 +232,29 @@ pub fn wait_for(what: &str, within: Duration, logs: &Path, mut done: impl FnMut(
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Runs `processor` with `args`, which must fail at start (within 30 s): its stderr.
+pub fn fails_with(args: &[&str]) -> String {
+    // A mistake must be refused at start: a process still running after 30 s was not refused (killed, so
+    // the test fails instead of hanging).
+    let mut child = processor(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} was not refused: still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "{args:?}: no error message");
+    stderr
+}
