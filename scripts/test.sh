@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need (redis-server,
-# PostgreSQL, libfaketime, Java + Maven and the Apache Kafka broker jars, a Python venv with
-# confluent-kafka for the independent output verifier), then runs formatting, lints, per-feature builds, docs, unit, conformance and
+# PostgreSQL, etcd and protoc for its client, libfaketime, Java + Maven and the Apache Kafka broker jars,
+# a Python venv with confluent-kafka for the independent output verifier), then runs formatting, lints, per-feature builds, docs, unit, conformance and
 # real-server integration tests. `.ci/run` calls exactly this.
 #
 # Builds into ./target, which scripts/lib/build-env.sh makes a link to ~/.cache/state-coordination/target
@@ -25,7 +25,9 @@ install_test_services() {
     "faketime:ls /usr/lib/*/faketime/libfaketime.so.1" \
     "openjdk-17-jre-headless:command -v java" \
     "maven:command -v mvn" \
-    "python3-venv:python3 -c 'import ensurepip'"
+    "python3-venv:python3 -c 'import ensurepip'" \
+    "etcd-server:command -v etcd" \
+    "protobuf-compiler:command -v protoc"
   # The packages start system-wide services; the tests start their own servers on free ports.
   command -v redis-server >/dev/null
   have_postgres
@@ -100,7 +102,7 @@ forbidden_in processor normal "clap|indicatif|anyhow|tracing-subscriber"
 
 log "each feature of state builds alone"
 cargo check -q -p state --no-default-features
-for feature in redis postgres conformance; do
+for feature in redis postgres etcd conformance; do
   cargo check -q -p state --no-default-features --features "$feature"
 done
 

@@ -11,7 +11,7 @@ use state::{
 
 use state::{PostgresDistributedLock, PostgresLockMode};
 
-use crate::{FaultProxy, PostgresServer, RedisCluster, RedisServer};
+use crate::{EtcdCluster, FaultProxy, PostgresServer, RedisCluster, RedisServer};
 
 /// The in-process backend: every handle is a clone of one instance.
 #[derive(Debug, Default, Clone)]
@@ -388,5 +388,52 @@ impl ConformanceBackend for ProxiedPostgres {
             .await
             .unwrap_or_else(|err| panic!("connect postgres through the proxy: {err}"));
         Arc::new(lock)
+    }
+}
+
+/// The etcd backend over an [`EtcdCluster`] of its own (one or three members); every handle is a new
+/// client to every member.
+pub struct EtcdFixture {
+    /// The members.
+    pub cluster: EtcdCluster,
+}
+
+impl EtcdFixture {
+    /// One member, for one test.
+    pub fn single() -> Self {
+        crate::init_tracing();
+        EtcdFixture {
+            cluster: EtcdCluster::single(),
+        }
+    }
+
+    /// Three members, for one test.
+    pub fn three() -> Self {
+        crate::init_tracing();
+        EtcdFixture {
+            cluster: EtcdCluster::three(),
+        }
+    }
+
+    /// The cluster's `etcd://` URL.
+    pub fn url(&self) -> String {
+        self.cluster.url("conformance")
+    }
+}
+
+#[async_trait::async_trait]
+impl ConformanceBackend for EtcdFixture {
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+        let url = self.url();
+        let lock = state::EtcdDistributedLock::new(&url)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {url}: {err}"));
+        Arc::new(lock.with_retry(retry))
+    }
+
+    /// Leases count whole seconds (a 300 ms TTL is a 1 s lease) and the leader sweeps expired leases
+    /// every 500 ms.
+    fn expiry_slack(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(1_500)
     }
 }

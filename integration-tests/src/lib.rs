@@ -10,6 +10,7 @@
 
 pub mod adapters;
 pub mod clock_skew;
+pub mod etcd_server;
 pub mod kafka_server;
 pub mod postgres_server;
 pub mod proxy;
@@ -17,6 +18,7 @@ pub mod recipe_env;
 pub mod redis_server;
 pub mod verifier;
 
+pub use etcd_server::{EtcdCluster, EtcdMember};
 pub use kafka_server::{KafkaCluster, KafkaNode, SecureListener};
 pub use postgres_server::PostgresServer;
 pub use proxy::{FaultProxy, ProxyMode};

@@ -8,6 +8,7 @@
 //! | one Redis server | [`RedisDistributedLock`] | `redis` (default) |
 //! | several Redis servers, majority quorum (Redlock) | [`RedlockDistributedLock`] | `redis` (default) |
 //! | PostgreSQL: lease table, advisory locks, transaction locks | `PostgresDistributedLock` | `postgres` |
+//! | etcd: a lease per guard, the key's create revision as fencing token | `EtcdDistributedLock` | `etcd` |
 //!
 //! Every acquisition returns a [`LockGuard`] carrying a [`LockToken`] whose `fencing_token` is strictly
 //! greater than every token issued before for that resource, so storage can reject writes from a holder
@@ -41,6 +42,8 @@ pub mod recipes;
 mod redact;
 pub mod retry;
 
+#[cfg(feature = "etcd")]
+pub use backends::etcd::EtcdDistributedLock;
 pub use backends::memory::InMemoryDistributedLock;
 #[cfg(feature = "postgres")]
 pub use backends::postgres::{PostgresDistributedLock, PostgresLockBuilder, PostgresLockMode};

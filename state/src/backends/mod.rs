@@ -12,6 +12,9 @@ pub mod redlock;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -20,7 +23,10 @@ use crate::{StateError, StateResult};
 
 /// Runs one backend call bounded by `timeout`, mapping the driver's error and the timeout to
 /// [`StateError`]s that name the backend, operation and resource. Shared by every network backend.
-#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "redis", feature = "postgres", feature = "etcd")),
+    allow(dead_code)
+)]
 pub(crate) async fn bounded<T, E>(
     timeout: Duration,
     backend: &'static str,

@@ -37,6 +37,18 @@ pub trait ConformanceBackend: Send + Sync {
     /// A handle to the lock service under test whose `acquire` uses `retry`. All handles made by one
     /// backend value must share the same locks (as clones or connections to the same server do).
     async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock>;
+
+    /// How much later than its TTL the service may free an expired lease for others (never how much
+    /// sooner: a guard's own deadline always follows the TTL asked for). Zero for services with
+    /// millisecond expiry; etcd counts leases in whole seconds and sweeps expired ones every 500 ms.
+    fn expiry_slack(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+/// How long after taking a [`SHORT_TTL`] lease the suite waits before expecting it freed.
+fn after_short_ttl(backend: &dyn ConformanceBackend) -> Duration {
+    SHORT_TTL + Duration::from_millis(100) + backend.expiry_slack()
 }
 
 /// A deliberately unsynchronised counter (read, then write) that only a working lock keeps exact.
@@ -188,7 +200,7 @@ pub async fn takeover_after_ttl_expiry(backend: &dyn ConformanceBackend) {
             .expect("no error")
             .is_none()
     );
-    tokio::time::sleep(SHORT_TTL + Duration::from_millis(100)).await;
+    tokio::time::sleep(after_short_ttl(backend)).await;
     assert!(first.is_expired(), "the guard knows its lease ran out");
     assert_eq!(first.time_remaining(), Duration::ZERO);
     let second = must_acquire(&lock, &name, TTL).await;
@@ -236,7 +248,7 @@ pub async fn stale_guard_cannot_extend_or_release(backend: &dyn ConformanceBacke
     let lock = backend.lock(quick()).await;
     let name = resource("stale");
     let mut stale = must_acquire(&lock, &name, SHORT_TTL).await;
-    tokio::time::sleep(SHORT_TTL + Duration::from_millis(100)).await;
+    tokio::time::sleep(after_short_ttl(backend)).await;
     let holder = must_acquire(&lock, &name, TTL).await;
     match bounded("extend", stale.extend(TTL)).await {
         Err(StateError::LockLost { resource }) => assert_eq!(resource, name),
@@ -276,7 +288,7 @@ pub async fn fencing_tokens_strictly_increase(backend: &dyn ConformanceBackend) 
     assert!(expiring.fencing_token() > last);
     last = expiring.fencing_token();
     drop(expiring.leak());
-    tokio::time::sleep(SHORT_TTL + Duration::from_millis(100)).await;
+    tokio::time::sleep(after_short_ttl(backend)).await;
     let after_expiry = must_acquire(&lock, &name, TTL).await;
     assert!(
         after_expiry.fencing_token() > last,

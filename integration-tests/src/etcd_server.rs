@@ -1,0 +1,261 @@
+//! Throwaway etcd members (Debian's `etcd-server`, v3.4): one ([`EtcdCluster::single`]) or three
+//! ([`EtcdCluster::three`]), each a separate process on free loopback ports in its own temp dir, killed
+//! on drop. Elections are tuned short (20 ms heartbeats, 200 ms election timeout) so a killed leader is
+//! replaced within a second. Fault injection per member: [`EtcdMember::kill`], [`EtcdMember::start`]
+//! (same ports and data), [`EtcdMember::pause`] (SIGSTOP) and [`EtcdMember::resume`].
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+
+use crate::{free_ports, require_binary};
+
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// One etcd member.
+pub struct EtcdMember {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+    initial_cluster: String,
+    binary: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+impl EtcdMember {
+    /// The member's client address, `127.0.0.1:PORT`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The member's name (`m1`, `m2`, …).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn spawn(&self, state: &str) {
+        let mut child = self.child();
+        if child.is_some() {
+            return;
+        }
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .expect("open etcd.log");
+        let err = log.try_clone().expect("clone etcd.log");
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let spawned = Command::new(&self.binary)
+            .args(["--name", &self.name])
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", state])
+            .args(["--initial-cluster-token", "state-tests"])
+            .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("spawn etcd");
+        *child = Some(spawned);
+    }
+
+    fn wait_ready(&self) {
+        let started = Instant::now();
+        while started.elapsed() < READY_WITHIN {
+            if healthy(self.client_port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "etcd member {} not healthy after {READY_WITHIN:?}; log:\n{}",
+            self.name,
+            std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+        );
+    }
+
+    /// Starts the member again after [`kill`](Self::kill) (same ports, same data) and waits until the
+    /// cluster answers through it.
+    pub fn start(&self) {
+        self.spawn("existing");
+        self.wait_ready();
+    }
+
+    /// Kills the member (SIGKILL) and waits for it to exit.
+    pub fn kill(&self) {
+        if let Some(mut child) = self.child().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes the member with SIGSTOP.
+    pub fn pause(&self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    /// Thaws a paused member.
+    pub fn resume(&self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: Signal) {
+        let child = self.child();
+        let child = child.as_ref().expect("the member is running");
+        let pid = i32::try_from(child.id()).expect("pid fits in i32");
+        kill(Pid::from_raw(pid), signal).expect("signal etcd");
+    }
+
+    /// Whether this member is the cluster's leader now (asked over its HTTP API).
+    pub fn is_leader(&self) -> bool {
+        http_get(self.client_port, "/v2/stats/self")
+            .is_some_and(|body| body.contains("StateLeader"))
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        if let Some(child) = self.child().as_ref() {
+            let pid = i32::try_from(child.id()).unwrap_or(0);
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
+        self.kill();
+    }
+}
+
+/// An etcd cluster of one or three members.
+pub struct EtcdCluster {
+    members: Vec<EtcdMember>,
+    _dir: TempDir,
+}
+
+impl EtcdCluster {
+    /// One member.
+    ///
+    /// # Panics
+    /// When `etcd` is missing or does not become healthy.
+    pub fn single() -> Self {
+        Self::start(1)
+    }
+
+    /// Three members (a majority of two).
+    ///
+    /// # Panics
+    /// As [`single`](Self::single).
+    pub fn three() -> Self {
+        Self::start(3)
+    }
+
+    fn start(n: usize) -> Self {
+        let binary = require_binary("etcd", "apt-get install etcd-server");
+        let dir = tempfile::Builder::new()
+            .prefix("etcd-fixture-")
+            .tempdir()
+            .expect("create a temp dir for etcd");
+        let ports = free_ports(2 * n);
+        let initial_cluster = (0..n)
+            .map(|i| format!("m{}=http://127.0.0.1:{}", i + 1, ports[2 * i + 1]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members: Vec<EtcdMember> = (0..n)
+            .map(|i| {
+                let member_dir = dir.path().join(format!("m{}", i + 1));
+                std::fs::create_dir_all(&member_dir).expect("create the member dir");
+                EtcdMember {
+                    name: format!("m{}", i + 1),
+                    client_port: ports[2 * i],
+                    peer_port: ports[2 * i + 1],
+                    dir: member_dir,
+                    initial_cluster: initial_cluster.clone(),
+                    binary: binary.clone(),
+                    child: Mutex::new(None),
+                }
+            })
+            .collect();
+        for member in &members {
+            member.spawn("new");
+        }
+        for member in &members {
+            member.wait_ready();
+        }
+        EtcdCluster { members, _dir: dir }
+    }
+
+    /// `etcd://h1:p1,h2:p2,…` with `prefix`.
+    pub fn url(&self, prefix: &str) -> String {
+        let hosts: Vec<String> = self.members.iter().map(EtcdMember::address).collect();
+        format!("etcd://{}/{prefix}", hosts.join(","))
+    }
+
+    /// Member `i` (0-based).
+    pub fn member(&self, i: usize) -> &EtcdMember {
+        &self.members[i]
+    }
+
+    /// The current leader, if one is known.
+    pub fn leader(&self) -> Option<&EtcdMember> {
+        self.members.iter().find(|member| member.is_leader())
+    }
+
+    /// How many members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether there are none (never, once started).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+/// `GET path` on the member's client port; the body when it answers 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200")
+        .then(|| body.to_owned())
+        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_owned()))
+}
+
+/// Whether the member reports itself healthy (it has a leader and serves reads).
+fn healthy(port: u16) -> bool {
+    http_get(port, "/health").is_some_and(|body| body.contains("\"health\":\"true\""))
+}

@@ -1,0 +1,521 @@
+//! The etcd backend: consensus-grade locks whose fencing tokens survive any single failure.
+//!
+//! # Keys
+//! For a resource `R` and the key prefix `P` (default `state/`), the lock is the key `P` `lock/` `R`, whose
+//! value is the holder's owner value, attached to an etcd **lease of its own** (one per guard, granted with
+//! the guard's TTL — never etcd's `Lock` RPC, whose server-side default lease nobody would renew).
+//!
+//! - **Acquire** is one transaction: *if the key's create revision is 0 (absent), put it with our lease*.
+//!   The **fencing token is the key's create revision** — the cluster-wide revision of that transaction:
+//!   linearizable, strictly increasing across holders, expiry and leader changes, never reset (etcd's
+//!   revision survives restarts and failovers; only a restore from an old backup could roll it back).
+//! - **Extend** grants a new lease of the new TTL and, in one transaction *if the value is still ours*,
+//!   re-attaches the key to it (the create revision — the token — is unchanged).
+//! - **Release** deletes the key *if the value is still ours*.
+//!
+//! # TTL granularity
+//! etcd leases count whole seconds, and the server raises a TTL below its minimum (1.5 × the election
+//! timeout, 1.5 s by default) to that minimum. A guard's own deadline stays the TTL you asked for (so a
+//! holder stops early, never late), but the lock is free for others only once etcd expires the lease:
+//! up to the next whole second after the TTL (plus up to 0.5 s for the leader's expiry sweep). Ask for
+//! TTLs of seconds on this backend.
+//!
+//! # Connections
+//! One `etcd_client::Client` per handle (clones share its channel), load-balanced over every endpoint of
+//! the URL; each call is bounded by the operation timeout (default 2 s), so a hung or partitioned cluster
+//! gives errors, never a hang.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use tokio::time::Instant;
+
+use crate::guard::PendingAcquire;
+use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl};
+use crate::retry::acquire_with_retry;
+use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
+
+const BACKEND: &str = "etcd";
+const DEFAULT_PREFIX: &str = "state/";
+const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A parsed `etcd://[user:password@]h1:p1,h2:p2[/prefix]` URL.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct EtcdTarget {
+    pub(crate) endpoints: Vec<String>,
+    pub(crate) credentials: Option<(String, String)>,
+    pub(crate) prefix: String,
+}
+
+impl fmt::Debug for EtcdTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl EtcdTarget {
+    /// The URL with the password replaced, for logs and errors.
+    pub(crate) fn redacted(&self) -> String {
+        let user = self
+            .credentials
+            .as_ref()
+            .map(|(user, _)| format!("{user}:***@"))
+            .unwrap_or_default();
+        let hosts: Vec<&str> = self
+            .endpoints
+            .iter()
+            .map(|endpoint| endpoint.trim_start_matches("http://"))
+            .collect();
+        format!("etcd://{user}{}/{}", hosts.join(","), self.prefix)
+    }
+}
+
+/// Parses an etcd URL without ever echoing its password.
+pub(crate) fn parse_etcd_url(raw: &str) -> StateResult<EtcdTarget> {
+    let invalid = |reason: &str| {
+        StateError::invalid(
+            "etcd url",
+            format!("{reason}: use etcd://[user:password@]h1:2379,h2:2379[/prefix]"),
+        )
+    };
+    let rest = raw
+        .strip_prefix("etcd://")
+        .ok_or_else(|| invalid("not an etcd:// URL"))?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, authority),
+    };
+    let credentials = match userinfo {
+        Some(userinfo) => {
+            let (user, password) = userinfo
+                .split_once(':')
+                .ok_or_else(|| invalid("credentials must be user:password"))?;
+            if user.is_empty() {
+                return Err(invalid("the user name is empty"));
+            }
+            Some((user.to_owned(), password.to_owned()))
+        }
+        None => None,
+    };
+    let endpoints: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|host| !host.is_empty())
+        .map(|host| format!("http://{host}"))
+        .collect();
+    if endpoints.is_empty() {
+        return Err(invalid("no endpoints"));
+    }
+    if hosts.split(',').map(str::trim).any(|host| {
+        host.rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+    }) {
+        return Err(invalid("every endpoint needs host:port"));
+    }
+    let prefix = if path.is_empty() {
+        DEFAULT_PREFIX.to_owned()
+    } else if path.ends_with('/') {
+        path.to_owned()
+    } else {
+        format!("{path}/")
+    };
+    Ok(EtcdTarget {
+        endpoints,
+        credentials,
+        prefix,
+    })
+}
+
+/// Connects a client to every endpoint of `target`.
+pub(crate) async fn connect_client(target: &EtcdTarget, timeout: Duration) -> StateResult<Client> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(5), timeout);
+    if let Some((user, password)) = &target.credentials {
+        options = options.with_user(user.clone(), password.clone());
+    }
+    super::bounded(
+        timeout,
+        BACKEND,
+        "connect to",
+        &target.redacted(),
+        Client::connect(target.endpoints.clone(), Some(options)),
+    )
+    .await
+}
+
+/// An etcd lease length for `ttl`: whole seconds, rounded up.
+fn lease_seconds(ttl: Duration) -> i64 {
+    let millis = ttl.as_millis().max(1);
+    i64::try_from(millis.div_ceil(1_000)).unwrap_or(i64::MAX)
+}
+
+/// A lock service on an etcd cluster. Cheap to clone; clones share the connection.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> state::StateResult<()> {
+/// use std::time::Duration;
+/// use state::{DistributedLock, EtcdDistributedLock};
+///
+/// let locks = EtcdDistributedLock::new("etcd://127.0.0.1:2379,127.0.0.1:22379/billing").await?;
+/// let guard = locks.acquire("invoice:7", Duration::from_secs(10)).await?;
+/// // ... write, passing guard.fencing_token() (the key's create revision) along ...
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct EtcdDistributedLock {
+    client: Client,
+    prefix: Arc<str>,
+    retry: RetryConfig,
+    operation_timeout: Duration,
+    /// The URL with the password replaced, for `Debug` and errors.
+    address: Arc<str>,
+}
+
+impl fmt::Debug for EtcdDistributedLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdDistributedLock")
+            .field("cluster", &self.address)
+            .field("prefix", &self.prefix)
+            .field("retry", &self.retry)
+            .field("operation_timeout", &self.operation_timeout)
+            .finish()
+    }
+}
+
+impl EtcdDistributedLock {
+    /// Connects to the cluster of `url` (`etcd://[user:password@]h1:p1,h2:p2[/prefix]`, key prefix
+    /// `state/` by default).
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] for a malformed URL (never echoing its password); a backend error or
+    /// timeout when no endpoint answers.
+    pub async fn new(url: &str) -> StateResult<Self> {
+        let target = parse_etcd_url(url)?;
+        let client = connect_client(&target, DEFAULT_OPERATION_TIMEOUT).await?;
+        Ok(Self::from_client(client, &target))
+    }
+
+    pub(crate) fn from_client(client: Client, target: &EtcdTarget) -> Self {
+        EtcdDistributedLock {
+            client,
+            prefix: Arc::from(target.prefix.as_str()),
+            retry: RetryConfig::default(),
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            address: Arc::from(target.redacted()),
+        }
+    }
+
+    /// Uses `retry` for [`acquire`](DistributedLock::acquire).
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Bounds every call to the cluster by `timeout` (default 2 s).
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] for a zero timeout.
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> StateResult<Self> {
+        if timeout.is_zero() {
+            return Err(StateError::invalid("operation timeout", "must not be zero"));
+        }
+        self.operation_timeout = timeout;
+        Ok(self)
+    }
+
+    /// The etcd client (for fenced and task stores on the same cluster).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn lock_key(&self, resource: &str) -> String {
+        format!("{}lock/{resource}", self.prefix)
+    }
+
+    async fn call<T, E, F>(
+        &self,
+        operation: &'static str,
+        resource: &str,
+        call: impl FnOnce(Client) -> F,
+    ) -> StateResult<T>
+    where
+        F: std::future::Future<Output = Result<T, E>>,
+        E: Into<crate::error::BoxError>,
+    {
+        super::bounded(
+            self.operation_timeout,
+            BACKEND,
+            operation,
+            resource,
+            call(self.client.clone()),
+        )
+        .await
+    }
+
+    /// Grants a lease of `ttl` (rounded up to whole seconds); its id.
+    async fn grant(&self, resource: &str, ttl: Duration) -> StateResult<i64> {
+        let seconds = lease_seconds(ttl);
+        let granted = self
+            .call("grant a lease for", resource, |mut client| async move {
+                client.lease_grant(seconds, None).await
+            })
+            .await?;
+        Ok(granted.id())
+    }
+
+    /// Revokes `lease`, best effort (it expires by itself otherwise).
+    async fn revoke(&self, resource: &str, lease: i64) {
+        let revoked = self
+            .call("revoke a lease for", resource, |mut client| async move {
+                client.lease_revoke(lease).await
+            })
+            .await;
+        if let Err(err) = revoked {
+            tracing::debug!(resource, lease, error = %err, "lease not revoked (it expires by itself)");
+        }
+    }
+
+    /// Puts the key with `lease` if its value is still `owner`; whether it was.
+    async fn reattach(&self, resource: &str, owner: &str, lease: i64) -> StateResult<bool> {
+        let key = self.lock_key(resource);
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, owner)])
+            .and_then([TxnOp::put(
+                key,
+                owner,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let response = self
+            .call("extend", resource, |mut client| async move {
+                client.txn(txn).await
+            })
+            .await?;
+        Ok(response.succeeded())
+    }
+}
+
+#[async_trait::async_trait]
+impl DistributedLock for EtcdDistributedLock {
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND))]
+    async fn acquire(&self, resource: &str, ttl: Duration) -> StateResult<LockGuard> {
+        acquire_with_retry(self, &self.retry, resource, ttl).await
+    }
+
+    fn retry_policy(&self) -> &RetryConfig {
+        &self.retry
+    }
+
+    async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
+        validate_resource(resource)?;
+        validate_ttl(ttl)?;
+        let owner = LockToken::new_owner_value();
+        let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
+        let sent_at = Instant::now();
+        let lease = self.grant(resource, ttl).await?;
+        // From here a cancelled future must not leave the key behind: the armed release deletes it if
+        // the transaction went through (the lease would also expire it).
+        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner);
+        let key = self.lock_key(resource);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                owner.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let response = self
+            .call("acquire", resource, |mut client| async move {
+                client.txn(txn).await
+            })
+            .await;
+        let response = match response {
+            Ok(response) => response,
+            Err(err) => {
+                self.revoke(resource, lease).await;
+                return Err(err);
+            }
+        };
+        pending.disarm();
+        if !response.succeeded() {
+            self.revoke(resource, lease).await;
+            return Ok(None);
+        }
+        let revision = response
+            .header()
+            .map(|header| header.revision())
+            .and_then(|revision| u64::try_from(revision).ok())
+            .ok_or_else(|| {
+                StateError::backend(BACKEND, "acquire", resource, "the response has no revision")
+            })?;
+        let acquired_at = SystemTime::now();
+        let token = LockToken::new(resource, owner, revision, acquired_at, acquired_at + ttl);
+        Ok(Some(LockGuard::new(
+            service,
+            token,
+            safe_deadline(sent_at, ttl),
+        )))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
+    async fn release_internal(
+        &self,
+        resource: &str,
+        token: &LockToken,
+        _internal: Internal,
+    ) -> StateResult<()> {
+        validate_resource(resource)?;
+        let key = self.lock_key(resource);
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                token.value.as_str(),
+            )])
+            .and_then([TxnOp::get(key.clone(), None), TxnOp::delete(key, None)]);
+        let response = self
+            .call("release", resource, |mut client| async move {
+                client.txn(txn).await
+            })
+            .await?;
+        if !response.succeeded() {
+            return Err(StateError::LockLost {
+                resource: resource.to_owned(),
+            });
+        }
+        // The key is gone; its lease can go too (best effort).
+        let lease = response.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.lease()),
+            _ => None,
+        });
+        if let Some(lease) = lease.filter(|lease| *lease != 0) {
+            self.revoke(resource, lease).await;
+        }
+        Ok(())
+    }
+
+    fn service_id(&self, _internal: Internal) -> usize {
+        Arc::as_ptr(&self.address).cast::<u8>() as usize
+    }
+
+    async fn is_locked(&self, resource: &str) -> StateResult<bool> {
+        validate_resource(resource)?;
+        let key = self.lock_key(resource);
+        let response = self
+            .call("inspect", resource, |mut client| async move {
+                client
+                    .get(key, Some(GetOptions::new().with_count_only()))
+                    .await
+            })
+            .await?;
+        Ok(response.count() > 0)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, guard), fields(backend = BACKEND, resource = guard.resource()))]
+    async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
+        guard.ensure_issued_by(self.service_id(Internal::new()))?;
+        validate_ttl(ttl)?;
+        let resource = guard.resource().to_owned();
+        let sent_at = Instant::now();
+        let lease = self.grant(&resource, ttl).await?;
+        let owner = guard.token().value.clone();
+        let reattached = match self.reattach(&resource, &owner, lease).await {
+            Ok(reattached) => reattached,
+            Err(err) => {
+                self.revoke(&resource, lease).await;
+                return Err(err);
+            }
+        };
+        if !reattached {
+            self.revoke(&resource, lease).await;
+            return Err(StateError::LockLost { resource });
+        }
+        guard.record_extension(SystemTime::now() + ttl, safe_deadline(sent_at, ttl));
+        Ok(())
+    }
+
+    async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
+        validate_resource(resource)?;
+        let key = self.lock_key(resource);
+        let response = self
+            .call("inspect", resource, |mut client| async move {
+                client.get(key, None).await
+            })
+            .await?;
+        let Some(kv) = response.kvs().first() else {
+            return Ok(None);
+        };
+        let owner = String::from_utf8_lossy(kv.value()).into_owned();
+        let fencing_token = u64::try_from(kv.create_revision()).unwrap_or(0);
+        let lease = kv.lease();
+        let alive = self
+            .call("inspect", resource, |mut client| async move {
+                client.lease_time_to_live(lease, None).await
+            })
+            .await?;
+        let (granted, remaining) = (
+            Duration::from_secs(u64::try_from(alive.granted_ttl()).unwrap_or(0)),
+            Duration::from_secs(u64::try_from(alive.ttl()).unwrap_or(0)),
+        );
+        // etcd keeps no timestamps: the lease's remaining and granted seconds place it in time.
+        let expires_at = SystemTime::now() + remaining;
+        let acquired_at = expires_at.checked_sub(granted).unwrap_or(expires_at);
+        Ok(Some(LockToken::new(
+            resource,
+            owner,
+            fencing_token,
+            acquired_at,
+            expires_at,
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_every_endpoint_and_hide_the_password() {
+        let target = parse_etcd_url("etcd://root:hunter2@h1:2379, h2:22379/jobs").unwrap();
+        assert_eq!(target.endpoints, ["http://h1:2379", "http://h2:22379"]);
+        assert_eq!(
+            target.credentials,
+            Some(("root".to_owned(), "hunter2".to_owned()))
+        );
+        assert_eq!(target.prefix, "jobs/");
+        assert_eq!(target.redacted(), "etcd://root:***@h1:2379,h2:22379/jobs/");
+        assert!(!format!("{target:?}").contains("hunter2"));
+        assert_eq!(parse_etcd_url("etcd://h1:2379").unwrap().prefix, "state/");
+        for bad in [
+            "",
+            "redis://h:1",
+            "etcd://",
+            "etcd://h1",
+            "etcd://:pw@h1:2379",
+            "etcd://h1:x",
+        ] {
+            match parse_etcd_url(bad) {
+                Err(StateError::InvalidInput {
+                    what: "etcd url",
+                    reason,
+                }) => {
+                    assert!(!reason.contains("pw"), "{reason}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn leases_are_whole_seconds_rounded_up() {
+        assert_eq!(lease_seconds(Duration::from_millis(300)), 1);
+        assert_eq!(lease_seconds(Duration::from_secs(10)), 10);
+        assert_eq!(lease_seconds(Duration::from_millis(10_001)), 11);
+    }
+}
