@@ -1,5 +1,5 @@
 //! One environment per backend for the recipe tests: a lock service plus the matching stores, over the
-//! in-process backend, a real `redis-server`, or a real PostgreSQL.
+//! in-process backend, a real `redis-server`, a real PostgreSQL, or a real etcd.
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use state::{
     RetryConfig,
 };
 
-use crate::{PostgresServer, RedisServer};
+use crate::{EtcdCluster, PostgresServer, RedisServer};
 
 /// A lock service and the stores of one backend; the servers live as long as the environment.
 pub struct RecipeEnv {
@@ -33,6 +33,8 @@ pub struct RecipeEnv {
     pub redis: Option<RedisServer>,
     /// The PostgreSQL server, when the backend is PostgreSQL.
     pub postgres: Option<PostgresServer>,
+    /// The etcd member, when the backend is etcd.
+    pub etcd: Option<EtcdCluster>,
 }
 
 /// Waits patiently: recipes under test contend a lot.
@@ -57,6 +59,27 @@ impl RecipeEnv {
             tasks: Arc::new(InMemoryTaskStore::default()),
             redis: None,
             postgres: None,
+            etcd: None,
+        }
+    }
+
+    /// A fresh etcd member with the etcd backend and stores, all through `state::connect`. etcd has no
+    /// versioned store: `versioned` is the in-process one, and the etcd test list leaves its test out.
+    pub async fn etcd() -> Self {
+        crate::init_tracing();
+        let cluster = EtcdCluster::single();
+        let backend = state::connect_with_retry(&cluster.url("recipes"), patient())
+            .await
+            .expect("etcd backend");
+        RecipeEnv {
+            name: "etcd",
+            lock: backend.lock,
+            fenced: backend.fenced,
+            versioned: Arc::new(InMemoryVersionedStore::default()),
+            tasks: backend.tasks,
+            redis: None,
+            postgres: None,
+            etcd: Some(cluster),
         }
     }
 
@@ -82,6 +105,7 @@ impl RecipeEnv {
             tasks: Arc::new(RedisTaskStore::new(&url).await.expect("redis tasks")),
             redis: Some(server),
             postgres: None,
+            etcd: None,
         }
     }
 
@@ -112,6 +136,7 @@ impl RecipeEnv {
             lock: Arc::new(lock),
             redis: None,
             postgres: Some(server),
+            etcd: None,
         }
     }
 }

@@ -838,3 +838,21 @@ recipe_tests!(postgres:
     optimistic_increments_are_exact,
     fenced_store_rejects_stale_tokens,
 );
+
+// etcd: every recipe but the optimistic (versioned) store, which etcd does not provide.
+recipe_tests!(etcd:
+    poison_tasks_back_off_dead_letter_and_requeue,
+    keeper_renews_past_the_ttl,
+    keeper_signals_loss_by_the_safe_deadline,
+    with_lock_drops_work_when_the_lock_is_lost,
+    paused_leader_is_replaced_and_fenced_off,
+    leaders_never_overlap,
+    checkpoints_are_exclusive_and_fenced,
+    compaction_is_skipped_when_claimed_and_stopped_when_lost,
+    dropped_worker_task_runs_once_to_completion_elsewhere,
+    competing_workers_complete_every_task_exactly_once,
+    recurring_jobs_survive_restarts_and_run_once_per_period,
+    multi_lock_is_all_or_nothing_and_deadlock_free,
+    semaphore_admits_exactly_its_permits,
+    fenced_store_rejects_stale_tokens,
+);

@@ -8,6 +8,7 @@
 //! | `redis://[user:password@]host:port[/db]`, `rediss://…` (TLS) | [`RedisDistributedLock`] | the same server, the same connection |
 //! | `redlock://[user:password@]h1:p1,h2:p2,h3:p3[/db]`, `redlocks://…` (TLS) | [`RedlockDistributedLock`] over every host | the **first** host (see below) |
 //! | `postgres://…`, `postgresql://…` | `PostgresDistributedLock` (lease mode) | the same database, the same pool |
+//! | `etcd://[user:password@]h1:p1,h2:p2[/prefix]` | `EtcdDistributedLock` | the same cluster, the same client |
 //!
 //! Redlock has no replicated record store: fenced records (checkpoint records, membership) and tasks live
 //! on the first host. If it is down, they are unavailable (errors, never wrong answers) until it returns;
@@ -54,8 +55,7 @@ impl std::fmt::Debug for Backend {
 }
 
 /// The schemes [`connect`] accepts, for error messages.
-const SCHEMES: &str =
-    "memory, redis://, rediss://, redlock://h1:p1,h2:p2,h3:p3, redlocks://…, postgres://";
+const SCHEMES: &str = "memory, redis://, rediss://, redlock://h1:p1,h2:p2,h3:p3, redlocks://…, postgres://, etcd://h1:p1,h2:p2";
 
 /// Connects the backend named by `url` (see the module docs for the forms).
 ///
@@ -83,6 +83,7 @@ pub async fn connect_with_retry(url: &str, retry: RetryConfig) -> StateResult<Ba
         "redis" | "rediss" | "unix" => redis(url, retry).await,
         "redlock" | "redlocks" => redlock(url, retry).await,
         "postgres" | "postgresql" => postgres(url, retry).await,
+        "etcd" => etcd(url, retry).await,
         _ => Err(StateError::invalid(
             "lock url",
             format!(
@@ -117,7 +118,35 @@ async fn postgres(_url: &str, _retry: RetryConfig) -> StateResult<Backend> {
     Err(feature_off("postgres"))
 }
 
-#[cfg(any(not(feature = "redis"), not(feature = "postgres")))]
+#[cfg(not(feature = "etcd"))]
+async fn etcd(_url: &str, _retry: RetryConfig) -> StateResult<Backend> {
+    Err(feature_off("etcd"))
+}
+
+/// The lock, fenced values and tasks all in the one etcd cluster, over one client, under the URL's
+/// prefix.
+#[cfg(feature = "etcd")]
+async fn etcd(url: &str, retry: RetryConfig) -> StateResult<Backend> {
+    use crate::backends::etcd::{connect_client, parse_etcd_url};
+    use crate::recipes::fenced::EtcdFencedStore;
+    use crate::recipes::tasks::EtcdTaskStore;
+
+    let target = parse_etcd_url(url)?;
+    let client = connect_client(&target, std::time::Duration::from_secs(2)).await?;
+    let lock = crate::EtcdDistributedLock::from_client(client.clone(), &target);
+    Ok(Backend {
+        description: format!("etcd {}", target.redacted()),
+        fenced: Arc::new(EtcdFencedStore::new(client.clone(), &target.prefix)),
+        tasks: Arc::new(EtcdTaskStore::new(client, &target.prefix)),
+        lock: Arc::new(lock.with_retry(retry)),
+    })
+}
+
+#[cfg(any(
+    not(feature = "redis"),
+    not(feature = "postgres"),
+    not(feature = "etcd")
+))]
 fn feature_off(feature: &str) -> StateError {
     StateError::invalid(
         "lock url",

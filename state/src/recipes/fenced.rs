@@ -190,6 +190,133 @@ mod redis_store {
     }
 }
 
+#[cfg(feature = "etcd")]
+pub use self::etcd_store::EtcdFencedStore;
+
+#[cfg(feature = "etcd")]
+mod etcd_store {
+    //! Fenced values in etcd: one key per value (`{prefix}fenced/{key}`: the token as 8 big-endian bytes,
+    //! then the value), written with a compare-and-swap on the key's mod revision — a write whose token
+    //! is below the stored one is refused, whatever interleaving.
+
+    use std::time::Duration;
+
+    use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+
+    use super::{FencedStore, FencedValue, stale};
+    use crate::{StateError, StateResult};
+
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    const ATTEMPTS: usize = 32;
+
+    /// Fenced values in an etcd cluster.
+    #[derive(Clone)]
+    pub struct EtcdFencedStore {
+        client: Client,
+        prefix: String,
+    }
+
+    impl std::fmt::Debug for EtcdFencedStore {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("EtcdFencedStore")
+                .field("prefix", &self.prefix)
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl EtcdFencedStore {
+        /// Values under `prefix` (e.g. the lock backend's, `state/`) through `client`.
+        pub fn new(client: Client, prefix: &str) -> Self {
+            EtcdFencedStore {
+                client,
+                prefix: prefix.to_owned(),
+            }
+        }
+
+        fn key_of(&self, key: &str) -> String {
+            format!("{}fenced/{key}", self.prefix)
+        }
+    }
+
+    fn decode(key: &str, bytes: &[u8]) -> StateResult<FencedValue> {
+        let (token, value) = bytes.split_first_chunk::<8>().ok_or_else(|| {
+            StateError::backend("etcd", "decode", key, "a fenced value under 8 bytes")
+        })?;
+        Ok(FencedValue {
+            token: u64::from_be_bytes(*token),
+            value: value.to_vec(),
+        })
+    }
+
+    #[async_trait::async_trait]
+    impl FencedStore for EtcdFencedStore {
+        async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()> {
+            let stored_key = self.key_of(key);
+            let mut bytes = token.to_be_bytes().to_vec();
+            bytes.extend_from_slice(value);
+            for _ in 0..ATTEMPTS {
+                let mut client = self.client.clone();
+                let current = crate::backends::bounded(
+                    TIMEOUT,
+                    "etcd",
+                    "read",
+                    key,
+                    client.get(stored_key.clone(), None),
+                )
+                .await?;
+                let compare = match current.kvs().first() {
+                    Some(kv) => {
+                        let highest = decode(key, kv.value())?.token;
+                        if token < highest {
+                            return Err(stale(key, token, highest));
+                        }
+                        Compare::mod_revision(
+                            stored_key.clone(),
+                            CompareOp::Equal,
+                            kv.mod_revision(),
+                        )
+                    }
+                    None => Compare::create_revision(stored_key.clone(), CompareOp::Equal, 0),
+                };
+                let txn = Txn::new().when([compare]).and_then([TxnOp::put(
+                    stored_key.clone(),
+                    bytes.clone(),
+                    None,
+                )]);
+                let written =
+                    crate::backends::bounded(TIMEOUT, "etcd", "write", key, client.txn(txn))
+                        .await?;
+                if written.succeeded() {
+                    return Ok(());
+                }
+            }
+            Err(StateError::backend(
+                "etcd",
+                "write",
+                key,
+                format!("still contended after {ATTEMPTS} compare-and-swap attempts"),
+            ))
+        }
+
+        async fn read(&self, key: &str) -> StateResult<Option<FencedValue>> {
+            let mut client = self.client.clone();
+            let current = crate::backends::bounded(
+                TIMEOUT,
+                "etcd",
+                "read",
+                key,
+                client.get(self.key_of(key), None),
+            )
+            .await?;
+            current
+                .kvs()
+                .first()
+                .map(|kv| decode(key, kv.value()))
+                .transpose()
+        }
+    }
+}
+
 #[cfg(feature = "postgres")]
 pub use self::postgres_store::PostgresFencedStore;
 

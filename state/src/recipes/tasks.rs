@@ -55,7 +55,7 @@ use crate::recipes::keeper::{KeptLock, LockContext, RenewalPolicy, run_kept};
 use crate::{DistributedLock, StateError, StateResult};
 
 /// A stored task.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct TaskRecord {
     /// Unique id (also names the claim lock `task:{id}`).
@@ -79,6 +79,57 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
+    /// Completes run `run` (only while pending at that run): whether it did. A recurring task becomes
+    /// due at `next_due_ms`; a one-shot one is done. Every store applies this same step.
+    pub(crate) fn complete_run(&mut self, run: u64, next_due_ms: Option<u64>) -> bool {
+        if !self.pending || self.completions != run {
+            return false;
+        }
+        self.completions += 1;
+        self.attempts = 0;
+        match next_due_ms {
+            Some(next) => self.due_ms = next,
+            None => self.pending = false,
+        }
+        true
+    }
+
+    /// Records a failed attempt of run `run` (only while pending at that run): whether it did.
+    pub(crate) fn fail_run(&mut self, run: u64, error: &str, then: &AfterFailure) -> bool {
+        if !self.pending || self.completions != run {
+            return false;
+        }
+        self.last_error = Some(error.to_owned());
+        match then {
+            AfterFailure::RetryAt(at) => {
+                self.attempts = self.attempts.saturating_add(1);
+                self.due_ms = *at;
+            }
+            AfterFailure::NextPeriod(at) => {
+                self.attempts = 0;
+                self.due_ms = *at;
+            }
+            AfterFailure::DeadLetter => {
+                self.attempts = self.attempts.saturating_add(1);
+                self.pending = false;
+                self.dead = true;
+            }
+        }
+        true
+    }
+
+    /// Moves a dead-lettered task back to the queue, due at `due_ms`: whether it was dead.
+    pub(crate) fn requeue_dead(&mut self, due_ms: u64) -> bool {
+        if !self.dead {
+            return false;
+        }
+        self.dead = false;
+        self.pending = true;
+        self.attempts = 0;
+        self.due_ms = due_ms;
+        true
+    }
+
     /// A new task, due at `due_ms`.
     pub fn new(id: &str, payload: &[u8], every_ms: Option<u64>, due_ms: u64) -> Self {
         TaskRecord {
@@ -570,20 +621,10 @@ impl TaskStore for InMemoryTaskStore {
     }
 
     async fn complete(&self, id: &str, run: u64, next_due_ms: Option<u64>) -> StateResult<bool> {
-        let mut tasks = self.tasks();
-        let Some(task) = tasks.get_mut(id) else {
-            return Ok(false);
-        };
-        if !task.pending || task.completions != run {
-            return Ok(false);
-        }
-        task.completions += 1;
-        task.attempts = 0;
-        match next_due_ms {
-            Some(next) => task.due_ms = next,
-            None => task.pending = false,
-        }
-        Ok(true)
+        Ok(self
+            .tasks()
+            .get_mut(id)
+            .is_some_and(|task| task.complete_run(run, next_due_ms)))
     }
 
     async fn fail(
@@ -593,30 +634,10 @@ impl TaskStore for InMemoryTaskStore {
         error: &str,
         then: &AfterFailure,
     ) -> StateResult<bool> {
-        let mut tasks = self.tasks();
-        let Some(task) = tasks.get_mut(id) else {
-            return Ok(false);
-        };
-        if !task.pending || task.completions != run {
-            return Ok(false);
-        }
-        task.last_error = Some(error.to_owned());
-        match then {
-            AfterFailure::RetryAt(at) => {
-                task.attempts = task.attempts.saturating_add(1);
-                task.due_ms = *at;
-            }
-            AfterFailure::NextPeriod(at) => {
-                task.attempts = 0;
-                task.due_ms = *at;
-            }
-            AfterFailure::DeadLetter => {
-                task.attempts = task.attempts.saturating_add(1);
-                task.pending = false;
-                task.dead = true;
-            }
-        }
-        Ok(true)
+        Ok(self
+            .tasks()
+            .get_mut(id)
+            .is_some_and(|task| task.fail_run(run, error, then)))
     }
 
     async fn dead_letters(&self, limit: usize) -> StateResult<Vec<TaskRecord>> {
@@ -627,15 +648,10 @@ impl TaskStore for InMemoryTaskStore {
     }
 
     async fn requeue(&self, id: &str, due_ms: u64) -> StateResult<bool> {
-        let mut tasks = self.tasks();
-        let Some(task) = tasks.get_mut(id).filter(|t| t.dead) else {
-            return Ok(false);
-        };
-        task.dead = false;
-        task.pending = true;
-        task.attempts = 0;
-        task.due_ms = due_ms;
-        Ok(true)
+        Ok(self
+            .tasks()
+            .get_mut(id)
+            .is_some_and(|task| task.requeue_dead(due_ms)))
     }
 }
 
@@ -882,6 +898,216 @@ mod redis_store {
                 .arg(due_ms);
             let done: i64 = invoke(&mut conn, TIMEOUT, "redis", "requeue", id, &invocation).await?;
             Ok(done == 1)
+        }
+    }
+}
+
+#[cfg(feature = "etcd")]
+pub use self::etcd_store::EtcdTaskStore;
+
+#[cfg(feature = "etcd")]
+mod etcd_store {
+    //! Tasks in etcd: one key per task (`{prefix}task/{id}`, the record as JSON). Every change is a
+    //! compare-and-swap on the key's mod revision, retried on conflict, applying the same step as the
+    //! other stores ([`TaskRecord::complete_run`] and friends). `due` and `dead_letters` read every task
+    //! of the prefix: fine for the hundreds of recurring jobs a fleet schedules, not for a work queue of
+    //! millions.
+
+    use std::time::Duration;
+
+    use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+
+    use super::{AfterFailure, TaskRecord, TaskStore};
+    use crate::{StateError, StateResult};
+
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    /// Compare-and-swap attempts before a change is reported as contended.
+    const ATTEMPTS: usize = 32;
+
+    /// Tasks in an etcd cluster.
+    #[derive(Clone)]
+    pub struct EtcdTaskStore {
+        client: Client,
+        prefix: String,
+    }
+
+    impl std::fmt::Debug for EtcdTaskStore {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("EtcdTaskStore")
+                .field("prefix", &self.prefix)
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl EtcdTaskStore {
+        /// Tasks under `prefix` (e.g. the lock backend's, `state/`) through `client`.
+        pub fn new(client: Client, prefix: &str) -> Self {
+            EtcdTaskStore {
+                client,
+                prefix: prefix.to_owned(),
+            }
+        }
+
+        fn key_of(&self, id: &str) -> String {
+            format!("{}task/{id}", self.prefix)
+        }
+
+        async fn bounded<T, E: Into<crate::error::BoxError>>(
+            &self,
+            operation: &'static str,
+            what: &str,
+            call: impl std::future::Future<Output = Result<T, E>>,
+        ) -> StateResult<T> {
+            crate::backends::bounded(TIMEOUT, "etcd", operation, what, call).await
+        }
+
+        fn decode(id: &str, bytes: &[u8]) -> StateResult<TaskRecord> {
+            serde_json::from_slice(bytes).map_err(|err| {
+                StateError::backend(
+                    "etcd",
+                    "decode",
+                    id,
+                    format!("a malformed task record: {err}"),
+                )
+            })
+        }
+
+        fn encode(task: &TaskRecord) -> StateResult<Vec<u8>> {
+            serde_json::to_vec(task)
+                .map_err(|err| StateError::backend("etcd", "encode", &task.id, err))
+        }
+
+        /// Every task under the prefix.
+        async fn all(&self) -> StateResult<Vec<TaskRecord>> {
+            let mut client = self.client.clone();
+            let prefix = format!("{}task/", self.prefix);
+            let response = self
+                .bounded(
+                    "list",
+                    "tasks",
+                    client.get(prefix, Some(GetOptions::new().with_prefix())),
+                )
+                .await?;
+            response
+                .kvs()
+                .iter()
+                .map(|kv| Self::decode(&String::from_utf8_lossy(kv.key()), kv.value()))
+                .collect()
+        }
+
+        /// Applies `step` to task `id` with compare-and-swap: `Ok(false)` when the task is missing or
+        /// `step` declines.
+        async fn update(
+            &self,
+            id: &str,
+            mut step: impl FnMut(&mut TaskRecord) -> bool + Send,
+        ) -> StateResult<bool> {
+            let key = self.key_of(id);
+            for _ in 0..ATTEMPTS {
+                let mut client = self.client.clone();
+                let response = self
+                    .bounded("read", id, client.get(key.clone(), None))
+                    .await?;
+                let Some(kv) = response.kvs().first() else {
+                    return Ok(false);
+                };
+                let mut task = Self::decode(id, kv.value())?;
+                if !step(&mut task) {
+                    return Ok(false);
+                }
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        kv.mod_revision(),
+                    )])
+                    .and_then([TxnOp::put(key.clone(), Self::encode(&task)?, None)]);
+                if self
+                    .bounded("update", id, client.txn(txn))
+                    .await?
+                    .succeeded()
+                {
+                    return Ok(true);
+                }
+            }
+            Err(StateError::backend(
+                "etcd",
+                "update",
+                id,
+                format!("still contended after {ATTEMPTS} compare-and-swap attempts"),
+            ))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl TaskStore for EtcdTaskStore {
+        async fn insert_if_missing(&self, task: &TaskRecord) -> StateResult<bool> {
+            let key = self.key_of(&task.id);
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key, Self::encode(task)?, None)]);
+            let mut client = self.client.clone();
+            Ok(self
+                .bounded("insert", &task.id, client.txn(txn))
+                .await?
+                .succeeded())
+        }
+
+        async fn get(&self, id: &str) -> StateResult<Option<TaskRecord>> {
+            let mut client = self.client.clone();
+            let response = self
+                .bounded("read", id, client.get(self.key_of(id), None))
+                .await?;
+            response
+                .kvs()
+                .first()
+                .map(|kv| Self::decode(id, kv.value()))
+                .transpose()
+        }
+
+        async fn due(&self, now_ms: u64, limit: usize) -> StateResult<Vec<TaskRecord>> {
+            let mut due: Vec<TaskRecord> = self
+                .all()
+                .await?
+                .into_iter()
+                .filter(|t| t.pending && t.due_ms <= now_ms)
+                .collect();
+            due.sort_by_key(|t| t.due_ms);
+            due.truncate(limit);
+            Ok(due)
+        }
+
+        async fn complete(
+            &self,
+            id: &str,
+            run: u64,
+            next_due_ms: Option<u64>,
+        ) -> StateResult<bool> {
+            self.update(id, |task| task.complete_run(run, next_due_ms))
+                .await
+        }
+
+        async fn fail(
+            &self,
+            id: &str,
+            run: u64,
+            error: &str,
+            then: &AfterFailure,
+        ) -> StateResult<bool> {
+            self.update(id, |task| task.fail_run(run, error, then))
+                .await
+        }
+
+        async fn dead_letters(&self, limit: usize) -> StateResult<Vec<TaskRecord>> {
+            let mut dead: Vec<TaskRecord> =
+                self.all().await?.into_iter().filter(|t| t.dead).collect();
+            dead.sort_by(|a, b| a.id.cmp(&b.id));
+            dead.truncate(limit);
+            Ok(dead)
+        }
+
+        async fn requeue(&self, id: &str, due_ms: u64) -> StateResult<bool> {
+            self.update(id, |task| task.requeue_dead(due_ms)).await
         }
     }
 }
