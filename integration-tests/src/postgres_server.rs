@@ -81,17 +81,36 @@ fn chown_to_postgres(path: &Path) {
     }
 }
 
-/// A fresh cluster made once per test process, copied for every server.
+/// The directory of the template cluster for the PostgreSQL binaries in `bin`: one per machine and
+/// PostgreSQL install, in the temp dir (the `postgres` user must read it, so not under `/root`), made
+/// once and reused by every test process — a template per process would be left behind at every exit
+/// (statics are never dropped).
+pub fn template_dir(bin: &Path) -> PathBuf {
+    let name: String = bin
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    std::env::temp_dir().join(format!("state-coordination-pg-template{name}"))
+}
+
+/// A fresh cluster made once per machine (see [`template_dir`]), copied for every server.
 fn template(bin: &Path) -> &'static Path {
-    static TEMPLATE: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
-    let (_, data) = TEMPLATE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("pg-template-")
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let dir = template_dir(bin);
+        let data = dir.join("data");
+        if data.join("PG_VERSION").is_file() {
+            return data;
+        }
+        // Made beside, then renamed: processes starting at once never see half a cluster.
+        let scratch = tempfile::Builder::new()
+            .prefix(".pg-template-")
             .tempdir()
             .expect("temp dir for the template cluster");
-        chown_to_postgres(dir.path());
-        let data = dir.path().join("data");
-        let data_arg = data.to_str().expect("utf-8 temp path");
+        chown_to_postgres(scratch.path());
+        let scratch_data = scratch.path().join("data");
+        let data_arg = scratch_data.to_str().expect("utf-8 temp path");
         let out = run_pg(
             bin,
             "initdb",
@@ -114,9 +133,17 @@ fn template(bin: &Path) -> &'static Path {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        (dir, data)
-    });
-    data
+        let made = scratch.keep();
+        if dir.exists() && !data.join("PG_VERSION").is_file() {
+            // Not a template: something else under the name. Replace it.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        if std::fs::rename(&made, &dir).is_err() {
+            // Another process finished first: use theirs.
+            let _ = std::fs::remove_dir_all(&made);
+        }
+        data
+    })
 }
 
 impl PostgresServer {

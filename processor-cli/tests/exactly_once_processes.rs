@@ -41,7 +41,8 @@ fn log_of(root: &Path, id: &str) -> String {
 /// The run of the module docs with `--output-guarantee guarantee`; the verifier's report.
 fn chaos_run(guarantee: &str) -> VerifierReport {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let root: PathBuf = tempfile::tempdir().unwrap().keep();
+    let scratch = support::Scratch::new();
+    let root: PathBuf = scratch.path();
     let cluster = KafkaCluster::three();
     let brokers = cluster.bootstrap_servers();
     let runtime = tokio::runtime::Runtime::new().unwrap();

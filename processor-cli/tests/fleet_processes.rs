@@ -43,7 +43,8 @@ fn three_processes_with_redlock_survive_a_sigkill_and_restart_with_exact_state()
 
 /// The scenario of the module docs with every instance on `lock_url`.
 fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
-    let root: PathBuf = tempfile::tempdir().unwrap().keep();
+    let scratch = support::Scratch::new();
+    let root: PathBuf = scratch.path();
     let workload = Workload {
         records: 40_000,
         keys: 300,

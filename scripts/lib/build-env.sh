@@ -1,7 +1,7 @@
 # Sourced by scripts/demo.sh and scripts/test.sh: the build prerequisites and ONE shared build.
 #
 # - Installs what the build itself needs on a fresh Debian machine (libclang for RocksDB's bindings,
-#   OpenSSL headers and pkg-config for librdkafka's TLS).
+#   OpenSSL headers and pkg-config for librdkafka's TLS, protoc for the etcd client).
 # - Makes `./target` the one build of this checkout for the scripts AND for plain `cargo` typed in the
 #   repo: when it does not exist yet it becomes a link to $STATE_COORDINATION_TARGET (default
 #   ~/.cache/state-coordination/target), outside the clone, so a fresh clone on the same machine (CI's)
@@ -66,10 +66,12 @@ enable_sccache() {
 
 prepare_build() {
   # libclang: bindgen for RocksDB's bindings (the processor's state store). OpenSSL headers and
-  # pkg-config: librdkafka with TLS and SASL (SCRAM), which any managed Kafka needs.
+  # pkg-config: librdkafka with TLS and SASL (SCRAM), which any managed Kafka needs. protoc: the etcd
+  # client's gRPC bindings (etcd:// lock URLs).
   install_packages "libclang-dev:ls /usr/lib/llvm-*/lib/libclang.so*" \
     "libssl-dev:ls /usr/include/openssl/ssl.h" \
-    "pkg-config:command -v pkg-config"
+    "pkg-config:command -v pkg-config" \
+    "protobuf-compiler:command -v protoc"
   check_toolchain
   use_shared_target
   enable_sccache

@@ -258,3 +258,31 @@ pub fn fails_with(args: &[&str]) -> String {
     assert!(!lines.is_empty(), "{args:?}: no error message");
     stderr
 }
+
+/// A scratch directory for a multi-process test: removed when the test passes, kept (and named on
+/// stderr) when it fails, for the instances' logs.
+pub struct Scratch(Option<tempfile::TempDir>);
+
+impl Scratch {
+    pub fn new() -> Self {
+        Scratch(Some(tempfile::tempdir().unwrap()))
+    }
+
+    pub fn path(&self) -> std::path::PathBuf {
+        self.0.as_ref().unwrap().path().to_path_buf()
+    }
+}
+
+impl Drop for Scratch {
+    #[allow(clippy::print_stderr)]
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!(
+                "the test failed: its files are kept in {}",
+                dir.keep().display()
+            );
+        }
+    }
+}
