@@ -59,6 +59,6 @@ pub use retry::RetryConfig;
 
 /// The user guide, `DISTRIBUTED_LOCKING.md`, compiled and run as doctests so its code cannot rot (it
 /// shows every backend, so it is checked with all of them built).
-#[cfg(all(doctest, feature = "redis", feature = "postgres"))]
+#[cfg(all(doctest, feature = "redis", feature = "postgres", feature = "etcd"))]
 #[doc = include_str!("../../DISTRIBUTED_LOCKING.md")]
 pub struct UserGuide;

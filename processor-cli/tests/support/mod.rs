@@ -137,7 +137,12 @@ pub fn run_instance_with(
         .append(true)
         .open(root.join(format!("{id}.log")))
         .unwrap();
-    // No --partitions: the count comes from the brokers.
+    // No --partitions: the count comes from the brokers. Checkpoints every 0.5 s unless `extra` says.
+    let interval: &[&str] = if extra.contains(&"--checkpoint-interval-secs") {
+        &[]
+    } else {
+        &["--checkpoint-interval-secs", "0.5"]
+    };
     let child = processor(&["run", "--brokers", brokers, "--topic", TOPIC])
         .args(["--group", "procs", "--instance-id", id, "--lock-url", redis])
         .arg("--state-dir")
@@ -145,7 +150,7 @@ pub fn run_instance_with(
         .arg("--checkpoint-dir")
         .arg(&checkpoint_dir)
         .arg("--create-checkpoint-dir")
-        .args(["--checkpoint-interval-secs", "0.5"])
+        .args(interval)
         .args(["--maintenance-interval-secs", "1", "--claim-ttl-secs", "2"])
         .args(extra)
         .stdout(Stdio::null())
