@@ -126,7 +126,7 @@ enum StateCommand {
 #[derive(clap::Args)]
 struct DemoArgs {
     /// `memory` (in-process locks), or a real lock backend: `redis://…`, `redlock://h1:p1,h2:p2,h3:p3`,
-    /// `postgres://…`.
+    /// `postgres://…`, `etcd://h1:p1,h2:p2`.
     #[arg(long, env = "LOCK_URL", default_value = "memory")]
     lock_url: String,
     /// Records in the workload (the mock cluster keeps about 100 000 message sets per partition).
@@ -180,7 +180,8 @@ struct RunArgs {
     /// Shared checkpoint directory.
     #[arg(long, env = "CHECKPOINT_DIR")]
     checkpoint_dir: PathBuf,
-    /// The fleet's lock backend: `redis://…`, `redlock://h1:p1,h2:p2,h3:p3` or `postgres://…`. Required:
+    /// The fleet's lock backend: `redis://…`, `redlock://h1:p1,h2:p2,h3:p3`, `postgres://…` or
+    /// `etcd://h1:p1,h2:p2,h3:p3`. Required:
     /// instances that do not share one each own every partition. `memory` only with
     /// `--single-instance`.
     #[arg(long, env = "LOCK_URL")]

@@ -41,6 +41,13 @@ fn three_processes_with_redlock_survive_a_sigkill_and_restart_with_exact_state()
     sigkill_restart_and_a_frozen_owner_end_exact(&format!("redlock://{}", hosts.join(",")));
 }
 
+/// The same fleet coordinating through a three-member etcd cluster (`etcd://h1,h2,h3`).
+#[test]
+fn three_processes_with_etcd_survive_a_sigkill_and_restart_with_exact_state() {
+    let etcd = integration_tests::EtcdCluster::three();
+    sigkill_restart_and_a_frozen_owner_end_exact(&etcd.url("fleet"));
+}
+
 /// The scenario of the module docs with every instance on `lock_url`.
 fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
     let scratch = support::Scratch::new();

@@ -3,7 +3,7 @@
 //! the operator and the factory of local partition stores.
 //!
 //! [`Services::connect`] builds them all from one lock URL through [`state::connect()`] — `memory` (one
-//! process), `redis://…`, `redlock://h1,h2,h3` or `postgres://…` — so every coordination structure lives
+//! process), `redis://…`, `redlock://h1,h2,h3`, `postgres://…` or `etcd://h1,h2,h3` — so every coordination structure lives
 //! in the same backend.
 
 use std::path::PathBuf;
@@ -69,7 +69,7 @@ impl Services {
     }
 
     /// Services on the backend named by `lock_url` — `memory`, `redis://…`, `rediss://…`,
-    /// `redlock://h1:p1,h2:p2,h3:p3`, `postgres://…` (see [`state::connect()`]): locks, registry and task
+    /// `redlock://h1:p1,h2:p2,h3:p3`, `postgres://…`, `etcd://h1:p1,h2:p2` (see [`state::connect()`]): locks, registry and task
     /// store all live there, sharing its connections.
     ///
     /// # Errors

@@ -1,5 +1,6 @@
-//! The README's main command, `processor demo`, as a test: on in-process locks, a real Redis and a real
-//! PostgreSQL (on the mock cluster), and on a real Apache Kafka broker, the fleet (3 instances, one killed abruptly mid-stream, one added) must end with state
+//! The README's main command, `processor demo`, as a test: on in-process locks, a real Redis, Redlock, a
+//! real PostgreSQL and a three-member etcd (on the mock cluster), and on a real Apache Kafka broker, the
+//! fleet (3 instances, one killed abruptly mid-stream, one added) must end with state
 //! equal to the exact recomputation, with a leader elected and maintenance jobs run.
 
 // Test and benchmark code: a failed step is a failed run, so helpers unwrap.
@@ -86,4 +87,11 @@ async fn the_demo_is_exact_on_a_real_kafka_broker() {
     let mut config = small_demo("memory");
     config.brokers = Some(kafka.bootstrap_servers());
     check(config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_demo_is_exact_on_a_three_member_etcd() {
+    integration_tests::init_tracing();
+    let etcd = integration_tests::EtcdCluster::three();
+    check(small_demo(&etcd.url("demo"))).await;
 }

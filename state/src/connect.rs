@@ -260,7 +260,7 @@ mod tests {
             "zookeeper://u:hunter2@zk:2181",
             "",
             "memoryx",
-            "etcd://h:2379",
+            "consul://h:8500",
         ] {
             match connect(url).await {
                 Err(StateError::InvalidInput { what, reason }) => {
@@ -272,6 +272,21 @@ mod tests {
             }
         }
         assert!(connect("memory").await.is_ok());
+    }
+
+    /// An etcd that refuses connections, or accepts them and never answers (a hung server: the client
+    /// would connect lazily), is an error at start, as for every other backend — not at the first lock.
+    #[cfg(feature = "etcd")]
+    #[tokio::test]
+    async fn an_unreachable_or_silent_etcd_is_an_error_at_connect() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_url = format!("etcd://root:hunter2@{}", silent.local_addr().unwrap());
+        for url in ["etcd://root:hunter2@127.0.0.1:1", silent_url.as_str()] {
+            match connect(url).await {
+                Err(err) => assert!(!err.to_string().contains("hunter2"), "{err}"),
+                Ok(backend) => panic!("{url}: connected to nothing: {backend:?}"),
+            }
+        }
     }
 
     #[cfg(feature = "redis")]

@@ -29,7 +29,8 @@ use crate::store::rocksdb::RocksDbStores;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct DemoConfig {
-    /// `memory`, `redis://…`, `redlock://h1:p1,h2:p2,h3:p3` or `postgres://…` (see [`state::connect()`]).
+    /// `memory`, `redis://…`, `redlock://h1:p1,h2:p2,h3:p3`, `postgres://…` or `etcd://h1:p1,h2:p2` (see
+    /// [`state::connect()`]).
     pub lock_url: String,
     /// Topic name.
     pub topic: String,

@@ -138,14 +138,22 @@ pub(crate) async fn connect_client(target: &EtcdTarget, timeout: Duration) -> St
     if let Some((user, password)) = &target.credentials {
         options = options.with_user(user.clone(), password.clone());
     }
-    super::bounded(
+    let redacted = target.redacted();
+    let mut client = super::bounded(
         timeout,
         BACKEND,
         "connect to",
-        &target.redacted(),
+        &redacted,
         Client::connect(target.endpoints.clone(), Some(options)),
     )
-    .await
+    .await?;
+    // The client connects lazily: ask the cluster once, so an unreachable one fails here.
+    let probe = client.get(
+        format!("{}probe", target.prefix),
+        Some(GetOptions::new().with_count_only()),
+    );
+    super::bounded(timeout, BACKEND, "reach", &redacted, probe).await?;
+    Ok(client)
 }
 
 /// An etcd lease length for `ttl`: whole seconds, rounded up.
