@@ -77,11 +77,22 @@ async fn run_over_a_recreated_topic(policy: MissingOffsets) -> (InstanceStatus, 
         partitions: 1,
     };
     workload.produce(&brokers, TOPIC).await.unwrap();
+    run_one_instance(&brokers, 1_000, policy, 10).await
+}
+
+/// Runs one instance over local state at `stored` with `policy` until it refuses the partition (`fail`)
+/// or has applied `records`; its status then and the offset stored at the end.
+async fn run_one_instance(
+    brokers: &str,
+    stored: i64,
+    policy: MissingOffsets,
+    records: u64,
+) -> (InstanceStatus, i64) {
     let root = tempfile::tempdir().unwrap();
     let state_dir = root.path().join("state");
-    seed_state(&state_dir);
+    seed_state_at(&state_dir, stored);
     let services = Services::in_memory(root.path().join("ck")).unwrap();
-    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, state_dir.clone())
+    let config = InstanceConfig::new("a", TOPIC, 1, brokers, state_dir.clone())
         .with_on_missing_offsets(policy)
         .with_checkpoint_every(Duration::from_millis(200));
     let instance = Instance::new(config, services).unwrap();
@@ -95,7 +106,7 @@ async fn run_over_a_recreated_topic(policy: MissingOffsets) -> (InstanceStatus, 
             })
             .await
         }
-        _ => wait_for(&mut status, "the records", |s| s.processed >= 10).await,
+        _ => wait_for(&mut status, "the records", |s| s.processed >= records).await,
     };
     stop.cancel();
     running.await.unwrap().unwrap();
@@ -181,29 +192,7 @@ async fn run_after_deleted_records(policy: MissingOffsets) -> (InstanceStatus, i
     workload.produce(&brokers, TOPIC).await.unwrap();
     let log_start = admin::delete_records(&brokers, TOPIC, 0, 15).await.unwrap();
     assert_eq!(log_start, 15);
-    let root = tempfile::tempdir().unwrap();
-    let state_dir = root.path().join("state");
-    seed_state_at(&state_dir, 5);
-    let services = Services::in_memory(root.path().join("ck")).unwrap();
-    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, state_dir.clone())
-        .with_on_missing_offsets(policy)
-        .with_checkpoint_every(Duration::from_millis(200));
-    let instance = Instance::new(config, services).unwrap();
-    let mut status = instance.status();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(instance.run(stop.clone()));
-    let seen = match policy {
-        MissingOffsets::Fail => {
-            wait_for(&mut status, "the refusal", |s| {
-                s.partition_errors.contains_key(&0)
-            })
-            .await
-        }
-        _ => wait_for(&mut status, "the records", |s| s.processed >= 5).await,
-    };
-    stop.cancel();
-    running.await.unwrap().unwrap();
-    (seen, stored_offset(&state_dir))
+    run_one_instance(&brokers, 5, policy, 5).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
