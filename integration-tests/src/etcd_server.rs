@@ -7,14 +7,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
+use crate::process::ServerProcess;
 use crate::{free_ports, require_binary};
 
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -27,7 +26,7 @@ pub struct EtcdMember {
     dir: PathBuf,
     initial_cluster: String,
     binary: PathBuf,
-    child: Mutex<Option<Child>>,
+    process: ServerProcess,
 }
 
 impl EtcdMember {
@@ -41,15 +40,8 @@ impl EtcdMember {
         &self.name
     }
 
-    fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
-        self.child
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn spawn(&self, state: &str) {
-        let mut child = self.child();
-        if child.is_some() {
+        if self.process.is_running() {
             return;
         }
         let log = std::fs::File::options()
@@ -86,7 +78,7 @@ impl EtcdMember {
             .stderr(err)
             .spawn()
             .expect("spawn etcd");
-        *child = Some(spawned);
+        self.process.set(spawned);
     }
 
     fn wait_ready(&self) {
@@ -113,43 +105,23 @@ impl EtcdMember {
 
     /// Kills the member (SIGKILL) and waits for it to exit.
     pub fn kill(&self) {
-        if let Some(mut child) = self.child().take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Freezes the member with SIGSTOP.
     pub fn pause(&self) {
-        self.signal(Signal::SIGSTOP);
+        self.process.signal(Signal::SIGSTOP);
     }
 
     /// Thaws a paused member.
     pub fn resume(&self) {
-        self.signal(Signal::SIGCONT);
-    }
-
-    fn signal(&self, signal: Signal) {
-        let child = self.child();
-        let child = child.as_ref().expect("the member is running");
-        let pid = i32::try_from(child.id()).expect("pid fits in i32");
-        kill(Pid::from_raw(pid), signal).expect("signal etcd");
+        self.process.signal(Signal::SIGCONT);
     }
 
     /// Whether this member is the cluster's leader now (asked over its HTTP API).
     pub fn is_leader(&self) -> bool {
         http_get(self.client_port, "/v2/stats/self")
             .is_some_and(|body| body.contains("StateLeader"))
-    }
-}
-
-impl Drop for EtcdMember {
-    fn drop(&mut self) {
-        if let Some(child) = self.child().as_ref() {
-            let pid = i32::try_from(child.id()).unwrap_or(0);
-            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-        }
-        self.kill();
     }
 }
 
@@ -198,7 +170,7 @@ impl EtcdCluster {
                     dir: member_dir,
                     initial_cluster: initial_cluster.clone(),
                     binary: binary.clone(),
-                    child: Mutex::new(None),
+                    process: ServerProcess::default(),
                 }
             })
             .collect();

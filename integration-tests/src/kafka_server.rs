@@ -13,14 +13,13 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
+use crate::process::ServerProcess;
 use crate::{free_ports, require_binary};
 
 /// The broker release the tests run (the pom's `kafka.version`).
@@ -116,7 +115,7 @@ pub struct KafkaNode {
     secure: Option<(u16, PathBuf)>,
     dir: PathBuf,
     libs: PathBuf,
-    child: Mutex<Option<Child>>,
+    process: ServerProcess,
 }
 
 impl KafkaNode {
@@ -139,16 +138,9 @@ impl KafkaNode {
         std::fs::read_to_string(self.log_path()).unwrap_or_else(|err| format!("(no log: {err})"))
     }
 
-    fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
-        self.child
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Starts the node (again: same ports, same data) unless it runs; does not wait for it.
     fn spawn(&self) {
-        let mut child = self.child();
-        if child.is_some() {
+        if self.process.is_running() {
             return;
         }
         // The start line of a previous life must not count as this one's.
@@ -180,7 +172,7 @@ impl KafkaNode {
             .stderr(stderr)
             .spawn()
             .expect("spawn the Kafka broker (java)");
-        *child = Some(spawned);
+        self.process.set(spawned);
     }
 
     /// Starts the node again after [`kill`](Self::kill) and waits until it serves.
@@ -198,7 +190,7 @@ impl KafkaNode {
             if self.log().contains(STARTED) {
                 return;
             }
-            if let Some(child) = self.child().as_mut()
+            if let Some(child) = self.process.child().as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
                 panic!(
@@ -219,38 +211,17 @@ impl KafkaNode {
 
     /// Kills the node (SIGKILL) and waits for it to exit; its data stays for [`start`](Self::start).
     pub fn kill(&self) {
-        if let Some(mut child) = self.child().take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Freezes the node with SIGSTOP: connections stay open, nothing is answered.
     pub fn pause(&self) {
-        self.signal(Signal::SIGSTOP);
+        self.process.signal(Signal::SIGSTOP);
     }
 
     /// Thaws a paused node with SIGCONT.
     pub fn resume(&self) {
-        self.signal(Signal::SIGCONT);
-    }
-
-    fn signal(&self, signal: Signal) {
-        let child = self.child();
-        let child = child.as_ref().expect("the node is running");
-        let pid = i32::try_from(child.id()).expect("pid fits in i32");
-        kill(Pid::from_raw(pid), signal).expect("signal the Kafka node");
-    }
-}
-
-impl Drop for KafkaNode {
-    fn drop(&mut self) {
-        if let Some(child) = self.child().as_ref() {
-            // A paused JVM ignores SIGTERM but not SIGKILL; SIGCONT first keeps `wait` short.
-            let pid = i32::try_from(child.id()).unwrap_or(0);
-            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-        }
-        self.kill();
+        self.process.signal(Signal::SIGCONT);
     }
 }
 
@@ -338,7 +309,7 @@ impl KafkaCluster {
                     secure: secure.as_ref().map(|(port, certs)| (*port, certs.clone())),
                     dir: dir.path().join(format!("node-{}", i + 1)),
                     libs: libs.clone(),
-                    child: Mutex::new(None),
+                    process: ServerProcess::default(),
                 };
                 node.configure(n, &voters, &cluster_id);
                 node

@@ -13,6 +13,7 @@ pub mod clock_skew;
 pub mod etcd_server;
 pub mod kafka_server;
 pub mod postgres_server;
+pub mod process;
 pub mod proxy;
 pub mod recipe_env;
 pub mod redis_server;
