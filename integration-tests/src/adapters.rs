@@ -437,3 +437,43 @@ impl ConformanceBackend for EtcdFixture {
         std::time::Duration::from_millis(1_500)
     }
 }
+
+/// A single etcd member reached through a [`FaultProxy`].
+pub struct ProxiedEtcd {
+    /// The proxy every handle connects through.
+    pub proxy: FaultProxy,
+    /// The member.
+    pub cluster: EtcdCluster,
+}
+
+impl ProxiedEtcd {
+    /// Starts one member and a proxy in front of it.
+    pub async fn start() -> Self {
+        crate::init_tracing();
+        let cluster = EtcdCluster::single();
+        ProxiedEtcd {
+            proxy: FaultProxy::start(cluster.member(0).port()).await,
+            cluster,
+        }
+    }
+
+    /// The `etcd://` URL through the proxy, with `prefix`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("etcd://127.0.0.1:{}/{prefix}", self.proxy.port())
+    }
+}
+
+#[async_trait::async_trait]
+impl ConformanceBackend for ProxiedEtcd {
+    async fn lock(&self, retry: RetryConfig) -> Arc<dyn DistributedLock> {
+        let url = self.url("conformance");
+        let lock = state::EtcdDistributedLock::new(&url)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {url}: {err}"));
+        Arc::new(lock.with_retry(retry))
+    }
+
+    fn expiry_slack(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(1_500)
+    }
+}

@@ -35,6 +35,11 @@ impl EtcdMember {
         format!("127.0.0.1:{}", self.client_port)
     }
 
+    /// The member's client port on loopback.
+    pub fn port(&self) -> u16 {
+        self.client_port
+    }
+
     /// The member's name (`m1`, `m2`, …).
     pub fn name(&self) -> &str {
         &self.name
@@ -118,10 +123,17 @@ impl EtcdMember {
         self.process.signal(Signal::SIGCONT);
     }
 
-    /// Whether this member is the cluster's leader now (asked over its HTTP API).
+    /// Whether this member is the cluster's leader now (its v3 status over the HTTP gateway names
+    /// itself as the leader).
     pub fn is_leader(&self) -> bool {
-        http_get(self.client_port, "/v2/stats/self")
-            .is_some_and(|body| body.contains("StateLeader"))
+        let Some(body) = http_request(self.client_port, "POST", "/v3/maintenance/status") else {
+            return false;
+        };
+        let Ok(status) = serde_json::from_str::<serde_json::Value>(&body) else {
+            return false;
+        };
+        let member = status.pointer("/header/member_id");
+        member.is_some() && member == status.get("leader")
     }
 }
 
@@ -212,12 +224,23 @@ impl EtcdCluster {
 
 /// `GET path` on the member's client port; the body when it answers 200.
 fn http_get(port: u16, path: &str) -> Option<String> {
+    http_request(port, "GET", path)
+}
+
+/// `method path` (with an empty JSON body) on the member's client port; the body when it answers 200.
+fn http_request(port: u16, method: &str, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_millis(500)))
         .ok()?;
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .write_all(
+            format!(
+                "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+                 Content-Length: 2\r\n\r\n{{}}"
+            )
+            .as_bytes(),
+        )
         .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;

@@ -125,11 +125,8 @@ pub trait DistributedLock: Send + Sync + fmt::Debug {
         ttl: Duration,
         wait: Duration,
     ) -> StateResult<LockGuard> {
-        let until = tokio::time::Instant::now()
-            .checked_add(wait)
-            .ok_or_else(|| StateError::invalid("wait", format!("{wait:?} is too long")))?;
         let budget = crate::retry::Budget {
-            until: Some(until),
+            until: Some(crate::lock::wait_deadline(wait)?),
             ..Default::default()
         };
         crate::retry::acquire_with_budget(self, self.retry_policy(), resource, ttl, budget).await
@@ -152,7 +149,7 @@ pub trait DistributedLock: Send + Sync + fmt::Debug {
         let budget = crate::retry::Budget {
             until: Some(tokio::time::Instant::now() + crate::lock::MAX_TTL),
             cancel: Some(cancel),
-            wake: None,
+            ..Default::default()
         };
         crate::retry::acquire_with_budget(self, self.retry_policy(), resource, ttl, budget).await
     }
@@ -273,6 +270,16 @@ pub fn validate_ttl(ttl: Duration) -> StateResult<()> {
         ));
     }
     Ok(())
+}
+
+/// The instant a wait of `wait` from now ends (`acquire_within`'s budget).
+///
+/// # Errors
+/// [`StateError::InvalidInput`] when `wait` reaches past what the clock can represent.
+pub(crate) fn wait_deadline(wait: Duration) -> StateResult<tokio::time::Instant> {
+    tokio::time::Instant::now()
+        .checked_add(wait)
+        .ok_or_else(|| StateError::invalid("wait", format!("{wait:?} is too long")))
 }
 
 /// The drift allowance subtracted from a lease on the client side: 1% of the TTL plus 2 ms (the

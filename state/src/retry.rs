@@ -140,6 +140,14 @@ impl RetryConfig {
     fn attempts(&self) -> u32 {
         self.max_attempts.max(1)
     }
+
+    /// How long `acquire` waits under this policy at most (the un-jittered delays between its
+    /// attempts): what a backend that waits for releases instead of sleeping (etcd) uses as its budget.
+    pub fn total_wait(&self) -> Duration {
+        (1..self.attempts())
+            .map(|attempt| self.base_delay(attempt))
+            .fold(Duration::ZERO, Duration::saturating_add)
+    }
 }
 
 /// What bounds a retry loop besides its policy.
@@ -152,6 +160,9 @@ pub struct Budget<'a> {
     pub cancel: Option<&'a CancellationToken>,
     /// Wake from a backoff sleep early when this is notified (a release in the same process).
     pub wake: Option<&'a Notify>,
+    /// The attempt itself waits until the lock may be free (etcd's watch on the key) before it reports
+    /// contention: contention is then retried at once, and only failures back off.
+    pub attempt_waits: bool,
 }
 
 /// How a retry loop ended.
@@ -205,10 +216,10 @@ where
             },
             None => attempt(made).await,
         };
-        let last_error = match outcome {
+        let (last_error, contended) = match outcome {
             Ok(Some(value)) => return Ok(Retried::Done(value)),
-            Ok(None) => None,
-            Err(err) if err.is_retryable() => Some(err),
+            Ok(None) => (None, true),
+            Err(err) if err.is_retryable() => (Some(err), false),
             Err(err) => return Err(err),
         };
         let now = Instant::now();
@@ -221,6 +232,9 @@ where
                 attempts: made,
                 last_error,
             });
+        }
+        if contended && budget.attempt_waits {
+            continue;
         }
         let mut delay = retry.jittered_delay(made);
         if let Some(until) = budget.until {
@@ -273,7 +287,14 @@ pub async fn acquire_with_budget<L>(
 where
     L: DistributedLock + ?Sized,
 {
-    match retry_loop(retry, budget, |_| lock.try_acquire(resource, ttl)).await? {
+    let retried = retry_loop(retry, budget, |_| lock.try_acquire(resource, ttl)).await?;
+    acquired(resource, retried)
+}
+
+/// What an acquisition retry loop's outcome means to the caller: the guard, `LockNotAcquired` (or the
+/// last attempt's retryable error, so the caller sees *why*), or `Cancelled`.
+pub(crate) fn acquired(resource: &str, retried: Retried<LockGuard>) -> StateResult<LockGuard> {
+    match retried {
         Retried::Done(guard) => {
             tracing::debug!(resource, "lock acquired");
             Ok(guard)
@@ -334,6 +355,16 @@ mod tests {
         }
         let distinct: std::collections::HashSet<_> = samples.iter().collect();
         assert!(distinct.len() > 50, "jitter must spread contenders out");
+    }
+
+    #[test]
+    fn the_total_wait_sums_the_delays_between_attempts() {
+        assert_eq!(RetryConfig::no_retry().total_wait(), Duration::ZERO);
+        // 50 + 100 + 200 + 400 + 800 + 4 × 1000 ms
+        assert_eq!(
+            RetryConfig::default().total_wait(),
+            Duration::from_millis(5_550)
+        );
     }
 
     #[test]

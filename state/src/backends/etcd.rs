@@ -12,6 +12,12 @@
 //! - **Extend** grants a new lease of the new TTL and, in one transaction *if the value is still ours*,
 //!   re-attaches the key to it (the create revision — the token — is unchanged).
 //! - **Release** deletes the key *if the value is still ours*.
+//! - **Waiting** (`acquire`, `acquire_within`, `acquire_cancellable`) watches the key from the revision at
+//!   which it was found held and tries again at its delete event (a release, or the holder's lease
+//!   expiring) — no polling. `acquire` waits as long as its retry policy's delays add up to
+//!   ([`RetryConfig::total_wait`]); failures (an unreachable cluster) back off as on every backend. A
+//!   watch that stays silent for [`WATCH_RECHECK`] is re-checked once with a fresh attempt, in case the
+//!   stream was lost without an error.
 //!
 //! # TTL granularity
 //! etcd leases count whole seconds, and the server raises a TTL below its minimum (1.5 × the election
@@ -29,17 +35,34 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchFilterType, WatchOptions,
+};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::guard::PendingAcquire;
-use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl};
-use crate::retry::acquire_with_retry;
+use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl, wait_deadline};
+use crate::retry::{Budget, acquired, retry_loop};
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
 const BACKEND: &str = "etcd";
 const DEFAULT_PREFIX: &str = "state/";
 const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a waiter trusts a silent watch before it tries again anyway (a safety net against a stream
+/// lost without an error; every release and expiry arrives as an event long before).
+pub const WATCH_RECHECK: Duration = Duration::from_secs(10);
+
+/// What one acquisition attempt found.
+enum Attempt {
+    Acquired(LockGuard),
+    /// Somebody holds the lock as of this store revision.
+    Held {
+        revision: i64,
+    },
+}
 
 /// A parsed `etcd://[user:password@]h1:p1,h2:p2[/prefix]` URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -243,6 +266,132 @@ impl EtcdDistributedLock {
         &self.client
     }
 
+    /// One acquisition: a lease, then the create-if-absent transaction.
+    async fn attempt(&self, resource: &str, ttl: Duration) -> StateResult<Attempt> {
+        let owner = LockToken::new_owner_value();
+        let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
+        let sent_at = Instant::now();
+        let lease = self.grant(resource, ttl).await?;
+        // From here a cancelled future must not leave the key behind: the armed release deletes it if
+        // the transaction went through (the lease would also expire it).
+        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner);
+        let key = self.lock_key(resource);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                owner.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let response = self
+            .call("acquire", resource, |mut client| async move {
+                client.txn(txn).await
+            })
+            .await;
+        let response = match response {
+            Ok(response) => response,
+            Err(err) => {
+                self.revoke(resource, lease).await;
+                return Err(err);
+            }
+        };
+        pending.disarm();
+        let revision = response.header().map(|header| header.revision());
+        let revision = revision.ok_or_else(|| {
+            StateError::backend(BACKEND, "acquire", resource, "the response has no revision")
+        })?;
+        if !response.succeeded() {
+            self.revoke(resource, lease).await;
+            return Ok(Attempt::Held { revision });
+        }
+        let revision = u64::try_from(revision).map_err(|_| {
+            StateError::backend(BACKEND, "acquire", resource, "the revision is negative")
+        })?;
+        let acquired_at = SystemTime::now();
+        let token = LockToken::new(resource, owner, revision, acquired_at, acquired_at + ttl);
+        Ok(Attempt::Acquired(LockGuard::new(
+            service,
+            token,
+            safe_deadline(sent_at, ttl),
+        )))
+    }
+
+    /// Waits until the key may be free: its delete event after `revision`, `until`, or
+    /// [`WATCH_RECHECK`], whichever comes first.
+    async fn wait_for_release(
+        &self,
+        resource: &str,
+        revision: i64,
+        until: Instant,
+    ) -> StateResult<()> {
+        let now = Instant::now();
+        let until = until.min(now + WATCH_RECHECK);
+        if until <= now {
+            return Ok(());
+        }
+        let key = self.lock_key(resource);
+        let options = WatchOptions::new()
+            .with_start_revision(revision.saturating_add(1))
+            .with_filters([WatchFilterType::NoPut]);
+        let mut stream = self
+            .call("watch", resource, |mut client| async move {
+                client.watch(key, Some(options)).await
+            })
+            .await?;
+        let released = async {
+            loop {
+                let response = match stream.message().await {
+                    Ok(Some(response)) => response,
+                    Ok(None) => {
+                        let ended = "the cluster ended the watch";
+                        return Err(StateError::backend(BACKEND, "watch", resource, ended));
+                    }
+                    Err(err) => return Err(StateError::backend(BACKEND, "watch", resource, err)),
+                };
+                // A cancelled watch (the revision was compacted away) says nothing: try again.
+                let deleted = response
+                    .events()
+                    .iter()
+                    .any(|event| event.event_type() == EventType::Delete);
+                if deleted || response.canceled() {
+                    return Ok(());
+                }
+            }
+        };
+        tokio::time::timeout_at(until, released)
+            .await
+            .unwrap_or(Ok(()))
+    }
+
+    /// Acquires within `until` (and `cancel`), waiting on the key's watch between attempts.
+    async fn acquire_watching(
+        &self,
+        resource: &str,
+        ttl: Duration,
+        until: Instant,
+        cancel: Option<&CancellationToken>,
+    ) -> StateResult<LockGuard> {
+        let budget = Budget {
+            until: Some(until),
+            cancel,
+            wake: None,
+            attempt_waits: true,
+        };
+        let retried = retry_loop(&self.retry, budget, |_| async move {
+            validate_resource(resource)?;
+            validate_ttl(ttl)?;
+            match self.attempt(resource, ttl).await? {
+                Attempt::Acquired(guard) => Ok(Some(guard)),
+                Attempt::Held { revision } => {
+                    self.wait_for_release(resource, revision, until).await?;
+                    Ok(None)
+                }
+            }
+        })
+        .await?;
+        acquired(resource, retried)
+    }
+
     fn lock_key(&self, resource: &str) -> String {
         format!("{}lock/{resource}", self.prefix)
     }
@@ -313,7 +462,29 @@ impl EtcdDistributedLock {
 impl DistributedLock for EtcdDistributedLock {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND))]
     async fn acquire(&self, resource: &str, ttl: Duration) -> StateResult<LockGuard> {
-        acquire_with_retry(self, &self.retry, resource, ttl).await
+        let until = wait_deadline(self.retry.total_wait())?;
+        self.acquire_watching(resource, ttl, until, None).await
+    }
+
+    async fn acquire_within(
+        &self,
+        resource: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> StateResult<LockGuard> {
+        self.acquire_watching(resource, ttl, wait_deadline(wait)?, None)
+            .await
+    }
+
+    async fn acquire_cancellable(
+        &self,
+        resource: &str,
+        ttl: Duration,
+        cancel: &CancellationToken,
+    ) -> StateResult<LockGuard> {
+        let until = wait_deadline(crate::lock::MAX_TTL)?;
+        self.acquire_watching(resource, ttl, until, Some(cancel))
+            .await
     }
 
     fn retry_policy(&self) -> &RetryConfig {
@@ -323,52 +494,10 @@ impl DistributedLock for EtcdDistributedLock {
     async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
         validate_resource(resource)?;
         validate_ttl(ttl)?;
-        let owner = LockToken::new_owner_value();
-        let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
-        let sent_at = Instant::now();
-        let lease = self.grant(resource, ttl).await?;
-        // From here a cancelled future must not leave the key behind: the armed release deletes it if
-        // the transaction went through (the lease would also expire it).
-        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner);
-        let key = self.lock_key(resource);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key,
-                owner.as_str(),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let response = self
-            .call("acquire", resource, |mut client| async move {
-                client.txn(txn).await
-            })
-            .await;
-        let response = match response {
-            Ok(response) => response,
-            Err(err) => {
-                self.revoke(resource, lease).await;
-                return Err(err);
-            }
-        };
-        pending.disarm();
-        if !response.succeeded() {
-            self.revoke(resource, lease).await;
-            return Ok(None);
-        }
-        let revision = response
-            .header()
-            .map(|header| header.revision())
-            .and_then(|revision| u64::try_from(revision).ok())
-            .ok_or_else(|| {
-                StateError::backend(BACKEND, "acquire", resource, "the response has no revision")
-            })?;
-        let acquired_at = SystemTime::now();
-        let token = LockToken::new(resource, owner, revision, acquired_at, acquired_at + ttl);
-        Ok(Some(LockGuard::new(
-            service,
-            token,
-            safe_deadline(sent_at, ttl),
-        )))
+        Ok(match self.attempt(resource, ttl).await? {
+            Attempt::Acquired(guard) => Some(guard),
+            Attempt::Held { .. } => None,
+        })
     }
 
     #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
