@@ -27,6 +27,7 @@ install_test_services() {
     "maven:command -v mvn" \
     "python3-venv:python3 -c 'import ensurepip'" \
     "etcd-server:command -v etcd" \
+    "openssl:command -v openssl" \
     "protobuf-compiler:command -v protoc"
   # The packages start system-wide services; the tests start their own servers on free ports.
   command -v redis-server >/dev/null

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
 use crate::process::ServerProcess;
-use crate::{free_ports, require_binary};
+use crate::{Certificates, free_ports, require_binary};
 
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
@@ -23,6 +23,9 @@ pub struct EtcdMember {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` and `/metrics`, also when clients speak TLS.
+    metrics_port: u16,
+    tls: Option<Certificates>,
     dir: PathBuf,
     initial_cluster: String,
     binary: PathBuf,
@@ -55,9 +58,22 @@ impl EtcdMember {
             .open(self.dir.join("etcd.log"))
             .expect("open etcd.log");
         let err = log.try_clone().expect("clone etcd.log");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let spawned = Command::new(&self.binary)
+        let metrics = format!("http://127.0.0.1:{}", self.metrics_port);
+        let mut command = Command::new(&self.binary);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(tls.server_cert())
+                .arg("--key-file")
+                .arg(tls.server_key())
+                .arg("--trusted-ca-file")
+                .arg(tls.ca())
+                .arg("--client-cert-auth");
+        }
+        let spawned = command
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
@@ -73,6 +89,7 @@ impl EtcdMember {
                 "--initial-advertise-peer-urls",
                 &peer,
             ])
+            .args(["--listen-metrics-urls", &metrics])
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-state", state])
             .args(["--initial-cluster-token", "state-tests"])
@@ -89,7 +106,7 @@ impl EtcdMember {
     fn wait_ready(&self) {
         let started = Instant::now();
         while started.elapsed() < READY_WITHIN {
-            if healthy(self.client_port) {
+            if healthy(self.metrics_port) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -124,7 +141,7 @@ impl EtcdMember {
     }
 
     /// Whether this member is the cluster's leader now (its v3 status over the HTTP gateway names
-    /// itself as the leader).
+    /// itself as the leader; plain-HTTP members only).
     pub fn is_leader(&self) -> bool {
         let Some(body) = http_request(self.client_port, "POST", "/v3/maintenance/status") else {
             return false;
@@ -140,6 +157,7 @@ impl EtcdMember {
 /// An etcd cluster of one or three members.
 pub struct EtcdCluster {
     members: Vec<EtcdMember>,
+    tls: Option<Certificates>,
     _dir: TempDir,
 }
 
@@ -149,7 +167,7 @@ impl EtcdCluster {
     /// # Panics
     /// When `etcd` is missing or does not become healthy.
     pub fn single() -> Self {
-        Self::start(1)
+        Self::start(1, false)
     }
 
     /// Three members (a majority of two).
@@ -157,18 +175,28 @@ impl EtcdCluster {
     /// # Panics
     /// As [`single`](Self::single).
     pub fn three() -> Self {
-        Self::start(3)
+        Self::start(3, false)
     }
 
-    fn start(n: usize) -> Self {
+    /// One member that speaks only TLS to clients and requires a client certificate signed by its CA
+    /// ([`certificates`](Self::certificates)); [`url`](Self::url) is then an `etcds://` URL with them.
+    ///
+    /// # Panics
+    /// As [`single`](Self::single); when `openssl` is missing.
+    pub fn single_with_tls() -> Self {
+        Self::start(1, true)
+    }
+
+    fn start(n: usize, tls: bool) -> Self {
         let binary = require_binary("etcd", "apt-get install etcd-server");
         let dir = tempfile::Builder::new()
             .prefix("etcd-fixture-")
             .tempdir()
             .expect("create a temp dir for etcd");
-        let ports = free_ports(2 * n);
+        let ports = free_ports(3 * n);
+        let tls = tls.then(|| Certificates::make(&dir.path().join("certificates")));
         let initial_cluster = (0..n)
-            .map(|i| format!("m{}=http://127.0.0.1:{}", i + 1, ports[2 * i + 1]))
+            .map(|i| format!("m{}=http://127.0.0.1:{}", i + 1, ports[3 * i + 1]))
             .collect::<Vec<_>>()
             .join(",");
         let members: Vec<EtcdMember> = (0..n)
@@ -177,8 +205,10 @@ impl EtcdCluster {
                 std::fs::create_dir_all(&member_dir).expect("create the member dir");
                 EtcdMember {
                     name: format!("m{}", i + 1),
-                    client_port: ports[2 * i],
-                    peer_port: ports[2 * i + 1],
+                    client_port: ports[3 * i],
+                    peer_port: ports[3 * i + 1],
+                    metrics_port: ports[3 * i + 2],
+                    tls: tls.clone(),
                     dir: member_dir,
                     initial_cluster: initial_cluster.clone(),
                     binary: binary.clone(),
@@ -192,13 +222,31 @@ impl EtcdCluster {
         for member in &members {
             member.wait_ready();
         }
-        EtcdCluster { members, _dir: dir }
+        EtcdCluster {
+            members,
+            tls,
+            _dir: dir,
+        }
     }
 
-    /// `etcd://h1:p1,h2:p2,…` with `prefix`.
+    /// `etcd://h1:p1,h2:p2,…` with `prefix`; for a TLS cluster `etcds://…/prefix?ca=…&cert=…&key=…`.
     pub fn url(&self, prefix: &str) -> String {
         let hosts: Vec<String> = self.members.iter().map(EtcdMember::address).collect();
-        format!("etcd://{}/{prefix}", hosts.join(","))
+        let hosts = hosts.join(",");
+        match &self.tls {
+            None => format!("etcd://{hosts}/{prefix}"),
+            Some(tls) => format!(
+                "etcds://{hosts}/{prefix}?ca={}&cert={}&key={}",
+                tls.ca().display(),
+                tls.client_cert().display(),
+                tls.client_key().display()
+            ),
+        }
+    }
+
+    /// The CA and certificates of a [`single_with_tls`](Self::single_with_tls) cluster.
+    pub fn certificates(&self) -> Option<&Certificates> {
+        self.tls.as_ref()
     }
 
     /// Member `i` (0-based).

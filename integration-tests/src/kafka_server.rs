@@ -20,7 +20,7 @@ use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
 use crate::process::ServerProcess;
-use crate::{free_ports, require_binary};
+use crate::{Certificates, free_ports, require_binary};
 
 /// The broker release the tests run (the pom's `kafka.version`).
 pub const KAFKA_VERSION: &str = "4.4.0";
@@ -471,67 +471,7 @@ fn random_cluster_id(libs: &Path) -> String {
 /// A throwaway CA and a certificate for `127.0.0.1` signed by it, in `dir`: `ca.pem` for clients,
 /// `keystore.pem` (PKCS#8 key + certificate) for the broker.
 fn make_certificates(dir: &Path) {
-    let openssl = require_binary("openssl", "apt-get install openssl");
-    std::fs::create_dir_all(dir).expect("create the certificates dir");
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write san.ext");
-    let steps: [&[&str]; 3] = [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-        ],
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
-    ];
-    for args in steps {
-        let output = Command::new(&openssl)
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            output.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    Certificates::make(dir);
     let key = std::fs::read_to_string(dir.join("server.key")).expect("read server.key");
     let cert = std::fs::read_to_string(dir.join("server.pem")).expect("read server.pem");
     std::fs::write(dir.join("keystore.pem"), format!("{key}{cert}")).expect("write keystore.pem");

@@ -9,6 +9,7 @@
 //! port again), and [`FaultProxy`] between a client and any server: delay, freeze (a hung server) and cut.
 
 pub mod adapters;
+pub mod certificates;
 pub mod clock_skew;
 pub mod etcd_server;
 pub mod kafka_server;
@@ -19,6 +20,7 @@ pub mod recipe_env;
 pub mod redis_server;
 pub mod verifier;
 
+pub use certificates::Certificates;
 pub use etcd_server::{EtcdCluster, EtcdMember};
 pub use kafka_server::{KafkaCluster, KafkaNode, SecureListener};
 pub use postgres_server::PostgresServer;

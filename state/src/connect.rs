@@ -8,7 +8,7 @@
 //! | `redis://[user:password@]host:port[/db]`, `rediss://…` (TLS) | [`RedisDistributedLock`] | the same server, the same connection |
 //! | `redlock://[user:password@]h1:p1,h2:p2,h3:p3[/db]`, `redlocks://…` (TLS) | [`RedlockDistributedLock`] over every host | the **first** host (see below) |
 //! | `postgres://…`, `postgresql://…` | `PostgresDistributedLock` (lease mode) | the same database, the same pool |
-//! | `etcd://[user:password@]h1:p1,h2:p2[/prefix]` | `EtcdDistributedLock` | the same cluster, the same client |
+//! | `etcd://[user:password@]h1:p1,h2:p2[/prefix]`, `etcds://…?ca=ca.pem[&cert=c.pem&key=k.pem]` (TLS) | `EtcdDistributedLock` | the same cluster, the same client |
 //!
 //! Redlock has no replicated record store: fenced records (checkpoint records, membership) and tasks live
 //! on the first host. If it is down, they are unavailable (errors, never wrong answers) until it returns;
@@ -55,7 +55,7 @@ impl std::fmt::Debug for Backend {
 }
 
 /// The schemes [`connect`] accepts, for error messages.
-const SCHEMES: &str = "memory, redis://, rediss://, redlock://h1:p1,h2:p2,h3:p3, redlocks://…, postgres://, etcd://h1:p1,h2:p2";
+const SCHEMES: &str = "memory, redis://, rediss://, redlock://h1:p1,h2:p2,h3:p3, redlocks://…, postgres://, etcd://h1:p1,h2:p2, etcds://…?ca=…";
 
 /// Connects the backend named by `url` (see the module docs for the forms).
 ///
@@ -83,7 +83,7 @@ pub async fn connect_with_retry(url: &str, retry: RetryConfig) -> StateResult<Ba
         "redis" | "rediss" | "unix" => redis(url, retry).await,
         "redlock" | "redlocks" => redlock(url, retry).await,
         "postgres" | "postgresql" => postgres(url, retry).await,
-        "etcd" => etcd(url, retry).await,
+        "etcd" | "etcds" => etcd(url, retry).await,
         _ => Err(StateError::invalid(
             "lock url",
             format!(

@@ -32,12 +32,13 @@
 //! gives errors, never a hang.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchFilterType, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchFilterType, WatchOptions,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -64,12 +65,22 @@ enum Attempt {
     },
 }
 
-/// A parsed `etcd://[user:password@]h1:p1,h2:p2[/prefix]` URL.
+/// A parsed `etcd[s]://[user:password@]h1:p1,h2:p2[/prefix][?ca=…&cert=…&key=…]` URL.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct EtcdTarget {
     pub(crate) endpoints: Vec<String>,
     pub(crate) credentials: Option<(String, String)>,
     pub(crate) prefix: String,
+    /// Present for `etcds://`.
+    pub(crate) tls: Option<TlsFiles>,
+}
+
+/// The PEM files of an `etcds://` URL: the CA that signed the members' certificates, and the client's
+/// own certificate and key when the cluster asks for one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TlsFiles {
+    pub(crate) ca: PathBuf,
+    pub(crate) identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl fmt::Debug for EtcdTarget {
@@ -89,9 +100,14 @@ impl EtcdTarget {
         let hosts: Vec<&str> = self
             .endpoints
             .iter()
-            .map(|endpoint| endpoint.trim_start_matches("http://"))
+            .map(|endpoint| {
+                endpoint
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+            })
             .collect();
-        format!("etcd://{user}{}/{}", hosts.join(","), self.prefix)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{user}{}/{}", hosts.join(","), self.prefix)
     }
 }
 
@@ -100,12 +116,18 @@ pub(crate) fn parse_etcd_url(raw: &str) -> StateResult<EtcdTarget> {
     let invalid = |reason: &str| {
         StateError::invalid(
             "etcd url",
-            format!("{reason}: use etcd://[user:password@]h1:2379,h2:2379[/prefix]"),
+            format!(
+                "{reason}: use etcd://[user:password@]h1:2379,h2:2379[/prefix], or etcds://… with \
+                 ?ca=/path/ca.pem[&cert=/path/client.pem&key=/path/client-key.pem] for TLS"
+            ),
         )
     };
-    let rest = raw
-        .strip_prefix("etcd://")
-        .ok_or_else(|| invalid("not an etcd:// URL"))?;
+    let (rest, secure) = match (raw.strip_prefix("etcd://"), raw.strip_prefix("etcds://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => return Err(invalid("not an etcd:// or etcds:// URL")),
+    };
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (userinfo, hosts) = match authority.rsplit_once('@') {
         Some((userinfo, hosts)) => (Some(userinfo), hosts),
@@ -123,11 +145,12 @@ pub(crate) fn parse_etcd_url(raw: &str) -> StateResult<EtcdTarget> {
         }
         None => None,
     };
+    let http = if secure { "https" } else { "http" };
     let endpoints: Vec<String> = hosts
         .split(',')
         .map(str::trim)
         .filter(|host| !host.is_empty())
-        .map(|host| format!("http://{host}"))
+        .map(|host| format!("{http}://{host}"))
         .collect();
     if endpoints.is_empty() {
         return Err(invalid("no endpoints"));
@@ -145,11 +168,68 @@ pub(crate) fn parse_etcd_url(raw: &str) -> StateResult<EtcdTarget> {
     } else {
         format!("{path}/")
     };
+    let tls = tls_files(query, secure).map_err(|reason| invalid(&reason))?;
     Ok(EtcdTarget {
         endpoints,
         credentials,
         prefix,
+        tls,
     })
+}
+
+/// The `ca`, `cert` and `key` parameters of an etcd URL's query: required `ca` for `etcds://`, none
+/// for `etcd://`, `cert` and `key` together or not at all.
+fn tls_files(query: &str, secure: bool) -> Result<Option<TlsFiles>, String> {
+    let (mut ca, mut cert, mut key) = (None, None, None);
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match name {
+            "ca" => &mut ca,
+            "cert" => &mut cert,
+            "key" => &mut key,
+            other => {
+                return Err(format!(
+                    "unknown parameter `{other}` (ca, cert and key are known)"
+                ));
+            }
+        };
+        if value.is_empty() {
+            return Err(format!("the parameter `{name}` has no file"));
+        }
+        *slot = Some(PathBuf::from(value));
+    }
+    if !secure {
+        return match ca.is_some() || cert.is_some() || key.is_some() {
+            true => Err("ca, cert and key are for etcds:// (TLS) URLs".to_owned()),
+            false => Ok(None),
+        };
+    }
+    let ca =
+        ca.ok_or("etcds:// needs ?ca=/path/ca.pem, the CA that signed the members' certificates")?;
+    let identity = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err("a client certificate needs both cert= and key=".to_owned()),
+    };
+    Ok(Some(TlsFiles { ca, identity }))
+}
+
+/// The client's TLS settings from the PEM files of `tls`.
+fn tls_options(tls: &TlsFiles) -> StateResult<TlsOptions> {
+    let read = |what: &'static str, path: &PathBuf| {
+        std::fs::read(path).map_err(|err| {
+            StateError::invalid(what, format!("cannot read {}: {err}", path.display()))
+        })
+    };
+    let mut options =
+        TlsOptions::new().ca_certificate(Certificate::from_pem(read("etcd ca file", &tls.ca)?));
+    if let Some((cert, key)) = &tls.identity {
+        options = options.identity(Identity::from_pem(
+            read("etcd client certificate file", cert)?,
+            read("etcd client key file", key)?,
+        ));
+    }
+    Ok(options)
 }
 
 /// Connects a client to every endpoint of `target`.
@@ -160,6 +240,9 @@ pub(crate) async fn connect_client(target: &EtcdTarget, timeout: Duration) -> St
         .with_keep_alive(Duration::from_secs(5), timeout);
     if let Some((user, password)) = &target.credentials {
         options = options.with_user(user.clone(), password.clone());
+    }
+    if let Some(tls) = &target.tls {
+        options = options.with_tls(tls_options(tls)?);
     }
     let redacted = target.redacted();
     let mut client = super::bounded(
@@ -629,6 +712,24 @@ mod tests {
         assert_eq!(target.redacted(), "etcd://root:***@h1:2379,h2:22379/jobs/");
         assert!(!format!("{target:?}").contains("hunter2"));
         assert_eq!(parse_etcd_url("etcd://h1:2379").unwrap().prefix, "state/");
+        let secure =
+            parse_etcd_url("etcds://u:pw@h1:2379/jobs?ca=/c/ca.pem&cert=/c/me.pem&key=/c/me.key")
+                .unwrap();
+        assert_eq!(secure.endpoints, ["https://h1:2379"]);
+        assert_eq!(secure.prefix, "jobs/");
+        assert_eq!(
+            secure.tls,
+            Some(TlsFiles {
+                ca: "/c/ca.pem".into(),
+                identity: Some(("/c/me.pem".into(), "/c/me.key".into())),
+            })
+        );
+        assert_eq!(secure.redacted(), "etcds://u:***@h1:2379/jobs/");
+        let no_path = parse_etcd_url("etcds://h1:2379?ca=/c/ca.pem").unwrap();
+        assert_eq!(
+            (no_path.prefix.as_str(), no_path.tls.unwrap().identity),
+            ("state/", None)
+        );
         for bad in [
             "",
             "redis://h:1",
@@ -636,6 +737,11 @@ mod tests {
             "etcd://h1",
             "etcd://:pw@h1:2379",
             "etcd://h1:x",
+            "etcd://h1:2379?ca=/c/ca.pem",
+            "etcds://h1:2379",
+            "etcds://h1:2379?ca=",
+            "etcds://h1:2379?ca=/c/ca.pem&cert=/c/me.pem",
+            "etcds://h1:2379?ca=/c/ca.pem&bogus=1",
         ] {
             match parse_etcd_url(bad) {
                 Err(StateError::InvalidInput {
