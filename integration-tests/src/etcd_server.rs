@@ -26,6 +26,8 @@ pub struct EtcdMember {
     /// Plain-HTTP `/health` and `/metrics`, also when clients speak TLS.
     metrics_port: u16,
     tls: Option<Certificates>,
+    /// More command-line flags for every start.
+    extra_args: Vec<String>,
     dir: PathBuf,
     initial_cluster: String,
     binary: PathBuf,
@@ -95,6 +97,7 @@ impl EtcdMember {
             .args(["--initial-cluster-token", "state-tests"])
             .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
             .args(["--logger", "zap", "--log-level", "warn"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -167,7 +170,15 @@ impl EtcdCluster {
     /// # Panics
     /// When `etcd` is missing or does not become healthy.
     pub fn single() -> Self {
-        Self::start(1, false)
+        Self::start(1, false, &[])
+    }
+
+    /// One member started with more `flags` (e.g. `["--auth-token-ttl", "1"]`).
+    ///
+    /// # Panics
+    /// As [`single`](Self::single).
+    pub fn single_with_flags(flags: &[&str]) -> Self {
+        Self::start(1, false, flags)
     }
 
     /// Three members (a majority of two).
@@ -175,7 +186,7 @@ impl EtcdCluster {
     /// # Panics
     /// As [`single`](Self::single).
     pub fn three() -> Self {
-        Self::start(3, false)
+        Self::start(3, false, &[])
     }
 
     /// One member that speaks only TLS to clients and requires a client certificate signed by its CA
@@ -184,10 +195,10 @@ impl EtcdCluster {
     /// # Panics
     /// As [`single`](Self::single); when `openssl` is missing.
     pub fn single_with_tls() -> Self {
-        Self::start(1, true)
+        Self::start(1, true, &[])
     }
 
-    fn start(n: usize, tls: bool) -> Self {
+    fn start(n: usize, tls: bool, flags: &[&str]) -> Self {
         let binary = require_binary("etcd", "apt-get install etcd-server");
         let dir = tempfile::Builder::new()
             .prefix("etcd-fixture-")
@@ -209,6 +220,7 @@ impl EtcdCluster {
                     peer_port: ports[3 * i + 1],
                     metrics_port: ports[3 * i + 2],
                     tls: tls.clone(),
+                    extra_args: flags.iter().map(|flag| (*flag).to_owned()).collect(),
                     dir: member_dir,
                     initial_cluster: initial_cluster.clone(),
                     binary: binary.clone(),

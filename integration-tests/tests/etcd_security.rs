@@ -128,18 +128,14 @@ async fn tls_refusals_are_one_clear_error_each() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn username_and_password_come_from_the_url_and_never_show() {
-    const PASSWORD: &str = "s3cret-Passw0rd";
-    integration_tests::init_tracing();
-    let cluster = EtcdCluster::single();
-    let address = cluster.member(0).address();
+/// Turns etcd's user/password auth on with user `root` and `password`.
+async fn enable_auth(cluster: &EtcdCluster, password: &str) {
     let admin = EtcdDistributedLock::new(&cluster.url("auth"))
         .await
         .expect("connect before auth is on");
     let mut client = admin.client().clone();
     client
-        .user_add("root", PASSWORD, None)
+        .user_add("root", password, None)
         .await
         .expect("add root");
     client
@@ -147,6 +143,15 @@ async fn username_and_password_come_from_the_url_and_never_show() {
         .await
         .expect("grant root");
     client.auth_enable().await.expect("enable auth");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn username_and_password_come_from_the_url_and_never_show() {
+    const PASSWORD: &str = "s3cret-Passw0rd";
+    integration_tests::init_tracing();
+    let cluster = EtcdCluster::single();
+    let address = cluster.member(0).address();
+    enable_auth(&cluster, PASSWORD).await;
 
     let lock = EtcdDistributedLock::new(&format!("etcd://root:{PASSWORD}@{address}/auth"))
         .await
@@ -167,4 +172,40 @@ async fn username_and_password_come_from_the_url_and_never_show() {
         None,
     )
     .await;
+}
+
+/// etcd forgets an auth token left unused for `--auth-token-ttl` (5 min by default; 1 s here): a lock
+/// handle, its fenced store and its task store idle longer than that authenticate again instead of
+/// failing every call with "invalid auth token".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_handle_authenticates_again_when_its_token_expires() {
+    integration_tests::init_tracing();
+    let cluster = EtcdCluster::single_with_flags(&["--auth-token-ttl", "1"]);
+    enable_auth(&cluster, "pw").await;
+    let url = format!("etcd://root:pw@{}/idle", cluster.member(0).address());
+    let backend = state::connect(&url).await.expect("connect with auth");
+    let guard = backend.lock.acquire("idle", TTL).await.expect("acquire");
+    guard.release().await.expect("release");
+
+    tokio::time::sleep(Duration::from_secs(4)).await; // the token expires unused
+    let guard = backend
+        .lock
+        .acquire("idle", TTL)
+        .await
+        .expect("acquire after the token expired");
+    guard.release().await.expect("release");
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    backend
+        .fenced
+        .write("idle", 1, b"still authenticated")
+        .await
+        .expect("a fenced write after the token expired");
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    backend
+        .tasks
+        .due(0, 10)
+        .await
+        .expect("a task query after the token expired");
 }

@@ -262,6 +262,55 @@ pub(crate) async fn connect_client(target: &EtcdTarget, timeout: Duration) -> St
     Ok(client)
 }
 
+/// One call to the cluster through `client`, bounded by `timeout`, its errors naming `operation` and
+/// `resource`. etcd forgets an auth token left unused for its `--auth-token-ttl` (5 min by default), and
+/// the client does not notice: when the cluster answers "invalid auth token" (or "auth store is old"),
+/// the client authenticates again and the call runs once more. Every etcd call of the crate goes here.
+pub(crate) async fn etcd_call<T, F>(
+    client: &Client,
+    timeout: Duration,
+    operation: &'static str,
+    resource: &str,
+    call: impl Fn(Client) -> F,
+) -> StateResult<T>
+where
+    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let timed_out = || StateError::Timeout {
+        backend: BACKEND,
+        operation,
+        resource: resource.to_owned(),
+        timeout,
+    };
+    match tokio::time::timeout(timeout, call(client.clone())).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) if is_stale_auth(&err) => {
+            tracing::debug!(
+                operation,
+                resource,
+                "etcd auth token expired: authenticating again"
+            );
+            let refresh = client.refresh_token();
+            super::bounded(timeout, BACKEND, "authenticate for", resource, refresh).await?;
+            super::bounded(timeout, BACKEND, operation, resource, call(client.clone())).await
+        }
+        Ok(Err(err)) => Err(StateError::backend(BACKEND, operation, resource, err)),
+        Err(_) => Err(timed_out()),
+    }
+}
+
+/// Whether the cluster refused a call because the client's auth token is no longer valid.
+fn is_stale_auth(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => {
+            let message = status.message();
+            message.contains("invalid auth token")
+                || message.contains("revision of auth store is old")
+        }
+        _ => false,
+    }
+}
+
 /// An etcd lease length for `ttl`: whole seconds, rounded up.
 fn lease_seconds(ttl: Duration) -> i64 {
     let millis = ttl.as_millis().max(1);
@@ -367,8 +416,9 @@ impl EtcdDistributedLock {
                 Some(PutOptions::new().with_lease(lease)),
             )]);
         let response = self
-            .call("acquire", resource, |mut client| async move {
-                client.txn(txn).await
+            .call("acquire", resource, |mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await }
             })
             .await;
         let response = match response {
@@ -417,8 +467,9 @@ impl EtcdDistributedLock {
             .with_start_revision(revision.saturating_add(1))
             .with_filters([WatchFilterType::NoPut]);
         let mut stream = self
-            .call("watch", resource, |mut client| async move {
-                client.watch(key, Some(options)).await
+            .call("watch", resource, |mut client| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { client.watch(key, Some(options)).await }
             })
             .await?;
         let released = async {
@@ -479,22 +530,21 @@ impl EtcdDistributedLock {
         format!("{}lock/{resource}", self.prefix)
     }
 
-    async fn call<T, E, F>(
+    async fn call<T, F>(
         &self,
         operation: &'static str,
         resource: &str,
-        call: impl FnOnce(Client) -> F,
+        call: impl Fn(Client) -> F,
     ) -> StateResult<T>
     where
-        F: std::future::Future<Output = Result<T, E>>,
-        E: Into<crate::error::BoxError>,
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        super::bounded(
+        etcd_call(
+            &self.client,
             self.operation_timeout,
-            BACKEND,
             operation,
             resource,
-            call(self.client.clone()),
+            call,
         )
         .await
     }
@@ -533,8 +583,9 @@ impl EtcdDistributedLock {
                 Some(PutOptions::new().with_lease(lease)),
             )]);
         let response = self
-            .call("extend", resource, |mut client| async move {
-                client.txn(txn).await
+            .call("extend", resource, |mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await }
             })
             .await?;
         Ok(response.succeeded())
@@ -600,8 +651,9 @@ impl DistributedLock for EtcdDistributedLock {
             )])
             .and_then([TxnOp::get(key.clone(), None), TxnOp::delete(key, None)]);
         let response = self
-            .call("release", resource, |mut client| async move {
-                client.txn(txn).await
+            .call("release", resource, |mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await }
             })
             .await?;
         if !response.succeeded() {
@@ -628,10 +680,13 @@ impl DistributedLock for EtcdDistributedLock {
         validate_resource(resource)?;
         let key = self.lock_key(resource);
         let response = self
-            .call("inspect", resource, |mut client| async move {
-                client
-                    .get(key, Some(GetOptions::new().with_count_only()))
-                    .await
+            .call("inspect", resource, |mut client| {
+                let key = key.clone();
+                async move {
+                    client
+                        .get(key, Some(GetOptions::new().with_count_only()))
+                        .await
+                }
             })
             .await?;
         Ok(response.count() > 0)
@@ -664,8 +719,9 @@ impl DistributedLock for EtcdDistributedLock {
         validate_resource(resource)?;
         let key = self.lock_key(resource);
         let response = self
-            .call("inspect", resource, |mut client| async move {
-                client.get(key, None).await
+            .call("inspect", resource, |mut client| {
+                let key = key.clone();
+                async move { client.get(key, None).await }
             })
             .await?;
         let Some(kv) = response.kvs().first() else {

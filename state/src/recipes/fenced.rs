@@ -204,6 +204,7 @@ mod etcd_store {
     use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 
     use super::{FencedStore, FencedValue, stale};
+    use crate::backends::etcd::etcd_call;
     use crate::{StateError, StateResult};
 
     const TIMEOUT: Duration = Duration::from_secs(2);
@@ -255,14 +256,10 @@ mod etcd_store {
             let mut bytes = token.to_be_bytes().to_vec();
             bytes.extend_from_slice(value);
             for _ in 0..ATTEMPTS {
-                let mut client = self.client.clone();
-                let current = crate::backends::bounded(
-                    TIMEOUT,
-                    "etcd",
-                    "read",
-                    key,
-                    client.get(stored_key.clone(), None),
-                )
+                let current = etcd_call(&self.client, TIMEOUT, "read", key, |mut client| {
+                    let stored_key = stored_key.clone();
+                    async move { client.get(stored_key, None).await }
+                })
                 .await?;
                 let compare = match current.kvs().first() {
                     Some(kv) => {
@@ -283,9 +280,11 @@ mod etcd_store {
                     bytes.clone(),
                     None,
                 )]);
-                let written =
-                    crate::backends::bounded(TIMEOUT, "etcd", "write", key, client.txn(txn))
-                        .await?;
+                let written = etcd_call(&self.client, TIMEOUT, "write", key, |mut client| {
+                    let txn = txn.clone();
+                    async move { client.txn(txn).await }
+                })
+                .await?;
                 if written.succeeded() {
                     return Ok(());
                 }
@@ -299,14 +298,11 @@ mod etcd_store {
         }
 
         async fn read(&self, key: &str) -> StateResult<Option<FencedValue>> {
-            let mut client = self.client.clone();
-            let current = crate::backends::bounded(
-                TIMEOUT,
-                "etcd",
-                "read",
-                key,
-                client.get(self.key_of(key), None),
-            )
+            let stored_key = self.key_of(key);
+            let current = etcd_call(&self.client, TIMEOUT, "read", key, |mut client| {
+                let stored_key = stored_key.clone();
+                async move { client.get(stored_key, None).await }
+            })
             .await?;
             current
                 .kvs()

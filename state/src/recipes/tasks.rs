@@ -918,6 +918,7 @@ mod etcd_store {
     use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 
     use super::{AfterFailure, TaskRecord, TaskStore};
+    use crate::backends::etcd::etcd_call;
     use crate::{StateError, StateResult};
 
     const TIMEOUT: Duration = Duration::from_secs(2);
@@ -952,13 +953,33 @@ mod etcd_store {
             format!("{}task/{id}", self.prefix)
         }
 
-        async fn bounded<T, E: Into<crate::error::BoxError>>(
+        /// A get of `key` (with `options`), bounded, re-authenticating once if the token expired.
+        async fn read_keys(
             &self,
             operation: &'static str,
             what: &str,
-            call: impl std::future::Future<Output = Result<T, E>>,
-        ) -> StateResult<T> {
-            crate::backends::bounded(TIMEOUT, "etcd", operation, what, call).await
+            key: String,
+            options: Option<GetOptions>,
+        ) -> StateResult<etcd_client::GetResponse> {
+            etcd_call(&self.client, TIMEOUT, operation, what, |mut client| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { client.get(key, options).await }
+            })
+            .await
+        }
+
+        /// A transaction, bounded, re-authenticating once if the token expired.
+        async fn commit(
+            &self,
+            operation: &'static str,
+            what: &str,
+            txn: Txn,
+        ) -> StateResult<etcd_client::TxnResponse> {
+            etcd_call(&self.client, TIMEOUT, operation, what, |mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await }
+            })
+            .await
         }
 
         fn decode(id: &str, bytes: &[u8]) -> StateResult<TaskRecord> {
@@ -979,13 +1000,13 @@ mod etcd_store {
 
         /// Every task under the prefix.
         async fn all(&self) -> StateResult<Vec<TaskRecord>> {
-            let mut client = self.client.clone();
             let prefix = format!("{}task/", self.prefix);
             let response = self
-                .bounded(
+                .read_keys(
                     "list",
                     "tasks",
-                    client.get(prefix, Some(GetOptions::new().with_prefix())),
+                    prefix,
+                    Some(GetOptions::new().with_prefix()),
                 )
                 .await?;
             response
@@ -1004,10 +1025,7 @@ mod etcd_store {
         ) -> StateResult<bool> {
             let key = self.key_of(id);
             for _ in 0..ATTEMPTS {
-                let mut client = self.client.clone();
-                let response = self
-                    .bounded("read", id, client.get(key.clone(), None))
-                    .await?;
+                let response = self.read_keys("read", id, key.clone(), None).await?;
                 let Some(kv) = response.kvs().first() else {
                     return Ok(false);
                 };
@@ -1022,11 +1040,7 @@ mod etcd_store {
                         kv.mod_revision(),
                     )])
                     .and_then([TxnOp::put(key.clone(), Self::encode(&task)?, None)]);
-                if self
-                    .bounded("update", id, client.txn(txn))
-                    .await?
-                    .succeeded()
-                {
+                if self.commit("update", id, txn).await?.succeeded() {
                     return Ok(true);
                 }
             }
@@ -1046,18 +1060,11 @@ mod etcd_store {
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key, Self::encode(task)?, None)]);
-            let mut client = self.client.clone();
-            Ok(self
-                .bounded("insert", &task.id, client.txn(txn))
-                .await?
-                .succeeded())
+            Ok(self.commit("insert", &task.id, txn).await?.succeeded())
         }
 
         async fn get(&self, id: &str) -> StateResult<Option<TaskRecord>> {
-            let mut client = self.client.clone();
-            let response = self
-                .bounded("read", id, client.get(self.key_of(id), None))
-                .await?;
+            let response = self.read_keys("read", id, self.key_of(id), None).await?;
             response
                 .kvs()
                 .first()
