@@ -63,19 +63,27 @@ impl RecipeEnv {
         }
     }
 
-    /// A fresh etcd member with the etcd backend and stores, all through `state::connect`. etcd has no
-    /// versioned store: `versioned` is the in-process one, and the etcd test list leaves its test out.
+    /// A fresh etcd member with the etcd backend and stores through `state::connect`, and an
+    /// [`EtcdVersionedStore`](state::recipes::versioned::EtcdVersionedStore) on a client of its own.
     pub async fn etcd() -> Self {
         crate::init_tracing();
         let cluster = EtcdCluster::single();
-        let backend = state::connect_with_retry(&cluster.url("recipes"), patient())
+        let url = cluster.url("recipes");
+        let backend = state::connect_with_retry(&url, patient())
             .await
             .expect("etcd backend");
+        let client = state::EtcdDistributedLock::new(&url)
+            .await
+            .expect("etcd client")
+            .client()
+            .clone();
         RecipeEnv {
             name: "etcd",
             lock: backend.lock,
             fenced: backend.fenced,
-            versioned: Arc::new(InMemoryVersionedStore::default()),
+            versioned: Arc::new(state::recipes::versioned::EtcdVersionedStore::new(
+                client, "recipes/",
+            )),
             tasks: backend.tasks,
             redis: None,
             postgres: None,

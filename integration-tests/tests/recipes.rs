@@ -839,7 +839,7 @@ recipe_tests!(postgres:
     fenced_store_rejects_stale_tokens,
 );
 
-// etcd: every recipe but the optimistic (versioned) store, which etcd does not provide.
+// etcd: every recipe.
 recipe_tests!(etcd:
     poison_tasks_back_off_dead_letter_and_requeue,
     keeper_renews_past_the_ttl,
@@ -854,5 +854,6 @@ recipe_tests!(etcd:
     recurring_jobs_survive_restarts_and_run_once_per_period,
     multi_lock_is_all_or_nothing_and_deadlock_free,
     semaphore_admits_exactly_its_permits,
+    optimistic_increments_are_exact,
     fenced_store_rejects_stale_tokens,
 );
