@@ -353,13 +353,11 @@ mod postgres_store {
         }
 
         async fn create(pool: PgPool, table: String) -> StateResult<Self> {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
+            let ddl = format!(
                 "CREATE TABLE IF NOT EXISTS {table} \
                  (key text PRIMARY KEY, token bigint NOT NULL, value bytea NOT NULL)"
-            )))
-            .execute(&pool)
-            .await
-            .map_err(|err| StateError::backend("postgres", "create", table.clone(), err))?;
+            );
+            crate::backends::postgres::create_serialized(&pool, ddl, &table).await?;
             Ok(PostgresFencedStore { pool, table })
         }
     }

@@ -1192,7 +1192,7 @@ mod postgres_store {
         }
 
         async fn create(pool: PgPool, table: String, name: String) -> StateResult<Self> {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            let ddl = format!(
                 "CREATE TABLE IF NOT EXISTS {table} (id text PRIMARY KEY, payload bytea NOT NULL, \
                      pending boolean NOT NULL, every_ms bigint, due_ms bigint NOT NULL, \
                      completions bigint NOT NULL); \
@@ -1200,10 +1200,8 @@ mod postgres_store {
                  ALTER TABLE {table} ADD COLUMN IF NOT EXISTS attempts bigint NOT NULL DEFAULT 0, \
                      ADD COLUMN IF NOT EXISTS last_error text, \
                      ADD COLUMN IF NOT EXISTS dead boolean NOT NULL DEFAULT false;"
-            )))
-            .execute(&pool)
-            .await
-            .map_err(|err| StateError::backend("postgres", "create", table.clone(), err))?;
+            );
+            crate::backends::postgres::create_serialized(&pool, ddl, &table).await?;
             Ok(PostgresTaskStore { pool, table })
         }
 

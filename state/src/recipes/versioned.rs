@@ -311,13 +311,10 @@ mod postgres_store {
         /// # Errors
         /// A backend error.
         pub async fn new(pool: PgPool) -> StateResult<Self> {
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS state_versioned \
-                 (key text PRIMARY KEY, version bigint NOT NULL, value bytea NOT NULL)",
-            )
-            .execute(&pool)
-            .await
-            .map_err(|err| StateError::backend("postgres", "create", "state_versioned", err))?;
+            let ddl = "CREATE TABLE IF NOT EXISTS state_versioned \
+                 (key text PRIMARY KEY, version bigint NOT NULL, value bytea NOT NULL)";
+            crate::backends::postgres::create_serialized(&pool, ddl.to_owned(), "state_versioned")
+                .await?;
             Ok(PostgresVersionedStore { pool })
         }
     }

@@ -57,6 +57,7 @@ use crate::retry::acquire_with_retry;
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
 use advisory::{AdvisoryHold, advisory_key, key_halves};
+pub(crate) use schema::create_serialized;
 use schema::{Statements, TableNames};
 
 /// A recipe store's table: `"schema"."table"` with both names validated as the lock tables' are, and

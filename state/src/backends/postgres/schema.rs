@@ -109,6 +109,29 @@ impl Statements {
     }
 }
 
+/// Runs `ddl` (one or more `… IF NOT EXISTS` statements) in a transaction that first takes the
+/// migration lock. PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against itself: two sessions can
+/// both find the table missing and one then fails on the catalog's unique index — what a fleet starting
+/// at once on a fresh database does. Serialized, the second sees the first's table.
+pub(crate) async fn create_serialized(
+    pool: &sqlx::PgPool,
+    ddl: String,
+    what: &str,
+) -> StateResult<()> {
+    let fail = |err: sqlx::Error| StateError::backend("postgres", "create", what.to_owned(), err);
+    let mut tx = pool.begin().await.map_err(fail)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK_KEY)
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?;
+    sqlx::raw_sql(AssertSqlSafe(ddl))
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?;
+    tx.commit().await.map_err(fail)
+}
+
 /// The schema migrations, in order; `{table}`, `{sequence}` and `{index}` are replaced by quoted names.
 const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres_v1.sql")];
 
