@@ -18,6 +18,7 @@ pub mod process;
 pub mod proxy;
 pub mod recipe_env;
 pub mod redis_server;
+pub mod torture;
 pub mod verifier;
 
 pub use certificates::Certificates;

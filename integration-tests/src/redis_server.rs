@@ -15,11 +15,13 @@ use crate::{free_port, require_binary};
 
 const READY_WITHIN: Duration = Duration::from_secs(10);
 
-/// One `redis-server` on a free loopback port, no persistence, in its own temp dir.
+/// One `redis-server` on a free loopback port, in its own temp dir: no persistence, or (durable) an
+/// append-only file synced on every write.
 pub struct RedisServer {
     port: u16,
     dir: TempDir,
     binary: PathBuf,
+    durable: bool,
     child: Mutex<Option<Child>>,
 }
 
@@ -29,6 +31,19 @@ impl RedisServer {
     /// # Panics
     /// When `redis-server` is missing or does not become ready (its log is in the message).
     pub fn start_new() -> Self {
+        Self::start_with(false)
+    }
+
+    /// As [`start_new`](Self::start_new), with `appendonly yes` and `appendfsync always` (the setting the
+    /// guide recommends for locks): keys and the token counter survive a SIGKILL and restart.
+    ///
+    /// # Panics
+    /// As [`start_new`](Self::start_new).
+    pub fn start_durable() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Self {
         let binary = require_binary("redis-server", "apt-get install redis-server");
         let dir = tempfile::Builder::new()
             .prefix("redis-fixture-")
@@ -38,6 +53,7 @@ impl RedisServer {
             port: free_port(),
             dir,
             binary,
+            durable,
             child: Mutex::new(None),
         };
         server.start();
@@ -80,7 +96,11 @@ impl RedisServer {
         let spawned = Command::new(&self.binary)
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--save", ""])
+            .args(match self.durable {
+                true => ["--appendonly", "yes", "--appendfsync", "always"],
+                false => ["--appendonly", "no", "--appendfsync", "everysec"],
+            })
             .args(["--daemonize", "no", "--protected-mode", "yes"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -111,7 +131,7 @@ impl RedisServer {
         );
     }
 
-    /// Kills the server (SIGKILL) and waits for it to exit: every key is lost (no persistence).
+    /// Kills the server (SIGKILL) and waits for it to exit: every key is lost unless it is durable.
     pub fn stop(&self) {
         if let Some(mut child) = self.child().take() {
             let _ = child.kill();
@@ -172,6 +192,13 @@ impl RedisCluster {
     pub fn new(n: usize) -> Self {
         RedisCluster {
             nodes: (0..n).map(|_| RedisServer::start_new()).collect(),
+        }
+    }
+
+    /// Starts `n` durable servers (see [`RedisServer::start_durable`]).
+    pub fn new_durable(n: usize) -> Self {
+        RedisCluster {
+            nodes: (0..n).map(|_| RedisServer::start_durable()).collect(),
         }
     }
 
