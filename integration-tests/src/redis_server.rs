@@ -11,7 +11,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 
-use crate::{free_port, require_binary};
+use crate::{Certificates, free_port, require_binary};
 
 const READY_WITHIN: Duration = Duration::from_secs(10);
 
@@ -22,6 +22,8 @@ pub struct RedisServer {
     dir: TempDir,
     binary: PathBuf,
     durable: bool,
+    /// TLS only (no plain port), with these certificates; whether clients must present one.
+    tls: Option<(Certificates, bool)>,
     child: Mutex<Option<Child>>,
 }
 
@@ -31,7 +33,7 @@ impl RedisServer {
     /// # Panics
     /// When `redis-server` is missing or does not become ready (its log is in the message).
     pub fn start_new() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, None)
     }
 
     /// As [`start_new`](Self::start_new), with `appendonly yes` and `appendfsync always` (the setting the
@@ -40,18 +42,33 @@ impl RedisServer {
     /// # Panics
     /// As [`start_new`](Self::start_new).
     pub fn start_durable() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, None)
     }
 
-    fn start_with(durable: bool) -> Self {
+    /// A server that speaks only TLS, with a certificate for `127.0.0.1` signed by a throwaway CA
+    /// ([`certificates`](Self::certificates)); with `client_auth`, clients must present a certificate
+    /// signed by it too. [`url`](Self::url) is then `rediss://…?ca=…` (with `&cert=…&key=…`).
+    ///
+    /// # Panics
+    /// As [`start_new`](Self::start_new); when `openssl` is missing.
+    pub fn start_tls(client_auth: bool) -> Self {
+        Self::start_with(false, Some(client_auth))
+    }
+
+    fn start_with(durable: bool, tls: Option<bool>) -> Self {
         let binary = require_binary("redis-server", "apt-get install redis-server");
         let dir = tempfile::Builder::new()
             .prefix("redis-fixture-")
             .tempdir()
             .expect("create a temp dir for redis-server");
+        let tls = tls.map(|client_auth| {
+            let certificates = Certificates::make(&dir.path().join("certificates"));
+            (certificates, client_auth)
+        });
         let server = RedisServer {
             port: free_port(),
             dir,
+            tls,
             binary,
             durable,
             child: Mutex::new(None),
@@ -60,9 +77,32 @@ impl RedisServer {
         server
     }
 
-    /// The server's `redis://127.0.0.1:PORT` URL.
+    /// The server's `redis://127.0.0.1:PORT` URL; for a TLS server `rediss://127.0.0.1:PORT?ca=…`, with
+    /// the client certificate when the server asks for one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some((certificates, client_auth)) => {
+                let mut url = format!(
+                    "rediss://127.0.0.1:{}?ca={}",
+                    self.port,
+                    certificates.ca().display()
+                );
+                if *client_auth {
+                    url.push_str(&format!(
+                        "&cert={}&key={}",
+                        certificates.client_cert().display(),
+                        certificates.client_key().display()
+                    ));
+                }
+                url
+            }
+        }
+    }
+
+    /// The CA and certificates of a [`start_tls`](Self::start_tls) server.
+    pub fn certificates(&self) -> Option<&Certificates> {
+        self.tls.as_ref().map(|(certificates, _)| certificates)
     }
 
     /// The TCP port.
@@ -93,8 +133,27 @@ impl RedisServer {
         if child.is_some() {
             return;
         }
-        let spawned = Command::new(&self.binary)
-            .args(["--port", &self.port.to_string()])
+        let mut command = Command::new(&self.binary);
+        match &self.tls {
+            None => {
+                command.args(["--port", &self.port.to_string()]);
+            }
+            Some((certificates, client_auth)) => {
+                command
+                    .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(certificates.server_cert())
+                    .arg("--tls-key-file")
+                    .arg(certificates.server_key())
+                    .arg("--tls-ca-cert-file")
+                    .arg(certificates.ca())
+                    .args([
+                        "--tls-auth-clients",
+                        if *client_auth { "yes" } else { "no" },
+                    ]);
+            }
+        }
+        let spawned = command
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(match self.durable {
@@ -119,7 +178,11 @@ impl RedisServer {
     fn wait_ready(&self) {
         let started = Instant::now();
         while started.elapsed() < READY_WITHIN {
-            if ping(self.port) {
+            let ready = match self.tls {
+                None => ping(self.port),
+                Some(_) => self.log().contains("Ready to accept connections"),
+            };
+            if ready {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

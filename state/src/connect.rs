@@ -5,7 +5,7 @@
 //! | URL | lock | fenced store and task store |
 //! |---|---|---|
 //! | `memory` | [`InMemoryDistributedLock`] (one process) | in process |
-//! | `redis://[user:password@]host:port[/db]`, `rediss://…` (TLS) | [`RedisDistributedLock`] | the same server, the same connection |
+//! | `redis://[user:password@]host:port[/db]`, `rediss://…[?ca=ca.pem[&cert=c.pem&key=k.pem]]` (TLS) | [`RedisDistributedLock`] | the same server, the same connection |
 //! | `redlock://[user:password@]h1:p1,h2:p2,h3:p3[/db]`, `redlocks://…` (TLS) | [`RedlockDistributedLock`] over every host | the **first** host (see below) |
 //! | `postgres://…`, `postgresql://…` | `PostgresDistributedLock` (lease mode) | the same database, the same pool |
 //! | `etcd://[user:password@]h1:p1,h2:p2[/prefix]`, `etcds://…?ca=ca.pem[&cert=c.pem&key=k.pem]` (TLS) | `EtcdDistributedLock` | the same cluster, the same client |
@@ -185,6 +185,11 @@ fn redlock_nodes(url: &str) -> StateResult<Vec<String>> {
         Some((userinfo, rest)) => (Some(userinfo), rest),
         None => (None, rest),
     };
+    // The query (`?ca=/path/…` for TLS) may hold slashes: split it off before the path.
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (rest, None),
+    };
     let (hosts, path) = match rest.split_once('/') {
         Some((hosts, path)) => (hosts, Some(path)),
         None => (rest, None),
@@ -196,7 +201,8 @@ fn redlock_nodes(url: &str) -> StateResult<Vec<String>> {
         .map(|host| {
             let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
             let path = path.map(|p| format!("/{p}")).unwrap_or_default();
-            format!("{node_scheme}://{userinfo}{host}{path}")
+            let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+            format!("{node_scheme}://{userinfo}{host}{path}{query}")
         })
         .collect();
     if nodes.is_empty() {
@@ -303,6 +309,14 @@ mod tests {
         assert_eq!(
             redlock_nodes("redlocks://h1:1,h2:2").unwrap(),
             vec!["rediss://h1:1", "rediss://h2:2"]
+        );
+        // The CA file's path holds slashes: it stays in each node's query, not in its path.
+        assert_eq!(
+            redlock_nodes("redlocks://h1:1,h2:2?ca=/etc/redis/ca.pem").unwrap(),
+            vec![
+                "rediss://h1:1?ca=/etc/redis/ca.pem",
+                "rediss://h2:2?ca=/etc/redis/ca.pem"
+            ]
         );
         assert!(redlock_nodes("redlock://").is_err());
     }

@@ -57,9 +57,16 @@ impl LockToken {
         }
     }
 
-    /// A fresh unguessable owner value: 128 bits from the OS-seeded thread RNG, as 32 hex digits.
+    /// A fresh unguessable owner value: 128 bits from the operating system's RNG (`getrandom`), as 32
+    /// hex digits. The owner value is the capability to release or extend a lock, so it never comes from
+    /// a seeded generator alone (should the OS RNG fail, the thread RNG — a CSPRNG the OS seeded — fills in).
     pub fn new_owner_value() -> String {
-        format!("{:032x}", rand::random::<u128>())
+        use rand::{Rng, TryRngCore};
+        let mut bytes = [0u8; 16];
+        if rand::rngs::OsRng.try_fill_bytes(&mut bytes).is_err() {
+            rand::rng().fill(&mut bytes);
+        }
+        format!("{:032x}", u128::from_be_bytes(bytes))
     }
 }
 

@@ -86,10 +86,11 @@ impl Backend {
                 KillHolder,
                 StopHolderPastTtl,
                 RestartMinority,
+                RestartMajority,
                 FreezeMinority,
                 ClockSkew,
             ],
-            Backend::Redlock5 => &[StopHolderPastTtl, RestartMinority],
+            Backend::Redlock5 => &[StopHolderPastTtl, RestartMinority, RestartMajority],
             Backend::PostgresLease => &[
                 StopHolderPastTtl,
                 RestartServer,
@@ -133,6 +134,8 @@ pub enum Fault {
     RestartServer,
     /// Kill a minority of the Redlock nodes and start them again.
     RestartMinority,
+    /// Kill a majority of the Redlock nodes (nothing can be granted meanwhile) and start them again.
+    RestartMajority,
     /// Freeze a minority of the Redlock nodes (the proxy holds every byte) past the TTL.
     FreezeMinority,
     /// Freeze one worker's connections (its own proxy) past the TTL.
@@ -158,6 +161,7 @@ impl Fault {
             Fault::StopHolderPastTtl => "SIGSTOP holder past TTL",
             Fault::RestartServer => "server killed + restarted",
             Fault::RestartMinority => "minority nodes killed + restarted",
+            Fault::RestartMajority => "majority nodes killed + restarted",
             Fault::FreezeMinority => "minority nodes frozen (proxy)",
             Fault::FreezeClient => "client frozen past TTL (proxy)",
             Fault::CutClient => "client connections cut (proxy)",
@@ -527,12 +531,16 @@ async fn inject(run: &mut Run<'_>, workers: &mut [Worker], log: &mut HistoryWrit
                 injected += 1;
                 tokio::time::sleep(Duration::from_millis(1_500)).await;
             }
-            Fault::RestartMinority => {
+            Fault::RestartMinority | Fault::RestartMajority => {
                 if let Some(cluster) = &run.servers.redlock {
                     let minority = (cluster.len() - 1) / 2;
-                    (0..minority).for_each(|i| cluster.node(i).stop());
+                    let killed = match run.scenario.fault {
+                        Fault::RestartMinority => minority,
+                        _ => minority + 1,
+                    };
+                    (0..killed).for_each(|i| cluster.node(i).stop());
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    (0..minority).for_each(|i| cluster.node(i).start());
+                    (0..killed).for_each(|i| cluster.node(i).start());
                 }
                 injected += 1;
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -100,8 +100,12 @@ fn ensure_crypto_provider() {
 }
 
 /// Parses a `redis://`, `rediss://` (TLS) or `unix://` URL without ever echoing a password.
+///
+/// A `rediss://` URL may name PEM files: `?ca=/path/ca.pem` trusts that CA instead of the public roots
+/// (a private CA), and `&cert=/path/client.pem&key=/path/client-key.pem` presents a client certificate
+/// (servers with `tls-auth-clients yes`).
 pub(crate) fn parse_redis_url(raw: &str) -> StateResult<RedisTarget> {
-    let parsed = url::Url::parse(raw)
+    let mut parsed = url::Url::parse(raw)
         .map_err(|err| StateError::invalid("redis url", format!("not a URL ({err})")))?;
     let scheme = parsed.scheme().to_owned();
     if !matches!(scheme.as_str(), "redis" | "rediss" | "unix" | "redis+unix") {
@@ -113,18 +117,94 @@ pub(crate) fn parse_redis_url(raw: &str) -> StateResult<RedisTarget> {
     if scheme.starts_with("redis") && !scheme.ends_with("unix") && parsed.host_str().is_none() {
         return Err(StateError::invalid("redis url", "has no host"));
     }
-    let client = redis::Client::open(raw).map_err(|err| {
+    let tls_files = take_tls_files(&mut parsed)?;
+    if tls_files.is_some() && scheme != "rediss" {
+        return Err(StateError::invalid(
+            "redis url",
+            "ca, cert and key are for rediss:// (TLS) URLs",
+        ));
+    }
+    let rejected = |err: redis::RedisError| {
         // The driver's message may quote the URL: keep only its kind.
         StateError::invalid(
             "redis url",
             format!("rejected by the driver ({:?})", err.kind()),
         )
-    })?;
+    };
+    let client = match tls_files {
+        None => redis::Client::open(parsed.as_str()).map_err(rejected)?,
+        Some(files) => redis::Client::build_with_tls(parsed.as_str(), files.certificates()?)
+            .map_err(rejected)?,
+    };
     Ok(RedisTarget {
         client,
-        redacted: redact_url(raw),
+        redacted: redact_url(parsed.as_str()),
         tls: scheme == "rediss",
     })
+}
+
+/// The `ca`, `cert` and `key` files named in a Redis URL's query.
+struct TlsFiles {
+    ca: Option<String>,
+    identity: Option<(String, String)>,
+}
+
+impl TlsFiles {
+    fn certificates(&self) -> StateResult<redis::TlsCertificates> {
+        let read = |what: &'static str, path: &str| {
+            std::fs::read(path)
+                .map_err(|err| StateError::invalid(what, format!("cannot read {path}: {err}")))
+        };
+        let root_cert = self
+            .ca
+            .as_deref()
+            .map(|ca| read("redis ca file", ca))
+            .transpose()?;
+        let client_tls = match &self.identity {
+            Some((cert, key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("redis client certificate file", cert)?,
+                client_key: read("redis client key file", key)?,
+            }),
+            None => None,
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
+}
+
+/// Removes `ca`, `cert` and `key` from the query of `url` (the driver does not know them).
+fn take_tls_files(url: &mut url::Url) -> StateResult<Option<TlsFiles>> {
+    let (mut ca, mut cert, mut key) = (None, None, None);
+    let mut others = Vec::new();
+    for (name, value) in url.query_pairs() {
+        match name.as_ref() {
+            "ca" => ca = Some(value.into_owned()),
+            "cert" => cert = Some(value.into_owned()),
+            "key" => key = Some(value.into_owned()),
+            _ => others.push((name.into_owned(), value.into_owned())),
+        }
+    }
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return Ok(None);
+    }
+    if others.is_empty() {
+        url.set_query(None);
+    } else {
+        url.query_pairs_mut().clear().extend_pairs(others);
+    }
+    let identity = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => {
+            return Err(StateError::invalid(
+                "redis url",
+                "a client certificate needs both cert= and key=",
+            ));
+        }
+    };
+    Ok(Some(TlsFiles { ca, identity }))
 }
 
 /// A `ConnectionManager` whose connects and responses are bounded by `timeout`, so a dead server
