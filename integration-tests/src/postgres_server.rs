@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 
 use tempfile::TempDir;
 
-use crate::free_port;
+use crate::{Certificates, free_port};
 
 /// One PostgreSQL cluster on a free loopback port, in its own temp dir.
 pub struct PostgresServer {
@@ -267,6 +267,69 @@ impl PostgresServer {
     pub fn restart(&self) {
         self.stop();
         self.start();
+    }
+
+    /// Turns on TLS (a certificate for `127.0.0.1` signed by a throwaway CA, returned) and adds the login
+    /// role `user` with `password` stored as SCRAM-SHA-256 (allowed to create in the database and its
+    /// `public` schema, as an application's role is). Over TCP, `user` must then use TLS and
+    /// SCRAM (a plain-text connection is rejected); `postgres` keeps trust auth for the other fixtures.
+    /// Restarts the cluster.
+    ///
+    /// # Panics
+    /// When a step fails (`openssl`, `psql`, the restart).
+    pub fn require_tls_and_scram(&self, user: &str, password: &str) -> Certificates {
+        let certificates = Certificates::make(&self.dir.path().join("certificates"));
+        let data = PathBuf::from(self.data());
+        for (from, to) in [
+            (certificates.server_cert(), "server.crt"),
+            (certificates.server_key(), "server.key"),
+        ] {
+            std::fs::copy(&from, data.join(to)).expect("copy the server certificate");
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!(
+                "local all all trust\n\
+                 hostssl all {user} 127.0.0.1/32 scram-sha-256\n\
+                 hostnossl all {user} 127.0.0.1/32 reject\n\
+                 host all postgres 127.0.0.1/32 trust\n"
+            ),
+        )
+        .expect("write pg_hba.conf");
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap_or_default();
+        conf.push_str(
+            "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             password_encryption = 'scram-sha-256'\n",
+        );
+        std::fs::write(data.join("postgresql.conf"), conf).expect("write postgresql.conf");
+        chown_to_postgres(&data);
+        let key = data.join("server.key");
+        let chmod = Command::new("chmod").arg("600").arg(&key).status();
+        assert!(
+            chmod.is_ok_and(|status| status.success()),
+            "chmod the server key"
+        );
+        self.restart();
+        let socket = self.dir.path().to_string_lossy().into_owned();
+        let port = self.port.to_string();
+        let create = format!(
+            "CREATE ROLE \"{user}\" LOGIN PASSWORD '{password}'; \
+             GRANT CREATE ON DATABASE postgres TO \"{user}\"; \
+             GRANT ALL ON SCHEMA public TO \"{user}\";"
+        );
+        let out = run_pg(
+            &self.bin,
+            "psql",
+            &[
+                "-h", &socket, "-p", &port, "-U", "postgres", "-d", "postgres", "-c", &create,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "create the role: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        certificates
     }
 }
 
