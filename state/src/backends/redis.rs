@@ -596,6 +596,27 @@ impl DistributedLock for RedisDistributedLock {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// The lease script's answer comes from the server: any value, fence and times parse or are
+        /// refused, never panic; a well-formed one round-trips.
+        #[test]
+        fn lease_info_from_the_server_never_panics(
+            raw in ".{0,40}",
+            fence in proptest::prelude::any::<u64>(),
+            remaining in proptest::prelude::any::<i64>(),
+            now in proptest::prelude::any::<u64>(),
+            owner in "[0-9a-f]{32}",
+            acquired in proptest::prelude::any::<u64>(),
+        ) {
+            let _ = StoredLease::parse(&(raw, fence, remaining, now));
+            let well_formed = (format!("{owner}:{acquired}"), fence, remaining, now);
+            let lease = StoredLease::parse(&well_formed).expect("a well-formed lease parses");
+            proptest::prop_assert_eq!(lease.owner, owner);
+            proptest::prop_assert_eq!(lease.acquired_ms, acquired);
+            proptest::prop_assert!(lease.expires_ms >= now);
+        }
+    }
+
     #[test]
     fn malformed_urls_are_invalid_input() {
         for bad in [

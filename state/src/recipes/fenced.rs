@@ -249,6 +249,23 @@ mod etcd_store {
         })
     }
 
+    #[cfg(test)]
+    proptest::proptest! {
+        /// Whatever bytes sit under a fenced key, reading them never panics: under 8 bytes is an error,
+        /// anything else a token and a value — and what a write stores reads back.
+        #[test]
+        fn stored_fenced_values_decode_or_are_refused(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            token in proptest::prelude::any::<u64>(),
+        ) {
+            proptest::prop_assert_eq!(decode("k", &bytes).is_ok(), bytes.len() >= 8);
+            let mut stored = token.to_be_bytes().to_vec();
+            stored.extend_from_slice(&bytes);
+            let read = decode("k", &stored).expect("a stored value decodes");
+            proptest::prop_assert_eq!((read.token, read.value), (token, bytes));
+        }
+    }
+
     #[async_trait::async_trait]
     impl FencedStore for EtcdFencedStore {
         async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()> {

@@ -998,6 +998,11 @@ mod etcd_store {
                 .map_err(|err| StateError::backend("etcd", "encode", &task.id, err))
         }
 
+        #[cfg(test)]
+        fn encoded(task: &TaskRecord) -> Vec<u8> {
+            Self::encode(task).unwrap_or_default()
+        }
+
         /// Every task under the prefix.
         async fn all(&self) -> StateResult<Vec<TaskRecord>> {
             let prefix = format!("{}task/", self.prefix);
@@ -1050,6 +1055,41 @@ mod etcd_store {
                 id,
                 format!("still contended after {ATTEMPTS} compare-and-swap attempts"),
             ))
+        }
+    }
+
+    #[cfg(test)]
+    proptest::proptest! {
+        /// A task record read from etcd decodes or is an error, whatever bytes a foreign writer left
+        /// (cut, flipped, extended); one this store wrote reads back equal.
+        #[test]
+        fn stored_task_records_decode_or_are_refused(
+            id in "[a-z0-9:]{1,12}",
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..16),
+            due_ms in proptest::prelude::any::<u64>(),
+            at in proptest::prelude::any::<usize>(),
+            flip in 1u8..=255,
+        ) {
+            let task = TaskRecord {
+                id: id.clone(),
+                payload,
+                pending: true,
+                every_ms: None,
+                due_ms,
+                completions: 0,
+                attempts: 0,
+                last_error: None,
+                dead: false,
+            };
+            let bytes = EtcdTaskStore::encoded(&task);
+            proptest::prop_assert_eq!(EtcdTaskStore::decode(&id, &bytes).ok(), Some(task));
+            let mut damaged = bytes.clone();
+            let at = at % damaged.len().max(1);
+            if let Some(byte) = damaged.get_mut(at) {
+                *byte ^= flip;
+            }
+            let _ = EtcdTaskStore::decode(&id, &damaged);
+            let _ = EtcdTaskStore::decode(&id, &bytes[..at]);
         }
     }
 
