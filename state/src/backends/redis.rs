@@ -218,7 +218,14 @@ pub(crate) async fn connect_manager(
     }
     let connect =
         ConnectionManager::new_with_config(target.client.clone(), manager_config(timeout));
-    super::bounded(timeout, BACKEND, "connect to", &target.redacted, connect).await
+    let mut conn =
+        super::bounded(timeout, BACKEND, "connect to", &target.redacted, connect).await?;
+    // Connecting sends no command when the URL has no credentials: ask once, so a server that wants a
+    // password (NOAUTH) or refuses this user is an error here, not at the first lock.
+    let ping = redis::cmd("PING");
+    let pong = ping.query_async::<String>(&mut conn);
+    super::bounded(timeout, BACKEND, "reach", &target.redacted, pong).await?;
+    Ok(conn)
 }
 
 /// The lease key of `resource`.

@@ -114,7 +114,12 @@ impl<T> Tally<T> {
             Ok(None) => self.refused += 1,
             Err(err) => {
                 tracing::debug!(node = %nodes[index].address, error = %err, "redlock node failed");
-                self.failed.push(format!("{}: {err}", nodes[index].address));
+                // The driver's error says what happened to this node; the wrapper would only repeat
+                // the node's name.
+                let what = std::error::Error::source(&err)
+                    .map_or_else(|| err.to_string(), ToString::to_string);
+                self.failed
+                    .push(format!("{}: {what}", nodes[index].address));
             }
         }
         let (total, quorum) = (nodes.len(), quorum_of(nodes.len()));
