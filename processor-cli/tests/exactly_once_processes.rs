@@ -3,7 +3,9 @@
 //! confluent-kafka, its own recomputation of the input; see `integration-tests/verifier/`).
 //!
 //! Three instances coordinate through Redis and publish every running aggregate to an output topic.
-//! While the workload arrives in parts: five SIGKILL + restart cycles, one owner frozen with SIGSTOP well
+//! While the workload arrives in parts: chaos cycles — a random instance, at a random moment, SIGKILLed
+//! and restarted or frozen with SIGSTOP past its claims' TTL and thawed (5 cycles; `CHAOS_CYCLES=20` for
+//! a soak; `CHAOS_SEED` replays a run, whose seed is printed) — then one owner frozen with SIGSTOP well
 //! past its claims' TTL and thawed (a zombie: its successor's producer fenced its transactional id, so
 //! nothing it produces after the takeover may become visible, and it must stop processing the
 //! partitions it lost), and the broker leading input partition 0 killed and restarted mid-run. Then a
@@ -25,6 +27,8 @@ use integration_tests::verifier::{VerifierReport, verify_outputs};
 use integration_tests::{KafkaCluster, RedisServer};
 use nix::sys::signal::Signal;
 use processor::dev::{Workload, admin};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use support::{
     PARTITIONS, Proc, TOPIC, offsets, owned_by_log, produce, run_instance_with, wait_for,
 };
@@ -63,7 +67,17 @@ fn chaos_run(guarantee: &str) -> VerifierReport {
     for i in 0..workload.records {
         expected_ends[workload.record(i).0 as usize] += 1;
     }
-    let chunk = workload.records / 8;
+    let cycles: u64 = std::env::var("CHAOS_CYCLES")
+        .ok()
+        .and_then(|cycles| cycles.parse().ok())
+        .unwrap_or(5);
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("chaos: CHAOS_SEED={seed} CHAOS_CYCLES={cycles} replays this run");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let chunk = workload.records / (cycles + 3);
     let mut produced = 0;
     let produce_next = |produced: &mut u64| {
         let end = (*produced + chunk).min(workload.records);
@@ -92,17 +106,28 @@ fn chaos_run(guarantee: &str) -> VerifierReport {
         offsets(&checkpoints).values().filter(|o| **o > 0).count() >= 3
     });
 
-    // Five SIGKILL + restart cycles (p1 and p2 in turn): killed mid-stream, its partitions taken over
-    // by the others once its claims lapse (2 s), then restarted on its old state directory.
-    for cycle in 0..5 {
-        let id = ["p1", "p2"][cycle % 2];
+    // Chaos cycles: a random instance, a random moment after the next part of the input arrives;
+    // SIGKILL + restart on its old state directory (its partitions taken over once its claims lapse,
+    // 2 s), or SIGSTOP past the claims' TTL and SIGCONT. The first cycle always kills, so every run
+    // replays.
+    for cycle in 0..cycles {
         produce_next(&mut produced);
-        std::thread::sleep(Duration::from_millis(300));
-        let victim = fleet.remove(id).unwrap();
-        victim.signal(Signal::SIGKILL);
-        drop(victim);
-        std::thread::sleep(Duration::from_millis(3_000));
-        fleet.insert(id, start(id));
+        std::thread::sleep(Duration::from_millis(rng.random_range(100..800)));
+        let id = ["p1", "p2", "p3"][rng.random_range(0..3)];
+        if cycle == 0 || rng.random_bool(0.7) {
+            println!("chaos cycle {cycle}: SIGKILL {id}");
+            let victim = fleet.remove(id).unwrap();
+            victim.signal(Signal::SIGKILL);
+            drop(victim);
+            std::thread::sleep(Duration::from_millis(3_000));
+            fleet.insert(id, start(id));
+        } else {
+            println!("chaos cycle {cycle}: SIGSTOP {id}");
+            fleet[id].signal(Signal::SIGSTOP);
+            std::thread::sleep(Duration::from_millis(rng.random_range(2_500..5_000)));
+            fleet[id].signal(Signal::SIGCONT);
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     // A zombie: p3 frozen while it owns partitions, well past its claims' TTL (2 s), then thawed.
