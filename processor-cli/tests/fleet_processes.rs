@@ -21,8 +21,8 @@ use integration_tests::{RedisCluster, RedisServer};
 use nix::sys::signal::Signal;
 use processor::dev::Workload;
 use support::{
-    Broker, PARTITIONS, Proc, TOPIC, dev_broker, fails_with, offsets, owned_by_log, processor,
-    produce, run_instance, wait_for,
+    Broker, PARTITIONS, Proc, TOPIC, assert_state_is_exact, dev_broker, fails_with, offsets,
+    owned_by_log, produce, run_instance, wait_for,
 };
 
 #[test]
@@ -116,42 +116,7 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
     }
     broker.stop();
 
-    let out = processor(&["state", "dump", "--topic", TOPIC, "--group", "procs"])
-        .arg("--checkpoint-dir")
-        .arg(&checkpoints)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let dumped: BTreeMap<String, serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            (v["key"].as_str().unwrap().to_owned(), v)
-        })
-        .collect();
-    let expected = workload.expected();
-    assert_eq!(dumped.len(), expected.len());
-    for (key, a) in &expected {
-        let got = &dumped[key];
-        assert_eq!(
-            (
-                got["count"].as_u64(),
-                got["sum"].as_i64(),
-                got["min"].as_i64(),
-                got["max"].as_i64(),
-                got["chain"].as_u64()
-            ),
-            (
-                Some(a.count),
-                Some(a.sum),
-                Some(a.min),
-                Some(a.max),
-                Some(a.chain)
-            ),
-            "key {key}: lost, duplicated or reordered"
-        );
-    }
+    assert_state_is_exact(&checkpoints, &workload);
     // The paused owner found out it was stale and stopped (fenced), instead of writing on.
     let p3_log = std::fs::read_to_string(root.join("p3.log")).unwrap_or_default();
     assert!(

@@ -172,12 +172,49 @@ pub enum ProcessorError {
         reason: String,
     },
 
+    /// The disk under the state or checkpoint directory refuses writes (full, read-only, no
+    /// permission, over quota): nothing more can be stored safely, so the instance stops — its claims
+    /// lapse and the fleet takes its partitions over — instead of retrying the partition forever.
+    #[error(
+        "stopping: {reason} ({context}): free space or fix the disk of --state-dir {state_dir} and --checkpoint-dir, then restart"
+    )]
+    DiskUnusable {
+        /// What the operating system said.
+        reason: &'static str,
+        /// The failure it ended (which store or file).
+        context: String,
+        /// The instance's state directory.
+        state_dir: PathBuf,
+    },
+
     /// The coordination layer failed.
     #[error(transparent)]
     State(#[from] state::StateError),
 }
 
+/// What the operating system says when a disk refuses writes, as it appears in error messages.
+const DISK_FAILURES: [&str; 4] = [
+    "No space left on device",
+    "Read-only file system",
+    "Permission denied",
+    "Disk quota exceeded",
+];
+
 impl ProcessorError {
+    /// The disk-level cause anywhere in this error's chain (no space, read-only file system,
+    /// permission denied, quota exceeded): a failure retrying cannot fix.
+    pub fn disk_failure(&self) -> Option<&'static str> {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        DISK_FAILURES
+            .into_iter()
+            .find(|failure| text.contains(failure))
+    }
+
     /// An [`ProcessorError::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ProcessorError {
         let path = path.into();

@@ -22,7 +22,7 @@ use super::maintenance::{Maintenance, MaintenanceOutcome};
 use super::membership::{Membership, assigned_to};
 use super::status::InstanceStatus;
 use crate::config::InstanceConfig;
-use crate::error::ProcessorResult;
+use crate::error::{ProcessorError, ProcessorResult};
 use crate::resources::partition_resource;
 use crate::services::Services;
 use crate::sink::OutputSink;
@@ -94,8 +94,10 @@ impl Instance {
     /// Dropping the future instead is an abrupt stop: partition tasks are aborted and their claims lapse.
     ///
     /// # Errors
-    /// [`ProcessorError::InvalidInput`](crate::ProcessorError::InvalidInput) for a bad configuration. Partition failures are logged; the
-    /// partition is claimed again on a later tick.
+    /// [`ProcessorError::InvalidInput`](crate::ProcessorError::InvalidInput) for a bad configuration;
+    /// [`ProcessorError::DiskUnusable`](crate::ProcessorError::DiskUnusable) when a partition failed on a
+    /// disk that refuses writes (the instance stops, fail-closed). Other partition failures are logged;
+    /// the partition is claimed again on a later tick.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> ProcessorResult<()> {
         let mut membership = Membership::new(
             self.services.lock.clone(),
@@ -123,7 +125,8 @@ impl Instance {
         });
         let mut tasks: JoinSet<(i32, ProcessorResult<()>)> = JoinSet::new();
         let mut running: HashMap<i32, CancellationToken> = HashMap::new();
-        while !stop.is_cancelled() {
+        let mut fatal: Option<ProcessorError> = None;
+        while !stop.is_cancelled() && fatal.is_none() {
             while let Some(done) = tasks.try_join_next() {
                 if let Ok((partition, outcome)) = done {
                     running.remove(&partition);
@@ -136,8 +139,18 @@ impl Instance {
                     });
                     if let Err(err) = outcome {
                         tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "partition task ended");
+                        if let Some(reason) = err.disk_failure() {
+                            fatal = Some(ProcessorError::DiskUnusable {
+                                reason,
+                                context: err.to_string(),
+                                state_dir: self.config.state_dir.clone(),
+                            });
+                        }
                     }
                 }
+            }
+            if fatal.is_some() {
+                break;
             }
             if let Err(err) = self
                 .rebalance(&mut membership, &mut tasks, &mut running)
@@ -157,7 +170,13 @@ impl Instance {
         while tasks.join_next().await.is_some() {}
         let _ = duties.await;
         let _ = membership.leave().await;
-        Ok(())
+        match fatal {
+            Some(err) => {
+                tracing::error!(instance = %self.config.instance_id, error = %err, "instance stopped");
+                Err(err)
+            }
+            None => Ok(()),
+        }
     }
 
     /// The topic's partition count now.

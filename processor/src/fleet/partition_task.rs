@@ -115,6 +115,11 @@ impl Instance {
                     drop(local);
                     std::fs::remove_dir_all(&dir).map_err(ProcessorError::io(&dir))?;
                 }
+                Err(err) if err.disk_failure().is_some() => {
+                    // A full or read-only disk is not a damaged store: moving it aside and restoring
+                    // would fail the same way, again and again.
+                    return Err(err);
+                }
                 Err(err) => {
                     // A directory that does not open (a crash of an older release mid-restore, a
                     // damaged disk) is kept for inspection, never deleted, and replaced below.
