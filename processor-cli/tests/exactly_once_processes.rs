@@ -3,7 +3,7 @@
 //! confluent-kafka, its own recomputation of the input; see `integration-tests/verifier/`).
 //!
 //! Three instances coordinate through Redis and publish every running aggregate to an output topic.
-//! While the workload arrives in parts: chaos cycles — a random instance, at a random moment, SIGKILLed
+//! While the workload arrives in parts: chaos cycles — p1 or p2 at random, at a random moment, SIGKILLed
 //! and restarted or frozen with SIGSTOP past its claims' TTL and thawed (5 cycles; `CHAOS_CYCLES=20` for
 //! a soak; `CHAOS_SEED` replays a run, whose seed is printed) — then one owner frozen with SIGSTOP well
 //! past its claims' TTL and thawed (a zombie: its successor's producer fenced its transactional id, so
@@ -106,14 +106,16 @@ fn chaos_run(guarantee: &str) -> VerifierReport {
         offsets(&checkpoints).values().filter(|o| **o > 0).count() >= 3
     });
 
-    // Chaos cycles: a random instance, a random moment after the next part of the input arrives;
+    // Chaos cycles: p1 or p2, a random moment after the next part of the input arrives;
     // SIGKILL + restart on its old state directory (its partitions taken over once its claims lapse,
     // 2 s), or SIGSTOP past the claims' TTL and SIGCONT. The first cycle always kills, so every run
     // replays.
     for cycle in 0..cycles {
         produce_next(&mut produced);
         std::thread::sleep(Duration::from_millis(rng.random_range(100..800)));
-        let id = ["p1", "p2", "p3"][rng.random_range(0..3)];
+        // p3 is spared: it is the zombie of the next step, which needs it owning partitions from
+        // one uninterrupted run.
+        let id = ["p1", "p2"][rng.random_range(0..2)];
         if cycle == 0 || rng.random_bool(0.7) {
             println!("chaos cycle {cycle}: SIGKILL {id}");
             let victim = fleet.remove(id).unwrap();
