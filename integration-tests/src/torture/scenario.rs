@@ -1,7 +1,7 @@
 //! One torture scenario — a backend, a fault, fenced or not — run end to end: start the servers (and
 //! a separate `redis-server` for the fenced store), spawn the worker processes, inject the fault on a
 //! schedule while they contend, wait for them, read the store's final counters, and hand the history
-//! to the [checker](super::checker). [`table`] formats the results.
+//! to the checker ([`super::checker`]). [`table`] formats the results.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -53,7 +53,7 @@ impl Instance {
     /// An instance with `config` over `services`.
     ///
     /// # Errors
-    /// [`ProcessorError::InvalidInput`](crate::ProcessorError::InvalidInput) for a bad configuration (see [`InstanceConfig::validate`]); a
+    /// [`ProcessorError::InvalidInput`] for a bad configuration (see [`InstanceConfig::validate`]); a
     /// Kafka error when the producer for the output or dead-letter topic cannot be created.
     pub fn new(config: InstanceConfig, services: Services) -> ProcessorResult<Arc<Self>> {
         config.validate()?;
@@ -94,8 +94,8 @@ impl Instance {
     /// Dropping the future instead is an abrupt stop: partition tasks are aborted and their claims lapse.
     ///
     /// # Errors
-    /// [`ProcessorError::InvalidInput`](crate::ProcessorError::InvalidInput) for a bad configuration;
-    /// [`ProcessorError::DiskUnusable`](crate::ProcessorError::DiskUnusable) when a partition failed on a
+    /// [`ProcessorError::InvalidInput`] for a bad configuration;
+    /// [`ProcessorError::DiskUnusable`] when a partition failed on a
     /// disk that refuses writes (the instance stops, fail-closed). Other partition failures are logged;
     /// the partition is claimed again on a later tick.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> ProcessorResult<()> {
