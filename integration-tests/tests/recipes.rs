@@ -776,6 +776,42 @@ async fn fenced_store_rejects_stale_tokens(env: RecipeEnv) {
     let read = env.fenced.read("k").await.unwrap().unwrap();
     assert_eq!((read.token, read.value.as_slice()), (6, b"six".as_slice()));
     assert!(env.fenced.read("absent").await.unwrap().is_none());
+
+    // A read-modify-write fences the key as it reads: a stale holder's write that lands after the
+    // fence and before the new holder's own write is refused, though its token is above the last write's.
+    let fenced = env.fenced.fence("k", 9).await.unwrap().unwrap();
+    assert_eq!(fenced.value, b"six", "{}", env.name);
+    match env.fenced.write("k", 7, b"stale, after the fence").await {
+        Err(StateError::StaleFencingToken {
+            token: 7,
+            highest: 9,
+            ..
+        }) => {}
+        other => panic!("{}: {other:?}", env.name),
+    }
+    match env.fenced.fence("k", 8).await {
+        Err(StateError::StaleFencingToken {
+            token: 8,
+            highest: 9,
+            ..
+        }) => {}
+        other => panic!("{}: {other:?}", env.name),
+    }
+    env.fenced.write("k", 9, b"nine").await.unwrap();
+    let read = env.fenced.read("k").await.unwrap().unwrap();
+    assert_eq!((read.token, read.value.as_slice()), (9, b"nine".as_slice()));
+    // Fencing a key nobody wrote: nothing to read yet, but lower tokens are refused from now on.
+    assert!(env.fenced.fence("new", 3).await.unwrap().is_none());
+    assert!(env.fenced.read("new").await.unwrap().is_none());
+    assert!(matches!(
+        env.fenced.write("new", 2, b"late").await,
+        Err(StateError::StaleFencingToken { highest: 3, .. })
+    ));
+    env.fenced.write("new", 3, b"three").await.unwrap();
+    assert_eq!(
+        env.fenced.read("new").await.unwrap().unwrap().value,
+        b"three"
+    );
 }
 
 macro_rules! recipe_tests {

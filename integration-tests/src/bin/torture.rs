@@ -220,6 +220,7 @@ fn accumulate(totals: &mut BTreeMap<(Backend, scenario::Fault, bool), Row>, row:
             total.verdict.accepted += row.verdict.accepted;
             total.verdict.rejected += row.verdict.rejected;
             total.verdict.unknown += row.verdict.unknown;
+            total.verdict.overlaps += row.verdict.overlaps;
             total.verdict.violations.extend(row.verdict.violations);
             total.faults += row.faults;
             total.elapsed += row.elapsed;

@@ -4,9 +4,11 @@
 //!
 //! For every resource:
 //! 1. **Tokens never repeat**: two sections never got the same fencing token.
-//! 2. **Mutual exclusion or fencing**: two sections overlap in time only if the one with the lower
-//!    token had its write *rejected* (a section whose outcome is unknown counts as accepted).
-//! 3. **Accepted writes carry increasing tokens**: in the order the sections started, every accepted
+//! 2. **Mutual exclusion, or fencing**: when two sections overlap in time, the one with the lower token
+//!    must not have had a write accepted that it sent after the other had fenced (read) the key — that
+//!    write must be *rejected* (a section whose outcome is unknown counts as accepted). Overlaps whose
+//!    stale write went out before the newer holder's read are resolved in token order and only counted.
+//! 3. **Accepted writes carry increasing tokens**: in the order the writes were sent, every accepted
 //!    write's token is higher than the previous accepted one.
 //! 4. **No lost update**: no two accepted writes wrote the same counter value.
 //! 5. **The counter is exact**: the store's final counter lies between the accepted writes and the
@@ -29,6 +31,10 @@ pub struct Section {
     pub token: u64,
     /// When the lock was granted.
     pub start_ns: u64,
+    /// When its read (a fence of the key) returned.
+    pub read_ns: u64,
+    /// When its write was sent.
+    pub write_ns: u64,
     /// When the section ended: its write returned, or its process was killed; `None` when neither is
     /// known (it then lasts forever, which can only make the verdict stricter).
     pub end_ns: Option<u64>,
@@ -60,6 +66,9 @@ pub struct Verdict {
     pub rejected: usize,
     /// Sections whose write outcome is unknown (failed, or killed mid-write).
     pub unknown: usize,
+    /// Pairs of sections that overlapped in time (faults at work), whether fencing refused the stale
+    /// write or it went out before the newer holder's read.
+    pub overlaps: usize,
     /// What went wrong, one line each.
     pub violations: Vec<String>,
 }
@@ -99,6 +108,8 @@ pub fn sections(events: &[Event]) -> Vec<Section> {
                 resource,
                 token,
                 start_ns,
+                read_ns,
+                write_ns,
                 value,
             } => {
                 let outcome = outcomes.get(&(*process, *task, resource.clone(), *token));
@@ -114,6 +125,8 @@ pub fn sections(events: &[Event]) -> Vec<Section> {
                     resource: resource.clone(),
                     token: *token,
                     start_ns: *start_ns,
+                    read_ns: *read_ns,
+                    write_ns: *write_ns,
                     end_ns,
                     value: *value,
                     write,
@@ -154,17 +167,19 @@ pub fn check(sections: &[Section], final_counters: &BTreeMap<String, u64>) -> Ve
         let mut history = by_resource.remove(resource).unwrap_or_default();
         history.sort_by_key(|section| (section.start_ns, section.token));
         let final_counter = final_counters.get(resource).copied().unwrap_or(0);
-        check_resource(resource, &history, final_counter, &mut verdict.violations);
+        verdict.overlaps +=
+            check_resource(resource, &history, final_counter, &mut verdict.violations);
     }
     verdict
 }
 
+/// Checks one resource's sections (sorted by start); how many pairs overlapped.
 fn check_resource(
     resource: &str,
     history: &[&Section],
     final_counter: u64,
     violations: &mut Vec<String>,
-) {
+) -> usize {
     let mut seen_tokens: HashMap<u64, &Section> = HashMap::new();
     for section in history {
         if let Some(first) = seen_tokens.insert(section.token, section) {
@@ -174,28 +189,32 @@ fn check_resource(
             ));
         }
     }
+    let mut overlaps = 0;
     for (i, earlier) in history.iter().enumerate() {
         for later in &history[i + 1..] {
             if later.start_ns >= earlier.end() {
                 continue;
             }
-            let lower = if earlier.token <= later.token {
-                earlier
+            overlaps += 1;
+            let (lower, higher) = if earlier.token <= later.token {
+                (earlier, later)
             } else {
-                later
+                (later, earlier)
             };
-            if lower.maybe_accepted() {
+            if lower.maybe_accepted() && lower.write_ns > higher.read_ns {
                 violations.push(format!(
-                    "{resource}: holders with tokens {} and {} overlapped and token {}'s write was not rejected",
-                    earlier.token, later.token, lower.token
+                    "{resource}: holders with tokens {} and {} overlapped and token {}'s write, sent after \
+                     token {} had read the key, was not rejected",
+                    earlier.token, later.token, lower.token, higher.token
                 ));
             }
         }
     }
-    let accepted: Vec<&&Section> = history
+    let mut accepted: Vec<&&Section> = history
         .iter()
         .filter(|section| section.write == Some(WriteOutcome::Accepted))
         .collect();
+    accepted.sort_by_key(|section| section.write_ns);
     for pair in accepted.windows(2) {
         if pair[1].token <= pair[0].token {
             violations.push(format!(
@@ -224,6 +243,7 @@ fn check_resource(
              ({unknown} of unknown outcome)"
         ));
     }
+    overlaps
 }
 
 #[cfg(test)]
@@ -237,6 +257,8 @@ mod tests {
             resource: "r".to_owned(),
             token,
             start_ns: start,
+            read_ns: start + 1,
+            write_ns: end.saturating_sub(1),
             end_ns: Some(end),
             value,
             write: Some(write),
@@ -283,6 +305,20 @@ mod tests {
             verdict.violations.iter().any(|v| v.contains("lost update")),
             "{verdict:?}"
         );
+    }
+
+    #[test]
+    fn a_stale_write_sent_before_the_newer_read_is_an_ordered_overlap() {
+        // Token 1 resumes and sends its write (at 49) just before token 2 reads (at 51): both accepted
+        // in token order, both counted — an overlap, not a violation.
+        let mut history = [
+            section(1, 0, 50, 1, Accepted),
+            section(2, 48, 60, 2, Accepted),
+        ];
+        history[1].read_ns = 51;
+        let verdict = check(&history, &counters(2));
+        assert!(verdict.violations.is_empty(), "{verdict:?}");
+        assert_eq!(verdict.overlaps, 1);
     }
 
     #[test]
@@ -346,6 +382,8 @@ mod tests {
                 resource: "r".to_owned(),
                 token: 1,
                 start_ns: 0,
+                read_ns: 1,
+                write_ns: 30,
                 value: 1,
             },
             Event::Killed {
@@ -358,6 +396,8 @@ mod tests {
                 resource: "r".to_owned(),
                 token: 2,
                 start_ns: 50,
+                read_ns: 51,
+                write_ns: 52,
                 value: 2,
             },
             Event::Outcome {
@@ -377,12 +417,15 @@ mod tests {
             assert!(verdict.violations.is_empty(), "{counter}: {verdict:?}");
             assert_eq!(verdict.unknown, 1);
         }
-        // Had the killed holder still been running when the next one started, that is an overlap.
+        // Had the killed holder sent its write after the next one read, that is a violation.
         let mut late_kill = events.clone();
         late_kill[1] = Event::Killed {
             process: 1,
             at_ns: 55,
         };
+        if let Event::Intent { write_ns, .. } = &mut late_kill[0] {
+            *write_ns = 53;
+        }
         let verdict = check(&sections(&late_kill), &counters(2));
         assert!(
             verdict.violations.iter().any(|v| v.contains("overlapped")),
@@ -395,6 +438,7 @@ mod tests {
         let mut open = section(1, 0, 0, 1, Accepted);
         open.end_ns = None;
         open.write = None;
+        open.write_ns = 1_005;
         let history = [open, section(2, 1_000, 1_010, 2, Accepted)];
         let verdict = check(&history, &counters(2));
         assert!(

@@ -40,6 +40,10 @@ pub enum Event {
         token: u64,
         /// When the lock was granted.
         start_ns: u64,
+        /// When the holder's read of the counter returned (a fence of the key, when fencing is on).
+        read_ns: u64,
+        /// When the write was sent (just after this line).
+        write_ns: u64,
         /// The value about to be written.
         value: u64,
     },

@@ -683,17 +683,17 @@ async fn final_counters(store: &RedisServer, resources: u32) -> BTreeMap<String,
     counters
 }
 
-/// The results as a Markdown table: per backend and fault, the sections run, writes accepted and
-/// rejected, faults injected and violations found.
+/// The results as a Markdown table: per backend and fault, the sections run, how many pairs of them
+/// overlapped in time, writes accepted and rejected, faults injected and violations found.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| backend | fault | fencing | critical sections | accepted | rejected (stale) | unknown | faults | violations |\n\
-         |---|---|---|---:|---:|---:|---:|---:|---:|\n",
+        "| backend | fault | fencing | critical sections | overlapping pairs | accepted | rejected (stale) | unknown | faults | violations |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
         let verdict = &row.verdict;
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row.scenario.backend.name(),
             row.scenario.fault.name(),
             if row.scenario.fenced {
@@ -702,6 +702,7 @@ pub fn table(rows: &[Row]) -> String {
                 "**off** (control)"
             },
             verdict.sections,
+            verdict.overlaps,
             verdict.accepted,
             verdict.rejected,
             verdict.unknown,

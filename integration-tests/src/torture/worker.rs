@@ -1,11 +1,12 @@
 //! One contending process of a torture run (`torture worker …`): `tasks` tasks take locks on
 //! `resources` resources over and over for `duration`; inside each critical section a task reads the
-//! resource's counter from a fenced store on a server the lock does not use, holds a moment, and writes
-//! the counter + 1 with its fencing token — recording the section to the history.
+//! resource's counter from a fenced store on a server the lock does not use — through a fence of the key
+//! with its token — holds a moment, and writes the counter + 1 with its token, recording the section to
+//! the history.
 //!
 //! The worker never checks its own lease before writing: the fencing is what is under test. With
-//! `unfenced`, every write carries the same token, so the store takes stale writes (the negative
-//! control). With `stop_self_every`, task 0 stops the whole process (SIGSTOP) between its read and its
+//! `unfenced`, reads are plain and every write carries the same token, so the store takes stale writes
+//! (the negative control). With `stop_self_every`, task 0 stops the whole process (SIGSTOP) between its read and its
 //! write every that many sections; the orchestrator continues it after the TTL has run out.
 
 use std::path::PathBuf;
@@ -127,7 +128,15 @@ async fn contend(
         };
         let start_ns = monotonic_ns();
         let token = guard.fencing_token();
-        let read = match store.read(&resource).await {
+        // A read-modify-write under a lock reads through a fence: from here on a write with a lower
+        // token (a predecessor paused past its lease) is refused. The control reads plainly.
+        let read = if config.unfenced {
+            store.read(&resource).await
+        } else {
+            store.fence(&resource, token).await
+        };
+        let read_ns = monotonic_ns();
+        let read = match read {
             Ok(read) => read,
             Err(err) => {
                 tracing::debug!(error = %err, "store read failed");
@@ -155,6 +164,8 @@ async fn contend(
             resource: resource.clone(),
             token,
             start_ns,
+            read_ns,
+            write_ns: monotonic_ns(),
             value,
         })?;
         let written_token = if config.unfenced { 1 } else { token };

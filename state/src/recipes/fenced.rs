@@ -2,6 +2,12 @@
 //! seen for that key, atomically. This is how fencing tokens become safety: a holder whose lease ran out
 //! (paused, partitioned, slow) is refused once a newer holder has written.
 //!
+//! A read-modify-write needs one more step: the new holder **fences** the key as it reads it
+//! ([`FencedStore::fence`]), so a stale holder's write is refused even when it lands between the new
+//! holder's read and its write (plain fenced writes would take it: its token is still the highest
+//! *written*). The torture suite found exactly that interleaving with PostgreSQL advisory locks, whose
+//! TTL is enforced by the stale holder's own process when it resumes.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> state::StateResult<()> {
@@ -22,11 +28,11 @@ use std::sync::Mutex;
 
 use crate::{StateError, StateResult};
 
-/// A value and the fencing token it was written with.
+/// A value and the highest fencing token accepted for its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FencedValue {
-    /// The token of the accepted write.
+    /// The highest token accepted for the key, by a write or a [`fence`](FencedStore::fence).
     pub token: u64,
     /// The bytes written.
     pub value: Vec<u8>,
@@ -42,11 +48,18 @@ pub trait FencedStore: Send + Sync + std::fmt::Debug {
     /// [`StateError::StaleFencingToken`] when a higher token has written; a backend error.
     async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()>;
 
-    /// The last accepted value and its token.
+    /// The last accepted value and the highest accepted token.
     ///
     /// # Errors
     /// A backend error.
     async fn read(&self, key: &str) -> StateResult<Option<FencedValue>>;
+
+    /// Raises the highest token accepted for `key` to `token` — from now on a write with a lower token is
+    /// refused — and returns the current value: the read of a read-modify-write under a lock.
+    ///
+    /// # Errors
+    /// [`StateError::StaleFencingToken`] when a higher token was accepted; a backend error.
+    async fn fence(&self, key: &str, token: u64) -> StateResult<Option<FencedValue>>;
 }
 
 fn stale(key: &str, token: u64, highest: u64) -> StateError {
@@ -57,34 +70,54 @@ fn stale(key: &str, token: u64, highest: u64) -> StateError {
     }
 }
 
+/// The highest accepted token of a key, and its last written value.
+type Entry = (u64, Option<Vec<u8>>);
+
 /// A [`FencedStore`] in process memory.
 #[derive(Debug, Default)]
 pub struct InMemoryFencedStore {
-    values: Mutex<HashMap<String, FencedValue>>,
+    values: Mutex<HashMap<String, Entry>>,
+}
+
+impl InMemoryFencedStore {
+    /// Raises `key`'s highest token to `token` unless it is lower; the entry.
+    fn raise<'a>(
+        values: &'a mut HashMap<String, Entry>,
+        key: &str,
+        token: u64,
+    ) -> StateResult<&'a mut Entry> {
+        let entry = values.entry(key.to_owned()).or_insert((0, None));
+        if token < entry.0 {
+            return Err(stale(key, token, entry.0));
+        }
+        entry.0 = token;
+        Ok(entry)
+    }
+}
+
+fn value_of((token, value): &Entry) -> Option<FencedValue> {
+    value.as_ref().map(|value| FencedValue {
+        token: *token,
+        value: value.clone(),
+    })
 }
 
 #[async_trait::async_trait]
 impl FencedStore for InMemoryFencedStore {
     async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()> {
         let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(current) = values.get(key)
-            && token < current.token
-        {
-            return Err(stale(key, token, current.token));
-        }
-        values.insert(
-            key.to_owned(),
-            FencedValue {
-                token,
-                value: value.to_vec(),
-            },
-        );
+        Self::raise(&mut values, key, token)?.1 = Some(value.to_vec());
         Ok(())
     }
 
     async fn read(&self, key: &str) -> StateResult<Option<FencedValue>> {
         let values = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(values.get(key).cloned())
+        Ok(values.get(key).and_then(value_of))
+    }
+
+    async fn fence(&self, key: &str, token: u64) -> StateResult<Option<FencedValue>> {
+        let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(value_of(Self::raise(&mut values, key, token)?))
     }
 }
 
@@ -105,6 +138,8 @@ mod redis_store {
 
     static WRITE: LazyLock<Script> =
         LazyLock::new(|| Script::new(include_str!("scripts/fenced_write.lua")));
+    static FENCE: LazyLock<Script> =
+        LazyLock::new(|| Script::new(include_str!("scripts/fenced_fence.lua")));
     const TIMEOUT: Duration = Duration::from_secs(2);
 
     /// A [`FencedStore`] in Redis: one hash `{prefix}{key}` = `{token, value}` per key, written by a Lua
@@ -187,6 +222,32 @@ mod redis_store {
                 .zip(value)
                 .map(|(token, value)| FencedValue { token, value }))
         }
+
+        async fn fence(&self, key: &str, token: u64) -> StateResult<Option<FencedValue>> {
+            let mut conn = self.conn.clone();
+            let mut invocation = FENCE.prepare_invoke();
+            invocation.key(format!("{}{key}", self.prefix)).arg(token);
+            let reply: Vec<redis::Value> =
+                invoke(&mut conn, TIMEOUT, "redis", "fence", key, &invocation).await?;
+            match reply.as_slice() {
+                [redis::Value::Int(1)] => Ok(None),
+                [redis::Value::Int(1), redis::Value::BulkString(value)] => Ok(Some(FencedValue {
+                    token,
+                    value: value.clone(),
+                })),
+                [redis::Value::Int(0), redis::Value::Int(highest)] => Err(stale(
+                    key,
+                    token,
+                    u64::try_from(*highest).unwrap_or(u64::MAX),
+                )),
+                other => Err(crate::StateError::backend(
+                    "redis",
+                    "fence",
+                    key,
+                    format!("an unexpected script reply {other:?}"),
+                )),
+            }
+        }
     }
 }
 
@@ -195,9 +256,10 @@ pub use self::etcd_store::EtcdFencedStore;
 
 #[cfg(feature = "etcd")]
 mod etcd_store {
-    //! Fenced values in etcd: one key per value (`{prefix}fenced/{key}`: the token as 8 big-endian bytes,
-    //! then the value), written with a compare-and-swap on the key's mod revision — a write whose token
-    //! is below the stored one is refused, whatever interleaving.
+    //! Fenced values in etcd: one key per value (`{prefix}fenced/{key}`: the highest token as 8
+    //! big-endian bytes, then the value if one was written), changed with a compare-and-swap on the key's
+    //! mod revision — a write or fence whose token is below the stored one is refused, whatever
+    //! interleaving.
 
     use std::time::Duration;
 
@@ -239,62 +301,86 @@ mod etcd_store {
         }
     }
 
-    fn decode(key: &str, bytes: &[u8]) -> StateResult<FencedValue> {
-        let (token, value) = bytes.split_first_chunk::<8>().ok_or_else(|| {
-            StateError::backend("etcd", "decode", key, "a fenced value under 8 bytes")
-        })?;
-        Ok(FencedValue {
-            token: u64::from_be_bytes(*token),
-            value: value.to_vec(),
-        })
+    /// A stored record: the highest accepted token (8 big-endian bytes), then `1` and the value, or `0`
+    /// when the key was fenced before any write.
+    fn decode(key: &str, bytes: &[u8]) -> StateResult<(u64, Option<Vec<u8>>)> {
+        let malformed = || StateError::backend("etcd", "decode", key, "a malformed fenced record");
+        let (token, rest) = bytes.split_first_chunk::<8>().ok_or_else(malformed)?;
+        let value = match rest.split_first() {
+            Some((0, [])) => None,
+            Some((1, value)) => Some(value.to_vec()),
+            _ => return Err(malformed()),
+        };
+        Ok((u64::from_be_bytes(*token), value))
+    }
+
+    fn encode(token: u64, value: Option<&[u8]>) -> Vec<u8> {
+        let mut bytes = token.to_be_bytes().to_vec();
+        match value {
+            Some(value) => {
+                bytes.push(1);
+                bytes.extend_from_slice(value);
+            }
+            None => bytes.push(0),
+        }
+        bytes
     }
 
     #[cfg(test)]
     proptest::proptest! {
-        /// Whatever bytes sit under a fenced key, reading them never panics: under 8 bytes is an error,
-        /// anything else a token and a value — and what a write stores reads back.
+        /// Whatever bytes sit under a fenced key, reading them never panics; what the store writes reads
+        /// back.
         #[test]
-        fn stored_fenced_values_decode_or_are_refused(
+        fn stored_fenced_records_decode_or_are_refused(
             bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
             token in proptest::prelude::any::<u64>(),
+            fenced_only in proptest::prelude::any::<bool>(),
         ) {
-            proptest::prop_assert_eq!(decode("k", &bytes).is_ok(), bytes.len() >= 8);
-            let mut stored = token.to_be_bytes().to_vec();
-            stored.extend_from_slice(&bytes);
-            let read = decode("k", &stored).expect("a stored value decodes");
-            proptest::prop_assert_eq!((read.token, read.value), (token, bytes));
+            let _ = decode("k", &bytes);
+            let value = (!fenced_only).then_some(bytes.as_slice());
+            let read = decode("k", &encode(token, value)).expect("a stored record decodes");
+            proptest::prop_assert_eq!(read, (token, value.map(<[u8]>::to_vec)));
         }
     }
 
-    #[async_trait::async_trait]
-    impl FencedStore for EtcdFencedStore {
-        async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()> {
+    impl EtcdFencedStore {
+        /// Raises `key`'s highest token to `token` (refused if lower) and, with `value`, writes it; the
+        /// value before. One compare-and-swap on the key's mod revision, retried on contention.
+        async fn raise(
+            &self,
+            key: &str,
+            token: u64,
+            value: Option<&[u8]>,
+        ) -> StateResult<Option<FencedValue>> {
             let stored_key = self.key_of(key);
-            let mut bytes = token.to_be_bytes().to_vec();
-            bytes.extend_from_slice(value);
             for _ in 0..ATTEMPTS {
                 let current = etcd_call(&self.client, TIMEOUT, "read", key, |mut client| {
                     let stored_key = stored_key.clone();
                     async move { client.get(stored_key, None).await }
                 })
                 .await?;
-                let compare = match current.kvs().first() {
+                let (compare, before) = match current.kvs().first() {
                     Some(kv) => {
-                        let highest = decode(key, kv.value())?.token;
+                        let (highest, before) = decode(key, kv.value())?;
                         if token < highest {
                             return Err(stale(key, token, highest));
                         }
-                        Compare::mod_revision(
+                        let compare = Compare::mod_revision(
                             stored_key.clone(),
                             CompareOp::Equal,
                             kv.mod_revision(),
-                        )
+                        );
+                        (compare, before)
                     }
-                    None => Compare::create_revision(stored_key.clone(), CompareOp::Equal, 0),
+                    None => (
+                        Compare::create_revision(stored_key.clone(), CompareOp::Equal, 0),
+                        None,
+                    ),
                 };
+                let record = encode(token, value.or(before.as_deref()));
                 let txn = Txn::new().when([compare]).and_then([TxnOp::put(
                     stored_key.clone(),
-                    bytes.clone(),
+                    record,
                     None,
                 )]);
                 let written = etcd_call(&self.client, TIMEOUT, "write", key, |mut client| {
@@ -303,7 +389,7 @@ mod etcd_store {
                 })
                 .await?;
                 if written.succeeded() {
-                    return Ok(());
+                    return Ok(before.map(|value| FencedValue { token, value }));
                 }
             }
             Err(StateError::backend(
@@ -313,6 +399,13 @@ mod etcd_store {
                 format!("still contended after {ATTEMPTS} compare-and-swap attempts"),
             ))
         }
+    }
+
+    #[async_trait::async_trait]
+    impl FencedStore for EtcdFencedStore {
+        async fn write(&self, key: &str, token: u64, value: &[u8]) -> StateResult<()> {
+            self.raise(key, token, Some(value)).await.map(|_| ())
+        }
 
         async fn read(&self, key: &str) -> StateResult<Option<FencedValue>> {
             let stored_key = self.key_of(key);
@@ -321,11 +414,15 @@ mod etcd_store {
                 async move { client.get(stored_key, None).await }
             })
             .await?;
-            current
-                .kvs()
-                .first()
-                .map(|kv| decode(key, kv.value()))
-                .transpose()
+            let Some(kv) = current.kvs().first() else {
+                return Ok(None);
+            };
+            let (token, value) = decode(key, kv.value())?;
+            Ok(value.map(|value| FencedValue { token, value }))
+        }
+
+        async fn fence(&self, key: &str, token: u64) -> StateResult<Option<FencedValue>> {
+            self.raise(key, token, None).await
         }
     }
 }
@@ -372,7 +469,8 @@ mod postgres_store {
         async fn create(pool: PgPool, table: String) -> StateResult<Self> {
             let ddl = format!(
                 "CREATE TABLE IF NOT EXISTS {table} \
-                 (key text PRIMARY KEY, token bigint NOT NULL, value bytea NOT NULL)"
+                 (key text PRIMARY KEY, token bigint NOT NULL, value bytea); \
+                 ALTER TABLE {table} ALTER COLUMN value DROP NOT NULL;"
             );
             crate::backends::postgres::create_serialized(&pool, ddl, &table).await?;
             Ok(PostgresFencedStore { pool, table })
@@ -381,6 +479,21 @@ mod postgres_store {
 
     fn as_i64(token: u64) -> i64 {
         i64::try_from(token).unwrap_or(i64::MAX)
+    }
+
+    impl PostgresFencedStore {
+        /// The highest token accepted for `key`, written or fenced.
+        async fn highest(&self, key: &str) -> StateResult<Option<u64>> {
+            let token: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT token FROM {} WHERE key = $1",
+                self.table
+            )))
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|err| StateError::backend("postgres", "read", key, err))?;
+            Ok(token.map(|token| u64::try_from(token).unwrap_or(0)))
+        }
     }
 
     #[async_trait::async_trait]
@@ -401,13 +514,30 @@ mod postgres_store {
             if written.rows_affected() == 1 {
                 return Ok(());
             }
-            let highest = self.read(key).await?.map(|v| v.token).unwrap_or(token);
-            Err(stale(key, token, highest))
+            Err(stale(key, token, self.highest(key).await?.unwrap_or(token)))
+        }
+
+        async fn fence(&self, key: &str, token: u64) -> StateResult<Option<FencedValue>> {
+            let row: Option<(i64, Option<Vec<u8>>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {} AS f (key, token, value) VALUES ($1, $2, NULL) \
+                 ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token \
+                 WHERE f.token <= EXCLUDED.token RETURNING f.token, f.value",
+                self.table
+            )))
+            .bind(key)
+            .bind(as_i64(token))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|err| StateError::backend("postgres", "fence", key, err))?;
+            match row {
+                Some((_, value)) => Ok(value.map(|value| FencedValue { token, value })),
+                None => Err(stale(key, token, self.highest(key).await?.unwrap_or(token))),
+            }
         }
 
         async fn read(&self, key: &str) -> StateResult<Option<FencedValue>> {
             let row: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT token, value FROM {} WHERE key = $1",
+                "SELECT token, value FROM {} WHERE key = $1 AND value IS NOT NULL",
                 self.table
             )))
             .bind(key)
