@@ -201,9 +201,18 @@ const DISK_FAILURES: [&str; 4] = [
 ];
 
 impl ProcessorError {
-    /// The disk-level cause anywhere in this error's chain (no space, read-only file system,
-    /// permission denied, quota exceeded): a failure retrying cannot fix.
+    /// The disk-level cause (no space, read-only file system, permission denied, quota exceeded) of a
+    /// failed local store or file operation: a failure retrying cannot fix. Only [`Store`](Self::Store)
+    /// and [`Io`](Self::Io) errors are disk errors — a Kafka, coordination or unreadable-checkpoint error
+    /// whose text happens to say "Permission denied" is not (an unreadable checkpoint refuses its
+    /// partition, as documented, rather than stopping the instance).
     pub fn disk_failure(&self) -> Option<&'static str> {
+        if !matches!(
+            self,
+            ProcessorError::Store { .. } | ProcessorError::Io { .. }
+        ) {
+            return None;
+        }
         let mut text = self.to_string();
         let mut source = std::error::Error::source(self);
         while let Some(cause) = source {
@@ -262,5 +271,38 @@ impl ProcessorError {
             operation,
             source: source.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_store_and_file_errors_are_disk_failures() {
+        let full = std::io::Error::other("IO error: No space left on device: While appending");
+        assert_eq!(
+            ProcessorError::store(3, "write a batch", full).disk_failure(),
+            Some("No space left on device")
+        );
+        let read_only = std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem);
+        let io = ProcessorError::io("/state/x")(std::io::Error::other(format!(
+            "{read_only}: Read-only file system"
+        )));
+        assert_eq!(io.disk_failure(), Some("Read-only file system"));
+        // Not a disk: a checkpoint the partition cannot read refuses that partition only.
+        let unreadable = ProcessorError::CheckpointUnreadable {
+            partition: 0,
+            checkpoint: "m".to_owned(),
+            cause: Box::new(ProcessorError::io("/ck/m")(std::io::Error::other(
+                "Permission denied",
+            ))),
+        };
+        assert_eq!(unreadable.disk_failure(), None);
+        let invalid = ProcessorError::InvalidInput {
+            what: "kafka property",
+            reason: "Permission denied".to_owned(),
+        };
+        assert_eq!(invalid.disk_failure(), None);
     }
 }

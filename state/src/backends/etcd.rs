@@ -511,9 +511,9 @@ impl EtcdDistributedLock {
             wake: None,
             attempt_waits: true,
         };
+        validate_resource(resource)?;
+        validate_ttl(ttl)?;
         let retried = retry_loop(&self.retry, budget, |_| async move {
-            validate_resource(resource)?;
-            validate_ttl(ttl)?;
             match self.attempt(resource, ttl).await? {
                 Attempt::Acquired(guard) => Ok(Some(guard)),
                 Attempt::Held { revision } => {
