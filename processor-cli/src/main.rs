@@ -10,15 +10,24 @@
 //!     --checkpoint-dir /shared/checkpoints --lock-url redis://127.0.0.1:6379 --instance-id p1
 //! processor state offsets --checkpoint-dir /shared/checkpoints --topic orders
 //! processor state dump --checkpoint-dir /shared/checkpoints --topic orders
+//! processor run --config /etc/processor.toml --http 127.0.0.1:9090   # metrics, health, dashboard
+//! processor config check --config /etc/processor.toml                 # the resolved settings
 //! ```
+//!
+//! Every `run` setting comes, in this order of precedence, from its flag, its environment variable, the
+//! TOML file of `--config` (keys are the flag names: `claim-ttl-secs = 5` or `claim_ttl_secs = 5`), or
+//! its default.
 
 // A command-line tool: its output is stdout.
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 mod console;
+mod settings;
+mod telemetry;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -26,6 +35,7 @@ use processor::checkpoint::DirectoryCheckpointStore;
 use processor::dev::demo::{DemoConfig, run_demo};
 use processor::dev::{DevBroker, Workload};
 use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
+use processor::http::{LocalInstances, MetricsRender};
 use processor::resources::checkpoint_root;
 use processor::store::rocksdb::RocksDbStores;
 use processor::{
@@ -42,8 +52,18 @@ use crate::console::Console;
     about = "Kafka stream processor with fenced, checkpointed per-partition state"
 )]
 struct Cli {
+    /// Log lines on stderr as `text` or `json` (one object per line, with the span fields: instance,
+    /// partition, fencing token). `RUST_LOG` filters them.
+    #[arg(long, global = true, env = "LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -61,7 +81,7 @@ enum Command {
         #[arg(long, env = "PARTITIONS", default_value_t = 8)]
         partitions: i32,
         /// More topics to create, one partition each (output and dead-letter topics); repeatable.
-        #[arg(long = "also-create")]
+        #[arg(long = "also-create", env = "ALSO_CREATE", value_delimiter = ',')]
         also_create: Vec<String>,
     },
     /// Produce the deterministic workload.
@@ -93,6 +113,18 @@ enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// Check a `run` configuration without running.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Resolve flags, environment and `--config` file as `run` would, validate them, and print the
+    /// result as JSON with secrets redacted; exits 1 with the problem when invalid.
+    Check(Box<RunArgs>),
 }
 
 #[derive(Subcommand)]
@@ -157,10 +189,28 @@ struct DemoArgs {
     /// Plain status lines instead of progress bars.
     #[arg(long)]
     no_progress: bool,
+    /// Serve metrics, health and the live fleet dashboard here while the demo runs (`127.0.0.1:9090`;
+    /// port 0 picks a free one, printed at start).
+    #[arg(long, env = "HTTP_ADDR")]
+    http: Option<std::net::SocketAddr>,
+    /// Keep serving the dashboard this many seconds after the verdict.
+    #[arg(long, default_value_t = 0.0)]
+    linger_secs: f64,
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// A TOML file of settings (keys are the flag names); flags and environment variables override it.
+    #[arg(long, env = "CONFIG_FILE")]
+    config: Option<PathBuf>,
+    /// Serve `/metrics` (Prometheus), `/health`, `/ready`, `/status` and the fleet dashboard `/` here
+    /// (`127.0.0.1:9090`; port 0 picks a free one, printed at start).
+    #[arg(long, env = "HTTP_ADDR")]
+    http: Option<std::net::SocketAddr>,
+    /// The base URL other members and the dashboard reach this instance's endpoint at (default:
+    /// `http://` and the bound address).
+    #[arg(long, env = "HTTP_ADVERTISE")]
+    http_advertise: Option<String>,
     /// Bootstrap servers.
     #[arg(long, env = "BROKERS")]
     brokers: String,
@@ -189,7 +239,7 @@ struct RunArgs {
     /// A librdkafka client property (`KEY=VALUE`: `security.protocol=SASL_SSL`, `sasl.password=…`, any
     /// tuning) for every consumer and producer of the instance; repeatable. Secret values are never
     /// logged.
-    #[arg(long = "kafka-config", value_name = "KEY=VALUE")]
+    #[arg(long = "kafka-config", value_name = "KEY=VALUE", env = "KAFKA_CONFIG", value_delimiter = ';')]
     kafka_config: Vec<String>,
     /// A file of librdkafka client properties, one `KEY=VALUE` per line (`#` comments); `--kafka-config`
     /// flags override it.
@@ -211,9 +261,9 @@ struct RunArgs {
     /// Run as the only instance of the fleet, with in-process locks (no `--lock-url` needed).
     #[arg(long, env = "SINGLE_INSTANCE")]
     single_instance: bool,
-    /// Instance id (unique in the fleet).
+    /// Instance id (unique in the fleet; default: a fresh time-ordered UUID, printed at start).
     #[arg(long, env = "INSTANCE_ID")]
-    instance_id: String,
+    instance_id: Option<String>,
     /// Seconds between checkpoints of an owned partition.
     #[arg(long, env = "CHECKPOINT_INTERVAL_SECS", default_value_t = 2.0)]
     checkpoint_interval_secs: f64,
@@ -255,9 +305,9 @@ fn positive_secs(flag: &str, secs: f64) -> anyhow::Result<Duration> {
     }
 }
 
-/// The instance configuration from the flags; the flags' own ranges are checked here, the rest by
-/// [`InstanceConfig::validate`].
-fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
+/// The instance configuration from the flags, for instance `instance_id`; the flags' own ranges are
+/// checked here, the rest by [`InstanceConfig::validate`].
+fn instance_config(args: &RunArgs, instance_id: &str) -> anyhow::Result<InstanceConfig> {
     let checkpoint_every =
         positive_secs("--checkpoint-interval-secs", args.checkpoint_interval_secs)?;
     let maintenance_every = positive_secs(
@@ -267,7 +317,7 @@ fn instance_config(args: &RunArgs) -> anyhow::Result<InstanceConfig> {
     let claim_ttl = positive_secs("--claim-ttl-secs", args.claim_ttl_secs)?;
     let topology_refresh = positive_secs("--topology-refresh-secs", args.topology_refresh_secs)?;
     let mut config = InstanceConfig::new(
-        &args.instance_id,
+        instance_id,
         &args.topic,
         args.partitions.unwrap_or(1),
         &args.brokers,
@@ -330,9 +380,35 @@ fn fleet_lock_url(args: &RunArgs) -> anyhow::Result<&str> {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// The instance id: `--instance-id`, or a fresh time-ordered UUID (v7).
+fn resolved_instance_id(args: &RunArgs) -> String {
+    args.instance_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+async fn run(args: RunArgs, metrics: Option<MetricsRender>) -> anyhow::Result<()> {
     let lock_url = fleet_lock_url(&args)?.to_owned();
-    let config = instance_config(&args)?;
+    let instance_id = resolved_instance_id(&args);
+    if args.instance_id.is_none() {
+        println!("instance id: {instance_id}");
+    }
+    let mut config = instance_config(&args, &instance_id)?;
+    let http = match args.http {
+        Some(addr) => {
+            let listener = processor::http::bind(addr).await?;
+            let bound = listener.local_addr()?;
+            let base = args
+                .http_advertise
+                .clone()
+                .unwrap_or_else(|| format!("http://{bound}"));
+            println!("http: {base}/ (dashboard), {base}/metrics, {base}/ready");
+            config = config.with_status_url(&processor::http::status_url(&base, &instance_id));
+            config.validate()?;
+            Some(listener)
+        }
+        None => None,
+    };
     if !args.checkpoint_dir.is_dir() && !args.create_checkpoint_dir {
         bail!(
             "checkpoint dir {} does not exist: mount it (a missing mount must not look like an empty store), or pass --create-checkpoint-dir for a new fleet",
@@ -343,7 +419,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("state dir {} is not writable", args.state_dir.display()))?;
     // Fail fast, with one line, when the broker or topic is not there (with the instance's client
     // settings: a bad property or a refused login shows here). The partition count is the brokers'.
-    let mut config = config;
     config.partitions = match processor::source::partition_count(&config.kafka, &args.topic) {
         Ok(count) => count,
         Err(
@@ -373,6 +448,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .context("lock backend")?; // its errors name the server, password redacted
     let instance = Instance::new(config, services)?;
     let stop = CancellationToken::new();
+    let _server = http.map(|listener| {
+        let instances = Arc::new(LocalInstances::default());
+        instances.add(Arc::clone(&instance));
+        serve_in_background(listener, instances, metrics, stop.clone())
+    });
     let signals = stop.clone();
     tokio::spawn(async move {
         let mut term =
@@ -438,8 +518,50 @@ fn dump(checkpoint_dir: PathBuf, topic: &str, offsets_only: bool) -> anyhow::Res
     Ok(())
 }
 
-async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+/// Serves the operations endpoint until `stop` (a failure is logged: the instance keeps running).
+fn serve_in_background(
+    listener: tokio::net::TcpListener,
+    instances: Arc<LocalInstances>,
+    metrics: Option<MetricsRender>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let router = processor::http::router(instances, metrics);
+    tokio::spawn(async move {
+        if let Err(err) = processor::http::serve(listener, router, stop).await {
+            tracing::error!(error = %err, "the HTTP endpoint stopped");
+        }
+    })
+}
+
+async fn demo(args: DemoArgs, metrics: Option<MetricsRender>) -> anyhow::Result<()> {
     let mut config = DemoConfig::default();
+    let stop_http = CancellationToken::new();
+    let server = match args.http {
+        Some(addr) => {
+            let listener = processor::http::bind(addr).await?;
+            let base = format!("http://{}", listener.local_addr()?);
+            println!("dashboard: {base}/   (metrics: {base}/metrics)");
+            let instances = Arc::new(LocalInstances::default());
+            config.status_board = Some(Arc::clone(&instances));
+            config.status_base_url = Some(base);
+            Some(serve_in_background(
+                listener,
+                instances,
+                metrics,
+                stop_http.clone(),
+            ))
+        }
+        None => None,
+    };
+    let outcome = run_demo_and_report(config, args).await;
+    if let Some(server) = server {
+        stop_http.cancel();
+        let _ = server.await;
+    }
+    outcome
+}
+
+async fn run_demo_and_report(mut config: DemoConfig, args: DemoArgs) -> anyhow::Result<()> {
     config.lock_url = args.lock_url;
     config.records = args.records;
     config.keys = args.keys;
@@ -452,6 +574,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let (records, keys) = (config.records, config.keys);
     let mut console = Console::new(records, !args.no_progress);
     let report = run_demo(config, &mut console).await?;
+    if args.linger_secs > 0.0 {
+        tokio::time::sleep(positive_secs("--linger-secs", args.linger_secs)?).await;
+    }
     println!();
     println!("instances at the end:");
     for (id, s) in &report.instances {
@@ -499,25 +624,61 @@ async fn dev_broker(topic: &str, partitions: i32, also_create: &[String]) -> any
     Ok(())
 }
 
+/// Logs to stderr as text or JSON lines, filtered by `RUST_LOG` (default `default_level`).
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
+}
+
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = match settings::parse_cli() {
+        Ok(cli) => cli,
+        Err(err) => {
+            eprintln!("processor: {err:#}");
+            std::process::exit(2);
+        }
+    };
     // The demo draws progress bars: only warnings interrupt them unless RUST_LOG says otherwise.
     let default_level = if matches!(cli.command, Command::Demo(_)) {
         "warn"
     } else {
         "info"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(cli.log_format, default_level);
+    let serves_http = match &cli.command {
+        Command::Demo(args) => args.http.is_some(),
+        Command::Run(args) => args.http.is_some(),
+        _ => false,
+    };
+    let metrics = if serves_http {
+        match telemetry::install_prometheus() {
+            Ok(render) => Some(render),
+            Err(err) => {
+                eprintln!("processor: {err:#}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        None
+    };
     let outcome = match cli.command {
-        Command::Demo(args) => demo(args).await,
-        Command::Run(args) => run(*args).await,
+        Command::Demo(args) => demo(args, metrics).await,
+        Command::Run(args) => run(*args, metrics).await,
+        Command::Config {
+            command: ConfigCommand::Check(args),
+        } => settings::check(&args),
         Command::DevBroker {
             topic,
             partitions,

@@ -122,6 +122,9 @@ pub struct InstanceConfig {
     /// When the checkpoint a partition's record names cannot be read, restore the newest checkpoint that
     /// can (or start empty) instead of refusing — the operator's explicit acceptance of the loss.
     pub restore_older_checkpoint: bool,
+    /// Where this instance serves its status (`http://host:port/instances/{id}/status`), recorded with
+    /// its membership so that other members and the dashboard find it; `None` without an HTTP endpoint.
+    pub status_url: Option<String>,
 }
 
 impl InstanceConfig {
@@ -156,7 +159,14 @@ impl InstanceConfig {
             dead_letter_topic: None,
             on_missing_offsets: MissingOffsets::Fail,
             restore_older_checkpoint: false,
+            status_url: None,
         }
+    }
+
+    /// Records `url` as where this instance serves its status (see [`crate::http`]).
+    pub fn with_status_url(mut self, url: &str) -> Self {
+        self.status_url = Some(url.to_owned());
+        self
     }
 
     /// Sets how often the partition count is read again from the brokers (`None`: never).
@@ -247,6 +257,20 @@ impl InstanceConfig {
             if value.trim().is_empty() {
                 return Err(invalid(what, "must not be empty".to_owned()));
             }
+        }
+        if self.instance_id.contains(['\n', '\r']) {
+            return Err(invalid(
+                "instance id",
+                format!("{:?} must be one line", self.instance_id),
+            ));
+        }
+        if let Some(url) = &self.status_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "status url",
+                format!("`{url}` must start with http:// or https://"),
+            ));
         }
         if self.partitions < 1 {
             return Err(invalid(

@@ -31,6 +31,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod fleet;
+pub mod http;
 mod hash;
 pub mod inspect;
 pub mod kafka_settings;

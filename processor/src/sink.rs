@@ -26,14 +26,18 @@ pub(crate) fn idempotent_producer(kafka: &KafkaSettings) -> ProcessorResult<Futu
 pub(crate) async fn await_delivery(
     delivery: rdkafka::producer::DeliveryFuture,
 ) -> ProcessorResult<()> {
-    match delivery.await {
+    let delivered = match delivery.await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((err, _))) => Err(ProcessorError::kafka("deliver a record")(err)),
         Err(_) => Err(ProcessorError::Kafka {
             operation: "deliver a record",
             source: "the producer was dropped before the broker acknowledged the record".into(),
         }),
+    };
+    if delivered.is_err() {
+        metrics::counter!("processor_output_errors_total", "stage" => "delivery").increment(1);
     }
+    delivered
 }
 
 /// Where a partition's outputs go: updated aggregates to the output topic and malformed records to the
@@ -214,6 +218,8 @@ impl TransactionalSink {
                 Ok(())
             }
             Err(err) => {
+                metrics::counter!("processor_output_errors_total", "stage" => "transaction")
+                    .increment(1);
                 let producer = self.producer.clone();
                 // Best effort: a fenced producer cannot abort, and an open transaction of a failed
                 // producer is aborted by the broker at its timeout or by the next owner's initialisation.

@@ -41,6 +41,7 @@ pub mod lock;
 pub mod recipes;
 mod redact;
 pub mod retry;
+pub mod telemetry;
 
 #[cfg(feature = "etcd")]
 pub use backends::etcd::EtcdDistributedLock;
@@ -55,6 +56,7 @@ pub use connect::{Backend, connect, connect_with_retry};
 pub use error::{StateError, StateResult};
 pub use guard::LockGuard;
 pub use lock::{DistributedLock, LockToken};
+pub use redact::redact_url;
 pub use retry::RetryConfig;
 
 /// The user guide, `DISTRIBUTED_LOCKING.md`, compiled and run as doctests so its code cannot rot (it

@@ -164,6 +164,12 @@ pub trait DistributedLock: Send + Sync + fmt::Debug {
     /// The retry policy of [`acquire`](Self::acquire).
     fn retry_policy(&self) -> &crate::RetryConfig;
 
+    /// The backend's name, the `backend` label of its metrics (see [`crate::telemetry`]): `memory`,
+    /// `redis`, `redlock`, `postgres`, `etcd`; `custom` unless an implementation says otherwise.
+    fn backend_name(&self) -> &'static str {
+        "custom"
+    }
+
     /// One attempt: `Ok(None)` when someone else holds it.
     ///
     /// # Errors

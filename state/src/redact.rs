@@ -8,7 +8,7 @@ const SECRET_PARAMETERS: &[&str] = &["pass", "pwd", "secret", "token", "auth", "
 /// `raw` with the password of its user-info and the value of every secret-looking query parameter
 /// replaced by `***`; `(unparsable url)` when it is not a URL (so a malformed URL that holds a secret is
 /// never echoed either).
-pub(crate) fn redact_url(raw: &str) -> String {
+pub fn redact_url(raw: &str) -> String {
     let Ok(mut parsed) = url::Url::parse(raw) else {
         return "(unparsable url)".to_owned();
     };

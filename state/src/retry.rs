@@ -287,7 +287,13 @@ pub async fn acquire_with_budget<L>(
 where
     L: DistributedLock + ?Sized,
 {
-    let retried = retry_loop(retry, budget, |_| lock.try_acquire(resource, ttl)).await?;
+    let retried = retry_loop(retry, budget, |attempt| {
+        if attempt > 1 {
+            crate::telemetry::acquire_retried(lock.backend_name());
+        }
+        lock.try_acquire(resource, ttl)
+    })
+    .await?;
     acquired(resource, retried)
 }
 

@@ -18,6 +18,7 @@ use super::{DevBroker, Workload};
 use crate::config::{InstanceConfig, MaintenanceConfig};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::fleet::{Instance, InstanceStatus};
+use crate::http::{LocalInstances, status_url};
 use crate::inspect::{checkpointed_aggregates, checkpointed_offset};
 use crate::kafka_settings::KafkaSettings;
 use crate::resources::checkpoint_root;
@@ -51,6 +52,12 @@ pub struct DemoConfig {
     pub brokers: Option<String>,
     /// The replication factor of that topic on an existing cluster.
     pub replication: i32,
+    /// Serve the instances' status on an HTTP endpoint: the demo adds each instance it starts to these
+    /// and removes the one it kills (see [`crate::http`]).
+    pub status_board: Option<Arc<LocalInstances>>,
+    /// The base URL of that endpoint (`http://127.0.0.1:9090`), recorded in the fleet's membership as
+    /// where each instance serves its status.
+    pub status_base_url: Option<String>,
 }
 
 impl Default for DemoConfig {
@@ -67,6 +74,8 @@ impl Default for DemoConfig {
             work_dir: None,
             brokers: None,
             replication: 1,
+            status_board: None,
+            status_base_url: None,
         }
     }
 }
@@ -241,7 +250,7 @@ pub async fn run_demo(
     };
 
     let start_member = |id: &str| -> ProcessorResult<Member> {
-        let instance_config = InstanceConfig::new(
+        let mut instance_config = InstanceConfig::new(
             id,
             &config.topic,
             config.partitions,
@@ -257,11 +266,17 @@ pub async fn run_demo(
                 .with_keep_checkpoints(2)
                 .with_grace(Duration::from_secs(5)),
         );
+        if let Some(base_url) = &config.status_base_url {
+            instance_config = instance_config.with_status_url(&status_url(base_url, id));
+        }
         let services = Services {
             stores: Arc::new(RocksDbStores::new(32 << 20, 16 << 20)),
             ..base.clone()
         };
         let instance = Instance::new(instance_config, services)?;
+        if let Some(board) = &config.status_board {
+            board.add(Arc::clone(&instance));
+        }
         let stop = CancellationToken::new();
         Ok(Member {
             status: instance.status(),
@@ -320,6 +335,9 @@ pub async fn run_demo(
             if let Some(member) = fleet.get_mut(&victim) {
                 member.handle.abort();
                 member.alive = false;
+                if let Some(board) = &config.status_board {
+                    board.remove(&victim);
+                }
                 final_statuses.insert(victim.clone(), member.status.borrow().clone());
             }
             killed = true;

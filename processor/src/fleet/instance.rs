@@ -14,19 +14,33 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use state::recipes::keeper::{KeptLock, RenewalPolicy};
 use state::recipes::leader::LeaderElection;
 use tokio::sync::watch;
+use tracing::Instrument;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::maintenance::{Maintenance, MaintenanceOutcome};
 use super::membership::{Membership, assigned_to};
-use super::status::InstanceStatus;
+use super::status::{InstanceStatus, PartitionStatus, instant_to_unix_ms};
 use crate::config::InstanceConfig;
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::resources::partition_resource;
 use crate::services::Services;
 use crate::sink::OutputSink;
 use crate::source::partition_count;
+
+/// How often the lag watcher reads the owned partitions' high watermarks.
+const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A metadata-only consumer for reading watermarks.
+fn watermark_client(
+    kafka: &crate::kafka_settings::KafkaSettings,
+) -> ProcessorResult<rdkafka::consumer::BaseConsumer> {
+    kafka
+        .client_config()
+        .create()
+        .map_err(kafka.client_error("create a consumer"))
+}
 
 /// One fleet instance.
 pub struct Instance {
@@ -71,6 +85,9 @@ impl Instance {
             None
         };
         let status = InstanceStatus {
+            instance_id: config.instance_id.clone(),
+            group: config.group.clone(),
+            topic: config.topic.clone(),
             partitions: config.partitions,
             ..InstanceStatus::default()
         };
@@ -90,6 +107,16 @@ impl Instance {
         self.status.subscribe()
     }
 
+    /// Its configuration.
+    pub fn config(&self) -> &InstanceConfig {
+        &self.config
+    }
+
+    /// The services it coordinates through.
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
     /// Runs until `stop` fires, then checkpoints and releases every owned partition and leaves the fleet.
     /// Dropping the future instead is an abrupt stop: partition tasks are aborted and their claims lapse.
     ///
@@ -106,7 +133,8 @@ impl Instance {
             &self.config.instance_id,
             self.config.max_members,
             self.config.claim_ttl,
-        )?;
+        )?
+        .with_endpoint(self.config.status_url.as_deref());
         let election = LeaderElection::new(
             self.services.lock.clone(),
             &self.config.group,
@@ -115,8 +143,14 @@ impl Instance {
         )?;
         let duties_stop = CancellationToken::new();
         // Aborted with `run`'s future when the instance is dropped abruptly, like the partition tasks.
+        let duties_span = tracing::info_span!("duties", instance = %self.config.instance_id, group = %self.config.group);
         let duties = AbortOnDropHandle::new(tokio::spawn(
-            Arc::clone(&self).run_duties(election, duties_stop.clone()),
+            Arc::clone(&self)
+                .run_duties(election, duties_stop.clone())
+                .instrument(duties_span),
+        ));
+        let _lag = AbortOnDropHandle::new(tokio::spawn(
+            Arc::clone(&self).watch_lag(LAG_EVERY, duties_stop.clone()),
         ));
         let _topology = self.config.topology_refresh.map(|every| {
             AbortOnDropHandle::new(tokio::spawn(
@@ -131,12 +165,23 @@ impl Instance {
                 if let Ok((partition, outcome)) = done {
                     running.remove(&partition);
                     self.status.send_modify(|s| {
-                        s.owned.remove(&partition);
+                        let token = s.owned.remove(&partition).unwrap_or(0);
+                        s.partition_status.remove(&partition);
                         match &outcome {
-                            Ok(()) => s.partition_errors.remove(&partition),
-                            Err(err) => s.partition_errors.insert(partition, err.to_string()),
+                            Ok(()) => {
+                                s.partition_errors.remove(&partition);
+                                s.record_hand_off(partition, "released", token);
+                            }
+                            Err(err) => {
+                                s.partition_errors.insert(partition, err.to_string());
+                                s.record_hand_off(partition, "failed", token);
+                            }
                         };
                     });
+                    self.publish_ownership_metrics();
+                    if outcome.is_err() {
+                        metrics::counter!("processor_partition_failures_total", "topic" => self.config.topic.clone()).increment(1);
+                    }
                     if let Err(err) = outcome {
                         tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "partition task ended");
                         if let Some(reason) = err.disk_failure() {
@@ -206,6 +251,66 @@ impl Instance {
         }
     }
 
+    /// Reads the high watermark of every owned partition every `every` until `stop` (one client, one
+    /// request per partition, on a blocking thread), and publishes each partition's lag — records between
+    /// its state and the log end — in the status and the `processor_consumer_lag_records` gauge.
+    async fn watch_lag(self: Arc<Self>, every: std::time::Duration, stop: CancellationToken) {
+        let mut client = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let owned: Vec<i32> = self.status.borrow().partition_status.keys().copied().collect();
+            if owned.is_empty() {
+                continue;
+            }
+            let (kafka, topic) = (self.config.kafka.clone(), self.config.topic.clone());
+            let reused = client.take();
+            let reading = tokio::task::spawn_blocking(move || {
+                let consumer = match reused {
+                    Some(consumer) => consumer,
+                    None => watermark_client(&kafka)?,
+                };
+                use rdkafka::consumer::Consumer;
+                let highs: Vec<(i32, i64)> = owned
+                    .into_iter()
+                    .filter_map(|partition| {
+                        consumer
+                            .fetch_watermarks(&topic, partition, LAG_EVERY)
+                            .ok()
+                            .map(|(_, high)| (partition, high))
+                    })
+                    .collect();
+                Ok::<_, ProcessorError>((consumer, highs))
+            })
+            .await;
+            let highs = match reading {
+                Ok(Ok((consumer, highs))) => {
+                    client = Some(consumer);
+                    highs
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(instance = %self.config.instance_id, error = %err, "could not read high watermarks");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            self.status.send_modify(|s| {
+                for (partition, high) in highs {
+                    if let Some(p) = s.partition_status.get_mut(&partition) {
+                        let lag = (high - p.next_offset).max(0);
+                        p.high_watermark = Some(high);
+                        p.lag = Some(lag);
+                        #[allow(clippy::cast_precision_loss)]
+                        metrics::gauge!("processor_consumer_lag_records", "topic" => self.config.topic.clone(), "partition" => partition.to_string())
+                            .set(lag as f64);
+                    }
+                }
+            });
+        }
+    }
+
     /// Takes in a partition count read from the brokers. Kafka only ever adds partitions; fewer than
     /// before means the topic was deleted and recreated, which the partitions' offset checks refuse, so
     /// the count never shrinks here.
@@ -246,11 +351,17 @@ impl Instance {
         let mut scheduled = None;
         while !stop.is_cancelled() {
             match election.try_become_leader().await {
-                Ok(leader) => self.status.send_if_modified(|s| {
-                    let changed = s.leader != leader;
-                    s.leader = leader;
-                    changed
-                }),
+                Ok(leader) => {
+                    let term = election.fencing_token();
+                    metrics::gauge!("processor_leader", "group" => self.config.group.clone())
+                        .set(if leader { 1.0 } else { 0.0 });
+                    self.status.send_if_modified(|s| {
+                        let changed = s.leader != leader || s.leader_term != term;
+                        s.leader = leader;
+                        s.leader_term = term;
+                        changed
+                    })
+                }
                 Err(err) => {
                     tracing::debug!(instance = %self.config.instance_id, error = %err, "campaign failed");
                     false
@@ -294,7 +405,19 @@ impl Instance {
             }
         }
         let _ = election.resign().await;
-        self.status.send_modify(|s| s.leader = false);
+        metrics::gauge!("processor_leader", "group" => self.config.group.clone()).set(0.0);
+        self.status.send_modify(|s| {
+            s.leader = false;
+            s.leader_term = None;
+        });
+    }
+
+    /// The owned-partition gauge, from the status.
+    fn publish_ownership_metrics(&self) {
+        let owned = self.status.borrow().owned.len();
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!("processor_owned_partitions", "topic" => self.config.topic.clone())
+            .set(owned as f64);
     }
 
     fn record_maintenance(&self, task_id: &str, outcome: &MaintenanceOutcome) {
@@ -317,7 +440,12 @@ impl Instance {
         if !membership.announce().await? {
             return Ok(());
         }
-        let members = membership.live_members().await?;
+        let listed = membership.live_members_with_endpoints().await?;
+        let members: Vec<String> = listed.iter().map(|(id, _)| id.clone()).collect();
+        let endpoints: std::collections::BTreeMap<String, String> = listed
+            .into_iter()
+            .filter_map(|(id, url)| url.map(|url| (id, url)))
+            .collect();
         let desired: HashSet<i32> = assigned_to(
             &self.config.topic,
             self.partition_count(),
@@ -326,7 +454,15 @@ impl Instance {
         )
         .into_iter()
         .collect();
-        self.status.send_modify(|s| s.members = members.clone());
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!("processor_fleet_members", "group" => self.config.group.clone())
+            .set(members.len() as f64);
+        self.status.send_if_modified(|s| {
+            let changed = s.members != members || s.member_endpoints != endpoints;
+            s.members.clone_from(&members);
+            s.member_endpoints = endpoints;
+            changed
+        });
         for (partition, token) in running.iter() {
             if !desired.contains(partition) {
                 token.cancel(); // hand-off: the task checkpoints and releases
@@ -352,12 +488,32 @@ impl Instance {
             running.insert(partition, token.clone());
             self.status.send_modify(|s| {
                 s.owned.insert(partition, kept.fencing_token());
+                s.partition_status.insert(
+                    partition,
+                    PartitionStatus {
+                        fencing_token: kept.fencing_token(),
+                        claim_expires_ms: instant_to_unix_ms(kept.valid_until()),
+                        ..PartitionStatus::default()
+                    },
+                );
+                s.record_hand_off(partition, "claimed", kept.fencing_token());
             });
+            self.publish_ownership_metrics();
             let instance = Arc::clone(self);
-            tasks.spawn(async move {
-                let outcome = instance.run_partition(partition, kept, token).await;
-                (partition, outcome)
-            });
+            // Every log line of the partition's task carries who, which partition and which claim.
+            let span = tracing::info_span!(
+                "partition",
+                instance = %self.config.instance_id,
+                partition,
+                fencing_token = kept.fencing_token()
+            );
+            tasks.spawn(
+                async move {
+                    let outcome = instance.run_partition(partition, kept, token).await;
+                    (partition, outcome)
+                }
+                .instrument(span),
+            );
         }
         Ok(())
     }

@@ -90,6 +90,7 @@ pub struct Membership {
     instance: String,
     max_members: u32,
     ttl: Duration,
+    endpoint: Option<String>,
     slot: Option<(u32, KeptLock)>,
 }
 
@@ -131,8 +132,24 @@ impl Membership {
             instance: instance.to_owned(),
             max_members,
             ttl,
+            endpoint: None,
             slot: None,
         })
+    }
+
+    /// Also records where this instance serves its status (`http://host:port/…`), so that any member —
+    /// and the dashboard — can find every other one's.
+    pub fn with_endpoint(mut self, url: Option<&str>) -> Self {
+        self.endpoint = url.map(str::to_owned);
+        self
+    }
+
+    /// The registry value of this member: its id, then its endpoint on a second line if it has one.
+    fn record(&self) -> Vec<u8> {
+        match &self.endpoint {
+            Some(url) => format!("{}\n{url}", self.instance).into_bytes(),
+            None => self.instance.as_bytes().to_vec(),
+        }
     }
 
     fn slot_resource(&self, slot: u32) -> String {
@@ -156,7 +173,7 @@ impl Membership {
                     .await?
             {
                 self.registry
-                    .write(&resource, kept.fencing_token(), self.instance.as_bytes())
+                    .write(&resource, kept.fencing_token(), &self.record())
                     .await?;
                 tracing::info!(group = %self.group, instance = %self.instance, slot, "joined the fleet");
                 self.slot = Some((slot, kept));
@@ -171,6 +188,21 @@ impl Membership {
     /// # Errors
     /// A backend error.
     pub async fn live_members(&self) -> ProcessorResult<Vec<String>> {
+        Ok(self
+            .live_members_with_endpoints()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// The live members (held slots) with the status endpoint each recorded, if any, sorted by id.
+    ///
+    /// # Errors
+    /// A backend error.
+    pub async fn live_members_with_endpoints(
+        &self,
+    ) -> ProcessorResult<Vec<(String, Option<String>)>> {
         let mut members = Vec::new();
         for slot in 0..self.max_members {
             let resource = self.slot_resource(slot);
@@ -181,11 +213,14 @@ impl Membership {
             if let Some(entry) = self.registry.read(&resource).await?
                 && entry.token == holder.fencing_token
             {
-                members.push(String::from_utf8_lossy(&entry.value).into_owned());
+                let record = String::from_utf8_lossy(&entry.value).into_owned();
+                let mut lines = record.splitn(2, '\n');
+                let id = lines.next().unwrap_or_default().to_owned();
+                members.push((id, lines.next().map(str::to_owned)));
             }
         }
         members.sort();
-        members.dedup();
+        members.dedup_by(|a, b| a.0 == b.0);
         Ok(members)
     }
 
@@ -269,6 +304,22 @@ mod tests {
         assert!(a.announce().await.unwrap());
         assert!(b.announce().await.unwrap());
         assert_eq!(a.live_members().await.unwrap(), members(&["a", "b"]));
+        let mut c = Membership::new(lock.clone(), registry.clone(), "g", "c", 8, ttl)
+            .unwrap()
+            .with_endpoint(Some("http://127.0.0.1:9/instances/c/status"));
+        assert!(c.announce().await.unwrap());
+        assert_eq!(
+            b.live_members_with_endpoints().await.unwrap(),
+            vec![
+                ("a".to_owned(), None),
+                ("b".to_owned(), None),
+                (
+                    "c".to_owned(),
+                    Some("http://127.0.0.1:9/instances/c/status".to_owned())
+                )
+            ]
+        );
+        c.leave().await.unwrap();
         b.leave().await.unwrap();
         assert_eq!(a.live_members().await.unwrap(), members(&["a"]));
         let mut full = Membership::new(lock, registry, "g", "c", 1, ttl).unwrap();

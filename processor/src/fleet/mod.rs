@@ -12,6 +12,7 @@ pub mod instance;
 pub mod maintenance;
 pub mod membership;
 pub mod partition_task;
+pub mod readiness;
 pub mod status;
 
 pub use instance::Instance;

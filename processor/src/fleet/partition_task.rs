@@ -12,12 +12,13 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::instance::Instance;
 use super::maintenance::hold_compaction_lock;
+use super::status::{instant_to_unix_ms, unix_ms};
 use crate::checkpoint::{
     CheckpointRecord, CheckpointRecords, CheckpointStore, Manifest, UploadReport,
 };
 use crate::config::{MissingOffsets, OutputGuarantee};
 use crate::error::{ProcessorError, ProcessorResult};
-use crate::partition::PartitionProcessor;
+use crate::partition::{PartitionProcessor, PartitionStats};
 use crate::resources::{compaction_resource, local_state_dir};
 use crate::sink::TransactionalSink;
 use crate::source::{
@@ -133,6 +134,7 @@ impl Instance {
             // Restored beside the final place and renamed into it: a crash mid-restore leaves only a
             // scratch directory, removed at the next start, never a half-restored state directory.
             let restoring = sibling(&dir, RESTORING);
+            let restore_started = std::time::Instant::now();
             let restored = self
                 .services
                 .checkpoints
@@ -143,6 +145,10 @@ impl Instance {
                 return Err(err);
             }
             self.status.send_modify(|s| s.restores += 1);
+            let labels = partition_labels(&self.config.topic, partition);
+            metrics::counter!("processor_restores_total", &labels).increment(1);
+            metrics::histogram!("processor_restore_duration_seconds", &labels)
+                .record(restore_started.elapsed().as_secs_f64());
             tracing::info!(
                 partition,
                 next_offset = manifest.next_offset,
@@ -255,7 +261,10 @@ impl Instance {
         let state_dir = self.config.state_dir.join(&self.config.group);
         let scratch = state_dir.join(format!("{prefix}{}", meta.next_offset));
         let store = Arc::clone(store);
+        let labels = partition_labels(&self.config.topic, partition);
         tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let _pause = PauseTimer(started, labels);
             if let Ok(entries) = std::fs::read_dir(&state_dir) {
                 for entry in entries.filter_map(Result::ok) {
                     if entry.file_name().to_string_lossy().starts_with(&prefix) {
@@ -306,6 +315,7 @@ impl Instance {
             Arc::clone(&self.services.checkpoints),
             self.config.topic.clone(),
         );
+        let upload_started = std::time::Instant::now();
         let uploaded = tokio::task::spawn_blocking(move || {
             let uploaded = upload_confirmed(
                 checkpoints.as_ref(),
@@ -345,7 +355,19 @@ impl Instance {
             &CheckpointRecord::new(&report.manifest, &self.config.instance_id),
         )
         .await?;
-        self.status.send_modify(|s| s.checkpoints += 1);
+        let recorded_at = std::time::SystemTime::now();
+        self.status.send_modify(|s| {
+            s.checkpoints += 1;
+            if let Some(p) = s.partition_status.get_mut(&partition) {
+                p.last_checkpoint_ms = Some(unix_ms(recorded_at));
+            }
+        });
+        record_checkpoint_metrics(
+            &partition_labels(&self.config.topic, partition),
+            &report,
+            upload_started.elapsed(),
+            recorded_at,
+        );
         Ok(Published::Recorded)
     }
 
@@ -587,6 +609,7 @@ impl Instance {
             (None, None) => Outputs::Discard,
         };
         tracing::info!(instance = %self.config.instance_id, partition, fencing_token, from = processor.next_offset(), ?outputs, "partition started");
+        let labels = partition_labels(&self.config.topic, partition);
         // The upload of the last snapshot runs while the partition goes on processing; dropped (aborted)
         // with this task.
         let mut publishing: Option<AbortOnDropHandle<ProcessorResult<Published>>> = None;
@@ -626,10 +649,13 @@ impl Instance {
             .await;
             timer.abort();
             let after = processor.stats();
-            self.status.send_modify(|s| {
-                s.processed += after.applied - before.applied;
-                s.dead_letters += after.dead_letters - before.dead_letters;
-            });
+            self.report_segment(
+                partition,
+                &processor,
+                &kept,
+                (before, after),
+                &labels,
+            );
             consumed?;
             if lost.is_cancelled() {
                 return Err(ProcessorError::OwnershipLost {
@@ -684,6 +710,94 @@ impl Instance {
         tracing::info!(instance = %self.config.instance_id, partition, "partition handed off");
         Ok(())
     }
+}
+
+impl Instance {
+    /// After a consume segment: the partition's progress into the status and the metrics — records and
+    /// dead letters counted, the offset, the lag against the last high watermark read, the state's size
+    /// and the claim's expiry.
+    fn report_segment(
+        &self,
+        partition: i32,
+        processor: &PartitionProcessor,
+        kept: &KeptLock,
+        (before, after): (PartitionStats, PartitionStats),
+        labels: &[(&'static str, String); 2],
+    ) {
+        let applied = after.applied - before.applied;
+        let dead_letters = after.dead_letters - before.dead_letters;
+        let next_offset = processor.next_offset();
+        // The high watermark comes from the instance's lag watcher (one metadata request a second for
+        // all its partitions, off this loop).
+        let high = self
+            .status
+            .borrow()
+            .partition_status
+            .get(&partition)
+            .and_then(|p| p.high_watermark);
+        let lag = high.map(|high| (high - next_offset).max(0));
+        let state_bytes = processor.store().approximate_size_bytes();
+        metrics::counter!("processor_records_processed_total", labels).increment(applied);
+        metrics::counter!("processor_dead_letters_total", labels).increment(dead_letters);
+        #[allow(clippy::cast_precision_loss)]
+        {
+            metrics::gauge!("processor_next_offset", labels).set(next_offset as f64);
+            metrics::gauge!("processor_state_size_bytes", labels).set(state_bytes as f64);
+            if let Some(lag) = lag {
+                metrics::gauge!("processor_consumer_lag_records", labels).set(lag as f64);
+            }
+        }
+        let claim_expires_ms = instant_to_unix_ms(kept.valid_until());
+        self.status.send_modify(|s| {
+            s.processed += applied;
+            s.dead_letters += dead_letters;
+            if let Some(p) = s.partition_status.get_mut(&partition) {
+                p.processing = true;
+                p.next_offset = next_offset;
+                p.high_watermark = high;
+                p.lag = lag;
+                p.state_bytes = state_bytes;
+                p.processed += applied;
+                p.claim_expires_ms = claim_expires_ms;
+            }
+        });
+    }
+}
+
+/// The `topic` and `partition` labels of a partition's metrics.
+fn partition_labels(topic: &str, partition: i32) -> [(&'static str, String); 2] {
+    [("topic", topic.to_owned()), ("partition", partition.to_string())]
+}
+
+/// Records the snapshot pause (the partition's processing waits for it) when dropped, whichever way the
+/// snapshot ends.
+struct PauseTimer(std::time::Instant, [(&'static str, String); 2]);
+
+impl Drop for PauseTimer {
+    fn drop(&mut self) {
+        metrics::histogram!("processor_checkpoint_pause_seconds", &self.1)
+            .record(self.0.elapsed().as_secs_f64());
+    }
+}
+
+/// A recorded checkpoint's metrics: upload time, bytes copied and reused, and when.
+fn record_checkpoint_metrics(
+    labels: &[(&'static str, String); 2],
+    report: &UploadReport,
+    upload: std::time::Duration,
+    recorded_at: std::time::SystemTime,
+) {
+    let total: u64 = report.manifest.files.iter().map(|file| file.size).sum();
+    metrics::counter!("processor_checkpoints_total", labels).increment(1);
+    metrics::histogram!("processor_checkpoint_upload_duration_seconds", labels)
+        .record(upload.as_secs_f64());
+    metrics::counter!("processor_checkpoint_uploaded_bytes_total", labels)
+        .increment(report.copied_bytes);
+    metrics::counter!("processor_checkpoint_reused_bytes_total", labels)
+        .increment(total.saturating_sub(report.copied_bytes));
+    #[allow(clippy::cast_precision_loss)]
+    metrics::gauge!("processor_last_checkpoint_timestamp_seconds", labels)
+        .set(unix_ms(recorded_at) as f64 / 1000.0);
 }
 
 /// Uploads a checkpoint and confirms every file it names is in the store; a file missing at the

@@ -80,6 +80,14 @@ impl PartitionStore for InMemoryPartitionStore {
         self.partition
     }
 
+    fn approximate_size_bytes(&self) -> u64 {
+        self.contents()
+            .entries
+            .iter()
+            .map(|(key, value)| (key.len() + value.len()) as u64)
+            .sum()
+    }
+
     fn get(&self, key: &[u8]) -> ProcessorResult<Option<Vec<u8>>> {
         Ok(self.contents().entries.get(key).cloned())
     }

@@ -145,6 +145,12 @@ pub trait PartitionStore: Send + Sync {
     /// # Errors
     /// A store or I/O error.
     fn snapshot_to(&self, dir: &Path) -> ProcessorResult<()>;
+
+    /// Approximately how many bytes the state takes (files and memory), for status and metrics; 0 when
+    /// the store cannot tell. Cheap: no scan.
+    fn approximate_size_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Opens partition stores of one kind: the fleet gets its stores through this, never naming their type,

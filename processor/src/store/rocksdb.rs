@@ -150,6 +150,16 @@ impl PartitionStore for RocksDbPartitionStore {
         self.partition
     }
 
+    fn approximate_size_bytes(&self) -> u64 {
+        [
+            rocksdb::properties::TOTAL_SST_FILES_SIZE,
+            rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES,
+        ]
+        .into_iter()
+        .filter_map(|property| self.db.property_int_value(property).ok().flatten())
+        .sum()
+    }
+
     fn get(&self, key: &[u8]) -> ProcessorResult<Option<Vec<u8>>> {
         self.db
             .get(key)

@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::guard::PendingAcquire;
 use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl, wait_deadline};
 use crate::retry::{Budget, acquired, retry_loop};
+use crate::telemetry::{self, Operation};
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
 const BACKEND: &str = "etcd";
@@ -513,8 +514,13 @@ impl EtcdDistributedLock {
         };
         validate_resource(resource)?;
         validate_ttl(ttl)?;
-        let retried = retry_loop(&self.retry, budget, |_| async move {
-            match self.attempt(resource, ttl).await? {
+        let retried = retry_loop(&self.retry, budget, |attempt| async move {
+            if attempt > 1 {
+                telemetry::acquire_retried(BACKEND);
+            }
+            let attempted =
+                telemetry::observe(BACKEND, Operation::Acquire, self.attempt(resource, ttl));
+            match attempted.await? {
                 Attempt::Acquired(guard) => Ok(Some(guard)),
                 Attempt::Held { revision } => {
                     self.wait_for_release(resource, revision, until).await?;
@@ -625,13 +631,20 @@ impl DistributedLock for EtcdDistributedLock {
         &self.retry
     }
 
+    fn backend_name(&self) -> &'static str {
+        BACKEND
+    }
+
     async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
-        validate_resource(resource)?;
-        validate_ttl(ttl)?;
-        Ok(match self.attempt(resource, ttl).await? {
-            Attempt::Acquired(guard) => Some(guard),
-            Attempt::Held { .. } => None,
+        telemetry::observe(BACKEND, Operation::Acquire, async move {
+            validate_resource(resource)?;
+            validate_ttl(ttl)?;
+            Ok(match self.attempt(resource, ttl).await? {
+                Attempt::Acquired(guard) => Some(guard),
+                Attempt::Held { .. } => None,
+            })
         })
+        .await
     }
 
     #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
@@ -641,35 +654,38 @@ impl DistributedLock for EtcdDistributedLock {
         token: &LockToken,
         _internal: Internal,
     ) -> StateResult<()> {
-        validate_resource(resource)?;
-        let key = self.lock_key(resource);
-        let txn = Txn::new()
-            .when([Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                token.value.as_str(),
-            )])
-            .and_then([TxnOp::get(key.clone(), None), TxnOp::delete(key, None)]);
-        let response = self
-            .call("release", resource, |mut client| {
-                let txn = txn.clone();
-                async move { client.txn(txn).await }
-            })
-            .await?;
-        if !response.succeeded() {
-            return Err(StateError::LockLost {
-                resource: resource.to_owned(),
+        telemetry::observe(BACKEND, Operation::Release, async move {
+            validate_resource(resource)?;
+            let key = self.lock_key(resource);
+            let txn = Txn::new()
+                .when([Compare::value(
+                    key.clone(),
+                    CompareOp::Equal,
+                    token.value.as_str(),
+                )])
+                .and_then([TxnOp::get(key.clone(), None), TxnOp::delete(key, None)]);
+            let response = self
+                .call("release", resource, |mut client| {
+                    let txn = txn.clone();
+                    async move { client.txn(txn).await }
+                })
+                .await?;
+            if !response.succeeded() {
+                return Err(StateError::LockLost {
+                    resource: resource.to_owned(),
+                });
+            }
+            // The key is gone; its lease can go too (best effort).
+            let lease = response.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.lease()),
+                _ => None,
             });
-        }
-        // The key is gone; its lease can go too (best effort).
-        let lease = response.op_responses().into_iter().find_map(|op| match op {
-            etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.lease()),
-            _ => None,
-        });
-        if let Some(lease) = lease.filter(|lease| *lease != 0) {
-            self.revoke(resource, lease).await;
-        }
-        Ok(())
+            if let Some(lease) = lease.filter(|lease| *lease != 0) {
+                self.revoke(resource, lease).await;
+            }
+            Ok(())
+        })
+        .await
     }
 
     fn service_id(&self, _internal: Internal) -> usize {
@@ -694,25 +710,28 @@ impl DistributedLock for EtcdDistributedLock {
 
     #[tracing::instrument(level = "debug", skip(self, guard), fields(backend = BACKEND, resource = guard.resource()))]
     async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
-        guard.ensure_issued_by(self.service_id(Internal::new()))?;
-        validate_ttl(ttl)?;
-        let resource = guard.resource().to_owned();
-        let sent_at = Instant::now();
-        let lease = self.grant(&resource, ttl).await?;
-        let owner = guard.token().value.clone();
-        let reattached = match self.reattach(&resource, &owner, lease).await {
-            Ok(reattached) => reattached,
-            Err(err) => {
+        telemetry::observe(BACKEND, Operation::Extend, async move {
+            guard.ensure_issued_by(self.service_id(Internal::new()))?;
+            validate_ttl(ttl)?;
+            let resource = guard.resource().to_owned();
+            let sent_at = Instant::now();
+            let lease = self.grant(&resource, ttl).await?;
+            let owner = guard.token().value.clone();
+            let reattached = match self.reattach(&resource, &owner, lease).await {
+                Ok(reattached) => reattached,
+                Err(err) => {
+                    self.revoke(&resource, lease).await;
+                    return Err(err);
+                }
+            };
+            if !reattached {
                 self.revoke(&resource, lease).await;
-                return Err(err);
+                return Err(StateError::LockLost { resource });
             }
-        };
-        if !reattached {
-            self.revoke(&resource, lease).await;
-            return Err(StateError::LockLost { resource });
-        }
-        guard.record_extension(SystemTime::now() + ttl, safe_deadline(sent_at, ttl));
-        Ok(())
+            guard.record_extension(SystemTime::now() + ttl, safe_deadline(sent_at, ttl));
+            Ok(())
+        })
+        .await
     }
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
@@ -816,5 +835,15 @@ mod tests {
         assert_eq!(lease_seconds(Duration::from_millis(300)), 1);
         assert_eq!(lease_seconds(Duration::from_secs(10)), 10);
         assert_eq!(lease_seconds(Duration::from_millis(10_001)), 11);
+    }
+}
+
+impl telemetry::Outcome for StateResult<Attempt> {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Ok(Attempt::Acquired(_)) => "acquired",
+            Ok(Attempt::Held { .. }) => "contended",
+            Err(_) => "error",
+        }
     }
 }

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl};
 use crate::retry::{Budget, acquire_with_budget};
+use crate::telemetry::{self, Operation};
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
 /// How many acquisitions pass between sweeps of expired entries.
@@ -153,12 +154,16 @@ impl DistributedLock for InMemoryDistributedLock {
     }
 
     async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
-        validate_resource(resource)?;
-        validate_ttl(ttl)?;
-        let granted = self.grant(resource, ttl);
-        tracing::trace!(resource, granted = granted.is_some(), "memory try_acquire");
-        Ok(granted
-            .map(|(token, valid_until)| LockGuard::new(Arc::new(self.clone()), token, valid_until)))
+        telemetry::observe("memory", Operation::Acquire, async move {
+            validate_resource(resource)?;
+            validate_ttl(ttl)?;
+            let granted = self.grant(resource, ttl);
+            tracing::trace!(resource, granted = granted.is_some(), "memory try_acquire");
+            Ok(granted.map(|(token, valid_until)| {
+                LockGuard::new(Arc::new(self.clone()), token, valid_until)
+            }))
+        })
+        .await
     }
 
     async fn release_internal(
@@ -167,25 +172,28 @@ impl DistributedLock for InMemoryDistributedLock {
         token: &LockToken,
         _internal: Internal,
     ) -> StateResult<()> {
-        validate_resource(resource)?;
-        let now = Instant::now();
-        let released = {
-            let mut table = self.table();
-            let owned = table
-                .live_holder(resource, now)
-                .is_some_and(|holder| holder.token.value == token.value);
-            if owned {
-                table.holders.remove(resource);
+        telemetry::observe("memory", Operation::Release, async move {
+            validate_resource(resource)?;
+            let now = Instant::now();
+            let released = {
+                let mut table = self.table();
+                let owned = table
+                    .live_holder(resource, now)
+                    .is_some_and(|holder| holder.token.value == token.value);
+                if owned {
+                    table.holders.remove(resource);
+                }
+                owned
+            };
+            if !released {
+                return Err(StateError::LockLost {
+                    resource: resource.to_owned(),
+                });
             }
-            owned
-        };
-        if !released {
-            return Err(StateError::LockLost {
-                resource: resource.to_owned(),
-            });
-        }
-        self.inner.released.notify_waiters();
-        Ok(())
+            self.inner.released.notify_waiters();
+            Ok(())
+        })
+        .await
     }
 
     async fn is_locked(&self, resource: &str) -> StateResult<bool> {
@@ -197,28 +205,35 @@ impl DistributedLock for InMemoryDistributedLock {
         &self.retry
     }
 
+    fn backend_name(&self) -> &'static str {
+        "memory"
+    }
+
     fn service_id(&self, _internal: Internal) -> usize {
         Arc::as_ptr(&self.inner) as usize
     }
 
     async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
-        guard.ensure_issued_by(self.service_id(Internal::new()))?;
-        validate_ttl(ttl)?;
-        let sent_at = Instant::now();
-        let expires_at = SystemTime::now() + ttl;
-        {
-            let mut table = self.table();
-            let holder = table
-                .live_holder(guard.resource(), sent_at)
-                .filter(|holder| holder.token.value == guard.token().value)
-                .ok_or_else(|| StateError::LockLost {
-                    resource: guard.resource().to_owned(),
-                })?;
-            holder.deadline = sent_at + ttl;
-            holder.token.expires_at = expires_at;
-        }
-        guard.record_extension(expires_at, safe_deadline(sent_at, ttl));
-        Ok(())
+        telemetry::observe("memory", Operation::Extend, async move {
+            guard.ensure_issued_by(self.service_id(Internal::new()))?;
+            validate_ttl(ttl)?;
+            let sent_at = Instant::now();
+            let expires_at = SystemTime::now() + ttl;
+            {
+                let mut table = self.table();
+                let holder = table
+                    .live_holder(guard.resource(), sent_at)
+                    .filter(|holder| holder.token.value == guard.token().value)
+                    .ok_or_else(|| StateError::LockLost {
+                        resource: guard.resource().to_owned(),
+                    })?;
+                holder.deadline = sent_at + ttl;
+                holder.token.expires_at = expires_at;
+            }
+            guard.record_extension(expires_at, safe_deadline(sent_at, ttl));
+            Ok(())
+        })
+        .await
     }
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {

@@ -37,6 +37,7 @@ use crate::guard::PendingAcquire;
 use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl};
 use crate::redact::redact_url;
 use crate::retry::acquire_with_retry;
+use crate::telemetry::{self, Operation};
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
 const BACKEND: &str = "redis";
@@ -480,6 +481,7 @@ impl DistributedLock for RedisDistributedLock {
     }
 
     async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
+        telemetry::observe(BACKEND, Operation::Acquire, async move {
         validate_resource(resource)?;
         validate_ttl(ttl)?;
         let owner = LockToken::new_owner_value();
@@ -507,6 +509,8 @@ impl DistributedLock for RedisDistributedLock {
             let token = LockToken::new(resource, owner, fence, acquired_at, acquired_at + ttl);
             LockGuard::new(service, token, safe_deadline(sent_at, ttl))
         }))
+        })
+        .await
     }
 
     #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
@@ -516,21 +520,24 @@ impl DistributedLock for RedisDistributedLock {
         token: &LockToken,
         _internal: Internal,
     ) -> StateResult<()> {
-        validate_resource(resource)?;
-        let released: i64 = self
-            .run(
-                "release",
-                resource,
-                RELEASE.key(self.lock_key(resource)).arg(&token.value),
-            )
-            .await?;
-        if released == 1 {
-            Ok(())
-        } else {
-            Err(StateError::LockLost {
-                resource: resource.to_owned(),
-            })
-        }
+        telemetry::observe(BACKEND, Operation::Release, async move {
+            validate_resource(resource)?;
+            let released: i64 = self
+                .run(
+                    "release",
+                    resource,
+                    RELEASE.key(self.lock_key(resource)).arg(&token.value),
+                )
+                .await?;
+            if released == 1 {
+                Ok(())
+            } else {
+                Err(StateError::LockLost {
+                    resource: resource.to_owned(),
+                })
+            }
+        })
+        .await
     }
 
     async fn is_locked(&self, resource: &str) -> StateResult<bool> {
@@ -554,32 +561,39 @@ impl DistributedLock for RedisDistributedLock {
         &self.retry
     }
 
+    fn backend_name(&self) -> &'static str {
+        BACKEND
+    }
+
     fn service_id(&self, _internal: Internal) -> usize {
         Arc::as_ptr(&self.address).cast::<u8>() as usize
     }
 
     #[tracing::instrument(level = "debug", skip(self, guard), fields(backend = BACKEND, resource = guard.resource()))]
     async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
-        guard.ensure_issued_by(self.service_id(Internal::new()))?;
-        validate_ttl(ttl)?;
-        let resource = guard.resource().to_owned();
-        let sent_at = Instant::now();
-        let now_ms = wall_clock_ms();
-        let extended: i64 = self
-            .run(
-                "extend",
-                &resource,
-                EXTEND
-                    .key(self.lock_key(&resource))
-                    .arg(&guard.token().value)
-                    .arg(ttl_millis(ttl)),
-            )
-            .await?;
-        if extended != 1 {
-            return Err(StateError::LockLost { resource });
-        }
-        guard.record_extension(server_time(now_ms) + ttl, safe_deadline(sent_at, ttl));
-        Ok(())
+        telemetry::observe(BACKEND, Operation::Extend, async move {
+            guard.ensure_issued_by(self.service_id(Internal::new()))?;
+            validate_ttl(ttl)?;
+            let resource = guard.resource().to_owned();
+            let sent_at = Instant::now();
+            let now_ms = wall_clock_ms();
+            let extended: i64 = self
+                .run(
+                    "extend",
+                    &resource,
+                    EXTEND
+                        .key(self.lock_key(&resource))
+                        .arg(&guard.token().value)
+                        .arg(ttl_millis(ttl)),
+                )
+                .await?;
+            if extended != 1 {
+                return Err(StateError::LockLost { resource });
+            }
+            guard.record_extension(server_time(now_ms) + ttl, safe_deadline(sent_at, ttl));
+            Ok(())
+        })
+        .await
     }
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {

@@ -48,6 +48,7 @@ use super::redis::{
 use crate::guard::PendingAcquire;
 use crate::lock::{Internal, validate_resource, validate_ttl};
 use crate::retry::acquire_with_retry;
+use crate::telemetry::{self, Operation};
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
 const BACKEND: &str = "redlock";
@@ -535,10 +536,13 @@ impl DistributedLock for RedlockDistributedLock {
     }
 
     async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
-        validate_resource(resource)?;
-        validate_ttl(ttl)?;
-        let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
-        self.attempt(&service, resource, ttl).await
+        telemetry::observe(BACKEND, Operation::Acquire, async move {
+            validate_resource(resource)?;
+            validate_ttl(ttl)?;
+            let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
+            self.attempt(&service, resource, ttl).await
+        })
+        .await
     }
 
     #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
@@ -548,19 +552,22 @@ impl DistributedLock for RedlockDistributedLock {
         token: &LockToken,
         _internal: Internal,
     ) -> StateResult<()> {
-        validate_resource(resource)?;
-        let tally = self
-            .release_everywhere(resource, &token.value, self.node_timeout)
-            .await;
-        if tally.granted.len() >= self.quorum() {
-            Ok(())
-        } else if tally.granted.len() + tally.failed.len() >= self.quorum() {
-            Err(tally.failure(resource, "release", self.nodes.len()))
-        } else {
-            Err(StateError::LockLost {
-                resource: resource.to_owned(),
-            })
-        }
+        telemetry::observe(BACKEND, Operation::Release, async move {
+            validate_resource(resource)?;
+            let tally = self
+                .release_everywhere(resource, &token.value, self.node_timeout)
+                .await;
+            if tally.granted.len() >= self.quorum() {
+                Ok(())
+            } else if tally.granted.len() + tally.failed.len() >= self.quorum() {
+                Err(tally.failure(resource, "release", self.nodes.len()))
+            } else {
+                Err(StateError::LockLost {
+                    resource: resource.to_owned(),
+                })
+            }
+        })
+        .await
     }
 
     async fn is_locked(&self, resource: &str) -> StateResult<bool> {
@@ -571,49 +578,56 @@ impl DistributedLock for RedlockDistributedLock {
         &self.retry
     }
 
+    fn backend_name(&self) -> &'static str {
+        BACKEND
+    }
+
     fn service_id(&self, _internal: Internal) -> usize {
         Arc::as_ptr(&self.nodes).cast::<u8>() as usize
     }
 
     #[tracing::instrument(level = "debug", skip(self, guard), fields(backend = BACKEND, resource = guard.resource()))]
     async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
-        guard.ensure_issued_by(self.service_id(Internal::new()))?;
-        validate_ttl(ttl)?;
-        let resource = guard.resource().to_owned();
-        let owner = guard.token().value.clone();
-        let lease = lock_key(&self.prefix, &resource);
-        let timeout = self.timeout_for(ttl);
-        let ttl_ms = ttl_millis(ttl);
-        let now_ms = wall_clock_ms();
-        let sent_at = Instant::now();
-        let tally = self
-            .ask_nodes("extend", &resource, timeout, true, |mut conn, timeout| {
-                let (lease, owner, resource) = (lease.clone(), owner.clone(), resource.clone());
-                async move {
-                    let mut invocation = EXTEND.prepare_invoke();
-                    invocation.key(lease).arg(owner).arg(ttl_ms);
-                    let extended: i64 = invoke(
-                        &mut conn,
-                        timeout,
-                        BACKEND,
-                        "extend",
-                        &resource,
-                        &invocation,
-                    )
-                    .await?;
-                    Ok((extended == 1).then_some(()))
-                }
-            })
-            .await;
-        let valid_until = self.valid_until(sent_at, ttl);
-        if tally.granted.len() >= self.quorum() && Instant::now() < valid_until {
-            guard.record_extension(server_time(now_ms) + ttl, valid_until);
-            Ok(())
-        } else if tally.refused > self.nodes.len() - self.quorum() {
-            Err(StateError::LockLost { resource })
-        } else {
-            Err(tally.failure(&resource, "extend", self.nodes.len()))
-        }
+        telemetry::observe(BACKEND, Operation::Extend, async move {
+            guard.ensure_issued_by(self.service_id(Internal::new()))?;
+            validate_ttl(ttl)?;
+            let resource = guard.resource().to_owned();
+            let owner = guard.token().value.clone();
+            let lease = lock_key(&self.prefix, &resource);
+            let timeout = self.timeout_for(ttl);
+            let ttl_ms = ttl_millis(ttl);
+            let now_ms = wall_clock_ms();
+            let sent_at = Instant::now();
+            let tally = self
+                .ask_nodes("extend", &resource, timeout, true, |mut conn, timeout| {
+                    let (lease, owner, resource) = (lease.clone(), owner.clone(), resource.clone());
+                    async move {
+                        let mut invocation = EXTEND.prepare_invoke();
+                        invocation.key(lease).arg(owner).arg(ttl_ms);
+                        let extended: i64 = invoke(
+                            &mut conn,
+                            timeout,
+                            BACKEND,
+                            "extend",
+                            &resource,
+                            &invocation,
+                        )
+                        .await?;
+                        Ok((extended == 1).then_some(()))
+                    }
+                })
+                .await;
+            let valid_until = self.valid_until(sent_at, ttl);
+            if tally.granted.len() >= self.quorum() && Instant::now() < valid_until {
+                guard.record_extension(server_time(now_ms) + ttl, valid_until);
+                Ok(())
+            } else if tally.refused > self.nodes.len() - self.quorum() {
+                Err(StateError::LockLost { resource })
+            } else {
+                Err(tally.failure(&resource, "extend", self.nodes.len()))
+            }
+        })
+        .await
     }
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {

@@ -232,6 +232,7 @@ impl KeptLock {
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
         let deadline = guard.valid_until();
+        let backend = guard.lock_service().backend_name();
         let context = LockContext {
             resource: Arc::from(guard.resource()),
             fencing_token: guard.fencing_token(),
@@ -250,6 +251,7 @@ impl KeptLock {
                 renewals: Arc::clone(&renewals),
                 resource: Arc::clone(&context.resource),
                 valid_until: Arc::clone(&context.valid_until),
+                backend,
             },
             deadline,
         ));
@@ -344,6 +346,8 @@ struct Renewal {
     renewals: Arc<AtomicU32>,
     resource: Arc<str>,
     valid_until: Arc<watch::Sender<Instant>>,
+    /// The backend's metrics label.
+    backend: &'static str,
 }
 
 impl Renewal {
@@ -359,6 +363,7 @@ impl Renewal {
     fn declare_lost(&self, why: &str) {
         if !self.lost.is_cancelled() {
             tracing::warn!(resource = %self.resource, why, "kept lock lost");
+            crate::telemetry::lock_lost(self.backend);
             self.lost.cancel();
         }
     }

@@ -134,12 +134,14 @@ impl LeaderElection {
         let watcher = AbortOnDropHandle::new(tokio::spawn(async move {
             lost.cancelled().await;
             tracing::warn!(resource, candidate, fencing_token, "leadership lost");
+            crate::telemetry::leadership_changed(&resource, None);
             state.send_replace(Leadership::Follower);
         }));
         if let Some(old) = self.term().replace(Term { watcher, kept }) {
             old.watcher.abort();
         }
         tracing::info!(resource = %self.resource, candidate = %self.candidate, fencing_token, "became leader");
+        crate::telemetry::leadership_changed(&self.resource, Some(fencing_token));
         self.state
             .send_replace(Leadership::Leader { fencing_token });
         Ok(true)

@@ -378,7 +378,7 @@ impl TaskQueue {
     }
 
     /// Enqueues a one-shot task, due now, under the idempotency key `key` (the same key twice is one
-    /// task: the first payload wins), or under a fresh unique id when `key` is `None`. Returns the id
+    /// task: the first payload wins), or under a fresh time-ordered UUID (v7) when `key` is `None`. Returns the id
     /// and whether this call created it.
     ///
     /// # Errors
@@ -386,7 +386,7 @@ impl TaskQueue {
     pub async fn enqueue(&self, payload: &[u8], key: Option<&str>) -> StateResult<(String, bool)> {
         let id = match key {
             Some(key) => key.to_owned(),
-            None => format!("t-{:032x}", rand::random::<u128>()),
+            None => uuid::Uuid::now_v7().to_string(),
         };
         let created = self.submit(&id, payload).await?;
         Ok((id, created))
@@ -406,7 +406,11 @@ impl TaskQueue {
     /// # Errors
     /// A backend error.
     pub async fn requeue(&self, id: &str) -> StateResult<bool> {
-        self.store.requeue(id, now_ms()).await
+        let requeued = self.store.requeue(id, now_ms()).await?;
+        if requeued {
+            crate::telemetry::task_event("requeued");
+        }
+        Ok(requeued)
     }
 
     /// Submits a one-shot task, due now; `Ok(false)` if the id exists (submitting is idempotent).
@@ -482,6 +486,7 @@ impl TaskQueue {
                 let _ = kept.release().await;
                 continue;
             }
+            crate::telemetry::task_event("claimed");
             return self.run_claimed(kept, task, handler).await.map(Some);
         }
         Ok(None)
@@ -509,10 +514,16 @@ impl TaskQueue {
         })
         .await;
         let outcome = match outcome {
-            Ok(Ok(true)) => TaskOutcome::Completed,
+            Ok(Ok(true)) => {
+                crate::telemetry::task_event("completed");
+                TaskOutcome::Completed
+            }
             Ok(Ok(false)) => TaskOutcome::AlreadyCompleted,
             Ok(Err(err)) => self.record_failure(&claimed, &err.to_string()).await?,
-            Err(StateError::LockLost { .. }) => TaskOutcome::Lost,
+            Err(StateError::LockLost { .. }) => {
+                crate::telemetry::task_event("claim_lost");
+                TaskOutcome::Lost
+            }
             Err(err) => return Err(err),
         };
         Ok(TaskRun {
@@ -531,6 +542,7 @@ impl TaskQueue {
             .await?;
         Ok(match then {
             AfterFailure::DeadLetter => {
+                crate::telemetry::task_event("dead_lettered");
                 tracing::warn!(id = %task.id, attempt, error, "task dead-lettered after its last attempt");
                 TaskOutcome::DeadLettered(error.to_owned())
             }
@@ -539,6 +551,7 @@ impl TaskQueue {
                 TaskOutcome::Failed(error.to_owned())
             }
             AfterFailure::RetryAt(at) => {
+                crate::telemetry::task_event("retried");
                 tracing::debug!(id = %task.id, attempt, error, retry_at_ms = at, "task failed; retrying later");
                 TaskOutcome::Failed(error.to_owned())
             }

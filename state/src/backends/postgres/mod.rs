@@ -54,6 +54,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl};
 use crate::retry::acquire_with_retry;
+use crate::telemetry::{self, Operation};
 use crate::{DistributedLock, LockGuard, LockToken, RetryConfig, StateError, StateResult};
 
 use advisory::{AdvisoryHold, advisory_key, key_halves};
@@ -281,13 +282,18 @@ impl DistributedLock for PostgresDistributedLock {
     }
 
     async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
-        validate_resource(resource)?;
-        validate_ttl(ttl)?;
-        let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
-        match self.inner.mode {
-            PostgresLockMode::Lease => self.try_acquire_lease(service, resource, ttl).await,
-            PostgresLockMode::Advisory => self.try_acquire_advisory(service, resource, ttl).await,
-        }
+        telemetry::observe(BACKEND, Operation::Acquire, async move {
+            validate_resource(resource)?;
+            validate_ttl(ttl)?;
+            let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
+            match self.inner.mode {
+                PostgresLockMode::Lease => self.try_acquire_lease(service, resource, ttl).await,
+                PostgresLockMode::Advisory => {
+                    self.try_acquire_advisory(service, resource, ttl).await
+                }
+            }
+        })
+        .await
     }
 
     #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
@@ -297,28 +303,31 @@ impl DistributedLock for PostgresDistributedLock {
         token: &LockToken,
         _internal: Internal,
     ) -> StateResult<()> {
-        validate_resource(resource)?;
-        let lost = || StateError::LockLost {
-            resource: resource.to_owned(),
-        };
-        if self.inner.mode == PostgresLockMode::Advisory {
-            return self.release_advisory(resource, &token.value).await;
-        }
-        let done = self
-            .within(
-                "release",
-                resource,
-                sqlx::query(sql(&self.inner.statements.release))
-                    .bind(resource)
-                    .bind(&token.value)
-                    .execute(&self.inner.pool),
-            )
-            .await?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(lost())
-        }
+        telemetry::observe(BACKEND, Operation::Release, async move {
+            validate_resource(resource)?;
+            let lost = || StateError::LockLost {
+                resource: resource.to_owned(),
+            };
+            if self.inner.mode == PostgresLockMode::Advisory {
+                return self.release_advisory(resource, &token.value).await;
+            }
+            let done = self
+                .within(
+                    "release",
+                    resource,
+                    sqlx::query(sql(&self.inner.statements.release))
+                        .bind(resource)
+                        .bind(&token.value)
+                        .execute(&self.inner.pool),
+                )
+                .await?;
+            if done.rows_affected() == 1 {
+                Ok(())
+            } else {
+                Err(lost())
+            }
+        })
+        .await
     }
 
     async fn is_locked(&self, resource: &str) -> StateResult<bool> {
@@ -329,54 +338,61 @@ impl DistributedLock for PostgresDistributedLock {
         &self.retry
     }
 
+    fn backend_name(&self) -> &'static str {
+        BACKEND
+    }
+
     fn service_id(&self, _internal: Internal) -> usize {
         Arc::as_ptr(&self.inner) as usize
     }
 
     #[tracing::instrument(level = "debug", skip(self, guard), fields(backend = BACKEND, resource = guard.resource()))]
     async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
-        guard.ensure_issued_by(self.service_id(Internal::new()))?;
-        validate_ttl(ttl)?;
-        let resource = guard.resource().to_owned();
-        let owner = guard.token().value.clone();
-        let lost = || StateError::LockLost {
-            resource: resource.clone(),
-        };
-        let sent_at = Instant::now();
-        let query = sqlx::query(sql(&self.inner.statements.extend))
-            .bind(&resource)
-            .bind(&owner)
-            .bind(ttl_millis(ttl));
-        let row = if self.inner.mode == PostgresLockMode::Advisory {
-            // Under the hold's mutex: never on a lock being released or expired.
-            let timeout = self.inner.operation_timeout;
-            let resource_name = resource.clone();
-            self.extend_advisory(&owner, sent_at, ttl, move |conn| {
-                Box::pin(async move {
-                    // A dead session has lost its advisory lock: a lost lock, not a backend hiccup.
-                    super::bounded(
-                        timeout,
-                        BACKEND,
-                        "extend",
-                        &resource_name,
-                        query.fetch_optional(conn),
-                    )
-                    .await
-                    .map_err(|_| StateError::LockLost {
-                        resource: resource_name.clone(),
+        telemetry::observe(BACKEND, Operation::Extend, async move {
+            guard.ensure_issued_by(self.service_id(Internal::new()))?;
+            validate_ttl(ttl)?;
+            let resource = guard.resource().to_owned();
+            let owner = guard.token().value.clone();
+            let lost = || StateError::LockLost {
+                resource: resource.clone(),
+            };
+            let sent_at = Instant::now();
+            let query = sqlx::query(sql(&self.inner.statements.extend))
+                .bind(&resource)
+                .bind(&owner)
+                .bind(ttl_millis(ttl));
+            let row = if self.inner.mode == PostgresLockMode::Advisory {
+                // Under the hold's mutex: never on a lock being released or expired.
+                let timeout = self.inner.operation_timeout;
+                let resource_name = resource.clone();
+                self.extend_advisory(&owner, sent_at, ttl, move |conn| {
+                    Box::pin(async move {
+                        // A dead session has lost its advisory lock: a lost lock, not a backend hiccup.
+                        super::bounded(
+                            timeout,
+                            BACKEND,
+                            "extend",
+                            &resource_name,
+                            query.fetch_optional(conn),
+                        )
+                        .await
+                        .map_err(|_| StateError::LockLost {
+                            resource: resource_name.clone(),
+                        })
                     })
                 })
-            })
-            .await?
-        } else {
-            self.within("extend", &resource, query.fetch_optional(&self.inner.pool))
                 .await?
-        };
-        let row = row.ok_or_else(lost)?;
-        let token = lease_token(&resource, owner, &row)
-            .map_err(|err| StateError::backend(BACKEND, "extend", resource.clone(), err))?;
-        guard.record_extension(token.expires_at, safe_deadline(sent_at, ttl));
-        Ok(())
+            } else {
+                self.within("extend", &resource, query.fetch_optional(&self.inner.pool))
+                    .await?
+            };
+            let row = row.ok_or_else(lost)?;
+            let token = lease_token(&resource, owner, &row)
+                .map_err(|err| StateError::backend(BACKEND, "extend", resource.clone(), err))?;
+            guard.record_extension(token.expires_at, safe_deadline(sent_at, ttl));
+            Ok(())
+        })
+        .await
     }
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
