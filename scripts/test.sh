@@ -19,6 +19,7 @@ have_postgres() {
 install_test_services() {
   # libfaketime: the clock-skew tests run a client process whose wall clock is hours off.
   # Java and Maven: the real Apache Kafka brokers (jars from Maven Central, see fetch_kafka_jars).
+  # Chromium: the dashboard test opens the demo's dashboard in a headless browser.
   install_packages \
     "redis-server:command -v redis-server" \
     "postgresql:have_postgres" \
@@ -28,7 +29,8 @@ install_test_services() {
     "python3-venv:python3 -c 'import ensurepip'" \
     "etcd-server:command -v etcd" \
     "openssl:command -v openssl" \
-    "protobuf-compiler:command -v protoc"
+    "protobuf-compiler:command -v protoc" \
+    "chromium:command -v chromium"
   # The packages start system-wide services; the tests start their own servers on free ports.
   command -v redis-server >/dev/null
   have_postgres

@@ -339,3 +339,60 @@ pub fn assert_state_is_exact(checkpoint_dir: &Path, workload: &Workload) {
         );
     }
 }
+
+/// `GET http://{addr}{path}` (HTTP/1.1, one request per connection): the status code and the body.
+/// Small on purpose: the tests need no HTTP client crate.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `processor run` as instance `id` with `--http 127.0.0.1:{port}` and `extra` flags (see
+/// [`run_instance_with`]).
+pub fn run_instance_with_http(
+    id: &str,
+    brokers: &str,
+    lock_url: &str,
+    root: &Path,
+    port: u16,
+    extra: &[&str],
+) -> Proc {
+    let http = format!("127.0.0.1:{port}");
+    let mut flags = vec!["--http", http.as_str()];
+    flags.extend_from_slice(extra);
+    run_instance_with(id, brokers, lock_url, root, &flags)
+}
