@@ -34,8 +34,8 @@ use clap::{Parser, Subcommand};
 use processor::checkpoint::DirectoryCheckpointStore;
 use processor::dev::demo::{DemoConfig, run_demo};
 use processor::dev::{DevBroker, Workload};
-use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
 use processor::http::{LocalInstances, MetricsRender};
+use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
 use processor::resources::checkpoint_root;
 use processor::store::rocksdb::RocksDbStores;
 use processor::{
@@ -239,7 +239,12 @@ struct RunArgs {
     /// A librdkafka client property (`KEY=VALUE`: `security.protocol=SASL_SSL`, `sasl.password=…`, any
     /// tuning) for every consumer and producer of the instance; repeatable. Secret values are never
     /// logged.
-    #[arg(long = "kafka-config", value_name = "KEY=VALUE", env = "KAFKA_CONFIG", value_delimiter = ';')]
+    #[arg(
+        long = "kafka-config",
+        value_name = "KEY=VALUE",
+        env = "KAFKA_CONFIG",
+        value_delimiter = ';'
+    )]
     kafka_config: Vec<String>,
     /// A file of librdkafka client properties, one `KEY=VALUE` per line (`#` comments); `--kafka-config`
     /// flags override it.

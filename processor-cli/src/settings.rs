@@ -120,11 +120,12 @@ fn apply(
             .find(|arg| arg.get_long() == Some(key.as_str()))
             .map(|arg| arg.get_id().clone())
         else {
-            let known: Vec<&str> = command
+            let mut known: Vec<&str> = command
                 .get_arguments()
                 .filter_map(clap::Arg::get_long)
                 .filter(|long| *long != "config" && *long != "help")
                 .collect();
+            known.sort_unstable();
             bail!(
                 "config file {}: unknown setting `{key}` (settings are the flag names: {})",
                 file.display(),
@@ -142,9 +143,7 @@ fn apply(
             .iter()
             .map(|value| &*Box::leak(value.clone().into_boxed_str()))
             .collect();
-        command = command.mut_arg(id, |arg| {
-            arg.required(false).default_values(leaked)
-        });
+        command = command.mut_arg(id, |arg| arg.required(false).default_values(leaked));
     }
     Ok(command)
 }

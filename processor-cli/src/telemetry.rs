@@ -11,8 +11,8 @@ use processor::http::MetricsRender;
 
 /// Histogram buckets for durations, in seconds: from a loopback round trip to a slow checkpoint.
 const SECONDS_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0, 30.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
 ];
 
 /// A gauge not updated for this long disappears from the scrape (a partition handed to another

@@ -168,9 +168,17 @@ fn the_dashboard_shows_the_leader_every_owner_and_the_hand_off_after_a_kill() {
         .unwrap();
     assert!(status.success());
     let size = std::fs::metadata(&screenshot).map(|m| m.len()).unwrap_or(0);
-    assert!(size > 10_000, "screenshot {} is {size} bytes", screenshot.display());
+    assert!(
+        size > 10_000,
+        "screenshot {} is {size} bytes",
+        screenshot.display()
+    );
     eprintln!("dashboard screenshot: {}", screenshot.display());
 
     let exit = demo.wait_exit(Duration::from_secs(180));
-    assert!(exit.success(), "the demo's verdict: see {}", events.display());
+    assert!(
+        exit.success(),
+        "the demo's verdict: see {}",
+        events.display()
+    );
 }

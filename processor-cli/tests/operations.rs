@@ -14,11 +14,7 @@ use processor::dev::Workload;
 use support::*;
 
 /// Polls `probe` every 200 ms until it returns `Some`, or panics with `what` and the last value seen.
-fn eventually<T>(
-    what: &str,
-    within: Duration,
-    mut probe: impl FnMut() -> Result<T, String>,
-) -> T {
+fn eventually<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + within;
     loop {
         match probe() {
@@ -73,33 +69,40 @@ fn metrics_count_every_record_and_show_lag_and_checkpoint_age() {
     let _p1 = run_instance_with_http("p1", &brokers, &redis.url(), &root, port, &[]);
 
     // Every produced record is counted once, per partition, and the lag of every partition is 0.
-    let text = eventually("all records counted and lag 0", Duration::from_secs(60), || {
-        let (code, text) = get(&addr, "/metrics")?;
-        let processed: f64 = samples(&text, "processor_records_processed_total")
-            .values()
-            .sum();
-        let lags = samples(&text, "processor_consumer_lag_records");
-        let ages = samples(&text, "processor_checkpoint_age_seconds");
-        let caught_up = lags.len() == PARTITIONS as usize && lags.values().all(|lag| *lag == 0.0);
-        if code == 200
-            && processed == workload.records as f64
-            && caught_up
-            && ages.len() == PARTITIONS as usize
-        {
-            Ok(text)
-        } else {
-            Err(format!(
-                "code {code}, processed {processed}, lags {lags:?}, ages {ages:?}"
-            ))
-        }
-    });
+    let text = eventually(
+        "all records counted and lag 0",
+        Duration::from_secs(60),
+        || {
+            let (code, text) = get(&addr, "/metrics")?;
+            let processed: f64 = samples(&text, "processor_records_processed_total")
+                .values()
+                .sum();
+            let lags = samples(&text, "processor_consumer_lag_records");
+            let ages = samples(&text, "processor_checkpoint_age_seconds");
+            let caught_up =
+                lags.len() == PARTITIONS as usize && lags.values().all(|lag| *lag == 0.0);
+            if code == 200
+                && processed == workload.records as f64
+                && caught_up
+                && ages.len() == PARTITIONS as usize
+            {
+                Ok(text)
+            } else {
+                Err(format!(
+                    "code {code}, processed {processed}, lags {lags:?}, ages {ages:?}"
+                ))
+            }
+        },
+    );
     // Checkpoints every 0.5 s: each partition's last one is younger than a few intervals (the age is
     // taken at the scrape).
     for (labels, age) in samples(&text, "processor_checkpoint_age_seconds") {
         assert!(age < 3.0, "checkpoint age {age} s for {labels}");
     }
     assert_eq!(
-        samples(&text, "processor_owned_partitions").values().sum::<f64>(),
+        samples(&text, "processor_owned_partitions")
+            .values()
+            .sum::<f64>(),
         f64::from(PARTITIONS)
     );
     assert_eq!(
@@ -108,7 +111,10 @@ fn metrics_count_every_record_and_show_lag_and_checkpoint_age() {
         "the only instance leads"
     );
     let checkpoints: f64 = samples(&text, "processor_checkpoints_total").values().sum();
-    assert!(checkpoints >= f64::from(PARTITIONS), "{checkpoints} checkpoints");
+    assert!(
+        checkpoints >= f64::from(PARTITIONS),
+        "{checkpoints} checkpoints"
+    );
     let uploaded: f64 = samples(&text, "processor_checkpoint_uploaded_bytes_total")
         .values()
         .sum();
@@ -125,7 +131,11 @@ fn metrics_count_every_record_and_show_lag_and_checkpoint_age() {
                 && *n > 0.0),
         "{extends:?}"
     );
-    assert!(samples(&text, "state_locks_lost_total").values().all(|n| *n == 0.0));
+    assert!(
+        samples(&text, "state_locks_lost_total")
+            .values()
+            .all(|n| *n == 0.0)
+    );
     let attempts = samples(&text, "state_lock_acquire_attempts_total");
     assert!(
         attempts
@@ -139,14 +149,19 @@ fn metrics_count_every_record_and_show_lag_and_checkpoint_age() {
     );
     let tasks = samples(&text, "state_tasks_total");
     assert!(
-        tasks.keys().any(|labels| labels.contains("event=\"completed\"")),
+        tasks
+            .keys()
+            .any(|labels| labels.contains("event=\"completed\"")),
         "maintenance jobs complete: {tasks:?}"
     );
     // Liveness, and the status of the one instance.
     assert_eq!(get(&addr, "/health").unwrap().0, 200);
     let status = json(&get(&addr, "/status").unwrap().1);
     assert_eq!(status["instance_id"], "p1");
-    assert_eq!(status["owned"].as_object().unwrap().len(), PARTITIONS as usize);
+    assert_eq!(
+        status["owned"].as_object().unwrap().len(),
+        PARTITIONS as usize
+    );
     broker.stop();
 }
 
@@ -159,9 +174,11 @@ fn ready_turns_503_while_the_lock_backend_is_frozen_and_200_when_it_returns() {
     let port = free_ports(1)[0];
     let addr = format!("127.0.0.1:{port}");
     let _p1 = run_instance_with_http("p1", &brokers, &redis.url(), &root, port, &[]);
-    eventually("ready", Duration::from_secs(60), || match get(&addr, "/ready")? {
-        (200, _) => Ok(()),
-        (code, body) => Err(format!("{code} {body}")),
+    eventually("ready", Duration::from_secs(60), || {
+        match get(&addr, "/ready")? {
+            (200, _) => Ok(()),
+            (code, body) => Err(format!("{code} {body}")),
+        }
     });
 
     redis.pause();
@@ -199,7 +216,16 @@ fn status_of_a_three_instance_fleet_names_one_leader_and_an_owner_for_every_part
     let _fleet: Vec<Proc> = ids
         .iter()
         .zip(&ports)
-        .map(|(id, port)| run_instance_with_http(id, &brokers, &redis.url(), &root, *port, &[]))
+        .map(|(id, port)| {
+            run_instance_with_http(
+                id,
+                &brokers,
+                &redis.url(),
+                &root,
+                *port,
+                &["--log-format", "json"],
+            )
+        })
         .collect();
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
 
@@ -225,8 +251,8 @@ fn status_of_a_three_instance_fleet_names_one_leader_and_an_owner_for_every_part
                         .push(id.clone());
                 }
             }
-            let complete = (0..i64::from(PARTITIONS))
-                .all(|p| owners.get(&p).is_some_and(|o| o.len() == 1));
+            let complete =
+                (0..i64::from(PARTITIONS)).all(|p| owners.get(&p).is_some_and(|o| o.len() == 1));
             if leaders.len() == 1 && complete {
                 Ok(())
             } else {
@@ -263,6 +289,24 @@ fn status_of_a_three_instance_fleet_names_one_leader_and_an_owner_for_every_part
         let (code, body) = get(addr, &format!("/instances/{id}/status")).unwrap();
         assert_eq!(code, 200);
         assert_eq!(json(&body)["instance_id"], *id);
+    }
+    // `--log-format json`: one object per line; a partition's lines carry its span (instance,
+    // partition, fencing token).
+    let log = std::fs::read_to_string(root.join("p1.log")).unwrap();
+    let started: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect(line))
+        .filter(|line| line["fields"]["message"] == "partition started")
+        .collect();
+    assert!(!started.is_empty(), "{log}");
+    for line in started {
+        let span = &line["span"];
+        assert_eq!(span["name"], "partition", "{line}");
+        assert_eq!(span["instance"], "p1", "{line}");
+        assert!(
+            span["partition"].is_number() && span["fencing_token"].is_number(),
+            "{line}"
+        );
     }
     broker.stop();
 }

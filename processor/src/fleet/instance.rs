@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use state::recipes::keeper::{KeptLock, RenewalPolicy};
 use state::recipes::leader::LeaderElection;
 use tokio::sync::watch;
-use tracing::Instrument;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use super::maintenance::{Maintenance, MaintenanceOutcome};
 use super::membership::{Membership, assigned_to};
@@ -261,7 +261,13 @@ impl Instance {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            let owned: Vec<i32> = self.status.borrow().partition_status.keys().copied().collect();
+            let owned: Vec<i32> = self
+                .status
+                .borrow()
+                .partition_status
+                .keys()
+                .copied()
+                .collect();
             if owned.is_empty() {
                 continue;
             }

@@ -649,13 +649,7 @@ impl Instance {
             .await;
             timer.abort();
             let after = processor.stats();
-            self.report_segment(
-                partition,
-                &processor,
-                &kept,
-                (before, after),
-                &labels,
-            );
+            self.report_segment(partition, &processor, &kept, (before, after), &labels);
             consumed?;
             if lost.is_cancelled() {
                 return Err(ProcessorError::OwnershipLost {
@@ -766,7 +760,10 @@ impl Instance {
 
 /// The `topic` and `partition` labels of a partition's metrics.
 fn partition_labels(topic: &str, partition: i32) -> [(&'static str, String); 2] {
-    [("topic", topic.to_owned()), ("partition", partition.to_string())]
+    [
+        ("topic", topic.to_owned()),
+        ("partition", partition.to_string()),
+    ]
 }
 
 /// Records the snapshot pause (the partition's processing waits for it) when dropped, whichever way the

@@ -33,9 +33,7 @@ impl Instance {
         match tokio::time::timeout(PROBE_TIMEOUT, lock.get_lock_info(&probe)).await {
             Ok(Ok(_)) => {}
             Ok(Err(err)) => reasons.push(format!("lock backend: {err}")),
-            Err(_) => reasons.push(format!(
-                "lock backend: no answer within {PROBE_TIMEOUT:?}"
-            )),
+            Err(_) => reasons.push(format!("lock backend: no answer within {PROBE_TIMEOUT:?}")),
         }
         let (kafka, topic) = (config.kafka.clone(), config.topic.clone());
         let brokers = tokio::task::spawn_blocking(move || partition_count(&kafka, &topic));

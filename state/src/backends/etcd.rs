@@ -771,6 +771,16 @@ impl DistributedLock for EtcdDistributedLock {
     }
 }
 
+impl telemetry::Outcome for StateResult<Attempt> {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Ok(Attempt::Acquired(_)) => "acquired",
+            Ok(Attempt::Held { .. }) => "contended",
+            Err(_) => "error",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -835,15 +845,5 @@ mod tests {
         assert_eq!(lease_seconds(Duration::from_millis(300)), 1);
         assert_eq!(lease_seconds(Duration::from_secs(10)), 10);
         assert_eq!(lease_seconds(Duration::from_millis(10_001)), 11);
-    }
-}
-
-impl telemetry::Outcome for StateResult<Attempt> {
-    fn outcome(&self) -> &'static str {
-        match self {
-            Ok(Attempt::Acquired(_)) => "acquired",
-            Ok(Attempt::Held { .. }) => "contended",
-            Err(_) => "error",
-        }
     }
 }
