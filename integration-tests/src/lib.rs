@@ -11,6 +11,7 @@
 pub mod adapters;
 pub mod certificates;
 pub mod clock_skew;
+pub mod cpu;
 pub mod etcd_server;
 pub mod kafka_server;
 pub mod postgres_server;

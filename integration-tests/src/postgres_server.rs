@@ -189,6 +189,17 @@ impl PostgresServer {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// The postmaster's and its backends' process ids while it runs (for their CPU time:
+    /// [`crate::cpu::cpu_seconds`]).
+    pub fn pids(&self) -> Vec<u32> {
+        let pid_file = std::path::Path::new(&self.data()).join("postmaster.pid");
+        std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
+            .map(crate::cpu::with_children)
+            .unwrap_or_default()
+    }
+
     /// The TCP port.
     pub fn port(&self) -> u16 {
         self.port

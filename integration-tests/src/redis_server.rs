@@ -105,6 +105,15 @@ impl RedisServer {
         self.tls.as_ref().map(|(certificates, _)| certificates)
     }
 
+    /// The server's process id while it runs (for its CPU time: [`crate::cpu::cpu_seconds`]).
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(Child::id)
+    }
+
     /// The TCP port.
     pub fn port(&self) -> u16 {
         self.port

@@ -94,10 +94,10 @@ fn metrics_count_every_record_and_show_lag_and_checkpoint_age() {
             }
         },
     );
-    // Checkpoints every 0.5 s: each partition's last one is younger than a few intervals (the age is
-    // taken at the scrape).
+    // Checkpoints every 0.5 s (the harness's interval): each partition's last one is at most a few
+    // intervals old at the scrape (one may be skipped while retention holds the compaction lock).
     for (labels, age) in samples(&text, "processor_checkpoint_age_seconds") {
-        assert!(age < 3.0, "checkpoint age {age} s for {labels}");
+        assert!(age < 1.5, "checkpoint age {age} s for {labels}");
     }
     assert_eq!(
         samples(&text, "processor_owned_partitions")

@@ -247,12 +247,25 @@ async fn prometheus(State(shared): State<Shared>) -> Response {
     }
 }
 
+/// An instance's status as JSON, with `now_ms` — the server's clock when it answered — so that a
+/// client computes ages and expiries without trusting its own clock.
+fn status_json(instance: &Instance) -> serde_json::Value {
+    let mut status = serde_json::to_value(&*instance.status().borrow())
+        .unwrap_or_else(|err| serde_json::json!({"error": err.to_string()}));
+    if let Some(fields) = status.as_object_mut() {
+        fields.insert(
+            "now_ms".to_owned(),
+            unix_ms(std::time::SystemTime::now()).into(),
+        );
+    }
+    status
+}
+
 async fn status(State(shared): State<Shared>) -> Response {
     let instances = shared.instances.snapshot();
     match instances.len() {
         1 => {
-            let instance = instances.values().next();
-            let status = instance.map(|i| i.status().borrow().clone());
+            let status = instances.values().next().map(|i| status_json(i));
             json_with_cors(StatusCode::OK, &status)
         }
         _ => json_with_cors(
@@ -267,7 +280,7 @@ async fn status(State(shared): State<Shared>) -> Response {
 
 async fn instance_status(State(shared): State<Shared>, Path(id): Path<String>) -> Response {
     match shared.instances.snapshot().get(&id) {
-        Some(instance) => json_with_cors(StatusCode::OK, &*instance.status().borrow()),
+        Some(instance) => json_with_cors(StatusCode::OK, &status_json(instance)),
         None => json_with_cors(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": format!("no instance {id} runs in this process")}),
