@@ -1,1 +1,4 @@
-//! Benchmarks live in `benches/`; run them with `cargo bench -p benches`.
+//! Benchmarks live in `benches/`; run them with `cargo bench -p benches`. This library holds what they
+//! share: the measurement loops ([`measure`]).
+
+pub mod measure;

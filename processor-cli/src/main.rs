@@ -283,6 +283,11 @@ struct RunArgs {
     /// and consumed after at most this long (logged: keyed state does not move with its keys).
     #[arg(long, env = "TOPOLOGY_REFRESH_SECS", default_value_t = 30.0)]
     topology_refresh_secs: f64,
+    /// The most instances the fleet may have: every instance reads this many member slots each tick, and
+    /// an instance finding them all taken waits outside the fleet (logged). All instances of a fleet must
+    /// agree on it.
+    #[arg(long, env = "MAX_MEMBERS", default_value_t = 64)]
+    max_members: u32,
     /// Checkpoints kept per partition by the maintenance jobs.
     #[arg(long, env = "KEEP_CHECKPOINTS", default_value_t = 3)]
     keep_checkpoints: usize,
@@ -336,7 +341,8 @@ fn instance_config(args: &RunArgs, instance_id: &str) -> anyhow::Result<Instance
             .with_every(maintenance_every)
             .with_keep_checkpoints(args.keep_checkpoints),
     )
-    .with_claim_ttl(claim_ttl);
+    .with_claim_ttl(claim_ttl)
+    .with_max_members(args.max_members);
     match args.parallelism {
         Some(0) => bail!("--parallelism must be at least 1"),
         Some(n) => config = config.with_parallelism(n),

@@ -175,6 +175,7 @@ pub fn check(args: &RunArgs) -> anyhow::Result<()> {
         "keep_checkpoints": config.maintenance.keep_checkpoints,
         "topology_refresh_secs": config.topology_refresh.map(|every| every.as_secs_f64()),
         "parallelism": config.parallelism,
+        "max_members": config.max_members,
         "output_topic": config.output_topic,
         "output_guarantee": format!("{:?}", config.output_guarantee),
         "dead_letter_topic": config.dead_letter_topic,

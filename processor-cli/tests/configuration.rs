@@ -44,6 +44,7 @@ state_dir = "/var/lib/processor"
 checkpoint-dir = "/shared/checkpoints"
 lock_url = "redis://app:s3cret@127.0.0.1:6379"
 claim_ttl_secs = 7
+max_members = 200
 kafka_config = ["sasl.password=hunter2", "client.id=ops"]
 "#;
 
@@ -57,6 +58,7 @@ fn a_file_sets_what_flags_and_environment_do_not_and_secrets_are_redacted() {
     let from_file = resolved(&config_check(&["--config", file], &[]));
     assert_eq!(from_file["brokers"], "127.0.0.1:9092");
     assert_eq!(from_file["claim_ttl_secs"], 7.0);
+    assert_eq!(from_file["max_members"], 200);
     assert_eq!(from_file["checkpoint_interval_secs"], 2.0, "the default");
     assert_eq!(from_file["instance_id_generated"], true);
     let instance = from_file["instance_id"].as_str().unwrap();

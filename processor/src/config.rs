@@ -181,6 +181,13 @@ impl InstanceConfig {
         self
     }
 
+    /// Sets the most members the fleet may have (member slots each instance scans every tick: keep it
+    /// near the fleet's real size; an instance finding no free slot waits outside the fleet).
+    pub fn with_max_members(mut self, max_members: u32) -> Self {
+        self.max_members = max_members;
+        self
+    }
+
     /// Sets the fleet name (lock namespace; also the Kafka group id, for lag monitoring only).
     pub fn with_group(mut self, group: &str) -> Self {
         self.group = group.to_owned();

@@ -92,6 +92,8 @@ pub struct Membership {
     ttl: Duration,
     endpoint: Option<String>,
     slot: Option<(u32, KeptLock)>,
+    /// Whether the "every slot is taken" warning was given since the last successful announce.
+    warned_full: bool,
 }
 
 impl std::fmt::Debug for Membership {
@@ -134,6 +136,7 @@ impl Membership {
             ttl,
             endpoint: None,
             slot: None,
+            warned_full: false,
         })
     }
 
@@ -177,8 +180,14 @@ impl Membership {
                     .await?;
                 tracing::info!(group = %self.group, instance = %self.instance, slot, "joined the fleet");
                 self.slot = Some((slot, kept));
+                self.warned_full = false;
                 return Ok(true);
             }
+        }
+        if !self.warned_full {
+            // Said once per wait, not every tick.
+            tracing::warn!(group = %self.group, instance = %self.instance, max_members = self.max_members, "every member slot is taken: waiting outside the fleet (raise --max-members on every instance to run more)");
+            self.warned_full = true;
         }
         Ok(false)
     }
