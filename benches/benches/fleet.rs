@@ -384,41 +384,72 @@ impl Server {
         }
     }
 
-    /// Commands (Redis) or committed transactions (PostgreSQL) so far.
-    async fn operations(&self) -> u64 {
+    /// A connection of the bench's own for reading the server's counters, opened before the fleet
+    /// starts (a saturated server may not accept a new one later).
+    async fn probe(&self) -> Probe {
         match self.kind {
-            Kind::Redis => {
-                let client = redis::Client::open(self.url_on(self.port())).unwrap();
-                let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-                let info: String = redis::cmd("INFO")
-                    .arg("stats")
-                    .query_async(&mut conn)
+            Kind::Redis => Probe::Redis(
+                redis::Client::open(self.url_on(self.port()))
+                    .unwrap()
+                    .get_multiplexed_async_connection()
                     .await
-                    .unwrap();
-                info.lines()
-                    .find_map(|line| line.strip_prefix("total_commands_processed:"))
-                    .and_then(|n| n.trim().parse().ok())
-                    .unwrap_or(0)
-            }
-            Kind::Postgres => {
-                let pool = sqlx::PgPool::connect(&self.url_on(self.port()))
+                    .unwrap(),
+            ),
+            Kind::Postgres => Probe::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .min_connections(1)
+                    .acquire_timeout(Duration::from_secs(120))
+                    .connect(&self.url_on(self.port()))
                     .await
-                    .unwrap();
-                let committed: i64 =
-                    sqlx::query_scalar("SELECT sum(xact_commit)::bigint FROM pg_stat_database")
-                        .fetch_one(&pool)
-                        .await
-                        .unwrap();
-                pool.close().await;
-                u64::try_from(committed).unwrap_or(0)
-            }
+                    .unwrap(),
+            ),
         }
+    }
+}
+
+/// The bench's own connection to the server.
+enum Probe {
+    Redis(redis::aio::MultiplexedConnection),
+    Postgres(sqlx::PgPool),
+}
+
+impl Probe {
+    /// Commands (Redis) or committed transactions (PostgreSQL) so far; `None` when the server does not
+    /// answer within a minute.
+    async fn operations(&mut self) -> Option<u64> {
+        let read = async {
+            match self {
+                Probe::Redis(conn) => {
+                    let info: String = redis::cmd("INFO")
+                        .arg("stats")
+                        .query_async(conn)
+                        .await
+                        .ok()?;
+                    info.lines()
+                        .find_map(|line| line.strip_prefix("total_commands_processed:"))
+                        .and_then(|n| n.trim().parse().ok())
+                }
+                Probe::Postgres(pool) => {
+                    let committed: i64 =
+                        sqlx::query_scalar("SELECT sum(xact_commit)::bigint FROM pg_stat_database")
+                            .fetch_one(&*pool)
+                            .await
+                            .ok()?;
+                    u64::try_from(committed).ok()
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .ok()
+            .flatten()
     }
 }
 
 struct Report {
     settled: Option<Duration>,
-    operations_per_second: f64,
+    operations_per_second: Option<f64>,
     cpu_share: f64,
     hand_off: Option<Duration>,
     victim_partitions: usize,
@@ -467,6 +498,7 @@ async fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> Option<
 
 async fn simulate(kind: Kind, scale: Scale, options: &Options) -> Report {
     let server = Server::start(kind);
+    let mut probe = server.probe().await;
     // The victim (instance 0) reaches the server through a proxy of its own, cut to kill it.
     let proxy = FaultProxy::start(server.port()).await;
     let victim_client = client(&server.url_on(proxy.port())).await;
@@ -507,11 +539,15 @@ async fn simulate(kind: Kind, scale: Scale, options: &Options) -> Report {
         all_held(&held, scale.partitions, None) && balanced(&held, scale)
     })
     .await;
-    let (ops_before, cpu_before, at) = (server.operations().await, server.cpu(), Instant::now());
+    let (ops_before, cpu_before, at) = (probe.operations().await, server.cpu(), Instant::now());
     tokio::time::sleep(options.measure_for).await;
+    let ops_after = probe.operations().await;
     let elapsed = at.elapsed().as_secs_f64();
     #[allow(clippy::cast_precision_loss)]
-    let operations_per_second = (server.operations().await - ops_before) as f64 / elapsed;
+    let operations_per_second = match (ops_before, ops_after) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before) as f64 / elapsed),
+        _ => None,
+    };
     let cpu_share = (server.cpu() - cpu_before) / elapsed;
 
     let victim_partitions = held.lock().unwrap().get("i0000").map_or(0, HashSet::len);
@@ -565,9 +601,11 @@ async fn main() {
                 Kind::Postgres => "transactions/s",
             };
             println!(
-                "| {server_name} | {scale} | {} | {:.0} {unit} | {:.2} | {} ({}) | {} |",
+                "| {server_name} | {scale} | {} | {} | {:.2} | {} ({}) | {} |",
                 secs(report.settled),
-                report.operations_per_second,
+                report
+                    .operations_per_second
+                    .map_or_else(|| "no answer".to_owned(), |n| format!("{n:.0} {unit}")),
                 report.cpu_share,
                 secs(report.hand_off),
                 report.victim_partitions,

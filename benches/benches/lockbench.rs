@@ -163,6 +163,27 @@ async fn redis_floor(label: &str, urls: &[String]) -> Client {
         pair: op(move |resource| {
             let (conns, cad) = (Arc::clone(&pair_conns), Arc::clone(&cad));
             async move {
+                if let [conn] = conns.as_slice() {
+                    // One node: two commands in sequence, nothing else.
+                    let mut conn = conn.clone();
+                    let granted: Option<String> = redis::cmd("SET")
+                        .arg(&resource)
+                        .arg("owner")
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(10_000)
+                        .query_async(&mut conn)
+                        .await
+                        .ok()
+                        .flatten();
+                    let deleted = cad
+                        .key(&resource)
+                        .arg("owner")
+                        .invoke_async::<i64>(&mut conn)
+                        .await
+                        .is_ok();
+                    return granted.is_some() && deleted;
+                }
                 // Fanned out concurrently to every node; granted on a majority.
                 let sets = conns.iter().map(|conn| {
                     let (mut conn, resource) = (conn.clone(), resource.clone());
@@ -468,6 +489,53 @@ async fn capped_throughput(client: &Client, run_for: Duration, prefix: &str) -> 
     .await
 }
 
+/// The single Redis server's per-command profile since `CONFIG RESETSTAT`: calls and microseconds of
+/// server CPU per call (`INFO commandstats`), for commands called at least `min_calls` times.
+async fn redis_command_profile(url: &str, min_calls: u64) -> Vec<(String, u64, f64)> {
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut profile: Vec<(String, u64, f64)> = info
+        .lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |key: &str| {
+                stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let calls = field("calls")? as u64;
+            Some((name.to_owned(), calls, field("usec_per_call")?))
+        })
+        .filter(|(_, calls, _)| *calls >= min_calls)
+        .collect();
+    profile.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+    profile
+}
+
+/// Resets the single Redis server's command statistics.
+async fn reset_redis_stats(url: &str) {
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
 /// pgbench's select-only transactions/s with 32 clients on the server at `port`.
 fn pgbench_select_only(server: &PostgresServer, seconds: u32) -> Option<f64> {
     let bin = std::fs::read_dir("/usr/lib/postgresql")
@@ -660,11 +728,24 @@ async fn main() {
 
     let started = Instant::now();
     let mut rows = Vec::new();
+    // The server-side cost of one pair, ours against the floor: each measured alone on the single
+    // node, its command statistics taken right after.
+    let mut profiles = Vec::new();
     for client in clients
         .iter()
         .filter(|c| only.as_ref().is_none_or(|o| c.label.contains(o.as_str())))
     {
+        let single_node = client.label.starts_with("Redis ");
+        if single_node {
+            reset_redis_stats(&servers.single.url()).await;
+        }
         rows.push(measure(client, &sizes).await);
+        if single_node {
+            profiles.push((
+                client.label.clone(),
+                redis_command_profile(&servers.single.url(), 100).await,
+            ));
+        }
     }
     let faults = if only.is_none() {
         fault_rows(sizes.run_for).await
@@ -699,6 +780,16 @@ async fn main() {
                 "∞".to_owned()
             }
         );
+    }
+    println!();
+    println!("| single-node Redis server, per client | command: calls, server µs per call |");
+    println!("|---|---|");
+    for (label, profile) in &profiles {
+        let shown: Vec<String> = profile
+            .iter()
+            .map(|(name, calls, usec)| format!("{name}: {calls}, {usec:.2} µs"))
+            .collect();
+        println!("| {label} | {} |", shown.join("; "));
     }
     println!();
     let pairs = |row: &Row| row.pairs_per_second;

@@ -27,16 +27,6 @@ pub(crate) enum Operation {
     Extend,
 }
 
-impl Operation {
-    fn name(self) -> &'static str {
-        match self {
-            Operation::Acquire => "acquire",
-            Operation::Release => "release",
-            Operation::Extend => "extend",
-        }
-    }
-}
-
 /// How an operation ended, as a label value.
 pub(crate) trait Outcome {
     /// `acquired`/`contended`, `ok`/`lost`, or `error`.
@@ -71,21 +61,68 @@ pub(crate) async fn observe<R: Outcome>(
 ) -> R {
     let started = std::time::Instant::now();
     let result = work.await;
-    let outcome = result.outcome();
-    metrics::histogram!(
-        "state_lock_operation_duration_seconds",
-        "backend" => backend,
-        "operation" => operation.name(),
-        "outcome" => outcome
-    )
-    .record(started.elapsed().as_secs_f64());
-    let counter = match operation {
-        Operation::Acquire => "state_lock_acquire_attempts_total",
-        Operation::Release => "state_lock_releases_total",
-        Operation::Extend => "state_lock_extends_total",
-    };
-    metrics::counter!(counter, "backend" => backend, "outcome" => outcome).increment(1);
+    record(
+        backend,
+        operation,
+        result.outcome(),
+        started.elapsed().as_secs_f64(),
+    );
     result
+}
+
+/// Records one operation. Every label is a literal here, so the `metrics` macros build static keys
+/// (hashed once, no allocation): this runs on every lock operation, recorder or not.
+fn record(backend: &'static str, operation: Operation, outcome: &'static str, seconds: f64) {
+    macro_rules! emit {
+        ($backend:literal) => {
+            match (operation, outcome) {
+                (Operation::Acquire, "acquired") => {
+                    metrics::histogram!("state_lock_operation_duration_seconds", "backend" => $backend, "operation" => "acquire", "outcome" => "acquired").record(seconds);
+                    metrics::counter!("state_lock_acquire_attempts_total", "backend" => $backend, "outcome" => "acquired").increment(1);
+                }
+                (Operation::Acquire, "contended") => {
+                    metrics::histogram!("state_lock_operation_duration_seconds", "backend" => $backend, "operation" => "acquire", "outcome" => "contended").record(seconds);
+                    metrics::counter!("state_lock_acquire_attempts_total", "backend" => $backend, "outcome" => "contended").increment(1);
+                }
+                (Operation::Acquire, _) => {
+                    metrics::histogram!("state_lock_operation_duration_seconds", "backend" => $backend, "operation" => "acquire", "outcome" => "error").record(seconds);
+                    metrics::counter!("state_lock_acquire_attempts_total", "backend" => $backend, "outcome" => "error").increment(1);
+                }
+                (Operation::Release, "ok") => {
+                    metrics::histogram!("state_lock_operation_duration_seconds", "backend" => $backend, "operation" => "release", "outcome" => "ok").record(seconds);
+                    metrics::counter!("state_lock_releases_total", "backend" => $backend, "outcome" => "ok").increment(1);
+                }
+                (Operation::Release, "lost") => {
+                    metrics::histogram!("state_lock_operation_duration_seconds", "backend" => $backend, "operation" => "release", "outcome" => "lost").record(seconds);
+                    metrics::counter!("state_lock_releases_total", "backend" => $backend, "outcome" => "lost").increment(1);
+                }
+                (Operation::Release, _) => {
+                    metrics::histogram!("state_lock_operation_duration_seconds", "backend" => $backend, "operation" => "release", "outcome" => "error").record(seconds);
+                    metrics::counter!("state_lock_releases_total", "backend" => $backend, "outcome" => "error").increment(1);
+                }
+                (Operation::Extend, "ok") => {
+                    metrics::histogram!("state_lock_operation_duration_seconds", "backend" => $backend, "operation" => "extend", "outcome" => "ok").record(seconds);
+                    metrics::counter!("state_lock_extends_total", "backend" => $backend, "outcome" => "ok").increment(1);
+                }
+                (Operation::Extend, "lost") => {
+                    metrics::histogram!("state_lock_operation_duration_seconds", "backend" => $backend, "operation" => "extend", "outcome" => "lost").record(seconds);
+                    metrics::counter!("state_lock_extends_total", "backend" => $backend, "outcome" => "lost").increment(1);
+                }
+                (Operation::Extend, _) => {
+                    metrics::histogram!("state_lock_operation_duration_seconds", "backend" => $backend, "operation" => "extend", "outcome" => "error").record(seconds);
+                    metrics::counter!("state_lock_extends_total", "backend" => $backend, "outcome" => "error").increment(1);
+                }
+            }
+        };
+    }
+    match backend {
+        "memory" => emit!("memory"),
+        "redis" => emit!("redis"),
+        "redlock" => emit!("redlock"),
+        "postgres" => emit!("postgres"),
+        "etcd" => emit!("etcd"),
+        _ => emit!("custom"),
+    }
 }
 
 /// One more attempt than the first within an `acquire`.
