@@ -93,10 +93,14 @@ where
 /// Ours: `try_acquire` + `release`, `acquire` (its retry policy) for the contended row, `extend` of
 /// a held guard.
 async fn ours(label: &str, lock: Arc<dyn DistributedLock>) -> Client {
+    // Held for the whole run (an hour), extended to `TTL` by the extend row.
     let held: Arc<Mutex<LockGuard>> = Arc::new(Mutex::new(
-        lock.acquire(&format!("bench:held:{label}"), TTL)
-            .await
-            .unwrap(),
+        lock.acquire(
+            &format!("bench:held:{}", label.replace(' ', "-")),
+            Duration::from_secs(3_600),
+        )
+        .await
+        .unwrap(),
     ));
     let (a, b) = (Arc::clone(&lock), Arc::clone(&lock));
     Client {
@@ -236,11 +240,15 @@ async fn redis_floor(label: &str, urls: &[String]) -> Client {
                             .arg(10_000_000)
                             .invoke_async::<i64>(&mut conn)
                             .await
-                            .is_ok()
+                            .is_ok_and(|extended| extended == 1)
                     }
                 });
-                futures::future::join_all(extends).await;
-                true
+                let extended = futures::future::join_all(extends)
+                    .await
+                    .into_iter()
+                    .filter(|ok| *ok)
+                    .count();
+                extended >= quorum
             }
         })),
     }
@@ -373,7 +381,7 @@ async fn postgres_lease_floor(label: &str, url: &str) -> Client {
                     .bind(86_400_000_i64)
                     .fetch_optional(&pool)
                     .await
-                    .is_ok()
+                    .is_ok_and(|row| row.is_some())
             }
         })),
     }
@@ -460,8 +468,19 @@ async fn measure(client: &Client, sizes: &Sizes) -> Row {
     };
     let extend_p50 = match &client.extend {
         Some(extend) => {
-            let extend = Arc::clone(extend);
-            Some(latency(sizes.samples, || extend(String::new())).await.0)
+            let (extend, label) = (Arc::clone(extend), client.label.clone());
+            // A failed extension returns early: timing it would flatter the client, so it stops the run.
+            Some(
+                latency(sizes.samples, || {
+                    let (extend, label) = (Arc::clone(&extend), label.clone());
+                    async move {
+                        assert!(extend(String::new()).await, "{label}: extend failed");
+                        true
+                    }
+                })
+                .await
+                .0,
+            )
         }
         None => None,
     };

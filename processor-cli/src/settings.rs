@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{CommandFactory, FromArgMatches};
 
-use crate::{Cli, RunArgs};
+use crate::args::{Cli, RunArgs};
 
 /// The subcommands whose arguments are `RunArgs`, as paths from the top command.
 const RUN_COMMANDS: &[&[&str]] = &[&["run"], &["config", "check"]];

@@ -43,7 +43,6 @@ use etcd_client::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::guard::PendingAcquire;
 use crate::lock::{Internal, safe_deadline, validate_resource, validate_ttl, wait_deadline};
 use crate::retry::{Budget, acquired, retry_loop};
 use crate::telemetry::{self, Operation};
@@ -405,9 +404,9 @@ impl EtcdDistributedLock {
         let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
         let sent_at = Instant::now();
         let lease = self.grant(resource, ttl).await?;
-        // From here a cancelled future must not leave the key behind: the armed release deletes it if
-        // the transaction went through (the lease would also expire it).
-        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner);
+        // From here a cancelled future must not leave the key behind: the lease is revoked, which takes a
+        // key put with it along, and makes a put still in flight fail.
+        let pending = RevokeOnCancel::arm(self, resource, lease);
         let key = self.lock_key(resource);
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
@@ -426,6 +425,7 @@ impl EtcdDistributedLock {
             Ok(response) => response,
             Err(err) => {
                 self.revoke(resource, lease).await;
+                pending.disarm();
                 return Err(err);
             }
         };
@@ -768,6 +768,48 @@ impl DistributedLock for EtcdDistributedLock {
             acquired_at,
             expires_at,
         )))
+    }
+}
+
+/// Revokes the lease of an acquisition dropped before it finished. A key put with the lease goes with it,
+/// and a put that reaches the cluster after the revoke fails (its lease is gone) — whatever order the two
+/// requests take through a cluster of several members. An owner-checked delete would not do: a put still
+/// in flight through another member can land after it and keep the lock held until the lease runs out.
+struct RevokeOnCancel {
+    lock: Option<EtcdDistributedLock>,
+    resource: String,
+    lease: i64,
+}
+
+impl RevokeOnCancel {
+    fn arm(lock: &EtcdDistributedLock, resource: &str, lease: i64) -> Self {
+        RevokeOnCancel {
+            lock: Some(lock.clone()),
+            resource: resource.to_owned(),
+            lease,
+        }
+    }
+
+    /// The acquisition finished: nothing to undo.
+    fn disarm(mut self) {
+        self.lock = None;
+    }
+}
+
+impl Drop for RevokeOnCancel {
+    fn drop(&mut self) {
+        let Some(lock) = self.lock.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let (resource, lease) = (std::mem::take(&mut self.resource), self.lease);
+                runtime.spawn(async move { lock.revoke(&resource, lease).await });
+            }
+            Err(_) => {
+                tracing::debug!(resource = %self.resource, lease = self.lease, "acquisition dropped outside a runtime: its lease expires by itself");
+            }
+        }
     }
 }
 

@@ -1,0 +1,268 @@
+//! The command line: subcommands and their flags (each flag also from an environment variable; `run`'s
+//! also from a `--config` file, see the `settings` module).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use processor::{MissingOffsets, OutputGuarantee};
+
+#[derive(Parser)]
+#[command(
+    name = "processor",
+    about = "Kafka stream processor with fenced, checkpointed per-partition state"
+)]
+pub(crate) struct Cli {
+    /// Log lines on stderr as `text` or `json` (one object per line, with the span fields: instance,
+    /// partition, fencing token). `RUST_LOG` filters them.
+    #[arg(long, global = true, env = "LOG_FORMAT", default_value = "text")]
+    pub(crate) log_format: LogFormat,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// The fleet demo on the embedded default: mock Kafka cluster, in-process locks, RocksDB in a temp dir.
+    Demo(DemoArgs),
+    /// Run one fleet instance until SIGTERM/SIGINT (then checkpoint, release, exit 0).
+    Run(Box<RunArgs>),
+    /// Host librdkafka's mock cluster with the topic; prints the bootstrap address first; runs until killed.
+    DevBroker {
+        /// Topic to create.
+        #[arg(long, env = "TOPIC")]
+        topic: String,
+        /// Its partition count.
+        #[arg(long, env = "PARTITIONS", default_value_t = 8)]
+        partitions: i32,
+        /// More topics to create, one partition each (output and dead-letter topics); repeatable.
+        #[arg(long = "also-create", env = "ALSO_CREATE", value_delimiter = ',')]
+        also_create: Vec<String>,
+    },
+    /// Produce the deterministic workload.
+    Produce {
+        /// Bootstrap servers.
+        #[arg(long, env = "BROKERS")]
+        brokers: String,
+        /// Topic.
+        #[arg(long, env = "TOPIC")]
+        topic: String,
+        /// The topic's partition count (keys are spread over it).
+        #[arg(long, env = "PARTITIONS", default_value_t = 8)]
+        partitions: i32,
+        /// How many records.
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        /// How many distinct keys.
+        #[arg(long, default_value_t = 500)]
+        keys: u64,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Produce only records `start-at..records` of the workload (to produce it in parts).
+        #[arg(long, default_value_t = 0)]
+        start_at: u64,
+    },
+    /// Inspect checkpointed state.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+    /// Check a `run` configuration without running.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Resolve flags, environment and `--config` file as `run` would, validate them, and print the
+    /// result as JSON with secrets redacted; exits 1 with the problem when invalid.
+    Check(Box<RunArgs>),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum StateCommand {
+    /// One JSON line per partition: the offset its latest valid checkpoint covers.
+    Offsets {
+        /// The shared checkpoint directory.
+        #[arg(long, env = "CHECKPOINT_DIR")]
+        checkpoint_dir: PathBuf,
+        /// Topic.
+        #[arg(long, env = "TOPIC")]
+        topic: String,
+        /// The fleet whose checkpoints to read (its `run --group`).
+        #[arg(long, env = "GROUP", default_value = "processor")]
+        group: String,
+    },
+    /// One JSON line per key, merged from the latest valid checkpoint of each partition.
+    Dump {
+        /// The shared checkpoint directory.
+        #[arg(long, env = "CHECKPOINT_DIR")]
+        checkpoint_dir: PathBuf,
+        /// Topic.
+        #[arg(long, env = "TOPIC")]
+        topic: String,
+        /// The fleet whose checkpoints to read (its `run --group`).
+        #[arg(long, env = "GROUP", default_value = "processor")]
+        group: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct DemoArgs {
+    /// `memory` (in-process locks), or a real lock backend: `redis://…`, `redlock://h1:p1,h2:p2,h3:p3`,
+    /// `postgres://…`, `etcd://h1:p1,h2:p2`.
+    #[arg(long, env = "LOCK_URL", default_value = "memory")]
+    pub(crate) lock_url: String,
+    /// Records in the workload (the mock cluster keeps about 100 000 message sets per partition).
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) records: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 1_000)]
+    pub(crate) keys: u64,
+    /// Partitions of the topic.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) partitions: i32,
+    /// Instances at the start (one is killed and one added mid-way).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) instances: usize,
+    /// Workload seed.
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Keep state and checkpoints here instead of a temporary directory.
+    #[arg(long)]
+    pub(crate) work_dir: Option<PathBuf>,
+    /// Run on an existing Kafka cluster (`host:port,…`) instead of the in-process mock cluster; the demo
+    /// creates a fresh topic there (`orders-demo-…`) and leaves it.
+    #[arg(long, env = "BROKERS")]
+    pub(crate) brokers: Option<String>,
+    /// The replication factor of the demo's topic on an existing cluster.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) replication_factor: i32,
+    /// Plain status lines instead of progress bars.
+    #[arg(long)]
+    pub(crate) no_progress: bool,
+    /// Serve metrics, health and the live fleet dashboard here while the demo runs (`127.0.0.1:9090`;
+    /// port 0 picks a free one, printed at start).
+    #[arg(long, env = "HTTP_ADDR")]
+    pub(crate) http: Option<std::net::SocketAddr>,
+    /// Keep serving the dashboard this many seconds after the verdict.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) linger_secs: f64,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct RunArgs {
+    /// A TOML file of settings (keys are the flag names); flags and environment variables override it.
+    #[arg(long, env = "CONFIG_FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Serve `/metrics` (Prometheus), `/health`, `/ready`, `/status` and the fleet dashboard `/` here
+    /// (`127.0.0.1:9090`; port 0 picks a free one, printed at start).
+    #[arg(long, env = "HTTP_ADDR")]
+    pub(crate) http: Option<std::net::SocketAddr>,
+    /// The base URL other members and the dashboard reach this instance's endpoint at (default:
+    /// `http://` and the bound address).
+    #[arg(long, env = "HTTP_ADVERTISE")]
+    pub(crate) http_advertise: Option<String>,
+    /// Bootstrap servers.
+    #[arg(long, env = "BROKERS")]
+    pub(crate) brokers: String,
+    /// Topic.
+    #[arg(long, env = "TOPIC")]
+    pub(crate) topic: String,
+    /// The topic's partition count, checked against the brokers' (read from them when absent).
+    #[arg(long, env = "PARTITIONS")]
+    pub(crate) partitions: Option<i32>,
+    /// Fleet name: scopes every lock, record, task and checkpoint path, so two fleets on one topic and
+    /// one backend each process everything; also the Kafka group its progress is committed to.
+    #[arg(long, env = "GROUP", default_value = "processor")]
+    pub(crate) group: String,
+    /// Local state directory of this instance.
+    #[arg(long, env = "STATE_DIR")]
+    pub(crate) state_dir: PathBuf,
+    /// Shared checkpoint directory.
+    #[arg(long, env = "CHECKPOINT_DIR")]
+    pub(crate) checkpoint_dir: PathBuf,
+    /// The fleet's lock backend: `redis://…`, `redlock://h1:p1,h2:p2,h3:p3`, `postgres://…` or
+    /// `etcd://h1:p1,h2:p2,h3:p3`. Required:
+    /// instances that do not share one each own every partition. `memory` only with
+    /// `--single-instance`.
+    #[arg(long, env = "LOCK_URL")]
+    pub(crate) lock_url: Option<String>,
+    /// A librdkafka client property (`KEY=VALUE`: `security.protocol=SASL_SSL`, `sasl.password=…`, any
+    /// tuning) for every consumer and producer of the instance; repeatable. Secret values are never
+    /// logged.
+    #[arg(
+        long = "kafka-config",
+        value_name = "KEY=VALUE",
+        env = "KAFKA_CONFIG",
+        value_delimiter = ';'
+    )]
+    pub(crate) kafka_config: Vec<String>,
+    /// A file of librdkafka client properties, one `KEY=VALUE` per line (`#` comments); `--kafka-config`
+    /// flags override it.
+    #[arg(long, env = "KAFKA_CONFIG_FILE")]
+    pub(crate) kafka_config_file: Option<PathBuf>,
+    /// When a partition's stored offset is outside the topic's log (records deleted by retention, or the
+    /// topic recreated): `fail` (refuse the partition, the default), `earliest` or `latest` (skip to the
+    /// log's start or end, logged with the offsets skipped).
+    #[arg(long, env = "ON_MISSING_OFFSETS", default_value = "fail")]
+    pub(crate) on_missing_offsets: MissingOffsets,
+    /// Create the checkpoint directory if it does not exist (first use). Without it a missing directory —
+    /// an unmounted volume — is an error instead of an empty store.
+    #[arg(long, env = "CREATE_CHECKPOINT_DIR")]
+    pub(crate) create_checkpoint_dir: bool,
+    /// When the checkpoint a partition's record names cannot be read, restore the newest readable one (or
+    /// start empty) instead of refusing the partition: accepts losing what that checkpoint held.
+    #[arg(long, env = "RESTORE_OLDER_CHECKPOINT")]
+    pub(crate) restore_older_checkpoint: bool,
+    /// Run as the only instance of the fleet, with in-process locks (no `--lock-url` needed).
+    #[arg(long, env = "SINGLE_INSTANCE")]
+    pub(crate) single_instance: bool,
+    /// Instance id (unique in the fleet; default: a fresh time-ordered UUID, printed at start).
+    #[arg(long, env = "INSTANCE_ID")]
+    pub(crate) instance_id: Option<String>,
+    /// Seconds between checkpoints of an owned partition.
+    #[arg(long, env = "CHECKPOINT_INTERVAL_SECS", default_value_t = 2.0)]
+    pub(crate) checkpoint_interval_secs: f64,
+    /// Seconds a membership, partition or leadership claim lasts without renewal (renewed every third):
+    /// how long a dead instance's partitions wait before others take them.
+    #[arg(long, env = "CLAIM_TTL_SECS", default_value_t = 5.0)]
+    pub(crate) claim_ttl_secs: f64,
+    /// How many owned partitions process a batch at the same time (default: the CPU count).
+    #[arg(long, env = "PARALLELISM")]
+    pub(crate) parallelism: Option<usize>,
+    /// Seconds between reads of the topic's partition count: partitions added to the topic are claimed
+    /// and consumed after at most this long (logged: keyed state does not move with its keys).
+    #[arg(long, env = "TOPOLOGY_REFRESH_SECS", default_value_t = 30.0)]
+    pub(crate) topology_refresh_secs: f64,
+    /// The most instances the fleet may have: every instance reads this many member slots each tick, and
+    /// an instance finding them all taken waits outside the fleet (logged). All instances of a fleet must
+    /// agree on it.
+    #[arg(long, env = "MAX_MEMBERS", default_value_t = 64)]
+    pub(crate) max_members: u32,
+    /// Checkpoints kept per partition by the maintenance jobs.
+    #[arg(long, env = "KEEP_CHECKPOINTS", default_value_t = 3)]
+    pub(crate) keep_checkpoints: usize,
+    /// Seconds between maintenance runs (retention and compaction) of each partition.
+    #[arg(long, env = "MAINTENANCE_INTERVAL_SECS", default_value_t = 10.0)]
+    pub(crate) maintenance_interval_secs: f64,
+    /// Topic for the updated aggregates (JSON, one per input record).
+    #[arg(long, env = "OUTPUT_TOPIC")]
+    pub(crate) output_topic: Option<String>,
+    /// What the output and dead-letter topics promise: `exactly-once` (the default: each batch's outputs
+    /// and input offset in one transaction per partition; `read_committed` readers see each record's
+    /// effect once, whatever crashes) or `at-least-once` (for brokers without transactions).
+    #[arg(long, env = "OUTPUT_GUARANTEE", default_value = "exactly-once")]
+    pub(crate) output_guarantee: OutputGuarantee,
+    /// Topic for malformed records (they are logged either way).
+    #[arg(long, env = "DEAD_LETTER_TOPIC")]
+    pub(crate) dead_letter_topic: Option<String>,
+}
