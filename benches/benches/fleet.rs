@@ -24,6 +24,7 @@
 //! ```text
 //! cargo bench -p benches --bench fleet                       # 10×100, 50×1 000, 200×10 000 on Redis and PostgreSQL
 //! cargo bench -p benches --bench fleet -- --sizes 50x1000 --backend redis
+//! cargo bench -p benches --bench fleet -- --membership-every 1.67   # members read every third of the TTL
 //! cargo test  -p benches --bench fleet                       # smoke run: 10×100, short windows
 //! ```
 
@@ -75,6 +76,9 @@ struct Options {
     kinds: Vec<Kind>,
     measure_for: Duration,
     settle_within: Duration,
+    /// How often the member slots are read (the processor: every tick). `--membership-every SECS`
+    /// measures the proposed fix's cadence half: list the members every third of the TTL instead.
+    membership_every: Duration,
 }
 
 fn options() -> Options {
@@ -121,6 +125,10 @@ fn options() -> Options {
         } else {
             Duration::from_secs(2)
         },
+        membership_every: value("--membership-every")
+            .and_then(|secs| secs.parse::<f64>().ok())
+            .filter(|secs| *secs > 0.0)
+            .map_or(TICK, Duration::from_secs_f64),
         settle_within: if full {
             Duration::from_secs(180)
         } else {
@@ -199,6 +207,8 @@ struct Instance {
     election: LeaderElection,
     queue: TaskQueue,
     members: Vec<String>,
+    membership_every: Duration,
+    members_read_at: Option<Instant>,
     desired: HashSet<u32>,
     scheduled_term: Option<u64>,
     held: Held,
@@ -252,7 +262,17 @@ impl Instance {
 
     async fn round(&mut self) -> state::StateResult<()> {
         self.announce().await?;
-        let members = self.live_members().await?;
+        // The member list is read every `membership_every` (every tick by default, as the processor
+        // does), and at once when this instance's own slot or a claim was just lost.
+        let due = self
+            .members_read_at
+            .is_none_or(|at| at.elapsed() >= self.membership_every);
+        let members = if due || self.claims.values().any(KeptLock::is_lost) {
+            self.members_read_at = Some(Instant::now());
+            self.live_members().await?
+        } else {
+            self.members.clone()
+        };
         if members != self.members {
             self.desired = assignment(self.partitions, &members)
                 .into_iter()
@@ -527,6 +547,8 @@ async fn simulate(kind: Kind, scale: Scale, options: &Options) -> Report {
             slot: None,
             claims: HashMap::new(),
             members: Vec::new(),
+            membership_every: options.membership_every,
+            members_read_at: None,
             desired: HashSet::new(),
             scheduled_term: None,
             held: Arc::clone(&held),
@@ -582,8 +604,8 @@ fn secs(d: Option<Duration>) -> String {
 async fn main() {
     let options = options();
     println!(
-        "fleet simulation: tick {TICK:?}, claim TTL {CLAIM_TTL:?} (renewed every third), maintenance every {MAINTENANCE_EVERY:?} per partition, {}-instance client groups; steady state measured over {:?}",
-        PER_CLIENT, options.measure_for
+        "fleet simulation: tick {TICK:?}, member slots read every {:?}, claim TTL {CLAIM_TTL:?} (renewed every third), maintenance every {MAINTENANCE_EVERY:?} per partition, {}-instance client groups; steady state measured over {:?}",
+        options.membership_every, PER_CLIENT, options.measure_for
     );
     println!(
         "| backend | instances × partitions | all claimed after | backend load | backend CPU (cores) | hand-off after a death (its partitions) | failed rounds |"
