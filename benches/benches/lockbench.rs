@@ -254,36 +254,26 @@ async fn redis_floor(label: &str, urls: &[String]) -> Client {
     }
 }
 
-/// rslock 0.10 over `urls` (`lock` waits with its own retries).
+/// rslock 0.10 over `urls`. Its `lock` always waits with its own retries, so the uncontended pair and the
+/// contended one are the same call.
 fn rslock_client(label: &str, urls: &[String]) -> Client {
     let manager = Arc::new(rslock::LockManager::new(urls.to_vec()));
-    let (a, b) = (Arc::clone(&manager), Arc::clone(&manager));
+    let pair = op(move |resource| {
+        let manager = Arc::clone(&manager);
+        async move {
+            match manager.lock(resource.as_str(), TTL).await {
+                Ok(lock) => {
+                    manager.unlock(&lock).await;
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+    });
     Client {
         label: label.to_owned(),
-        pair: op(move |resource| {
-            let manager = Arc::clone(&a);
-            async move {
-                match manager.lock(resource.as_str(), TTL).await {
-                    Ok(lock) => {
-                        manager.unlock(&lock).await;
-                        true
-                    }
-                    Err(_) => false,
-                }
-            }
-        }),
-        waiting: Some(op(move |resource| {
-            let manager = Arc::clone(&b);
-            async move {
-                match manager.lock(resource.as_str(), TTL).await {
-                    Ok(lock) => {
-                        manager.unlock(&lock).await;
-                        true
-                    }
-                    Err(_) => false,
-                }
-            }
-        })),
+        pair: Arc::clone(&pair),
+        waiting: Some(pair),
         extend: None,
     }
 }
