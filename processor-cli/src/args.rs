@@ -265,4 +265,23 @@ pub(crate) struct RunArgs {
     /// Topic for malformed records (they are logged either way).
     #[arg(long, env = "DEAD_LETTER_TOPIC")]
     pub(crate) dead_letter_topic: Option<String>,
+    /// Publish only the latest output per key per commit (as Kafka Streams' record cache does) instead
+    /// of one per input record.
+    #[arg(long, env = "LATEST_OUTPUT_PER_KEY")]
+    pub(crate) latest_output_per_key: bool,
+    /// Most records in one commit of a partition (one atomic write of its changed keys and offset).
+    #[arg(long, env = "COMMIT_RECORDS", default_value_t = 10_000)]
+    pub(crate) commit_records: usize,
+    /// Milliseconds applied records wait at most for their commit (and their outputs).
+    #[arg(long, env = "COMMIT_INTERVAL_MS", default_value_t = 100)]
+    pub(crate) commit_interval_ms: u64,
+    /// MiB of each owned partition's write-back state cache.
+    #[arg(long, env = "STATE_CACHE_MB", default_value_t = 8)]
+    pub(crate) state_cache_mb: usize,
+    /// MiB of RocksDB block cache shared by the instance's partitions (index and filter blocks included).
+    #[arg(long, env = "BLOCK_CACHE_MB", default_value_t = 128)]
+    pub(crate) block_cache_mb: usize,
+    /// MiB of RocksDB memtables shared by the instance's partitions (writers stall beyond it).
+    #[arg(long, env = "WRITE_BUFFER_MB", default_value_t = 64)]
+    pub(crate) write_buffer_mb: usize,
 }

@@ -36,6 +36,7 @@ use processor::dev::demo::{DemoConfig, run_demo};
 use processor::dev::{DevBroker, Workload};
 use processor::http::{LocalInstances, MetricsRender};
 use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
+use processor::operator::OutputMode;
 use processor::resources::checkpoint_root;
 use processor::store::rocksdb::RocksDbStores;
 use processor::{Instance, InstanceConfig, KafkaSettings, MaintenanceConfig, Services};
@@ -92,7 +93,24 @@ fn instance_config(args: &RunArgs, instance_id: &str) -> anyhow::Result<Instance
     if let Some(topic) = &args.dead_letter_topic {
         config = config.with_dead_letter_topic(topic);
     }
+    if args.commit_records == 0 || args.commit_interval_ms == 0 {
+        bail!("--commit-records and --commit-interval-ms must be at least 1");
+    }
+    if args.block_cache_mb == 0 || args.write_buffer_mb == 0 {
+        bail!("--block-cache-mb and --write-buffer-mb must be at least 1");
+    }
+    let output_mode = if args.latest_output_per_key {
+        OutputMode::LatestPerKey
+    } else {
+        OutputMode::PerRecord
+    };
     config = config
+        .with_commits(
+            args.commit_records,
+            Duration::from_millis(args.commit_interval_ms),
+        )
+        .with_state_cache_bytes(args.state_cache_mb << 20)
+        .with_output_mode(output_mode)
         .with_kafka(kafka_settings(args)?)
         .with_on_missing_offsets(args.on_missing_offsets)
         .with_restore_older_checkpoint(args.restore_older_checkpoint);
@@ -188,12 +206,16 @@ async fn run(args: RunArgs, metrics: Option<MetricsRender>) -> anyhow::Result<()
         );
     }
     // Each fleet (group) has checkpoints of its own under the shared directory.
-    let services = Services::connect(
+    let mut services = Services::connect(
         &lock_url,
         checkpoint_root(&args.checkpoint_dir, &args.group),
     )
     .await
     .context("lock backend")?; // its errors name the server, password redacted
+    services.stores = Arc::new(RocksDbStores::new(
+        args.block_cache_mb << 20,
+        args.write_buffer_mb << 20,
+    ));
     let instance = Instance::new(config, services)?;
     let stop = CancellationToken::new();
     let _server = http.map(|listener| {

@@ -145,7 +145,7 @@ async fn main() {
                 consume_partition(
                     &consumer,
                     &mut processor,
-                    500,
+                    processor::source::CommitPolicy::new(10_000, Duration::from_millis(100)),
                     Some(end),
                     Outputs::Discard,
                     None,

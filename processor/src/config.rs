@@ -100,8 +100,15 @@ pub struct InstanceConfig {
     pub claim_ttl: Duration,
     /// Time between checkpoints of an owned partition.
     pub checkpoint_every: Duration,
-    /// Records per atomic batch.
+    /// Most records in one commit (one atomic write of the changed keys and the next offset).
     pub batch_size: usize,
+    /// Longest time applied records wait for their commit (and their outputs): commits happen after
+    /// [`batch_size`](Self::batch_size) records or this long, whichever comes first.
+    pub commit_interval: Duration,
+    /// Bytes of each owned partition's write-back state cache.
+    pub state_cache_bytes: usize,
+    /// Every output per record, or the latest per key per commit.
+    pub output_mode: crate::operator::OutputMode,
     /// How many owned partitions process a batch at the same time (the others wait, and their
     /// prefetch queues fill up and stop fetching).
     pub parallelism: usize,
@@ -128,7 +135,8 @@ pub struct InstanceConfig {
 }
 
 impl InstanceConfig {
-    /// Defaults: 5 s claims, checkpoints every 2 s, batches of 500, as many partitions processing at once
+    /// Defaults: 5 s claims, checkpoints every 2 s, commits of at most 10 000 records at least every
+    /// 100 ms, an 8 MiB state cache per partition, as many partitions processing at once
     /// as there are CPUs, maintenance every 10 s keeping 3
     /// checkpoints, 250 ms ticks, the partition count read again every 30 s, no output or dead-letter
     /// topic.
@@ -149,7 +157,10 @@ impl InstanceConfig {
             state_dir,
             claim_ttl: Duration::from_secs(5),
             checkpoint_every: Duration::from_secs(2),
-            batch_size: 500,
+            batch_size: 10_000,
+            commit_interval: Duration::from_millis(100),
+            state_cache_bytes: crate::partition::DEFAULT_STATE_CACHE_BYTES,
+            output_mode: crate::operator::OutputMode::PerRecord,
             parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
             maintenance: MaintenanceConfig::default(),
             tick: Duration::from_millis(250),
@@ -215,6 +226,25 @@ impl InstanceConfig {
     /// Sends malformed records to `topic` (see [`OutputGuarantee`]) besides logging them.
     pub fn with_dead_letter_topic(mut self, topic: &str) -> Self {
         self.dead_letter_topic = Some(topic.to_owned());
+        self
+    }
+
+    /// Commits after `max_records` records or `interval`, whichever comes first.
+    pub fn with_commits(mut self, max_records: usize, interval: Duration) -> Self {
+        self.batch_size = max_records;
+        self.commit_interval = interval;
+        self
+    }
+
+    /// Bounds each owned partition's write-back state cache to `bytes`.
+    pub fn with_state_cache_bytes(mut self, bytes: usize) -> Self {
+        self.state_cache_bytes = bytes;
+        self
+    }
+
+    /// Publishes every output, or only the latest per key per commit.
+    pub fn with_output_mode(mut self, mode: crate::operator::OutputMode) -> Self {
+        self.output_mode = mode;
         self
     }
 
@@ -296,6 +326,7 @@ impl InstanceConfig {
         }
         let positive = [
             ("checkpoint interval", self.checkpoint_every),
+            ("commit interval", self.commit_interval),
             ("tick", self.tick),
             ("maintenance interval", self.maintenance.every),
         ];

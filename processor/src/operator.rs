@@ -1,13 +1,16 @@
 //! What the processor does with each record: the [`Operator`] trait, and the built-in keyed aggregation.
 //!
-//! An operator turns one record into a [`StateBatch`] update, reading the current state through the
-//! store. The partition task applies the batch together with the next offset, atomically, so an operator
-//! never has to think about exactly-once: it only has to be deterministic.
+//! An operator reads and writes the partition's state through [`PartitionState`] (a write-back cache with
+//! read-your-writes) and emits outputs through an [`Emitter`]. The partition commits the changed keys
+//! together with the next offset, atomically, so an operator never has to think about exactly-once: it
+//! only has to be deterministic.
+
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ProcessorError, ProcessorResult};
-use crate::store::{PartitionStore, StateBatch};
+use crate::store::PartitionState;
 
 /// The FNV-style multiplier of the order-sensitive chain digest.
 pub const CHAIN_MULTIPLIER: u64 = 1_099_511_628_211;
@@ -29,13 +32,8 @@ pub struct Record<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Outcome {
-    /// The record updated the state; `output` is the new value to publish downstream, if any.
-    Applied {
-        /// The key the output belongs to.
-        key: Vec<u8>,
-        /// The updated value, serialised for an output topic.
-        output: Option<Vec<u8>>,
-    },
+    /// The record updated the state (and may have emitted outputs).
+    Applied,
     /// The record is malformed: it goes to the dead-letter topic (or log) and the partition moves on.
     DeadLetter {
         /// Why.
@@ -43,21 +41,90 @@ pub enum Outcome {
     },
 }
 
+/// How outputs are kept between two commits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OutputMode {
+    /// Every output, in record order (a key updated 10 times between commits is published 10 times).
+    #[default]
+    PerRecord,
+    /// The latest output per key per commit, in the order keys were first updated (Kafka Streams' record
+    /// cache does this): fewer, equally final records downstream.
+    LatestPerKey,
+}
+
+/// Where each key's output sits among the pending outputs ([`OutputMode::LatestPerKey`]).
+pub(crate) type KeyPositions = HashMap<Vec<u8>, usize, foldhash::fast::RandomState>;
+
+/// The outputs emitted since the last commit, and where each key's sits.
+pub(crate) type PendingOutputs<'a> = (&'a mut Vec<(Vec<u8>, Vec<u8>)>, &'a mut KeyPositions);
+
+/// Where an operator's outputs go: to the partition's pending outputs when the partition has an output
+/// topic, nowhere otherwise ([`enabled`](Self::enabled) says which, so an operator can skip building
+/// them).
+pub struct Emitter<'a> {
+    pending: Option<PendingOutputs<'a>>,
+    mode: OutputMode,
+}
+
+impl std::fmt::Debug for Emitter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emitter")
+            .field("enabled", &self.enabled())
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl<'a> Emitter<'a> {
+    pub(crate) fn new(pending: Option<PendingOutputs<'a>>, mode: OutputMode) -> Self {
+        Emitter { pending, mode }
+    }
+
+    /// An emitter that drops everything (tests, replays).
+    pub fn discarding() -> Emitter<'static> {
+        Emitter {
+            pending: None,
+            mode: OutputMode::PerRecord,
+        }
+    }
+
+    /// Whether emitted outputs go anywhere.
+    pub fn enabled(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Publishes `value` under `key` downstream (at the partition's next commit).
+    pub fn emit(&mut self, key: &[u8], value: Vec<u8>) {
+        let Some((outputs, positions)) = self.pending.as_mut() else {
+            return;
+        };
+        match self.mode {
+            OutputMode::PerRecord => outputs.push((key.to_vec(), value)),
+            OutputMode::LatestPerKey => match positions.get(key) {
+                Some(&at) => outputs[at].1 = value,
+                None => {
+                    positions.insert(key.to_vec(), outputs.len());
+                    outputs.push((key.to_vec(), value));
+                }
+            },
+        }
+    }
+}
+
 /// A user-pluggable record processor. Must be deterministic: the same records in the same order give the
 /// same state, whichever instance applies them.
 pub trait Operator: Send + Sync {
-    /// Adds the effect of `record` to `batch`, reading current state from `store`.
-    ///
-    /// Reads see the store *before* `batch`; an operator that may update one key twice in a batch must
-    /// look at the batch too (see [`KeyedAggregation`]).
+    /// Applies `record` to `state` (reads see every earlier record's writes, committed or not) and
+    /// emits its outputs, if any, through `out`.
     ///
     /// # Errors
-    /// A store error (the batch is then not applied and the partition stops).
+    /// A store error (nothing since the last commit is written then, and the partition stops).
     fn apply(
         &self,
         record: &Record<'_>,
-        store: &dyn PartitionStore,
-        batch: &mut StateBatch,
+        state: &mut PartitionState,
+        out: &mut Emitter<'_>,
     ) -> ProcessorResult<Outcome>;
 }
 
@@ -77,6 +144,12 @@ pub struct Aggregate {
     pub chain: u64,
 }
 
+/// First byte of the fixed-width aggregate encoding. bincode's variable-length integers never start
+/// with it, so values written by earlier releases (bincode) still decode.
+const FIXED_WIDTH_TAG: u8 = 0xFF;
+/// Length of the fixed-width encoding: the tag and five 8-byte little-endian fields.
+const FIXED_WIDTH_LEN: usize = 41;
+
 impl Aggregate {
     /// The aggregate after one more `amount`.
     pub fn with_amount(self, amount: i64) -> Aggregate {
@@ -93,27 +166,54 @@ impl Aggregate {
         }
     }
 
-    /// Encodes with bincode.
-    ///
-    /// # Errors
-    /// Never in practice; an encoding error otherwise.
-    pub fn encode(&self) -> ProcessorResult<Vec<u8>> {
-        bincode::serde::encode_to_vec(self, bincode::config::standard())
-            .map_err(|err| ProcessorError::encode("an aggregate", err))
+    /// Encodes in the compact fixed-width form (41 bytes: a tag and the five fields, little-endian):
+    /// no serde on the hot path.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(FIXED_WIDTH_LEN);
+        bytes.push(FIXED_WIDTH_TAG);
+        bytes.extend_from_slice(&self.count.to_le_bytes());
+        bytes.extend_from_slice(&self.sum.to_le_bytes());
+        bytes.extend_from_slice(&self.min.to_le_bytes());
+        bytes.extend_from_slice(&self.max.to_le_bytes());
+        bytes.extend_from_slice(&self.chain.to_le_bytes());
+        bytes
     }
 
-    /// Decodes bincode.
+    /// Decodes the fixed-width form, or the bincode form earlier releases wrote.
     ///
     /// # Errors
     /// [`ProcessorError::Codec`] for undecodable bytes.
     pub fn decode(bytes: &[u8]) -> ProcessorResult<Aggregate> {
+        if bytes.first() == Some(&FIXED_WIDTH_TAG) {
+            let fields: Option<[u64; 5]> = (bytes.len() == FIXED_WIDTH_LEN).then(|| {
+                std::array::from_fn(|i| {
+                    let at = 1 + 8 * i;
+                    let mut field = [0u8; 8];
+                    field.copy_from_slice(&bytes[at..at + 8]);
+                    u64::from_le_bytes(field)
+                })
+            });
+            let [count, sum, min, max, chain] = fields.ok_or_else(|| {
+                ProcessorError::decode(
+                    "an aggregate",
+                    format!("{} bytes, expected {FIXED_WIDTH_LEN}", bytes.len()),
+                )
+            })?;
+            return Ok(Aggregate {
+                count,
+                sum: sum as i64,
+                min: min as i64,
+                max: max as i64,
+                chain,
+            });
+        }
         bincode::serde::decode_from_slice(bytes, bincode::config::standard())
             .map(|(aggregate, _)| aggregate)
             .map_err(|err| ProcessorError::decode("an aggregate", err))
     }
 
     /// The output-topic form: JSON (`{"count":…,"sum":…,"min":…,"max":…,"chain":…}`), readable by any
-    /// downstream consumer (the state keeps the compact bincode form).
+    /// downstream consumer (the state keeps the compact fixed-width form).
     ///
     /// # Errors
     /// Never in practice; an encoding error otherwise.
@@ -144,8 +244,8 @@ impl Operator for KeyedAggregation {
     fn apply(
         &self,
         record: &Record<'_>,
-        store: &dyn PartitionStore,
-        batch: &mut StateBatch,
+        state: &mut PartitionState,
+        out: &mut Emitter<'_>,
     ) -> ProcessorResult<Outcome> {
         let Some(key) = record.key else {
             return Ok(Outcome::DeadLetter {
@@ -156,35 +256,26 @@ impl Operator for KeyedAggregation {
             Ok(amount) => amount,
             Err(reason) => return Ok(Outcome::DeadLetter { reason }),
         };
-        // The latest value of the key: this batch's own pending write wins over the store.
-        let pending = batch
-            .puts()
-            .iter()
-            .rev()
-            .find(|(k, _)| k.as_slice() == key)
-            .map(|(_, v)| v.clone());
-        let current = match pending {
-            Some(bytes) => Some(bytes),
-            None => store.get(key)?,
-        };
-        let before = current
-            .as_deref()
+        let before = state
+            .get(key)?
             .map(Aggregate::decode)
             .transpose()?
             .unwrap_or_default();
         let after = before.with_amount(amount);
-        batch.put(key.to_vec(), after.encode()?);
-        Ok(Outcome::Applied {
-            key: key.to_vec(),
-            output: Some(after.to_json()?),
-        })
+        state.put(key, after.encode());
+        if out.enabled() {
+            out.emit(key, after.to_json()?);
+        }
+        Ok(Outcome::Applied)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::PartitionStore;
     use crate::store::memory::InMemoryPartitionStore;
+    use std::sync::Arc;
 
     fn record<'a>(offset: i64, key: &'a [u8], value: &'a [u8]) -> Record<'a> {
         Record {
@@ -193,6 +284,11 @@ mod tests {
             key: Some(key),
             value: Some(value),
         }
+    }
+
+    fn state() -> PartitionState {
+        let store: Arc<dyn PartitionStore> = Arc::new(InMemoryPartitionStore::new(0));
+        PartitionState::new(store, 1 << 20)
     }
 
     #[test]
@@ -221,27 +317,57 @@ mod tests {
     }
 
     #[test]
-    fn one_key_twice_in_a_batch_sees_its_own_update() {
-        let store = InMemoryPartitionStore::new(0);
-        let mut batch = StateBatch::new(2, 1);
+    fn fixed_width_encoding_round_trips_and_earlier_bincode_values_still_decode() {
+        let a = Aggregate::default().with_amount(i64::MIN).with_amount(7);
+        let bytes = a.encode();
+        assert_eq!(bytes.len(), 41);
+        assert_eq!(Aggregate::decode(&bytes).unwrap(), a);
+        let earlier = bincode::serde::encode_to_vec(a, bincode::config::standard()).unwrap();
+        assert_eq!(Aggregate::decode(&earlier).unwrap(), a);
+        assert!(Aggregate::decode(&bytes[..40]).is_err());
+    }
+
+    #[test]
+    fn one_key_twice_before_a_commit_sees_its_own_update() {
+        let mut state = state();
+        let (mut outputs, mut positions) = (Vec::new(), KeyPositions::default());
+        let mut out = Emitter::new(Some((&mut outputs, &mut positions)), OutputMode::PerRecord);
         KeyedAggregation
-            .apply(&record(0, b"k", b"4"), &store, &mut batch)
+            .apply(&record(0, b"k", b"4"), &mut state, &mut out)
             .unwrap();
         KeyedAggregation
-            .apply(&record(1, b"k", b"6"), &store, &mut batch)
+            .apply(&record(1, b"k", b"6"), &mut state, &mut out)
             .unwrap();
-        store.apply(&batch).unwrap();
-        let agg = Aggregate::decode(&store.get(b"k").unwrap().unwrap()).unwrap();
+        let agg = Aggregate::decode(state.get(b"k").unwrap().unwrap()).unwrap();
         assert_eq!((agg.count, agg.sum), (2, 10));
+        assert_eq!(outputs.len(), 2, "one output per record");
+    }
+
+    #[test]
+    fn latest_per_key_keeps_one_output_per_key_in_first_update_order() {
+        let mut state = state();
+        let (mut outputs, mut positions) = (Vec::new(), KeyPositions::default());
+        let mut out = Emitter::new(
+            Some((&mut outputs, &mut positions)),
+            OutputMode::LatestPerKey,
+        );
+        for (offset, key) in [b"a", b"b", b"a", b"a"].into_iter().enumerate() {
+            KeyedAggregation
+                .apply(&record(offset as i64, key, b"1"), &mut state, &mut out)
+                .unwrap();
+        }
+        let keys: Vec<_> = outputs.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(keys, vec![b"a".to_vec(), b"b".to_vec()]);
+        assert!(String::from_utf8_lossy(&outputs[0].1).contains("\"count\":3"));
     }
 
     #[test]
     fn malformed_values_are_dead_letters_not_errors() {
-        let store = InMemoryPartitionStore::new(0);
-        let mut batch = StateBatch::new(1, 1);
+        let mut state = state();
+        let mut out = Emitter::discarding();
         for bad in [&b"12x"[..], b"", b"99999999999999999999", &[0xff, 0xfe]] {
             let outcome = KeyedAggregation
-                .apply(&record(0, b"k", bad), &store, &mut batch)
+                .apply(&record(0, b"k", bad), &mut state, &mut out)
                 .unwrap();
             assert!(matches!(outcome, Outcome::DeadLetter { .. }), "{bad:?}");
         }
@@ -253,11 +379,11 @@ mod tests {
         };
         assert!(matches!(
             KeyedAggregation
-                .apply(&keyless, &store, &mut batch)
+                .apply(&keyless, &mut state, &mut out)
                 .unwrap(),
             Outcome::DeadLetter { .. }
         ));
-        assert!(batch.is_empty());
+        assert_eq!(state.changed_keys(), 0);
         assert_eq!(parse_amount(Some(b" -42 ")), Ok(-42));
     }
 }

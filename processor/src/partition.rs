@@ -11,10 +11,13 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ProcessorError, ProcessorResult};
-use crate::operator::{Operator, Outcome, Record};
-use crate::store::{PartitionStore, StateBatch};
+use crate::operator::{Emitter, KeyPositions, Operator, Outcome, OutputMode, Record};
+use crate::store::{PartitionState, PartitionStore, StateBatch};
 
-/// What one batch did.
+/// The write-back cache budget of a partition unless configured: 8 MiB.
+pub const DEFAULT_STATE_CACHE_BYTES: usize = 8 << 20;
+
+/// What the records applied since the last commit did, and — once committed — where the partition is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BatchReport {
@@ -24,7 +27,7 @@ pub struct BatchReport {
     pub skipped: usize,
     /// Malformed records, with their offset and why: for the dead-letter topic or log.
     pub dead_letters: Vec<(i64, String)>,
-    /// Updated values to publish downstream (key, value), in offset order.
+    /// Updated values to publish downstream (key, value), in the order the output mode keeps them.
     pub outputs: Vec<(Vec<u8>, Vec<u8>)>,
     /// The offset processing continues from.
     pub next_offset: i64,
@@ -37,26 +40,36 @@ pub struct PartitionStats {
     pub applied: u64,
     /// Dead letters.
     pub dead_letters: u64,
-    /// Batches written.
+    /// Commits written.
     pub batches: u64,
 }
 
-/// Processing of one owned partition.
+/// Processing of one owned partition: records are applied to a write-back cache of its state
+/// ([`apply`](Self::apply)) and written, changed keys plus next offset in one atomic batch, by
+/// [`commit`](Self::commit).
 pub struct PartitionProcessor {
-    store: Arc<dyn PartitionStore>,
+    state: PartitionState,
     operator: Arc<dyn Operator>,
     fencing_token: u64,
     lost: CancellationToken,
+    /// The first offset not yet committed.
     next_offset: i64,
+    /// The first offset not yet applied (committed or not).
+    applied_to: i64,
+    pending: BatchReport,
+    positions: KeyPositions,
+    emit: bool,
+    output_mode: OutputMode,
     stats: PartitionStats,
 }
 
 impl std::fmt::Debug for PartitionProcessor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PartitionProcessor")
-            .field("partition", &self.store.partition())
+            .field("partition", &self.state.partition())
             .field("fencing_token", &self.fencing_token)
             .field("next_offset", &self.next_offset)
+            .field("applied_to", &self.applied_to)
             .field("stats", &self.stats)
             .finish()
     }
@@ -64,7 +77,8 @@ impl std::fmt::Debug for PartitionProcessor {
 
 impl PartitionProcessor {
     /// Resumes `store` under ownership `fencing_token`: from the offset stored with the state, or 0 for a
-    /// new store. `lost` is the ownership claim's lost-token.
+    /// new store. `lost` is the ownership claim's lost-token. Outputs are kept per record and the
+    /// state cache holds [`DEFAULT_STATE_CACHE_BYTES`] until configured otherwise.
     ///
     /// # Errors
     /// [`ProcessorError::StaleOwner`] when the store already holds state written by a newer owner; a
@@ -85,24 +99,53 @@ impl PartitionProcessor {
                 highest: meta.fencing_token,
             });
         }
+        let next_offset = meta.map_or(0, |m| m.next_offset);
         Ok(PartitionProcessor {
-            next_offset: meta.map_or(0, |m| m.next_offset),
-            store,
+            next_offset,
+            applied_to: next_offset,
+            state: PartitionState::new(store, DEFAULT_STATE_CACHE_BYTES),
             operator,
             fencing_token,
             lost,
+            pending: BatchReport::default(),
+            positions: KeyPositions::default(),
+            emit: true,
+            output_mode: OutputMode::PerRecord,
             stats: PartitionStats::default(),
         })
     }
 
-    /// The first offset not yet applied: where to consume from.
+    /// Bounds the write-back cache to about `bytes` (see [`PartitionState`]).
+    #[must_use]
+    pub fn with_state_cache_bytes(mut self, bytes: usize) -> Self {
+        let store = Arc::clone(self.state.store());
+        self.state = PartitionState::new(store, bytes);
+        self
+    }
+
+    /// Keeps outputs as `mode` says, or none at all with `emit` false (no output topic: operators skip
+    /// building them).
+    #[must_use]
+    pub fn with_outputs(mut self, emit: bool, mode: OutputMode) -> Self {
+        self.emit = emit;
+        self.output_mode = mode;
+        self
+    }
+
+    /// The first offset not yet committed: where a successor would consume from.
     pub fn next_offset(&self) -> i64 {
         self.next_offset
     }
 
+    /// The first offset not yet applied (equal to [`next_offset`](Self::next_offset) when nothing waits
+    /// for a commit): where this processor consumes from.
+    pub fn applied_to(&self) -> i64 {
+        self.applied_to
+    }
+
     /// The partition.
     pub fn partition(&self) -> i32 {
-        self.store.partition()
+        self.state.partition()
     }
 
     /// The ownership fencing token this processor writes under.
@@ -110,25 +153,46 @@ impl PartitionProcessor {
         self.fencing_token
     }
 
-    /// Counters since resume.
+    /// Counters since resume (committed records only).
     pub fn stats(&self) -> PartitionStats {
         self.stats
     }
 
     /// The store.
     pub fn store(&self) -> &Arc<dyn PartitionStore> {
-        &self.store
+        self.state.store()
     }
 
-    /// Applies `records` (in offset order) as one atomic batch. Records below [`next_offset`](Self::next_offset)
-    /// are skipped. Nothing is written once ownership is lost.
+    /// What the records applied since the last commit will publish: outputs and dead letters.
+    pub fn pending(&self) -> &BatchReport {
+        &self.pending
+    }
+
+    /// Whether records were applied (or skipped past) since the last commit.
+    pub fn has_pending(&self) -> bool {
+        self.applied_to > self.next_offset
+    }
+
+    /// Whether the changes waiting for a commit fill half the state cache: commit before reading on.
+    pub fn wants_commit(&self) -> bool {
+        self.state.wants_commit()
+    }
+
+    /// Records (applied or dead letters) waiting for a commit.
+    pub fn pending_records(&self) -> usize {
+        self.pending.applied + self.pending.dead_letters.len()
+    }
+
+    /// Applies `records` (in offset order) and commits them as one atomic batch. Records below
+    /// [`applied_to`](Self::applied_to) are skipped. Nothing is written once ownership is lost.
     ///
     /// # Errors
     /// [`ProcessorError::StaleOwner`] when ownership was lost; [`ProcessorError::InvalidInput`] for records
-    /// out of order or of another partition; a store error (nothing of the batch is written then).
+    /// out of order or of another partition; a store error (nothing since the last commit is written
+    /// then).
     pub fn process(&mut self, records: &[Record<'_>]) -> ProcessorResult<BatchReport> {
-        let prepared = self.prepare(records)?;
-        self.commit(prepared)
+        self.apply(records)?;
+        self.commit()
     }
 
     fn ensure_owner(&self) -> ProcessorResult<()> {
@@ -142,115 +206,86 @@ impl PartitionProcessor {
         Ok(())
     }
 
-    /// Runs `records` through the operator without writing anything: the batch and its report (outputs
-    /// and dead letters), for a caller that publishes them before [`commit`](Self::commit) (at-least-once
-    /// downstream: a crash in between replays the records and publishes them again).
+    /// Runs `records` through the operator into the state cache, writing nothing: their outputs and
+    /// dead letters join [`pending`](Self::pending), for a caller that publishes them before
+    /// [`commit`](Self::commit) (a crash in between replays the records and publishes them again).
     ///
     /// # Errors
-    /// As [`process`](Self::process).
-    pub fn prepare(&self, records: &[Record<'_>]) -> ProcessorResult<PreparedBatch> {
+    /// As [`process`](Self::process); after an error the records applied since the last commit are in
+    /// an unknown state: [`discard_pending`](Self::discard_pending) or drop the processor.
+    pub fn apply(&mut self, records: &[Record<'_>]) -> ProcessorResult<()> {
         self.ensure_owner()?;
-        let mut report = BatchReport::default();
-        let mut batch = StateBatch::new(self.next_offset, self.fencing_token);
-        let mut last = self.next_offset - 1;
+        let partition = self.partition();
         for record in records {
-            if record.partition != self.partition() {
+            if record.partition != partition {
                 return Err(ProcessorError::InvalidInput {
                     what: "record",
                     reason: format!(
-                        "offset {} belongs to partition {}, not {}",
-                        record.offset,
-                        record.partition,
-                        self.partition()
+                        "offset {} belongs to partition {}, not {partition}",
+                        record.offset, record.partition,
                     ),
                 });
             }
             if record.offset < self.next_offset {
-                report.skipped += 1;
+                self.pending.skipped += 1;
                 continue;
             }
-            if record.offset <= last {
+            if record.offset < self.applied_to {
                 return Err(ProcessorError::InvalidInput {
                     what: "record",
-                    reason: format!("offset {} after {last}: out of order", record.offset),
+                    reason: format!(
+                        "offset {} after {}: out of order",
+                        record.offset,
+                        self.applied_to - 1
+                    ),
                 });
             }
-            last = record.offset;
-            match self
-                .operator
-                .apply(record, self.store.as_ref(), &mut batch)?
-            {
-                Outcome::Applied { key, output } => {
-                    report.applied += 1;
-                    if let Some(value) = output {
-                        report.outputs.push((key, value));
-                    }
+            let mut out = Emitter::new(
+                self.emit
+                    .then_some((&mut self.pending.outputs, &mut self.positions)),
+                self.output_mode,
+            );
+            match self.operator.apply(record, &mut self.state, &mut out)? {
+                Outcome::Applied => self.pending.applied += 1,
+                Outcome::DeadLetter { reason } => {
+                    self.pending.dead_letters.push((record.offset, reason));
                 }
-                Outcome::DeadLetter { reason } => report.dead_letters.push((record.offset, reason)),
             }
+            self.applied_to = record.offset + 1;
         }
-        Ok(PreparedBatch {
-            batch,
-            report,
-            from_offset: self.next_offset,
-            last,
-        })
+        Ok(())
     }
 
-    /// Writes a prepared batch: state and next offset in one atomic write under the fencing token.
+    /// Writes everything applied since the last commit: the changed keys and the next offset in one
+    /// atomic write under the fencing token. Returns what the commit covered.
     ///
     /// # Errors
-    /// [`ProcessorError::StaleOwner`] when ownership was lost meanwhile; [`ProcessorError::InvalidInput`]
-    /// when the batch was prepared at another offset; a store error.
-    pub fn commit(&mut self, prepared: PreparedBatch) -> ProcessorResult<BatchReport> {
+    /// [`ProcessorError::StaleOwner`] when ownership was lost meanwhile; a store error. The processor
+    /// must be dropped then: its cache holds changes the store does not.
+    pub fn commit(&mut self) -> ProcessorResult<BatchReport> {
         self.ensure_owner()?;
-        let PreparedBatch {
-            mut batch,
-            mut report,
-            from_offset,
-            last,
-        } = prepared;
-        if from_offset != self.next_offset {
-            return Err(ProcessorError::InvalidInput {
-                what: "prepared batch",
-                reason: format!(
-                    "prepared at offset {from_offset}, the partition is at {}",
-                    self.next_offset
-                ),
-            });
-        }
-        if last >= self.next_offset {
-            batch.set_next_offset(last + 1);
-            self.store.apply(&batch)?;
-            self.next_offset = last + 1;
+        if self.applied_to > self.next_offset {
+            let mut batch = StateBatch::new(self.applied_to, self.fencing_token);
+            self.state.drain_changes_into(&mut batch);
+            self.state.store().apply(&batch)?;
+            self.next_offset = self.applied_to;
             self.stats.batches += 1;
         }
+        let mut report = std::mem::take(&mut self.pending);
+        self.positions.clear();
         self.stats.applied += report.applied as u64;
         self.stats.dead_letters += report.dead_letters.len() as u64;
         report.next_offset = self.next_offset;
         Ok(report)
     }
-}
 
-/// A batch run through the operator but not yet written (see [`PartitionProcessor::prepare`]).
-#[derive(Debug)]
-pub struct PreparedBatch {
-    batch: StateBatch,
-    report: BatchReport,
-    from_offset: i64,
-    last: i64,
-}
-
-impl PreparedBatch {
-    /// What the batch will do: its outputs and dead letters are final.
-    pub fn report(&self) -> &BatchReport {
-        &self.report
-    }
-
-    /// The partition's next offset once the batch is written; `None` when every record of the batch
-    /// was a replay below the partition's offset (nothing to write, nothing to publish).
-    pub fn next_offset(&self) -> Option<i64> {
-        (self.last >= self.from_offset).then_some(self.last + 1)
+    /// Forgets everything applied since the last commit (its outputs could not be delivered): state
+    /// changes, outputs, dead letters; processing continues from [`next_offset`](Self::next_offset).
+    pub fn discard_pending(&mut self) {
+        self.state.discard_changes();
+        self.pending = BatchReport::default();
+        self.positions.clear();
+        self.applied_to = self.next_offset;
     }
 }
 

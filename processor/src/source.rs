@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata, StreamConsumer};
-use rdkafka::message::OwnedMessage;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -205,64 +204,146 @@ impl std::fmt::Debug for Outputs<'_> {
     }
 }
 
-/// Consumes one partition into `processor` in batches of up to `batch_size` records until `stop` fires
-/// (or, with `until`, until the processor reaches exactly that offset: records from `until` on are left
-/// to the consumer's next reader). Each batch is one atomic write of state
-/// and next offset, made only after its outputs went where `outputs` says. With
-/// `permits`, each batch is processed under one permit: an instance bounds how many of its partitions
-/// process at once, and a partition waiting for a permit stops fetching once librdkafka's bounded
-/// prefetch queue is full (backpressure instead of unbounded buffering).
+/// When a partition commits what it applied: after `max_records` records or `max_interval`, whichever
+/// comes first — and at once when the changes fill half its state cache, or the consume loop stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitPolicy {
+    /// Most records (applied or dead letters) in one commit.
+    pub max_records: usize,
+    /// Longest time records wait for their commit (and their outputs).
+    pub max_interval: Duration,
+}
+
+impl CommitPolicy {
+    /// Commits of at most `max_records` records, at least every `max_interval`.
+    pub fn new(max_records: usize, max_interval: Duration) -> Self {
+        CommitPolicy {
+            max_records: max_records.max(1),
+            max_interval,
+        }
+    }
+}
+
+/// Most messages taken from the consumer's queue before they are applied.
+const FETCH_BATCH: usize = 1_000;
+
+/// How long an idle partition waits for a record before it looks at `stop` again (a cancelled `stop`
+/// wakes it at once).
+const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// Runs `work` where it may block: on a multi-threaded runtime the worker hands its other tasks (lock
+/// renewals, membership) to another thread first, so a RocksDB write stall never delays them; on a
+/// current-thread runtime (tests) it just runs.
+pub(crate) fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
+/// One fetch: the messages ready in the consumer's queue, waiting up to `wait` for the first; and
+/// whether the end offset `until` was reached (the consumer is then positioned back at it).
+async fn fetch<'c>(
+    stream: &mut rdkafka::consumer::MessageStream<'c, rdkafka::consumer::DefaultConsumerContext>,
+    consumer: &StreamConsumer,
+    wait: Duration,
+    until: Option<i64>,
+    stop: &CancellationToken,
+) -> ProcessorResult<(Vec<rdkafka::message::BorrowedMessage<'c>>, bool)> {
+    use futures::{FutureExt, StreamExt};
+    let mut messages = Vec::new();
+    let first = tokio::select! {
+        biased;
+        _ = stop.cancelled() => return Ok((messages, false)),
+        received = tokio::time::timeout(wait, stream.next()) => match received {
+            Ok(message) => message,
+            Err(_) => return Ok((messages, false)),
+        },
+    };
+    let mut next = first;
+    loop {
+        let Some(received) = next else {
+            return Err(ProcessorError::ShuttingDown {
+                what: "consume (the consumer's stream ended)",
+            });
+        };
+        let message = received.map_err(ProcessorError::kafka("consume"))?;
+        if let Some(end) = until.filter(|end| message.offset() >= *end) {
+            // Past the end of this run: leave it (and what follows) to the next reader of this
+            // consumer, which must start exactly at `end`.
+            consumer
+                .seek(
+                    message.topic(),
+                    message.partition(),
+                    Offset::Offset(end),
+                    Duration::from_secs(10),
+                )
+                .map_err(ProcessorError::kafka("seek back to the end of a replay"))?;
+            return Ok((messages, true));
+        }
+        messages.push(message);
+        if messages.len() >= FETCH_BATCH {
+            return Ok((messages, false));
+        }
+        // What is already queued, without waiting (and without a timer per message).
+        match stream.next().now_or_never() {
+            Some(received) => next = received,
+            None => return Ok((messages, false)),
+        }
+    }
+}
+
+/// Consumes one partition into `processor` until `stop` fires (or, with `until`, until the processor
+/// reaches exactly that offset: records from `until` on are left to the consumer's next reader).
+/// Records are applied as they arrive and committed as `commits` says: each commit is one atomic write
+/// of the changed keys and the next offset, made only after its outputs went where `outputs` says. With
+/// `permits`, applying and writing hold one permit (delivering outputs does not): an instance bounds
+/// how many of its partitions work at once, and a partition waiting for a permit stops fetching once
+/// librdkafka's bounded prefetch queue is full (backpressure instead of unbounded buffering). State work
+/// runs off the async workers ([`tokio::task::block_in_place`]).
 ///
 /// # Errors
 /// A Kafka or store error, or [`ProcessorError::StaleOwner`] once ownership is lost.
 ///
 /// # Cancel safety
-/// Dropping the future loses only the batch being gathered: nothing of it was written.
+/// Dropping the future loses only what was applied since the last commit: nothing of it was written.
 pub async fn consume_partition(
     consumer: &StreamConsumer,
     processor: &mut PartitionProcessor,
-    batch_size: usize,
+    commits: CommitPolicy,
     until: Option<i64>,
     outputs: Outputs<'_>,
     permits: Option<&tokio::sync::Semaphore>,
     stop: &CancellationToken,
 ) -> ProcessorResult<PartitionStats> {
-    let linger = Duration::from_millis(20);
+    let mut stream = consumer.stream();
+    let mut last_commit = tokio::time::Instant::now();
+    let mut reached_end = false;
     loop {
-        if until.is_some_and(|end| processor.next_offset() >= end) || stop.is_cancelled() {
+        let done = reached_end
+            || until.is_some_and(|end| processor.applied_to() >= end)
+            || stop.is_cancelled();
+        let due = processor.has_pending()
+            && (done
+                || processor.pending_records() >= commits.max_records
+                || last_commit.elapsed() >= commits.max_interval
+                || processor.wants_commit());
+        if due {
+            commit_pending(processor, outputs, permits).await?;
+            last_commit = tokio::time::Instant::now();
+        }
+        if done {
             return Ok(processor.stats());
         }
-        let mut messages: Vec<OwnedMessage> = Vec::with_capacity(batch_size);
-        while messages.len() < batch_size {
-            let wait = if messages.is_empty() {
-                Duration::from_millis(200)
-            } else {
-                linger
-            };
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                received = tokio::time::timeout(wait, consumer.recv()) => match received {
-                    Ok(Ok(message)) => {
-                        if let Some(end) = until.filter(|end| message.offset() >= *end) {
-                            // Past the end of this run: leave it (and what follows) to the next reader
-                            // of this consumer, which must start exactly at `end`.
-                            consumer
-                                .seek(
-                                    message.topic(),
-                                    message.partition(),
-                                    Offset::Offset(end),
-                                    Duration::from_secs(10),
-                                )
-                                .map_err(ProcessorError::kafka("seek back to the end of a replay"))?;
-                            break;
-                        }
-                        messages.push(message.detach());
-                    }
-                    Ok(Err(err)) => return Err(ProcessorError::kafka("consume")(err)),
-                    Err(_) => break,
-                },
-            }
-        }
+        let wait = if processor.has_pending() {
+            commits.max_interval.saturating_sub(last_commit.elapsed())
+        } else {
+            IDLE_WAIT
+        };
+        let (messages, end) = fetch(&mut stream, consumer, wait, until, stop).await?;
+        reached_end = end;
         if messages.is_empty() {
             continue;
         }
@@ -275,38 +356,51 @@ pub async fn consume_partition(
                 value: m.payload(),
             })
             .collect();
-        let _permit = match permits {
-            Some(permits) => {
-                Some(
-                    permits
-                        .acquire()
-                        .await
-                        .map_err(|_| ProcessorError::ShuttingDown {
-                            what: "wait for a processing permit",
-                        })?,
-                )
-            }
-            None => None,
-        };
-        let prepared = processor.prepare(&records)?;
-        for (offset, reason) in &prepared.report().dead_letters {
-            tracing::warn!(partition = processor.partition(), offset, reason = %reason, "dead letter");
-        }
-        match outputs {
-            Outputs::Discard => {}
-            Outputs::AtLeastOnce(sink) => {
-                sink.deliver(processor.partition(), prepared.report())
-                    .await?;
-            }
-            Outputs::Transactional(sink, group) => {
-                if let Some(next_offset) = prepared.next_offset() {
-                    sink.commit_batch(prepared.report(), next_offset, group)
-                        .await?;
-                }
-            }
-        }
-        processor.commit(prepared)?;
+        let _permit = processing_permit(permits).await?;
+        off_the_runtime(|| processor.apply(&records))?;
     }
+}
+
+async fn processing_permit(
+    permits: Option<&tokio::sync::Semaphore>,
+) -> ProcessorResult<Option<tokio::sync::SemaphorePermit<'_>>> {
+    match permits {
+        Some(permits) => {
+            permits
+                .acquire()
+                .await
+                .map(Some)
+                .map_err(|_| ProcessorError::ShuttingDown {
+                    what: "wait for a processing permit",
+                })
+        }
+        None => Ok(None),
+    }
+}
+
+/// Publishes what was applied since the last commit where `outputs` says, then writes it.
+async fn commit_pending(
+    processor: &mut PartitionProcessor,
+    outputs: Outputs<'_>,
+    permits: Option<&tokio::sync::Semaphore>,
+) -> ProcessorResult<()> {
+    for (offset, reason) in &processor.pending().dead_letters {
+        tracing::warn!(partition = processor.partition(), offset, reason = %reason, "dead letter");
+    }
+    match outputs {
+        Outputs::Discard => {}
+        Outputs::AtLeastOnce(sink) => {
+            sink.deliver(processor.partition(), processor.pending())
+                .await?;
+        }
+        Outputs::Transactional(sink, group) => {
+            sink.commit_batch(processor.pending(), processor.applied_to(), group)
+                .await?;
+        }
+    }
+    let _permit = processing_permit(permits).await?;
+    off_the_runtime(|| processor.commit())?;
+    Ok(())
 }
 
 /// The offset of `partition` of `topic` committed to `group` — by the exactly-once path, the end of the

@@ -65,7 +65,7 @@ proptest! {
 
     #[test]
     fn aggregates_round_trip_and_garbage_is_an_error(value in aggregate(), junk in proptest::collection::vec(any::<u8>(), 0..64), edit in any::<(u8, usize, u8)>()) {
-        let bytes = value.encode().expect("encode");
+        let bytes = value.encode();
         prop_assert_eq!(Aggregate::decode(&bytes).expect("decode"), value);
         let _ = Aggregate::decode(&junk);
         let _ = Aggregate::decode(&damaged(&bytes, edit));

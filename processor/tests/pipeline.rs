@@ -16,7 +16,9 @@ use processor::dev::Workload;
 use processor::operator::{Aggregate, KeyedAggregation, Operator};
 use processor::partition::PartitionProcessor;
 use processor::sink::OutputSink;
-use processor::source::{Outputs, consume_partition, high_watermark, partition_consumer};
+use processor::source::{
+    CommitPolicy, Outputs, consume_partition, high_watermark, partition_consumer,
+};
 use processor::store::PartitionStore;
 use processor::store::rocksdb::RocksDbStores;
 use rdkafka::ClientConfig;
@@ -67,7 +69,7 @@ async fn run(
             consume_partition(
                 &consumer,
                 &mut processor,
-                500,
+                CommitPolicy::new(500, std::time::Duration::from_millis(100)),
                 Some(end),
                 Outputs::Discard,
                 None,
@@ -307,7 +309,7 @@ async fn outputs_and_dead_letters_reach_their_topics_and_never_stop_the_partitio
     let stats = consume_partition(
         &consumer,
         &mut processor,
-        128,
+        CommitPolicy::new(128, std::time::Duration::from_millis(100)),
         Some(1_000),
         Outputs::AtLeastOnce(&sink),
         None,

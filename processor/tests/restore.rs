@@ -111,12 +111,13 @@ async fn a_local_state_that_does_not_open_is_moved_aside_and_restored() {
     assert_eq!(state, workload.expected(), "exact across the restore");
 }
 
-/// Runs one instance over `services` until partition 0 has processed `records` and checkpointed, then
-/// stops it gracefully (a final checkpoint and record).
+/// Runs one instance over `services` until partition 0 has processed `records` and checkpointed once,
+/// then stops it gracefully (a final checkpoint and record, unless the last one already covers the
+/// partition's offset: an idle partition takes none).
 async fn first_life(services: &Services, brokers: &str, state_dir: &std::path::Path, records: u64) {
     let (handle, stop, status) = start(services, brokers, "a", state_dir);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while status.borrow().processed < records || status.borrow().checkpoints < 2 {
+    while status.borrow().processed < records || status.borrow().checkpoints < 1 {
         assert!(Instant::now() < deadline, "the first life did not process");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -26,6 +26,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::digests::DigestCache;
 use super::manifest::{FORMAT, Manifest, ManifestFile, digest_file};
 use super::{CheckpointStore, UploadReport};
 use crate::error::{ProcessorError, ProcessorResult};
@@ -34,6 +35,7 @@ use crate::error::{ProcessorError, ProcessorResult};
 #[derive(Debug, Clone)]
 pub struct DirectoryCheckpointStore {
     root: PathBuf,
+    digests: std::sync::Arc<DigestCache>,
 }
 
 fn valid_topic(topic: &str) -> ProcessorResult<()> {
@@ -190,7 +192,10 @@ impl DirectoryCheckpointStore {
         let probe = temp_path(&root.join("write-probe"));
         fs::write(&probe, b"").map_err(ProcessorError::io(&root))?;
         let _ = fs::remove_file(&probe);
-        Ok(DirectoryCheckpointStore { root })
+        Ok(DirectoryCheckpointStore {
+            root,
+            digests: std::sync::Arc::default(),
+        })
     }
 
     fn partition_dir(&self, topic: &str, partition: i32) -> PathBuf {
@@ -309,8 +314,8 @@ impl CheckpointStore for DirectoryCheckpointStore {
             .filter(|path| path.is_file())
             .collect();
         local.sort();
-        let (mut files, mut copied_files, mut reused_files, mut copied_bytes) =
-            (Vec::new(), 0, 0, 0);
+        let (mut files, mut copied_files, mut reused_files, mut copied_bytes, mut hashed_bytes) =
+            (Vec::new(), 0, 0, 0, 0);
         for path in local {
             let name = path
                 .file_name()
@@ -320,7 +325,8 @@ impl CheckpointStore for DirectoryCheckpointStore {
                     reason: format!("{} is not UTF-8", path.display()),
                 })?
                 .to_owned();
-            let (size, sha256) = digest_file(&path)?;
+            let (size, sha256, hashed) = self.digests.digest(&path, &name)?;
+            hashed_bytes += hashed;
             let file = ManifestFile { name, size, sha256 };
             let blob = files_dir.join(Manifest::blob_name(&file));
             let present = fs::metadata(&blob).is_ok_and(|m| m.len() == size);
@@ -364,6 +370,7 @@ impl CheckpointStore for DirectoryCheckpointStore {
             copied_files,
             reused_files,
             copied_bytes,
+            hashed_bytes,
         })
     }
 
@@ -569,6 +576,27 @@ mod tests {
             "SST files of the first checkpoint are not copied again"
         );
         assert!(second.copied_bytes < first.copied_bytes + 1);
+        let first_ssts: Vec<&str> = first
+            .manifest
+            .files
+            .iter()
+            .filter(|f| f.name.ends_with(".sst"))
+            .map(|f| f.name.as_str())
+            .collect();
+        let total: u64 = second.manifest.files.iter().map(|f| f.size).sum();
+        let already_hashed: u64 = second
+            .manifest
+            .files
+            .iter()
+            .filter(|f| first_ssts.contains(&f.name.as_str()))
+            .map(|f| f.size)
+            .sum();
+        assert!(already_hashed > 0);
+        assert!(
+            second.hashed_bytes + already_hashed <= total,
+            "the SST files already uploaded are not read again: {} of {total} bytes hashed, {already_hashed} known",
+            second.hashed_bytes,
+        );
 
         let (latest, skipped) = shared.latest_valid("orders", 0).unwrap();
         let latest = latest.unwrap();

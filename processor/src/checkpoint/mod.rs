@@ -2,6 +2,7 @@
 //! [`CheckpointStore`]), with a [`Manifest`] per checkpoint written last and atomically, and the fenced
 //! [`CheckpointRecord`] that names a partition's newest published checkpoint.
 
+mod digests;
 pub mod directory;
 pub mod manifest;
 pub mod record;
@@ -27,6 +28,9 @@ pub struct UploadReport {
     pub reused_files: usize,
     /// Bytes copied.
     pub copied_bytes: u64,
+    /// Bytes read to compute digests (files whose digest was known from an earlier upload are not
+    /// read again).
+    pub hashed_bytes: u64,
 }
 
 /// The shared store of checkpoints.

@@ -22,7 +22,8 @@ use crate::partition::{PartitionProcessor, PartitionStats};
 use crate::resources::{compaction_resource, local_state_dir};
 use crate::sink::TransactionalSink;
 use crate::source::{
-    Outputs, committed_offset, consume_partition, is_mock_cluster, partition_consumer, watermarks,
+    CommitPolicy, Outputs, committed_offset, consume_partition, is_mock_cluster,
+    partition_consumer, watermarks,
 };
 use crate::store::{PartitionStore, StateBatch};
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -48,6 +49,9 @@ pub(super) enum Published {
 /// How often a partition's progress reaches the instance status (and the group's informational offset),
 /// whatever the checkpoint interval.
 const STATUS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The shortest consume segment (a checkpoint waiting for the previous upload is retried this often).
+const MIN_SEGMENT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Attempts at the final checkpoint of a hand-off while retention holds the compaction lock.
 const HAND_OFF_ATTEMPTS: u32 = 3;
@@ -478,7 +482,7 @@ impl Instance {
                 let replayed = consume_partition(
                     consumer,
                     processor,
-                    self.config.batch_size,
+                    self.commit_policy(),
                     Some(committed),
                     Outputs::Discard,
                     Some(&self.permits),
@@ -583,12 +587,15 @@ impl Instance {
                 )))??;
         self.ensure_offset_in_log(&store, partition, fencing_token)
             .await?;
+        let has_outputs = self.config.output_topic.is_some();
         let mut processor = PartitionProcessor::resume(
             store.clone(),
             self.services.operator.clone(),
             fencing_token,
             lost.clone(),
-        )?;
+        )?
+        .with_state_cache_bytes(self.config.state_cache_bytes)
+        .with_outputs(has_outputs, self.config.output_mode);
         let consumer = partition_consumer(
             &self.config.kafka,
             &self.config.group,
@@ -614,6 +621,8 @@ impl Instance {
         // with this task.
         let mut publishing: Option<AbortOnDropHandle<ProcessorResult<Published>>> = None;
         let mut last_checkpoint = tokio::time::Instant::now();
+        // The offset of the last snapshot whose upload is running or recorded.
+        let mut checkpointed: Option<i64> = None;
         loop {
             // One segment: consume until the status is due for an update (or the next checkpoint, if
             // sooner), ownership is lost, or we stop.
@@ -623,10 +632,12 @@ impl Instance {
                     .config
                     .checkpoint_every
                     .saturating_sub(last_checkpoint.elapsed());
+                // A checkpoint due while the previous upload still runs is tried again after a short
+                // segment, never in a busy loop.
                 let (segment, lost, every) = (
                     segment.clone(),
                     lost.clone(),
-                    until_checkpoint.min(STATUS_EVERY),
+                    until_checkpoint.clamp(MIN_SEGMENT, STATUS_EVERY),
                 );
                 tokio::spawn(async move {
                     tokio::select! {
@@ -640,7 +651,7 @@ impl Instance {
             let consumed = consume_partition(
                 &consumer,
                 &mut processor,
-                self.config.batch_size,
+                self.commit_policy(),
                 None,
                 outputs,
                 Some(&self.permits),
@@ -669,12 +680,23 @@ impl Instance {
             if !stop.is_cancelled() && last_checkpoint.elapsed() < self.config.checkpoint_every {
                 continue;
             }
-            last_checkpoint = tokio::time::Instant::now();
-            // One upload at a time per partition, in order: the previous one must have landed.
+            // One upload at a time per partition, in order. One still running is not waited for while
+            // the partition has work: the checkpoint is taken at a later segment's end instead.
             if let Some(previous) = publishing.take() {
-                finish_publishing(partition, previous).await?;
+                if !previous.is_finished() && !stop.is_cancelled() {
+                    publishing = Some(previous);
+                    continue;
+                }
+                if finish_publishing(partition, previous).await? == Published::Skipped {
+                    checkpointed = None;
+                }
             }
-            if let Some((scratch, next_offset)) = self.snapshot(&store).await? {
+            last_checkpoint = tokio::time::Instant::now();
+            // An idle partition's state is all in its last checkpoint already: none is taken.
+            if checkpointed != Some(processor.next_offset())
+                && let Some((scratch, next_offset)) = self.snapshot(&store).await?
+            {
+                checkpointed = Some(next_offset);
                 publishing = Some(AbortOnDropHandle::new(tokio::spawn(
                     Arc::clone(&self).publish(partition, scratch, next_offset, fencing_token),
                 )));
@@ -707,6 +729,11 @@ impl Instance {
 }
 
 impl Instance {
+    /// When the partition commits: by records or time, as configured.
+    fn commit_policy(&self) -> CommitPolicy {
+        CommitPolicy::new(self.config.batch_size, self.config.commit_interval)
+    }
+
     /// After a consume segment: the partition's progress into the status and the metrics — records and
     /// dead letters counted, the offset, the lag against the last high watermark read, the state's size
     /// and the claim's expiry.

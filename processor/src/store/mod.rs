@@ -1,5 +1,7 @@
 //! Per-partition state stores. The trait never names RocksDB: [`rocksdb`] is the production store,
 //! [`memory`] the in-process one for tests and light pipelines; both pass one shared test module.
+//! Operators never see a store directly: they read and write through [`cache::PartitionState`], the
+//! write-back cache in front of it.
 //!
 //! Every change goes through a [`StateBatch`]: state updates, the partition's next offset and the owner's
 //! fencing token, applied **atomically** (one RocksDB `WriteBatch` with the WAL on). On restart the
@@ -7,8 +9,11 @@
 //! process died at. A batch whose fencing token is lower than the one recorded is refused: an instance
 //! that lost ownership cannot write over its successor's state.
 
+pub mod cache;
 pub mod memory;
 pub mod rocksdb;
+
+pub use cache::PartitionState;
 
 use std::path::Path;
 use std::sync::Arc;

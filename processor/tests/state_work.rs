@@ -1,0 +1,216 @@
+//! State work stays off the async runtime, and checkpoints follow the offset:
+//! - a store whose writes stall for three claim lifetimes (what a RocksDB write stall does to a caller)
+//!   costs the instance none of its claims, even on a runtime with ONE worker thread: lock renewals and
+//!   membership never wait behind state work;
+//! - an idle partition takes no new checkpoints (and one record later it takes one again).
+
+// Test code: a failed step is a failed run, so helpers unwrap.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use processor::dev::Workload;
+use processor::error::ProcessorResult;
+use processor::store::memory::InMemoryStores;
+use processor::store::{EntryVisitor, PartitionStore, StateBatch, StoreFactory, StoreMeta};
+use processor::{Instance, InstanceConfig, InstanceStatus, Services};
+use support::TestBroker;
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = "orders";
+
+/// Stores whose first `stalls` writes each block the calling thread for `stall`.
+struct StallingStores {
+    inner: InMemoryStores,
+    stalls: Arc<AtomicUsize>,
+    stall: Duration,
+}
+
+struct StallingStore {
+    inner: Arc<dyn PartitionStore>,
+    stalls: Arc<AtomicUsize>,
+    stall: Duration,
+}
+
+impl StoreFactory for StallingStores {
+    fn open_store(&self, partition: i32, dir: &Path) -> ProcessorResult<Arc<dyn PartitionStore>> {
+        Ok(Arc::new(StallingStore {
+            inner: self.inner.open_store(partition, dir)?,
+            stalls: self.stalls.clone(),
+            stall: self.stall,
+        }))
+    }
+}
+
+impl PartitionStore for StallingStore {
+    fn partition(&self) -> i32 {
+        self.inner.partition()
+    }
+    fn get(&self, key: &[u8]) -> ProcessorResult<Option<Vec<u8>>> {
+        self.inner.get(key)
+    }
+    fn apply(&self, batch: &StateBatch) -> ProcessorResult<()> {
+        let stalled = self
+            .stalls
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok();
+        if stalled && !batch.is_empty() {
+            std::thread::sleep(self.stall); // blocks the thread, as a write stall does
+        }
+        self.inner.apply(batch)
+    }
+    fn meta(&self) -> ProcessorResult<Option<StoreMeta>> {
+        self.inner.meta()
+    }
+    fn scan(&self, visit: &mut EntryVisitor<'_>) -> ProcessorResult<()> {
+        self.inner.scan(visit)
+    }
+    fn snapshot_to(&self, dir: &Path) -> ProcessorResult<()> {
+        self.inner.snapshot_to(dir)
+    }
+}
+
+type Running = (
+    tokio::task::JoinHandle<ProcessorResult<()>>,
+    CancellationToken,
+    tokio::sync::watch::Receiver<InstanceStatus>,
+);
+
+fn start(services: Services, config: InstanceConfig) -> Running {
+    let instance = Instance::new(config, services).unwrap();
+    let status = instance.status();
+    let stop = CancellationToken::new();
+    (tokio::spawn(instance.run(stop.clone())), stop, status)
+}
+
+async fn wait_for(
+    status: &tokio::sync::watch::Receiver<InstanceStatus>,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&InstanceStatus) -> bool,
+) {
+    let deadline = Instant::now() + within;
+    while !done(&status.borrow()) {
+        assert!(Instant::now() < deadline, "{what}: {:?}", status.borrow());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_stalled_store_costs_no_claim_even_on_one_worker_thread() {
+    integration_tests::init_tracing();
+    let broker = TestBroker::start(TOPIC, 2).await;
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 2_000,
+        keys: 50,
+        seed: 11,
+        partitions: 2,
+    };
+    workload.produce(&brokers, TOPIC).await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let mut services = Services::in_memory(root.path().join("shared")).unwrap();
+    let claim_ttl = Duration::from_millis(600);
+    let stalls = Arc::new(AtomicUsize::new(0));
+    services.stores = Arc::new(StallingStores {
+        inner: InMemoryStores,
+        stalls: stalls.clone(),
+        stall: claim_ttl * 3,
+    });
+    let config = InstanceConfig::new("a", TOPIC, 2, &brokers, root.path().join("state"))
+        .with_claim_ttl(claim_ttl)
+        .with_checkpoint_every(Duration::from_secs(60));
+    let (handle, stop, status) = start(services, config);
+    wait_for(
+        &status,
+        "both partitions owned",
+        Duration::from_secs(20),
+        |s| s.owned.len() == 2,
+    )
+    .await;
+    let tokens = status.borrow().owned.clone();
+
+    // Two stalls of three claim lifetimes each, then the rest of the input.
+    stalls.store(2, Ordering::SeqCst);
+    workload.produce(&brokers, TOPIC).await.unwrap();
+    wait_for(
+        &status,
+        "all records processed",
+        Duration::from_secs(60),
+        |s| s.processed == 2 * workload.records,
+    )
+    .await;
+    assert_eq!(stalls.load(Ordering::SeqCst), 0, "the stalls happened");
+    let seen = status.borrow().clone();
+    assert_eq!(
+        seen.owned, tokens,
+        "claims kept, same fencing tokens: {seen:?}"
+    );
+    assert!(seen.partition_errors.is_empty(), "{seen:?}");
+    assert!(
+        seen.hand_offs.iter().all(|h| h.event == "claimed"),
+        "no partition was lost and claimed again: {:?}",
+        seen.hand_offs
+    );
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_partition_takes_no_new_checkpoints() {
+    integration_tests::init_tracing();
+    let broker = TestBroker::start(TOPIC, 1).await;
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 300,
+        keys: 10,
+        seed: 12,
+        partitions: 1,
+    };
+    workload
+        .produce_range(&brokers, TOPIC, 0..200)
+        .await
+        .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let services = Services::in_memory(root.path().join("shared")).unwrap();
+    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, root.path().join("state"))
+        .with_checkpoint_every(Duration::from_millis(100));
+    let (handle, stop, status) = start(services, config);
+    wait_for(
+        &status,
+        "processed and checkpointed",
+        Duration::from_secs(20),
+        |s| s.processed == 200 && s.checkpoints >= 1,
+    )
+    .await;
+    // Let the checkpoint covering the last record land, then watch 15 intervals of idleness.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = status.borrow().checkpoints;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        status.borrow().checkpoints,
+        before,
+        "an idle partition took checkpoints"
+    );
+    // One more record: the partition is no longer idle, and checkpoints again.
+    workload
+        .produce_range(&brokers, TOPIC, 200..201)
+        .await
+        .unwrap();
+    wait_for(
+        &status,
+        "a checkpoint after new input",
+        Duration::from_secs(10),
+        |s| s.checkpoints > before,
+    )
+    .await;
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+}
