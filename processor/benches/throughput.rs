@@ -1,201 +1,876 @@
-//! The processor's data path against a raw consume loop on the same broker in the same run, and
-//! checkpoint creation time at two state sizes.
+//! The processor beside a raw consume loop and beside Kafka Streams, on the same broker with the same
+//! input, in one run; and the checkpoint pause and upload at two state sizes.
 //!
-//! - raw: one `StreamConsumer` per partition, `assign()`ed from 0, receiving until the end offset;
-//! - full: the same consumers feeding `PartitionProcessor` (keyed aggregation, RocksDB, state + next
-//!   offset in one `WriteBatch` per batch of 500 records);
-//! - checkpoint: `snapshot_to` (RocksDB checkpoint = hard links) of a small and a 20× larger store.
+//! Each row is a separate process (this binary run again with `--child`, or the Kafka Streams peer in
+//! `benches/kafka-streams`, a JVM), so its CPU time and peak RSS are its own:
+//! - **raw**: one rdkafka `StreamConsumer` assigned every partition, counting records — the floor;
+//! - **ours, outputs off / at-least-once / exactly-once**: a single-instance fleet (in-process locks,
+//!   RocksDB, the built-in keyed aggregation, latest output per key per commit, commits every 100 ms);
+//! - **Kafka Streams 4.4, at_least_once / exactly_once_v2**: the same aggregation (count/sum/min/max/
+//!   chain per key) with its default RocksDB store and record cache, 2 stream threads, commits every
+//!   100 ms, `-Xmx512m`.
+//!
+//! Per row: the process starts and reports ready (partitions assigned; excluded from the numbers); for
+//! rows with outputs, a latency phase produces distinct keys at a steady rate and times each from its
+//! send to its output becoming visible to a `read_committed` consumer (end to end); then the bench
+//! produces the throughput input as fast as it can and times the process from the first record sent to
+//! "everything committed", reading its CPU time (`/proc/PID/stat`) and peak RSS (`VmHWM`) then.
 //!
 //! ```text
-//! cargo bench -p benches --bench processor    # 4 × 50 000 records; 10 000 vs 200 000 keys
-//! cargo test  -p benches --bench processor    # smoke run with small counts
+//! cargo bench -p processor --bench throughput                 # 1 M records, 100 k keys, 8 partitions; 100 k vs 2 M keys
+//! cargo bench -p processor --bench throughput -- --quick      # small counts, every row (under 2 minutes)
+//! cargo bench -p processor --bench throughput -- --only mock  # rows on the mock cluster only (also: real, checkpoints)
+//! cargo test  -p processor --bench throughput                 # the quick run (the test command's smoke run)
 //! ```
+//!
+//! For profiling one row: `BENCH_ROWS=TEXT` runs only rows whose label contains TEXT, `BENCH_RECORDS=N`
+//! changes the input size (the mock cluster keeps about 5 MiB per partition: beyond ~1 M records its
+//! log start moves and the processor refuses the missing offsets, as it should), `BENCH_COMMIT_MS=MS`
+//! commits our rows every MS instead of every 100 ms.
 
-// Test and benchmark code: a failed step is a failed run, so helpers unwrap.
-#![allow(clippy::unwrap_used, clippy::print_stdout)]
+// Benchmark code: a failed step is a failed run, so helpers unwrap.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use processor::KafkaSettings;
-use processor::dev::{DevBroker, Workload};
-use processor::operator::{KeyedAggregation, Operator};
-use processor::partition::PartitionProcessor;
-use processor::source::{Outputs, consume_partition, high_watermark, partition_consumer};
+use processor::ProcessorResult;
+use processor::dev::{DevBroker, admin};
+use processor::operator::{
+    Aggregate, Emitter, KeyedAggregation, Operator, Outcome, OutputMode, Record,
+};
+use processor::source::partition_count;
 use processor::store::rocksdb::RocksDbStores;
-use processor::store::{PartitionStore, StateBatch};
-use rdkafka::consumer::StreamConsumer;
+use processor::store::{PartitionState, PartitionStore};
+use processor::{InstanceConfig, KafkaSettings, OutputGuarantee, Services};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
-const TOPIC: &str = "bench";
-const PARTITIONS: i32 = 4;
+const PARTITIONS: i32 = 8;
 
+#[derive(Debug, Clone, Copy)]
 struct Sizes {
     records: u64,
-    small_keys: u32,
-    large_keys: u32,
+    keys: u64,
+    latency_records: u64,
+    latency_rate: u64,
+    small_state: u64,
+    large_state: u64,
 }
 
-fn sizes() -> Sizes {
-    if std::env::args().any(|arg| arg == "--bench") {
+fn sizes(quick: bool) -> Sizes {
+    let records = std::env::var("BENCH_RECORDS")
+        .ok()
+        .and_then(|n| n.parse().ok());
+    let mut sizes = default_sizes(quick);
+    if let Some(records) = records {
+        sizes.records = records;
+    }
+    sizes
+}
+
+fn default_sizes(quick: bool) -> Sizes {
+    if quick {
         Sizes {
-            records: 200_000,
-            small_keys: 10_000,
-            large_keys: 200_000,
+            records: 50_000,
+            keys: 5_000,
+            latency_records: 1_000,
+            latency_rate: 1_000,
+            small_state: 10_000,
+            large_state: 200_000,
         }
     } else {
         Sizes {
-            records: 20_000,
-            small_keys: 1_000,
-            large_keys: 20_000,
+            records: 1_000_000,
+            keys: 100_000,
+            latency_records: 10_000,
+            latency_rate: 2_000,
+            small_state: 100_000,
+            large_state: 2_000_000,
         }
     }
 }
 
-async fn raw_consume(consumer: StreamConsumer, end: i64) -> u64 {
-    use rdkafka::Message;
-    let mut seen = 0;
-    while let Ok(message) = consumer.recv().await {
-        seen += 1;
-        if message.offset() + 1 >= end {
-            break;
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--child") {
+        child(&args[2..]);
+        return;
+    }
+    let quick = !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--quick");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|at| args.get(at + 1).cloned());
+    let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    let sizes = sizes(quick);
+    println!(
+        "processor throughput: {} records, {} keys, {PARTITIONS} partitions{}; {} cores",
+        sizes.records,
+        sizes.keys,
+        if quick { " (quick)" } else { "" },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    if wants("mock") {
+        let broker = DevBroker::start("warm-up", 1).unwrap();
+        let rows = runtime.block_on(mock_rows(&broker, sizes));
+        print_table(
+            "librdkafka mock cluster (in the bench process)",
+            &rows,
+            sizes,
+        );
+    }
+    if wants("real") {
+        let cluster = integration_tests::KafkaCluster::single();
+        let rows = runtime.block_on(real_rows(&cluster.bootstrap_servers(), sizes));
+        print_table(
+            "Apache Kafka 4.4, one broker (a separate JVM)",
+            &rows,
+            sizes,
+        );
+    }
+    if wants("checkpoints") {
+        checkpoint_rows(sizes);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Rows
+
+#[derive(Debug, Clone)]
+struct Row {
+    label: String,
+    records_per_s: f64,
+    cpu_s_per_million: f64,
+    peak_rss_mb: f64,
+    latency_ms: Option<(f64, f64, u64)>,
+}
+
+/// How a row's process is started.
+enum Peer {
+    Raw,
+    Ours(&'static str),
+    KafkaStreams(&'static str),
+}
+
+impl Peer {
+    fn label(&self) -> String {
+        match self {
+            Peer::Raw => "raw rdkafka consume loop (a consumer per partition)".to_owned(),
+            Peer::Ours(mode) => format!("ours, outputs {mode}"),
+            Peer::KafkaStreams(guarantee) => format!("Kafka Streams 4.4, {guarantee}"),
         }
     }
-    seen
+
+    fn has_outputs(&self) -> bool {
+        !matches!(self, Peer::Raw | Peer::Ours("off"))
+    }
 }
 
-fn filled_store(
-    stores: &RocksDbStores,
-    dir: &std::path::Path,
-    keys: u32,
-) -> Arc<dyn PartitionStore> {
-    let store: Arc<dyn PartitionStore> = Arc::new(stores.open(0, dir).expect("open"));
-    for chunk in (0..keys).collect::<Vec<_>>().chunks(5_000) {
-        let mut batch = StateBatch::new(i64::from(*chunk.last().expect("chunk")) + 1, 1);
-        for key in chunk {
-            batch.put(format!("entity-{key:09}"), vec![7u8; 100]);
+/// `BENCH_ROWS=text` runs only the rows whose label contains `text` (to profile one row).
+fn row_wanted(peer: &Peer) -> bool {
+    std::env::var("BENCH_ROWS").map_or(true, |wanted| peer.label().contains(&wanted))
+}
+
+async fn mock_rows(broker: &DevBroker, sizes: Sizes) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (i, peer) in [Peer::Raw, Peer::Ours("off")].into_iter().enumerate() {
+        if !row_wanted(&peer) {
+            continue;
         }
-        store.apply(&batch).expect("fill");
+        let input = format!("mock-in-{i}");
+        broker.create_topic(&input, PARTITIONS).unwrap();
+        let row = run_row(&peer, &broker.bootstrap_servers(), &input, None, sizes).await;
+        rows.push(row);
     }
-    store
+    rows
 }
 
-fn time_snapshot(store: &Arc<dyn PartitionStore>, dir: &std::path::Path) -> Duration {
-    let mut best = Duration::MAX;
-    for round in 0..5 {
-        let target = dir.join(format!("snapshot-{round}"));
-        let started = Instant::now();
-        store.snapshot_to(&target).expect("snapshot");
-        best = best.min(started.elapsed());
+async fn real_rows(brokers: &str, sizes: Sizes) -> Vec<Row> {
+    let streams = kafka_streams_app();
+    let mut rows = Vec::new();
+    let peers = [
+        Peer::Raw,
+        Peer::Ours("off"),
+        Peer::Ours("at-least-once"),
+        Peer::Ours("exactly-once"),
+        Peer::KafkaStreams("at_least_once"),
+        Peer::KafkaStreams("exactly_once_v2"),
+    ];
+    for (i, peer) in peers.into_iter().enumerate() {
+        if !row_wanted(&peer) {
+            continue;
+        }
+        if matches!(peer, Peer::KafkaStreams(_)) && streams.is_none() {
+            eprintln!("{}: skipped (no java or mvn)", peer.label());
+            continue;
+        }
+        let (input, output) = (format!("in-{i}"), format!("out-{i}"));
+        admin::create_topic(brokers, &input, PARTITIONS, 1, &[])
+            .await
+            .unwrap();
+        admin::create_topic(brokers, &output, PARTITIONS, 1, &[])
+            .await
+            .unwrap();
+        let output = peer.has_outputs().then_some(output);
+        rows.push(run_row(&peer, brokers, &input, output.as_deref(), sizes).await);
     }
-    best
+    rows
 }
 
-#[tokio::main]
-async fn main() {
-    let sizes = sizes();
-    let broker = DevBroker::start(TOPIC, PARTITIONS).expect("mock cluster");
-    let brokers = broker.bootstrap_servers();
-    let workload = Workload {
-        records: sizes.records,
-        keys: 50_000,
-        seed: 1,
-        partitions: PARTITIONS,
+/// A row's process, its stdout lines and its stdin (closing it lets the process exit).
+struct Running {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdin: Option<ChildStdin>,
+    _state: tempfile::TempDir,
+}
+
+impl Running {
+    fn start(peer: &Peer, brokers: &str, input: &str, output: Option<&str>) -> Self {
+        let state = tempfile::tempdir().unwrap();
+        let mut command = match peer {
+            Peer::Raw | Peer::Ours(_) => {
+                let mut command = Command::new(std::env::current_exe().unwrap());
+                let mode = match peer {
+                    Peer::Ours(mode) => *mode,
+                    _ => "raw",
+                };
+                command.args(["--child", mode, brokers, input]);
+                command.arg(output.unwrap_or("-")).arg(state.path());
+                command
+            }
+            Peer::KafkaStreams(guarantee) => {
+                let (libs, classes) = kafka_streams_app().unwrap();
+                let mut command = Command::new("java");
+                command
+                    .args(["-Xms512m", "-Xmx512m", "-XX:+UseG1GC"])
+                    .arg(format!(
+                        "-Dlog4j2.configurationFile={}",
+                        streams_dir().join("log4j2.properties").display()
+                    ))
+                    .arg("-cp")
+                    .arg(format!("{}:{}/*", classes.display(), libs.display()))
+                    .arg("bench.KeyedAggregation")
+                    .args([brokers, input, output.unwrap_or("-"), guarantee])
+                    .arg(state.path())
+                    .args([&format!("bench-{input}"), "2"]);
+                command
+            }
+        };
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Running {
+            child,
+            lines,
+            stdin,
+            _state: state,
+        }
+    }
+
+    /// Waits until the process reports at least `records` records done; returns its own clock and CPU
+    /// time (seconds) at that report (`AT n NANOS CPU_NANOS` lines: a process saturating both cores
+    /// can starve the bench's reader, so the process stamps its reports itself).
+    fn wait_until(&mut self, records: u64, within: Duration) -> (u64, f64, f64) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let fields: Vec<u64> = line
+                        .strip_prefix("AT ")
+                        .map(|rest| rest.split(' ').filter_map(|f| f.parse().ok()).collect())
+                        .unwrap_or_default();
+                    if let [done, nanos, cpu_nanos] = fields[..]
+                        && done >= records
+                    {
+                        return (done, nanos as f64 / 1e9, cpu_nanos as f64 / 1e9);
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("the row's process did not reach {records} records within {within:?}");
+                }
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn run_row(
+    peer: &Peer,
+    brokers: &str,
+    input: &str,
+    output: Option<&str>,
+    sizes: Sizes,
+) -> Row {
+    let n = sizes.records;
+    produce(brokers, input, n, sizes.keys).await;
+    let mut running = Running::start(peer, brokers, input, output);
+    let pid = running.pid();
+    // Steady state only: from 10% of the input to 90% (start-up and the last commit excluded).
+    let (first, started, cpu_before) = running.wait_until(n / 10, Duration::from_secs(300));
+    let (last, ended, cpu_after) =
+        running.wait_until((n * 9 / 10).max(first + 1), Duration::from_secs(600));
+    let (elapsed, cpu) = (ended - started, cpu_after - cpu_before);
+    running.wait_until(n, Duration::from_secs(120));
+    let latency_ms = match output {
+        Some(output) => Some(latency_phase(brokers, input, output, sizes).await),
+        None => None,
     };
-    workload.produce(&brokers, TOPIC).await.expect("produce");
-    let ends: Vec<i64> = (0..PARTITIONS)
-        .map(|p| high_watermark(&KafkaSettings::new(&brokers), TOPIC, p).expect("watermark"))
-        .collect();
+    let peak_rss_mb = peak_rss_mb(pid);
+    running.finish();
+    #[allow(clippy::cast_precision_loss)]
+    let measured = (last - first) as f64;
+    Row {
+        label: peer.label(),
+        records_per_s: measured / elapsed,
+        cpu_s_per_million: cpu / measured * 1e6,
+        peak_rss_mb,
+        latency_ms,
+    }
+}
 
-    // Raw: consume only.
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..PARTITIONS)
-        .map(|p| {
-            let consumer = partition_consumer(&KafkaSettings::new(&brokers), "raw", TOPIC, p, 0)
-                .expect("consumer");
-            tokio::spawn(raw_consume(consumer, ends[p as usize]))
+fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap()
+}
+
+/// Produces `records` records (`k{i % keys}`, a decimal amount) as fast as the producer takes them.
+async fn produce(brokers: &str, topic: &str, records: u64, keys: u64) {
+    let producer = producer(brokers);
+    let mut pending = VecDeque::new();
+    for i in 0..records {
+        let key = format!("k{}", i % keys);
+        let amount = ((i * 7_919) % 2_001) as i64 - 1_000;
+        let value = amount.to_string();
+        loop {
+            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&value)) {
+                Ok(delivery) => {
+                    pending.push_back(delivery);
+                    break;
+                }
+                Err((_, _)) => {
+                    // Queue full: wait for the oldest deliveries.
+                    for _ in 0..10_000 {
+                        match pending.pop_front() {
+                            Some(delivery) => {
+                                delivery.await.unwrap().unwrap();
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+        if pending.len() >= 200_000 {
+            for _ in 0..100_000 {
+                pending.pop_front().unwrap().await.unwrap().unwrap();
+            }
+        }
+    }
+    for delivery in pending {
+        delivery.await.unwrap().unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Produces distinct keys `lat-{i}` at a steady rate and times each to its visible output: p50, p99
+/// and how many never showed within 30 s.
+async fn latency_phase(brokers: &str, input: &str, output: &str, sizes: Sizes) -> (f64, f64, u64) {
+    let n = sizes.latency_records as usize;
+    let origin = Instant::now();
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let seen: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let (ready, positioned) = std::sync::mpsc::channel();
+    let reader = {
+        let (brokers, output, seen) = (brokers.to_owned(), output.to_owned(), seen.clone());
+        std::thread::spawn(move || read_latencies(&brokers, &output, &seen, origin, n, ready))
+    };
+    let _ = positioned.recv_timeout(Duration::from_secs(30));
+    let producer = producer(brokers);
+    let every = Duration::from_secs_f64(1.0 / sizes.latency_rate as f64);
+    let mut next = tokio::time::Instant::now();
+    for (i, slot) in sent.iter().enumerate() {
+        tokio::time::sleep_until(next).await;
+        next += every;
+        let key = format!("lat-{i}");
+        slot.store(origin.elapsed().as_nanos() as u64, Ordering::SeqCst);
+        let _ = producer.send_result(FutureRecord::to(input).key(&key).payload("1"));
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    reader.join().unwrap();
+    let mut latencies: Vec<f64> = sent
+        .iter()
+        .zip(seen.iter())
+        .filter_map(|(sent, seen)| {
+            let (sent, seen) = (sent.load(Ordering::SeqCst), seen.load(Ordering::SeqCst));
+            (seen > 0).then(|| (seen.saturating_sub(sent)) as f64 / 1e6)
         })
         .collect();
-    let mut raw_records = 0;
-    for task in tasks {
-        raw_records += task.await.expect("raw task");
-    }
-    let raw_rate = raw_records as f64 / started.elapsed().as_secs_f64();
+    let missing = (n - latencies.len()) as u64;
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    (at(0.5), at(0.99), missing)
+}
 
-    // Full path: consume, aggregate, write state + offset atomically.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let stores = RocksDbStores::new(64 << 20, 32 << 20);
-    let operator: Arc<dyn Operator> = Arc::new(KeyedAggregation);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..PARTITIONS)
-        .map(|p| {
-            let store: Arc<dyn PartitionStore> = Arc::new(
-                stores
-                    .open(p, &dir.path().join(format!("p{p}")))
-                    .expect("store"),
+fn read_latencies(
+    brokers: &str,
+    output: &str,
+    seen: &[AtomicU64],
+    origin: Instant,
+    expected: usize,
+    ready: std::sync::mpsc::Sender<()>,
+) {
+    use rdkafka::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "latency-reader")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let partitions = partition_count(&KafkaSettings::new(brokers), output).unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(output, p, rdkafka::Offset::End)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    // Position at the end before the first latency record is sent (the throughput phase's outputs
+    // are not read).
+    for _ in 0..20 {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+    let _ = ready.send(());
+    let deadline =
+        Instant::now() + Duration::from_secs(30) + Duration::from_secs(expected as u64 / 500);
+    let mut found = 0;
+    while found < expected && Instant::now() < deadline {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) else {
+            continue;
+        };
+        let at = origin.elapsed().as_nanos() as u64;
+        let index = message
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(|k| k.strip_prefix("lat-"))
+            .and_then(|i| i.parse::<usize>().ok());
+        if let Some(slot) = index.and_then(|i| seen.get(i))
+            && slot
+                .compare_exchange(0, at, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            found += 1;
+        }
+    }
+}
+
+fn print_table(title: &str, rows: &[Row], sizes: Sizes) {
+    println!();
+    println!("### {title}");
+    println!();
+    println!(
+        "| row | records/s | CPU-s per M records | peak RSS MiB | e2e latency p50 / p99 ms ({} records at {}/s) |",
+        sizes.latency_records, sizes.latency_rate
+    );
+    println!("|---|---|---|---|---|");
+    for row in rows {
+        let latency = match row.latency_ms {
+            Some((p50, p99, 0)) => format!("{p50:.1} / {p99:.1}"),
+            Some((p50, p99, missing)) => format!("{p50:.1} / {p99:.1} ({missing} never seen)"),
+            None => "–".to_owned(),
+        };
+        println!(
+            "| {} | {:.0} | {:.2} | {:.0} | {latency} |",
+            row.label, row.records_per_s, row.cpu_s_per_million, row.peak_rss_mb
+        );
+    }
+    let find = |label: &str| rows.iter().find(|r| r.label.starts_with(label));
+    if let (Some(raw), Some(ours)) = (find("raw rdkafka consume loop"), find("ours, outputs off")) {
+        println!(
+            "ratio: ours (outputs off) / raw loop = {:.2} records/s, {:.2}x the CPU per record",
+            ours.records_per_s / raw.records_per_s,
+            ours.cpu_s_per_million / raw.cpu_s_per_million
+        );
+    }
+    for (ours, theirs) in [
+        (
+            "ours, outputs at-least-once",
+            "Kafka Streams 4.4, at_least_once",
+        ),
+        (
+            "ours, outputs exactly-once",
+            "Kafka Streams 4.4, exactly_once_v2",
+        ),
+    ] {
+        if let (Some(ours), Some(theirs)) = (find(ours), find(theirs)) {
+            println!(
+                "ratio: {ours} / {theirs}: records per CPU-second {:.2}x, records/s {:.2}x, peak RSS {:.2}x",
+                theirs.cpu_s_per_million / ours.cpu_s_per_million,
+                ours.records_per_s / theirs.records_per_s,
+                ours.peak_rss_mb / theirs.peak_rss_mb,
+                ours = ours.label,
+                theirs = theirs.label,
             );
-            let mut processor =
-                PartitionProcessor::resume(store, operator.clone(), 1, CancellationToken::new())
-                    .expect("resume");
-            let consumer = partition_consumer(&KafkaSettings::new(&brokers), "full", TOPIC, p, 0)
-                .expect("consumer");
-            let end = ends[p as usize];
+        }
+    }
+    println!(
+        "(each row's input is produced before the row starts; rates and CPU between 10% and 90% of it)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Checkpoints
+
+fn checkpoint_rows(sizes: Sizes) {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = RocksDbStores::new(128 << 20, 64 << 20);
+    println!();
+    println!(
+        "### checkpoints of one partition (RocksDB checkpoint = hard links, then upload to a directory)"
+    );
+    println!();
+    println!(
+        "| state | pause (local snapshot, median of 11) | first upload | next upload (1% of keys changed) |"
+    );
+    println!("|---|---|---|---|");
+    let mut pauses = Vec::new();
+    for keys in [sizes.small_state, sizes.large_state] {
+        let path = dir.path().join(format!("db-{keys}"));
+        let store = stores.open(0, &path).unwrap();
+        fill(&store, 0, keys, 1);
+        let shared = processor::checkpoint::DirectoryCheckpointStore::new(
+            dir.path().join(format!("shared-{keys}")),
+        )
+        .unwrap();
+        // As in the processor: each checkpoint follows some processing (1 000 keys written since the
+        // last one, in the memtable), and is flushed and hard-linked. The median of 11.
+        let mut rounds: Vec<Duration> = (0..11u64)
+            .map(|round| {
+                fill(&store, round * 1_000, round * 1_000 + 1_000, 1);
+                let target = dir.path().join(format!("snap-{keys}-{round}"));
+                let started = Instant::now();
+                store.snapshot_to(&target).unwrap();
+                started.elapsed()
+            })
+            .collect();
+        rounds.sort();
+        let pause = rounds[rounds.len() / 2];
+        use processor::checkpoint::CheckpointStore;
+        let started = Instant::now();
+        shared
+            .upload(
+                "bench",
+                0,
+                &dir.path().join(format!("snap-{keys}-0")),
+                keys as i64,
+                1,
+            )
+            .unwrap();
+        let first = started.elapsed();
+        fill(&store, keys, keys + keys / 100, 1);
+        let next_snapshot = dir.path().join(format!("snap-{keys}-next"));
+        store.snapshot_to(&next_snapshot).unwrap();
+        let started = Instant::now();
+        let report = shared
+            .upload("bench", 0, &next_snapshot, (keys + keys / 100) as i64, 1)
+            .unwrap();
+        let next = started.elapsed();
+        println!(
+            "| {keys} keys ({:.0} MiB on disk) | {:.2} ms | {:.0} ms | {:.0} ms ({} MiB hashed, {} MiB copied) |",
+            store.approximate_size_bytes() as f64 / (1 << 20) as f64,
+            pause.as_secs_f64() * 1e3,
+            first.as_secs_f64() * 1e3,
+            next.as_secs_f64() * 1e3,
+            report.hashed_bytes >> 20,
+            report.copied_bytes >> 20,
+        );
+        pauses.push(pause);
+    }
+    println!(
+        "ratio: pause at {} keys / pause at {} keys = {:.2}",
+        sizes.large_state,
+        sizes.small_state,
+        pauses[1].as_secs_f64() / pauses[0].as_secs_f64()
+    );
+}
+
+fn fill(store: &dyn PartitionStore, from: u64, to: u64, token: u64) {
+    let mut at = from;
+    while at < to {
+        let end = (at + 10_000).min(to);
+        let mut batch = processor::store::StateBatch::new(end as i64, token);
+        for key in at..end {
+            let aggregate = Aggregate::default().with_amount(key as i64);
+            batch.put(format!("k{key}"), aggregate.encode());
+        }
+        store.apply(&batch).unwrap();
+        at = end;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The Kafka Streams peer
+
+fn streams_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("benches")
+        .join("kafka-streams")
+}
+
+/// The peer's jars and classes, fetched and compiled once into a cache outside the clone; `None`
+/// without java or mvn.
+fn kafka_streams_app() -> Option<(PathBuf, PathBuf)> {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    let cache = home.join(".cache/state-coordination/kafka-streams-peer");
+    let (libs, classes) = (cache.join("libs"), cache.join("classes"));
+    let source = streams_dir().join("src/main/java/bench/KeyedAggregation.java");
+    let stamp = cache.join(".source");
+    let source_text = std::fs::read_to_string(&source).ok()?;
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(source_text.as_str()) {
+        return Some((libs, classes));
+    }
+    for tool in ["java", "javac", "mvn"] {
+        if Command::new(tool).arg("-version").output().is_err() {
+            return None;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&classes).unwrap();
+    let fetched = Command::new("mvn")
+        .args(["-q", "-B", "-f"])
+        .arg(streams_dir().join("pom.xml"))
+        .args(["dependency:copy-dependencies", "-DincludeScope=runtime"])
+        .arg(format!("-DoutputDirectory={}", libs.display()))
+        .status()
+        .unwrap();
+    assert!(fetched.success(), "mvn could not fetch Kafka Streams");
+    let compiled = Command::new("javac")
+        .arg("-d")
+        .arg(&classes)
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()))
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(compiled.success(), "javac failed on {}", source.display());
+    std::fs::write(&stamp, source_text).unwrap();
+    Some((libs, classes))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Child processes: `--child MODE BROKERS INPUT OUTPUT STATE_DIR`; each prints `AT n NANOS CPU_NANOS`
+// (records done, its own clock, its CPU time) every 10 ms until its stdin closes.
+
+fn child(args: &[String]) {
+    let [mode, brokers, input, output, state] = args else {
+        panic!("--child MODE BROKERS INPUT OUTPUT STATE_DIR, got {args:?}");
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let stop = CancellationToken::new();
+    let done = Arc::new(AtomicU64::new(0));
+    runtime.block_on(async {
+        let work = {
+            let (mode, brokers, input, output, state, stop, done) = (
+                mode.clone(),
+                brokers.clone(),
+                input.clone(),
+                output.clone(),
+                PathBuf::from(state),
+                stop.clone(),
+                done.clone(),
+            );
             tokio::spawn(async move {
-                let stop = CancellationToken::new();
-                consume_partition(
-                    &consumer,
-                    &mut processor,
-                    processor::source::CommitPolicy::new(10_000, Duration::from_millis(100)),
-                    Some(end),
-                    Outputs::Discard,
-                    None,
-                    &stop,
-                )
-                .await
-                .expect("consume")
-                .applied
+                match mode.as_str() {
+                    "raw" => raw_loop(&brokers, &input, &done).await,
+                    _ => ours(&mode, &brokers, &input, &output, &state, &stop, &done).await,
+                }
+            })
+        };
+        // An OS thread, not a task: the work may keep every runtime worker busy.
+        {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let (origin, me) = (Instant::now(), std::process::id());
+                loop {
+                    let count = done.load(Ordering::Relaxed);
+                    let cpu = integration_tests::cpu::cpu_seconds(&[me]);
+                    say(&format!(
+                        "AT {count} {} {}",
+                        origin.elapsed().as_nanos(),
+                        (cpu * 1e9) as u64
+                    ));
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
+        // Until the bench closes stdin.
+        tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {}
+        })
+        .await
+        .unwrap();
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), work).await;
+    });
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").unwrap();
+    out.flush().unwrap();
+}
+
+/// One consumer per partition (as the processor has), each draining its queue as fast as it can.
+async fn raw_loop(brokers: &str, input: &str, done: &Arc<AtomicU64>) {
+    let kafka = KafkaSettings::new(brokers);
+    let partitions = partition_count(&kafka, input).unwrap();
+    let tasks: Vec<_> = (0..partitions)
+        .map(|partition| {
+            let (brokers, input, done) = (brokers.to_owned(), input.to_owned(), done.clone());
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                let consumer: StreamConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .set("group.id", "raw")
+                    .set("enable.auto.commit", "false")
+                    .set("enable.partition.eof", "false")
+                    .set("queued.max.messages.kbytes", "8192")
+                    .create()
+                    .unwrap();
+                let mut assignment = rdkafka::TopicPartitionList::new();
+                assignment
+                    .add_partition_offset(&input, partition, rdkafka::Offset::Beginning)
+                    .unwrap();
+                consumer.assign(&assignment).unwrap();
+                let mut stream = consumer.stream();
+                while let Some(message) = stream.next().await {
+                    message.unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
             })
         })
         .collect();
-    let mut full_records = 0;
     for task in tasks {
-        full_records += task.await.expect("full task");
+        task.await.unwrap();
     }
-    let full_rate = full_records as f64 / started.elapsed().as_secs_f64();
+}
 
-    // Checkpoint creation at two state sizes.
-    let small = filled_store(&stores, &dir.path().join("small"), sizes.small_keys);
-    let large = filled_store(&stores, &dir.path().join("large"), sizes.large_keys);
-    let small_time = time_snapshot(&small, &dir.path().join("small-snaps"));
-    let large_time = time_snapshot(&large, &dir.path().join("large-snaps"));
+async fn ours(
+    mode: &str,
+    brokers: &str,
+    input: &str,
+    output: &str,
+    state: &Path,
+    stop: &CancellationToken,
+    done: &Arc<AtomicU64>,
+) {
+    let partitions = partition_count(&KafkaSettings::new(brokers), input).unwrap();
+    let mut services = Services::in_memory(state.join("checkpoints")).unwrap();
+    services.operator = Arc::new(Counting(done.clone()));
+    let mut config = InstanceConfig::new("bench", input, partitions, brokers, state.join("local"))
+        .with_status_interval(Duration::from_millis(100))
+        .with_output_mode(OutputMode::LatestPerKey);
+    match mode {
+        "off" => {}
+        "at-least-once" => {
+            config = config
+                .with_output_topic(output)
+                .with_output_guarantee(OutputGuarantee::AtLeastOnce);
+        }
+        "exactly-once" => {
+            config = config
+                .with_output_topic(output)
+                .with_output_guarantee(OutputGuarantee::ExactlyOnce);
+        }
+        other => panic!("unknown mode {other}"),
+    }
+    let instance = processor::Instance::new(config, services).unwrap();
+    instance.run(stop.clone()).await.unwrap();
+}
 
-    println!(
-        "{} records over {PARTITIONS} partitions of librdkafka's mock cluster, one run",
-        sizes.records
-    );
-    println!("| path | records/s |");
-    println!("|---|---|");
-    println!("| raw rdkafka consume (assign, recv) | {raw_rate:.0} |");
-    println!(
-        "| full: consume → aggregate → RocksDB WriteBatch (state + offset) | {full_rate:.0} |"
-    );
-    println!("ratio: full / raw = {:.2}", full_rate / raw_rate);
-    println!();
-    println!("| state size | checkpoint creation (best of 5) |");
-    println!("|---|---|");
-    println!(
-        "| {} keys × 100 B | {:.2} ms |",
-        sizes.small_keys,
-        small_time.as_secs_f64() * 1e3
-    );
-    println!(
-        "| {} keys × 100 B | {:.2} ms |",
-        sizes.large_keys,
-        large_time.as_secs_f64() * 1e3
-    );
-    println!(
-        "ratio: large / small checkpoint time = {:.2} for {}x the state",
-        large_time.as_secs_f64() / small_time.as_secs_f64(),
-        sizes.large_keys / sizes.small_keys
-    );
+/// The built-in aggregation, counting the records it applies (as the Kafka Streams peer counts its
+/// aggregator's calls): progress as fine-grained on both sides.
+struct Counting(Arc<AtomicU64>);
+
+impl Operator for Counting {
+    fn apply(
+        &self,
+        record: &Record<'_>,
+        state: &mut PartitionState,
+        out: &mut Emitter<'_>,
+    ) -> ProcessorResult<Outcome> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        KeyedAggregation.apply(record, state, out)
+    }
 }

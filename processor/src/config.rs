@@ -105,6 +105,9 @@ pub struct InstanceConfig {
     /// Longest time applied records wait for their commit (and their outputs): commits happen after
     /// [`batch_size`](Self::batch_size) records or this long, whichever comes first.
     pub commit_interval: Duration,
+    /// How often each owned partition's progress reaches the status and the metrics (each time also
+    /// a commit point).
+    pub status_interval: Duration,
     /// Bytes of each owned partition's write-back state cache.
     pub state_cache_bytes: usize,
     /// Every output per record, or the latest per key per commit.
@@ -159,6 +162,7 @@ impl InstanceConfig {
             checkpoint_every: Duration::from_secs(2),
             batch_size: 10_000,
             commit_interval: Duration::from_millis(100),
+            status_interval: Duration::from_millis(500),
             state_cache_bytes: crate::partition::DEFAULT_STATE_CACHE_BYTES,
             output_mode: crate::operator::OutputMode::PerRecord,
             parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -233,6 +237,12 @@ impl InstanceConfig {
     pub fn with_commits(mut self, max_records: usize, interval: Duration) -> Self {
         self.batch_size = max_records;
         self.commit_interval = interval;
+        self
+    }
+
+    /// Reports each partition's progress every `every` (default 500 ms).
+    pub fn with_status_interval(mut self, every: Duration) -> Self {
+        self.status_interval = every;
         self
     }
 
@@ -327,6 +337,7 @@ impl InstanceConfig {
         let positive = [
             ("checkpoint interval", self.checkpoint_every),
             ("commit interval", self.commit_interval),
+            ("status interval", self.status_interval),
             ("tick", self.tick),
             ("maintenance interval", self.maintenance.every),
         ];

@@ -114,6 +114,60 @@ impl<'a> Emitter<'a> {
 
 /// A user-pluggable record processor. Must be deterministic: the same records in the same order give the
 /// same state, whichever instance applies them.
+///
+/// A count per key, published as text when the partition has an output topic:
+///
+/// ```
+/// use std::sync::Arc;
+/// use processor::operator::{Emitter, Operator, Outcome, Record};
+/// use processor::partition::PartitionProcessor;
+/// use processor::store::{PartitionState, PartitionStore};
+/// use processor::store::memory::InMemoryPartitionStore;
+/// use processor::ProcessorResult;
+///
+/// struct CountPerKey;
+///
+/// impl Operator for CountPerKey {
+///     fn apply(
+///         &self,
+///         record: &Record<'_>,
+///         state: &mut PartitionState,
+///         out: &mut Emitter<'_>,
+///     ) -> ProcessorResult<Outcome> {
+///         let Some(key) = record.key else {
+///             return Ok(Outcome::DeadLetter { reason: "no key".to_owned() });
+///         };
+///         let count = state
+///             .get(key)?
+///             .and_then(|bytes| bytes.try_into().ok())
+///             .map_or(0, u64::from_le_bytes)
+///             + 1;
+///         state.put(key, count.to_le_bytes().to_vec()); // read back at once; written at the commit
+///         if out.enabled() {
+///             out.emit(key, count.to_string().into_bytes());
+///         }
+///         Ok(Outcome::Applied)
+///     }
+/// }
+///
+/// # fn main() -> ProcessorResult<()> {
+/// let store: Arc<dyn PartitionStore> = Arc::new(InMemoryPartitionStore::new(0));
+/// let mut partition = PartitionProcessor::resume(
+///     store.clone(),
+///     Arc::new(CountPerKey),
+///     1,
+///     Default::default(),
+/// )?;
+/// let records: Vec<Record<'_>> = (0..3)
+///     .map(|offset| Record { partition: 0, offset, key: Some(b"k"), value: None })
+///     .collect();
+/// let report = partition.process(&records)?; // applied, then ONE write: the changed key + offset 3
+/// assert_eq!(report.outputs.len(), 3);
+/// assert_eq!(store.get(b"k")?, Some(3u64.to_le_bytes().to_vec()));
+/// assert_eq!(store.meta()?.map(|meta| meta.next_offset), Some(3));
+/// # Ok(())
+/// # }
+/// ```
 pub trait Operator: Send + Sync {
     /// Applies `record` to `state` (reads see every earlier record's writes, committed or not) and
     /// emits its outputs, if any, through `out`.

@@ -46,10 +46,6 @@ pub(super) enum Published {
     Skipped,
 }
 
-/// How often a partition's progress reaches the instance status (and the group's informational offset),
-/// whatever the checkpoint interval.
-const STATUS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
-
 /// The shortest consume segment (a checkpoint waiting for the previous upload is retried this often).
 const MIN_SEGMENT: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -637,7 +633,8 @@ impl Instance {
                 let (segment, lost, every) = (
                     segment.clone(),
                     lost.clone(),
-                    until_checkpoint.clamp(MIN_SEGMENT, STATUS_EVERY),
+                    until_checkpoint
+                        .clamp(MIN_SEGMENT, self.config.status_interval.max(MIN_SEGMENT)),
                 );
                 tokio::spawn(async move {
                     tokio::select! {
