@@ -5,8 +5,6 @@
 //! together with the next offset, atomically, so an operator never has to think about exactly-once: it
 //! only has to be deterministic.
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ProcessorError, ProcessorResult};
@@ -54,7 +52,7 @@ pub enum OutputMode {
 }
 
 /// Where each key's output sits among the pending outputs ([`OutputMode::LatestPerKey`]).
-pub(crate) type KeyPositions = HashMap<Vec<u8>, usize, foldhash::fast::RandomState>;
+pub(crate) type KeyPositions = hashbrown::HashMap<Vec<u8>, usize>;
 
 /// The outputs emitted since the last commit, and where each key's sits.
 pub(crate) type PendingOutputs<'a> = (&'a mut Vec<(Vec<u8>, Vec<u8>)>, &'a mut KeyPositions);
@@ -223,13 +221,23 @@ impl Aggregate {
     /// Encodes in the compact fixed-width form (41 bytes: a tag and the five fields, little-endian):
     /// no serde on the hot path.
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(FIXED_WIDTH_LEN);
-        bytes.push(FIXED_WIDTH_TAG);
-        bytes.extend_from_slice(&self.count.to_le_bytes());
-        bytes.extend_from_slice(&self.sum.to_le_bytes());
-        bytes.extend_from_slice(&self.min.to_le_bytes());
-        bytes.extend_from_slice(&self.max.to_le_bytes());
-        bytes.extend_from_slice(&self.chain.to_le_bytes());
+        self.encode_fixed().to_vec()
+    }
+
+    /// [`encode`](Self::encode) without an allocation.
+    pub fn encode_fixed(&self) -> [u8; 41] {
+        let mut bytes = [0u8; FIXED_WIDTH_LEN];
+        bytes[0] = FIXED_WIDTH_TAG;
+        let fields = [
+            self.count,
+            self.sum as u64,
+            self.min as u64,
+            self.max as u64,
+            self.chain,
+        ];
+        for (i, field) in fields.into_iter().enumerate() {
+            bytes[1 + 8 * i..9 + 8 * i].copy_from_slice(&field.to_le_bytes());
+        }
         bytes
     }
 
@@ -316,7 +324,7 @@ impl Operator for KeyedAggregation {
             .transpose()?
             .unwrap_or_default();
         let after = before.with_amount(amount);
-        state.put(key, after.encode());
+        state.put_slice(key, &after.encode_fixed());
         if out.enabled() {
             out.emit(key, after.to_json()?);
         }

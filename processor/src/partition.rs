@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::operator::{Emitter, KeyPositions, Operator, Outcome, OutputMode, Record};
-use crate::store::{PartitionState, PartitionStore, StateBatch};
+use crate::store::{PartitionState, PartitionStore};
 
 /// The write-back cache budget of a partition unless configured: 8 MiB.
 pub const DEFAULT_STATE_CACHE_BYTES: usize = 8 << 20;
@@ -265,9 +265,7 @@ impl PartitionProcessor {
     pub fn commit(&mut self) -> ProcessorResult<BatchReport> {
         self.ensure_owner()?;
         if self.applied_to > self.next_offset {
-            let mut batch = StateBatch::new(self.applied_to, self.fencing_token);
-            self.state.drain_changes_into(&mut batch);
-            self.state.store().apply(&batch)?;
+            self.state.commit(self.applied_to, self.fencing_token)?;
             self.next_offset = self.applied_to;
             self.stats.batches += 1;
         }

@@ -12,13 +12,16 @@
 //! and the old cold map is dropped; a cold entry read again moves back to hot. Dirty entries are never
 //! evicted — the caller commits early when they reach half the budget ([`PartitionState::wants_commit`]).
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+use hashbrown::hash_map::EntryRef;
 
 use super::{PartitionStore, StateBatch};
 use crate::error::ProcessorResult;
 
-type Map = HashMap<Box<[u8]>, Slot, foldhash::fast::RandomState>;
+/// Keys are hashed with foldhash (hashbrown's default: fast, and seeded per map, so crafted keys
+/// cannot force collisions).
+type Map = hashbrown::HashMap<Box<[u8]>, Slot>;
 
 /// What a cached key holds: its value (`None`: absent or deleted) and whether it changed since the last
 /// commit.
@@ -41,8 +44,8 @@ pub struct PartitionState {
     store: Arc<dyn PartitionStore>,
     hot: Map,
     cold: Map,
-    /// Keys changed since the last commit, each once.
-    dirty: Vec<Box<[u8]>>,
+    /// Keys changed since the last commit.
+    dirty: usize,
     bytes: usize,
     dirty_bytes: usize,
     budget: usize,
@@ -53,7 +56,7 @@ impl std::fmt::Debug for PartitionState {
         f.debug_struct("PartitionState")
             .field("partition", &self.store.partition())
             .field("cached", &(self.hot.len() + self.cold.len()))
-            .field("dirty", &self.dirty.len())
+            .field("dirty", &self.dirty)
             .field("bytes", &self.bytes)
             .field("budget", &self.budget)
             .finish()
@@ -68,7 +71,7 @@ impl PartitionState {
             store,
             hot: Map::default(),
             cold: Map::default(),
-            dirty: Vec::new(),
+            dirty: 0,
             bytes: 0,
             dirty_bytes: 0,
             budget: budget_bytes,
@@ -91,26 +94,58 @@ impl PartitionState {
     /// # Errors
     /// A store error reading a key not cached.
     pub fn get(&mut self, key: &[u8]) -> ProcessorResult<Option<&[u8]>> {
-        if !self.hot.contains_key(key) {
-            let slot = match self.cold.remove(key) {
-                Some(slot) => slot,
-                None => {
-                    let value = self.store.get(key)?;
-                    self.bytes += charge(key, value.as_ref());
-                    Slot {
-                        value,
-                        dirty: false,
+        let PartitionState {
+            store,
+            hot,
+            cold,
+            bytes,
+            ..
+        } = self;
+        let slot = match hot.entry_ref(key) {
+            EntryRef::Occupied(entry) => entry.into_mut(),
+            EntryRef::Vacant(entry) => {
+                let slot = match cold.remove(key) {
+                    Some(slot) => slot,
+                    None => {
+                        let value = store.get(key)?;
+                        *bytes += charge(key, value.as_ref());
+                        Slot {
+                            value,
+                            dirty: false,
+                        }
                     }
-                }
-            };
-            self.hot.insert(key.into(), slot);
-        }
-        Ok(self.hot.get(key).and_then(|slot| slot.value.as_deref()))
+                };
+                entry.insert(slot)
+            }
+        };
+        Ok(slot.value.as_deref())
     }
 
     /// Sets `key` to `value` (written at the next commit).
     pub fn put(&mut self, key: &[u8], value: Vec<u8>) {
         self.set(key, Some(value));
+    }
+
+    /// Sets `key` to a copy of `value`, reusing the cached value's buffer when the key is cached: no
+    /// allocation for a key updated again (the common case of an aggregation).
+    pub fn put_slice(&mut self, key: &[u8], value: &[u8]) {
+        if let Some(slot) = self.hot.get_mut(key)
+            && let Some(buffer) = slot.value.as_mut()
+        {
+            let (before, after) = (key.len() + buffer.len(), key.len() + value.len());
+            self.bytes = self.bytes + after - before;
+            if slot.dirty {
+                self.dirty_bytes = self.dirty_bytes + after - before;
+            } else {
+                slot.dirty = true;
+                self.dirty += 1;
+                self.dirty_bytes += ENTRY_OVERHEAD + after;
+            }
+            buffer.clear();
+            buffer.extend_from_slice(value);
+            return;
+        }
+        self.set(key, Some(value.to_vec()));
     }
 
     /// Removes `key` (at the next commit).
@@ -120,33 +155,34 @@ impl PartitionState {
 
     fn set(&mut self, key: &[u8], value: Option<Vec<u8>>) {
         let added = charge(key, value.as_ref());
-        if let Some(old) = self.cold.remove(key) {
-            self.bytes -= charge(key, old.value.as_ref());
-        }
-        match self.hot.get_mut(key) {
-            Some(slot) => {
+        match self.hot.entry_ref(key) {
+            EntryRef::Occupied(mut entry) => {
+                let slot = entry.get_mut();
                 let replaced = charge(key, slot.value.as_ref());
                 self.bytes = self.bytes - replaced + added;
                 if slot.dirty {
                     self.dirty_bytes = self.dirty_bytes - replaced + added;
                 } else {
-                    self.dirty.push(key.into());
+                    self.dirty += 1;
                     self.dirty_bytes += added;
                 }
                 *slot = Slot { value, dirty: true };
             }
-            None => {
+            EntryRef::Vacant(entry) => {
+                if let Some(old) = self.cold.remove(key) {
+                    self.bytes -= charge(key, old.value.as_ref());
+                }
                 self.bytes += added;
+                self.dirty += 1;
                 self.dirty_bytes += added;
-                self.dirty.push(key.into());
-                self.hot.insert(key.into(), Slot { value, dirty: true });
+                entry.insert(Slot { value, dirty: true });
             }
         }
     }
 
     /// How many keys changed since the last commit.
     pub fn changed_keys(&self) -> usize {
-        self.dirty.len()
+        self.dirty
     }
 
     /// Whether the changes waiting for a commit take half the budget or more: commit now, before the
@@ -160,45 +196,80 @@ impl PartitionState {
         self.bytes
     }
 
-    /// Moves every change since the last commit into `batch` (one entry per changed key) and marks the
-    /// cache clean; evicts a generation if the cache is over its budget. The caller writes `batch`: if
-    /// that fails the partition must stop (its cache now claims changes the store never got).
-    pub fn drain_changes_into(&mut self, batch: &mut StateBatch) {
-        for key in std::mem::take(&mut self.dirty) {
-            if let Some(slot) = self.hot.get_mut(&key) {
-                slot.dirty = false;
-                match &slot.value {
-                    Some(value) => batch.put(key.into_vec(), value.clone()),
-                    None => batch.delete(key.into_vec()),
-                };
+    /// Writes every change since the last commit — one entry per changed key, straight from the cache
+    /// — with `next_offset` under `fencing_token` in ONE atomic write of the store, and marks the cache
+    /// clean; then evicts a generation if the cache is over its budget.
+    ///
+    /// # Errors
+    /// The store's (a stale owner, a write error): the partition must stop then, its cache claims
+    /// changes the store never got.
+    pub fn commit(&mut self, next_offset: i64, fencing_token: u64) -> ProcessorResult<()> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut changes: Vec<(&[u8], Option<&[u8]>)> = Vec::with_capacity(dirty);
+        changes.extend(self.hot.iter_mut().filter_map(|(key, slot)| {
+            if !slot.dirty {
+                return None;
             }
-        }
+            slot.dirty = false;
+            Some((&**key, slot.value.as_deref()))
+        }));
+        // In key order: RocksDB's memtable (a skip list) inserts a run of ascending keys from where
+        // the previous insert ended instead of searching from the top for each.
+        changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let written =
+            self.store
+                .apply_changes(&mut changes.into_iter(), dirty, next_offset, fencing_token);
         self.dirty_bytes = 0;
+        written?;
+        self.evict_if_over_budget();
+        Ok(())
+    }
+
+    /// As [`commit`](Self::commit), into `batch` instead of the store (the caller writes it).
+    pub fn drain_changes_into(&mut self, batch: &mut StateBatch) {
+        for (key, slot) in self.hot.iter_mut().filter(|(_, slot)| slot.dirty) {
+            slot.dirty = false;
+            match &slot.value {
+                Some(value) => batch.put(key.to_vec(), value.clone()),
+                None => batch.delete(key.to_vec()),
+            };
+        }
+        self.dirty = 0;
+        self.dirty_bytes = 0;
+        self.evict_if_over_budget();
+    }
+
+    fn evict_if_over_budget(&mut self) {
+        if self.bytes <= self.budget {
+            return;
+        }
+        // Everything is clean now: the hot generation becomes the cold one, the old cold one goes.
+        let evicted: usize = self
+            .cold
+            .iter()
+            .map(|(key, slot)| charge(key, slot.value.as_ref()))
+            .sum();
+        self.bytes -= evicted;
+        self.cold = std::mem::take(&mut self.hot);
         if self.bytes > self.budget {
-            // Everything is clean now: the hot generation becomes the cold one, the old cold one goes.
-            let evicted: usize = self
-                .cold
-                .iter()
-                .map(|(key, slot)| charge(key, slot.value.as_ref()))
-                .sum();
-            self.bytes -= evicted;
-            self.cold = std::mem::take(&mut self.hot);
-            if self.bytes > self.budget {
-                // One generation alone is over the budget (a budget smaller than one commit's changes).
-                self.cold.clear();
-                self.bytes = 0;
-            }
+            // One generation alone is over the budget (a budget smaller than one commit's changes).
+            self.cold.clear();
+            self.bytes = 0;
         }
     }
 
     /// Forgets every change since the last commit (a batch whose outputs could not be delivered): the
     /// next reads of those keys go to the store.
     pub fn discard_changes(&mut self) {
-        for key in std::mem::take(&mut self.dirty) {
-            if let Some(slot) = self.hot.remove(&key) {
-                self.bytes -= charge(&key, slot.value.as_ref());
+        let mut freed = 0;
+        self.hot.retain(|key, slot| {
+            if slot.dirty {
+                freed += charge(key, slot.value.as_ref());
             }
-        }
+            !slot.dirty
+        });
+        self.bytes -= freed;
+        self.dirty = 0;
         self.dirty_bytes = 0;
     }
 }

@@ -170,6 +170,7 @@ mod tests {
         ));
         shared_tests::stale_owner_is_refused_and_nothing_changes(&InMemoryPartitionStore::new(0));
         shared_tests::keys_are_binary_safe(&InMemoryPartitionStore::new(0));
+        shared_tests::changes_apply_atomically_like_a_batch(&InMemoryPartitionStore::new(0));
     }
 
     #[test]

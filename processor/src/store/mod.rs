@@ -116,6 +116,30 @@ pub trait PartitionStore: Send + Sync {
     /// lower than the recorded one; a store error.
     fn apply(&self, batch: &StateBatch) -> ProcessorResult<()>;
 
+    /// Applies `changes` (key, new value or `None` to delete; `count` of them, a capacity hint) with
+    /// `next_offset` under `fencing_token`, atomically, as [`apply`](Self::apply) does a
+    /// [`StateBatch`]: how the state cache commits without copying its entries into a batch first.
+    ///
+    /// # Errors
+    /// As [`apply`](Self::apply).
+    fn apply_changes(
+        &self,
+        changes: &mut dyn Iterator<Item = (&[u8], Option<&[u8]>)>,
+        count: usize,
+        next_offset: i64,
+        fencing_token: u64,
+    ) -> ProcessorResult<()> {
+        let mut batch = StateBatch::new(next_offset, fencing_token);
+        batch.puts.reserve(count);
+        for (key, value) in changes {
+            match value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
+            };
+        }
+        self.apply(&batch)
+    }
+
     /// Where to resume, and under which owner the state was last written; `None` for a new store.
     ///
     /// # Errors
@@ -222,6 +246,35 @@ pub(crate) mod shared_tests {
         newer.put("k", "from 8");
         store.apply(&newer).unwrap();
         assert_eq!(store.meta().unwrap().unwrap().fencing_token, 8);
+    }
+
+    pub fn changes_apply_atomically_like_a_batch(store: &dyn PartitionStore) {
+        store.apply(StateBatch::new(1, 2).put("gone", "x")).unwrap();
+        let changes: Vec<(&[u8], Option<&[u8]>)> =
+            vec![(b"a", Some(b"1")), (b"gone", None), (b"b", Some(b"2"))];
+        store
+            .apply_changes(&mut changes.into_iter(), 3, 7, 2)
+            .unwrap();
+        assert_eq!(
+            store.entries().unwrap(),
+            vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec())
+            ]
+        );
+        assert_eq!(
+            store.meta().unwrap(),
+            Some(StoreMeta {
+                next_offset: 7,
+                fencing_token: 2
+            })
+        );
+        let stale: Vec<(&[u8], Option<&[u8]>)> = vec![(b"a", Some(b"stale"))];
+        assert!(matches!(
+            store.apply_changes(&mut stale.into_iter(), 1, 9, 1),
+            Err(ProcessorError::StaleOwner { .. })
+        ));
+        assert_eq!(store.get(b"a").unwrap(), Some(b"1".to_vec()));
     }
 
     pub fn keys_are_binary_safe(store: &dyn PartitionStore) {

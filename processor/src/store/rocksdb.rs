@@ -155,6 +155,40 @@ impl RocksDbPartitionStore {
         })
     }
 
+    /// One atomic `WriteBatch`: what `fill` puts in it, the next offset and the fencing token — refused
+    /// when a newer owner's token is already recorded.
+    fn write(
+        &self,
+        next_offset: i64,
+        fencing_token: u64,
+        fill: impl FnOnce(&mut WriteBatch),
+    ) -> ProcessorResult<()> {
+        let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(highest) = self
+            .read_meta(FENCING_TOKEN)?
+            .as_deref()
+            .and_then(decode_u64)
+            && fencing_token < highest
+        {
+            return Err(ProcessorError::StaleOwner {
+                partition: self.partition,
+                token: fencing_token,
+                highest,
+            });
+        }
+        let meta = self.meta_cf()?;
+        let mut write = WriteBatch::default();
+        fill(&mut write);
+        write.put_cf(meta, NEXT_OFFSET, next_offset.to_be_bytes());
+        write.put_cf(meta, FENCING_TOKEN, fencing_token.to_be_bytes());
+        let mut options = WriteOptions::default();
+        options.set_sync(self.sync_writes);
+        options.disable_wal(false);
+        self.db
+            .write_opt(write, &options)
+            .map_err(|err| ProcessorError::store(self.partition, "write a batch", err))
+    }
+
     fn read_meta(&self, key: &[u8]) -> ProcessorResult<Option<Vec<u8>>> {
         self.db
             .get_cf(self.meta_cf()?, key)
@@ -184,35 +218,31 @@ impl PartitionStore for RocksDbPartitionStore {
     }
 
     fn apply(&self, batch: &StateBatch) -> ProcessorResult<()> {
-        let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(highest) = self
-            .read_meta(FENCING_TOKEN)?
-            .as_deref()
-            .and_then(decode_u64)
-            && batch.fencing_token() < highest
-        {
-            return Err(ProcessorError::StaleOwner {
-                partition: self.partition,
-                token: batch.fencing_token(),
-                highest,
-            });
-        }
-        let meta = self.meta_cf()?;
-        let mut write = WriteBatch::default();
-        for (key, value) in batch.puts() {
-            write.put(key, value);
-        }
-        for key in batch.deletes() {
-            write.delete(key);
-        }
-        write.put_cf(meta, NEXT_OFFSET, batch.next_offset().to_be_bytes());
-        write.put_cf(meta, FENCING_TOKEN, batch.fencing_token().to_be_bytes());
-        let mut options = WriteOptions::default();
-        options.set_sync(self.sync_writes);
-        options.disable_wal(false);
-        self.db
-            .write_opt(write, &options)
-            .map_err(|err| ProcessorError::store(self.partition, "write a batch", err))
+        self.write(batch.next_offset(), batch.fencing_token(), |write| {
+            for (key, value) in batch.puts() {
+                write.put(key, value);
+            }
+            for key in batch.deletes() {
+                write.delete(key);
+            }
+        })
+    }
+
+    fn apply_changes(
+        &self,
+        changes: &mut dyn Iterator<Item = (&[u8], Option<&[u8]>)>,
+        _count: usize,
+        next_offset: i64,
+        fencing_token: u64,
+    ) -> ProcessorResult<()> {
+        self.write(next_offset, fencing_token, |write| {
+            for (key, value) in changes {
+                match value {
+                    Some(value) => write.put(key, value),
+                    None => write.delete(key),
+                }
+            }
+        })
     }
 
     fn meta(&self) -> ProcessorResult<Option<StoreMeta>> {
@@ -267,6 +297,8 @@ mod tests {
         shared_tests::batch_applies_state_offset_and_token_together(&open(dirs[1].path()));
         shared_tests::stale_owner_is_refused_and_nothing_changes(&open(dirs[2].path()));
         shared_tests::keys_are_binary_safe(&open(dirs[3].path()));
+        let changes_dir = tempfile::tempdir().unwrap();
+        shared_tests::changes_apply_atomically_like_a_batch(&open(changes_dir.path()));
     }
 
     #[test]
