@@ -3,18 +3,19 @@
 //!
 //! Each row is a separate process (this binary run again with `--child`, or the Kafka Streams peer in
 //! `benches/kafka-streams`, a JVM), so its CPU time and peak RSS are its own:
-//! - **raw**: one rdkafka `StreamConsumer` assigned every partition, counting records — the floor;
+//! - **raw**: one rdkafka `StreamConsumer` per partition, draining its queue and counting — the floor;
 //! - **ours, outputs off / at-least-once / exactly-once**: a single-instance fleet (in-process locks,
 //!   RocksDB, the built-in keyed aggregation, latest output per key per commit, commits every 100 ms);
 //! - **Kafka Streams 4.4, at_least_once / exactly_once_v2**: the same aggregation (count/sum/min/max/
 //!   chain per key) with its default RocksDB store and record cache, 2 stream threads, commits every
 //!   100 ms, `-Xmx512m`.
 //!
-//! Per row: the process starts and reports ready (partitions assigned; excluded from the numbers); for
-//! rows with outputs, a latency phase produces distinct keys at a steady rate and times each from its
-//! send to its output becoming visible to a `read_committed` consumer (end to end); then the bench
-//! produces the throughput input as fast as it can and times the process from the first record sent to
-//! "everything committed", reading its CPU time (`/proc/PID/stat`) and peak RSS (`VmHWM`) then.
+//! Per row: the bench produces the input, then starts the process, which reports every 10 ms how many
+//! records it has done, on its own clock, with its own CPU time (a process saturating both cores can
+//! starve the bench's reader, so it stamps its reports itself); records/s and CPU per record come from
+//! the reports at 10 % and 90 % of the input (start-up and the last commit excluded). Then, for rows with
+//! outputs, a latency phase produces distinct keys at a steady rate and times each from its send to its
+//! output becoming visible to a `read_committed` consumer (end to end). Peak RSS is the process's `VmHWM`.
 //!
 //! ```text
 //! cargo bench -p processor --bench throughput                 # 1 M records, 100 k keys, 8 partitions; 100 k vs 2 M keys

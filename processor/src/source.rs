@@ -234,7 +234,7 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 /// Runs `work` where it may block: on a multi-threaded runtime the worker hands its other tasks (lock
 /// renewals, membership) to another thread first, so a RocksDB write stall never delays them; on a
 /// current-thread runtime (tests) it just runs.
-pub(crate) fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(work)

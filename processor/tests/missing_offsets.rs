@@ -9,15 +9,14 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use processor::dev::{Workload, admin};
 use processor::resources::local_state_dir;
 use processor::store::rocksdb::RocksDbStores;
 use processor::store::{PartitionStore, StateBatch};
 use processor::{Instance, InstanceConfig, InstanceStatus, MissingOffsets, Services};
-use support::TestBroker;
-use tokio::sync::watch;
+use support::{TestBroker, wait_for};
 use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
@@ -45,25 +44,6 @@ fn stored_offset(state_dir: &Path) -> i64 {
         .open(0, &local_state_dir(state_dir, GROUP, TOPIC, 0))
         .unwrap();
     store.meta().unwrap().unwrap().next_offset
-}
-
-async fn wait_for(
-    status: &mut watch::Receiver<InstanceStatus>,
-    what: &str,
-    done: impl Fn(&InstanceStatus) -> bool,
-) -> InstanceStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = status.borrow().clone();
-        if done(&now) {
-            return now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Runs one instance on a fresh one-partition topic of 10 records, over local state at offset 1 000.
@@ -96,17 +76,22 @@ async fn run_one_instance(
         .with_on_missing_offsets(policy)
         .with_checkpoint_every(Duration::from_millis(200));
     let instance = Instance::new(config, services).unwrap();
-    let mut status = instance.status();
+    let status = instance.status();
     let stop = CancellationToken::new();
     let running = tokio::spawn(instance.run(stop.clone()));
     let seen = match policy {
         MissingOffsets::Fail => {
-            wait_for(&mut status, "the refusal", |s| {
+            wait_for(&status, "the refusal", Duration::from_secs(30), |s| {
                 s.partition_errors.contains_key(&0)
             })
             .await
         }
-        _ => wait_for(&mut status, "the records", |s| s.processed >= records).await,
+        _ => {
+            wait_for(&status, "the records", Duration::from_secs(30), |s| {
+                s.processed >= records
+            })
+            .await
+        }
     };
     stop.cancel();
     running.await.unwrap().unwrap();
@@ -157,10 +142,13 @@ async fn latest_resumes_at_the_log_end() {
         .with_checkpoint_every(Duration::from_millis(200));
     let instance =
         Instance::new(config, Services::in_memory(root.path().join("ck")).unwrap()).unwrap();
-    let mut status = instance.status();
+    let status = instance.status();
     let stop = CancellationToken::new();
     let running = tokio::spawn(instance.run(stop.clone()));
-    wait_for(&mut status, "the partition", |s| s.owned.contains_key(&0)).await;
+    wait_for(&status, "the partition", Duration::from_secs(30), |s| {
+        s.owned.contains_key(&0)
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         status.borrow().processed,
@@ -171,7 +159,10 @@ async fn latest_resumes_at_the_log_end() {
         .produce_range(&brokers, TOPIC, 10..15)
         .await
         .unwrap();
-    wait_for(&mut status, "the new records", |s| s.processed >= 5).await;
+    wait_for(&status, "the new records", Duration::from_secs(30), |s| {
+        s.processed >= 5
+    })
+    .await;
     stop.cancel();
     running.await.unwrap().unwrap();
     assert_eq!(status.borrow().processed, 5);

@@ -12,18 +12,10 @@ use std::time::{Duration, Instant};
 use processor::dev::Workload;
 use processor::inspect::checkpointed_aggregates;
 use processor::resources::local_state_dir;
-use processor::{Instance, InstanceConfig, Services};
-use support::TestBroker;
-use tokio_util::sync::CancellationToken;
+use processor::{InstanceConfig, Services};
+use support::{Running, TestBroker, start_instance};
 
 const TOPIC: &str = "orders";
-
-/// A running instance `id` of a one-partition fleet over `services`: its task, its stop and its status.
-type Running = (
-    tokio::task::JoinHandle<processor::ProcessorResult<()>>,
-    CancellationToken,
-    tokio::sync::watch::Receiver<processor::InstanceStatus>,
-);
 
 fn start(services: &Services, brokers: &str, id: &str, state_dir: &std::path::Path) -> Running {
     start_with(services, config(brokers, id, state_dir))
@@ -36,10 +28,7 @@ fn config(brokers: &str, id: &str, state_dir: &std::path::Path) -> InstanceConfi
 }
 
 fn start_with(services: &Services, config: InstanceConfig) -> Running {
-    let instance = Instance::new(config, services.clone()).unwrap();
-    let status = instance.status();
-    let stop = CancellationToken::new();
-    (tokio::spawn(instance.run(stop.clone())), stop, status)
+    start_instance(services.clone(), config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

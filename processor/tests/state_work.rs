@@ -12,15 +12,14 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use processor::dev::Workload;
 use processor::error::ProcessorResult;
 use processor::store::memory::InMemoryStores;
 use processor::store::{EntryVisitor, PartitionStore, StateBatch, StoreFactory, StoreMeta};
-use processor::{Instance, InstanceConfig, InstanceStatus, Services};
-use support::TestBroker;
-use tokio_util::sync::CancellationToken;
+use processor::{InstanceConfig, Services};
+use support::{TestBroker, start_instance as start, wait_for};
 
 const TOPIC: &str = "orders";
 
@@ -74,32 +73,6 @@ impl PartitionStore for StallingStore {
     }
     fn snapshot_to(&self, dir: &Path) -> ProcessorResult<()> {
         self.inner.snapshot_to(dir)
-    }
-}
-
-type Running = (
-    tokio::task::JoinHandle<ProcessorResult<()>>,
-    CancellationToken,
-    tokio::sync::watch::Receiver<InstanceStatus>,
-);
-
-fn start(services: Services, config: InstanceConfig) -> Running {
-    let instance = Instance::new(config, services).unwrap();
-    let status = instance.status();
-    let stop = CancellationToken::new();
-    (tokio::spawn(instance.run(stop.clone())), stop, status)
-}
-
-async fn wait_for(
-    status: &tokio::sync::watch::Receiver<InstanceStatus>,
-    what: &str,
-    within: Duration,
-    done: impl Fn(&InstanceStatus) -> bool,
-) {
-    let deadline = Instant::now() + within;
-    while !done(&status.borrow()) {
-        assert!(Instant::now() < deadline, "{what}: {:?}", status.borrow());
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -34,8 +34,36 @@ struct Slot {
 /// Bytes a cached entry is charged beyond its key and value: the map slot, the boxes' headers.
 const ENTRY_OVERHEAD: usize = 64;
 
-fn charge(key: &[u8], value: Option<&Vec<u8>>) -> usize {
-    ENTRY_OVERHEAD + key.len() + value.map_or(0, Vec::len)
+fn charge(key: &[u8], value: Option<&[u8]>) -> usize {
+    ENTRY_OVERHEAD + key.len() + value.map_or(0, <[u8]>::len)
+}
+
+/// What the cache holds, in bytes and in changed keys.
+#[derive(Debug, Default)]
+struct Usage {
+    bytes: usize,
+    /// Keys changed since the last commit.
+    dirty: usize,
+    dirty_bytes: usize,
+}
+
+impl Usage {
+    /// A cached entry charged `replaced` bytes now charges `added`, and is changed.
+    fn changed(&mut self, was_dirty: bool, replaced: usize, added: usize) {
+        self.bytes = self.bytes - replaced + added;
+        if was_dirty {
+            self.dirty_bytes = self.dirty_bytes - replaced + added;
+        } else {
+            self.dirty += 1;
+            self.dirty_bytes += added;
+        }
+    }
+
+    /// Every change was committed (or forgotten).
+    fn clean(&mut self) {
+        self.dirty = 0;
+        self.dirty_bytes = 0;
+    }
 }
 
 /// A partition's state as an operator sees it: get, put and delete with read-your-writes, over a
@@ -44,10 +72,7 @@ pub struct PartitionState {
     store: Arc<dyn PartitionStore>,
     hot: Map,
     cold: Map,
-    /// Keys changed since the last commit.
-    dirty: usize,
-    bytes: usize,
-    dirty_bytes: usize,
+    usage: Usage,
     budget: usize,
 }
 
@@ -56,8 +81,7 @@ impl std::fmt::Debug for PartitionState {
         f.debug_struct("PartitionState")
             .field("partition", &self.store.partition())
             .field("cached", &(self.hot.len() + self.cold.len()))
-            .field("dirty", &self.dirty)
-            .field("bytes", &self.bytes)
+            .field("usage", &self.usage)
             .field("budget", &self.budget)
             .finish()
     }
@@ -71,9 +95,7 @@ impl PartitionState {
             store,
             hot: Map::default(),
             cold: Map::default(),
-            dirty: 0,
-            bytes: 0,
-            dirty_bytes: 0,
+            usage: Usage::default(),
             budget: budget_bytes,
         }
     }
@@ -98,7 +120,7 @@ impl PartitionState {
             store,
             hot,
             cold,
-            bytes,
+            usage,
             ..
         } = self;
         let slot = match hot.entry_ref(key) {
@@ -108,7 +130,7 @@ impl PartitionState {
                     Some(slot) => slot,
                     None => {
                         let value = store.get(key)?;
-                        *bytes += charge(key, value.as_ref());
+                        usage.bytes += charge(key, value.as_deref());
                         Slot {
                             value,
                             dirty: false,
@@ -132,15 +154,9 @@ impl PartitionState {
         if let Some(slot) = self.hot.get_mut(key)
             && let Some(buffer) = slot.value.as_mut()
         {
-            let (before, after) = (key.len() + buffer.len(), key.len() + value.len());
-            self.bytes = self.bytes + after - before;
-            if slot.dirty {
-                self.dirty_bytes = self.dirty_bytes + after - before;
-            } else {
-                slot.dirty = true;
-                self.dirty += 1;
-                self.dirty_bytes += ENTRY_OVERHEAD + after;
-            }
+            let (replaced, added) = (charge(key, Some(buffer)), charge(key, Some(value)));
+            self.usage.changed(slot.dirty, replaced, added);
+            slot.dirty = true;
             buffer.clear();
             buffer.extend_from_slice(value);
             return;
@@ -154,27 +170,19 @@ impl PartitionState {
     }
 
     fn set(&mut self, key: &[u8], value: Option<Vec<u8>>) {
-        let added = charge(key, value.as_ref());
+        let added = charge(key, value.as_deref());
         match self.hot.entry_ref(key) {
             EntryRef::Occupied(mut entry) => {
                 let slot = entry.get_mut();
-                let replaced = charge(key, slot.value.as_ref());
-                self.bytes = self.bytes - replaced + added;
-                if slot.dirty {
-                    self.dirty_bytes = self.dirty_bytes - replaced + added;
-                } else {
-                    self.dirty += 1;
-                    self.dirty_bytes += added;
-                }
+                let replaced = charge(key, slot.value.as_deref());
+                self.usage.changed(slot.dirty, replaced, added);
                 *slot = Slot { value, dirty: true };
             }
             EntryRef::Vacant(entry) => {
                 if let Some(old) = self.cold.remove(key) {
-                    self.bytes -= charge(key, old.value.as_ref());
+                    self.usage.bytes -= charge(key, old.value.as_deref());
                 }
-                self.bytes += added;
-                self.dirty += 1;
-                self.dirty_bytes += added;
+                self.usage.changed(false, 0, added);
                 entry.insert(Slot { value, dirty: true });
             }
         }
@@ -182,18 +190,18 @@ impl PartitionState {
 
     /// How many keys changed since the last commit.
     pub fn changed_keys(&self) -> usize {
-        self.dirty
+        self.usage.dirty
     }
 
     /// Whether the changes waiting for a commit take half the budget or more: commit now, before the
     /// cache has to hold more than it may.
     pub fn wants_commit(&self) -> bool {
-        self.dirty_bytes.saturating_mul(2) >= self.budget.max(1)
+        self.usage.dirty_bytes.saturating_mul(2) >= self.budget.max(1)
     }
 
     /// Bytes the cache holds (keys, values and bookkeeping).
     pub fn cached_bytes(&self) -> usize {
-        self.bytes
+        self.usage.bytes
     }
 
     /// Writes every change since the last commit — one entry per changed key, straight from the cache
@@ -204,57 +212,58 @@ impl PartitionState {
     /// The store's (a stale owner, a write error): the partition must stop then, its cache claims
     /// changes the store never got.
     pub fn commit(&mut self, next_offset: i64, fencing_token: u64) -> ProcessorResult<()> {
-        let dirty = std::mem::take(&mut self.dirty);
-        let mut changes: Vec<(&[u8], Option<&[u8]>)> = Vec::with_capacity(dirty);
-        changes.extend(self.hot.iter_mut().filter_map(|(key, slot)| {
-            if !slot.dirty {
-                return None;
-            }
-            slot.dirty = false;
-            Some((&**key, slot.value.as_deref()))
-        }));
-        // In key order: RocksDB's memtable (a skip list) inserts a run of ascending keys from where
-        // the previous insert ended instead of searching from the top for each.
-        changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let written =
-            self.store
-                .apply_changes(&mut changes.into_iter(), dirty, next_offset, fencing_token);
-        self.dirty_bytes = 0;
-        written?;
+        let count = self.usage.dirty;
+        let changes = Self::take_changes(&mut self.hot, &mut self.usage);
+        self.store
+            .apply_changes(&mut changes.into_iter(), count, next_offset, fencing_token)?;
         self.evict_if_over_budget();
         Ok(())
     }
 
     /// As [`commit`](Self::commit), into `batch` instead of the store (the caller writes it).
     pub fn drain_changes_into(&mut self, batch: &mut StateBatch) {
-        for (key, slot) in self.hot.iter_mut().filter(|(_, slot)| slot.dirty) {
-            slot.dirty = false;
-            match &slot.value {
-                Some(value) => batch.put(key.to_vec(), value.clone()),
-                None => batch.delete(key.to_vec()),
+        for (key, value) in Self::take_changes(&mut self.hot, &mut self.usage) {
+            match value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
             };
         }
-        self.dirty = 0;
-        self.dirty_bytes = 0;
         self.evict_if_over_budget();
     }
 
+    /// Every changed entry, marked clean, in key order: RocksDB's memtable (a skip list) inserts a run
+    /// of ascending keys from where the previous insert ended instead of searching from the top for
+    /// each.
+    fn take_changes<'m>(hot: &'m mut Map, usage: &mut Usage) -> Vec<(&'m [u8], Option<&'m [u8]>)> {
+        let mut changes = Vec::with_capacity(usage.dirty);
+        changes.extend(hot.iter_mut().filter_map(|(key, slot)| {
+            if !slot.dirty {
+                return None;
+            }
+            slot.dirty = false;
+            Some((&**key, slot.value.as_deref()))
+        }));
+        changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        usage.clean();
+        changes
+    }
+
     fn evict_if_over_budget(&mut self) {
-        if self.bytes <= self.budget {
+        if self.usage.bytes <= self.budget {
             return;
         }
         // Everything is clean now: the hot generation becomes the cold one, the old cold one goes.
         let evicted: usize = self
             .cold
             .iter()
-            .map(|(key, slot)| charge(key, slot.value.as_ref()))
+            .map(|(key, slot)| charge(key, slot.value.as_deref()))
             .sum();
-        self.bytes -= evicted;
+        self.usage.bytes -= evicted;
         self.cold = std::mem::take(&mut self.hot);
-        if self.bytes > self.budget {
+        if self.usage.bytes > self.budget {
             // One generation alone is over the budget (a budget smaller than one commit's changes).
             self.cold.clear();
-            self.bytes = 0;
+            self.usage.bytes = 0;
         }
     }
 
@@ -264,13 +273,12 @@ impl PartitionState {
         let mut freed = 0;
         self.hot.retain(|key, slot| {
             if slot.dirty {
-                freed += charge(key, slot.value.as_ref());
+                freed += charge(key, slot.value.as_deref());
             }
             !slot.dirty
         });
-        self.bytes -= freed;
-        self.dirty = 0;
-        self.dirty_bytes = 0;
+        self.usage.bytes -= freed;
+        self.usage.clean();
     }
 }
 

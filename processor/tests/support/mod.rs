@@ -113,3 +113,40 @@ pub fn read_committed(brokers: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     }
     by_partition.into_iter().flatten().collect()
 }
+
+/// A running instance: its task, its stop and its status.
+pub type Running = (
+    tokio::task::JoinHandle<processor::ProcessorResult<()>>,
+    tokio_util::sync::CancellationToken,
+    tokio::sync::watch::Receiver<processor::InstanceStatus>,
+);
+
+/// Starts an instance of `config` over `services`.
+pub fn start_instance(services: processor::Services, config: processor::InstanceConfig) -> Running {
+    let instance = processor::Instance::new(config, services).unwrap();
+    let status = instance.status();
+    let stop = tokio_util::sync::CancellationToken::new();
+    (tokio::spawn(instance.run(stop.clone())), stop, status)
+}
+
+/// Waits until `done` holds for the instance's status (failing with `what` and the status after
+/// `within`); returns that status.
+pub async fn wait_for(
+    status: &tokio::sync::watch::Receiver<processor::InstanceStatus>,
+    what: &str,
+    within: std::time::Duration,
+    done: impl Fn(&processor::InstanceStatus) -> bool,
+) -> processor::InstanceStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let now = status.borrow().clone();
+        if done(&now) {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
