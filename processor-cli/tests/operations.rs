@@ -291,7 +291,16 @@ fn status_of_a_three_instance_fleet_names_one_leader_and_an_owner_for_every_part
         assert_eq!(json(&body)["instance_id"], *id);
     }
     // `--log-format json`: one object per line; a partition's lines carry its span (instance,
-    // partition, fencing token).
+    // partition, fencing token). A partition is owned (in the status) before it has started (its store
+    // opened, its consumer positioned): wait for p1 to have logged a start.
+    eventually("p1 logs a partition start", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(root.join("p1.log")).map_err(|e| e.to_string())?;
+        if log.contains("partition started") {
+            Ok(())
+        } else {
+            Err("no \"partition started\" line yet".to_owned())
+        }
+    });
     let log = std::fs::read_to_string(root.join("p1.log")).unwrap();
     let started: Vec<serde_json::Value> = log
         .lines()
