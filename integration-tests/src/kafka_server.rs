@@ -25,6 +25,9 @@ use crate::{Certificates, free_ports, require_binary};
 /// The broker release the tests run (the pom's `kafka.version`).
 pub const KAFKA_VERSION: &str = "4.4.0";
 
+/// `integration-tests/kafka/pom.xml`: the broker's artifacts, resolved by Maven.
+const KAFKA_POM: &str = include_str!("../kafka/pom.xml");
+
 /// How long a node may take to start on a busy 2-core machine.
 const READY_WITHIN: Duration = Duration::from_secs(90);
 
@@ -55,11 +58,13 @@ pub fn kafka_libs() -> PathBuf {
     }
     require_binary("java", "apt-get install openjdk-17-jre-headless");
     let mvn = require_binary("mvn", "apt-get install maven");
-    let pom = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("kafka")
-        .join("pom.xml");
     let parent = libs.parent().expect("the libs dir has a parent");
     std::fs::create_dir_all(parent).expect("create the Kafka cache dir");
+    // The pom travels inside the binary: a path baked in at compile time would name whichever checkout
+    // built this crate first when several share a target directory.
+    let project = tempfile::tempdir_in(parent).expect("create a dir for the Kafka pom");
+    let pom = project.path().join("pom.xml");
+    std::fs::write(&pom, KAFKA_POM).expect("write the Kafka pom");
     // Fetched beside, then renamed: tests fetching at the same time never see half a directory.
     let scratch = tempfile::Builder::new()
         .prefix(".libs-")

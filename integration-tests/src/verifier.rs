@@ -8,6 +8,9 @@ use std::process::Command;
 
 use serde::Deserialize;
 
+/// `integration-tests/verifier/verify_outputs.py`.
+const VERIFIER_SCRIPT: &str = include_str!("../verifier/verify_outputs.py");
+
 /// The confluent-kafka release the verifier runs on (from PyPI).
 pub const CONFLUENT_KAFKA: &str = "confluent-kafka==2.16.1";
 
@@ -93,11 +96,11 @@ pub fn verifier_python() -> PathBuf {
 /// # Panics
 /// When it cannot run, or prints no report.
 pub fn verify_outputs(brokers: &str, input: &str, output: &str) -> VerifierReport {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("verifier")
-        .join("verify_outputs.py");
+    // The script travels inside the binary (`python -c`): a path baked in at compile time would name
+    // whichever checkout built this crate first when several share a target directory.
     let out = Command::new(verifier_python())
-        .arg(&script)
+        .arg("-c")
+        .arg(VERIFIER_SCRIPT)
         .args([brokers, input, output])
         .output()
         .expect("run the verifier");

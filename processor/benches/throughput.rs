@@ -250,14 +250,11 @@ impl Running {
                 command
             }
             Peer::KafkaStreams(guarantee) => {
-                let (libs, classes) = kafka_streams_app().unwrap();
+                let (libs, classes, log4j2) = kafka_streams_app().unwrap();
                 let mut command = Command::new("java");
                 command
                     .args(["-Xms512m", "-Xmx512m", "-XX:+UseG1GC"])
-                    .arg(format!(
-                        "-Dlog4j2.configurationFile={}",
-                        streams_dir().join("log4j2.properties").display()
-                    ))
+                    .arg(format!("-Dlog4j2.configurationFile={}", log4j2.display()))
                     .arg("-cp")
                     .arg(format!("{}:{}/*", classes.display(), libs.display()))
                     .arg("bench.KeyedAggregation")
@@ -681,24 +678,28 @@ fn fill(store: &dyn PartitionStore, from: u64, to: u64, token: u64) {
 // ---------------------------------------------------------------------------------------------------
 // The Kafka Streams peer
 
-fn streams_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("benches")
-        .join("kafka-streams")
-}
+// The peer's project travels inside the bench binary: a path baked in at compile time would name
+// whichever checkout built the bench first when several share a target directory.
+const STREAMS_POM: &str = include_str!("../../benches/kafka-streams/pom.xml");
+const STREAMS_SOURCE: &str =
+    include_str!("../../benches/kafka-streams/src/main/java/bench/KeyedAggregation.java");
+const STREAMS_LOG4J2: &str = include_str!("../../benches/kafka-streams/log4j2.properties");
 
-/// The peer's jars and classes, fetched and compiled once into a cache outside the clone; `None`
-/// without java or mvn.
-fn kafka_streams_app() -> Option<(PathBuf, PathBuf)> {
+/// The peer's jars, classes and logging configuration, fetched and compiled once into a cache outside
+/// the clone (again when its source changes); `None` without java or mvn.
+fn kafka_streams_app() -> Option<(PathBuf, PathBuf, PathBuf)> {
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
     let cache = home.join(".cache/state-coordination/kafka-streams-peer");
-    let (libs, classes) = (cache.join("libs"), cache.join("classes"));
-    let source = streams_dir().join("src/main/java/bench/KeyedAggregation.java");
+    let (libs, classes, project) = (
+        cache.join("libs"),
+        cache.join("classes"),
+        cache.join("project"),
+    );
+    let log4j2 = project.join("log4j2.properties");
     let stamp = cache.join(".source");
-    let source_text = std::fs::read_to_string(&source).ok()?;
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(source_text.as_str()) {
-        return Some((libs, classes));
+    let built = std::fs::read_to_string(&stamp).ok().as_deref() == Some(STREAMS_SOURCE);
+    if built && std::fs::read_to_string(&log4j2).ok().as_deref() == Some(STREAMS_LOG4J2) {
+        return Some((libs, classes, log4j2));
     }
     for tool in ["java", "javac", "mvn"] {
         if Command::new(tool).arg("-version").output().is_err() {
@@ -707,9 +708,17 @@ fn kafka_streams_app() -> Option<(PathBuf, PathBuf)> {
     }
     let _ = std::fs::remove_dir_all(&cache);
     std::fs::create_dir_all(&classes).unwrap();
+    std::fs::create_dir_all(&project).unwrap();
+    let (pom, source) = (
+        project.join("pom.xml"),
+        project.join("KeyedAggregation.java"),
+    );
+    std::fs::write(&pom, STREAMS_POM).unwrap();
+    std::fs::write(&source, STREAMS_SOURCE).unwrap();
+    std::fs::write(&log4j2, STREAMS_LOG4J2).unwrap();
     let fetched = Command::new("mvn")
         .args(["-q", "-B", "-f"])
-        .arg(streams_dir().join("pom.xml"))
+        .arg(&pom)
         .args(["dependency:copy-dependencies", "-DincludeScope=runtime"])
         .arg(format!("-DoutputDirectory={}", libs.display()))
         .status()
@@ -724,8 +733,8 @@ fn kafka_streams_app() -> Option<(PathBuf, PathBuf)> {
         .status()
         .unwrap();
     assert!(compiled.success(), "javac failed on {}", source.display());
-    std::fs::write(&stamp, source_text).unwrap();
-    Some((libs, classes))
+    std::fs::write(&stamp, STREAMS_SOURCE).unwrap();
+    Some((libs, classes, log4j2))
 }
 
 // ---------------------------------------------------------------------------------------------------

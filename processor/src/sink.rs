@@ -23,16 +23,22 @@ pub(crate) fn idempotent_producer(kafka: &KafkaSettings) -> ProcessorResult<Futu
         .map_err(kafka.client_error("create a producer"))
 }
 
+/// Waits for the broker's acknowledgement of one record.
 pub(crate) async fn await_delivery(
     delivery: rdkafka::producer::DeliveryFuture,
 ) -> ProcessorResult<()> {
+    delivery_outcome(delivery)
+        .await
+        .map_err(ProcessorError::kafka("deliver a record"))
+}
+
+/// The broker's answer for one record, as the client's error, so that a caller can tell a fenced
+/// producer from other failures. A producer dropped before the answer is `Canceled`.
+async fn delivery_outcome(delivery: rdkafka::producer::DeliveryFuture) -> Result<(), KafkaError> {
     let delivered = match delivery.await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err((err, _))) => Err(ProcessorError::kafka("deliver a record")(err)),
-        Err(_) => Err(ProcessorError::Kafka {
-            operation: "deliver a record",
-            source: "the producer was dropped before the broker acknowledged the record".into(),
-        }),
+        Ok(Err((err, _))) => Err(err),
+        Err(_) => Err(KafkaError::Canceled),
     };
     if delivered.is_err() {
         metrics::counter!("processor_output_errors_total", "stage" => "delivery").increment(1);
@@ -261,7 +267,11 @@ impl TransactionalSink {
             }
         }
         for delivery in pending {
-            await_delivery(delivery).await?;
+            // A newer owner's initialisation shows here first (the broker refuses to add the output
+            // partition to this producer's transaction): it must read as fenced, not as a failed send.
+            delivery_outcome(delivery)
+                .await
+                .map_err(|err| self.transaction_error("deliver a record", err))?;
         }
         let mut offsets = TopicPartitionList::new();
         offsets
@@ -281,16 +291,24 @@ impl TransactionalSink {
         committed.map_err(|err| self.transaction_error("commit a transaction", err))
     }
 
-    /// A fenced producer is [`ProcessorError::OutputFenced`]; anything else a Kafka error.
+    /// A fenced producer is [`ProcessorError::OutputFenced`]; anything else a Kafka error. The call's
+    /// own error may not say it: once fenced, librdkafka raises a fatal error and purges what is queued,
+    /// so a record's delivery fails as "purged" — the producer's fatal error tells the cause.
     fn transaction_error(&self, operation: &'static str, err: KafkaError) -> ProcessorError {
-        let fenced = matches!(
-            err.rdkafka_error_code(),
-            Some(
+        let is_fence = |code: RDKafkaErrorCode| {
+            matches!(
+                code,
                 RDKafkaErrorCode::ProducerFenced
                     | RDKafkaErrorCode::InvalidProducerEpoch
                     | RDKafkaErrorCode::Fenced
             )
-        );
+        };
+        let fenced = err.rdkafka_error_code().is_some_and(is_fence)
+            || self
+                .producer
+                .client()
+                .fatal_error()
+                .is_some_and(|(code, _)| is_fence(code));
         if fenced {
             ProcessorError::OutputFenced {
                 partition: self.partition,

@@ -174,3 +174,44 @@ async fn the_mock_cluster_is_recognised_and_a_real_broker_is_not() {
         assert_eq!(is_mock, expected, "{}", broker.bootstrap_servers());
     }
 }
+
+/// A frozen owner thawed after a newer owner initialised the partition's transactional producer: its
+/// next batch must fail as fenced (the error that says why it stops), not as a generic failed send.
+/// The broker refuses the old producer when the batch's first output is added to its transaction, so
+/// the fence shows on the delivery of a record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_producer_says_it_was_fenced() {
+    use processor::partition::BatchReport;
+    use processor::sink::TransactionalSink;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    integration_tests::init_tracing();
+    let broker = TestBroker::kafka(TOPIC, 1).await;
+    broker.create_topic(OUTPUT, 1).await;
+    let kafka = KafkaSettings::new(&broker.bootstrap_servers());
+    let open = |kafka: KafkaSettings| {
+        tokio::task::spawn_blocking(move || {
+            TransactionalSink::open(&kafka, "fleet", TOPIC, 0, Some(OUTPUT), None).unwrap()
+        })
+    };
+    let old = open(kafka.clone()).await.unwrap();
+    let _new = open(kafka.clone()).await.unwrap();
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .set("group.id", "fleet")
+        .create()
+        .unwrap();
+    let group = std::sync::Arc::new(consumer.group_metadata().unwrap());
+    let mut batch = BatchReport::default();
+    batch.outputs.push((b"k".to_vec(), b"v".to_vec()));
+    batch.next_offset = 1;
+
+    let err = old.commit_batch(&batch, 1, &group).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            processor::ProcessorError::OutputFenced { partition: 0, .. }
+        ),
+        "{err}: {err:?}"
+    );
+}

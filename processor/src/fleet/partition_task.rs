@@ -719,7 +719,15 @@ impl Instance {
             );
         }
         drop(consumer);
-        kept.release().await.map_err(ProcessorError::from)?;
+        kept.release().await.map_err(|err| match err {
+            // The claim lapsed while the hand-off ran (a frozen or slow instance): say so in the
+            // partition's own words, like a loss noticed mid-segment.
+            state::StateError::LockLost { .. } => ProcessorError::OwnershipLost {
+                partition,
+                token: fencing_token,
+            },
+            other => ProcessorError::from(other),
+        })?;
         tracing::info!(instance = %self.config.instance_id, partition, "partition handed off");
         Ok(())
     }
