@@ -318,13 +318,15 @@ impl Operator for KeyedAggregation {
             Ok(amount) => amount,
             Err(reason) => return Ok(Outcome::DeadLetter { reason }),
         };
-        let before = state
-            .get(key)?
+        // One lookup per record: read, then update the cached value in place.
+        let mut entry = state.entry(key)?;
+        let before = entry
+            .value()
             .map(Aggregate::decode)
             .transpose()?
             .unwrap_or_default();
         let after = before.with_amount(amount);
-        state.put_slice(key, &after.encode_fixed());
+        entry.set(&after.encode_fixed());
         if out.enabled() {
             out.emit(key, after.to_json()?);
         }

@@ -34,8 +34,8 @@ struct Slot {
 /// Bytes a cached entry is charged beyond its key and value: the map slot, the boxes' headers.
 const ENTRY_OVERHEAD: usize = 64;
 
-fn charge(key: &[u8], value: Option<&[u8]>) -> usize {
-    ENTRY_OVERHEAD + key.len() + value.map_or(0, <[u8]>::len)
+fn charge(key_len: usize, value: Option<&[u8]>) -> usize {
+    ENTRY_OVERHEAD + key_len + value.map_or(0, <[u8]>::len)
 }
 
 /// What the cache holds, in bytes and in changed keys.
@@ -116,6 +116,39 @@ impl PartitionState {
     /// # Errors
     /// A store error reading a key not cached.
     pub fn get(&mut self, key: &[u8]) -> ProcessorResult<Option<&[u8]>> {
+        Ok(self.slot(key)?.0.value.as_deref())
+    }
+
+    /// The cached entry of `key` (loaded from the store if needed), to read and change with ONE
+    /// lookup: what a read-modify-write operator (an aggregation) does per record.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use processor::store::{PartitionState, PartitionStore, memory::InMemoryPartitionStore};
+    /// # fn main() -> processor::ProcessorResult<()> {
+    /// # let store: Arc<dyn PartitionStore> = Arc::new(InMemoryPartitionStore::new(0));
+    /// let mut state = PartitionState::new(store, 1 << 20);
+    /// let mut entry = state.entry(b"visits")?;
+    /// let visits = entry.value().map_or(0, |v| v[0]) + 1;
+    /// entry.set(&[visits]); // reuses the cached buffer
+    /// assert_eq!(state.get(b"visits")?, Some(&[1u8][..]));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// A store error reading a key not cached.
+    pub fn entry(&mut self, key: &[u8]) -> ProcessorResult<StateEntry<'_>> {
+        let (slot, usage) = self.slot(key)?;
+        Ok(StateEntry {
+            key_len: key.len(),
+            slot,
+            usage,
+        })
+    }
+
+    /// The hot slot of `key`: found, moved back from the cold generation, or loaded from the store.
+    fn slot(&mut self, key: &[u8]) -> ProcessorResult<(&mut Slot, &mut Usage)> {
         let PartitionState {
             store,
             hot,
@@ -130,7 +163,7 @@ impl PartitionState {
                     Some(slot) => slot,
                     None => {
                         let value = store.get(key)?;
-                        usage.bytes += charge(key, value.as_deref());
+                        usage.bytes += charge(key.len(), value.as_deref());
                         Slot {
                             value,
                             dirty: false,
@@ -140,7 +173,7 @@ impl PartitionState {
                 entry.insert(slot)
             }
         };
-        Ok(slot.value.as_deref())
+        Ok((slot, usage))
     }
 
     /// Sets `key` to `value` (written at the next commit).
@@ -152,13 +185,14 @@ impl PartitionState {
     /// allocation for a key updated again (the common case of an aggregation).
     pub fn put_slice(&mut self, key: &[u8], value: &[u8]) {
         if let Some(slot) = self.hot.get_mut(key)
-            && let Some(buffer) = slot.value.as_mut()
+            && slot.value.is_some()
         {
-            let (replaced, added) = (charge(key, Some(buffer)), charge(key, Some(value)));
-            self.usage.changed(slot.dirty, replaced, added);
-            slot.dirty = true;
-            buffer.clear();
-            buffer.extend_from_slice(value);
+            StateEntry {
+                key_len: key.len(),
+                slot,
+                usage: &mut self.usage,
+            }
+            .set(value);
             return;
         }
         self.set(key, Some(value.to_vec()));
@@ -170,17 +204,17 @@ impl PartitionState {
     }
 
     fn set(&mut self, key: &[u8], value: Option<Vec<u8>>) {
-        let added = charge(key, value.as_deref());
+        let added = charge(key.len(), value.as_deref());
         match self.hot.entry_ref(key) {
             EntryRef::Occupied(mut entry) => {
                 let slot = entry.get_mut();
-                let replaced = charge(key, slot.value.as_deref());
+                let replaced = charge(key.len(), slot.value.as_deref());
                 self.usage.changed(slot.dirty, replaced, added);
                 *slot = Slot { value, dirty: true };
             }
             EntryRef::Vacant(entry) => {
                 if let Some(old) = self.cold.remove(key) {
-                    self.usage.bytes -= charge(key, old.value.as_deref());
+                    self.usage.bytes -= charge(key.len(), old.value.as_deref());
                 }
                 self.usage.changed(false, 0, added);
                 entry.insert(Slot { value, dirty: true });
@@ -256,7 +290,7 @@ impl PartitionState {
         let evicted: usize = self
             .cold
             .iter()
-            .map(|(key, slot)| charge(key, slot.value.as_deref()))
+            .map(|(key, slot)| charge(key.len(), slot.value.as_deref()))
             .sum();
         self.usage.bytes -= evicted;
         self.cold = std::mem::take(&mut self.hot);
@@ -273,12 +307,48 @@ impl PartitionState {
         let mut freed = 0;
         self.hot.retain(|key, slot| {
             if slot.dirty {
-                freed += charge(key, slot.value.as_deref());
+                freed += charge(key.len(), slot.value.as_deref());
             }
             !slot.dirty
         });
         self.usage.bytes -= freed;
         self.usage.clean();
+    }
+}
+
+/// One cached key of a [`PartitionState`], from [`PartitionState::entry`]: its value, and changes made
+/// without looking the key up again. Changes are written at the next commit, like every write.
+#[derive(Debug)]
+pub struct StateEntry<'a> {
+    key_len: usize,
+    slot: &'a mut Slot,
+    usage: &'a mut Usage,
+}
+
+impl StateEntry<'_> {
+    /// The key's current value (`None`: absent or deleted).
+    pub fn value(&self) -> Option<&[u8]> {
+        self.slot.value.as_deref()
+    }
+
+    /// Sets the value to a copy of `value`, reusing the current value's buffer.
+    pub fn set(&mut self, value: &[u8]) {
+        let replaced = charge(self.key_len, self.slot.value.as_deref());
+        self.usage
+            .changed(self.slot.dirty, replaced, charge(self.key_len, Some(value)));
+        self.slot.dirty = true;
+        let buffer = self.slot.value.get_or_insert_with(Vec::new);
+        buffer.clear();
+        buffer.extend_from_slice(value);
+    }
+
+    /// Removes the key.
+    pub fn delete(&mut self) {
+        let replaced = charge(self.key_len, self.slot.value.as_deref());
+        self.usage
+            .changed(self.slot.dirty, replaced, charge(self.key_len, None));
+        self.slot.dirty = true;
+        self.slot.value = None;
     }
 }
 
@@ -346,6 +416,38 @@ mod tests {
             assert_eq!(store.get(&key.to_be_bytes()).unwrap(), Some(vec![5; 10]));
             assert_eq!(state.get(&key.to_be_bytes()).unwrap(), Some(&[5u8; 10][..]));
         }
+    }
+
+    #[test]
+    fn an_entry_reads_and_changes_its_key_with_the_same_accounting_as_put() {
+        let (store, mut state) = state(1 << 20);
+        state.put(b"old", b"stored".to_vec());
+        commit(&mut state, store.as_ref(), 1);
+        let mut entry = state.entry(b"old").unwrap();
+        assert_eq!(entry.value(), Some(&b"stored"[..]));
+        entry.set(b"changed twice");
+        entry.set(b"changed");
+        state.entry(b"new").unwrap().set(b"made");
+        state.entry(b"gone").unwrap().delete();
+        assert_eq!(state.changed_keys(), 3);
+        let by_entry = state.cached_bytes();
+
+        let (_, mut by_put) = super::tests::state(1 << 20);
+        by_put.put(b"old", b"changed".to_vec());
+        by_put.put(b"new", b"made".to_vec());
+        by_put.delete(b"gone");
+        assert_eq!(by_entry, by_put.cached_bytes(), "same bytes charged");
+
+        let batch = commit(&mut state, store.as_ref(), 2);
+        assert_eq!(
+            batch.puts(),
+            &[
+                (b"new".to_vec(), b"made".to_vec()),
+                (b"old".to_vec(), b"changed".to_vec())
+            ]
+        );
+        assert_eq!(batch.deletes(), &[b"gone".to_vec()]);
+        assert_eq!(store.get(b"old").unwrap(), Some(b"changed".to_vec()));
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod cache;
 pub mod memory;
 pub mod rocksdb;
 
-pub use cache::PartitionState;
+pub use cache::{PartitionState, StateEntry};
 
 use std::path::Path;
 use std::sync::Arc;
