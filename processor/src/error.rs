@@ -60,6 +60,20 @@ pub enum ProcessorError {
         token: u64,
     },
 
+    /// A job refused a record and its policy is to stop ([`OnError::Stop`](crate::job::OnError)): the
+    /// partition processes nothing from that offset on.
+    #[error(
+        "partition {partition}: the job refused the record at offset {offset} ({reason}); the partition stops there (policy `stop`) — fix the record or the job, or dead-letter such records"
+    )]
+    Rejected {
+        /// The partition.
+        partition: i32,
+        /// The record's offset.
+        offset: i64,
+        /// Why the job refused it.
+        reason: String,
+    },
+
     /// The brokers answered but refused this client: a failed SASL login or TLS handshake.
     #[error(
         "the brokers {brokers} refused the connection: {reason} (check the sasl.* and ssl.* client settings)"

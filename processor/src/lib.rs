@@ -34,6 +34,7 @@ pub mod fleet;
 mod hash;
 pub mod http;
 pub mod inspect;
+pub mod job;
 pub mod kafka_settings;
 pub mod operator;
 pub mod partition;

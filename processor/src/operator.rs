@@ -13,8 +13,9 @@ use crate::store::PartitionState;
 /// The FNV-style multiplier of the order-sensitive chain digest.
 pub const CHAIN_MULTIPLIER: u64 = 1_099_511_628_211;
 
-/// One consumed record.
+/// One consumed record, borrowed from the consumer's buffers.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Record<'a> {
     /// The partition.
     pub partition: i32,
@@ -24,6 +25,61 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     /// The value, if any.
     pub value: Option<&'a [u8]>,
+    /// The record's timestamp in milliseconds since the Unix epoch (its producer's create time, or the
+    /// broker's append time when the topic says so), if it has one: the event time of windows.
+    pub timestamp: Option<i64>,
+    /// Its headers, in the order they were produced.
+    pub headers: &'a [Header<'a>],
+}
+
+/// One header of a [`Record`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header<'a> {
+    /// The header's name.
+    pub name: &'a str,
+    /// Its value (`None`: a null value).
+    pub value: Option<&'a [u8]>,
+}
+
+impl<'a> Record<'a> {
+    /// A record at `offset` of `partition`, with no timestamp and no headers.
+    pub fn new(
+        partition: i32,
+        offset: i64,
+        key: Option<&'a [u8]>,
+        value: Option<&'a [u8]>,
+    ) -> Self {
+        Record {
+            partition,
+            offset,
+            key,
+            value,
+            timestamp: None,
+            headers: &[],
+        }
+    }
+
+    /// The same record with `timestamp` (milliseconds since the Unix epoch).
+    #[must_use]
+    pub fn with_timestamp(mut self, timestamp: i64) -> Self {
+        self.timestamp = Some(timestamp);
+        self
+    }
+
+    /// The same record with `headers`.
+    #[must_use]
+    pub fn with_headers(mut self, headers: &'a [Header<'a>]) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers
+            .iter()
+            .find(|header| header.name == name)
+            .and_then(|header| header.value)
+    }
 }
 
 /// What became of one record.
@@ -84,6 +140,17 @@ impl<'a> Emitter<'a> {
         Emitter {
             pending: None,
             mode: OutputMode::PerRecord,
+        }
+    }
+
+    /// This emitter, borrowed for a shorter time (to hand to a callee that keeps it).
+    pub fn reborrow(&mut self) -> Emitter<'_> {
+        Emitter {
+            pending: self
+                .pending
+                .as_mut()
+                .map(|(outputs, positions)| (&mut **outputs, &mut **positions)),
+            mode: self.mode,
         }
     }
 
@@ -157,7 +224,7 @@ impl<'a> Emitter<'a> {
 ///     Default::default(),
 /// )?;
 /// let records: Vec<Record<'_>> = (0..3)
-///     .map(|offset| Record { partition: 0, offset, key: Some(b"k"), value: None })
+///     .map(|offset| Record::new(0, offset, Some(b"k"), None))
 ///     .collect();
 /// let report = partition.process(&records)?; // applied, then ONE write: the changed key + offset 3
 /// assert_eq!(report.outputs.len(), 3);
@@ -295,13 +362,40 @@ pub struct KeyedAggregation;
 /// # Errors
 /// A human-readable reason for anything else.
 pub fn parse_amount(value: Option<&[u8]>) -> Result<i64, String> {
+    use crate::job::Codec as _;
     let value = value.ok_or("no value")?;
-    let text = std::str::from_utf8(value).map_err(|_| "value is not UTF-8".to_owned())?;
-    text.trim()
-        .parse::<i64>()
-        .map_err(|err| format!("`{}` is not a decimal i64: {err}", text.escape_debug()))
+    crate::job::codec::DecimalI64::decode(value).map_err(|err| err.to_string())
 }
 
+/// The built-in job is written on the typed [`Job`](crate::job::Job) API like any user's: the key is
+/// grouped by but never decoded, the value is a [`DecimalI64`](crate::job::codec::DecimalI64), the
+/// state is an [`Aggregate`] in its fixed-width form, the output its JSON.
+impl crate::job::Job for KeyedAggregation {
+    type Key = ();
+    type KeyCodec = crate::job::codec::Skip;
+    type Value = i64;
+    type ValueCodec = crate::job::codec::DecimalI64;
+    type State = Aggregate;
+    type StateCodec = AggregateCodec;
+    type Output = Aggregate;
+    type OutputCodec = crate::job::codec::Json;
+
+    fn process(
+        &self,
+        input: crate::job::Input<'_, (), i64>,
+        ctx: &mut crate::job::Context<'_, Self>,
+    ) -> Result<(), crate::job::JobError> {
+        let amount = input.value;
+        let after =
+            ctx.update_state(|before| Some(before.unwrap_or_default().with_amount(amount)))?;
+        if let Some(after) = after {
+            ctx.emit(&after)?;
+        }
+        Ok(())
+    }
+}
+
+/// The built-in job as an [`Operator`]: through [`JobOperator`](crate::job::JobOperator), as any job.
 impl Operator for KeyedAggregation {
     fn apply(
         &self,
@@ -309,28 +403,23 @@ impl Operator for KeyedAggregation {
         state: &mut PartitionState,
         out: &mut Emitter<'_>,
     ) -> ProcessorResult<Outcome> {
-        let Some(key) = record.key else {
-            return Ok(Outcome::DeadLetter {
-                reason: "no key".to_owned(),
-            });
-        };
-        let amount = match parse_amount(record.value) {
-            Ok(amount) => amount,
-            Err(reason) => return Ok(Outcome::DeadLetter { reason }),
-        };
-        // One lookup per record: read, then update the cached value in place.
-        let mut entry = state.entry(key)?;
-        let before = entry
-            .value()
-            .map(Aggregate::decode)
-            .transpose()?
-            .unwrap_or_default();
-        let after = before.with_amount(amount);
-        entry.set(&after.encode_fixed());
-        if out.enabled() {
-            out.emit(key, after.to_json()?);
-        }
-        Ok(Outcome::Applied)
+        crate::job::JobOperator::new(*self).apply(record, state, out)
+    }
+}
+
+/// How the built-in job stores an [`Aggregate`]: the fixed-width form ([`Aggregate::encode_fixed`]);
+/// reads the bincode form of earlier releases too.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AggregateCodec;
+
+impl crate::job::Codec<Aggregate> for AggregateCodec {
+    fn encode(value: &Aggregate, into: &mut Vec<u8>) -> Result<(), crate::error::BoxError> {
+        into.extend_from_slice(&value.encode_fixed());
+        Ok(())
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Aggregate, crate::error::BoxError> {
+        Aggregate::decode(bytes).map_err(Into::into)
     }
 }
 
@@ -342,12 +431,7 @@ mod tests {
     use std::sync::Arc;
 
     fn record<'a>(offset: i64, key: &'a [u8], value: &'a [u8]) -> Record<'a> {
-        Record {
-            partition: 0,
-            offset,
-            key: Some(key),
-            value: Some(value),
-        }
+        Record::new(0, offset, Some(key), Some(value))
     }
 
     fn state() -> PartitionState {
@@ -435,12 +519,7 @@ mod tests {
                 .unwrap();
             assert!(matches!(outcome, Outcome::DeadLetter { .. }), "{bad:?}");
         }
-        let keyless = Record {
-            partition: 0,
-            offset: 0,
-            key: None,
-            value: Some(b"1"),
-        };
+        let keyless = Record::new(0, 0, None, Some(b"1"));
         assert!(matches!(
             KeyedAggregation
                 .apply(&keyless, &mut state, &mut out)

@@ -312,12 +312,7 @@ mod tests {
 
         fn records(&self, from: usize, to: usize) -> Vec<Record<'_>> {
             (from..to)
-                .map(|i| Record {
-                    partition: 0,
-                    offset: i as i64,
-                    key: Some(&self.0[i].0),
-                    value: Some(&self.0[i].1),
-                })
+                .map(|i| Record::new(0, i as i64, Some(&self.0[i].0), Some(&self.0[i].1)))
                 .collect()
         }
 

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::kafka_settings::KafkaSettings;
-use crate::operator::Record;
+use crate::operator::{Header, Record};
 use crate::partition::{PartitionProcessor, PartitionStats};
 use crate::sink::{OutputSink, TransactionalSink};
 
@@ -347,18 +347,48 @@ pub async fn consume_partition(
         if messages.is_empty() {
             continue;
         }
+        let headers = headers_of(&messages);
         let records: Vec<Record<'_>> = messages
             .iter()
-            .map(|m| Record {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key(),
-                value: m.payload(),
+            .zip(&headers.ranges)
+            .map(|(m, range)| {
+                let record = Record::new(m.partition(), m.offset(), m.key(), m.payload())
+                    .with_headers(&headers.all[range.clone()]);
+                match m.timestamp().to_millis() {
+                    Some(timestamp) => record.with_timestamp(timestamp),
+                    None => record,
+                }
             })
             .collect();
         let _permit = processing_permit(permits).await?;
         off_the_runtime(|| processor.apply(&records))?;
     }
+}
+
+/// The headers of a fetch's messages: all in one vector (no allocation per message), and which part of
+/// it is each message's.
+struct FetchHeaders<'m> {
+    all: Vec<Header<'m>>,
+    ranges: Vec<std::ops::Range<usize>>,
+}
+
+fn headers_of<'m>(messages: &'m [rdkafka::message::BorrowedMessage<'_>]) -> FetchHeaders<'m> {
+    use rdkafka::message::Headers as _;
+    let mut all = Vec::new();
+    let ranges = messages
+        .iter()
+        .map(|message| {
+            let from = all.len();
+            if let Some(headers) = message.headers() {
+                all.extend(headers.iter().map(|header| Header {
+                    name: header.key,
+                    value: header.value,
+                }));
+            }
+            from..all.len()
+        })
+        .collect();
+    FetchHeaders { all, ranges }
 }
 
 async fn processing_permit(
