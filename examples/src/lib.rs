@@ -4,6 +4,8 @@
 //! `memory` (the default, in-process), `redis://host:port`, `redlock://h1:p1,h2:p2,h3:p3` or
 //! `postgres://user@host/db` — any URL `state::connect` accepts.
 
+pub mod fraud;
+
 use std::time::Duration;
 
 use anyhow::Context;

@@ -60,6 +60,30 @@ pub fn checkpointed_aggregates(
     stores: &dyn StoreFactory,
     topic: &str,
 ) -> ProcessorResult<(BTreeMap<String, Aggregate>, Vec<ProcessorError>)> {
+    let (entries, skipped) = checkpointed_entries(store, stores, topic)?;
+    let mut merged = BTreeMap::new();
+    for (key, value) in entries {
+        merged.insert(
+            String::from_utf8_lossy(&key).into_owned(),
+            Aggregate::decode(&value)?,
+        );
+    }
+    Ok((merged, skipped))
+}
+
+/// State entries by key, as stored.
+pub type StateEntries = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Every state entry of `topic` (any job's: keys and values as stored) merged from the latest valid
+/// checkpoint of each partition, by key; plus the corrupt checkpoints that were skipped.
+///
+/// # Errors
+/// An I/O or store error.
+pub fn checkpointed_entries(
+    store: &dyn CheckpointStore,
+    stores: &dyn StoreFactory,
+    topic: &str,
+) -> ProcessorResult<(StateEntries, Vec<ProcessorError>)> {
     let scratch = tempfile::tempdir().map_err(ProcessorError::io(std::env::temp_dir()))?;
     let mut merged = BTreeMap::new();
     let mut skipped_all = Vec::new();
@@ -71,10 +95,7 @@ pub fn checkpointed_aggregates(
         store.restore(&manifest, &dir)?;
         let state = stores.open_store(partition, &dir)?;
         state.scan(&mut |key, value| {
-            merged.insert(
-                String::from_utf8_lossy(key).into_owned(),
-                Aggregate::decode(value)?,
-            );
+            merged.insert(key.to_vec(), value.to_vec());
             Ok(())
         })?;
     }

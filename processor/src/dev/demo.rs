@@ -19,8 +19,9 @@ use crate::config::{InstanceConfig, MaintenanceConfig};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::fleet::{Instance, InstanceStatus};
 use crate::http::{LocalInstances, status_url};
-use crate::inspect::{checkpointed_aggregates, checkpointed_offset};
+use crate::inspect::{checkpointed_entries, checkpointed_offset};
 use crate::kafka_settings::KafkaSettings;
+use crate::operator::{KeyedAggregation, Operator};
 use crate::resources::checkpoint_root;
 use crate::services::Services;
 use crate::source::high_watermark;
@@ -58,6 +59,74 @@ pub struct DemoConfig {
     /// The base URL of that endpoint (`http://127.0.0.1:9090`), recorded in the fleet's membership as
     /// where each instance serves its status.
     pub status_base_url: Option<String>,
+    /// The job the fleet runs, with its input and the state it must end with; the built-in keyed
+    /// aggregation over `records`, `keys` and `seed` when `None`.
+    pub job: Option<Arc<dyn DemoJob>>,
+}
+
+impl std::fmt::Debug for dyn DemoJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DemoJob")
+            .field("records", &self.records())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A job the demo can run and check: your own [`Job`](crate::job::Job) put through the demo's kill and
+/// join, then compared with a recomputation of its input.
+pub trait DemoJob: Send + Sync + 'static {
+    /// How many input records [`produce`](Self::produce) makes in all.
+    fn records(&self) -> u64;
+
+    /// The operator the fleet runs (a [`JobOperator`](crate::job::JobOperator) for a typed job).
+    fn operator(&self) -> Arc<dyn Operator>;
+
+    /// Produces input records `range` (of `0..records()`) to `topic`, waiting for the brokers'
+    /// acknowledgements. Record `i` must be the same every time (deterministic input).
+    fn produce<'a>(
+        &'a self,
+        brokers: &'a str,
+        topic: &'a str,
+        range: std::ops::Range<u64>,
+    ) -> futures::future::BoxFuture<'a, ProcessorResult<()>>;
+
+    /// The state the fleet must end with, key by key, as stored (every input record applied exactly
+    /// once, in partition order).
+    ///
+    /// # Errors
+    /// When the recomputation cannot encode the state.
+    fn expected_state(&self) -> ProcessorResult<crate::inspect::StateEntries>;
+}
+
+/// The built-in job over a [`Workload`]: the keyed aggregation.
+struct BuiltInJob(Workload);
+
+impl DemoJob for BuiltInJob {
+    fn records(&self) -> u64 {
+        self.0.records
+    }
+
+    fn operator(&self) -> Arc<dyn Operator> {
+        Arc::new(KeyedAggregation)
+    }
+
+    fn produce<'a>(
+        &'a self,
+        brokers: &'a str,
+        topic: &'a str,
+        range: std::ops::Range<u64>,
+    ) -> futures::future::BoxFuture<'a, ProcessorResult<()>> {
+        Box::pin(self.0.produce_range(brokers, topic, range))
+    }
+
+    fn expected_state(&self) -> ProcessorResult<crate::inspect::StateEntries> {
+        Ok(self
+            .0
+            .expected()
+            .into_iter()
+            .map(|(key, aggregate)| (key.into_bytes(), aggregate.encode()))
+            .collect())
+    }
 }
 
 impl Default for DemoConfig {
@@ -76,6 +145,7 @@ impl Default for DemoConfig {
             replication: 1,
             status_board: None,
             status_base_url: None,
+            job: None,
         }
     }
 }
@@ -207,12 +277,21 @@ pub async fn run_demo(
         checkpoint_root(&root.join("checkpoints"), &group),
     )
     .await?;
-    let workload = Workload {
-        records: config.records,
-        keys: config.keys,
-        seed: config.seed,
-        partitions: config.partitions,
-    };
+    let job: Arc<dyn DemoJob> = config.job.clone().unwrap_or_else(|| {
+        Arc::new(BuiltInJob(Workload {
+            records: config.records,
+            keys: config.keys,
+            seed: config.seed,
+            partitions: config.partitions,
+        }))
+    });
+    config.records = job.records();
+    if config.records == 0 {
+        return Err(ProcessorError::InvalidInput {
+            what: "demo",
+            reason: "the job produces no records".to_owned(),
+        });
+    }
     observer.event(&format!(
         "{where_}; topic {} with {} partitions; locks: {}; work dir {}",
         config.topic,
@@ -227,21 +306,23 @@ pub async fn run_demo(
     let (kill_done, mut after_kill) = watch::channel(false);
     let mut producer = {
         let (produced, brokers, topic) = (produced.clone(), brokers.clone(), config.topic.clone());
+        let job = Arc::clone(&job);
         Some(tokio::spawn(async move {
-            let step = (workload.records / 20).max(1);
-            let first_part = workload.records * 2 / 5;
+            let records = job.records();
+            let step = (records / 20).max(1);
+            let first_part = records * 2 / 5;
             let mut from = 0;
-            while from < workload.records {
+            while from < records {
                 if from >= first_part {
                     let _ = after_kill.wait_for(|killed| *killed).await;
                 }
-                let to = (from + step).min(workload.records);
+                let to = (from + step).min(records);
                 let to = if from < first_part {
                     to.min(first_part.max(1))
                 } else {
                     to
                 };
-                workload.produce_range(&brokers, &topic, from..to).await?;
+                job.produce(&brokers, &topic, from..to).await?;
                 produced.store(to, Ordering::Relaxed);
                 from = to;
             }
@@ -271,6 +352,7 @@ pub async fn run_demo(
         }
         let services = Services {
             stores: Arc::new(RocksDbStores::new(32 << 20, 16 << 20)),
+            operator: job.operator(),
             ..base.clone()
         };
         let instance = Instance::new(instance_config, services)?;
@@ -390,22 +472,27 @@ pub async fn run_demo(
     }
     observer.finish();
 
-    let (state, _skipped) = checkpointed_aggregates(
+    let (state, _skipped) = checkpointed_entries(
         base.checkpoints.as_ref(),
         base.stores.as_ref(),
         &config.topic,
     )?;
-    let expected = workload.expected();
+    let expected = job.expected_state()?;
     let mut mismatches = Vec::new();
     let mut matching_keys = 0;
-    for (key, aggregate) in &expected {
-        if state.get(key) == Some(aggregate) {
+    for (key, value) in &expected {
+        if state.get(key) == Some(value) {
             matching_keys += 1;
         } else {
-            mismatches.push(key.clone());
+            mismatches.push(String::from_utf8_lossy(key).into_owned());
         }
     }
-    mismatches.extend(state.keys().filter(|k| !expected.contains_key(*k)).cloned());
+    mismatches.extend(
+        state
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+    );
     drop(mock);
     Ok(DemoReport {
         records: config.records,
