@@ -275,6 +275,11 @@ pub(crate) struct RunArgs {
     /// Milliseconds applied records wait at most for their commit (and their outputs).
     #[arg(long, env = "COMMIT_INTERVAL_MS", default_value_t = 100)]
     pub(crate) commit_interval_ms: u64,
+    /// How many other instances keep a warm copy of each partition's state, refreshed from its
+    /// checkpoints: when the owner dies or leaves, the new owner starts from that copy instead of
+    /// copying the whole checkpoint (costs each replica the disk of the copy and the refresh I/O).
+    #[arg(long, env = "STANDBY_REPLICAS", default_value_t = 0)]
+    pub(crate) standby_replicas: usize,
     /// MiB of each owned partition's write-back state cache.
     #[arg(long, env = "STATE_CACHE_MB", default_value_t = 8)]
     pub(crate) state_cache_mb: usize,

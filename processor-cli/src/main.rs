@@ -110,6 +110,7 @@ fn instance_config(args: &RunArgs, instance_id: &str) -> anyhow::Result<Instance
             Duration::from_millis(args.commit_interval_ms),
         )
         .with_state_cache_bytes(args.state_cache_mb << 20)
+        .with_standby_replicas(args.standby_replicas)
         .with_output_mode(output_mode)
         .with_kafka(kafka_settings(args)?)
         .with_on_missing_offsets(args.on_missing_offsets)

@@ -112,6 +112,10 @@ pub struct InstanceConfig {
     pub state_cache_bytes: usize,
     /// Every output per record, or the latest per key per commit.
     pub output_mode: crate::operator::OutputMode,
+    /// How many other instances keep a warm copy of each partition's state (refreshed from its
+    /// checkpoints as they appear), so that a new owner starts from local state instead of copying the
+    /// whole checkpoint (0: none).
+    pub standby_replicas: usize,
     /// How many owned partitions process a batch at the same time (the others wait, and their
     /// prefetch queues fill up and stop fetching).
     pub parallelism: usize,
@@ -165,6 +169,7 @@ impl InstanceConfig {
             status_interval: Duration::from_millis(500),
             state_cache_bytes: crate::partition::DEFAULT_STATE_CACHE_BYTES,
             output_mode: crate::operator::OutputMode::PerRecord,
+            standby_replicas: 0,
             parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
             maintenance: MaintenanceConfig::default(),
             tick: Duration::from_millis(250),
@@ -230,6 +235,13 @@ impl InstanceConfig {
     /// Sends malformed records to `topic` (see [`OutputGuarantee`]) besides logging them.
     pub fn with_dead_letter_topic(mut self, topic: &str) -> Self {
         self.dead_letter_topic = Some(topic.to_owned());
+        self
+    }
+
+    /// Keeps `replicas` warm copies of each partition's state on other instances (see
+    /// [`standby_replicas`](Self::standby_replicas)).
+    pub fn with_standby_replicas(mut self, replicas: usize) -> Self {
+        self.standby_replicas = replicas;
         self
     }
 

@@ -39,7 +39,7 @@ pub(crate) struct DigestCache {
 }
 
 /// Whether RocksDB never rewrites a file of this name once it exists.
-fn immutable(name: &str) -> bool {
+pub(crate) fn immutable(name: &str) -> bool {
     name.ends_with(".sst") || name.ends_with(".blob")
 }
 

@@ -26,9 +26,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::digests::DigestCache;
+use super::digests::{DigestCache, immutable};
 use super::manifest::{FORMAT, Manifest, ManifestFile, digest_file};
-use super::{CheckpointStore, UploadReport};
+use super::{CheckpointStore, RestoreReport, UploadReport};
 use crate::error::{ProcessorError, ProcessorResult};
 
 /// Checkpoints under one root directory.
@@ -446,6 +446,56 @@ impl CheckpointStore for DirectoryCheckpointStore {
             }
         }
         Ok(())
+    }
+
+    fn manifest(&self, topic: &str, partition: i32, id: &str) -> ProcessorResult<Manifest> {
+        valid_topic(topic)?;
+        Self::read_manifest(
+            &self
+                .manifests_dir(topic, partition)
+                .join(format!("{id}.json")),
+        )
+    }
+
+    fn restore_incremental(
+        &self,
+        manifest: &Manifest,
+        dest: &Path,
+        previous: &Path,
+    ) -> ProcessorResult<RestoreReport> {
+        valid_topic(&manifest.topic)?;
+        fs::create_dir_all(dest).map_err(ProcessorError::io(dest))?;
+        let files = self.files_dir(&manifest.topic, manifest.partition);
+        let mut report = RestoreReport::default();
+        for file in &manifest.files {
+            let target = dest.join(&file.name);
+            let local = previous.join(&file.name);
+            // Immutable files only: RocksDB appends to the others (MANIFEST, OPTIONS, ...) in a live
+            // directory, and a hard link would share those appends.
+            if immutable(&file.name) && local.is_file() {
+                let (size, sha256, _) = self.digests.digest(&local, &file.name)?;
+                if size == file.size && sha256 == file.sha256 {
+                    if fs::hard_link(&local, &target).is_err() {
+                        fs::copy(&local, &target).map_err(ProcessorError::io(&local))?;
+                    }
+                    report.reused_files += 1;
+                    continue;
+                }
+            }
+            let blob = files.join(Manifest::blob_name(file));
+            fs::copy(&blob, &target).map_err(ProcessorError::io(&blob))?;
+            // Remembered by the digest cache: the next refresh takes this file without hashing it.
+            let (size, sha256, _) = self.digests.digest(&target, &file.name)?;
+            if size != file.size || sha256 != file.sha256 {
+                return Err(ProcessorError::CorruptCheckpoint {
+                    path: blob,
+                    reason: "file differs from its digest in the manifest".to_owned(),
+                });
+            }
+            report.copied_files += 1;
+            report.copied_bytes += size;
+        }
+        Ok(report)
     }
 
     fn retain(

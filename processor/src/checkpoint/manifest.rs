@@ -49,6 +49,12 @@ impl Manifest {
         format!("{:020}-{:020}", self.fencing_token, self.next_offset.max(0))
     }
 
+    /// The fencing token and next offset an [`id`](Self::id) names; `None` for anything else.
+    pub fn parse_id(id: &str) -> Option<(u64, i64)> {
+        let (token, offset) = id.split_once('-')?;
+        Some((token.parse().ok()?, offset.parse().ok()?))
+    }
+
     /// The store name of `file`: content-addressed, so identical SST files are stored once.
     pub fn blob_name(file: &ManifestFile) -> String {
         format!("{}-{}", file.sha256, file.name)

@@ -33,6 +33,18 @@ pub struct UploadReport {
     pub hashed_bytes: u64,
 }
 
+/// What one restore did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RestoreReport {
+    /// Files copied from the store (each verified against its digest).
+    pub copied_files: usize,
+    /// Files taken from the earlier local copy (their digests match the manifest's).
+    pub reused_files: usize,
+    /// Bytes copied.
+    pub copied_bytes: u64,
+}
+
 /// The shared store of checkpoints.
 pub trait CheckpointStore: Send + Sync {
     /// Uploads the local snapshot in `snapshot_dir` as the checkpoint of `partition` of `topic` covering
@@ -87,6 +99,38 @@ pub trait CheckpointStore: Send + Sync {
     /// [`ProcessorError::CorruptCheckpoint`](crate::error::ProcessorError::CorruptCheckpoint) on a
     /// mismatch; an I/O error.
     fn restore(&self, manifest: &Manifest, dest: &Path) -> ProcessorResult<()>;
+
+    /// The manifest of checkpoint `id`, read but not verified: for a caller that verifies every file it
+    /// uses itself ([`restore_incremental`](Self::restore_incremental)).
+    ///
+    /// # Errors
+    /// [`ProcessorError::CorruptCheckpoint`](crate::error::ProcessorError::CorruptCheckpoint) for an
+    /// unreadable manifest; an I/O error.
+    fn manifest(&self, topic: &str, partition: i32, id: &str) -> ProcessorResult<Manifest> {
+        self.checkpoint(topic, partition, id)
+    }
+
+    /// As [`restore`](Self::restore) into the new directory `dest`, taking every immutable file
+    /// (SST, blob) whose digest matches the manifest's from `previous` — an earlier local copy of the
+    /// same partition — instead of the store: a standby replica refreshing its copy, or a new owner
+    /// starting from one, reads only what changed. Every file in `dest` is verified either way.
+    ///
+    /// # Errors
+    /// As [`restore`](Self::restore).
+    fn restore_incremental(
+        &self,
+        manifest: &Manifest,
+        dest: &Path,
+        previous: &Path,
+    ) -> ProcessorResult<RestoreReport> {
+        let _ = previous;
+        self.restore(manifest, dest)?;
+        Ok(RestoreReport {
+            copied_files: manifest.files.len(),
+            reused_files: 0,
+            copied_bytes: manifest.files.iter().map(|f| f.size).sum(),
+        })
+    }
 
     /// Keeps the newest `keep` *valid* checkpoints of the partition (at least one; damaged ones never
     /// push a valid one out) and deletes the older ones, and

@@ -20,7 +20,8 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use super::maintenance::{Maintenance, MaintenanceOutcome};
-use super::membership::{Membership, assigned_to};
+use super::membership::{Membership, assigned_to, standby_of};
+use super::standby::Standby;
 use super::status::{InstanceStatus, PartitionStatus, instant_to_unix_ms};
 use crate::config::InstanceConfig;
 use crate::error::{ProcessorError, ProcessorResult};
@@ -159,6 +160,7 @@ impl Instance {
         });
         let mut tasks: JoinSet<(i32, ProcessorResult<()>)> = JoinSet::new();
         let mut running: HashMap<i32, CancellationToken> = HashMap::new();
+        let mut standbys: HashMap<i32, Standby> = HashMap::new();
         let mut fatal: Option<ProcessorError> = None;
         while !stop.is_cancelled() && fatal.is_none() {
             while let Some(done) = tasks.try_join_next() {
@@ -198,7 +200,7 @@ impl Instance {
                 break;
             }
             if let Err(err) = self
-                .rebalance(&mut membership, &mut tasks, &mut running)
+                .rebalance(&mut membership, &mut tasks, &mut running, &mut standbys)
                 .await
             {
                 tracing::warn!(instance = %self.config.instance_id, error = %err, "rebalance failed");
@@ -213,6 +215,9 @@ impl Instance {
             token.cancel();
         }
         while tasks.join_next().await.is_some() {}
+        for (_, standby) in standbys.drain() {
+            standby.finish().await;
+        }
         let _ = duties.await;
         let _ = membership.leave().await;
         match fatal {
@@ -442,6 +447,7 @@ impl Instance {
         membership: &mut Membership,
         tasks: &mut JoinSet<(i32, ProcessorResult<()>)>,
         running: &mut HashMap<i32, CancellationToken>,
+        standbys: &mut HashMap<i32, Standby>,
     ) -> ProcessorResult<()> {
         if !membership.announce().await? {
             return Ok(());
@@ -474,6 +480,7 @@ impl Instance {
                 token.cancel(); // hand-off: the task checkpoints and releases
             }
         }
+        self.keep_standbys(&members, &desired, running, standbys);
         for partition in desired {
             if running.contains_key(&partition) {
                 continue;
@@ -513,8 +520,14 @@ impl Instance {
                 partition,
                 fencing_token = kept.fencing_token()
             );
+            // A standby copy of the partition stops first: its refresh must not touch the directory
+            // the partition opens.
+            let standby = standbys.remove(&partition);
             tasks.spawn(
                 async move {
+                    if let Some(standby) = standby {
+                        standby.finish().await;
+                    }
                     let outcome = instance.run_partition(partition, kept, token).await;
                     (partition, outcome)
                 }
@@ -522,5 +535,40 @@ impl Instance {
             );
         }
         Ok(())
+    }
+
+    /// Starts the standby copies this instance should keep (`standby_replicas` per partition, on the
+    /// members after the owner in rendezvous order) and stops the others. Never for a partition this
+    /// instance owns or is about to.
+    fn keep_standbys(
+        self: &Arc<Self>,
+        members: &[String],
+        desired: &HashSet<i32>,
+        running: &HashMap<i32, CancellationToken>,
+        standbys: &mut HashMap<i32, Standby>,
+    ) {
+        let wanted: HashSet<i32> = standby_of(
+            &self.config.topic,
+            self.partition_count(),
+            &self.config.instance_id,
+            members,
+            self.config.standby_replicas,
+        )
+        .into_iter()
+        .filter(|p| !desired.contains(p) && !running.contains_key(p))
+        .collect();
+        for (partition, standby) in standbys.iter() {
+            if !wanted.contains(partition) {
+                standby.stop.cancel(); // its task ends after any refresh in flight
+            }
+        }
+        // A stopped standby keeps its entry until its task has ended, so that a new owner of the
+        // partition (or a restarted standby) never meets a refresh still swapping the directory.
+        standbys.retain(|_, standby| !(standby.stop.is_cancelled() && standby.task.is_finished()));
+        for partition in wanted {
+            standbys
+                .entry(partition)
+                .or_insert_with(|| self.start_standby(partition));
+        }
     }
 }

@@ -82,6 +82,34 @@ pub fn assigned_to(topic: &str, partitions: i32, member: &str, members: &[String
         .collect()
 }
 
+/// The partitions of `topic` (`0..partitions`) for which `member` keeps one of the `replicas` standby
+/// copies: the members after the owner in each partition's rendezvous order (highest weight first).
+/// Stable like the assignment: a member coming or going moves few standbys.
+pub fn standby_of(
+    topic: &str,
+    partitions: i32,
+    member: &str,
+    members: &[String],
+    replicas: usize,
+) -> Vec<i32> {
+    if replicas == 0 {
+        return Vec::new();
+    }
+    assignment(topic, partitions, members)
+        .into_iter()
+        .filter(|(partition, owner)| {
+            *owner != member && {
+                let mut others: Vec<&String> =
+                    members.iter().filter(|m| m.as_str() != *owner).collect();
+                others
+                    .sort_by_key(|m| std::cmp::Reverse((weight(topic, *partition, m), m.as_str())));
+                others.iter().take(replicas).any(|m| m.as_str() == member)
+            }
+        })
+        .map(|(partition, _)| partition)
+        .collect()
+}
+
 /// This instance's membership in a fleet.
 pub struct Membership {
     lock: Arc<dyn DistributedLock>,

@@ -6,6 +6,8 @@
 //! - [`partition_task`]: one owned partition's life — restore or reuse, consume, checkpoint, hand off;
 //! - [`maintenance`]: retention and compaction of the shared checkpoints, scheduled by the leader on the
 //!   distributed task queue and run by followers under the per-partition compaction lock;
+//! - `standby`: warm copies of partitions owned elsewhere (standby replicas), refreshed from their
+//!   checkpoints;
 //! - [`status`]: what an instance reports about itself.
 
 pub mod instance;
@@ -13,6 +15,7 @@ pub mod maintenance;
 pub mod membership;
 pub mod partition_task;
 pub mod readiness;
+mod standby;
 pub mod status;
 
 pub use instance::Instance;

@@ -58,7 +58,7 @@ const RESTORING: &str = ".restoring-";
 const UNREADABLE: &str = ".unreadable-";
 
 /// A new sibling of `dir` named `{dir}{mark}{random}`.
-fn sibling(dir: &std::path::Path, mark: &str) -> PathBuf {
+pub(super) fn sibling(dir: &std::path::Path, mark: &str) -> PathBuf {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -67,7 +67,7 @@ fn sibling(dir: &std::path::Path, mark: &str) -> PathBuf {
 }
 
 /// Removes the siblings of `dir` marked `mark` (scratch left by a crash).
-fn remove_leftovers(dir: &std::path::Path, mark: &str) {
+pub(super) fn remove_leftovers(dir: &std::path::Path, mark: &str) {
     let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
         return;
     };
@@ -97,8 +97,16 @@ impl Instance {
             &self.config.topic,
             partition,
         );
-        let latest = self.checkpoint_to_restore(partition, recorded)?;
         remove_leftovers(&dir, RESTORING);
+        remove_leftovers(&dir, super::standby::STANDBY_NEXT);
+        remove_leftovers(&dir, super::standby::STANDBY_OLD);
+        if let Some(record) = &recorded
+            && dir.exists()
+            && let Some(store) = self.start_from_local_copy(partition, &dir, record)?
+        {
+            return Ok(store);
+        }
+        let latest = self.checkpoint_to_restore(partition, recorded)?;
         if dir.exists() {
             match self.services.stores.open_store(partition, &dir) {
                 Ok(local) => {
@@ -156,6 +164,68 @@ impl Instance {
             );
         }
         self.services.stores.open_store(partition, &dir)
+    }
+
+    /// Starts from the local copy of the partition (a standby's, or this instance's own from an earlier
+    /// ownership) when it is as new as the recorded checkpoint — opened as it is, the checkpoint not
+    /// even read — or refreshed from that checkpoint incrementally (only files it lacks are copied).
+    /// `None` when there is no usable copy or the checkpoint cannot be taken so: the caller restores
+    /// the usual way (which verifies the whole checkpoint and falls back to older ones).
+    fn start_from_local_copy(
+        &self,
+        partition: i32,
+        dir: &std::path::Path,
+        record: &CheckpointRecord,
+    ) -> ProcessorResult<Option<Arc<dyn PartitionStore>>> {
+        let Some((token, offset)) = Manifest::parse_id(&record.manifest) else {
+            return Ok(None);
+        };
+        let Ok(local) = self.services.stores.open_store(partition, dir) else {
+            return Ok(None); // the usual path moves it aside
+        };
+        if let Some(meta) = local.meta()?
+            && meta.fencing_token >= token
+            && meta.next_offset >= offset
+        {
+            self.status.send_modify(|s| s.local_starts += 1);
+            tracing::info!(
+                partition,
+                next_offset = meta.next_offset,
+                "starting from the local copy: it is as new as the recorded checkpoint"
+            );
+            return Ok(Some(local));
+        }
+        drop(local);
+        let checkpoints = &self.services.checkpoints;
+        let Ok(manifest) = checkpoints.manifest(&self.config.topic, partition, &record.manifest)
+        else {
+            return Ok(None);
+        };
+        let restoring = sibling(dir, RESTORING);
+        let started = std::time::Instant::now();
+        let report = match checkpoints.restore_incremental(&manifest, &restoring, dir) {
+            Ok(report) => report,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&restoring);
+                tracing::warn!(partition, error = %err, "the local copy could not be refreshed from the checkpoint; restoring it whole");
+                return Ok(None);
+            }
+        };
+        super::standby::replace_dir(dir, &restoring)?;
+        self.status.send_modify(|s| s.restores += 1);
+        let labels = partition_labels(&self.config.topic, partition);
+        metrics::counter!("processor_restores_total", &labels).increment(1);
+        metrics::histogram!("processor_restore_duration_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        tracing::info!(
+            partition,
+            next_offset = manifest.next_offset,
+            copied = report.copied_files,
+            reused = report.reused_files,
+            copied_bytes = report.copied_bytes,
+            "restored from checkpoint onto the local copy"
+        );
+        Ok(Some(self.services.stores.open_store(partition, dir)?))
     }
 
     /// The checkpoint the partition resumes from. The fenced record names it: read and verified, it is

@@ -41,6 +41,12 @@ pub struct InstanceStatus {
     pub checkpoints: u64,
     /// Partitions whose state was restored from a checkpoint (rather than reused from local disk).
     pub restores: u64,
+    /// Partitions this instance keeps a standby copy of, and the offset that copy covers (`None` until
+    /// its first refresh).
+    pub standbys: BTreeMap<i32, Option<i64>>,
+    /// Partitions this instance started owning from a current local copy (a standby's, or its own
+    /// from an earlier ownership) with nothing to restore.
+    pub local_starts: u64,
     /// Maintenance jobs claimed from the task queue.
     pub task_claims: u64,
     /// Of those, compactions that ran under the partition's compaction lock.

@@ -1,0 +1,176 @@
+//! Standby replicas: warm copies of partitions this instance does not own, so that when it becomes
+//! their owner (the owner died or left) it starts from local state instead of copying the whole
+//! checkpoint.
+//!
+//! A standby copy follows the partition's *checkpoints*, not its input: each time the fenced
+//! [`CheckpointRecord`](crate::checkpoint::CheckpointRecord) names a newer checkpoint, the copy is
+//! refreshed from it incrementally ([`CheckpointStore::restore_incremental`]: immutable SST files it
+//! already has are linked, only new ones are copied, every file is verified) into a scratch directory
+//! that then replaces the copy. Following checkpoints keeps a standby exactly as safe as a restore:
+//! it never holds state ahead of what the owner's outputs committed (a standby tailing the input could,
+//! and its new owner would then skip outputs an aborted transaction never published). A new owner
+//! whose local copy is as new as the recorded checkpoint opens it as it is; one a checkpoint behind
+//! refreshes it incrementally; either way it replays only the records after the checkpoint.
+//!
+//! [`CheckpointStore::restore_incremental`]: crate::checkpoint::CheckpointStore::restore_incremental
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Instance;
+use super::partition_task::{remove_leftovers, sibling};
+use crate::checkpoint::{CheckpointRecord, CheckpointRecords, RestoreReport};
+use crate::error::{ProcessorError, ProcessorResult};
+use crate::resources::local_state_dir;
+
+/// Marks the scratch directory a standby refresh restores into.
+pub(super) const STANDBY_NEXT: &str = ".standby-next-";
+/// Marks the standby copy being replaced.
+pub(super) const STANDBY_OLD: &str = ".standby-old-";
+
+/// A running standby of one partition: stop it with `stop`, then await `task` before the partition's
+/// directory is used by anything else.
+pub(super) struct Standby {
+    pub(super) stop: CancellationToken,
+    pub(super) task: tokio::task::JoinHandle<()>,
+}
+
+impl Standby {
+    /// Stops the standby and waits until its directory is no longer touched (a refresh in flight
+    /// finishes its swap first).
+    pub(super) async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+impl Instance {
+    /// Starts keeping a standby copy of `partition`.
+    pub(super) fn start_standby(self: &Arc<Self>, partition: i32) -> Standby {
+        let stop = CancellationToken::new();
+        let instance = Arc::clone(self);
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { instance.keep_standby(partition, stop).await }
+        });
+        self.status.send_modify(|s| {
+            s.standbys.insert(partition, None);
+        });
+        Standby { stop, task }
+    }
+
+    /// Refreshes the copy whenever a newer checkpoint is recorded, until `stop`.
+    async fn keep_standby(self: Arc<Self>, partition: i32, stop: CancellationToken) {
+        let mut synced: Option<String> = None;
+        loop {
+            if let Err(err) = self.refresh_standby(partition, &mut synced).await {
+                metrics::counter!("processor_standby_refresh_failures_total").increment(1);
+                tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "standby refresh failed; retrying at the next interval");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(self.config.checkpoint_every) => {}
+            }
+        }
+        self.status.send_modify(|s| {
+            s.standbys.remove(&partition);
+        });
+    }
+
+    async fn refresh_standby(
+        self: &Arc<Self>,
+        partition: i32,
+        synced: &mut Option<String>,
+    ) -> ProcessorResult<()> {
+        let record = CheckpointRecords::new(
+            self.services.lock.clone(),
+            self.services.registry.clone(),
+            &self.config.group,
+            &self.config.topic,
+            partition,
+        )
+        .latest()
+        .await?;
+        let Some(record) = record else {
+            return Ok(());
+        };
+        if synced.as_deref() == Some(record.manifest.as_str()) {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let instance = Arc::clone(self);
+        let refreshing = record.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            instance.refresh_standby_copy(partition, &refreshing)
+        })
+        .await
+        .map_err(ProcessorError::task(format!(
+            "refresh the standby copy of partition {partition}"
+        )))??;
+        metrics::histogram!("processor_standby_refresh_seconds")
+            .record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            partition,
+            next_offset = record.next_offset,
+            copied = report.copied_files,
+            reused = report.reused_files,
+            copied_bytes = report.copied_bytes,
+            "standby copy refreshed"
+        );
+        self.status.send_modify(|s| {
+            s.standbys.insert(partition, Some(record.next_offset));
+        });
+        *synced = Some(record.manifest);
+        Ok(())
+    }
+
+    /// Replaces the partition's local copy with the recorded checkpoint, reusing what it has. Blocking.
+    fn refresh_standby_copy(
+        &self,
+        partition: i32,
+        record: &CheckpointRecord,
+    ) -> ProcessorResult<RestoreReport> {
+        let dir = local_state_dir(
+            &self.config.state_dir,
+            &self.config.group,
+            &self.config.topic,
+            partition,
+        );
+        remove_leftovers(&dir, STANDBY_NEXT);
+        remove_leftovers(&dir, STANDBY_OLD);
+        let manifest =
+            self.services
+                .checkpoints
+                .manifest(&self.config.topic, partition, &record.manifest)?;
+        let next = sibling(&dir, STANDBY_NEXT);
+        let report = match self
+            .services
+            .checkpoints
+            .restore_incremental(&manifest, &next, &dir)
+        {
+            Ok(report) => report,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&next);
+                return Err(err);
+            }
+        };
+        replace_dir(&dir, &next)?;
+        Ok(report)
+    }
+}
+
+/// Moves `next` into `dir`'s place (the old `dir` aside first, then deleted). A crash in between leaves
+/// marked siblings that the next start removes.
+pub(super) fn replace_dir(dir: &Path, next: &Path) -> ProcessorResult<()> {
+    if dir.exists() {
+        let old = sibling(dir, STANDBY_OLD);
+        std::fs::rename(dir, &old).map_err(ProcessorError::io(dir))?;
+        std::fs::rename(next, dir).map_err(ProcessorError::io(next))?;
+        std::fs::remove_dir_all(&old).map_err(ProcessorError::io(&old))?;
+    } else {
+        std::fs::rename(next, dir).map_err(ProcessorError::io(next))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! Standby replicas: an instance that keeps a standby copy of a partition refreshes it from the
+//! partition's checkpoints, and when the owner dies it starts from that copy — nothing restored — and
+//! the state stays exact. Without standbys the same takeover restores the checkpoint (the counters can
+//! tell the two apart).
+
+// Test code: a failed step is a failed run, so helpers unwrap.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use processor::dev::Workload;
+use processor::inspect::checkpointed_aggregates;
+use processor::{InstanceConfig, Services};
+use support::{TestBroker, start_instance, wait_for};
+
+const TOPIC: &str = "orders";
+
+/// Returns the successor's restores and starts from a local copy.
+async fn owner_dies_and_the_other_instance_takes_over(standby_replicas: usize) -> (u64, u64) {
+    integration_tests::init_tracing();
+    let broker = TestBroker::start(TOPIC, 1).await;
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 6_000,
+        keys: 500,
+        seed: 5,
+        partitions: 1,
+    };
+    workload
+        .produce_range(&brokers, TOPIC, 0..4_000)
+        .await
+        .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let services = Services::in_memory(root.path().join("checkpoints")).unwrap();
+    let config = |id: &str| {
+        InstanceConfig::new(id, TOPIC, 1, &brokers, root.path().join(id))
+            .with_checkpoint_every(Duration::from_millis(300))
+            .with_claim_ttl(Duration::from_millis(1_500))
+            .with_standby_replicas(standby_replicas)
+    };
+    let (a, _, a_status) = start_instance(services.clone(), config("a"));
+    let a_now = wait_for(
+        &a_status,
+        "a to own the partition",
+        Duration::from_secs(30),
+        |s| !s.owned.is_empty(),
+    )
+    .await;
+    assert!(a_now.owned.contains_key(&0));
+    let (b, b_stop, b_status) = start_instance(services.clone(), config("b"));
+    // a checkpoints everything; b's copy (if it keeps one) follows the last checkpoint.
+    wait_for(
+        &a_status,
+        "a to process and checkpoint",
+        Duration::from_secs(60),
+        |s| {
+            s.partition_status
+                .get(&0)
+                .is_some_and(|p| p.next_offset == 4_000)
+                && s.checkpoints > 0
+        },
+    )
+    .await;
+    let b_now = if standby_replicas > 0 {
+        wait_for(
+            &b_status,
+            "b's standby copy to catch up",
+            Duration::from_secs(60),
+            |s| s.standbys.get(&0) == Some(&Some(4_000)),
+        )
+        .await
+    } else {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        b_status.borrow().clone()
+    };
+    assert!(b_now.owned.is_empty(), "b owns nothing yet: {b_now:?}");
+
+    // a dies abruptly: no hand-off, no final checkpoint.
+    a.abort();
+    let _ = a.await;
+    workload
+        .produce_range(&brokers, TOPIC, 4_000..6_000)
+        .await
+        .unwrap();
+    let b_after = wait_for(
+        &b_status,
+        "b to take over and catch up",
+        Duration::from_secs(60),
+        |s| {
+            s.partition_status
+                .get(&0)
+                .is_some_and(|p| p.next_offset == 6_000)
+        },
+    )
+    .await;
+    assert!(
+        b_after.standbys.is_empty(),
+        "an owner keeps no standby of its own partition"
+    );
+    b_stop.cancel();
+    b.await.unwrap().unwrap();
+
+    let (state, skipped) = checkpointed_aggregates(
+        services.checkpoints.as_ref(),
+        services.stores.as_ref(),
+        TOPIC,
+    )
+    .unwrap();
+    assert!(skipped.is_empty());
+    assert_eq!(state, workload.expected(), "exact through the takeover");
+    (b_after.restores, b_after.local_starts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_from_its_warm_copy_without_restoring() {
+    let (restores, local_starts) = owner_dies_and_the_other_instance_takes_over(1).await;
+    assert_eq!((restores, local_starts), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_standbys_the_same_takeover_restores_the_checkpoint() {
+    let (restores, local_starts) = owner_dies_and_the_other_instance_takes_over(0).await;
+    assert_eq!((restores, local_starts), (1, 0));
+}
