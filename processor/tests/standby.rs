@@ -40,7 +40,13 @@ async fn owner_dies_and_the_other_instance_takes_over(standby_replicas: usize) -
             .with_claim_ttl(Duration::from_millis(1_500))
             .with_standby_replicas(standby_replicas)
     };
-    let (a, _, a_status) = start_instance(services.clone(), config("a"));
+    // "a" is the member the assignment gives the partition when both are in the fleet.
+    let members = ["a".to_owned(), "b".to_owned()];
+    let (first, second) = match processor::fleet::membership::owner_of(TOPIC, 1, 0, &members) {
+        Some("a") => ("a", "b"),
+        _ => ("b", "a"),
+    };
+    let (a, _, a_status) = start_instance(services.clone(), config(first));
     let a_now = wait_for(
         &a_status,
         "a to own the partition",
@@ -49,7 +55,7 @@ async fn owner_dies_and_the_other_instance_takes_over(standby_replicas: usize) -
     )
     .await;
     assert!(a_now.owned.contains_key(&0));
-    let (b, b_stop, b_status) = start_instance(services.clone(), config("b"));
+    let (b, b_stop, b_status) = start_instance(services.clone(), config(second));
     // a checkpoints everything; b's copy (if it keeps one) follows the last checkpoint.
     wait_for(
         &a_status,

@@ -682,6 +682,12 @@ impl Instance {
             (None, None) => Outputs::Discard,
         };
         tracing::info!(instance = %self.config.instance_id, partition, fencing_token, from = processor.next_offset(), ?outputs, "partition started");
+        self.status.send_modify(|s| {
+            if let Some(p) = s.partition_status.get_mut(&partition) {
+                p.processing = true;
+                p.next_offset = processor.next_offset();
+            }
+        });
         let labels = partition_labels(&self.config.topic, partition);
         // The upload of the last snapshot runs while the partition goes on processing; dropped (aborted)
         // with this task.
