@@ -153,6 +153,10 @@ impl Job for FraudCounters {
         }
         Ok(())
     }
+
+    fn render_state(&self, account: &Account) -> Option<serde_json::Value> {
+        serde_json::to_value(account).ok()
+    }
 }
 
 /// The job with a deterministic input of `payments` payments over `accounts` accounts (one every

@@ -245,6 +245,12 @@ pub trait Operator: Send + Sync {
         state: &mut PartitionState,
         out: &mut Emitter<'_>,
     ) -> ProcessorResult<Outcome>;
+
+    /// A stored value as JSON, for queries of live state (`None`: the query shows its bytes in hex).
+    fn render_state(&self, value: &[u8]) -> Option<serde_json::Value> {
+        let _ = value;
+        None
+    }
 }
 
 /// The built-in job's state per key.
@@ -393,6 +399,10 @@ impl crate::job::Job for KeyedAggregation {
         }
         Ok(())
     }
+
+    fn render_state(&self, state: &Aggregate) -> Option<serde_json::Value> {
+        serde_json::to_value(state).ok()
+    }
 }
 
 /// The built-in job as an [`Operator`]: through [`JobOperator`](crate::job::JobOperator), as any job.
@@ -404,6 +414,10 @@ impl Operator for KeyedAggregation {
         out: &mut Emitter<'_>,
     ) -> ProcessorResult<Outcome> {
         crate::job::JobOperator::new(*self).apply(record, state, out)
+    }
+
+    fn render_state(&self, value: &[u8]) -> Option<serde_json::Value> {
+        crate::job::JobOperator::new(*self).render_state(value)
     }
 }
 

@@ -54,6 +54,8 @@ pub struct Instance {
     partitions: AtomicI32,
     /// Whether the brokers run transactions that work (not librdkafka's mock cluster): asked once.
     pub(super) transactions_work: tokio::sync::OnceCell<bool>,
+    /// The stores of the partitions this instance processes now, for queries of live state.
+    pub(super) open_stores: super::query::OpenStores,
 }
 
 impl std::fmt::Debug for Instance {
@@ -97,6 +99,7 @@ impl Instance {
             status: watch::channel(status).0,
             partitions: AtomicI32::new(config.partitions),
             transactions_work: tokio::sync::OnceCell::new(),
+            open_stores: super::query::OpenStores::default(),
             sink,
             permits: tokio::sync::Semaphore::new(config.parallelism.max(1)),
             config,
@@ -230,7 +233,7 @@ impl Instance {
     }
 
     /// The topic's partition count now.
-    fn partition_count(&self) -> i32 {
+    pub(super) fn partition_count(&self) -> i32 {
         self.partitions.load(Ordering::SeqCst)
     }
 

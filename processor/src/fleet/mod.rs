@@ -8,12 +8,14 @@
 //!   distributed task queue and run by followers under the per-partition compaction lock;
 //! - `standby`: warm copies of partitions owned elsewhere (standby replicas), refreshed from their
 //!   checkpoints;
+//! - [`query`]: queries of live state, answered by a partition's owner;
 //! - [`status`]: what an instance reports about itself.
 
 pub mod instance;
 pub mod maintenance;
 pub mod membership;
 pub mod partition_task;
+pub mod query;
 pub mod readiness;
 mod standby;
 pub mod status;

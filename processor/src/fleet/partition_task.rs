@@ -653,6 +653,10 @@ impl Instance {
                 )))??;
         self.ensure_offset_in_log(&store, partition, fencing_token)
             .await?;
+        // Queries of live state read this store while the partition runs here.
+        let _queryable = self
+            .open_stores
+            .open(partition, Arc::clone(&store), fencing_token);
         let has_outputs = self.config.output_topic.is_some();
         let mut processor = PartitionProcessor::resume(
             store.clone(),

@@ -11,6 +11,8 @@
 //! | `/status` | the JSON [`InstanceStatus`] of the process's instance (a process running several, as the demo does, lists their ids) |
 //! | `/instances/{id}/status` | the JSON status of one local instance (what each member records in the fleet's membership) |
 //! | `/members` | the live members this process's instances see, with where each serves its status |
+//! | `/state/{key}` | the live value of `key` from the owner of its partition, with the offset it reflects and the owner's fencing token, wherever the owner runs (see [`state_queries`]) |
+//! | `/instances/{id}/state/{key}` | the same, only from instance `id`'s live state (`404` when it does not process the partition) |
 //!
 //! Status answers carry `Access-Control-Allow-Origin: *`, so a dashboard served by one member can poll
 //! every other one.
@@ -29,6 +31,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+
+pub mod state_queries;
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::fleet::Instance;
@@ -121,6 +125,11 @@ pub fn router(instances: Arc<LocalInstances>, metrics: Option<MetricsRender>) ->
         .route("/status", get(status))
         .route("/instances/{id}/status", get(instance_status))
         .route("/members", get(members))
+        .route("/state/{key}", get(state_queries::state))
+        .route(
+            "/instances/{id}/state/{key}",
+            get(state_queries::instance_state),
+        )
         .with_state(Shared { instances, metrics })
 }
 

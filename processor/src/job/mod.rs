@@ -171,6 +171,13 @@ pub trait Job: Send + Sync + Sized + 'static {
     fn on_error(&self) -> OnError {
         OnError::DeadLetter
     }
+
+    /// A key's state as JSON, for queries of live state (`GET /state/{key}`); `None` (the default):
+    /// the query shows the stored bytes in hex.
+    fn render_state(&self, state: &Self::State) -> Option<serde_json::Value> {
+        let _ = state;
+        None
+    }
 }
 
 /// What [`Job::process`] works with: the partition's typed state and outputs, for the record's key or
@@ -417,6 +424,10 @@ impl<J: Job> Operator for JobOperator<J> {
             Err(JobError::Reject(reason)) => self.refuse(record, reason),
             Err(JobError::Fatal(err)) => Err(err),
         }
+    }
+
+    fn render_state(&self, value: &[u8]) -> Option<serde_json::Value> {
+        self.job.render_state(&J::StateCodec::decode(value).ok()?)
     }
 }
 

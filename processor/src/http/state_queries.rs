@@ -1,0 +1,151 @@
+//! `GET /state/{key}`: the live value of `key`, answered by the owner of its partition. Any member
+//! answers: a local instance that processes the partition reads its store; otherwise the query goes to
+//! the member the fleet's assignment names as the owner (where it serves, from the membership), then to
+//! the other members, each asked `GET /instances/{id}/state/{key}`, which answers only from local state.
+//! `?partition=N` names the partition (keys produced with another partitioner than librdkafka's).
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use http_body_util::BodyExt;
+use serde::Deserialize;
+
+use super::{Shared, json_with_cors, percent_encode};
+use crate::error::{ProcessorError, ProcessorResult};
+use crate::fleet::Instance;
+use crate::fleet::membership::owner_of;
+use crate::fleet::query::StateAnswer;
+
+/// How long a forwarded query may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Deserialize)]
+pub(super) struct StateQuery {
+    partition: Option<i32>,
+}
+
+/// `GET /state/{key}`.
+pub(super) async fn state(
+    State(shared): State<Shared>,
+    Path(key): Path<String>,
+    Query(query): Query<StateQuery>,
+) -> Response {
+    let instances = shared.instances.snapshot();
+    for instance in instances.values() {
+        match answer_locally(instance, &key, query.partition).await {
+            Ok(Some(answer)) => return json_with_cors(StatusCode::OK, &answer),
+            Ok(None) => {}
+            Err(err) => return failed(&err),
+        }
+    }
+    let Some(instance) = instances.values().next() else {
+        return json_with_cors(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": "no instance runs in this process"}),
+        );
+    };
+    let status = instance.status().borrow().clone();
+    let partition = query
+        .partition
+        .unwrap_or_else(|| instance.partition_of(key.as_bytes()));
+    // The assigned owner first; during a hand-off the partition may still be elsewhere.
+    let mut candidates: Vec<&String> = status.members.iter().collect();
+    if let Some(owner) = owner_of(&status.topic, status.partitions, partition, &status.members) {
+        candidates.sort_by_key(|member| member.as_str() != owner);
+    }
+    for member in candidates {
+        let Some(url) = status.member_endpoints.get(member) else {
+            continue;
+        };
+        let Some(base) = url.strip_suffix("/status") else {
+            continue;
+        };
+        let url = format!(
+            "{base}/state/{}?partition={partition}",
+            percent_encode(&key)
+        );
+        if let Ok(answer) = fetch_answer(&url).await {
+            return json_with_cors(StatusCode::OK, &answer);
+        }
+    }
+    json_with_cors(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({
+            "error": format!("no member answers for partition {partition} of key `{key}`: its owner may be starting or moving, try again"),
+            "partition": partition,
+        }),
+    )
+}
+
+/// `GET /instances/{id}/state/{key}`: only from instance `id`'s live state.
+pub(super) async fn instance_state(
+    State(shared): State<Shared>,
+    Path((id, key)): Path<(String, String)>,
+    Query(query): Query<StateQuery>,
+) -> Response {
+    let Some(instance) = shared.instances.snapshot().get(&id).cloned() else {
+        return json_with_cors(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("no instance {id} runs in this process")}),
+        );
+    };
+    match answer_locally(&instance, &key, query.partition).await {
+        Ok(Some(answer)) => json_with_cors(StatusCode::OK, &answer),
+        Ok(None) => json_with_cors(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("instance {id} does not process the partition of key `{key}` now")}),
+        ),
+        Err(err) => failed(&err),
+    }
+}
+
+async fn answer_locally(
+    instance: &std::sync::Arc<Instance>,
+    key: &str,
+    partition: Option<i32>,
+) -> ProcessorResult<Option<StateAnswer>> {
+    let (instance, key) = (std::sync::Arc::clone(instance), key.to_owned());
+    tokio::task::spawn_blocking(move || instance.query_local(key.as_bytes(), partition))
+        .await
+        .map_err(ProcessorError::task("query live state"))?
+}
+
+fn failed(err: &ProcessorError) -> Response {
+    json_with_cors(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &serde_json::json!({"error": err.to_string()}),
+    )
+}
+
+/// Asks `url` (a member's `/instances/{id}/state/{key}`) for its answer.
+///
+/// # Errors
+/// The member cannot be reached, does not answer in time, or answers anything but an answer.
+pub async fn fetch_answer(url: &str) -> ProcessorResult<StateAnswer> {
+    let unreachable = |reason: String| ProcessorError::Kafka {
+        operation: "ask a member for live state",
+        source: format!("{url}: {reason}").into(),
+    };
+    let uri: axum::http::Uri = url.parse().map_err(|err| unreachable(format!("{err}")))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<axum::body::Bytes>>();
+    let response = tokio::time::timeout(FORWARD_TIMEOUT, client.get(uri))
+        .await
+        .map_err(|_| unreachable(format!("no answer within {FORWARD_TIMEOUT:?}")))?
+        .map_err(|err| unreachable(err.to_string()))?;
+    let code = response.status();
+    let body = tokio::time::timeout(FORWARD_TIMEOUT, response.into_body().collect())
+        .await
+        .map_err(|_| unreachable("the answer did not arrive in time".to_owned()))?
+        .map_err(|err| unreachable(err.to_string()))?
+        .to_bytes();
+    if code != StatusCode::OK {
+        return Err(unreachable(format!(
+            "{code}: {}",
+            String::from_utf8_lossy(&body)
+        )));
+    }
+    serde_json::from_slice(&body).map_err(|err| unreachable(format!("not an answer: {err}")))
+}

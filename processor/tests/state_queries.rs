@@ -1,0 +1,181 @@
+//! Queries of live state over HTTP: any member answers `GET /state/{key}` from the owner of the key's
+//! partition (forwarded when the owner is another member), with the value, the offset it reflects and
+//! the owner's fencing token; after the owner dies, the same query is answered by the new owner with a
+//! higher token. And keys go to the partitions `partition_for_key` says, as librdkafka places them.
+
+// Test code: a failed step is a failed run, so helpers unwrap.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use processor::dev::Workload;
+use processor::fleet::query::{StateAnswer, partition_for_key};
+use processor::http::state_queries::fetch_answer;
+use processor::http::{LocalInstances, router, serve, status_url};
+use processor::operator::Aggregate;
+use processor::{Instance, InstanceConfig, InstanceStatus, Services};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use support::{TestBroker, wait_for};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = "orders";
+const PARTITIONS: i32 = 4;
+
+struct Member {
+    base: String,
+    run: tokio::task::JoinHandle<processor::ProcessorResult<()>>,
+    server: CancellationToken,
+    status: watch::Receiver<InstanceStatus>,
+}
+
+/// Instance `id` with its own HTTP endpoint (where it serves is recorded in the membership).
+async fn member(services: &Services, brokers: &str, root: &std::path::Path, id: &str) -> Member {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let config = InstanceConfig::new(id, TOPIC, PARTITIONS, brokers, root.join(id))
+        .with_claim_ttl(Duration::from_millis(1_500))
+        .with_status_url(&status_url(&base, id));
+    let instance = Instance::new(config, services.clone()).unwrap();
+    let instances = Arc::new(LocalInstances::default());
+    instances.add(Arc::clone(&instance));
+    let server = CancellationToken::new();
+    tokio::spawn(serve(listener, router(instances, None), server.clone()));
+    Member {
+        base,
+        status: instance.status(),
+        run: tokio::spawn(instance.run(CancellationToken::new())),
+        server,
+    }
+}
+
+async fn query(base: &str, key: &str, partition: i32) -> StateAnswer {
+    fetch_answer(&format!("{base}/state/{key}?partition={partition}"))
+        .await
+        .unwrap()
+}
+
+fn aggregate_of(answer: &StateAnswer) -> Aggregate {
+    serde_json::from_value(
+        answer
+            .value
+            .clone()
+            .unwrap_or_else(|| panic!("no value: {answer:?}")),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_member_answers_from_the_owner_and_after_a_hand_off_from_the_new_one() {
+    integration_tests::init_tracing();
+    let broker = TestBroker::start(TOPIC, PARTITIONS).await;
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 4_000,
+        keys: 40,
+        seed: 3,
+        partitions: PARTITIONS,
+    };
+    workload.produce(&brokers, TOPIC).await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let services = Services::in_memory(root.path().join("checkpoints")).unwrap();
+    let a = member(&services, &brokers, root.path(), "a").await;
+    let b = member(&services, &brokers, root.path(), "b").await;
+    let caught_up = |s: &InstanceStatus| {
+        !s.partition_status.is_empty() && s.partition_status.values().all(|p| p.lag == Some(0))
+    };
+    let b_now = wait_for(
+        &b.status,
+        "b to own and catch up",
+        Duration::from_secs(60),
+        |s| !s.owned.is_empty() && s.members.len() == 2 && caught_up(s),
+    )
+    .await;
+    wait_for(&a.status, "a to catch up", Duration::from_secs(60), |s| {
+        !s.owned.is_empty() && caught_up(s)
+    })
+    .await;
+
+    // A key of a partition b owns, asked of a: forwarded to b.
+    let (&partition, &b_token) = b_now.owned.iter().next().unwrap();
+    let key = (0..4_000)
+        .map(|i| workload.record(i))
+        .find(|(p, _, _)| *p == partition)
+        .map(|(_, key, _)| key)
+        .unwrap();
+    let answer = query(&a.base, &key, partition).await;
+    assert_eq!(answer.owner, "b", "{answer:?}");
+    assert_eq!(answer.fencing_token, b_token);
+    assert_eq!(answer.partition, partition);
+    assert!(answer.found);
+    assert_eq!(
+        aggregate_of(&answer),
+        workload.expected()[&key],
+        "the owner's current value"
+    );
+    let end: i64 = (0..4_000)
+        .filter(|i| workload.record(*i).0 == partition)
+        .count() as i64;
+    assert_eq!(answer.next_offset, end, "the offset the value reflects");
+    // Asked of b itself, the same answer; an unknown key is an answer too.
+    assert_eq!(query(&b.base, &key, partition).await, answer);
+    let missing = query(&a.base, "no-such-key", partition).await;
+    assert!(!missing.found && missing.value.is_none());
+
+    // b dies; a takes its partitions over and answers with a higher token.
+    b.run.abort();
+    b.server.cancel();
+    // The new owner replays from the last checkpoint (b may have taken none): its answers follow
+    // its progress; once caught up it answers the final value.
+    let a_after = wait_for(
+        &a.status,
+        "a to own b's partition and catch up",
+        Duration::from_secs(60),
+        |s| {
+            s.owned.contains_key(&partition)
+                && s.partition_status
+                    .get(&partition)
+                    .is_some_and(|p| p.next_offset == end)
+        },
+    )
+    .await;
+    let after = query(&a.base, &key, partition).await;
+    assert_eq!(after.owner, "a", "{after:?}");
+    assert_eq!(after.fencing_token, a_after.owned[&partition]);
+    assert!(
+        after.fencing_token > answer.fencing_token,
+        "{after:?} after {answer:?}"
+    );
+    assert_eq!(aggregate_of(&after), workload.expected()[&key]);
+    assert_eq!(after.next_offset, end);
+    a.run.abort();
+    a.server.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_go_to_the_partitions_partition_for_key_names() {
+    let broker = TestBroker::start(TOPIC, PARTITIONS).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap();
+    for i in 0..50 {
+        let key = format!("user-{i}");
+        let delivered = producer
+            .send(
+                FutureRecord::to(TOPIC).key(&key).payload("1"),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            delivered.partition,
+            partition_for_key(key.as_bytes(), PARTITIONS),
+            "{key}"
+        );
+    }
+}
