@@ -56,7 +56,14 @@ pub struct Instance {
     pub(super) transactions_work: tokio::sync::OnceCell<bool>,
     /// The stores of the partitions this instance processes now, for queries of live state.
     pub(super) open_stores: super::query::OpenStores,
+    /// Partitions stopped at a record their job refused (policy `stop`), and until when they are not
+    /// claimed again.
+    stopped: std::sync::Mutex<HashMap<i32, tokio::time::Instant>>,
 }
+
+/// How long a partition stopped at a refused record stays unclaimed before it is tried again (a fixed
+/// job deployed meanwhile starts it at once: a new process has no such pause).
+pub const REJECTED_RECORD_PAUSE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for Instance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,6 +107,7 @@ impl Instance {
             partitions: AtomicI32::new(config.partitions),
             transactions_work: tokio::sync::OnceCell::new(),
             open_stores: super::query::OpenStores::default(),
+            stopped: std::sync::Mutex::default(),
             sink,
             permits: tokio::sync::Semaphore::new(config.parallelism.max(1)),
             config,
@@ -189,6 +197,14 @@ impl Instance {
                     }
                     if let Err(err) = outcome {
                         tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "partition task ended");
+                        if matches!(err, ProcessorError::Rejected { .. }) {
+                            // Stopped by the job's policy: not a crash loop of claim, restore, refuse.
+                            tracing::error!(instance = %self.config.instance_id, partition, pause_secs = REJECTED_RECORD_PAUSE.as_secs(), "partition stopped at a record its job refused; released, and not claimed again for a while");
+                            self.stopped_partitions().insert(
+                                partition,
+                                tokio::time::Instant::now() + REJECTED_RECORD_PAUSE,
+                            );
+                        }
                         if let Some(reason) = err.disk_failure() {
                             fatal = Some(ProcessorError::DiskUnusable {
                                 reason,
@@ -488,6 +504,13 @@ impl Instance {
             if running.contains_key(&partition) {
                 continue;
             }
+            let paused = self
+                .stopped_partitions()
+                .get(&partition)
+                .is_some_and(|until| tokio::time::Instant::now() < *until);
+            if paused {
+                continue;
+            }
             let resource = partition_resource(&self.config.group, &self.config.topic, partition);
             let policy = RenewalPolicy::default();
             let Some(kept) = KeptLock::try_acquire(
@@ -538,6 +561,12 @@ impl Instance {
             );
         }
         Ok(())
+    }
+
+    fn stopped_partitions(&self) -> std::sync::MutexGuard<'_, HashMap<i32, tokio::time::Instant>> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Starts the standby copies this instance should keep (`standby_replicas` per partition, on the

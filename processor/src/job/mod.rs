@@ -80,8 +80,10 @@ pub enum OnError {
     /// It goes to the dead letters with the reason, and the partition moves on.
     #[default]
     DeadLetter,
-    /// The partition stops at it ([`ProcessorError::Rejected`]): nothing after it is processed until
-    /// the job or the record is fixed.
+    /// The partition stops at it ([`ProcessorError::Rejected`]): nothing after it is processed; the
+    /// instance releases the partition and leaves it unclaimed for
+    /// [`REJECTED_RECORD_PAUSE`](crate::fleet::instance::REJECTED_RECORD_PAUSE) before trying again (a
+    /// fixed job deployed meanwhile starts it at once).
     Stop,
 }
 

@@ -65,19 +65,15 @@ pub struct Windows {
     grace: i64,
 }
 
-fn millis(what: &'static str, duration: Duration) -> ProcessorResult<i64> {
+/// `duration` in whole milliseconds, at least `least`.
+fn millis(what: &'static str, duration: Duration, least: i64) -> ProcessorResult<i64> {
     i64::try_from(duration.as_millis())
         .ok()
-        .filter(|ms| *ms > 0 || what == "window grace")
+        .filter(|ms| *ms >= least)
         .ok_or_else(|| ProcessorError::InvalidInput {
             what,
             reason: format!(
-                "{duration:?}: give a whole number of milliseconds{}",
-                if what == "window grace" {
-                    ""
-                } else {
-                    ", at least 1 ms"
-                }
+                "{duration:?}: give at least {least} ms, and at most i64::MAX milliseconds"
             ),
         })
 }
@@ -88,7 +84,7 @@ impl Windows {
     /// # Errors
     /// [`ProcessorError::InvalidInput`] for a size under 1 ms or beyond `i64` milliseconds.
     pub fn tumbling(size: Duration) -> ProcessorResult<Self> {
-        let size = millis("window size", size)?;
+        let size = millis("window size", size, 1)?;
         Ok(Windows {
             size,
             advance: size,
@@ -101,8 +97,8 @@ impl Windows {
     /// # Errors
     /// [`ProcessorError::InvalidInput`] unless 1 ms ≤ `advance` ≤ `size`.
     pub fn hopping(size: Duration, advance: Duration) -> ProcessorResult<Self> {
-        let size = millis("window size", size)?;
-        let advance = millis("window advance", advance)?;
+        let size = millis("window size", size, 1)?;
+        let advance = millis("window advance", advance, 1)?;
         if advance > size {
             return Err(ProcessorError::InvalidInput {
                 what: "window advance",
@@ -124,7 +120,7 @@ impl Windows {
     /// # Errors
     /// [`ProcessorError::InvalidInput`] for a grace beyond `i64` milliseconds.
     pub fn with_grace(mut self, grace: Duration) -> ProcessorResult<Self> {
-        self.grace = millis("window grace", grace)?;
+        self.grace = millis("window grace", grace, 0)?;
         Ok(self)
     }
 
