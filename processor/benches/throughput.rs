@@ -41,10 +41,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use processor::ProcessorResult;
+use processor::aggregation::{Aggregate, KeyedAggregation};
 use processor::dev::{DevBroker, admin};
-use processor::operator::{
-    Aggregate, Emitter, KeyedAggregation, Operator, Outcome, OutputMode, Record,
-};
+use processor::operator::{Emitter, Operator, Outcome, OutputMode, Record};
 use processor::source::partition_count;
 use processor::store::rocksdb::RocksDbStores;
 use processor::store::{PartitionState, PartitionStore};

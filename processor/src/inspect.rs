@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::aggregation::Aggregate;
 use crate::checkpoint::CheckpointRecords;
 use crate::checkpoint::CheckpointStore;
 use crate::error::{ProcessorError, ProcessorResult};
-use crate::operator::Aggregate;
 use crate::services::Services;
 use crate::store::StoreFactory;
 

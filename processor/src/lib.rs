@@ -26,6 +26,7 @@
 //! The `processor` binary (package `processor-cli`) adds the command line and the demo's terminal UI;
 //! this library depends on neither.
 
+pub mod aggregation;
 pub mod checkpoint;
 pub mod config;
 pub mod dev;

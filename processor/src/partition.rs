@@ -290,7 +290,7 @@ impl PartitionProcessor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::{Aggregate, KeyedAggregation};
+    use crate::aggregation::{Aggregate, KeyedAggregation};
     use crate::store::memory::InMemoryPartitionStore;
 
     struct Log(Vec<(Vec<u8>, Vec<u8>)>);
@@ -319,7 +319,7 @@ mod tests {
         fn expected(&self) -> std::collections::BTreeMap<Vec<u8>, Aggregate> {
             let mut out = std::collections::BTreeMap::new();
             for (key, value) in &self.0 {
-                if let Ok(amount) = crate::operator::parse_amount(Some(value)) {
+                if let Ok(amount) = crate::aggregation::parse_amount(Some(value)) {
                     let entry: &mut Aggregate = out.entry(key.clone()).or_default();
                     *entry = entry.with_amount(amount);
                 }

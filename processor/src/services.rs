@@ -13,9 +13,10 @@ use state::recipes::fenced::{FencedStore, InMemoryFencedStore};
 use state::recipes::tasks::{InMemoryTaskStore, TaskStore};
 use state::{DistributedLock, InMemoryDistributedLock, StateError};
 
+use crate::aggregation::KeyedAggregation;
 use crate::checkpoint::{CheckpointStore, DirectoryCheckpointStore};
 use crate::error::{ProcessorError, ProcessorResult};
-use crate::operator::{KeyedAggregation, Operator};
+use crate::operator::Operator;
 use crate::store::StoreFactory;
 use crate::store::rocksdb::RocksDbStores;
 

@@ -8,9 +8,9 @@
 //! - checkpoint manifests (`Manifest`, JSON files a shared directory or object store hands back), read
 //!   through the directory store as a restore would.
 
+use processor::aggregation::{Aggregate, parse_amount};
 use processor::checkpoint::CheckpointStore;
 use processor::checkpoint::{CheckpointRecord, DirectoryCheckpointStore, Manifest};
-use processor::operator::{Aggregate, parse_amount};
 use proptest::prelude::*;
 
 fn aggregate() -> impl Strategy<Value = Aggregate> {

@@ -12,8 +12,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use processor::aggregation::Aggregate;
 use processor::dev::Workload;
-use processor::operator::Aggregate;
 use processor::source::high_watermark;
 use processor::{Instance, InstanceConfig, KafkaSettings, OutputGuarantee, Services};
 use support::{TestBroker, read_committed};

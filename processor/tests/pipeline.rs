@@ -12,8 +12,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use processor::KafkaSettings;
+use processor::aggregation::{Aggregate, KeyedAggregation};
 use processor::dev::Workload;
-use processor::operator::{Aggregate, KeyedAggregation, Operator};
+use processor::operator::Operator;
 use processor::partition::PartitionProcessor;
 use processor::sink::OutputSink;
 use processor::source::{

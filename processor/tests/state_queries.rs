@@ -11,11 +11,11 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use processor::aggregation::Aggregate;
 use processor::dev::Workload;
 use processor::fleet::query::{StateAnswer, partition_for_key};
 use processor::http::state_queries::fetch_answer;
 use processor::http::{LocalInstances, router, serve, status_url};
-use processor::operator::Aggregate;
 use processor::{Instance, InstanceConfig, InstanceStatus, Services};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};

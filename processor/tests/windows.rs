@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use processor::ProcessorError;
+use processor::aggregation::Aggregate;
 use processor::job::window::{EmitMode, LatePolicy, WindowResult, WindowedAggregation, Windows};
 use processor::job::{Context, Input, Job, JobError, JobOperator, OnError, codec};
-use processor::operator::{Aggregate, OutputMode, Record};
+use processor::operator::{OutputMode, Record};
 use processor::partition::PartitionProcessor;
 use processor::store::PartitionStore;
 use processor::store::rocksdb::RocksDbStores;

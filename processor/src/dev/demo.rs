@@ -15,13 +15,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{DevBroker, Workload};
+use crate::aggregation::KeyedAggregation;
 use crate::config::{InstanceConfig, MaintenanceConfig};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::fleet::{Instance, InstanceStatus};
 use crate::http::{LocalInstances, status_url};
 use crate::inspect::{checkpointed_entries, checkpointed_offset};
 use crate::kafka_settings::KafkaSettings;
-use crate::operator::{KeyedAggregation, Operator};
+use crate::operator::Operator;
 use crate::resources::checkpoint_root;
 use crate::services::Services;
 use crate::source::high_watermark;

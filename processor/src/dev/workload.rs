@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use rdkafka::producer::FutureRecord;
 
+use crate::aggregation::Aggregate;
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::hash::splitmix64;
 use crate::kafka_settings::KafkaSettings;
-use crate::operator::Aggregate;
 use crate::sink::{await_delivery, idempotent_producer};
 
 /// A deterministic workload: record `i` has key `entity-{k}` and a decimal amount, both derived from

@@ -21,7 +21,6 @@ use tracing::Instrument;
 
 use super::maintenance::{Maintenance, MaintenanceOutcome};
 use super::membership::{Membership, assigned_to, standby_of};
-use super::standby::Standby;
 use super::status::{InstanceStatus, PartitionStatus, instant_to_unix_ms};
 use crate::config::InstanceConfig;
 use crate::error::{ProcessorError, ProcessorResult};
@@ -59,6 +58,22 @@ pub struct Instance {
     /// Partitions stopped at a record their job refused (policy `stop`), and until when they are not
     /// claimed again.
     stopped: std::sync::Mutex<HashMap<i32, tokio::time::Instant>>,
+}
+
+/// A running standby of one partition: stop it with `stop`, then await `task` before the partition's
+/// directory is used by anything else.
+pub(super) struct Standby {
+    pub(super) stop: CancellationToken,
+    pub(super) task: tokio::task::JoinHandle<()>,
+}
+
+impl Standby {
+    /// Stops the standby and waits until its directory is no longer touched (a refresh in flight
+    /// finishes its swap first).
+    pub(super) async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }
 
 /// How long a partition stopped at a refused record stays unclaimed before it is tried again (a fixed

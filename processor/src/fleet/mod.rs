@@ -3,6 +3,7 @@
 //!
 //! - [`instance`]: one [`Instance`] — membership ticks, assignment, partition claims, fleet duties;
 //! - [`membership`]: member slots and the rendezvous assignment with bounded loads;
+//! - `local_dirs`: partitions' local state directories and their marked scratch siblings;
 //! - [`partition_task`]: one owned partition's life — restore or reuse, consume, checkpoint, hand off;
 //! - [`maintenance`]: retention and compaction of the shared checkpoints, scheduled by the leader on the
 //!   distributed task queue and run by followers under the per-partition compaction lock;
@@ -12,6 +13,7 @@
 //! - [`status`]: what an instance reports about itself.
 
 pub mod instance;
+mod local_dirs;
 pub mod maintenance;
 pub mod membership;
 pub mod partition_task;

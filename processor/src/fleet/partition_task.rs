@@ -11,6 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::instance::Instance;
+use super::local_dirs::{
+    RESTORING, STANDBY_NEXT, STANDBY_OLD, UNREADABLE, remove_leftovers, replace_dir, sibling,
+};
 use super::maintenance::hold_compaction_lock;
 use super::status::{instant_to_unix_ms, unix_ms};
 use crate::checkpoint::{
@@ -52,35 +55,6 @@ const MIN_SEGMENT: std::time::Duration = std::time::Duration::from_millis(100);
 /// Attempts at the final checkpoint of a hand-off while retention holds the compaction lock.
 const HAND_OFF_ATTEMPTS: u32 = 3;
 
-/// Marks the scratch directory a checkpoint is restored into before it is renamed into place.
-const RESTORING: &str = ".restoring-";
-/// Marks a local state directory that failed to open and was moved aside.
-const UNREADABLE: &str = ".unreadable-";
-
-/// A new sibling of `dir` named `{dir}{mark}{random}`.
-pub(super) fn sibling(dir: &std::path::Path, mark: &str) -> PathBuf {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dir.with_file_name(format!("{name}{mark}{:016x}", rand::random::<u64>()))
-}
-
-/// Removes the siblings of `dir` marked `mark` (scratch left by a crash).
-pub(super) fn remove_leftovers(dir: &std::path::Path, mark: &str) {
-    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
-        return;
-    };
-    let prefix = format!("{}{mark}", name.to_string_lossy());
-    if let Ok(entries) = std::fs::read_dir(parent) {
-        for entry in entries.filter_map(Result::ok) {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-}
-
 impl Instance {
     /// Opens the partition's local state: reused if this disk holds the newest state (its token and
     /// offset are not behind the latest valid checkpoint), otherwise replaced by that checkpoint —
@@ -98,8 +72,8 @@ impl Instance {
             partition,
         );
         remove_leftovers(&dir, RESTORING);
-        remove_leftovers(&dir, super::standby::STANDBY_NEXT);
-        remove_leftovers(&dir, super::standby::STANDBY_OLD);
+        remove_leftovers(&dir, STANDBY_NEXT);
+        remove_leftovers(&dir, STANDBY_OLD);
         if let Some(record) = &recorded
             && dir.exists()
             && let Some(store) = self.start_from_local_copy(partition, &dir, record)?
@@ -211,7 +185,7 @@ impl Instance {
                 return Ok(None);
             }
         };
-        super::standby::replace_dir(dir, &restoring)?;
+        replace_dir(dir, &restoring)?;
         self.status.send_modify(|s| s.restores += 1);
         let labels = partition_labels(&self.config.topic, partition);
         metrics::counter!("processor_restores_total", &labels).increment(1);

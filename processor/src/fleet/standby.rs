@@ -14,37 +14,16 @@
 //!
 //! [`CheckpointStore::restore_incremental`]: crate::checkpoint::CheckpointStore::restore_incremental
 
-use std::path::Path;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
 use super::Instance;
-use super::partition_task::{remove_leftovers, sibling};
+use super::instance::Standby;
+use super::local_dirs::{STANDBY_NEXT, STANDBY_OLD, remove_leftovers, replace_dir, sibling};
 use crate::checkpoint::{CheckpointRecord, CheckpointRecords, RestoreReport};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::resources::local_state_dir;
-
-/// Marks the scratch directory a standby refresh restores into.
-pub(super) const STANDBY_NEXT: &str = ".standby-next-";
-/// Marks the standby copy being replaced.
-pub(super) const STANDBY_OLD: &str = ".standby-old-";
-
-/// A running standby of one partition: stop it with `stop`, then await `task` before the partition's
-/// directory is used by anything else.
-pub(super) struct Standby {
-    pub(super) stop: CancellationToken,
-    pub(super) task: tokio::task::JoinHandle<()>,
-}
-
-impl Standby {
-    /// Stops the standby and waits until its directory is no longer touched (a refresh in flight
-    /// finishes its swap first).
-    pub(super) async fn finish(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
-    }
-}
 
 impl Instance {
     /// Starts keeping a standby copy of `partition`.
@@ -159,18 +138,4 @@ impl Instance {
         replace_dir(&dir, &next)?;
         Ok(report)
     }
-}
-
-/// Moves `next` into `dir`'s place (the old `dir` aside first, then deleted). A crash in between leaves
-/// marked siblings that the next start removes.
-pub(super) fn replace_dir(dir: &Path, next: &Path) -> ProcessorResult<()> {
-    if dir.exists() {
-        let old = sibling(dir, STANDBY_OLD);
-        std::fs::rename(dir, &old).map_err(ProcessorError::io(dir))?;
-        std::fs::rename(next, dir).map_err(ProcessorError::io(next))?;
-        std::fs::remove_dir_all(&old).map_err(ProcessorError::io(&old))?;
-    } else {
-        std::fs::rename(next, dir).map_err(ProcessorError::io(next))?;
-    }
-    Ok(())
 }

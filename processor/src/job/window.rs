@@ -53,8 +53,8 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{DecimalI64, Json, Skip};
 use super::{Context, Input, Job, JobError};
+use crate::aggregation::{Aggregate, AggregateCodec};
 use crate::error::{ProcessorError, ProcessorResult};
-use crate::operator::{Aggregate, AggregateCodec};
 use crate::store::PartitionState;
 
 /// The window layout: size, advance and grace, in milliseconds.
