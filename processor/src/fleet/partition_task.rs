@@ -126,11 +126,7 @@ impl Instance {
                 let _ = std::fs::remove_dir_all(&restoring);
                 return Err(err);
             }
-            self.status.send_modify(|s| s.restores += 1);
-            let labels = partition_labels(&self.config.topic, partition);
-            metrics::counter!("processor_restores_total", &labels).increment(1);
-            metrics::histogram!("processor_restore_duration_seconds", &labels)
-                .record(restore_started.elapsed().as_secs_f64());
+            self.count_restore(partition, restore_started);
             tracing::info!(
                 partition,
                 next_offset = manifest.next_offset,
@@ -186,11 +182,7 @@ impl Instance {
             }
         };
         replace_dir(dir, &restoring)?;
-        self.status.send_modify(|s| s.restores += 1);
-        let labels = partition_labels(&self.config.topic, partition);
-        metrics::counter!("processor_restores_total", &labels).increment(1);
-        metrics::histogram!("processor_restore_duration_seconds", &labels)
-            .record(started.elapsed().as_secs_f64());
+        self.count_restore(partition, started);
         tracing::info!(
             partition,
             next_offset = manifest.next_offset,
@@ -200,6 +192,26 @@ impl Instance {
             "restored from checkpoint onto the local copy"
         );
         Ok(Some(self.services.stores.open_store(partition, dir)?))
+    }
+
+    /// A restore of `partition` that began at `started` is done: counted in the status and the metrics.
+    fn count_restore(&self, partition: i32, started: std::time::Instant) {
+        self.status.send_modify(|s| s.restores += 1);
+        let labels = partition_labels(&self.config.topic, partition);
+        metrics::counter!("processor_restores_total", &labels).increment(1);
+        metrics::histogram!("processor_restore_duration_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    /// The fenced record of `partition`'s newest checkpoint, in this fleet.
+    pub(super) fn checkpoint_records(&self, partition: i32) -> CheckpointRecords {
+        CheckpointRecords::new(
+            self.services.lock.clone(),
+            self.services.registry.clone(),
+            &self.config.group,
+            &self.config.topic,
+            partition,
+        )
     }
 
     /// The checkpoint the partition resumes from. The fenced record names it: read and verified, it is
@@ -387,18 +399,12 @@ impl Instance {
             );
             return Ok(Published::Skipped);
         }
-        CheckpointRecords::new(
-            self.services.lock.clone(),
-            self.services.registry.clone(),
-            &self.config.group,
-            &self.config.topic,
-            partition,
-        )
-        .publish(
-            fencing_token,
-            &CheckpointRecord::new(&report.manifest, &self.config.instance_id),
-        )
-        .await?;
+        self.checkpoint_records(partition)
+            .publish(
+                fencing_token,
+                &CheckpointRecord::new(&report.manifest, &self.config.instance_id),
+            )
+            .await?;
         let recorded_at = std::time::SystemTime::now();
         self.status.send_modify(|s| {
             s.checkpoints += 1;
@@ -609,15 +615,7 @@ impl Instance {
     ) -> ProcessorResult<()> {
         let fencing_token = kept.fencing_token();
         let lost = kept.lost_token();
-        let recorded = CheckpointRecords::new(
-            self.services.lock.clone(),
-            self.services.registry.clone(),
-            &self.config.group,
-            &self.config.topic,
-            partition,
-        )
-        .latest()
-        .await?;
+        let recorded = self.checkpoint_records(partition).latest().await?;
         let preparing = Arc::clone(&self);
         let store =
             tokio::task::spawn_blocking(move || preparing.prepare_store(partition, recorded))

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::Instance;
 use super::instance::Standby;
 use super::local_dirs::{STANDBY_NEXT, STANDBY_OLD, remove_leftovers, replace_dir, sibling};
-use crate::checkpoint::{CheckpointRecord, CheckpointRecords, RestoreReport};
+use crate::checkpoint::{CheckpointRecord, RestoreReport};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::resources::local_state_dir;
 
@@ -63,15 +63,7 @@ impl Instance {
         partition: i32,
         synced: &mut Option<String>,
     ) -> ProcessorResult<()> {
-        let record = CheckpointRecords::new(
-            self.services.lock.clone(),
-            self.services.registry.clone(),
-            &self.config.group,
-            &self.config.topic,
-            partition,
-        )
-        .latest()
-        .await?;
+        let record = self.checkpoint_records(partition).latest().await?;
         let Some(record) = record else {
             return Ok(());
         };
