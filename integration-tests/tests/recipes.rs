@@ -332,9 +332,12 @@ async fn dropped_worker_task_runs_once_to_completion_elsewhere(env: RecipeEnv) {
     );
     let completions = Arc::new(AtomicUsize::new(0));
 
-    // Worker A claims it on a runtime that then dies with it (a crash: no release is ever sent).
+    // Worker A claims it on a runtime that then dies with it (a crash: no release is ever sent). On
+    // PostgreSQL it has a client of its own, as a crashed process would: a connection it opened on its
+    // runtime must not be left in the pool worker B draws from (it dies with that runtime).
+    let postgres_url = env.postgres.as_ref().map(|server| server.url());
     let crashed = {
-        let queue = queue.clone();
+        let shared_queue = queue.clone();
         let started = Arc::new(tokio::sync::Notify::new());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -343,6 +346,20 @@ async fn dropped_worker_task_runs_once_to_completion_elsewhere(env: RecipeEnv) {
         let signal = started.clone();
         std::thread::spawn(move || {
             runtime.block_on(async move {
+                let queue = match postgres_url {
+                    Some(url) => {
+                        let lock = state::PostgresDistributedLock::builder(&url)
+                            .build()
+                            .await
+                            .unwrap();
+                        let tasks =
+                            state::recipes::tasks::PostgresTaskStore::new(lock.pool().clone())
+                                .await
+                                .unwrap();
+                        TaskQueue::new(Arc::new(lock), Arc::new(tasks), ttl)
+                    }
+                    None => shared_queue,
+                };
                 let _ = tokio::time::timeout(
                     Duration::from_millis(200),
                     queue.run_next(|_task, _ctx| async move {
