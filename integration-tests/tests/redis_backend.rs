@@ -169,6 +169,51 @@ async fn keys_are_prefixed_lease_expires_and_fence_counter_persists() {
     a.release().await.unwrap();
 }
 
+/// The lease value stored is exactly the token's value (release and extend compare it whole), and the
+/// scripts are sent by SHA: a server that forgot them (`SCRIPT FLUSH`, a restart) gets them again.
+#[tokio::test]
+async fn lease_value_is_the_token_value_and_flushed_scripts_are_loaded_again() {
+    let server = RedisServer::start_new();
+    let mut conn = raw(&server.url()).await;
+    let locks = RedisDistributedLock::new(&server.url()).await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut guard = locks.try_acquire("flushed", TTL).await.unwrap().unwrap();
+    let stored: String = conn.get("state:lock:flushed").await.unwrap();
+    assert_eq!(stored, guard.token().value);
+    let info = locks.get_lock_info("flushed").await.unwrap().unwrap();
+    assert_eq!(info.value, guard.token().value);
+    assert_eq!(info.fencing_token, guard.fencing_token());
+
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    locks.extend(&mut guard, TTL).await.unwrap();
+    // Someone else's lease under the same key is not ours to release, even with our secret's prefix.
+    let ours = guard.token().value.clone();
+    let (secret, _) = ours.rsplit_once(':').unwrap();
+    let _: () = conn
+        .set("state:lock:flushed", format!("{secret}:1"))
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(matches!(
+        guard.release().await,
+        Err(StateError::LockLost { .. })
+    ));
+    let still: String = conn.get("state:lock:flushed").await.unwrap();
+    assert_eq!(still, format!("{secret}:1"));
+}
+
 #[test]
 fn guard_dropped_after_its_runtime_is_gone_neither_panics_nor_blocks() {
     let server = RedisServer::start_new();

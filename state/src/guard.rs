@@ -210,12 +210,12 @@ impl fmt::Debug for LockGuard {
 /// [`CLEANUP_FIRST_DELAY`], doubling) only for `retry_for` and at most [`CLEANUP_MAX_ATTEMPTS`] times, on
 /// the backend's [`TaskTracker`] when it has one, so the backend can wait for its clean-ups on shutdown.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-pub(crate) struct PendingAcquire {
-    lock: Arc<dyn DistributedLock>,
-    resource: String,
-    owner: String,
+pub(crate) struct PendingAcquire<'a> {
+    lock: &'a Arc<dyn DistributedLock>,
+    resource: &'a str,
+    owner: &'a str,
     runtime: Option<Handle>,
-    tracker: Option<TaskTracker>,
+    tracker: Option<&'a TaskTracker>,
     armed: bool,
     /// How long the cleanup keeps retrying a release that found nothing: a backend whose cancelled
     /// request may still execute *after* a release sent on another connection (PostgreSQL through a pool)
@@ -229,12 +229,18 @@ pub(crate) const CLEANUP_FIRST_DELAY: Duration = Duration::from_millis(25);
 pub(crate) const CLEANUP_MAX_ATTEMPTS: u32 = 10;
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-impl PendingAcquire {
-    pub(crate) fn arm(lock: Arc<dyn DistributedLock>, resource: &str, owner: &str) -> Self {
+impl<'a> PendingAcquire<'a> {
+    /// Borrows what the clean-up would need and copies it only if the clean-up runs (an acquire runs
+    /// this every time; the clean-up is rare).
+    pub(crate) fn arm(
+        lock: &'a Arc<dyn DistributedLock>,
+        resource: &'a str,
+        owner: &'a str,
+    ) -> Self {
         PendingAcquire {
             lock,
-            resource: resource.to_owned(),
-            owner: owner.to_owned(),
+            resource,
+            owner,
             runtime: Handle::try_current().ok(),
             tracker: None,
             armed: true,
@@ -251,8 +257,8 @@ impl PendingAcquire {
 
     /// Runs the clean-up on `tracker` (which the backend drains on shutdown).
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn tracked_by(mut self, tracker: &TaskTracker) -> Self {
-        self.tracker = Some(tracker.clone());
+    pub(crate) fn tracked_by(mut self, tracker: &'a TaskTracker) -> Self {
+        self.tracker = Some(tracker);
         self
     }
 
@@ -261,7 +267,7 @@ impl PendingAcquire {
     }
 }
 
-impl Drop for PendingAcquire {
+impl Drop for PendingAcquire<'_> {
     fn drop(&mut self) {
         if !self.armed {
             return;
@@ -269,15 +275,9 @@ impl Drop for PendingAcquire {
         let Some(runtime) = self.runtime.take() else {
             return;
         };
-        let lock = Arc::clone(&self.lock);
+        let lock = Arc::clone(self.lock);
         let now = SystemTime::now();
-        let token = LockToken::new(
-            std::mem::take(&mut self.resource),
-            std::mem::take(&mut self.owner),
-            0,
-            now,
-            now,
-        );
+        let token = LockToken::new(self.resource, self.owner, 0, now, now);
         let retry_for = self.retry_for;
         let cleanup = async move {
             // Err(LockLost) is the usual outcome: the request never reached the server. Where the
@@ -299,7 +299,7 @@ impl Drop for PendingAcquire {
             }
         };
         // Spawning on a runtime that has shut down drops the task: the TTL is the safety net then.
-        match &self.tracker {
+        match self.tracker {
             Some(tracker) => drop(tracker.spawn_on(cleanup, &runtime)),
             None => drop(runtime.spawn(cleanup)),
         }

@@ -29,7 +29,9 @@ pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 pub struct LockToken {
     /// The locked resource.
     pub resource: String,
-    /// The owner's secret: 128 random bits in hex. Only the holder of this value can release or extend.
+    /// The owner's secret: 128 random bits in hex (the Redis backends store it with the acquire time
+    /// appended, `"<secret>:<acquired_ms>"`, and this is that whole string). Only the holder of this value
+    /// can release or extend.
     pub value: String,
     /// Strictly increasing per resource across all holders, including across expiry. See the module docs.
     pub fencing_token: u64,
@@ -61,20 +63,30 @@ impl LockToken {
     /// hex digits. The owner value is the capability to release or extend a lock, so it never comes from
     /// a seeded generator alone (should the OS RNG fail, the thread RNG — a CSPRNG the OS seeded — fills in).
     pub fn new_owner_value() -> String {
-        use rand::{Rng, TryRngCore};
-        let mut bytes = [0u8; 16];
-        if rand::rngs::OsRng.try_fill_bytes(&mut bytes).is_err() {
-            rand::rng().fill(&mut bytes);
-        }
-        // By hand: `format!("{:032x}")` of a u128 is several times slower, and this runs per acquire.
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut text = String::with_capacity(32);
-        for byte in bytes {
-            text.push(char::from(HEX[usize::from(byte >> 4)]));
-            text.push(char::from(HEX[usize::from(byte & 0x0f)]));
-        }
-        text
+        let mut value = String::with_capacity(32);
+        push_owner_secret(&mut value);
+        value
     }
+}
+
+/// Appends a fresh owner secret (see [`LockToken::new_owner_value`]) to `value`.
+///
+/// A per-thread generator alone is not enough: it is not reseeded in a forked child, and two processes
+/// sharing a secret could release each other's locks. Hex by hand into one buffer: this runs per acquire.
+pub(crate) fn push_owner_secret(value: &mut String) {
+    use rand::{Rng, TryRngCore};
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bytes = [0u8; 16];
+    if rand::rngs::OsRng.try_fill_bytes(&mut bytes).is_err() {
+        rand::rng().fill(&mut bytes);
+    }
+    let mut digits = [0u8; 32];
+    for (pair, byte) in digits.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0x0f)];
+    }
+    // Always ASCII.
+    value.push_str(std::str::from_utf8(&digits).unwrap_or_default());
 }
 
 impl fmt::Debug for LockToken {

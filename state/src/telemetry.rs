@@ -61,13 +61,24 @@ pub(crate) async fn observe<R: Outcome>(
 ) -> R {
     let started = std::time::Instant::now();
     let result = work.await;
+    finish(backend, operation, started, &result);
+    result
+}
+
+/// Records one operation that began at `started` and ended with `result`: [`observe`] without a future
+/// around the work, for the hottest paths (every layer of future is copied when it is created).
+pub(crate) fn finish<R: Outcome>(
+    backend: &'static str,
+    operation: Operation,
+    started: std::time::Instant,
+    result: &R,
+) {
     record(
         backend,
         operation,
         result.outcome(),
         started.elapsed().as_secs_f64(),
     );
-    result
 }
 
 /// Records one operation. Every label is a literal here, so the `metrics` macros build static keys

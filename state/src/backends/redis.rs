@@ -2,15 +2,17 @@
 //!
 //! # Keys
 //! For a resource `R` and the key prefix `P` (default `state:`):
-//! - `P` `lock:` `R` — a string `"{owner}:{acquired_ms}"` written with `SET … NX PX ttl`, so it expires
-//!   with the lease (the acquired time is the client's wall clock, informational only);
+//! - `P` `lock:` `R` — the lease value `"{secret}:{acquired_ms}"` written with `SET … NX PX ttl`, so it
+//!   expires with the lease (the acquired time is the client's wall clock, informational only). The whole
+//!   string is the holder's [`LockToken::value`], so release and extend compare it exactly, as the
+//!   textbook compare-and-delete does, with no string work in the scripts;
 //! - `P` `fence:` `R` — the fencing counter, **without** TTL, so tokens keep increasing across expiry.
 //!   One small key per distinct resource name ever locked. While a lease exists nobody else can `INCR`
 //!   it, so its value is the holder's fencing token.
 //!
 //! Acquire is one Lua script, one round trip, two commands: `SET lock value NX PX ttl` and, when granted,
 //! `INCR` of the counter (`scripts/acquire.lua`). Release and extend are owner-checked scripts
-//! (compare-and-`DEL`, compare-and-`PEXPIRE` on the `owner:` prefix of the value); `info` reads the value,
+//! (compare-and-`DEL`, compare-and-`PEXPIRE` on the exact lease value); `info` reads the value,
 //! the counter and `PTTL` with the server's `TIME`. Scripts are sent as `EVALSHA` with an automatic `EVAL`
 //! fallback.
 //!
@@ -29,8 +31,8 @@ use std::fmt;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Script};
 use tokio::time::Instant;
 
 use crate::guard::PendingAcquire;
@@ -45,14 +47,113 @@ pub(crate) const DEFAULT_PREFIX: &str = "state:";
 pub(crate) const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_PREFIX_LEN: usize = 256;
 
-pub(crate) static ACQUIRE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/acquire.lua")));
-pub(crate) static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
-pub(crate) static EXTEND: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/extend.lua")));
-pub(crate) static INFO: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/info.lua")));
+pub(crate) static ACQUIRE: LazyLock<LockScript> =
+    LazyLock::new(|| LockScript::new(include_str!("scripts/acquire.lua")));
+pub(crate) static RELEASE: LazyLock<LockScript> =
+    LazyLock::new(|| LockScript::new(include_str!("scripts/release.lua")));
+pub(crate) static EXTEND: LazyLock<LockScript> =
+    LazyLock::new(|| LockScript::new(include_str!("scripts/extend.lua")));
+pub(crate) static INFO: LazyLock<LockScript> =
+    LazyLock::new(|| LockScript::new(include_str!("scripts/info.lua")));
+
+/// A Lua script of the lock backends, sent as `EVALSHA` with its keys and arguments written straight
+/// into one command buffer. redis-rs' `ScriptInvocation` first copies every key and argument into a
+/// vector of its own and then into the command; these scripts run on every lock operation (on every
+/// node, for Redlock), so they skip that.
+pub(crate) struct LockScript {
+    script: Script,
+}
+
+impl LockScript {
+    fn new(code: &str) -> Self {
+        LockScript {
+            script: Script::new(code),
+        }
+    }
+
+    /// `EVALSHA <sha1> <key_count>`: the caller appends the keys, then the arguments.
+    pub(crate) fn command(&self, key_count: usize) -> Cmd {
+        let mut cmd = Cmd::with_capacity(3 + 2 * key_count + 2, 160);
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(key_count);
+        cmd
+    }
+
+    /// Sends `cmd` (built by [`command`](Self::command)) on `conn`, bounded by `timeout`. A server that
+    /// does not know the script (restarted, or `SCRIPT FLUSH`) gets it loaded once and the command again.
+    pub(crate) fn run<'a, T: redis::FromRedisValue + Send + 'a>(
+        &'a self,
+        conn: &'a mut ConnectionManager,
+        timeout: Duration,
+        backend: &'static str,
+        operation: &'static str,
+        resource: &'a str,
+        cmd: &'a Cmd,
+    ) -> impl Future<Output = StateResult<T>> + Send + 'a {
+        let call = async move {
+            match cmd.query_async(conn).await {
+                Err(err)
+                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.script.load_async(conn).await?;
+                    cmd.query_async(conn).await
+                }
+                reply => reply,
+            }
+        };
+        super::bounded(timeout, backend, operation, resource, call)
+    }
+}
+
+/// A key of this backend, `<prefix><kind><resource>`, written straight into a command's buffer
+/// (no `String` of its own).
+#[derive(Clone, Copy)]
+pub(crate) struct KeyArg<'a> {
+    prefix: &'a str,
+    kind: &'static str,
+    resource: &'a str,
+}
+
+impl KeyArg<'_> {
+    fn len(&self) -> usize {
+        self.prefix.len() + self.kind.len() + self.resource.len()
+    }
+}
+
+/// The lease key of `resource`, as a command argument.
+pub(crate) fn lock_key_arg<'a>(prefix: &'a str, resource: &'a str) -> KeyArg<'a> {
+    KeyArg {
+        prefix,
+        kind: "lock:",
+        resource,
+    }
+}
+
+/// The fencing-counter key of `resource`, as a command argument.
+pub(crate) fn fence_key_arg<'a>(prefix: &'a str, resource: &'a str) -> KeyArg<'a> {
+    KeyArg {
+        prefix,
+        kind: "fence:",
+        resource,
+    }
+}
+
+impl redis::ToRedisArgs for KeyArg<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        out.reserve_space_for_args([self.len()]);
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's in-memory buffer cannot fail.
+        for part in [self.prefix, self.kind, self.resource] {
+            let _ = std::io::Write::write_all(&mut arg, part.as_bytes());
+        }
+    }
+}
+
+impl redis::ToSingleRedisArg for KeyArg<'_> {}
 
 /// A lock service on one Redis server. Cheap to clone; clones share the connection.
 ///
@@ -290,8 +391,8 @@ pub(crate) fn wall_clock_ms() -> u64 {
 /// and the server's time in ms.
 pub(crate) type RawLeaseInfo = (String, u64, i64, u64);
 
-/// A lease as stored (`"<owner>:<acquired_ms>"`, parsed from the right so that the owner may be any
-/// string) with the fencing counter beside it.
+/// A lease as stored (`"<secret>:<acquired_ms>"`: the whole string is the owner value; the acquired time
+/// is parsed from the right) with the fencing counter beside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StoredLease {
     pub(crate) owner: String,
@@ -302,8 +403,8 @@ pub(crate) struct StoredLease {
 
 impl StoredLease {
     pub(crate) fn parse((raw, fence, remaining_ms, now_ms): &RawLeaseInfo) -> Option<Self> {
-        let (owner, acquired_ms) = raw.rsplit_once(':')?;
-        let (owner, acquired_ms, fence) = (owner.to_owned(), acquired_ms.parse().ok()?, *fence);
+        let (_, acquired_ms) = raw.rsplit_once(':')?;
+        let (owner, acquired_ms, fence) = (raw.clone(), acquired_ms.parse().ok()?, *fence);
         let expires_ms = now_ms.saturating_add(u64::try_from(*remaining_ms).unwrap_or(0));
         Some(StoredLease {
             owner,
@@ -322,6 +423,19 @@ impl StoredLease {
             server_time(self.expires_ms),
         )
     }
+}
+
+/// A fresh lease value: an unguessable owner secret ([`LockToken::new_owner_value`]) and the acquire
+/// time in ms, `"<secret>:<acquired_ms>"`. It is stored as is and is the token's `value`, so the scripts
+/// compare it exactly.
+pub(crate) fn new_lease_value(now_ms: u64) -> String {
+    let mut digits = itoa::Buffer::new();
+    let acquired_ms = digits.format(now_ms);
+    let mut value = String::with_capacity(33 + acquired_ms.len());
+    crate::lock::push_owner_secret(&mut value);
+    value.push(':');
+    value.push_str(acquired_ms);
+    value
 }
 
 /// Converts a server time in ms since the epoch into a `SystemTime`.
@@ -414,27 +528,77 @@ impl RedisDistributedLock {
         lock_key(&self.prefix, resource)
     }
 
-    fn fence_key(&self, resource: &str) -> String {
-        fence_key(&self.prefix, resource)
+    /// One acquire attempt: one round trip. (Metrics are recorded by the caller, without another layer
+    /// of future: this and [`release_once`](Self::release_once) are the hottest paths of the backend.)
+    async fn acquire_once(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
+        validate_resource(resource)?;
+        validate_ttl(ttl)?;
+        let now_ms = wall_clock_ms();
+        let owner = new_lease_value(now_ms);
+        let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
+        let pending = PendingAcquire::arm(&service, resource, &owner);
+        let sent_at = Instant::now();
+        let mut acquire = ACQUIRE.command(2);
+        acquire
+            .arg(lock_key_arg(&self.prefix, resource))
+            .arg(fence_key_arg(&self.prefix, resource))
+            .arg(&owner)
+            .arg(ttl_millis(ttl));
+        let mut conn = self.conn.clone();
+        let timeout = self.operation_timeout;
+        let granted: Option<u64> = ACQUIRE
+            .run(&mut conn, timeout, BACKEND, "acquire", resource, &acquire)
+            .await?;
+        pending.disarm();
+        tracing::trace!(resource, granted = granted.is_some(), elapsed = ?sent_at.elapsed(), "redis try_acquire");
+        Ok(granted.map(|fence| {
+            let acquired_at = server_time(now_ms);
+            let token = LockToken::new(resource, owner, fence, acquired_at, acquired_at + ttl);
+            LockGuard::new(service, token, safe_deadline(sent_at, ttl))
+        }))
     }
 
-    /// Runs one script invocation under the operation timeout, mapping errors with context.
-    async fn run<T: redis::FromRedisValue>(
+    /// Compare-and-delete of `token`'s lease: one round trip.
+    async fn release_once(&self, resource: &str, token: &LockToken) -> StateResult<()> {
+        validate_resource(resource)?;
+        let mut release = RELEASE.command(1);
+        release
+            .arg(lock_key_arg(&self.prefix, resource))
+            .arg(&token.value);
+        let mut conn = self.conn.clone();
+        let timeout = self.operation_timeout;
+        let released: i64 = RELEASE
+            .run(&mut conn, timeout, BACKEND, "release", resource, &release)
+            .await?;
+        if released == 1 {
+            tracing::trace!(resource, "redis lock released");
+            Ok(())
+        } else {
+            Err(StateError::LockLost {
+                resource: resource.to_owned(),
+            })
+        }
+    }
+
+    /// Runs one lock script under the operation timeout, mapping errors with context.
+    async fn run<T: redis::FromRedisValue + Send>(
         &self,
+        script: &LockScript,
         operation: &'static str,
         resource: &str,
-        invocation: &redis::ScriptInvocation<'_>,
+        cmd: &Cmd,
     ) -> StateResult<T> {
         let mut conn = self.conn.clone();
-        invoke(
-            &mut conn,
-            self.operation_timeout,
-            BACKEND,
-            operation,
-            resource,
-            invocation,
-        )
-        .await
+        script
+            .run(
+                &mut conn,
+                self.operation_timeout,
+                BACKEND,
+                operation,
+                resource,
+                cmd,
+            )
+            .await
     }
 }
 
@@ -490,63 +654,22 @@ impl DistributedLock for RedisDistributedLock {
     }
 
     async fn try_acquire(&self, resource: &str, ttl: Duration) -> StateResult<Option<LockGuard>> {
-        telemetry::observe(BACKEND, Operation::Acquire, async move {
-        validate_resource(resource)?;
-        validate_ttl(ttl)?;
-        let owner = LockToken::new_owner_value();
-        let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
-        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner);
-        let sent_at = Instant::now();
-        let ttl_ms = ttl_millis(ttl);
-        let now_ms = wall_clock_ms();
-        let granted: Option<u64> = self
-            .run(
-                "acquire",
-                resource,
-                ACQUIRE
-                    .key(self.lock_key(resource))
-                    .key(self.fence_key(resource))
-                    .arg(&owner)
-                    .arg(ttl_ms)
-                    .arg(now_ms),
-            )
-            .await?;
-        pending.disarm();
-        tracing::trace!(resource, granted = granted.is_some(), elapsed = ?sent_at.elapsed(), "redis try_acquire");
-        Ok(granted.map(|fence| {
-            let acquired_at = server_time(now_ms);
-            let token = LockToken::new(resource, owner, fence, acquired_at, acquired_at + ttl);
-            LockGuard::new(service, token, safe_deadline(sent_at, ttl))
-        }))
-        })
-        .await
+        let started = std::time::Instant::now();
+        let result = self.acquire_once(resource, ttl).await;
+        telemetry::finish(BACKEND, Operation::Acquire, started, &result);
+        result
     }
 
-    #[tracing::instrument(level = "debug", skip(self, token), fields(backend = BACKEND))]
     async fn release_internal(
         &self,
         resource: &str,
         token: &LockToken,
         _internal: Internal,
     ) -> StateResult<()> {
-        telemetry::observe(BACKEND, Operation::Release, async move {
-            validate_resource(resource)?;
-            let released: i64 = self
-                .run(
-                    "release",
-                    resource,
-                    RELEASE.key(self.lock_key(resource)).arg(&token.value),
-                )
-                .await?;
-            if released == 1 {
-                Ok(())
-            } else {
-                Err(StateError::LockLost {
-                    resource: resource.to_owned(),
-                })
-            }
-        })
-        .await
+        let started = std::time::Instant::now();
+        let result = self.release_once(resource, token).await;
+        telemetry::finish(BACKEND, Operation::Release, started, &result);
+        result
     }
 
     async fn is_locked(&self, resource: &str) -> StateResult<bool> {
@@ -586,16 +709,12 @@ impl DistributedLock for RedisDistributedLock {
             let resource = guard.resource().to_owned();
             let sent_at = Instant::now();
             let now_ms = wall_clock_ms();
-            let extended: i64 = self
-                .run(
-                    "extend",
-                    &resource,
-                    EXTEND
-                        .key(self.lock_key(&resource))
-                        .arg(&guard.token().value)
-                        .arg(ttl_millis(ttl)),
-                )
-                .await?;
+            let mut extend = EXTEND.command(1);
+            extend
+                .arg(lock_key_arg(&self.prefix, &resource))
+                .arg(&guard.token().value)
+                .arg(ttl_millis(ttl));
+            let extended: i64 = self.run(&EXTEND, "extend", &resource, &extend).await?;
             if extended != 1 {
                 return Err(StateError::LockLost { resource });
             }
@@ -607,14 +726,10 @@ impl DistributedLock for RedisDistributedLock {
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
-        let info: Option<RawLeaseInfo> = self
-            .run(
-                "inspect",
-                resource,
-                INFO.key(self.lock_key(resource))
-                    .key(self.fence_key(resource)),
-            )
-            .await?;
+        let mut info = INFO.command(2);
+        info.arg(lock_key_arg(&self.prefix, resource))
+            .arg(fence_key_arg(&self.prefix, resource));
+        let info: Option<RawLeaseInfo> = self.run(&INFO, "inspect", resource, &info).await?;
         Ok(info
             .as_ref()
             .and_then(StoredLease::parse)
@@ -641,7 +756,7 @@ mod tests {
             let _ = StoredLease::parse(&(raw, fence, remaining, now));
             let well_formed = (format!("{owner}:{acquired}"), fence, remaining, now);
             let lease = StoredLease::parse(&well_formed).expect("a well-formed lease parses");
-            proptest::prop_assert_eq!(lease.owner, owner);
+            proptest::prop_assert_eq!(lease.owner, format!("{owner}:{acquired}"));
             proptest::prop_assert_eq!(lease.acquired_ms, acquired);
             proptest::prop_assert!(lease.expires_ms >= now);
         }
@@ -676,7 +791,7 @@ mod tests {
             1_700_000_000_500,
         );
         let lease = StoredLease::parse(&raw).unwrap();
-        assert_eq!(lease.owner, "a:b:c");
+        assert_eq!(lease.owner, "a:b:c:1700000000000");
         assert_eq!(lease.fence, 42);
         assert_eq!(lease.acquired_ms, 1_700_000_000_000);
         assert_eq!(lease.expires_ms, 1_700_000_002_000);

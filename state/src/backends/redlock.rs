@@ -41,9 +41,9 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use super::redis::{
-    ACQUIRE, DEFAULT_PREFIX, EXTEND, INFO, RELEASE, RawLeaseInfo, StoredLease, fence_key, invoke,
-    lazy_manager, lock_key, parse_redis_url, server_time, ttl_millis, validate_prefix,
-    wall_clock_ms,
+    ACQUIRE, DEFAULT_PREFIX, EXTEND, INFO, RELEASE, RawLeaseInfo, StoredLease, fence_key,
+    fence_key_arg, invoke, lazy_manager, lock_key_arg, new_lease_value, parse_redis_url,
+    server_time, ttl_millis, validate_prefix, wall_clock_ms,
 };
 use crate::guard::PendingAcquire;
 use crate::lock::{Internal, validate_resource, validate_ttl};
@@ -341,43 +341,44 @@ impl RedlockDistributedLock {
     }
 
     /// Compare-and-delete of `owner`'s lease on every node. Returns as soon as the quorum outcome is
-    /// known; the requests to the remaining nodes run on to completion in the background (each bounded by
-    /// `timeout`), so a slow node delays neither the caller nor the release on it.
+    /// known; the requests to the remaining nodes run on to completion in one background task (each
+    /// bounded by `timeout`), so a slow node delays neither the caller nor the release on it.
     async fn release_everywhere(
         &self,
         resource: &str,
         owner: &str,
         timeout: Duration,
     ) -> Tally<()> {
-        let (replies, mut incoming) = tokio::sync::mpsc::channel(self.nodes.len());
-        let key = lock_key(&self.prefix, resource);
-        for (index, node) in self.nodes.iter().enumerate() {
-            let (mut conn, replies) = (node.conn.clone(), replies.clone());
-            let (key, owner, resource) = (key.clone(), owner.to_owned(), resource.to_owned());
-            tokio::spawn(async move {
-                let mut invocation = RELEASE.prepare_invoke();
-                invocation.key(key).arg(owner);
-                let released: StateResult<i64> = invoke(
-                    &mut conn,
-                    timeout,
-                    BACKEND,
-                    "release",
-                    &resource,
-                    &invocation,
-                )
-                .await;
-                // The receiver is gone once the outcome was known: nobody needs this reply then.
-                let _ = replies
-                    .send((index, released.map(|n| (n == 1).then_some(()))))
-                    .await;
-            });
-        }
-        drop(replies);
+        let mut release = RELEASE.command(1);
+        release.arg(lock_key_arg(&self.prefix, resource)).arg(owner);
+        let (release, resource) = (Arc::new(release), Arc::<str>::from(resource));
+        let mut pending: FuturesUnordered<_> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| {
+                let (mut conn, release, resource) = (
+                    node.conn.clone(),
+                    Arc::clone(&release),
+                    Arc::clone(&resource),
+                );
+                async move {
+                    let released: StateResult<i64> = RELEASE
+                        .run(&mut conn, timeout, BACKEND, "release", &resource, &release)
+                        .await;
+                    (index, released.map(|n| (n == 1).then_some(())))
+                }
+            })
+            .collect();
         let mut tally = Tally::new();
-        while let Some((index, reply)) = incoming.recv().await {
+        while let Some((index, reply)) = pending.next().await {
             if tally.record(&self.nodes, index, reply) {
                 break;
             }
+        }
+        if !pending.is_empty() {
+            // Nobody needs these replies: the lease just must not outlive its TTL on those nodes.
+            tokio::spawn(async move { while pending.next().await.is_some() {} });
         }
         tally
     }
@@ -429,38 +430,32 @@ impl RedlockDistributedLock {
         resource: &str,
         ttl: Duration,
     ) -> StateResult<Option<LockGuard>> {
-        let owner = LockToken::new_owner_value();
-        let pending = PendingAcquire::arm(Arc::clone(service), resource, &owner);
-        let timeout = self.timeout_for(ttl);
-        let (lease, fence) = (
-            lock_key(&self.prefix, resource),
-            fence_key(&self.prefix, resource),
-        );
-        let ttl_ms = ttl_millis(ttl);
         let now_ms = wall_clock_ms();
+        let owner = new_lease_value(now_ms);
+        let pending = PendingAcquire::arm(service, resource, &owner);
+        let timeout = self.timeout_for(ttl);
+        let mut acquire = ACQUIRE.command(2);
+        acquire
+            .arg(lock_key_arg(&self.prefix, resource))
+            .arg(fence_key_arg(&self.prefix, resource))
+            .arg(&owner)
+            .arg(ttl_millis(ttl));
+        let acquire = &acquire;
         let sent_at = Instant::now();
         let tally = self
-            .ask_nodes("acquire", resource, timeout, true, |mut conn, timeout| {
-                let (lease, fence, owner) = (lease.clone(), fence.clone(), owner.clone());
-                async move {
-                    let mut invocation = ACQUIRE.prepare_invoke();
-                    invocation
-                        .key(lease)
-                        .key(fence)
-                        .arg(owner)
-                        .arg(ttl_ms)
-                        .arg(now_ms);
-                    invoke::<Option<u64>>(
-                        &mut conn,
-                        timeout,
-                        BACKEND,
-                        "acquire",
-                        resource,
-                        &invocation,
-                    )
-                    .await
-                }
-            })
+            .ask_nodes(
+                "acquire",
+                resource,
+                timeout,
+                true,
+                |mut conn, timeout| async move {
+                    ACQUIRE
+                        .run::<Option<u64>>(
+                            &mut conn, timeout, BACKEND, "acquire", resource, acquire,
+                        )
+                        .await
+                },
+            )
             .await;
         let valid_until = self.valid_until(sent_at, ttl);
         let outcome = if tally.granted.len() >= self.quorum() {
@@ -592,30 +587,28 @@ impl DistributedLock for RedlockDistributedLock {
             guard.ensure_issued_by(self.service_id(Internal::new()))?;
             validate_ttl(ttl)?;
             let resource = guard.resource().to_owned();
-            let owner = guard.token().value.clone();
-            let lease = lock_key(&self.prefix, &resource);
+            let mut extend = EXTEND.command(1);
+            extend
+                .arg(lock_key_arg(&self.prefix, &resource))
+                .arg(&guard.token().value)
+                .arg(ttl_millis(ttl));
+            let (extend, resource_ref) = (&extend, resource.as_str());
             let timeout = self.timeout_for(ttl);
-            let ttl_ms = ttl_millis(ttl);
             let now_ms = wall_clock_ms();
             let sent_at = Instant::now();
             let tally = self
-                .ask_nodes("extend", &resource, timeout, true, |mut conn, timeout| {
-                    let (lease, owner, resource) = (lease.clone(), owner.clone(), resource.clone());
-                    async move {
-                        let mut invocation = EXTEND.prepare_invoke();
-                        invocation.key(lease).arg(owner).arg(ttl_ms);
-                        let extended: i64 = invoke(
-                            &mut conn,
-                            timeout,
-                            BACKEND,
-                            "extend",
-                            &resource,
-                            &invocation,
-                        )
-                        .await?;
+                .ask_nodes(
+                    "extend",
+                    &resource,
+                    timeout,
+                    true,
+                    |mut conn, timeout| async move {
+                        let extended: i64 = EXTEND
+                            .run(&mut conn, timeout, BACKEND, "extend", resource_ref, extend)
+                            .await?;
                         Ok((extended == 1).then_some(()))
-                    }
-                })
+                    },
+                )
                 .await;
             let valid_until = self.valid_until(sent_at, ttl);
             if tally.granted.len() >= self.quorum() && Instant::now() < valid_until {
@@ -632,33 +625,22 @@ impl DistributedLock for RedlockDistributedLock {
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
-        let (lease, fence) = (
-            lock_key(&self.prefix, resource),
-            fence_key(&self.prefix, resource),
-        );
+        let mut info = INFO.command(2);
+        info.arg(lock_key_arg(&self.prefix, resource))
+            .arg(fence_key_arg(&self.prefix, resource));
+        let info = &info;
         let tally = self
             .ask_nodes(
                 "inspect",
                 resource,
                 self.node_timeout,
                 false,
-                |mut conn, timeout| {
-                    let (lease, fence) = (lease.clone(), fence.clone());
-                    async move {
-                        let mut invocation = INFO.prepare_invoke();
-                        invocation.key(lease).key(fence);
-                        let info: Option<RawLeaseInfo> = invoke(
-                            &mut conn,
-                            timeout,
-                            BACKEND,
-                            "inspect",
-                            resource,
-                            &invocation,
-                        )
+                |mut conn, timeout| async move {
+                    let info: Option<RawLeaseInfo> = INFO
+                        .run(&mut conn, timeout, BACKEND, "inspect", resource, info)
                         .await?;
-                        // A free node is an answer too: only failures count as failures.
-                        Ok(Some(info.as_ref().and_then(StoredLease::parse)))
-                    }
+                    // A free node is an answer too: only failures count as failures.
+                    Ok(Some(info.as_ref().and_then(StoredLease::parse)))
                 },
             )
             .await;

@@ -27,7 +27,7 @@ impl PostgresDistributedLock {
         // From here the INSERT may reach the server. A cancelled one may still commit after a release
         // sent on another pooled connection: the clean-up retries (backing off) for as long as this
         // call could have run.
-        let pending = PendingAcquire::arm(Arc::clone(&service), resource, &owner)
+        let pending = PendingAcquire::arm(&service, resource, &owner)
             .retrying_for(self.inner.operation_timeout * 2)
             .tracked_by(&self.inner.cleanups);
         let row = self

@@ -1,7 +1,6 @@
--- Compare-and-delete: release only if ARGV[1] still owns the lease in KEYS[1].
+-- Compare-and-delete: release only if the lease in KEYS[1] is still exactly ARGV[1] (the holder's lease value).
 -- Returns 1 when released, 0 when the lease is gone or owned by someone else.
-local lease = redis.call('GET', KEYS[1])
-if lease and string.sub(lease, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
