@@ -16,8 +16,9 @@ N1=${N1:-200}
 N2=${N2:-1200}
 clients=("$@")
 if [ ${#clients[@]} -eq 0 ]; then
-  clients=("Redis raw floor" "Redis ours" "Redis rslock-1" "Redis async-redis-lock"
-           "Redlock-3 raw floor" "Redlock-3 ours" "Redlock-3 rslock-3")
+  clients=("Redis raw floor" "Redis raw floor + fencing script" "Redis ours" "Redis rslock-1"
+           "Redis async-redis-lock" "Redlock-3 raw floor" "Redlock-3 raw floor + fencing script"
+           "Redlock-3 ours" "Redlock-3 rslock-3")
 fi
 
 bin=$(cargo bench -p benches --bench lockbench --no-run --message-format=json 2>/dev/null |

@@ -130,9 +130,72 @@ async fn ours(label: &str, lock: Arc<dyn DistributedLock>) -> Client {
     }
 }
 
-/// The floor of one Redis node: `SET NX PX` + compare-and-delete by `EVALSHA`, on a
-/// `ConnectionManager` as ours uses.
-async fn redis_floor(label: &str, urls: &[String]) -> Client {
+/// How a hand-written Redis floor issues fencing tokens on acquire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fencing {
+    /// None: a bare `SET NX PX` (the textbook floor; no token).
+    None,
+    /// The same Lua script ours sends (`SET NX PX`, then `INCR` of the counter when granted), sent by
+    /// hand: the floor of a fencing lock on Redis 7.
+    Script,
+    /// `MULTI` / `SET NX PX` / `INCR` / `EXEC`: no script, but every *refused* attempt increments the
+    /// counter too, so the counter no longer equals the holder's token and `get_lock_info` could not
+    /// report it — the alternative tried, not one we ship.
+    Multi,
+}
+
+/// The acquire script ours sends (the same text, compiled in).
+const ACQUIRE_WITH_FENCE: &str = include_str!("../../state/src/backends/scripts/acquire.lua");
+
+/// One node's acquire of `resource` by a hand-written floor.
+async fn floor_acquire(
+    conn: &mut redis::aio::ConnectionManager,
+    resource: &str,
+    fencing: Fencing,
+    script: &redis::Script,
+) -> bool {
+    let fence = || format!("{resource}:fence");
+    match fencing {
+        Fencing::None => redis::cmd("SET")
+            .arg(resource)
+            .arg("owner")
+            .arg("NX")
+            .arg("PX")
+            .arg(10_000)
+            .query_async::<Option<String>>(conn)
+            .await
+            .ok()
+            .flatten()
+            .is_some(),
+        Fencing::Script => script
+            .key(resource)
+            .key(fence())
+            .arg("owner")
+            .arg(10_000)
+            .invoke_async::<Option<u64>>(conn)
+            .await
+            .ok()
+            .flatten()
+            .is_some(),
+        Fencing::Multi => redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(resource)
+            .arg("owner")
+            .arg("NX")
+            .arg("PX")
+            .arg(10_000)
+            .cmd("INCR")
+            .arg(fence())
+            .query_async::<(Option<String>, u64)>(conn)
+            .await
+            .is_ok_and(|(granted, _)| granted.is_some()),
+    }
+}
+
+/// The floor of Redis over `urls` (one node, or Redlock's majority over several): an acquire as
+/// `fencing` says + compare-and-delete by `EVALSHA`, on a `ConnectionManager` as ours uses.
+async fn redis_floor(label: &str, urls: &[String], fencing: Fencing) -> Client {
     let mut conns = Vec::new();
     for url in urls {
         conns.push(
@@ -145,9 +208,10 @@ async fn redis_floor(label: &str, urls: &[String]) -> Client {
     }
     let conns = Arc::new(conns);
     let quorum = conns.len() / 2 + 1;
-    let (cad, cae) = (
+    let (cad, cae, acquire) = (
         Arc::new(redis::Script::new(COMPARE_AND_DELETE)),
         Arc::new(redis::Script::new(COMPARE_AND_EXPIRE)),
+        Arc::new(redis::Script::new(ACQUIRE_WITH_FENCE)),
     );
     let held_key = format!("bench:held:{label}");
     for conn in conns.iter() {
@@ -165,45 +229,28 @@ async fn redis_floor(label: &str, urls: &[String]) -> Client {
     Client {
         label: label.to_owned(),
         pair: op(move |resource| {
-            let (conns, cad) = (Arc::clone(&pair_conns), Arc::clone(&cad));
+            let (conns, cad, acquire) = (
+                Arc::clone(&pair_conns),
+                Arc::clone(&cad),
+                Arc::clone(&acquire),
+            );
             async move {
                 if let [conn] = conns.as_slice() {
-                    // One node: two commands in sequence, nothing else.
+                    // One node: two round trips in sequence, nothing else.
                     let mut conn = conn.clone();
-                    let granted: Option<String> = redis::cmd("SET")
-                        .arg(&resource)
-                        .arg("owner")
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(10_000)
-                        .query_async(&mut conn)
-                        .await
-                        .ok()
-                        .flatten();
+                    let granted = floor_acquire(&mut conn, &resource, fencing, &acquire).await;
                     let deleted = cad
                         .key(&resource)
                         .arg("owner")
                         .invoke_async::<i64>(&mut conn)
                         .await
                         .is_ok();
-                    return granted.is_some() && deleted;
+                    return granted && deleted;
                 }
                 // Fanned out concurrently to every node; granted on a majority.
                 let sets = conns.iter().map(|conn| {
-                    let (mut conn, resource) = (conn.clone(), resource.clone());
-                    async move {
-                        redis::cmd("SET")
-                            .arg(&resource)
-                            .arg("owner")
-                            .arg("NX")
-                            .arg("PX")
-                            .arg(10_000)
-                            .query_async::<Option<String>>(&mut conn)
-                            .await
-                            .ok()
-                            .flatten()
-                            .is_some()
-                    }
+                    let (mut conn, resource, acquire) = (conn.clone(), resource.clone(), &acquire);
+                    async move { floor_acquire(&mut conn, &resource, fencing, acquire).await }
                 });
                 let granted = futures::future::join_all(sets)
                     .await
@@ -617,7 +664,9 @@ async fn clients(servers: &Servers) -> Vec<Client> {
         .collect();
     vec![
         ours("in-process", Arc::new(InMemoryDistributedLock::new())).await,
-        redis_floor("Redis raw floor", &single).await,
+        redis_floor("Redis raw floor", &single, Fencing::None).await,
+        redis_floor("Redis raw floor + fencing script", &single, Fencing::Script).await,
+        redis_floor("Redis raw floor + fencing MULTI", &single, Fencing::Multi).await,
         ours(
             "Redis ours",
             Arc::new(RedisDistributedLock::new(&single[0]).await.unwrap()),
@@ -625,10 +674,16 @@ async fn clients(servers: &Servers) -> Vec<Client> {
         .await,
         rslock_client("Redis rslock-1", &single),
         async_redis_lock_client("Redis async-redis-lock", &single[0]).await,
-        redis_floor("Redlock-3 raw floor", &three).await,
+        redis_floor("Redlock-3 raw floor", &three, Fencing::None).await,
+        redis_floor(
+            "Redlock-3 raw floor + fencing script",
+            &three,
+            Fencing::Script,
+        )
+        .await,
         ours("Redlock-3 ours", redlock(refs(&three)).await).await,
         rslock_client("Redlock-3 rslock-3", &three),
-        redis_floor("Redlock-5 raw floor", &five).await,
+        redis_floor("Redlock-5 raw floor", &five, Fencing::None).await,
         ours("Redlock-5 ours", redlock(refs(&five)).await).await,
         rslock_client("Redlock-5 rslock-5", &five),
         postgres_lease_floor("PostgreSQL lease raw floor", &pg).await,
@@ -807,6 +862,48 @@ async fn main() {
     println!(
         "- Redis ours / raw floor, {TASKS}-task pairs/s: {}",
         ratio(&rows, "Redis ours", "Redis raw floor", pairs)
+    );
+    println!(
+        "- Redis ours / raw floor + fencing script (the same server commands by hand), {TASKS}-task pairs/s: {}",
+        ratio(
+            &rows,
+            "Redis ours",
+            "Redis raw floor + fencing script",
+            pairs
+        )
+    );
+    println!(
+        "- Redis raw floor + fencing script / raw floor, {TASKS}-task pairs/s: {} (MULTI instead of the script: {})",
+        ratio(
+            &rows,
+            "Redis raw floor + fencing script",
+            "Redis raw floor",
+            pairs
+        ),
+        ratio(
+            &rows,
+            "Redis raw floor + fencing MULTI",
+            "Redis raw floor",
+            pairs
+        )
+    );
+    println!(
+        "- Redlock-3 ours / raw floor + fencing script, {TASKS}-task pairs/s: {}",
+        ratio(
+            &rows,
+            "Redlock-3 ours",
+            "Redlock-3 raw floor + fencing script",
+            pairs
+        )
+    );
+    println!(
+        "- Redlock-3 raw floor + fencing script / rslock-3, {TASKS}-task pairs/s: {}",
+        ratio(
+            &rows,
+            "Redlock-3 raw floor + fencing script",
+            "Redlock-3 rslock-3",
+            pairs
+        )
     );
     println!(
         "- Redlock-3 ours / rslock-3, {TASKS}-task pairs/s: {}",
