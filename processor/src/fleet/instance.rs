@@ -28,19 +28,10 @@ use crate::resources::partition_resource;
 use crate::services::Services;
 use crate::sink::OutputSink;
 use crate::source::partition_count;
+use crate::store::PartitionStore;
 
 /// How often the lag watcher reads the owned partitions' high watermarks.
 const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// A metadata-only consumer for reading watermarks.
-fn watermark_client(
-    kafka: &crate::kafka_settings::KafkaSettings,
-) -> ProcessorResult<rdkafka::consumer::BaseConsumer> {
-    kafka
-        .client_config()
-        .create()
-        .map_err(kafka.client_error("create a consumer"))
-}
 
 /// One fleet instance.
 pub struct Instance {
@@ -53,6 +44,8 @@ pub struct Instance {
     partitions: AtomicI32,
     /// Whether the brokers run transactions that work (not librdkafka's mock cluster): asked once.
     pub(super) transactions_work: tokio::sync::OnceCell<bool>,
+    /// The log bounds of partitions (a takeover's offset check, the lag watcher), on one kept client.
+    pub(super) metadata: Arc<crate::source::MetadataClient>,
     /// The stores of the partitions this instance processes now, for queries of live state.
     pub(super) open_stores: super::query::OpenStores,
     /// Partitions stopped at a record their job refused (policy `stop`), and until when they are not
@@ -64,15 +57,17 @@ pub struct Instance {
 /// directory is used by anything else.
 pub(super) struct Standby {
     pub(super) stop: CancellationToken,
-    pub(super) task: tokio::task::JoinHandle<()>,
+    /// Ends with the copy, open (see [`Standby::finish`]).
+    pub(super) task: tokio::task::JoinHandle<Option<Arc<dyn PartitionStore>>>,
 }
 
 impl Standby {
     /// Stops the standby and waits until its directory is no longer touched (a refresh in flight
-    /// finishes its swap first).
-    pub(super) async fn finish(self) {
+    /// finishes its swap first). Returns the copy, still open, when the standby had it open: a new
+    /// owner starts from it without opening the database again.
+    pub(super) async fn finish(self) -> Option<Arc<dyn PartitionStore>> {
         self.stop.cancel();
-        let _ = self.task.await;
+        self.task.await.ok().flatten()
     }
 }
 
@@ -121,6 +116,7 @@ impl Instance {
             status: watch::channel(status).0,
             partitions: AtomicI32::new(config.partitions),
             transactions_work: tokio::sync::OnceCell::new(),
+            metadata: Arc::new(crate::source::MetadataClient::new(config.kafka.clone())),
             open_stores: super::query::OpenStores::default(),
             stopped: std::sync::Mutex::default(),
             sink,
@@ -179,6 +175,11 @@ impl Instance {
         let _lag = AbortOnDropHandle::new(tokio::spawn(
             Arc::clone(&self).watch_lag(LAG_EVERY, duties_stop.clone()),
         ));
+        // Connected before the first takeover needs it (a partition's start reads its log bounds).
+        let (metadata, topic) = (Arc::clone(&self.metadata), self.config.topic.clone());
+        drop(tokio::task::spawn_blocking(move || {
+            metadata.warm_up(&topic)
+        }));
         let _topology = self.config.topology_refresh.map(|every| {
             AbortOnDropHandle::new(tokio::spawn(
                 Arc::clone(&self).watch_topology(every, duties_stop.clone()),
@@ -294,7 +295,6 @@ impl Instance {
     /// request per partition, on a blocking thread), and publishes each partition's lag — records between
     /// its state and the log end — in the status and the `processor_consumer_lag_records` gauge.
     async fn watch_lag(self: Arc<Self>, every: std::time::Duration, stop: CancellationToken) {
-        let mut client = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -310,37 +310,20 @@ impl Instance {
             if owned.is_empty() {
                 continue;
             }
-            let (kafka, topic) = (self.config.kafka.clone(), self.config.topic.clone());
-            let reused = client.take();
+            let (metadata, topic) = (Arc::clone(&self.metadata), self.config.topic.clone());
             let reading = tokio::task::spawn_blocking(move || {
-                let consumer = match reused {
-                    Some(consumer) => consumer,
-                    None => watermark_client(&kafka)?,
-                };
-                use rdkafka::consumer::Consumer;
-                let highs: Vec<(i32, i64)> = owned
+                owned
                     .into_iter()
                     .filter_map(|partition| {
-                        consumer
-                            .fetch_watermarks(&topic, partition, LAG_EVERY)
+                        metadata
+                            .watermarks(&topic, partition, LAG_EVERY)
                             .ok()
                             .map(|(_, high)| (partition, high))
                     })
-                    .collect();
-                Ok::<_, ProcessorError>((consumer, highs))
+                    .collect::<Vec<(i32, i64)>>()
             })
             .await;
-            let highs = match reading {
-                Ok(Ok((consumer, highs))) => {
-                    client = Some(consumer);
-                    highs
-                }
-                Ok(Err(err)) => {
-                    tracing::debug!(instance = %self.config.instance_id, error = %err, "could not read high watermarks");
-                    continue;
-                }
-                Err(_) => continue,
-            };
+            let Ok(highs) = reading else { continue };
             self.status.send_modify(|s| {
                 for (partition, high) in highs {
                     if let Some(p) = s.partition_status.get_mut(&partition) {
@@ -566,10 +549,11 @@ impl Instance {
             let standby = standbys.remove(&partition);
             tasks.spawn(
                 async move {
-                    if let Some(standby) = standby {
-                        standby.finish().await;
-                    }
-                    let outcome = instance.run_partition(partition, kept, token).await;
+                    let warm = match standby {
+                        Some(standby) => standby.finish().await,
+                        None => None,
+                    };
+                    let outcome = instance.run_partition(partition, kept, warm, token).await;
                     (partition, outcome)
                 }
                 .instrument(span),
@@ -605,7 +589,9 @@ impl Instance {
         .filter(|p| !desired.contains(p) && !running.contains_key(p))
         .collect();
         for (partition, standby) in standbys.iter() {
-            if !wanted.contains(partition) {
+            // One this instance is about to own stays: the takeover stops it and starts from its
+            // copy, still open.
+            if !wanted.contains(partition) && !desired.contains(partition) {
                 standby.stop.cancel(); // its task ends after any refresh in flight
             }
         }

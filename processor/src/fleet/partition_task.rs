@@ -25,8 +25,7 @@ use crate::partition::{PartitionProcessor, PartitionStats};
 use crate::resources::{compaction_resource, local_state_dir};
 use crate::sink::TransactionalSink;
 use crate::source::{
-    CommitPolicy, Outputs, committed_offset, consume_partition, is_mock_cluster,
-    partition_consumer, watermarks,
+    CommitPolicy, Outputs, committed_offset, consume_partition, is_mock_cluster, partition_consumer,
 };
 use crate::store::{PartitionStore, StateBatch};
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -54,6 +53,8 @@ const MIN_SEGMENT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Attempts at the final checkpoint of a hand-off while retention holds the compaction lock.
 const HAND_OFF_ATTEMPTS: u32 = 3;
+/// How long a takeover waits for the log bounds of its partition.
+const LOG_BOUNDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Instance {
     /// Opens the partition's local state: reused if this disk holds the newest state (its token and
@@ -64,7 +65,20 @@ impl Instance {
         &self,
         partition: i32,
         recorded: Option<CheckpointRecord>,
+        warm: Option<Arc<dyn PartitionStore>>,
     ) -> ProcessorResult<Arc<dyn PartitionStore>> {
+        // A standby's copy older than the record is closed here, and refreshed or restored below.
+        if let (Some(store), Some(record)) = (warm, &recorded)
+            && self.is_as_new_as(&store, record).unwrap_or(false)
+        {
+            self.status.send_modify(|s| s.local_starts += 1);
+            tracing::info!(
+                partition,
+                next_offset = record.next_offset,
+                "starting from the standby's copy, open: it is as new as the recorded checkpoint"
+            );
+            return Ok(store);
+        }
         let dir = local_state_dir(
             &self.config.state_dir,
             &self.config.group,
@@ -153,14 +167,11 @@ impl Instance {
         let Ok(local) = self.services.stores.open_store(partition, dir) else {
             return Ok(None); // the usual path moves it aside
         };
-        if let Some(meta) = local.meta()?
-            && meta.fencing_token >= token
-            && meta.next_offset >= offset
-        {
+        if is_at_least(&local, token, offset)? {
             self.status.send_modify(|s| s.local_starts += 1);
             tracing::info!(
                 partition,
-                next_offset = meta.next_offset,
+                next_offset = record.next_offset,
                 "starting from the local copy: it is as new as the recorded checkpoint"
             );
             return Ok(Some(local));
@@ -192,6 +203,18 @@ impl Instance {
             "restored from checkpoint onto the local copy"
         );
         Ok(Some(self.services.stores.open_store(partition, dir)?))
+    }
+
+    /// Whether `store` holds at least the state of `record`'s checkpoint.
+    fn is_as_new_as(
+        &self,
+        store: &Arc<dyn PartitionStore>,
+        record: &CheckpointRecord,
+    ) -> ProcessorResult<bool> {
+        match Manifest::parse_id(&record.manifest) {
+            Some((token, offset)) => is_at_least(store, token, offset),
+            None => Ok(false),
+        }
     }
 
     /// A restore of `partition` that began at `started` is done: counted in the status and the metrics.
@@ -567,13 +590,14 @@ impl Instance {
         partition: i32,
         fencing_token: u64,
     ) -> ProcessorResult<()> {
-        let (kafka, topic) = (self.config.kafka.clone(), self.config.topic.clone());
-        let (low, high) =
-            tokio::task::spawn_blocking(move || watermarks(&kafka, &topic, partition))
-                .await
-                .map_err(ProcessorError::task(format!(
-                    "read the log bounds of partition {partition}"
-                )))??;
+        let (metadata, topic) = (Arc::clone(&self.metadata), self.config.topic.clone());
+        let (low, high) = tokio::task::spawn_blocking(move || {
+            metadata.watermarks(&topic, partition, LOG_BOUNDS_TIMEOUT)
+        })
+        .await
+        .map_err(ProcessorError::task(format!(
+            "read the log bounds of partition {partition}"
+        )))??;
         let stored = store.meta()?.map(|meta| meta.next_offset);
         let (offset, to) = match stored {
             Some(offset) if offset < low || offset > high => {
@@ -611,20 +635,25 @@ impl Instance {
         self: Arc<Self>,
         partition: i32,
         kept: KeptLock,
+        warm: Option<Arc<dyn PartitionStore>>,
         stop: CancellationToken,
     ) -> ProcessorResult<()> {
         let fencing_token = kept.fencing_token();
         let lost = kept.lost_token();
+        let claimed_at = std::time::Instant::now();
         let recorded = self.checkpoint_records(partition).latest().await?;
+        let record_read = claimed_at.elapsed();
         let preparing = Arc::clone(&self);
         let store =
-            tokio::task::spawn_blocking(move || preparing.prepare_store(partition, recorded))
+            tokio::task::spawn_blocking(move || preparing.prepare_store(partition, recorded, warm))
                 .await
                 .map_err(ProcessorError::task(format!(
                     "open or restore the state of partition {partition}"
                 )))??;
+        let state_ready = claimed_at.elapsed();
         self.ensure_offset_in_log(&store, partition, fencing_token)
             .await?;
+        let bounds_checked = claimed_at.elapsed();
         // Queries of live state read this store while the partition runs here.
         let _queryable = self
             .open_stores
@@ -645,6 +674,7 @@ impl Instance {
             partition,
             processor.next_offset(),
         )?;
+        let consumer_created = claimed_at.elapsed();
         let transactional = self
             .open_transactional_outputs(partition, &consumer)
             .await?;
@@ -658,6 +688,9 @@ impl Instance {
             (None, None) => Outputs::Discard,
         };
         tracing::info!(instance = %self.config.instance_id, partition, fencing_token, from = processor.next_offset(), ?outputs, "partition started");
+        // Where a takeover's start goes (cumulative, from the claim): the checkpoint record read, the
+        // state opened or restored, the log's bounds checked, the consumer created, outputs ready.
+        tracing::debug!(partition, ?record_read, ?state_ready, ?bounds_checked, ?consumer_created, outputs_ready = ?claimed_at.elapsed(), "partition start timings");
         self.status.send_modify(|s| {
             if let Some(p) = s.partition_status.get_mut(&partition) {
                 p.processing = true;
@@ -852,6 +885,13 @@ fn partition_labels(topic: &str, partition: i32) -> [(&'static str, String); 2] 
 
 /// Records the snapshot pause (the partition's processing waits for it) when dropped, whichever way the
 /// snapshot ends.
+/// Whether `store`'s state was written under at least `token` and reaches at least `offset`.
+fn is_at_least(store: &Arc<dyn PartitionStore>, token: u64, offset: i64) -> ProcessorResult<bool> {
+    Ok(store
+        .meta()?
+        .is_some_and(|meta| meta.fencing_token >= token && meta.next_offset >= offset))
+}
+
 struct PauseTimer(std::time::Instant, [(&'static str, String); 2]);
 
 impl Drop for PauseTimer {

@@ -24,6 +24,7 @@ use super::local_dirs::{STANDBY_NEXT, STANDBY_OLD, remove_leftovers, replace_dir
 use crate::checkpoint::{CheckpointRecord, RestoreReport};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::resources::local_state_dir;
+use crate::store::PartitionStore;
 
 impl Instance {
     /// Starts keeping a standby copy of `partition`.
@@ -41,10 +42,20 @@ impl Instance {
     }
 
     /// Refreshes the copy whenever a newer checkpoint is recorded, until `stop`.
-    async fn keep_standby(self: Arc<Self>, partition: i32, stop: CancellationToken) {
+    /// Keeps the copy refreshed until `stop`, and ends with it open (the database opened after each
+    /// refresh, off the takeover's path), for a new owner to start from without opening it.
+    async fn keep_standby(
+        self: Arc<Self>,
+        partition: i32,
+        stop: CancellationToken,
+    ) -> Option<Arc<dyn PartitionStore>> {
         let mut synced: Option<String> = None;
+        let mut open: Option<Arc<dyn PartitionStore>> = None;
         loop {
-            if let Err(err) = self.refresh_standby(partition, &mut synced).await {
+            if let Err(err) = self
+                .refresh_standby(partition, &mut synced, &mut open)
+                .await
+            {
                 metrics::counter!("processor_standby_refresh_failures_total").increment(1);
                 tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "standby refresh failed; retrying at the next interval");
             }
@@ -56,12 +67,14 @@ impl Instance {
         self.status.send_modify(|s| {
             s.standbys.remove(&partition);
         });
+        open
     }
 
     async fn refresh_standby(
         self: &Arc<Self>,
         partition: i32,
         synced: &mut Option<String>,
+        open: &mut Option<Arc<dyn PartitionStore>>,
     ) -> ProcessorResult<()> {
         let record = self.checkpoint_records(partition).latest().await?;
         let Some(record) = record else {
@@ -73,13 +86,16 @@ impl Instance {
         let started = std::time::Instant::now();
         let instance = Arc::clone(self);
         let refreshing = record.clone();
-        let report = tokio::task::spawn_blocking(move || {
-            instance.refresh_standby_copy(partition, &refreshing)
+        let was_open = open.take();
+        let (report, reopened) = tokio::task::spawn_blocking(move || {
+            instance.refresh_standby_copy(partition, &refreshing, was_open)
         })
         .await
         .map_err(ProcessorError::task(format!(
             "refresh the standby copy of partition {partition}"
-        )))??;
+        )))?;
+        *open = reopened;
+        let report = report?;
         metrics::histogram!("processor_standby_refresh_seconds")
             .record(started.elapsed().as_secs_f64());
         tracing::debug!(
@@ -88,6 +104,7 @@ impl Instance {
             copied = report.copied_files,
             reused = report.reused_files,
             copied_bytes = report.copied_bytes,
+            open = open.is_some(),
             "standby copy refreshed"
         );
         self.status.send_modify(|s| {
@@ -97,37 +114,77 @@ impl Instance {
         Ok(())
     }
 
-    /// Replaces the partition's local copy with the recorded checkpoint, reusing what it has. Blocking.
+    /// Refreshes the copy from `record`'s checkpoint and opens it; `open`, the copy as it was, is
+    /// closed before its directory is replaced. Returns the refreshed copy open (or the old one, still
+    /// open, when the refresh failed before touching the directory).
     fn refresh_standby_copy(
         &self,
         partition: i32,
         record: &CheckpointRecord,
-    ) -> ProcessorResult<RestoreReport> {
+        open: Option<Arc<dyn PartitionStore>>,
+    ) -> (
+        ProcessorResult<RestoreReport>,
+        Option<Arc<dyn PartitionStore>>,
+    ) {
         let dir = local_state_dir(
             &self.config.state_dir,
             &self.config.group,
             &self.config.topic,
             partition,
         );
-        remove_leftovers(&dir, STANDBY_NEXT);
-        remove_leftovers(&dir, STANDBY_OLD);
-        let manifest =
-            self.services
-                .checkpoints
-                .manifest(&self.config.topic, partition, &record.manifest)?;
-        let next = sibling(&dir, STANDBY_NEXT);
+        let refreshed = self.refresh_standby_dir(partition, record, &dir, open);
+        match refreshed {
+            Ok((report, None)) => {
+                // Opened here, on the standby's time: a takeover then finds it open. A copy that does
+                // not open is no worse than before: the new owner opens (or restores) it itself.
+                let reopened = self.services.stores.open_store(partition, &dir).ok();
+                (Ok(report), reopened)
+            }
+            Ok((report, kept)) => (Ok(report), kept),
+            Err((err, kept)) => (Err(err), kept),
+        }
+    }
+
+    /// Restores `record`'s checkpoint beside `dir` incrementally, then closes `open` and swaps the new
+    /// copy in. On a failure before the swap, `open` is handed back untouched.
+    #[allow(clippy::type_complexity)]
+    fn refresh_standby_dir(
+        &self,
+        partition: i32,
+        record: &CheckpointRecord,
+        dir: &std::path::Path,
+        open: Option<Arc<dyn PartitionStore>>,
+    ) -> Result<
+        (RestoreReport, Option<Arc<dyn PartitionStore>>),
+        (ProcessorError, Option<Arc<dyn PartitionStore>>),
+    > {
+        remove_leftovers(dir, STANDBY_NEXT);
+        remove_leftovers(dir, STANDBY_OLD);
+        let manifest = match self.services.checkpoints.manifest(
+            &self.config.topic,
+            partition,
+            &record.manifest,
+        ) {
+            Ok(manifest) => manifest,
+            Err(err) => return Err((err, open)),
+        };
+        let next = sibling(dir, STANDBY_NEXT);
         let report = match self
             .services
             .checkpoints
-            .restore_incremental(&manifest, &next, &dir)
+            .restore_incremental(&manifest, &next, dir)
         {
             Ok(report) => report,
             Err(err) => {
                 let _ = std::fs::remove_dir_all(&next);
-                return Err(err);
+                return Err((err, open));
             }
         };
-        replace_dir(&dir, &next)?;
-        Ok(report)
+        // The open database must be closed before its directory moves away.
+        drop(open);
+        match replace_dir(dir, &next) {
+            Ok(()) => Ok((report, None)),
+            Err(err) => Err((err, None)),
+        }
     }
 }

@@ -87,6 +87,9 @@ impl RocksDbStores {
         options.set_compression_type(DBCompressionType::Lz4);
         options.set_max_background_jobs(2);
         options.set_max_open_files(256);
+        // A takeover opens the partition's state on its critical path: do not read every SST file's
+        // properties at open for compaction statistics (they are gathered as files are read anyway).
+        options.set_skip_stats_update_on_db_open(true);
         options
     }
 
