@@ -151,7 +151,11 @@ async fn run(brokers: &str, keys: u64, standbys: usize) -> Row {
         assert!(Instant::now() < deadline, "no checkpoint covers the input");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Plus a random part of the successor's 250 ms tick: the claim wait depends on where in its tick
+    // the kill falls, and a fixed delay after the standby's refresh (which follows a tick) would always
+    // hit the same phase.
+    let phase = Duration::from_millis(rand::random_range(0..250));
+    tokio::time::sleep(Duration::from_millis(500) + phase).await;
     let checkpoint_mib = dir_bytes(&checkpoints) as f64 / f64::from(1 << 20);
 
     let killed = Instant::now();
