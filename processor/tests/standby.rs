@@ -17,8 +17,9 @@ use support::{TestBroker, start_instance, wait_for};
 
 const TOPIC: &str = "orders";
 
-/// Returns the successor's restores and starts from a local copy.
-async fn owner_dies_and_the_other_instance_takes_over(standby_replicas: usize) -> (u64, u64) {
+/// Returns the successor's restores, starts from a local copy, and of those the starts that took a
+/// standby's copy over already open.
+async fn owner_dies_and_the_other_instance_takes_over(standby_replicas: usize) -> (u64, u64, u64) {
     integration_tests::init_tracing();
     let broker = TestBroker::start(TOPIC, 1).await;
     let brokers = broker.bootstrap_servers();
@@ -83,9 +84,36 @@ async fn owner_dies_and_the_other_instance_takes_over(standby_replicas: usize) -
     };
     assert!(b_now.owned.is_empty(), "b owns nothing yet: {b_now:?}");
 
-    // a dies abruptly: no hand-off, no final checkpoint.
+    // a dies abruptly: no hand-off, no final checkpoint. Its claim stays held for a few ticks, as a
+    // crashed owner's lease does until its TTL runs out: b's first attempts to claim fail (and its
+    // standby must still be there when a claim finally succeeds).
     a.abort();
     let _ = a.await;
+    // (a's claim is released in the background as a is dropped: take it as soon as it is free — b
+    // only tries once per 250 ms tick, so this almost always comes first.)
+    let claim = processor::resources::partition_resource(&config(second).group, TOPIC, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let held = loop {
+        match services
+            .lock
+            .try_acquire(&claim, Duration::from_secs(10))
+            .await
+        {
+            Ok(Some(guard)) => break Some(guard),
+            _ if b_status.borrow().owned.contains_key(&0) => break None,
+            _ => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "a's claim was never released"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    };
+    if let Some(held) = held {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        held.release().await.unwrap();
+    }
     workload
         .produce_range(&brokers, TOPIC, 4_000..6_000)
         .await
@@ -116,17 +144,29 @@ async fn owner_dies_and_the_other_instance_takes_over(standby_replicas: usize) -
     .unwrap();
     assert!(skipped.is_empty());
     assert_eq!(state, workload.expected(), "exact through the takeover");
-    (b_after.restores, b_after.local_starts)
+    (
+        b_after.restores,
+        b_after.local_starts,
+        b_after.open_copy_starts,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_from_its_warm_copy_without_restoring() {
-    let (restores, local_starts) = owner_dies_and_the_other_instance_takes_over(1).await;
-    assert_eq!((restores, local_starts), (0, 1));
+    let starts = owner_dies_and_the_other_instance_takes_over(1).await;
+    assert_eq!(
+        starts,
+        (0, 1, 1),
+        "(restores, local starts, open-copy starts): the standby's open copy is taken over"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_standbys_the_same_takeover_restores_the_checkpoint() {
-    let (restores, local_starts) = owner_dies_and_the_other_instance_takes_over(0).await;
-    assert_eq!((restores, local_starts), (1, 0));
+    let starts = owner_dies_and_the_other_instance_takes_over(0).await;
+    assert_eq!(
+        starts,
+        (1, 0, 0),
+        "(restores, local starts, open-copy starts)"
+    );
 }

@@ -71,7 +71,10 @@ impl Instance {
         if let (Some(store), Some(record)) = (warm, &recorded)
             && self.is_as_new_as(&store, record).unwrap_or(false)
         {
-            self.status.send_modify(|s| s.local_starts += 1);
+            self.status.send_modify(|s| {
+                s.local_starts += 1;
+                s.open_copy_starts += 1;
+            });
             tracing::info!(
                 partition,
                 next_offset = record.next_offset,

@@ -47,6 +47,9 @@ pub struct InstanceStatus {
     /// Partitions this instance started owning from a current local copy (a standby's, or its own
     /// from an earlier ownership) with nothing to restore.
     pub local_starts: u64,
+    /// Of those, starts that took a standby's copy over with its database already open (nothing opened
+    /// on the takeover's path).
+    pub open_copy_starts: u64,
     /// Maintenance jobs claimed from the task queue.
     pub task_claims: u64,
     /// Of those, compactions that ran under the partition's compaction lock.
