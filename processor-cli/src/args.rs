@@ -280,6 +280,10 @@ pub(crate) struct RunArgs {
     /// copying the whole checkpoint (costs each replica the disk of the copy and the refresh I/O).
     #[arg(long, env = "STANDBY_REPLICAS", default_value_t = 0)]
     pub(crate) standby_replicas: usize,
+    /// Seconds a partition stopped at a record its job refused (policy `stop`) stays unclaimed by this
+    /// instance before it is tried again.
+    #[arg(long, env = "REJECTED_RECORD_PAUSE_SECS", default_value_t = 30.0)]
+    pub(crate) rejected_record_pause_secs: f64,
     /// MiB of each owned partition's write-back state cache.
     #[arg(long, env = "STATE_CACHE_MB", default_value_t = 8)]
     pub(crate) state_cache_mb: usize,

@@ -63,6 +63,10 @@ fn instance_config(args: &RunArgs, instance_id: &str) -> anyhow::Result<Instance
         args.maintenance_interval_secs,
     )?;
     let claim_ttl = positive_secs("--claim-ttl-secs", args.claim_ttl_secs)?;
+    let rejected_record_pause = positive_secs(
+        "--rejected-record-pause-secs",
+        args.rejected_record_pause_secs,
+    )?;
     let topology_refresh = positive_secs("--topology-refresh-secs", args.topology_refresh_secs)?;
     let mut config = InstanceConfig::new(
         instance_id,
@@ -111,6 +115,7 @@ fn instance_config(args: &RunArgs, instance_id: &str) -> anyhow::Result<Instance
         )
         .with_state_cache_bytes(args.state_cache_mb << 20)
         .with_standby_replicas(args.standby_replicas)
+        .with_rejected_record_pause(rejected_record_pause)
         .with_output_mode(output_mode)
         .with_kafka(kafka_settings(args)?)
         .with_on_missing_offsets(args.on_missing_offsets)

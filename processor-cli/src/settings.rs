@@ -179,6 +179,7 @@ pub fn check(args: &RunArgs) -> anyhow::Result<()> {
         "commit_interval_ms": config.commit_interval.as_millis(),
         "state_cache_bytes": config.state_cache_bytes,
         "standby_replicas": config.standby_replicas,
+        "rejected_record_pause_secs": config.rejected_record_pause.as_secs_f64(),
         "output_mode": format!("{:?}", config.output_mode),
         "block_cache_bytes": args.block_cache_mb << 20,
         "write_buffer_bytes": args.write_buffer_mb << 20,

@@ -116,6 +116,10 @@ pub struct InstanceConfig {
     /// checkpoints as they appear), so that a new owner starts from local state instead of copying the
     /// whole checkpoint (0: none).
     pub standby_replicas: usize,
+    /// How long a partition stopped at a record its job refused (policy `stop`) stays unclaimed by this
+    /// instance before it is tried again (default
+    /// [`REJECTED_RECORD_PAUSE`](crate::fleet::instance::REJECTED_RECORD_PAUSE), 30 s).
+    pub rejected_record_pause: Duration,
     /// How many owned partitions process a batch at the same time (the others wait, and their
     /// prefetch queues fill up and stop fetching).
     pub parallelism: usize,
@@ -170,6 +174,7 @@ impl InstanceConfig {
             state_cache_bytes: crate::partition::DEFAULT_STATE_CACHE_BYTES,
             output_mode: crate::operator::OutputMode::PerRecord,
             standby_replicas: 0,
+            rejected_record_pause: crate::fleet::instance::REJECTED_RECORD_PAUSE,
             parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
             maintenance: MaintenanceConfig::default(),
             tick: Duration::from_millis(250),
@@ -242,6 +247,13 @@ impl InstanceConfig {
     /// [`standby_replicas`](Self::standby_replicas)).
     pub fn with_standby_replicas(mut self, replicas: usize) -> Self {
         self.standby_replicas = replicas;
+        self
+    }
+
+    /// Keeps a partition stopped at a refused record unclaimed for `pause` before trying it again (see
+    /// [`rejected_record_pause`](Self::rejected_record_pause)).
+    pub fn with_rejected_record_pause(mut self, pause: Duration) -> Self {
+        self.rejected_record_pause = pause;
         self
     }
 

@@ -46,7 +46,7 @@ impl Job for StrictSum {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partition_stopped_by_its_job_is_released_and_not_claimed_again_at_once() {
+async fn a_partition_stopped_by_its_job_is_released_and_claimed_again_only_after_the_pause() {
     integration_tests::init_tracing();
     let broker = DevBroker::start(TOPIC, 1).unwrap();
     let producer: FutureProducer = ClientConfig::new()
@@ -79,7 +79,8 @@ async fn a_partition_stopped_by_its_job_is_released_and_not_claimed_again_at_onc
         1,
         &broker.bootstrap_servers(),
         root.path().join("a"),
-    );
+    )
+    .with_rejected_record_pause(Duration::from_secs(4));
     let (run, stop, status) = start_instance(services, config);
     let stopped = wait_for(
         &status,
@@ -106,6 +107,14 @@ async fn a_partition_stopped_by_its_job_is_released_and_not_claimed_again_at_onc
         .count();
     assert_eq!(claims, 1, "claimed again: {:?}", later.hand_offs);
     assert!(later.owned.is_empty(), "{later:?}");
+    // Once the pause (4 s here, 30 s by default) is over, it is tried again — and stops again.
+    wait_for(
+        &status,
+        "the partition to be claimed again after the pause",
+        Duration::from_secs(15),
+        |s| s.hand_offs.iter().filter(|h| h.event == "claimed").count() >= 2,
+    )
+    .await;
     stop.cancel();
     run.await.unwrap().unwrap();
 }

@@ -71,8 +71,9 @@ impl Standby {
     }
 }
 
-/// How long a partition stopped at a refused record stays unclaimed before it is tried again (a fixed
-/// job deployed meanwhile starts it at once: a new process has no such pause).
+/// How long, by default, a partition stopped at a refused record stays unclaimed before it is tried
+/// again (a fixed job deployed meanwhile starts it at once: a new process has no such pause); see
+/// [`InstanceConfig::with_rejected_record_pause`](crate::InstanceConfig::with_rejected_record_pause).
 pub const REJECTED_RECORD_PAUSE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for Instance {
@@ -215,11 +216,10 @@ impl Instance {
                         tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "partition task ended");
                         if matches!(err, ProcessorError::Rejected { .. }) {
                             // Stopped by the job's policy: not a crash loop of claim, restore, refuse.
-                            tracing::error!(instance = %self.config.instance_id, partition, pause_secs = REJECTED_RECORD_PAUSE.as_secs(), "partition stopped at a record its job refused; released, and not claimed again for a while");
-                            self.stopped_partitions().insert(
-                                partition,
-                                tokio::time::Instant::now() + REJECTED_RECORD_PAUSE,
-                            );
+                            let pause = self.config.rejected_record_pause;
+                            tracing::error!(instance = %self.config.instance_id, partition, pause_secs = pause.as_secs_f64(), "partition stopped at a record its job refused; released, and not claimed again for a while");
+                            self.stopped_partitions()
+                                .insert(partition, tokio::time::Instant::now() + pause);
                         }
                         if let Some(reason) = err.disk_failure() {
                             fatal = Some(ProcessorError::DiskUnusable {

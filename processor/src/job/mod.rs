@@ -82,8 +82,8 @@ pub enum OnError {
     DeadLetter,
     /// The partition stops at it ([`ProcessorError::Rejected`]): nothing after it is processed; the
     /// instance releases the partition and leaves it unclaimed for
-    /// [`REJECTED_RECORD_PAUSE`](crate::fleet::instance::REJECTED_RECORD_PAUSE) before trying again (a
-    /// fixed job deployed meanwhile starts it at once).
+    /// [`InstanceConfig::rejected_record_pause`](crate::InstanceConfig::rejected_record_pause) (30 s by
+    /// default) before trying again (a fixed job deployed meanwhile starts it at once).
     Stop,
 }
 
