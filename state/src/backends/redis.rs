@@ -139,6 +139,51 @@ pub(crate) fn fence_key_arg<'a>(prefix: &'a str, resource: &'a str) -> KeyArg<'a
     }
 }
 
+/// `acquire.lua` for `resource` with `lease_value` for `ttl`: the command one node (or each Redlock node)
+/// gets.
+pub(crate) fn acquire_command(
+    prefix: &str,
+    resource: &str,
+    lease_value: &str,
+    ttl: Duration,
+) -> Cmd {
+    let mut cmd = ACQUIRE.command(2);
+    cmd.arg(lock_key_arg(prefix, resource))
+        .arg(fence_key_arg(prefix, resource))
+        .arg(lease_value)
+        .arg(ttl_millis(ttl));
+    cmd
+}
+
+/// `release.lua`: compare-and-delete of `lease_value`'s lease on `resource`.
+pub(crate) fn release_command(prefix: &str, resource: &str, lease_value: &str) -> Cmd {
+    let mut cmd = RELEASE.command(1);
+    cmd.arg(lock_key_arg(prefix, resource)).arg(lease_value);
+    cmd
+}
+
+/// `extend.lua`: compare-and-`PEXPIRE` of `lease_value`'s lease on `resource` to `ttl`.
+pub(crate) fn extend_command(
+    prefix: &str,
+    resource: &str,
+    lease_value: &str,
+    ttl: Duration,
+) -> Cmd {
+    let mut cmd = EXTEND.command(1);
+    cmd.arg(lock_key_arg(prefix, resource))
+        .arg(lease_value)
+        .arg(ttl_millis(ttl));
+    cmd
+}
+
+/// `info.lua`: who holds `resource`, with which token.
+pub(crate) fn info_command(prefix: &str, resource: &str) -> Cmd {
+    let mut cmd = INFO.command(2);
+    cmd.arg(lock_key_arg(prefix, resource))
+        .arg(fence_key_arg(prefix, resource));
+    cmd
+}
+
 impl redis::ToRedisArgs for KeyArg<'_> {
     fn write_redis_args<W>(&self, out: &mut W)
     where
@@ -538,12 +583,7 @@ impl RedisDistributedLock {
         let service: Arc<dyn DistributedLock> = Arc::new(self.clone());
         let pending = PendingAcquire::arm(&service, resource, &owner);
         let sent_at = Instant::now();
-        let mut acquire = ACQUIRE.command(2);
-        acquire
-            .arg(lock_key_arg(&self.prefix, resource))
-            .arg(fence_key_arg(&self.prefix, resource))
-            .arg(&owner)
-            .arg(ttl_millis(ttl));
+        let acquire = acquire_command(&self.prefix, resource, &owner, ttl);
         let mut conn = self.conn.clone();
         let timeout = self.operation_timeout;
         let granted: Option<u64> = ACQUIRE
@@ -561,10 +601,7 @@ impl RedisDistributedLock {
     /// Compare-and-delete of `token`'s lease: one round trip.
     async fn release_once(&self, resource: &str, token: &LockToken) -> StateResult<()> {
         validate_resource(resource)?;
-        let mut release = RELEASE.command(1);
-        release
-            .arg(lock_key_arg(&self.prefix, resource))
-            .arg(&token.value);
+        let release = release_command(&self.prefix, resource, &token.value);
         let mut conn = self.conn.clone();
         let timeout = self.operation_timeout;
         let released: i64 = RELEASE
@@ -709,11 +746,7 @@ impl DistributedLock for RedisDistributedLock {
             let resource = guard.resource().to_owned();
             let sent_at = Instant::now();
             let now_ms = wall_clock_ms();
-            let mut extend = EXTEND.command(1);
-            extend
-                .arg(lock_key_arg(&self.prefix, &resource))
-                .arg(&guard.token().value)
-                .arg(ttl_millis(ttl));
+            let extend = extend_command(&self.prefix, &resource, &guard.token().value, ttl);
             let extended: i64 = self.run(&EXTEND, "extend", &resource, &extend).await?;
             if extended != 1 {
                 return Err(StateError::LockLost { resource });
@@ -726,9 +759,7 @@ impl DistributedLock for RedisDistributedLock {
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
-        let mut info = INFO.command(2);
-        info.arg(lock_key_arg(&self.prefix, resource))
-            .arg(fence_key_arg(&self.prefix, resource));
+        let info = info_command(&self.prefix, resource);
         let info: Option<RawLeaseInfo> = self.run(&INFO, "inspect", resource, &info).await?;
         Ok(info
             .as_ref()

@@ -41,9 +41,9 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use super::redis::{
-    ACQUIRE, DEFAULT_PREFIX, EXTEND, INFO, RELEASE, RawLeaseInfo, StoredLease, fence_key,
-    fence_key_arg, invoke, lazy_manager, lock_key_arg, new_lease_value, parse_redis_url,
-    server_time, ttl_millis, validate_prefix, wall_clock_ms,
+    ACQUIRE, DEFAULT_PREFIX, EXTEND, INFO, RELEASE, RawLeaseInfo, StoredLease, acquire_command,
+    extend_command, fence_key, info_command, invoke, lazy_manager, new_lease_value,
+    parse_redis_url, release_command, server_time, validate_prefix, wall_clock_ms,
 };
 use crate::guard::PendingAcquire;
 use crate::lock::{Internal, validate_resource, validate_ttl};
@@ -349,8 +349,7 @@ impl RedlockDistributedLock {
         owner: &str,
         timeout: Duration,
     ) -> Tally<()> {
-        let mut release = RELEASE.command(1);
-        release.arg(lock_key_arg(&self.prefix, resource)).arg(owner);
+        let release = release_command(&self.prefix, resource, owner);
         let (release, resource) = (Arc::new(release), Arc::<str>::from(resource));
         let mut pending: FuturesUnordered<_> = self
             .nodes
@@ -434,13 +433,7 @@ impl RedlockDistributedLock {
         let owner = new_lease_value(now_ms);
         let pending = PendingAcquire::arm(service, resource, &owner);
         let timeout = self.timeout_for(ttl);
-        let mut acquire = ACQUIRE.command(2);
-        acquire
-            .arg(lock_key_arg(&self.prefix, resource))
-            .arg(fence_key_arg(&self.prefix, resource))
-            .arg(&owner)
-            .arg(ttl_millis(ttl));
-        let acquire = &acquire;
+        let acquire = &acquire_command(&self.prefix, resource, &owner, ttl);
         let sent_at = Instant::now();
         let tally = self
             .ask_nodes(
@@ -587,12 +580,8 @@ impl DistributedLock for RedlockDistributedLock {
             guard.ensure_issued_by(self.service_id(Internal::new()))?;
             validate_ttl(ttl)?;
             let resource = guard.resource().to_owned();
-            let mut extend = EXTEND.command(1);
-            extend
-                .arg(lock_key_arg(&self.prefix, &resource))
-                .arg(&guard.token().value)
-                .arg(ttl_millis(ttl));
-            let (extend, resource_ref) = (&extend, resource.as_str());
+            let extend = &extend_command(&self.prefix, &resource, &guard.token().value, ttl);
+            let resource_ref = resource.as_str();
             let timeout = self.timeout_for(ttl);
             let now_ms = wall_clock_ms();
             let sent_at = Instant::now();
@@ -625,10 +614,7 @@ impl DistributedLock for RedlockDistributedLock {
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
-        let mut info = INFO.command(2);
-        info.arg(lock_key_arg(&self.prefix, resource))
-            .arg(fence_key_arg(&self.prefix, resource));
-        let info = &info;
+        let info = &info_command(&self.prefix, resource);
         let tally = self
             .ask_nodes(
                 "inspect",
