@@ -24,10 +24,12 @@
 //! cargo test  -p processor --bench throughput                 # the quick run (the test command's smoke run)
 //! ```
 //!
-//! For profiling one row: `BENCH_ROWS=TEXT` runs only rows whose label contains TEXT, `BENCH_RECORDS=N`
+//! For profiling one row: `BENCH_ROWS=TEXT` runs only rows whose label contains TEXT (`A|B`: either),
+//! `BENCH_RECORDS=N`
 //! changes the input size (the mock cluster keeps about 5 MiB per partition: beyond ~1 M records its
 //! log start moves and the processor refuses the missing offsets, as it should), `BENCH_COMMIT_MS=MS`
-//! commits our rows every MS instead of every 100 ms.
+//! commits our rows every MS instead of every 100 ms or 10 000 records (`BENCH_COMMIT_RECORDS=N` also
+//! bounds a commit to N records; unbounded otherwise).
 
 // Benchmark code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
@@ -66,9 +68,7 @@ struct Sizes {
 }
 
 fn sizes(quick: bool) -> Sizes {
-    let records = std::env::var("BENCH_RECORDS")
-        .ok()
-        .and_then(|n| n.parse().ok());
+    let records = env_number("BENCH_RECORDS");
     let mut sizes = default_sizes(quick);
     if let Some(records) = records {
         sizes.records = records;
@@ -175,9 +175,13 @@ impl Peer {
     }
 }
 
-/// `BENCH_ROWS=text` runs only the rows whose label contains `text` (to profile one row).
+/// `BENCH_ROWS=text` runs only the rows whose label contains `text` (to profile one row);
+/// `BENCH_ROWS=a|b` the rows containing either.
 fn row_wanted(peer: &Peer) -> bool {
-    std::env::var("BENCH_ROWS").map_or(true, |wanted| peer.label().contains(&wanted))
+    let label = peer.label();
+    std::env::var("BENCH_ROWS").map_or(true, |wanted| {
+        wanted.split('|').any(|part| label.contains(part))
+    })
 }
 
 async fn mock_rows(broker: &DevBroker, sizes: Sizes) -> Vec<Row> {
@@ -850,6 +854,13 @@ async fn ours(
     let mut config = InstanceConfig::new("bench", input, partitions, brokers, state.join("local"))
         .with_status_interval(Duration::from_millis(100))
         .with_output_mode(OutputMode::LatestPerKey);
+    if let Some(interval) = env_number("BENCH_COMMIT_MS") {
+        let records = env_number("BENCH_COMMIT_RECORDS").unwrap_or(u64::MAX);
+        config = config.with_commits(
+            usize::try_from(records).unwrap_or(usize::MAX),
+            Duration::from_millis(interval),
+        );
+    }
     match mode {
         "off" => {}
         "at-least-once" => {
@@ -868,6 +879,11 @@ async fn ours(
     instance.run(stop.clone()).await.unwrap();
 }
 
+/// A number from the environment (`None` when unset or not a number).
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// The built-in aggregation, counting the records it applies (as the Kafka Streams peer counts its
 /// aggregator's calls): progress as fine-grained on both sides.
 struct Counting(Arc<AtomicU64>);
@@ -881,5 +897,9 @@ impl Operator for Counting {
     ) -> ProcessorResult<Outcome> {
         self.0.fetch_add(1, Ordering::Relaxed);
         KeyedAggregation.apply(record, state, out)
+    }
+
+    fn reads_headers(&self) -> bool {
+        KeyedAggregation.reads_headers()
     }
 }

@@ -161,6 +161,11 @@ impl crate::job::Job for KeyedAggregation {
     fn render_state(&self, state: &Aggregate) -> Option<serde_json::Value> {
         serde_json::to_value(state).ok()
     }
+
+    /// The aggregation reads keys and amounts only.
+    fn reads_headers(&self) -> bool {
+        false
+    }
 }
 
 /// The built-in job as an [`Operator`]: through [`JobOperator`](crate::job::JobOperator), as any job.
@@ -176,6 +181,10 @@ impl Operator for KeyedAggregation {
 
     fn render_state(&self, value: &[u8]) -> Option<serde_json::Value> {
         crate::job::JobOperator::new(*self).render_state(value)
+    }
+
+    fn reads_headers(&self) -> bool {
+        crate::job::Job::reads_headers(self)
     }
 }
 

@@ -248,4 +248,11 @@ pub trait Operator: Send + Sync {
         let _ = value;
         None
     }
+
+    /// Whether [`apply`](Self::apply) reads [`Record::headers`] (the default: yes). An operator that
+    /// never does says `false` and gets every record without headers: librdkafka parses a message's
+    /// headers only when asked, and asking costs an allocation per message even when it has none.
+    fn reads_headers(&self) -> bool {
+        true
+    }
 }

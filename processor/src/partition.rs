@@ -57,6 +57,8 @@ pub struct PartitionProcessor {
     /// The first offset not yet applied (committed or not).
     applied_to: i64,
     pending: BatchReport,
+    /// When the first record waiting for a commit was applied (`None`: nothing waits).
+    pending_since: Option<tokio::time::Instant>,
     positions: KeyPositions,
     emit: bool,
     output_mode: OutputMode,
@@ -108,6 +110,7 @@ impl PartitionProcessor {
             fencing_token,
             lost,
             pending: BatchReport::default(),
+            pending_since: None,
             positions: KeyPositions::default(),
             emit: true,
             output_mode: OutputMode::PerRecord,
@@ -176,6 +179,18 @@ impl PartitionProcessor {
     /// Whether the changes waiting for a commit fill half the state cache: commit before reading on.
     pub fn wants_commit(&self) -> bool {
         self.state.wants_commit()
+    }
+
+    /// When the oldest record waiting for a commit was applied; `None` when none waits. A commit
+    /// policy's interval counts from here: no record waits longer, whatever the caller did in between.
+    pub fn pending_since(&self) -> Option<tokio::time::Instant> {
+        self.pending_since
+    }
+
+    /// Whether the operator reads records' headers ([`Operator::reads_headers`]): a consumer hands it
+    /// records without them otherwise.
+    pub fn reads_headers(&self) -> bool {
+        self.operator.reads_headers()
     }
 
     /// Records (applied or dead letters) waiting for a commit.
@@ -253,6 +268,9 @@ impl PartitionProcessor {
             }
             self.applied_to = record.offset + 1;
         }
+        if self.pending_since.is_none() && self.has_pending() {
+            self.pending_since = Some(tokio::time::Instant::now());
+        }
         Ok(())
     }
 
@@ -270,6 +288,7 @@ impl PartitionProcessor {
             self.stats.batches += 1;
         }
         let mut report = std::mem::take(&mut self.pending);
+        self.pending_since = None;
         self.positions.clear();
         self.stats.applied += report.applied as u64;
         self.stats.dead_letters += report.dead_letters.len() as u64;
@@ -282,6 +301,7 @@ impl PartitionProcessor {
     pub fn discard_pending(&mut self) {
         self.state.discard_changes();
         self.pending = BatchReport::default();
+        self.pending_since = None;
         self.positions.clear();
         self.applied_to = self.next_offset;
     }

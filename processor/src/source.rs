@@ -406,36 +406,97 @@ pub async fn consume_partition(
     permits: Option<&tokio::sync::Semaphore>,
     stop: &CancellationToken,
 ) -> ProcessorResult<PartitionStats> {
+    let ends = Ends {
+        until,
+        pause_at: None,
+    };
+    consume(consumer, processor, commits, ends, outputs, permits, stop).await
+}
+
+/// As [`consume_partition`], and returns at `pause_at` too — *without* committing what is not due:
+/// records applied keep waiting for their commit as `commits` says (counted from the oldest one, see
+/// [`PartitionProcessor::pending_since`]) while the caller reports progress or takes a checkpoint of
+/// what is committed, then calls again. A pause is no commit: the commit interval configured holds
+/// however often the caller pauses.
+///
+/// # Errors
+/// As [`consume_partition`].
+///
+/// # Cancel safety
+/// As [`consume_partition`].
+pub async fn consume_segment(
+    consumer: &StreamConsumer,
+    processor: &mut PartitionProcessor,
+    commits: CommitPolicy,
+    pause_at: tokio::time::Instant,
+    outputs: Outputs<'_>,
+    permits: Option<&tokio::sync::Semaphore>,
+    stop: &CancellationToken,
+) -> ProcessorResult<PartitionStats> {
+    let ends = Ends {
+        until: None,
+        pause_at: Some(pause_at),
+    };
+    consume(consumer, processor, commits, ends, outputs, permits, stop).await
+}
+
+/// Where a consume call ends besides `stop`: an end offset (everything before it is committed), and a
+/// pause (nothing is committed for it).
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    until: Option<i64>,
+    pause_at: Option<tokio::time::Instant>,
+}
+
+async fn consume(
+    consumer: &StreamConsumer,
+    processor: &mut PartitionProcessor,
+    commits: CommitPolicy,
+    ends: Ends,
+    outputs: Outputs<'_>,
+    permits: Option<&tokio::sync::Semaphore>,
+    stop: &CancellationToken,
+) -> ProcessorResult<PartitionStats> {
     let mut stream = consumer.stream();
-    let mut last_commit = tokio::time::Instant::now();
     let mut reached_end = false;
     loop {
         let done = reached_end
-            || until.is_some_and(|end| processor.applied_to() >= end)
+            || ends.until.is_some_and(|end| processor.applied_to() >= end)
             || stop.is_cancelled();
-        let due = processor.has_pending()
-            && (done
+        // How long the oldest record applied has waited for its commit (`None`: nothing waits).
+        let waited = processor.has_pending().then(|| {
+            processor
+                .pending_since()
+                .map_or(Duration::MAX, |since| since.elapsed())
+        });
+        let due = waited.is_some_and(|waited| {
+            done || waited >= commits.max_interval
                 || processor.pending_records() >= commits.max_records
-                || last_commit.elapsed() >= commits.max_interval
-                || processor.wants_commit());
+                || processor.wants_commit()
+        });
         if due {
             commit_pending(processor, outputs, permits).await?;
-            last_commit = tokio::time::Instant::now();
         }
         if done {
             return Ok(processor.stats());
         }
-        let wait = if processor.has_pending() {
-            commits.max_interval.saturating_sub(last_commit.elapsed())
-        } else {
-            IDLE_WAIT
+        let now = tokio::time::Instant::now();
+        if ends.pause_at.is_some_and(|at| now >= at) {
+            return Ok(processor.stats());
+        }
+        let until_due = match waited {
+            Some(waited) if !due => commits.max_interval.saturating_sub(waited),
+            _ => IDLE_WAIT,
         };
-        let (messages, end) = fetch(&mut stream, consumer, wait, until, stop).await?;
+        let wait = ends.pause_at.map_or(until_due, |at| {
+            until_due.min(at.saturating_duration_since(now))
+        });
+        let (messages, end) = fetch(&mut stream, consumer, wait, ends.until, stop).await?;
         reached_end = end;
         if messages.is_empty() {
             continue;
         }
-        let headers = headers_of(&messages);
+        let headers = headers_of(&messages, processor.reads_headers());
         let records: Vec<Record<'_>> = messages
             .iter()
             .zip(&headers.ranges)
@@ -460,13 +521,21 @@ struct FetchHeaders<'m> {
     ranges: Vec<std::ops::Range<usize>>,
 }
 
-fn headers_of<'m>(messages: &'m [rdkafka::message::BorrowedMessage<'_>]) -> FetchHeaders<'m> {
+/// The headers of `messages`, or none at all when the operator does not `read` them (librdkafka
+/// allocates a parse buffer for each message asked, even one without headers).
+fn headers_of<'m>(
+    messages: &'m [rdkafka::message::BorrowedMessage<'_>],
+    read: bool,
+) -> FetchHeaders<'m> {
     use rdkafka::message::Headers as _;
     let mut all = Vec::new();
     let ranges = messages
         .iter()
         .map(|message| {
             let from = all.len();
+            if !read {
+                return from..from;
+            }
             if let Some(headers) = message.headers() {
                 all.extend(headers.iter().map(|header| Header {
                     name: header.key,

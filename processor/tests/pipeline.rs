@@ -351,3 +351,95 @@ async fn outputs_and_dead_letters_reach_their_topics_and_never_stop_the_partitio
         "each dead letter names its partition and offset, in order"
     );
 }
+
+/// Logs the headers of each record it applies, as `name=value` lines; says whether it reads them.
+struct HeaderLog {
+    reads: bool,
+    seen: std::sync::Mutex<Vec<Vec<String>>>,
+}
+
+impl Operator for HeaderLog {
+    fn apply(
+        &self,
+        record: &processor::operator::Record<'_>,
+        _state: &mut processor::store::PartitionState,
+        _out: &mut processor::operator::Emitter<'_>,
+    ) -> processor::ProcessorResult<processor::operator::Outcome> {
+        let headers = record
+            .headers
+            .iter()
+            .map(|h| {
+                let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                format!("{}={value}", h.name)
+            })
+            .collect();
+        self.seen.lock().unwrap().push(headers);
+        Ok(processor::operator::Outcome::Applied)
+    }
+
+    fn reads_headers(&self) -> bool {
+        self.reads
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_reach_an_operator_that_reads_them_and_only_that_one() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    integration_tests::init_tracing();
+    let broker = TestBroker::start(TOPIC, 1).await;
+    let brokers = broker.bootstrap_servers();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let with_headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "trace",
+            value: Some("abc"),
+        })
+        .insert(Header {
+            key: "empty",
+            value: None::<&str>,
+        });
+    for headers in [Some(with_headers), None] {
+        let mut record = FutureRecord::to(TOPIC).key("k").payload("1");
+        if let Some(headers) = headers {
+            record = record.headers(headers);
+        }
+        producer
+            .send(record, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    for reads in [true, false] {
+        let operator = Arc::new(HeaderLog {
+            reads,
+            seen: Default::default(),
+        });
+        let store: Arc<dyn PartitionStore> =
+            Arc::new(processor::store::memory::InMemoryPartitionStore::new(0));
+        let mut processor =
+            PartitionProcessor::resume(store, operator.clone(), 1, CancellationToken::new())
+                .unwrap();
+        let consumer =
+            partition_consumer(&KafkaSettings::new(&brokers), "test", TOPIC, 0, 0).unwrap();
+        consume_partition(
+            &consumer,
+            &mut processor,
+            CommitPolicy::new(500, std::time::Duration::from_millis(100)),
+            Some(2),
+            Outputs::Discard,
+            None,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let seen = operator.seen.lock().unwrap().clone();
+        let expected: Vec<Vec<String>> = if reads {
+            vec![vec!["trace=abc".into(), "empty=".into()], vec![]]
+        } else {
+            vec![vec![], vec![]]
+        };
+        assert_eq!(seen, expected, "reads_headers() = {reads}");
+    }
+}

@@ -2,7 +2,9 @@
 //! - a store whose writes stall for three claim lifetimes (what a RocksDB write stall does to a caller)
 //!   costs the instance none of its claims, even on a runtime with ONE worker thread: lock renewals and
 //!   membership never wait behind state work;
-//! - an idle partition takes no new checkpoints (and one record later it takes one again).
+//! - an idle partition takes no new checkpoints (and one record later it takes one again);
+//! - a partition commits as its commit policy says, however often the instance pauses it to report
+//!   its status (a pause is not a commit).
 
 // Test code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used)]
@@ -23,17 +25,20 @@ use support::{TestBroker, start_instance as start, wait_for};
 
 const TOPIC: &str = "orders";
 
-/// Stores whose first `stalls` writes each block the calling thread for `stall`.
+/// Stores whose first `stalls` writes each block the calling thread for `stall`; `writes` counts the
+/// writes that changed something.
 struct StallingStores {
     inner: InMemoryStores,
     stalls: Arc<AtomicUsize>,
     stall: Duration,
+    writes: Arc<AtomicUsize>,
 }
 
 struct StallingStore {
     inner: Arc<dyn PartitionStore>,
     stalls: Arc<AtomicUsize>,
     stall: Duration,
+    writes: Arc<AtomicUsize>,
 }
 
 impl StoreFactory for StallingStores {
@@ -42,6 +47,7 @@ impl StoreFactory for StallingStores {
             inner: self.inner.open_store(partition, dir)?,
             stalls: self.stalls.clone(),
             stall: self.stall,
+            writes: self.writes.clone(),
         }))
     }
 }
@@ -62,6 +68,9 @@ impl PartitionStore for StallingStore {
             .is_ok();
         if stalled && !batch.is_empty() {
             std::thread::sleep(self.stall); // blocks the thread, as a write stall does
+        }
+        if !batch.is_empty() {
+            self.writes.fetch_add(1, Ordering::SeqCst);
         }
         self.inner.apply(batch)
     }
@@ -96,6 +105,7 @@ async fn a_stalled_store_costs_no_claim_even_on_one_worker_thread() {
         inner: InMemoryStores,
         stalls: stalls.clone(),
         stall: claim_ttl * 3,
+        writes: Arc::default(),
     });
     let config = InstanceConfig::new("a", TOPIC, 2, &brokers, root.path().join("state"))
         .with_claim_ttl(claim_ttl)
@@ -184,6 +194,69 @@ async fn an_idle_partition_takes_no_new_checkpoints() {
         |s| s.checkpoints > before,
     )
     .await;
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_follow_the_commit_interval_not_the_status_reports() {
+    integration_tests::init_tracing();
+    let broker = TestBroker::start(TOPIC, 1).await;
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 100,
+        keys: 10,
+        seed: 13,
+        partitions: 1,
+    };
+    let root = tempfile::tempdir().unwrap();
+    let mut services = Services::in_memory(root.path().join("shared")).unwrap();
+    let writes = Arc::new(AtomicUsize::new(0));
+    services.stores = Arc::new(StallingStores {
+        inner: InMemoryStores,
+        stalls: Arc::default(),
+        stall: Duration::ZERO,
+        writes: writes.clone(),
+    });
+    // Status every 100 ms, commits every 6 s (the record bound out of reach).
+    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, root.path().join("state"))
+        .with_status_interval(Duration::from_millis(100))
+        .with_commits(1_000_000, Duration::from_secs(6))
+        .with_checkpoint_every(Duration::from_secs(60));
+    let (handle, stop, status) = start(services, config);
+    wait_for(
+        &status,
+        "the partition owned",
+        Duration::from_secs(20),
+        |s| s.owned.len() == 1,
+    )
+    .await;
+    // Ten rounds of input, 150 ms apart: status reports fall between any two.
+    let started = std::time::Instant::now();
+    let before = writes.load(Ordering::SeqCst);
+    for round in 0..10 {
+        workload
+            .produce_range(&brokers, TOPIC, round * 10..round * 10 + 10)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    wait_for(
+        &status,
+        "every record committed",
+        Duration::from_secs(20),
+        |s| s.processed == workload.records,
+    )
+    .await;
+    let (commits, took) = (writes.load(Ordering::SeqCst) - before, started.elapsed());
+    assert!(
+        took >= Duration::from_secs(6) || commits <= 1,
+        "{commits} commits of input that arrived within {took:?}, in one commit interval: status reports committed"
+    );
+    assert!(
+        commits <= 2,
+        "{commits} commits of input that arrived within {took:?}: status reports committed"
+    );
     stop.cancel();
     handle.await.unwrap().unwrap();
 }

@@ -25,7 +25,8 @@ use crate::partition::{PartitionProcessor, PartitionStats};
 use crate::resources::{compaction_resource, local_state_dir};
 use crate::sink::TransactionalSink;
 use crate::source::{
-    CommitPolicy, Outputs, committed_offset, consume_partition, is_mock_cluster, partition_consumer,
+    CommitPolicy, Outputs, committed_offset, consume_partition, consume_segment, is_mock_cluster,
+    partition_consumer,
 };
 use crate::store::{PartitionStore, StateBatch};
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -707,43 +708,37 @@ impl Instance {
         let mut last_checkpoint = tokio::time::Instant::now();
         // The offset of the last snapshot whose upload is running or recorded.
         let mut checkpointed: Option<i64> = None;
+        // Consuming halts when the instance stops or the claim is lost; a pause for the status or a
+        // checkpoint is not a halt (and commits nothing: see `consume_segment`).
+        let halt = stop.child_token();
+        let _lost_halts = {
+            let (halt, lost) = (halt.clone(), lost.clone());
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                lost.cancelled().await;
+                halt.cancel();
+            }))
+        };
         loop {
             // One segment: consume until the status is due for an update (or the next checkpoint, if
-            // sooner), ownership is lost, or we stop.
-            let segment = stop.child_token();
-            let timer = {
-                let until_checkpoint = self
-                    .config
-                    .checkpoint_every
-                    .saturating_sub(last_checkpoint.elapsed());
-                // A checkpoint due while the previous upload still runs is tried again after a short
-                // segment, never in a busy loop.
-                let (segment, lost, every) = (
-                    segment.clone(),
-                    lost.clone(),
-                    until_checkpoint
-                        .clamp(MIN_SEGMENT, self.config.status_interval.max(MIN_SEGMENT)),
-                );
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = tokio::time::sleep(every) => {}
-                        _ = lost.cancelled() => {}
-                    }
-                    segment.cancel();
-                })
-            };
+            // sooner), ownership is lost, or we stop. A checkpoint due while the previous upload
+            // still runs is tried again after a short segment, never in a busy loop.
+            let until_checkpoint = self
+                .config
+                .checkpoint_every
+                .saturating_sub(last_checkpoint.elapsed());
+            let pause_at = tokio::time::Instant::now()
+                + until_checkpoint.clamp(MIN_SEGMENT, self.config.status_interval.max(MIN_SEGMENT));
             let before = processor.stats();
-            let consumed = consume_partition(
+            let consumed = consume_segment(
                 &consumer,
                 &mut processor,
                 self.commit_policy(),
-                None,
+                pause_at,
                 outputs,
                 Some(&self.permits),
-                &segment,
+                &halt,
             )
             .await;
-            timer.abort();
             let after = processor.stats();
             self.report_segment(partition, &processor, &kept, (before, after), &labels);
             consumed?;

@@ -180,6 +180,13 @@ pub trait Job: Send + Sync + Sized + 'static {
         let _ = state;
         None
     }
+
+    /// Whether [`process`](Self::process) reads [`Input::headers`] (the default: yes). A job that never
+    /// does says `false` and is handed every record without headers, which spares an allocation per
+    /// record in the Kafka client (see [`Operator::reads_headers`]).
+    fn reads_headers(&self) -> bool {
+        true
+    }
 }
 
 /// What [`Job::process`] works with: the partition's typed state and outputs, for the record's key or
@@ -430,6 +437,10 @@ impl<J: Job> Operator for JobOperator<J> {
 
     fn render_state(&self, value: &[u8]) -> Option<serde_json::Value> {
         self.job.render_state(&J::StateCodec::decode(value).ok()?)
+    }
+
+    fn reads_headers(&self) -> bool {
+        self.job.reads_headers()
     }
 }
 
