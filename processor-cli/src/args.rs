@@ -270,7 +270,7 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "LATEST_OUTPUT_PER_KEY")]
     pub(crate) latest_output_per_key: bool,
     /// Most records in one commit of a partition (one atomic write of its changed keys and offset).
-    #[arg(long, env = "COMMIT_RECORDS", default_value_t = 10_000)]
+    #[arg(long, env = "COMMIT_RECORDS", default_value_t = 100_000)]
     pub(crate) commit_records: usize,
     /// Milliseconds applied records wait at most for their commit (and their outputs).
     #[arg(long, env = "COMMIT_INTERVAL_MS", default_value_t = 100)]

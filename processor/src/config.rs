@@ -100,13 +100,16 @@ pub struct InstanceConfig {
     pub claim_ttl: Duration,
     /// Time between checkpoints of an owned partition.
     pub checkpoint_every: Duration,
-    /// Most records in one commit (one atomic write of the changed keys and the next offset).
+    /// Most records in one commit (one atomic write of the changed keys and the next offset); default
+    /// 100 000. A commit also comes as soon as the changes and outputs waiting for it fill half the
+    /// state cache ([`state_cache_bytes`](Self::state_cache_bytes)), so memory is bounded by bytes
+    /// whatever this says.
     pub batch_size: usize,
     /// Longest time applied records wait for their commit (and their outputs): commits happen after
-    /// [`batch_size`](Self::batch_size) records or this long, whichever comes first.
+    /// [`batch_size`](Self::batch_size) records or this long, whichever comes first; default 100 ms.
     pub commit_interval: Duration,
-    /// How often each owned partition's progress reaches the status and the metrics (each time also
-    /// a commit point).
+    /// How often each owned partition's progress reaches the status and the metrics (not a commit
+    /// point: commits follow `batch_size` and `commit_interval` only).
     pub status_interval: Duration,
     /// Bytes of each owned partition's write-back state cache.
     pub state_cache_bytes: usize,
@@ -168,7 +171,7 @@ impl InstanceConfig {
             state_dir,
             claim_ttl: Duration::from_secs(5),
             checkpoint_every: Duration::from_secs(2),
-            batch_size: 10_000,
+            batch_size: 100_000,
             commit_interval: Duration::from_millis(100),
             status_interval: Duration::from_millis(500),
             state_cache_bytes: crate::partition::DEFAULT_STATE_CACHE_BYTES,

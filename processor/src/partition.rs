@@ -17,6 +17,9 @@ use crate::store::{PartitionState, PartitionStore};
 /// The write-back cache budget of a partition unless configured: 8 MiB.
 pub const DEFAULT_STATE_CACHE_BYTES: usize = 8 << 20;
 
+/// Bytes a pending output is charged beyond its key and value (two vectors' headers).
+const OUTPUT_OVERHEAD: usize = 48;
+
 /// What the records applied since the last commit did, and — once committed — where the partition is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -59,6 +62,8 @@ pub struct PartitionProcessor {
     pending: BatchReport,
     /// When the first record waiting for a commit was applied (`None`: nothing waits).
     pending_since: Option<tokio::time::Instant>,
+    /// Bytes of the outputs waiting for the commit, charged to the state cache's budget.
+    output_bytes: usize,
     positions: KeyPositions,
     emit: bool,
     output_mode: OutputMode,
@@ -111,6 +116,7 @@ impl PartitionProcessor {
             lost,
             pending: BatchReport::default(),
             pending_since: None,
+            output_bytes: 0,
             positions: KeyPositions::default(),
             emit: true,
             output_mode: OutputMode::PerRecord,
@@ -176,9 +182,12 @@ impl PartitionProcessor {
         self.applied_to > self.next_offset
     }
 
-    /// Whether the changes waiting for a commit fill half the state cache: commit before reading on.
+    /// Whether the changes and outputs waiting for a commit fill half the state cache's budget: commit
+    /// before reading on. (Outputs kept per record grow with every record; charged to the same budget,
+    /// the memory a partition holds for its next commit stays bounded however large the records.)
     pub fn wants_commit(&self) -> bool {
-        self.state.wants_commit()
+        let waiting = self.state.changed_bytes().saturating_add(self.output_bytes);
+        waiting.saturating_mul(2) >= self.state.budget_bytes().max(1)
     }
 
     /// When the oldest record waiting for a commit was applied; `None` when none waits. A commit
@@ -231,6 +240,7 @@ impl PartitionProcessor {
     pub fn apply(&mut self, records: &[Record<'_>]) -> ProcessorResult<()> {
         self.ensure_owner()?;
         let partition = self.partition();
+        let outputs_before = self.pending.outputs.len();
         for record in records {
             if record.partition != partition {
                 return Err(ProcessorError::InvalidInput {
@@ -271,6 +281,11 @@ impl PartitionProcessor {
         if self.pending_since.is_none() && self.has_pending() {
             self.pending_since = Some(tokio::time::Instant::now());
         }
+        // Outputs added (a replaced latest-per-key output changes little: the keys are bounded).
+        self.output_bytes += self.pending.outputs[outputs_before..]
+            .iter()
+            .map(|(key, value)| OUTPUT_OVERHEAD + key.len() + value.len())
+            .sum::<usize>();
         Ok(())
     }
 
@@ -289,6 +304,7 @@ impl PartitionProcessor {
         }
         let mut report = std::mem::take(&mut self.pending);
         self.pending_since = None;
+        self.output_bytes = 0;
         self.positions.clear();
         self.stats.applied += report.applied as u64;
         self.stats.dead_letters += report.dead_letters.len() as u64;
@@ -302,6 +318,7 @@ impl PartitionProcessor {
         self.state.discard_changes();
         self.pending = BatchReport::default();
         self.pending_since = None;
+        self.output_bytes = 0;
         self.positions.clear();
         self.applied_to = self.next_offset;
     }
@@ -355,6 +372,47 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k, Aggregate::decode(&v).unwrap()))
             .collect()
+    }
+
+    /// Emits a 1 KiB output per record, all under one key (state stays one small entry).
+    struct BigOutputs;
+
+    impl Operator for BigOutputs {
+        fn apply(
+            &self,
+            _record: &Record<'_>,
+            state: &mut PartitionState,
+            out: &mut Emitter<'_>,
+        ) -> ProcessorResult<Outcome> {
+            state.put(b"k", vec![1]);
+            out.emit(b"k", vec![0; 1024]);
+            Ok(Outcome::Applied)
+        }
+    }
+
+    #[test]
+    fn outputs_kept_per_record_count_toward_the_commit_budget() {
+        let store: Arc<dyn PartitionStore> = Arc::new(InMemoryPartitionStore::new(0));
+        let mut processor =
+            PartitionProcessor::resume(store, Arc::new(BigOutputs), 1, CancellationToken::new())
+                .unwrap()
+                .with_state_cache_bytes(64 << 10)
+                .with_outputs(true, OutputMode::PerRecord);
+        let log = Log::new(40);
+        // 20 outputs of 1 KiB: under half of 64 KiB.
+        processor.apply(&log.records(0, 20)).unwrap();
+        assert!(!processor.wants_commit(), "20 KiB of 64 KiB waiting");
+        // 40: over half.
+        processor.apply(&log.records(20, 40)).unwrap();
+        assert!(processor.wants_commit(), "40 KiB of 64 KiB waiting");
+        let report = processor.commit().unwrap();
+        assert_eq!(report.outputs.len(), 40);
+        assert!(!processor.wants_commit(), "nothing waits after the commit");
+        // Kept latest per key, one output whatever the records.
+        let mut latest = processor.with_outputs(true, OutputMode::LatestPerKey);
+        let log = Log::new(100);
+        latest.apply(&log.records(40, 100)).unwrap();
+        assert!(!latest.wants_commit(), "one output of 1 KiB waiting");
     }
 
     #[test]

@@ -233,6 +233,16 @@ impl PartitionState {
         self.usage.dirty_bytes.saturating_mul(2) >= self.budget.max(1)
     }
 
+    /// Bytes of the changes waiting for a commit.
+    pub fn changed_bytes(&self) -> usize {
+        self.usage.dirty_bytes
+    }
+
+    /// About how many bytes the cache may hold.
+    pub fn budget_bytes(&self) -> usize {
+        self.budget
+    }
+
     /// Bytes the cache holds (keys, values and bookkeeping).
     pub fn cached_bytes(&self) -> usize {
         self.usage.bytes
