@@ -34,6 +34,45 @@ pub(crate) async fn await_delivery(
 
 /// The broker's answer for one record, as the client's error, so that a caller can tell a fenced
 /// producer from other failures. A producer dropped before the answer is `Canceled`.
+/// How long a batch waits before trying again to queue a record when the producer's queue is full of
+/// other partitions' records (its own deliveries are awaited instead).
+const QUEUE_FULL_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Queues `record` and adds its delivery to `pending`. While the producer's queue is full — a batch can
+/// hold more records than librdkafka queues (`queue.buffering.max.messages`, 100 000 by default), and
+/// an instance's partitions share one producer — it waits for the oldest delivery of `pending` first
+/// (backpressure instead of failing the batch). An error names the step that failed: `queue` or the
+/// delivery of an earlier record.
+async fn queue_record<K, P>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, K, P>,
+    pending: &mut std::collections::VecDeque<rdkafka::producer::DeliveryFuture>,
+    queue: &'static str,
+) -> Result<(), (&'static str, KafkaError)>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => {
+                pending.push_back(delivery);
+                return Ok(());
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                match pending.pop_front() {
+                    Some(oldest) => delivery_outcome(oldest)
+                        .await
+                        .map_err(|err| ("deliver a record", err))?,
+                    None => tokio::time::sleep(QUEUE_FULL_PAUSE).await,
+                }
+            }
+            Err((err, _)) => return Err((queue, err)),
+        }
+    }
+}
+
 async fn delivery_outcome(delivery: rdkafka::producer::DeliveryFuture) -> Result<(), KafkaError> {
     let delivered = match delivery.await {
         Ok(Ok(_)) => Ok(()),
@@ -90,26 +129,23 @@ impl OutputSink {
     /// # Errors
     /// A Kafka error; the batch must not be committed then.
     pub async fn deliver(&self, partition: i32, report: &BatchReport) -> ProcessorResult<()> {
-        let mut pending = Vec::new();
+        let failed = |(operation, err)| ProcessorError::kafka(operation)(err);
+        let mut pending = std::collections::VecDeque::new();
         if let Some(topic) = &self.output_topic {
             for (key, value) in &report.outputs {
                 let record = FutureRecord::to(topic).key(key).payload(value);
-                pending.push(
-                    self.producer
-                        .send_result(record)
-                        .map_err(|(err, _)| ProcessorError::kafka("queue an output")(err))?,
-                );
+                queue_record(&self.producer, record, &mut pending, "queue an output")
+                    .await
+                    .map_err(failed)?;
             }
         }
         if let Some(topic) = &self.dead_letter_topic {
             for (offset, reason) in &report.dead_letters {
                 let key = format!("{partition}:{offset}");
                 let record = FutureRecord::to(topic).key(&key).payload(reason);
-                pending.push(
-                    self.producer
-                        .send_result(record)
-                        .map_err(|(err, _)| ProcessorError::kafka("queue a dead letter")(err))?,
-                );
+                queue_record(&self.producer, record, &mut pending, "queue a dead letter")
+                    .await
+                    .map_err(failed)?;
             }
         }
         for delivery in pending {
@@ -244,26 +280,23 @@ impl TransactionalSink {
         next_offset: i64,
         group: &std::sync::Arc<ConsumerGroupMetadata>,
     ) -> ProcessorResult<()> {
-        let mut pending = Vec::new();
+        let failed = |(operation, err)| self.transaction_error(operation, err);
+        let mut pending = std::collections::VecDeque::new();
         if let Some(topic) = &self.output_topic {
             for (key, value) in &report.outputs {
                 let record = FutureRecord::to(topic).key(key).payload(value);
-                pending.push(
-                    self.producer
-                        .send_result(record)
-                        .map_err(|(err, _)| self.transaction_error("queue an output", err))?,
-                );
+                queue_record(&self.producer, record, &mut pending, "queue an output")
+                    .await
+                    .map_err(failed)?;
             }
         }
         if let Some(topic) = &self.dead_letter_topic {
             for (offset, reason) in &report.dead_letters {
                 let key = format!("{}:{offset}", self.partition);
                 let record = FutureRecord::to(topic).key(&key).payload(reason);
-                pending.push(
-                    self.producer
-                        .send_result(record)
-                        .map_err(|(err, _)| self.transaction_error("queue a dead letter", err))?,
-                );
+                queue_record(&self.producer, record, &mut pending, "queue a dead letter")
+                    .await
+                    .map_err(failed)?;
             }
         }
         for delivery in pending {

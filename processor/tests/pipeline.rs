@@ -443,3 +443,26 @@ async fn headers_reach_an_operator_that_reads_them_and_only_that_one() {
         assert_eq!(seen, expected, "reads_headers() = {reads}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_producer_queue_is_delivered_whole() {
+    integration_tests::init_tracing();
+    let broker = TestBroker::start(TOPIC, 1).await;
+    broker.create_topic("orders.out", 1).await;
+    broker.create_topic("orders.dlq", 1).await;
+    let brokers = broker.bootstrap_servers();
+    // A producer queue of 50 records, a batch of 300 outputs and 20 dead letters.
+    let kafka = KafkaSettings::new(&brokers)
+        .with_property("queue.buffering.max.messages", "50")
+        .unwrap();
+    let sink = OutputSink::new(&kafka, Some("orders.out"), Some("orders.dlq")).unwrap();
+    let mut report = processor::partition::BatchReport::default();
+    report.outputs = (0..300)
+        .map(|i| (format!("k{i}").into_bytes(), i.to_string().into_bytes()))
+        .collect();
+    report.dead_letters = (0..20).map(|i| (i, "malformed".to_owned())).collect();
+    sink.deliver(0, &report).await.unwrap();
+    let outputs = support::read_committed(&brokers, "orders.out");
+    assert_eq!(outputs, report.outputs, "every output, in order");
+    assert_eq!(support::read_committed(&brokers, "orders.dlq").len(), 20);
+}
