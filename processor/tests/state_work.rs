@@ -249,13 +249,12 @@ async fn commits_follow_the_commit_interval_not_the_status_reports() {
     )
     .await;
     let (commits, took) = (writes.load(Ordering::SeqCst) - before, started.elapsed());
+    // One commit per 6 s that the input took to arrive, one for the last records, one of slack; a
+    // status report (every 100 ms, ten of them at least between the rounds) is no commit.
+    let allowed = (took.as_secs_f64() / 6.0) as usize + 2;
     assert!(
-        took >= Duration::from_secs(6) || commits <= 1,
-        "{commits} commits of input that arrived within {took:?}, in one commit interval: status reports committed"
-    );
-    assert!(
-        commits <= 2,
-        "{commits} commits of input that arrived within {took:?}: status reports committed"
+        commits <= allowed,
+        "{commits} commits of input that arrived within {took:?} (at most {allowed} expected): status reports committed"
     );
     stop.cancel();
     handle.await.unwrap().unwrap();
