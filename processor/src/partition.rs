@@ -186,8 +186,7 @@ impl PartitionProcessor {
     /// before reading on. (Outputs kept per record grow with every record; charged to the same budget,
     /// the memory a partition holds for its next commit stays bounded however large the records.)
     pub fn wants_commit(&self) -> bool {
-        let waiting = self.state.changed_bytes().saturating_add(self.output_bytes);
-        waiting.saturating_mul(2) >= self.state.budget_bytes().max(1)
+        self.state.wants_commit_holding(self.output_bytes)
     }
 
     /// When the oldest record waiting for a commit was applied; `None` when none waits. A commit

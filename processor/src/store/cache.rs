@@ -230,17 +230,14 @@ impl PartitionState {
     /// Whether the changes waiting for a commit take half the budget or more: commit now, before the
     /// cache has to hold more than it may.
     pub fn wants_commit(&self) -> bool {
-        self.usage.dirty_bytes.saturating_mul(2) >= self.budget.max(1)
+        self.wants_commit_holding(0)
     }
 
-    /// Bytes of the changes waiting for a commit.
-    pub fn changed_bytes(&self) -> usize {
-        self.usage.dirty_bytes
-    }
-
-    /// About how many bytes the cache may hold.
-    pub fn budget_bytes(&self) -> usize {
-        self.budget
+    /// As [`wants_commit`](Self::wants_commit), with `other_bytes` more waiting for the same commit (a
+    /// partition's pending outputs) charged to the budget.
+    pub fn wants_commit_holding(&self, other_bytes: usize) -> bool {
+        let waiting = self.usage.dirty_bytes.saturating_add(other_bytes);
+        waiting.saturating_mul(2) >= self.budget.max(1)
     }
 
     /// Bytes the cache holds (keys, values and bookkeeping).
