@@ -293,4 +293,9 @@ pub(crate) struct RunArgs {
     /// MiB of RocksDB memtables shared by the instance's partitions (writers stall beyond it).
     #[arg(long, env = "WRITE_BUFFER_MB", default_value_t = 64)]
     pub(crate) write_buffer_mb: usize,
+    /// MiB of commits each owned partition coalesces before it writes their keys one by one: a commit is
+    /// then one RocksDB record beside its offset, and a key changed by many commits is written once
+    /// (0: every commit writes each key it changed).
+    #[arg(long, env = "COMMIT_COALESCING_MB", default_value_t = 4)]
+    pub(crate) commit_coalescing_mb: usize,
 }

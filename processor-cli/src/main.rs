@@ -218,10 +218,10 @@ async fn run(args: RunArgs, metrics: Option<MetricsRender>) -> anyhow::Result<()
     )
     .await
     .context("lock backend")?; // its errors name the server, password redacted
-    services.stores = Arc::new(RocksDbStores::new(
-        args.block_cache_mb << 20,
-        args.write_buffer_mb << 20,
-    ));
+    services.stores = Arc::new(
+        RocksDbStores::new(args.block_cache_mb << 20, args.write_buffer_mb << 20)
+            .with_commit_coalescing(args.commit_coalescing_mb << 20),
+    );
     let instance = Instance::new(config, services)?;
     let stop = CancellationToken::new();
     let _server = http.map(|listener| {

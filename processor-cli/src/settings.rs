@@ -183,6 +183,7 @@ pub fn check(args: &RunArgs) -> anyhow::Result<()> {
         "output_mode": format!("{:?}", config.output_mode),
         "block_cache_bytes": args.block_cache_mb << 20,
         "write_buffer_bytes": args.write_buffer_mb << 20,
+        "commit_coalescing_bytes": args.commit_coalescing_mb << 20,
         "max_members": config.max_members,
         "output_topic": config.output_topic,
         "output_guarantee": format!("{:?}", config.output_guarantee),

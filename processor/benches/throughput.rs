@@ -889,6 +889,12 @@ async fn ours(
     let partitions = partition_count(&KafkaSettings::new(brokers), input).unwrap();
     let mut services = Services::in_memory(state.join("checkpoints")).unwrap();
     services.operator = Arc::new(Counting(done.clone()));
+    if let Some(bytes) = env_number("BENCH_COALESCE_BYTES") {
+        services.stores = Arc::new(
+            RocksDbStores::new(128 << 20, 64 << 20)
+                .with_commit_coalescing(usize::try_from(bytes).unwrap_or(usize::MAX)),
+        );
+    }
     let mut config = InstanceConfig::new("bench", input, partitions, brokers, state.join("local"))
         .with_status_interval(Duration::from_millis(100))
         .with_output_mode(OutputMode::LatestPerKey);

@@ -272,9 +272,8 @@ impl PartitionState {
         self.evict_if_over_budget();
     }
 
-    /// Every changed entry, marked clean, in key order: RocksDB's memtable (a skip list) inserts a run
-    /// of ascending keys from where the previous insert ended instead of searching from the top for
-    /// each.
+    /// Every changed entry, marked clean (in no particular order: a store that wants them sorted sorts
+    /// them, see the RocksDB store).
     fn take_changes<'m>(hot: &'m mut Map, usage: &mut Usage) -> Vec<(&'m [u8], Option<&'m [u8]>)> {
         let mut changes = Vec::with_capacity(usage.dirty);
         changes.extend(hot.iter_mut().filter_map(|(key, slot)| {
@@ -284,7 +283,6 @@ impl PartitionState {
             slot.dirty = false;
             Some((&**key, slot.value.as_deref()))
         }));
-        changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
         usage.clean();
         changes
     }
