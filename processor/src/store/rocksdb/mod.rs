@@ -32,6 +32,10 @@ pub const DEFAULT_COMMIT_COALESCING_BYTES: usize = 4 << 20;
 const META_CF: &str = "meta";
 const NEXT_OFFSET: &[u8] = b"next_offset";
 const FENCING_TOKEN: &[u8] = b"fencing_token";
+/// The layout a database was written in: 1 (or absent) keys only, 2 keys and delta records.
+const FORMAT: &[u8] = b"format";
+/// The newest layout this version reads, and the one it writes.
+const FORMAT_VERSION: u64 = 2;
 
 /// The shared resources of all partition databases of one instance.
 pub struct RocksDbStores {
@@ -134,6 +138,7 @@ impl RocksDbStores {
             sync_writes: self.sync_writes,
             coalescing_bytes: self.coalescing_bytes,
         };
+        store.check_format()?;
         let pending = store.read_pending()?;
         *store.pending.get_mut().unwrap_or_else(|p| p.into_inner()) = pending;
         Ok(store)
@@ -271,6 +276,30 @@ impl RocksDbPartitionStore {
         self.db
             .write_opt(write, &options)
             .map_err(|err| ProcessorError::store(self.partition, "write a batch", err))
+    }
+
+    /// Refuses a database written in a newer layout (reading it would miss what it keeps elsewhere), and
+    /// records this version's layout in an older or new one.
+    fn check_format(&self) -> ProcessorResult<()> {
+        let found = self.read_meta(FORMAT)?.as_deref().and_then(decode_u64);
+        match found {
+            Some(version) if version > FORMAT_VERSION => Err(ProcessorError::store(
+                self.partition,
+                "open",
+                format!(
+                    "{} was written by a newer processor (state format {version}; this one reads up to \
+                     {FORMAT_VERSION}): run the newer version, or restore the partition from a checkpoint it can read",
+                    self.path.display()
+                ),
+            )),
+            Some(FORMAT_VERSION) => Ok(()),
+            _ => self
+                .db
+                .put_cf(self.meta_cf()?, FORMAT, FORMAT_VERSION.to_be_bytes())
+                .map_err(|err| {
+                    ProcessorError::store(self.partition, "record the state format", err)
+                }),
+        }
     }
 
     /// The delta records in the database, oldest first, read back.
@@ -603,6 +632,34 @@ mod tests {
         let snapshot = open_coalescing(&dir.path().join("snap"), 1 << 20);
         assert_eq!(snapshot.get(b"k").unwrap(), Some(b"v".to_vec()));
         assert_eq!(snapshot.meta().unwrap().unwrap().next_offset, 5);
+    }
+
+    #[test]
+    fn a_database_of_a_newer_format_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            let meta = store.meta_cf().unwrap();
+            let found = store.db.get_cf(meta, FORMAT).unwrap();
+            assert_eq!(found, Some(FORMAT_VERSION.to_be_bytes().to_vec()));
+            store
+                .db
+                .put_cf(meta, FORMAT, (FORMAT_VERSION + 1).to_be_bytes())
+                .unwrap();
+        }
+        let err = RocksDbStores::new(8 << 20, 4 << 20)
+            .open(1, dir.path())
+            .unwrap_err();
+        let said = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+        assert!(
+            said.contains("partition 1") && said.contains("newer processor"),
+            "{said}"
+        );
     }
 
     #[test]
