@@ -202,7 +202,7 @@ impl RocksDbPartitionStore {
     /// folded into the keys.
     fn write(
         &self,
-        changes: &[Change<'_>],
+        mut changes: Vec<Change<'_>>,
         next_offset: i64,
         fencing_token: u64,
     ) -> ProcessorResult<()> {
@@ -227,23 +227,22 @@ impl RocksDbPartitionStore {
             return self.write_batch(write);
         }
         if self.coalescing_bytes > 0 {
-            let delta = pending::encode(changes);
+            let delta = pending::encode(&changes);
             if pending.bytes() + delta.len() <= self.coalescing_bytes {
                 let sequence = pending.next_sequence();
                 write.put_cf(meta, pending::delta_key(sequence), &delta);
                 self.write_batch(write)?;
-                pending.push(sequence, delta.len(), changes);
+                pending.push(sequence, delta.len(), &changes);
                 return Ok(());
             }
         }
         if pending.is_empty() {
-            let mut sorted = changes.to_vec();
-            sort_by_key(&mut sorted);
-            put_changes(&mut write, &sorted);
+            sort_by_key(&mut changes);
+            put_changes(&mut write, &changes);
             return self.write_batch(write);
         }
         for (key, value) in changes {
-            pending.set(key, *value);
+            pending.set(key, value);
         }
         self.fold(&mut pending, write)
     }
@@ -365,7 +364,7 @@ impl PartitionStore for RocksDbPartitionStore {
             .map(|(key, value)| (&key[..], Some(&value[..])))
             .chain(batch.deletes().iter().map(|key| (&key[..], None)))
             .collect();
-        self.write(&changes, batch.next_offset(), batch.fencing_token())
+        self.write(changes, batch.next_offset(), batch.fencing_token())
     }
 
     fn apply_changes(
@@ -377,7 +376,7 @@ impl PartitionStore for RocksDbPartitionStore {
     ) -> ProcessorResult<()> {
         let mut collected = Vec::with_capacity(count);
         collected.extend(changes);
-        self.write(&collected, next_offset, fencing_token)
+        self.write(collected, next_offset, fencing_token)
     }
 
     fn meta(&self) -> ProcessorResult<Option<StoreMeta>> {
