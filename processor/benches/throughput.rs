@@ -30,7 +30,9 @@
 //! changes the input size (the mock cluster keeps about 5 MiB per partition: beyond ~1 M records its
 //! log start moves and the processor refuses the missing offsets, as it should), `BENCH_COMMIT_MS=MS`
 //! commits our rows every MS instead of every 100 ms or 10 000 records (`BENCH_COMMIT_RECORDS=N` also
-//! bounds a commit to N records; unbounded otherwise).
+//! bounds a commit to N records; unbounded otherwise), `BENCH_KAFKA="key=value;key=value"` gives the raw
+//! loop's and our consumers the same librdkafka properties (`fetch.queue.backoff.ms=1000` brings back
+//! librdkafka's default pause after a full prefetch queue, say).
 
 // Benchmark code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
@@ -851,12 +853,19 @@ async fn raw_loop(brokers: &str, input: &str, done: &Arc<AtomicU64>) {
             let (brokers, input, done) = (brokers.to_owned(), input.to_owned(), done.clone());
             tokio::spawn(async move {
                 use futures::StreamExt;
-                let consumer: StreamConsumer = ClientConfig::new()
+                let mut config = ClientConfig::new();
+                // The processor's prefetch tuning: the floor consumes as its consumers do.
+                for (key, value) in processor::source::PREFETCH {
+                    config.set(*key, *value);
+                }
+                for (key, value) in bench_kafka_properties() {
+                    config.set(key, value);
+                }
+                let consumer: StreamConsumer = config
                     .set("bootstrap.servers", &brokers)
                     .set("group.id", "raw")
                     .set("enable.auto.commit", "false")
                     .set("enable.partition.eof", "false")
-                    .set("queued.max.messages.kbytes", "8192")
                     .create()
                     .unwrap();
                 let mut assignment = rdkafka::TopicPartitionList::new();
@@ -895,7 +904,15 @@ async fn ours(
                 .with_commit_coalescing(usize::try_from(bytes).unwrap_or(usize::MAX)),
         );
     }
+    let pairs: Vec<String> = bench_kafka_properties()
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    let kafka = KafkaSettings::new(brokers)
+        .with_pairs(pairs.iter().map(String::as_str))
+        .unwrap();
     let mut config = InstanceConfig::new("bench", input, partitions, brokers, state.join("local"))
+        .with_kafka(kafka)
         .with_status_interval(Duration::from_millis(100))
         .with_output_mode(OutputMode::LatestPerKey);
     if let Some(interval) = env_number("BENCH_COMMIT_MS") {
@@ -924,6 +941,17 @@ async fn ours(
     }
     let instance = processor::Instance::new(config, services).unwrap();
     instance.run(stop.clone()).await.unwrap();
+}
+
+/// Client properties both the raw loop and ours take from `BENCH_KAFKA` (`key=value;key=value`): to
+/// try a tuning on both sides of the ratio at once.
+fn bench_kafka_properties() -> Vec<(String, String)> {
+    std::env::var("BENCH_KAFKA")
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .collect()
 }
 
 /// A number from the environment (`None` when unset or not a number).

@@ -168,7 +168,16 @@ impl KafkaSettings {
     /// A client configuration with the servers and every property, to which the caller adds what its
     /// client needs (those settings win over the properties).
     pub(crate) fn client_config(&self) -> ClientConfig {
+        self.client_config_over(&[])
+    }
+
+    /// As [`client_config`](Self::client_config), starting from `defaults`: tuning the processor
+    /// picks for a client, which the user's properties override.
+    pub(crate) fn client_config_over(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
         config.set("bootstrap.servers", &self.brokers);
         for (key, value) in &self.properties {
             config.set(key, value);

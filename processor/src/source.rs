@@ -236,7 +236,21 @@ impl std::fmt::Debug for MetadataClient {
     }
 }
 
-/// A consumer of exactly one partition, positioned at `from_offset` with `assign()`.
+/// How a partition's consumer prefetches, unless the instance's Kafka properties say otherwise.
+///
+/// - At most 8 MiB queued per partition: a partition that processes slowly stops fetching
+///   (librdkafka's default is 64 MiB, and the instance has a consumer per partition).
+/// - Once the queue is that full (or holds `queued.min.messages`), librdkafka checks again after
+///   `fetch.queue.backoff.ms` — 1 s by default, so a partition that drained its queue in 0.3 s then
+///   waited up to 0.7 s with nothing to do. 10 ms keeps the queue topped up; the check is a
+///   comparison on the broker thread.
+pub const PREFETCH: &[(&str, &str)] = &[
+    ("queued.max.messages.kbytes", "8192"),
+    ("fetch.queue.backoff.ms", "10"),
+];
+
+/// A consumer of exactly one partition, positioned at `from_offset` with `assign()`, prefetching as
+/// [`PREFETCH`] says unless the instance's properties set those keys.
 ///
 /// # Errors
 /// A Kafka error.
@@ -247,17 +261,7 @@ pub fn partition_consumer(
     partition: i32,
     from_offset: i64,
 ) -> ProcessorResult<StreamConsumer> {
-    let consumer: StreamConsumer = kafka
-        .client_config()
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        // Never jump silently when the position leaves the log (retention overtook a lagging partition):
-        // the consume loop gets an error and the partition stops (see `MissingOffsets`).
-        .set("auto.offset.reset", "error")
-        // Bounded prefetch per partition: a partition that processes slowly stops fetching.
-        .set("queued.max.messages.kbytes", "8192")
+    let consumer: StreamConsumer = partition_consumer_config(kafka, group)
         .create()
         .map_err(kafka.client_error("create a consumer"))?;
     let mut assignment = TopicPartitionList::new();
@@ -268,6 +272,21 @@ pub fn partition_consumer(
         .assign(&assignment)
         .map_err(ProcessorError::kafka("assign a partition"))?;
     Ok(consumer)
+}
+
+/// The configuration of a partition's consumer: [`PREFETCH`] under the instance's properties, under
+/// what the processor's guarantees need.
+fn partition_consumer_config(kafka: &KafkaSettings, group: &str) -> rdkafka::ClientConfig {
+    let mut config = kafka.client_config_over(PREFETCH);
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        // Never jump silently when the position leaves the log (retention overtook a lagging partition):
+        // the consume loop gets an error and the partition stops (see `MissingOffsets`).
+        .set("auto.offset.reset", "error");
+    config
 }
 
 /// Where each batch's outputs and dead letters go before the batch's state is written.
@@ -643,4 +662,28 @@ pub fn is_mock_cluster(kafka: &KafkaSettings) -> ProcessorResult<bool> {
             source: format!("no answer from {}", kafka.brokers()).into(),
         })?;
     Ok(id.starts_with("mockCluster"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_consumer_prefetches_as_the_instance_properties_say() {
+        let plain = partition_consumer_config(&KafkaSettings::new("b:9092"), "g");
+        for (key, value) in PREFETCH {
+            assert_eq!(plain.get(key), Some(*value), "{key}");
+        }
+        let tuned = KafkaSettings::new("b:9092")
+            .with_pairs([
+                "fetch.queue.backoff.ms=250",
+                "queued.max.messages.kbytes=1024",
+            ])
+            .unwrap();
+        let config = partition_consumer_config(&tuned, "g");
+        assert_eq!(config.get("fetch.queue.backoff.ms"), Some("250"));
+        assert_eq!(config.get("queued.max.messages.kbytes"), Some("1024"));
+        assert_eq!(config.get("auto.offset.reset"), Some("error"));
+        assert_eq!(config.get("group.id"), Some("g"));
+    }
 }
