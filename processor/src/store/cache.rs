@@ -14,24 +14,28 @@
 
 use std::sync::Arc;
 
-use hashbrown::hash_map::EntryRef;
-
+use super::inline::{HeldKey, HeldValue, held};
 use super::{PartitionStore, StateBatch};
 use crate::error::ProcessorResult;
 
-/// Keys are hashed with foldhash (hashbrown's default: fast, and seeded per map, so crafted keys
-/// cannot force collisions).
-type Map = hashbrown::HashMap<Box<[u8]>, Slot>;
+/// An index map: a small hash table of positions into a vector of entries kept in the order they were
+/// cached (small keys and values held inside them). The table stays in the CPU cache and entries
+/// cached together sit together, so a partition reading its keys in a recurring order reads memory in
+/// order; a `HashMap` with keys and values behind their own pointers cost up to four cache misses per
+/// lookup (measured: `cargo bench -p processor --bench state_path`). Keys are hashed with foldhash
+/// (hashbrown's default: fast, and seeded per map, so crafted keys cannot force collisions).
+type Map = indexmap::IndexMap<HeldKey, Slot, hashbrown::DefaultHashBuilder>;
 
 /// What a cached key holds: its value (`None`: absent or deleted) and whether it changed since the last
 /// commit.
 #[derive(Debug)]
 struct Slot {
-    value: Option<Vec<u8>>,
+    value: Option<HeldValue>,
     dirty: bool,
 }
 
-/// Bytes a cached entry is charged beyond its key and value: the map slot, the boxes' headers.
+/// Bytes a cached entry is charged beyond its key and value: the map slot (small keys and values are
+/// held inside it, see [`super::inline`]).
 const ENTRY_OVERHEAD: usize = 64;
 
 fn charge(key_len: usize, value: Option<&[u8]>) -> usize {
@@ -156,24 +160,24 @@ impl PartitionState {
             usage,
             ..
         } = self;
-        let slot = match hot.entry_ref(key) {
-            EntryRef::Occupied(entry) => entry.into_mut(),
-            EntryRef::Vacant(entry) => {
-                let slot = match cold.remove(key) {
+        let index = match hot.get_index_of(key) {
+            Some(index) => index,
+            None => {
+                let slot = match cold.swap_remove(key) {
                     Some(slot) => slot,
                     None => {
                         let value = store.get(key)?;
                         usage.bytes += charge(key.len(), value.as_deref());
                         Slot {
-                            value,
+                            value: value.map(held),
                             dirty: false,
                         }
                     }
                 };
-                entry.insert(slot)
+                hot.insert_full(HeldKey::from_slice(key), slot).0
             }
         };
-        Ok((slot, usage))
+        Ok((&mut hot[index], usage))
     }
 
     /// Sets `key` to `value` (written at the next commit).
@@ -205,19 +209,20 @@ impl PartitionState {
 
     fn set(&mut self, key: &[u8], value: Option<Vec<u8>>) {
         let added = charge(key.len(), value.as_deref());
-        match self.hot.entry_ref(key) {
-            EntryRef::Occupied(mut entry) => {
-                let slot = entry.get_mut();
+        let value = value.map(held);
+        match self.hot.get_mut(key) {
+            Some(slot) => {
                 let replaced = charge(key.len(), slot.value.as_deref());
                 self.usage.changed(slot.dirty, replaced, added);
                 *slot = Slot { value, dirty: true };
             }
-            EntryRef::Vacant(entry) => {
-                if let Some(old) = self.cold.remove(key) {
+            None => {
+                if let Some(old) = self.cold.swap_remove(key) {
                     self.usage.bytes -= charge(key.len(), old.value.as_deref());
                 }
                 self.usage.changed(false, 0, added);
-                entry.insert(Slot { value, dirty: true });
+                self.hot
+                    .insert(HeldKey::from_slice(key), Slot { value, dirty: true });
             }
         }
     }
@@ -342,7 +347,7 @@ impl StateEntry<'_> {
         self.usage
             .changed(self.slot.dirty, replaced, charge(self.key_len, Some(value)));
         self.slot.dirty = true;
-        let buffer = self.slot.value.get_or_insert_with(Vec::new);
+        let buffer = self.slot.value.get_or_insert_with(HeldValue::new);
         buffer.clear();
         buffer.extend_from_slice(value);
     }

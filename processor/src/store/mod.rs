@@ -10,6 +10,7 @@
 //! that lost ownership cannot write over its successor's state.
 
 pub mod cache;
+mod inline;
 pub mod memory;
 pub mod rocksdb;
 

@@ -15,6 +15,8 @@
 
 use hashbrown::HashMap;
 
+use crate::store::inline::{HeldKey, HeldValue};
+
 /// Prefix of a delta record's key in the meta column family; the record's sequence number follows
 /// (big-endian, so the records iterate in commit order).
 pub(super) const DELTA_PREFIX: &[u8] = b"delta/";
@@ -110,7 +112,7 @@ fn take_sized<'r>(record: &mut &'r [u8]) -> Option<&'r [u8]> {
 /// The delta records written since the last fold, and the latest value of each key they changed.
 #[derive(Debug, Default)]
 pub(super) struct PendingCommits {
-    latest: HashMap<Box<[u8]>, Option<Vec<u8>>>,
+    latest: HashMap<HeldKey, Option<HeldValue>>,
     /// Sequence number of the oldest delta record not folded yet (`next` when there is none).
     first: u64,
     /// Sequence number of the next delta record.
@@ -175,9 +177,10 @@ impl PendingCommits {
                 held.clear();
                 held.extend_from_slice(value.unwrap_or_default());
             }
-            Some(held) => *held = value.map(<[u8]>::to_vec),
+            Some(held) => *held = value.map(HeldValue::from_slice),
             None => {
-                self.latest.insert(key.into(), value.map(<[u8]>::to_vec));
+                self.latest
+                    .insert(HeldKey::from_slice(key), value.map(HeldValue::from_slice));
             }
         }
     }
