@@ -1,10 +1,10 @@
 //! Keys and values held in memory by the state cache and the RocksDB store's pending commits: small
 //! ones inside the hash map's own slot, larger ones on the heap.
 //!
-//! Records arrive in no key order, so a lookup is memory-bound: with keys and values behind their own
-//! pointers, every hit cost four cache misses (the control bytes, the slot, the key to compare, the
-//! value to read) — the largest single cost of the processor's hot path in the throughput profile.
-//! Held inline, a hit touches the control bytes and the slot.
+//! A lookup is memory-bound: with keys and values behind their own pointers, a hit cost up to four
+//! cache misses (the control bytes, the slot, the key to compare, the value to read) — the largest
+//! single cost of the processor's hot path in the throughput profile. Held inline in the entries of
+//! the cache's index map, a hit touches its small index table and one entry.
 
 use smallvec::SmallVec;
 
