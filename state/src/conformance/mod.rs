@@ -116,14 +116,14 @@ async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T 
 async fn must_acquire(lock: &Arc<dyn DistributedLock>, resource: &str, ttl: Duration) -> LockGuard {
     bounded("try_acquire", lock.try_acquire(resource, ttl))
         .await
-        .unwrap_or_else(|err| panic!("try_acquire({resource}) failed: {err}"))
+        .unwrap_or_else(|err| panic!("try_acquire({resource}) failed: {err:?}"))
         .unwrap_or_else(|| panic!("try_acquire({resource}) found the lock held"))
 }
 
 async fn must_be_free(lock: &Arc<dyn DistributedLock>, resource: &str) -> bool {
     !bounded("is_locked", lock.is_locked(resource))
         .await
-        .unwrap_or_else(|err| panic!("is_locked({resource}) failed: {err}"))
+        .unwrap_or_else(|err| panic!("is_locked({resource}) failed: {err:?}"))
 }
 
 /// Polls until `resource` is free, for at most `within`.
