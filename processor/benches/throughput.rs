@@ -904,12 +904,11 @@ async fn ours(
                 .with_commit_coalescing(usize::try_from(bytes).unwrap_or(usize::MAX)),
         );
     }
-    let pairs: Vec<String> = bench_kafka_properties()
+    let kafka = bench_kafka_properties()
         .iter()
-        .map(|(key, value)| format!("{key}={value}"))
-        .collect();
-    let kafka = KafkaSettings::new(brokers)
-        .with_pairs(pairs.iter().map(String::as_str))
+        .try_fold(KafkaSettings::new(brokers), |kafka, (key, value)| {
+            kafka.with_property(key, value)
+        })
         .unwrap();
     let mut config = InstanceConfig::new("bench", input, partitions, brokers, state.join("local"))
         .with_kafka(kafka)
