@@ -14,9 +14,11 @@
 //! Per row: the bench produces the input, then starts the process, which reports every 10 ms how many
 //! records it has done, on its own clock, with its own CPU time (a process saturating both cores can
 //! starve the bench's reader, so it stamps its reports itself); records/s and CPU per record come from
-//! the reports at 10 % and 90 % of the input (start-up and the last commit excluded). Then, for rows with
-//! outputs, a latency phase produces distinct keys at a steady rate and times each from its send to its
-//! output becoming visible to a `read_committed` consumer (end to end). Peak RSS is the process's `VmHWM`.
+//! the reports at 10 % and 90 % of the input (start-up and the last commit excluded). The rows without
+//! outputs share one input and take turns over it, round after round (5; `BENCH_REPEATS=N`): each shows
+//! its median run, and each ratio to the raw loop its rounds' ratios too. Then, for rows with outputs,
+//! a latency phase produces distinct keys at a steady rate and times each from its send to its output
+//! becoming visible to a `read_committed` consumer (end to end). Peak RSS is the process's `VmHWM`.
 //!
 //! ```text
 //! cargo bench -p processor --bench throughput                 # 1 M records, 100 k keys, 8 partitions; 100 k vs 2 M keys
@@ -72,16 +74,19 @@ struct Sizes {
     latency_rate: u64,
     small_state: u64,
     large_state: u64,
-    /// Runs of a row without outputs over the same input, the median reported: at 2–4 M records/s
-    /// the measured 80 % of 1 M records lasts a quarter of a second, and one run alone is noisy.
+    /// Rounds of the rows without outputs over their shared input, each row's median run reported:
+    /// at 3–4 M records/s the measured 80 % of 1 M records lasts a quarter of a second, and one run
+    /// alone is noisy (±15 %).
     repeats: usize,
 }
 
 fn sizes(quick: bool) -> Sizes {
-    let records = env_number("BENCH_RECORDS");
     let mut sizes = default_sizes(quick);
-    if let Some(records) = records {
+    if let Some(records) = env_number("BENCH_RECORDS") {
         sizes.records = records;
+    }
+    if let Some(repeats) = env_number("BENCH_REPEATS") {
+        sizes.repeats = usize::try_from(repeats).unwrap_or(1);
     }
     sizes
 }
@@ -105,7 +110,7 @@ fn default_sizes(quick: bool) -> Sizes {
             latency_rate: 2_000,
             small_state: 100_000,
             large_state: 2_000_000,
-            repeats: 3,
+            repeats: 5,
         }
     }
 }
@@ -164,6 +169,8 @@ struct Row {
     cpu_s_per_million: f64,
     peak_rss_mb: f64,
     latency_ms: Option<(f64, f64, u64)>,
+    /// Records/s of each round, in order (rows run side by side over several rounds; else empty).
+    rounds: Vec<f64>,
 }
 
 /// How a row's process is started.
@@ -181,14 +188,6 @@ impl Peer {
             Peer::KafkaStreams(guarantee) => format!("Kafka Streams 4.4, {guarantee}"),
         }
     }
-
-    fn has_outputs(&self) -> bool {
-        match self {
-            Peer::Raw => false,
-            Peer::Ours(mode) => !mode.starts_with("off"),
-            Peer::KafkaStreams(_) => true,
-        }
-    }
 }
 
 /// `BENCH_ROWS=text` runs only the rows whose label contains `text` (to profile one row);
@@ -201,32 +200,37 @@ fn row_wanted(peer: &Peer) -> bool {
 }
 
 async fn mock_rows(broker: &DevBroker, sizes: Sizes) -> Vec<Row> {
-    let mut rows = Vec::new();
-    for (i, peer) in [Peer::Raw, Peer::Ours("off")].into_iter().enumerate() {
-        if !row_wanted(&peer) {
-            continue;
-        }
-        let input = format!("mock-in-{i}");
-        broker.create_topic(&input, PARTITIONS).unwrap();
-        let row = run_row(&peer, &broker.bootstrap_servers(), &input, None, sizes).await;
-        rows.push(row);
-    }
-    rows
+    let peers: Vec<Peer> = [Peer::Raw, Peer::Ours("off")]
+        .into_iter()
+        .filter(row_wanted)
+        .collect();
+    broker.create_topic("mock-in", PARTITIONS).unwrap();
+    run_side_by_side(&peers, &broker.bootstrap_servers(), "mock-in", sizes).await
 }
 
 async fn real_rows(brokers: &str, sizes: Sizes) -> Vec<Row> {
     let streams = kafka_streams_app();
-    let mut rows = Vec::new();
-    let peers = [
+    // The rows without outputs take turns over one input: a drift of the machine (the broker's JIT, the
+    // page cache, another process) reaches each of them alike.
+    let side_by_side: Vec<Peer> = [
         Peer::Raw,
         Peer::Ours("off"),
         Peer::Ours(OFF_COMMITS_EVERY_SECOND),
+    ]
+    .into_iter()
+    .filter(row_wanted)
+    .collect();
+    admin::create_topic(brokers, "in-plain", PARTITIONS, 1, &[])
+        .await
+        .unwrap();
+    let mut rows = run_side_by_side(&side_by_side, brokers, "in-plain", sizes).await;
+    let with_outputs = [
         Peer::Ours("at-least-once"),
         Peer::Ours("exactly-once"),
         Peer::KafkaStreams("at_least_once"),
         Peer::KafkaStreams("exactly_once_v2"),
     ];
-    for (i, peer) in peers.into_iter().enumerate() {
+    for (i, peer) in with_outputs.into_iter().enumerate() {
         if !row_wanted(&peer) {
             continue;
         }
@@ -235,14 +239,13 @@ async fn real_rows(brokers: &str, sizes: Sizes) -> Vec<Row> {
             continue;
         }
         let (input, output) = (format!("in-{i}"), format!("out-{i}"));
-        admin::create_topic(brokers, &input, PARTITIONS, 1, &[])
-            .await
-            .unwrap();
-        admin::create_topic(brokers, &output, PARTITIONS, 1, &[])
-            .await
-            .unwrap();
-        let output = peer.has_outputs().then_some(output);
-        rows.push(run_row(&peer, brokers, &input, output.as_deref(), sizes).await);
+        for topic in [&input, &output] {
+            admin::create_topic(brokers, topic, PARTITIONS, 1, &[])
+                .await
+                .unwrap();
+        }
+        produce(brokers, &input, sizes.records, sizes.keys).await;
+        rows.push(run_once(&peer, brokers, &input, Some(&output), sizes).await);
     }
     rows
 }
@@ -368,22 +371,28 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-async fn run_row(
-    peer: &Peer,
-    brokers: &str,
-    input: &str,
-    output: Option<&str>,
-    sizes: Sizes,
-) -> Row {
-    produce(brokers, input, sizes.records, sizes.keys).await;
-    // Rows with outputs run once (their latency phase adds to the input).
-    let repeats = if output.is_some() { 1 } else { sizes.repeats };
-    let mut runs = Vec::new();
-    for _ in 0..repeats.max(1) {
-        runs.push(run_once(peer, brokers, input, output, sizes).await);
+/// Rows without outputs over one input, produced once: `sizes.repeats` rounds, each running every
+/// peer once in turn; each row is its median run, with every round's rate kept (for same-round ratios).
+async fn run_side_by_side(peers: &[Peer], brokers: &str, input: &str, sizes: Sizes) -> Vec<Row> {
+    if peers.is_empty() {
+        return Vec::new();
     }
-    runs.sort_by(|a, b| a.records_per_s.total_cmp(&b.records_per_s));
-    runs.swap_remove(runs.len() / 2)
+    produce(brokers, input, sizes.records, sizes.keys).await;
+    let mut runs: Vec<Vec<Row>> = peers.iter().map(|_| Vec::new()).collect();
+    for _ in 0..sizes.repeats.max(1) {
+        for (peer, runs) in peers.iter().zip(&mut runs) {
+            runs.push(run_once(peer, brokers, input, None, sizes).await);
+        }
+    }
+    runs.into_iter()
+        .map(|runs| {
+            let rounds: Vec<f64> = runs.iter().map(|run| run.records_per_s).collect();
+            let mut sorted = runs;
+            sorted.sort_by(|a, b| a.records_per_s.total_cmp(&b.records_per_s));
+            let median = sorted.swap_remove(sorted.len() / 2);
+            Row { rounds, ..median }
+        })
+        .collect()
 }
 
 /// One run of a row's process over the input already produced.
@@ -417,6 +426,7 @@ async fn run_once(
         cpu_s_per_million: cpu / measured * 1e6,
         peak_rss_mb,
         latency_ms,
+        rounds: Vec::new(),
     }
 }
 
@@ -594,9 +604,16 @@ fn print_table(title: &str, rows: &[Row], sizes: Sizes) {
     for label in ["ours, outputs off", "ours, outputs off, commits every 1 s"] {
         let ours = rows.iter().find(|r| r.label == label);
         if let (Some(raw), Some(ours)) = (raw, ours) {
+            let per_round: Vec<String> = ours
+                .rounds
+                .iter()
+                .zip(&raw.rounds)
+                .map(|(ours, raw)| format!("{:.2}", ours / raw))
+                .collect();
             println!(
-                "ratio: {label} / raw loop = {:.2} records/s, {:.2}x the CPU per record",
+                "ratio: {label} / raw loop = {:.2} records/s (median runs; round by round: {}), {:.2}x the CPU per record",
                 ours.records_per_s / raw.records_per_s,
+                per_round.join(" "),
                 ours.cpu_s_per_million / raw.cpu_s_per_million
             );
         }
@@ -623,7 +640,7 @@ fn print_table(title: &str, rows: &[Row], sizes: Sizes) {
         }
     }
     println!(
-        "(each row's input is produced before the row starts; rates and CPU between 10% and 90% of it; rows without outputs: the median of {} runs over the same input)",
+        "(rates and CPU between 10% and 90% of each row's input, produced before the row starts; rows without outputs share one input and take turns over it, {} rounds, each row's median run shown)",
         sizes.repeats
     );
 }
@@ -632,6 +649,7 @@ fn print_table(title: &str, rows: &[Row], sizes: Sizes) {
 // Checkpoints
 
 fn checkpoint_rows(sizes: Sizes) {
+    use processor::checkpoint::CheckpointStore;
     let dir = tempfile::tempdir().unwrap();
     let stores = RocksDbStores::new(128 << 20, 64 << 20);
     println!();
@@ -640,44 +658,53 @@ fn checkpoint_rows(sizes: Sizes) {
     );
     println!();
     println!(
-        "| state | pause (local snapshot, median of 11) | first upload | next upload (1% of keys changed) |"
+        "| state | pause (local snapshot, median of {CHECKPOINT_ROUNDS}) | first upload | next upload (1% of keys changed) |"
     );
     println!("|---|---|---|---|");
-    let mut pauses = Vec::new();
-    for keys in [sizes.small_state, sizes.large_state] {
-        let path = dir.path().join(format!("db-{keys}"));
-        let store = stores.open(0, &path).unwrap();
-        fill(&store, 0, keys, 1);
+    let states = [sizes.small_state, sizes.large_state];
+    let opened: Vec<_> = states
+        .iter()
+        .map(|keys| {
+            let store = stores
+                .open(0, &dir.path().join(format!("db-{keys}")))
+                .unwrap();
+            fill(&store, 0, *keys, 1);
+            store
+        })
+        .collect();
+    // As in the processor: each checkpoint follows some processing (1 000 keys written since the last
+    // one, in the memtable), and is flushed and hard-linked. The two sizes take turns, round after
+    // round, so a drift of the disk (writeback of an earlier row's files) reaches both alike.
+    let mut pauses: Vec<Vec<Duration>> = states.iter().map(|_| Vec::new()).collect();
+    for round in 0..CHECKPOINT_ROUNDS {
+        for ((keys, store), pauses) in states.iter().zip(&opened).zip(&mut pauses) {
+            fill(store, round * 1_000, round * 1_000 + 1_000, 1);
+            let target = dir.path().join(format!("snap-{keys}-{round}"));
+            let started = Instant::now();
+            store.snapshot_to(&target).unwrap();
+            pauses.push(started.elapsed());
+        }
+    }
+    let mut medians = Vec::new();
+    for ((keys, store), mut pauses) in states.iter().zip(&opened).zip(pauses) {
+        pauses.sort();
+        let pause = pauses[pauses.len() / 2];
         let shared = processor::checkpoint::DirectoryCheckpointStore::new(
             dir.path().join(format!("shared-{keys}")),
         )
         .unwrap();
-        // As in the processor: each checkpoint follows some processing (1 000 keys written since the
-        // last one, in the memtable), and is flushed and hard-linked. The median of 11.
-        let mut rounds: Vec<Duration> = (0..11u64)
-            .map(|round| {
-                fill(&store, round * 1_000, round * 1_000 + 1_000, 1);
-                let target = dir.path().join(format!("snap-{keys}-{round}"));
-                let started = Instant::now();
-                store.snapshot_to(&target).unwrap();
-                started.elapsed()
-            })
-            .collect();
-        rounds.sort();
-        let pause = rounds[rounds.len() / 2];
-        use processor::checkpoint::CheckpointStore;
         let started = Instant::now();
         shared
             .upload(
                 "bench",
                 0,
                 &dir.path().join(format!("snap-{keys}-0")),
-                keys as i64,
+                *keys as i64,
                 1,
             )
             .unwrap();
         let first = started.elapsed();
-        fill(&store, keys, keys + keys / 100, 1);
+        fill(store, *keys, keys + keys / 100, 1);
         let next_snapshot = dir.path().join(format!("snap-{keys}-next"));
         store.snapshot_to(&next_snapshot).unwrap();
         let started = Instant::now();
@@ -694,15 +721,18 @@ fn checkpoint_rows(sizes: Sizes) {
             report.hashed_bytes >> 20,
             report.copied_bytes >> 20,
         );
-        pauses.push(pause);
+        medians.push(pause);
     }
     println!(
-        "ratio: pause at {} keys / pause at {} keys = {:.2}",
+        "ratio: pause at {} keys / pause at {} keys = {:.2} (the sizes took turns, {CHECKPOINT_ROUNDS} rounds)",
         sizes.large_state,
         sizes.small_state,
-        pauses[1].as_secs_f64() / pauses[0].as_secs_f64()
+        medians[1].as_secs_f64() / medians[0].as_secs_f64()
     );
 }
+
+/// Checkpoints taken of each state size (the pause shown is their median).
+const CHECKPOINT_ROUNDS: u64 = 21;
 
 fn fill(store: &dyn PartitionStore, from: u64, to: u64, token: u64) {
     let mut at = from;
