@@ -31,7 +31,7 @@
 //! `BENCH_RECORDS=N`
 //! changes the input size (the mock cluster keeps about 5 MiB per partition: beyond ~1 M records its
 //! log start moves and the processor refuses the missing offsets, as it should), `BENCH_COMMIT_MS=MS`
-//! commits our rows every MS instead of every 100 ms or 10 000 records (`BENCH_COMMIT_RECORDS=N` also
+//! commits our rows every MS instead of every 100 ms or 100 000 records (`BENCH_COMMIT_RECORDS=N` also
 //! bounds a commit to N records; unbounded otherwise), `BENCH_KAFKA="key=value;key=value"` gives the raw
 //! loop's and our consumers the same librdkafka properties (`fetch.queue.backoff.ms=1000` brings back
 //! librdkafka's default pause after a full prefetch queue, say).

@@ -149,7 +149,7 @@ pub struct InstanceConfig {
 }
 
 impl InstanceConfig {
-    /// Defaults: 5 s claims, checkpoints every 2 s, commits of at most 10 000 records at least every
+    /// Defaults: 5 s claims, checkpoints every 2 s, commits of at most 100 000 records at least every
     /// 100 ms, an 8 MiB state cache per partition, as many partitions processing at once
     /// as there are CPUs, maintenance every 10 s keeping 3
     /// checkpoints, 250 ms ticks, the partition count read again every 30 s, no output or dead-letter
