@@ -20,6 +20,10 @@ pub const DEFAULT_STATE_CACHE_BYTES: usize = 8 << 20;
 /// Bytes a pending output is charged beyond its key and value (two vectors' headers).
 const OUTPUT_OVERHEAD: usize = 48;
 
+/// Records whose keys are looked up in the state cache together before they are applied (see
+/// [`PartitionState::prefetch`]; most operators keep state under the record's key).
+const PREFETCH_AHEAD: usize = 16;
+
 /// What the records applied since the last commit did, and — once committed — where the partition is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -240,7 +244,11 @@ impl PartitionProcessor {
         self.ensure_owner()?;
         let partition = self.partition();
         let outputs_before = self.pending.outputs.len();
-        for record in records {
+        for (at, record) in records.iter().enumerate() {
+            if at % PREFETCH_AHEAD == 0 {
+                let ahead = &records[at..records.len().min(at + PREFETCH_AHEAD)];
+                self.state.prefetch(ahead.iter().filter_map(|r| r.key));
+            }
             if record.partition != partition {
                 return Err(ProcessorError::InvalidInput {
                     what: "record",

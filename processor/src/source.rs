@@ -350,23 +350,24 @@ fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
-/// One fetch: the messages ready in the consumer's queue, waiting up to `wait` for the first; and
-/// whether the end offset `until` was reached (the consumer is then positioned back at it).
+/// One fetch into `messages` (empty): the messages ready in the consumer's queue, waiting up to `wait`
+/// for the first. Returns whether the end offset `until` was reached (the consumer is then positioned
+/// back at it).
 async fn fetch<'c>(
     stream: &mut rdkafka::consumer::MessageStream<'c, rdkafka::consumer::DefaultConsumerContext>,
     consumer: &StreamConsumer,
     wait: Duration,
     until: Option<i64>,
     stop: &CancellationToken,
-) -> ProcessorResult<(Vec<rdkafka::message::BorrowedMessage<'c>>, bool)> {
+    messages: &mut Vec<rdkafka::message::BorrowedMessage<'c>>,
+) -> ProcessorResult<bool> {
     use futures::{FutureExt, StreamExt};
-    let mut messages = Vec::new();
     let first = tokio::select! {
         biased;
-        _ = stop.cancelled() => return Ok((messages, false)),
+        _ = stop.cancelled() => return Ok(false),
         received = tokio::time::timeout(wait, stream.next()) => match received {
             Ok(message) => message,
-            Err(_) => return Ok((messages, false)),
+            Err(_) => return Ok(false),
         },
     };
     let mut next = first;
@@ -388,16 +389,16 @@ async fn fetch<'c>(
                     Duration::from_secs(10),
                 )
                 .map_err(ProcessorError::kafka("seek back to the end of a replay"))?;
-            return Ok((messages, true));
+            return Ok(true);
         }
         messages.push(message);
         if messages.len() >= FETCH_BATCH {
-            return Ok((messages, false));
+            return Ok(false);
         }
         // What is already queued, without waiting (and without a timer per message).
         match stream.next().now_or_never() {
             Some(received) => next = received,
-            None => return Ok((messages, false)),
+            None => return Ok(false),
         }
     }
 }
@@ -478,6 +479,10 @@ async fn consume(
 ) -> ProcessorResult<PartitionStats> {
     let mut stream = consumer.stream();
     let mut reached_end = false;
+    // One batch's messages and records, in buffers kept from batch to batch: allocating them anew for
+    // each batch cost more than the allocation (glibc consolidates its free lists on every large one).
+    let mut messages = Vec::with_capacity(FETCH_BATCH);
+    let mut spare_records: Vec<Record<'static>> = Vec::with_capacity(FETCH_BATCH);
     loop {
         let done = reached_end
             || ends.until.is_some_and(|end| processor.applied_to() >= end)
@@ -510,34 +515,57 @@ async fn consume(
         let wait = ends.pause_at.map_or(until_due, |at| {
             until_due.min(at.saturating_duration_since(now))
         });
-        let (messages, end) = fetch(&mut stream, consumer, wait, ends.until, stop).await?;
-        reached_end = end;
+        reached_end = fetch(&mut stream, consumer, wait, ends.until, stop, &mut messages).await?;
         if messages.is_empty() {
             continue;
         }
         let headers = headers_of(&messages, processor.reads_headers());
-        let records: Vec<Record<'_>> = messages
-            .iter()
-            .zip(&headers.ranges)
-            .map(|(m, range)| {
-                let record = Record::new(m.partition(), m.offset(), m.key(), m.payload())
-                    .with_headers(&headers.all[range.clone()]);
-                match m.timestamp().to_millis() {
-                    Some(timestamp) => record.with_timestamp(timestamp),
-                    None => record,
-                }
-            })
-            .collect();
-        let _permit = processing_permit(permits).await?;
-        off_the_runtime(|| processor.apply(&records))?;
+        let mut records = recycled(std::mem::take(&mut spare_records));
+        records.extend(messages.iter().enumerate().map(|(at, m)| {
+            let record = Record::new(m.partition(), m.offset(), m.key(), m.payload())
+                .with_headers(headers.of(at));
+            match m.timestamp().to_millis() {
+                Some(timestamp) => record.with_timestamp(timestamp),
+                None => record,
+            }
+        }));
+        let applied = {
+            let _permit = processing_permit(permits).await?;
+            off_the_runtime(|| processor.apply(&records))
+        };
+        spare_records = recycled(records);
+        drop(headers);
+        messages.clear();
+        applied?;
     }
 }
 
+/// `records` emptied, as records of another lifetime in the same allocation (collecting a vector's
+/// own iterator into elements of the same size reuses its buffer): a batch's records borrow its
+/// messages, and the buffer outlives them.
+#[expect(
+    clippy::unnecessary_filter_map,
+    reason = "`filter` cannot change the element's lifetime; `filter_map` does, in place"
+)]
+fn recycled<'b>(mut records: Vec<Record<'_>>) -> Vec<Record<'b>> {
+    records.clear();
+    records.into_iter().filter_map(|_| None).collect()
+}
+
 /// The headers of a fetch's messages: all in one vector (no allocation per message), and which part of
-/// it is each message's.
+/// it is each message's (nothing when the operator does not read them).
 struct FetchHeaders<'m> {
     all: Vec<Header<'m>>,
     ranges: Vec<std::ops::Range<usize>>,
+}
+
+impl<'m> FetchHeaders<'m> {
+    /// The headers of the fetch's message `at`.
+    fn of(&self, at: usize) -> &[Header<'m>] {
+        self.ranges
+            .get(at)
+            .map_or(&[], |range| &self.all[range.clone()])
+    }
 }
 
 /// The headers of `messages`, or none at all when the operator does not `read` them (librdkafka
@@ -548,13 +576,16 @@ fn headers_of<'m>(
 ) -> FetchHeaders<'m> {
     use rdkafka::message::Headers as _;
     let mut all = Vec::new();
+    if !read {
+        return FetchHeaders {
+            all,
+            ranges: Vec::new(),
+        };
+    }
     let ranges = messages
         .iter()
         .map(|message| {
             let from = all.len();
-            if !read {
-                return from..from;
-            }
             if let Some(headers) = message.headers() {
                 all.extend(headers.iter().map(|header| Header {
                     name: header.key,
@@ -667,6 +698,18 @@ pub fn is_mock_cluster(kafka: &KafkaSettings) -> ProcessorResult<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_buffer_is_reused_for_the_next_batch() {
+        let mut records = Vec::with_capacity(FETCH_BATCH);
+        let payload = vec![1u8; 4];
+        records.push(Record::new(0, 1, None, Some(&payload)));
+        let pointer = records.as_ptr().cast::<u8>();
+        let next: Vec<Record<'static>> = recycled(records);
+        assert!(next.is_empty());
+        assert_eq!(next.capacity(), FETCH_BATCH);
+        assert_eq!(next.as_ptr().cast::<u8>(), pointer, "the same allocation");
+    }
 
     #[test]
     fn a_partition_consumer_prefetches_as_the_instance_properties_say() {

@@ -42,6 +42,9 @@ pub(super) type Change<'a> = (&'a [u8], Option<&'a [u8]>);
 /// Receives each change of a decoded delta record.
 pub(super) type ChangeVisitor<'v> = dyn FnMut(&[u8], Option<&[u8]>) + 'v;
 
+/// Changes whose keys are looked up together before they are recorded.
+const LOOKUPS_AHEAD: usize = 16;
+
 /// Tags of an encoded change.
 const PUT: u8 = 1;
 const DELETE: u8 = 0;
@@ -159,8 +162,14 @@ impl PendingCommits {
 
     /// Records delta record `sequence` (`bytes` long), whose changes are `changes`, as written.
     pub(super) fn push(&mut self, sequence: u64, bytes: usize, changes: &[Change<'_>]) {
-        for (key, value) in changes {
-            self.set(key, *value);
+        for group in changes.chunks(LOOKUPS_AHEAD) {
+            // Independent lookups first: their cache misses overlap (see `PartitionState::prefetch`).
+            for (key, _) in group {
+                std::hint::black_box(self.latest.contains_key(*key));
+            }
+            for (key, value) in group {
+                self.set(key, *value);
+            }
         }
         if self.is_empty() {
             self.first = sequence;
