@@ -15,7 +15,7 @@
 //! records it has done, on its own clock, with its own CPU time (a process saturating both cores can
 //! starve the bench's reader, so it stamps its reports itself); records/s and CPU per record come from
 //! the reports at 10 % and 90 % of the input (start-up and the last commit excluded). The rows without
-//! outputs share one input and take turns over it, round after round (5; `BENCH_REPEATS=N`): each shows
+//! outputs share one input and take turns over it, round after round (7; `BENCH_REPEATS=N`): each shows
 //! its median run, and each ratio to the raw loop its rounds' ratios too. Then, for rows with outputs,
 //! a latency phase produces distinct keys at a steady rate and times each from its send to its output
 //! becoming visible to a `read_committed` consumer (end to end). Peak RSS is the process's `VmHWM`.
@@ -110,7 +110,7 @@ fn default_sizes(quick: bool) -> Sizes {
             latency_rate: 2_000,
             small_state: 100_000,
             large_state: 2_000_000,
-            repeats: 5,
+            repeats: 7,
         }
     }
 }
