@@ -155,7 +155,7 @@ impl PartitionState {
     /// lookup per record in turn waits for its cache miss (the hash bucket of a key seen a whole cycle
     /// of keys ago) before the next can start; independent lookups in a row overlap their misses, and
     /// the records' own lookups that follow find the lines cached.
-    pub fn prefetch<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+    pub(crate) fn prefetch<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
         for key in keys {
             std::hint::black_box(self.hot.get_index_of(key));
         }
