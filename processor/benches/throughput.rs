@@ -640,8 +640,9 @@ fn print_table(title: &str, rows: &[Row], sizes: Sizes) {
         }
     }
     println!(
-        "(rates and CPU between 10% and 90% of each row's input, produced before the row starts; rows without outputs share one input and take turns over it, {} rounds, each row's median run shown)",
-        sizes.repeats
+        "(rates and CPU between 10% and 90% of each row's input, produced before the row starts; rows without outputs share one input and take turns over it, {} round{}, each row's median run shown)",
+        sizes.repeats,
+        if sizes.repeats == 1 { "" } else { "s" }
     );
 }
 
