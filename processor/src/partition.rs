@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::operator::{Emitter, KeyPositions, Operator, Outcome, OutputMode, Record};
+use crate::store::cache::LOOKUPS_AHEAD;
 use crate::store::{PartitionState, PartitionStore};
 
 /// The write-back cache budget of a partition unless configured: 8 MiB.
@@ -19,10 +20,6 @@ pub const DEFAULT_STATE_CACHE_BYTES: usize = 8 << 20;
 
 /// Bytes a pending output is charged beyond its key and value (two vectors' headers).
 const OUTPUT_OVERHEAD: usize = 48;
-
-/// Records whose keys are looked up in the state cache together before they are applied (see
-/// [`PartitionState::prefetch`]; most operators keep state under the record's key).
-const PREFETCH_AHEAD: usize = 16;
 
 /// What the records applied since the last commit did, and — once committed — where the partition is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -245,8 +242,9 @@ impl PartitionProcessor {
         let partition = self.partition();
         let outputs_before = self.pending.outputs.len();
         for (at, record) in records.iter().enumerate() {
-            if at % PREFETCH_AHEAD == 0 {
-                let ahead = &records[at..records.len().min(at + PREFETCH_AHEAD)];
+            // Most operators keep state under the record's key: those keys are looked up ahead.
+            if at % LOOKUPS_AHEAD == 0 {
+                let ahead = &records[at..records.len().min(at + LOOKUPS_AHEAD)];
                 self.state.prefetch(ahead.iter().filter_map(|r| r.key));
             }
             if record.partition != partition {

@@ -34,6 +34,10 @@ struct Slot {
     dirty: bool,
 }
 
+/// Keys looked up together ahead of the records (or changes) that will read them: see
+/// [`PartitionState::prefetch`]. 8 and 32 measured the same.
+pub(crate) const LOOKUPS_AHEAD: usize = 16;
+
 /// Bytes a cached entry is charged beyond its key and value: the map slot (small keys and values are
 /// held inside it, see [`super::inline`]).
 const ENTRY_OVERHEAD: usize = 64;

@@ -141,7 +141,7 @@ impl RocksDbStores {
         // Both families listed: one left out (the default, where the state's keys live) would get
         // RocksDB's default options — no compression, no bloom filters, its own cache.
         let families = [rocksdb::DEFAULT_COLUMN_FAMILY_NAME, META_CF]
-            .map(|name| ColumnFamilyDescriptor::new(name, self.options()));
+            .map(|name| ColumnFamilyDescriptor::new(name, options.clone()));
         let db = DB::open_cf_descriptors(&options, path, families)
             .map_err(|err| ProcessorError::store(partition, "open", err))?;
         let mut store = RocksDbPartitionStore {

@@ -15,6 +15,7 @@
 
 use hashbrown::HashMap;
 
+use crate::store::cache::LOOKUPS_AHEAD;
 use crate::store::inline::{HeldKey, HeldValue};
 
 /// Prefix of a delta record's key in the meta column family; the record's sequence number follows
@@ -41,9 +42,6 @@ pub(super) type Change<'a> = (&'a [u8], Option<&'a [u8]>);
 
 /// Receives each change of a decoded delta record.
 pub(super) type ChangeVisitor<'v> = dyn FnMut(&[u8], Option<&[u8]>) + 'v;
-
-/// Changes whose keys are looked up together before they are recorded.
-const LOOKUPS_AHEAD: usize = 16;
 
 /// Tags of an encoded change.
 const PUT: u8 = 1;
