@@ -12,6 +12,38 @@ cd "$(dirname "$0")/.."
 
 source scripts/lib/build-env.sh
 
+# Each step's time and the tests counted, printed at the end (also on failure): what a CI run spends
+# where, and how many tests ran.
+RUN_START=$SECONDS
+STEP_NAME="setup (packages, Kafka jars, verifier)"
+STEP_START=$SECONDS
+STEP_LINES=()
+TEST_LOG=$(mktemp)
+step() {
+  STEP_LINES+=("$(printf '%6ss  %s' "$((SECONDS - STEP_START))" "$STEP_NAME")")
+  STEP_NAME="$1"
+  STEP_START=$SECONDS
+  log "$1"
+}
+report_times() {
+  local status=$?
+  STEP_LINES+=("$(printf '%6ss  %s' "$((SECONDS - STEP_START))" "$STEP_NAME")")
+  printf '\n==> time per step\n'
+  printf '%s\n' "${STEP_LINES[@]}"
+  printf '%6ss  total\n' "$((SECONDS - RUN_START))"
+  local counts
+  counts=$(awk '/^test result: /{for(i=1;i<NF;i++){if($(i+1)~/^passed/)p+=$i; if($(i+1)~/^failed/)f+=$i}} END{printf "%d passed, %d failed", p, f}' "$TEST_LOG")
+  rm -f "$TEST_LOG"
+  printf '\ntests: %s\n' "$counts"
+  exit "$status"
+}
+trap report_times EXIT
+
+# cargo test, its output also kept to count the tests at the end.
+counted_test() {
+  cargo test "$@" 2>&1 | tee -a "$TEST_LOG"
+}
+
 have_postgres() {
   command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
 }
@@ -80,13 +112,13 @@ install_test_services
 fetch_kafka_jars
 prepare_verifier
 
-log "cargo fmt --check"
+step "cargo fmt --check"
 cargo fmt --all -- --check
 
-log "cargo clippy (all targets, all features, -D warnings)"
+step "cargo clippy (all targets, all features, -D warnings)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
-log "layout rules: the lock crates never build Kafka or RocksDB; the processor library has no CLI deps"
+step "layout rules: the lock crates never build Kafka or RocksDB; the processor library has no CLI deps"
 # An embedder of `state` (and the lock test crate) must not pay the 25-30 minute RocksDB build, and an
 # embedder of the `processor` library gets no argument parser or terminal UI.
 forbidden_in() {
@@ -104,25 +136,26 @@ forbidden_in benches normal,dev,build "rdkafka|rdkafka-sys|rocksdb|librocksdb-sy
 # (Runtime dependencies only: a proc-macro's own helpers, like prost-derive's anyhow, are not linked.)
 forbidden_in processor normal,no-proc-macro "clap|indicatif|anyhow|tracing-subscriber"
 
-log "each feature of state builds alone"
+step "each feature of state builds alone"
 cargo check -q -p state --no-default-features
 for feature in redis postgres etcd conformance; do
   cargo check -q -p state --no-default-features --features "$feature"
 done
 
-log "docs build without warnings"
+step "docs build without warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps --all-features
 
-log "tests (unit, doc, conformance, real servers, bench smoke runs)"
-cargo test --workspace --all-features --all-targets
-cargo test --workspace --all-features --doc
+step "tests (unit, doc, conformance, real servers, bench smoke runs)"
+counted_test --workspace --all-features --all-targets
+step "doc tests"
+counted_test --workspace --all-features --doc
 
-log "the processor's Kafka-facing suites again, on a real Apache Kafka broker"
+step "the processor's Kafka-facing suites again, on a real Apache Kafka broker"
 # Same targets and features as above (nothing rebuilds); the mock-cluster runs stay the fast default.
-PROCESSOR_TEST_BROKER=kafka cargo test --workspace --all-features \
+PROCESSOR_TEST_BROKER=kafka counted_test --workspace --all-features \
   --test pipeline --test fleet --test restore --test missing_offsets --test fleet_processes
 
-log "one build: the demo's build after the test command compiles nothing"
+step "one build: the demo's build after the test command compiles nothing"
 # The README promises that the demo command and this command share one build. Cargo unifies features
 # per command, so a dependency feature that only the tests enable would rebuild RocksDB and librdkafka
 # for the demo (workspace-hack/Cargo.toml pins them); this catches a new one.

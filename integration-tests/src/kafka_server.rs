@@ -118,6 +118,8 @@ pub struct KafkaNode {
     controller_port: u16,
     /// The SASL_SSL listener's port and the directory of its certificates, when the node has one.
     secure: Option<(u16, PathBuf)>,
+    /// A second plaintext listener's port and the port it advertises (a proxy's), when it has one.
+    proxied: Option<(u16, u16)>,
     dir: PathBuf,
     libs: PathBuf,
     process: ServerProcess,
@@ -259,7 +261,18 @@ impl KafkaCluster {
     /// # Panics
     /// When Java or the jars are missing, or the node does not start.
     pub fn single() -> Self {
-        Self::start(1, false)
+        Self::start(1, false, None)
+    }
+
+    /// One combined node with a second plaintext listener, `PROXIED`, on `listen_port`, which
+    /// advertises `127.0.0.1:{advertised_port}` — the port of a [`FaultProxy`](crate::FaultProxy) to
+    /// `listen_port`. Clients that bootstrap through the proxy make every connection through it (the
+    /// brokers' metadata names the proxy); [`bootstrap_servers`](Self::bootstrap_servers) stays direct.
+    ///
+    /// # Panics
+    /// As [`single`](Self::single).
+    pub fn single_with_proxied_listener(listen_port: u16, advertised_port: u16) -> Self {
+        Self::start(1, false, Some((listen_port, advertised_port)))
     }
 
     /// One combined node that also listens with SASL_SSL: TLS with a throwaway CA (certificate for
@@ -269,7 +282,7 @@ impl KafkaCluster {
     /// # Panics
     /// As [`single`](Self::single); when `openssl` is missing.
     pub fn single_with_sasl_ssl() -> Self {
-        Self::start(1, true)
+        Self::start(1, true, None)
     }
 
     /// Three combined nodes (three controller voters): replication factor 3 and
@@ -278,10 +291,10 @@ impl KafkaCluster {
     /// # Panics
     /// As [`single`](Self::single).
     pub fn three() -> Self {
-        Self::start(3, false)
+        Self::start(3, false, None)
     }
 
-    fn start(n: u32, with_sasl_ssl: bool) -> Self {
+    fn start(n: u32, with_sasl_ssl: bool, proxied: Option<(u16, u16)>) -> Self {
         let libs = kafka_libs();
         let dir = tempfile::Builder::new()
             .prefix("kafka-fixture-")
@@ -312,6 +325,7 @@ impl KafkaCluster {
                     port: *port,
                     controller_port: *controller_port,
                     secure: secure.as_ref().map(|(port, certs)| (*port, certs.clone())),
+                    proxied,
                     dir: dir.path().join(format!("node-{}", i + 1)),
                     libs: libs.clone(),
                     process: ServerProcess::default(),
@@ -386,11 +400,11 @@ impl KafkaNode {
             "process.roles=broker,controller\n\
              node.id={id}\n\
              controller.quorum.voters={voters}\n\
-             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}{secure_listener}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{port}{secure_listener}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}{secure_listener}{proxied_listener}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port}{secure_listener}{proxied_advertised}\n\
              controller.listener.names=CONTROLLER\n\
              inter.broker.listener.name=PLAINTEXT\n\
-             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL\n\
+             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,PROXIED:PLAINTEXT\n\
              log.dirs={data}\n\
              num.partitions=1\n\
              default.replication.factor={replication}\n\
@@ -417,6 +431,14 @@ impl KafkaNode {
                 .secure
                 .as_ref()
                 .map(|(port, _)| format!(",SASL_SSL://127.0.0.1:{port}"))
+                .unwrap_or_default(),
+            proxied_listener = self
+                .proxied
+                .map(|(listen, _)| format!(",PROXIED://127.0.0.1:{listen}"))
+                .unwrap_or_default(),
+            proxied_advertised = self
+                .proxied
+                .map(|(_, advertised)| format!(",PROXIED://127.0.0.1:{advertised}"))
                 .unwrap_or_default(),
         );
         if let Some((_, certs)) = &self.secure {

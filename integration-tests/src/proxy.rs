@@ -1,7 +1,9 @@
 //! A fault-injection TCP proxy on loopback, placed between a client and a real server (Redis, a Redlock
 //! node, PostgreSQL): it passes bytes through, delays them, freezes them (holds every byte in both
 //! directions, connections stay open — a hung server as the client sees it), or cuts every open
-//! connection (new ones are still accepted).
+//! connection (new ones are still accepted), or hangs every open connection for good while new ones
+//! pass (a peer that vanished without a reset: what a client meets on a connection that outlived its
+//! server's restart behind a stateful middlebox).
 //!
 //! ```ignore
 //! let proxy = FaultProxy::start(redis.port()).await;
@@ -9,6 +11,7 @@
 //! proxy.freeze();   // the server "hangs": requests go out, no answer comes back
 //! proxy.pass();     // the held bytes flow again, in order
 //! proxy.cut();      // every open connection is reset
+//! proxy.hang_open(); // every open connection hangs forever; new ones pass
 //! ```
 
 use std::net::SocketAddr;
@@ -42,6 +45,7 @@ pub struct FaultProxy {
     port: u16,
     mode: Arc<watch::Sender<ProxyMode>>,
     cut: Arc<std::sync::Mutex<CancellationToken>>,
+    hang: Arc<std::sync::Mutex<CancellationToken>>,
     forwarded: Arc<AtomicU64>,
     accept: JoinHandle<()>,
     stop: CancellationToken,
@@ -68,6 +72,7 @@ impl FaultProxy {
         let port = listener.local_addr().expect("proxy address").port();
         let mode = Arc::new(watch::channel(ProxyMode::Pass).0);
         let cut = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let hang = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
         let forwarded = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         let upstream = SocketAddr::from(([127, 0, 0, 1], upstream));
@@ -76,6 +81,7 @@ impl FaultProxy {
             upstream,
             Arc::clone(&mode),
             Arc::clone(&cut),
+            Arc::clone(&hang),
             Arc::clone(&forwarded),
             stop.clone(),
         ));
@@ -83,6 +89,7 @@ impl FaultProxy {
             port,
             mode,
             cut,
+            hang,
             forwarded,
             accept,
             stop,
@@ -126,6 +133,14 @@ impl FaultProxy {
         *current = CancellationToken::new();
     }
 
+    /// Hangs every connection open now, for good: nothing more passes either way and the sockets stay
+    /// open (no reset, no close) until [`cut`](Self::cut) or drop. Connections made later pass.
+    pub fn hang_open(&self) {
+        let mut current = self.hang.lock().unwrap_or_else(|p| p.into_inner());
+        current.cancel();
+        *current = CancellationToken::new();
+    }
+
     /// Bytes forwarded so far (both directions).
     pub fn forwarded_bytes(&self) -> u64 {
         self.forwarded.load(Ordering::SeqCst)
@@ -145,6 +160,7 @@ async fn accept_loop(
     upstream: SocketAddr,
     mode: Arc<watch::Sender<ProxyMode>>,
     cut: Arc<std::sync::Mutex<CancellationToken>>,
+    hang: Arc<std::sync::Mutex<CancellationToken>>,
     forwarded: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
@@ -155,6 +171,7 @@ async fn accept_loop(
         };
         let Ok((client, _)) = accepted else { continue };
         let connection_cut = cut.lock().unwrap_or_else(|p| p.into_inner()).child_token();
+        let connection_hang = hang.lock().unwrap_or_else(|p| p.into_inner()).child_token();
         let (mode, forwarded) = (mode.subscribe(), Arc::clone(&forwarded));
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(upstream).await else {
@@ -169,9 +186,17 @@ async fn accept_loop(
                 server_write,
                 mode.clone(),
                 Arc::clone(&forwarded),
+                connection_hang.clone(),
                 false,
             );
-            let down = pump(server_read, client_write, mode, forwarded, true);
+            let down = pump(
+                server_read,
+                client_write,
+                mode,
+                forwarded,
+                connection_hang,
+                true,
+            );
             tokio::select! {
                 _ = connection_cut.cancelled() => {}
                 _ = async { tokio::join!(up, down) } => {}
@@ -188,17 +213,26 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<ProxyMode>,
     forwarded: Arc<AtomicU64>,
+    hang: CancellationToken,
     answers: bool,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
-        let read = match from.read(&mut buffer).await {
+        let read = tokio::select! {
+            biased;
+            () = hang.cancelled() => return std::future::pending().await,
+            read = from.read(&mut buffer) => read,
+        };
+        let read = match read {
             Ok(0) | Err(_) => {
                 let _ = to.shutdown().await;
                 return;
             }
             Ok(read) => read,
         };
+        if hang.is_cancelled() {
+            return std::future::pending().await;
+        }
         loop {
             let current = *mode.borrow_and_update();
             match current {
@@ -306,5 +340,21 @@ mod tests {
                 .is_some()
         );
         assert!(proxy.forwarded_bytes() >= 16);
+
+        proxy.hang_open();
+        assert_eq!(
+            round_trip(&mut again, Duration::from_millis(300)).await,
+            None,
+            "an open connection hangs"
+        );
+        let mut fresh = TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        assert!(
+            round_trip(&mut fresh, Duration::from_secs(2))
+                .await
+                .is_some(),
+            "a new connection passes"
+        );
     }
 }

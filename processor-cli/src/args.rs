@@ -236,6 +236,16 @@ pub(crate) struct RunArgs {
     /// how long a dead instance's partitions wait before others take them.
     #[arg(long, env = "CLAIM_TTL_SECS", default_value_t = 5.0)]
     pub(crate) claim_ttl_secs: f64,
+    /// Seconds a partition with records waiting (or starting, committing, checkpointing, handing off)
+    /// may go without progress before the watchdog gives it up — abandons its task, releases its
+    /// claim, and claims it again with new Kafka clients. 0 turns the watchdog off.
+    #[arg(long, env = "STALL_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub(crate) stall_timeout_secs: f64,
+    /// Seconds a stop (SIGTERM, Ctrl-C) may take: partitions not handed off by then are abandoned
+    /// (their claims lapse; the next owners resume from the stored offsets) and the process exits
+    /// with status 1. Default: the claim TTL + 5 s.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS")]
+    pub(crate) shutdown_timeout_secs: Option<f64>,
     /// How many owned partitions process a batch at the same time (default: the CPU count).
     #[arg(long, env = "PARALLELISM")]
     pub(crate) parallelism: Option<usize>,

@@ -85,6 +85,18 @@ fn instance_config(args: &RunArgs, instance_id: &str) -> anyhow::Result<Instance
     )
     .with_claim_ttl(claim_ttl)
     .with_max_members(args.max_members);
+    let stall_timeout = if args.stall_timeout_secs == 0.0 {
+        None
+    } else {
+        Some(positive_secs(
+            "--stall-timeout-secs",
+            args.stall_timeout_secs,
+        )?)
+    };
+    config = config.with_stall_timeout(stall_timeout);
+    if let Some(secs) = args.shutdown_timeout_secs {
+        config = config.with_shutdown_timeout(positive_secs("--shutdown-timeout-secs", secs)?);
+    }
     match args.parallelism {
         Some(0) => bail!("--parallelism must be at least 1"),
         Some(n) => config = config.with_parallelism(n),
@@ -160,6 +172,45 @@ fn resolved_instance_id(args: &RunArgs) -> String {
 }
 
 async fn run(args: RunArgs, metrics: Option<MetricsRender>) -> anyhow::Result<()> {
+    // Listening for SIGTERM first: a signal during the start (connecting to the brokers and the lock
+    // backend can take seconds) stops the process cleanly instead of killing it mid-way.
+    let stop = stop_on_signals()?;
+    let starting = start_instance(args, metrics, stop.clone());
+    let (instance, _server) = tokio::select! {
+        biased;
+        () = stop.cancelled() => {
+            tracing::info!("stopped while starting");
+            return Ok(());
+        }
+        started = starting => started?,
+    };
+    instance.run(stop).await?;
+    Ok(())
+}
+
+/// A token cancelled by SIGTERM or Ctrl-C (the handlers are installed before this returns).
+fn stop_on_signals() -> anyhow::Result<CancellationToken> {
+    let stop = CancellationToken::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install the SIGTERM handler")?;
+    let signals = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        signals.cancel();
+    });
+    Ok(stop)
+}
+
+/// Everything `run` does before the instance runs: configuration, the HTTP endpoint, the brokers' and
+/// the lock backend's first answers. Returns the instance and its HTTP server's task.
+async fn start_instance(
+    args: RunArgs,
+    metrics: Option<MetricsRender>,
+    stop: CancellationToken,
+) -> anyhow::Result<(Arc<Instance>, Option<tokio::task::JoinHandle<()>>)> {
     let lock_url = fleet_lock_url(&args)?.to_owned();
     let instance_id = resolved_instance_id(&args);
     if args.instance_id.is_none() {
@@ -191,7 +242,13 @@ async fn run(args: RunArgs, metrics: Option<MetricsRender>) -> anyhow::Result<()
         .with_context(|| format!("state dir {} is not writable", args.state_dir.display()))?;
     // Fail fast, with one line, when the broker or topic is not there (with the instance's client
     // settings: a bad property or a refused login shows here). The partition count is the brokers'.
-    config.partitions = match processor::source::partition_count(&config.kafka, &args.topic) {
+    // (On a blocking thread: a SIGTERM meanwhile is heard.)
+    let (kafka, topic) = (config.kafka.clone(), args.topic.clone());
+    let counted =
+        tokio::task::spawn_blocking(move || processor::source::partition_count(&kafka, &topic))
+            .await
+            .context("read the topic's partition count")?;
+    config.partitions = match counted {
         Ok(count) => count,
         Err(
             err @ (processor::ProcessorError::InvalidInput { .. }
@@ -223,27 +280,12 @@ async fn run(args: RunArgs, metrics: Option<MetricsRender>) -> anyhow::Result<()
             .with_commit_coalescing(args.commit_coalescing_mb << 20),
     );
     let instance = Instance::new(config, services)?;
-    let stop = CancellationToken::new();
-    let _server = http.map(|listener| {
+    let server = http.map(|listener| {
         let instances = Arc::new(LocalInstances::default());
         instances.add(Arc::clone(&instance));
-        serve_in_background(listener, instances, metrics, stop.clone())
+        serve_in_background(listener, instances, metrics, stop)
     });
-    let signals = stop.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        signals.cancel();
-    });
-    instance.run(stop).await?;
-    Ok(())
+    Ok((instance, server))
 }
 
 /// Writes one line to stdout; a closed pipe (`| head`) ends the output quietly.
@@ -417,13 +459,30 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
-#[tokio::main]
-async fn main() {
+/// How long the runtime waits at exit for blocking threads: a Kafka call abandoned past its bound may
+/// never return, and must not keep the process alive (its claims are released or lapse already).
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+fn main() {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("processor: cannot start the async runtime: {err}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(run_command());
+    runtime.shutdown_timeout(EXIT_GRACE);
+    std::process::exit(code);
+}
+
+/// Runs the command line's command; the process exit status.
+async fn run_command() -> i32 {
     let cli = match settings::parse_cli() {
         Ok(cli) => cli,
         Err(err) => {
             eprintln!("processor: {err:#}");
-            std::process::exit(2);
+            return 2;
         }
     };
     // The demo draws progress bars: only warnings interrupt them unless RUST_LOG says otherwise.
@@ -443,7 +502,7 @@ async fn main() {
             Ok(render) => Some(render),
             Err(err) => {
                 eprintln!("processor: {err:#}");
-                std::process::exit(1);
+                return 1;
             }
         }
     } else {
@@ -477,7 +536,7 @@ async fn main() {
             };
             if start_at > records {
                 eprintln!("processor: --start-at must not exceed --records");
-                std::process::exit(2);
+                return 2;
             }
             workload
                 .produce_range(&brokers, &topic, start_at..records)
@@ -503,6 +562,7 @@ async fn main() {
     };
     if let Err(err) = outcome {
         eprintln!("processor: {err:#}");
-        std::process::exit(1);
+        return 1;
     }
+    0
 }

@@ -190,6 +190,8 @@ pub fn check(args: &RunArgs) -> anyhow::Result<()> {
         "dead_letter_topic": config.dead_letter_topic,
         "on_missing_offsets": format!("{:?}", config.on_missing_offsets),
         "restore_older_checkpoint": config.restore_older_checkpoint,
+        "stall_timeout_secs": config.stall_timeout.map(|bound| bound.as_secs_f64()),
+        "shutdown_timeout_secs": config.shutdown_bound().as_secs_f64(),
         "http": args.http,
         "http_advertise": args.http_advertise,
         "config_file": args.config,

@@ -5,13 +5,15 @@
 //! Three instances coordinate through Redis and publish every running aggregate to an output topic.
 //! While the workload arrives in parts: chaos cycles — p1 or p2 at random, at a random moment, SIGKILLed
 //! and restarted or frozen with SIGSTOP past its claims' TTL and thawed (5 cycles; `CHAOS_CYCLES=20` for
-//! a soak; `CHAOS_SEED` replays a run, whose seed is printed) — then one owner frozen with SIGSTOP well
+//! a longer run; `CHAOS_SEED` replays a run, whose seed is printed; `CHAOS_RUNS=20` repeats the whole
+//! run on fresh clusters with 20 seeds — the soak) — then one owner frozen with SIGSTOP well
 //! past its claims' TTL and thawed (a zombie: its successor's producer fenced its transactional id, so
 //! nothing it produces after the takeover may become visible, and it must stop processing the
 //! partitions it lost), and the broker leading input partition 0 killed and restarted mid-run. Then a
 //! `read_committed` reader must see, per key, each running aggregate exactly once, the last one equal to
-//! the recomputation. The same run with `--output-guarantee at-least-once` shows repeats (the verifier
-//! can fail).
+//! the recomputation, the fleet caught up within 3 minutes of the last record and every SIGTERM answered
+//! within the stop bound (claim TTL + 5 s). The same run with `--output-guarantee at-least-once` shows
+//! repeats (the verifier can fail).
 
 // A test: helpers panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -34,6 +36,13 @@ use support::{
 };
 
 const OUTPUT: &str = "orders.out";
+const DEAD_LETTERS: &str = "orders.dlq";
+/// The claims' TTL of the run, and the stop bound that follows from it (TTL + 5 s, the default).
+const CLAIM_TTL_SECS: u64 = 2;
+const STOP_BOUND: Duration = Duration::from_secs(CLAIM_TTL_SECS + 5);
+/// How long the fleet may take to catch up after the last record was produced (the progress
+/// watchdog's default bound is 30 s; a broker restart and a zombie fit well inside).
+const CATCH_UP_WITHIN: Duration = Duration::from_secs(180);
 
 /// One chaos run at a time: three brokers and three instances already fill two cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -42,8 +51,16 @@ fn log_of(root: &Path, id: &str) -> String {
     std::fs::read_to_string(root.join(format!("{id}.log"))).unwrap_or_default()
 }
 
-/// The run of the module docs with `--output-guarantee guarantee`; the verifier's report.
-fn chaos_run(guarantee: &str) -> VerifierReport {
+/// What one chaos run measured.
+struct ChaosOutcome {
+    report: VerifierReport,
+    seed: u64,
+    caught_up_after: Duration,
+    stopped_in: Vec<Duration>,
+}
+
+/// The run of the module docs with `--output-guarantee guarantee` and `seed` (random when `None`).
+fn chaos_run(guarantee: &str, seed: Option<u64>) -> ChaosOutcome {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let scratch = support::Scratch::new();
     let root: PathBuf = scratch.path();
@@ -55,6 +72,9 @@ fn chaos_run(guarantee: &str) -> VerifierReport {
         .unwrap();
     runtime
         .block_on(admin::create_topic(&brokers, OUTPUT, 4, 3, &[]))
+        .unwrap();
+    runtime
+        .block_on(admin::create_topic(&brokers, DEAD_LETTERS, 1, 3, &[]))
         .unwrap();
     let redis = RedisServer::start_new();
     let workload = Workload {
@@ -71,10 +91,7 @@ fn chaos_run(guarantee: &str) -> VerifierReport {
         .ok()
         .and_then(|cycles| cycles.parse().ok())
         .unwrap_or(5);
-    let seed: u64 = std::env::var("CHAOS_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed: u64 = seed.unwrap_or_else(rand::random);
     println!("chaos: CHAOS_SEED={seed} CHAOS_CYCLES={cycles} replays this run");
     let mut rng = StdRng::seed_from_u64(seed);
     let chunk = workload.records / (cycles + 3);
@@ -88,13 +105,18 @@ fn chaos_run(guarantee: &str) -> VerifierReport {
 
     // Checkpoints every 3 s: a partition that moves after a kill is restored from state seconds behind
     // the outputs its owner already published, so every run replays (and at-least-once repeats).
+    let claim_ttl = CLAIM_TTL_SECS.to_string();
     let extra = [
         "--output-topic",
         OUTPUT,
+        "--dead-letter-topic",
+        DEAD_LETTERS,
         "--output-guarantee",
         guarantee,
         "--checkpoint-interval-secs",
         "3",
+        "--claim-ttl-secs",
+        &claim_ttl,
     ];
     let start = |id: &str| run_instance_with(id, &brokers, &redis.url(), &root, &extra);
     let mut fleet: BTreeMap<&str, Proc> = ["p1", "p2", "p3"]
@@ -156,21 +178,22 @@ fn chaos_run(guarantee: &str) -> VerifierReport {
     while produced < workload.records {
         produce_next(&mut produced);
     }
+    let all_produced = std::time::Instant::now();
 
-    wait_for(
-        "the fleet to catch up",
-        Duration::from_secs(240),
-        &root,
-        || {
-            let now = offsets(&checkpoints);
-            (0..PARTITIONS).all(|p| now.get(&p) == Some(&expected_ends[p as usize]))
-        },
-    );
+    wait_for("the fleet to catch up", CATCH_UP_WITHIN, &root, || {
+        let now = offsets(&checkpoints);
+        (0..PARTITIONS).all(|p| now.get(&p) == Some(&expected_ends[p as usize]))
+    });
+    let caught_up_after = all_produced.elapsed();
     for proc in fleet.values() {
         proc.signal(Signal::SIGTERM);
     }
+    let stopping = std::time::Instant::now();
+    let mut stopped_in = Vec::new();
     for (id, proc) in &mut fleet {
-        let status = proc.wait_exit(Duration::from_secs(60));
+        // Every SIGTERM is answered within the stop bound (plus the process' own exit).
+        let status = proc.wait_exit(STOP_BOUND + Duration::from_secs(5));
+        stopped_in.push(stopping.elapsed());
         assert!(status.success(), "{id} exited with {status} after SIGTERM");
     }
     // The thawed zombie noticed: its claim was gone (stale owner) or its producer fenced.
@@ -181,21 +204,50 @@ fn chaos_run(guarantee: &str) -> VerifierReport {
     );
     let report = verify_outputs(&brokers, TOPIC, OUTPUT);
     println!("verifier, {guarantee}: {report:?}");
-    report
+    ChaosOutcome {
+        report,
+        seed,
+        caught_up_after,
+        stopped_in,
+    }
 }
 
+/// The seed of the first run: `CHAOS_SEED`, or random.
+fn first_seed() -> Option<u64> {
+    std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+}
+
+/// One run by default; `CHAOS_RUNS=20` is the soak (seeds `CHAOS_SEED`, +1, +2, … when given).
 #[test]
 fn three_processes_on_three_brokers_publish_each_effect_exactly_once_through_kills_a_zombie_and_a_broker_restart()
  {
-    let report = chaos_run("exactly-once");
-    assert!(report.error.is_none(), "{report:?}");
-    assert!(report.ok, "exactly-once violated: {report:?}");
-    assert_eq!(report.inputs, 24_000);
+    let runs: u64 = std::env::var("CHAOS_RUNS")
+        .ok()
+        .and_then(|runs| runs.parse().ok())
+        .unwrap_or(1);
+    let first = first_seed();
+    for run in 0..runs {
+        let outcome = chaos_run("exactly-once", first.map(|seed| seed + run));
+        let report = &outcome.report;
+        println!(
+            "soak run {}/{runs}: CHAOS_SEED={} exact={} caught up {:.1?} after the last record, SIGTERM answered in {:.1?}",
+            run + 1,
+            outcome.seed,
+            report.ok,
+            outcome.caught_up_after,
+            outcome.stopped_in
+        );
+        assert!(report.error.is_none(), "{report:?}");
+        assert!(report.ok, "exactly-once violated: {report:?}");
+        assert_eq!(report.inputs, 24_000);
+    }
 }
 
 #[test]
 fn the_same_run_at_least_once_shows_repeats() {
-    let report = chaos_run("at-least-once");
+    let report = chaos_run("at-least-once", first_seed()).report;
     assert!(report.error.is_none(), "{report:?}");
     assert!(
         report.duplicates > 0 && report.missing == 0 && report.mismatched == 0,

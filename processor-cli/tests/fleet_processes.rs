@@ -254,3 +254,43 @@ fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
     broker.signal(Signal::SIGTERM);
     assert!(broker.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// SIGTERM while `processor run` is still starting (here: its first metadata request hangs on a
+/// "broker" that accepts connections and never answers) ends it cleanly, by its own exit, instead of
+/// by the signal's default action. Failed before the fix: the handler was installed only once the
+/// instance had started, so the process died of the signal.
+#[test]
+fn sigterm_during_start_up_ends_the_process_cleanly() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let brokers = silent.local_addr().unwrap().to_string();
+    let scratch = support::Scratch::new();
+    let root = scratch.path();
+    let mut proc = Proc(
+        support::processor(&[
+            "run",
+            "--brokers",
+            &brokers,
+            "--topic",
+            TOPIC,
+            "--single-instance",
+            "--state-dir",
+            root.join("state").to_str().unwrap(),
+            "--checkpoint-dir",
+            root.join("checkpoints").to_str().unwrap(),
+            "--create-checkpoint-dir",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(1_500));
+    proc.signal(Signal::SIGTERM);
+    let status = proc.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.code().is_some(),
+        "the process died of the signal instead of exiting: {status}"
+    );
+    assert!(status.success(), "{status}");
+    drop(silent);
+}

@@ -10,6 +10,13 @@ use crate::kafka_settings::KafkaSettings;
 /// The shortest claim lease: renewals run every third of it, and a backend round trip must fit.
 pub const MIN_CLAIM_TTL: Duration = Duration::from_millis(100);
 
+/// The progress watchdog's default bound: far above a healthy commit (milliseconds) and a broker
+/// failover (a leader election on the brokers' defaults takes up to about 18 s), far below "minutes".
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The shortest watchdog bound accepted: below it a partition's ordinary steps would look stalled.
+pub const MIN_STALL_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn invalid(what: &'static str, reason: String) -> ProcessorError {
     ProcessorError::InvalidInput { what, reason }
 }
@@ -146,6 +153,17 @@ pub struct InstanceConfig {
     /// Where this instance serves its status (`http://host:port/instances/{id}/status`), recorded with
     /// its membership so that other members and the dashboard find it; `None` without an HTTP endpoint.
     pub status_url: Option<String>,
+    /// The progress watchdog's bound (default 30 s; `None`: no watchdog): a partition that has records
+    /// waiting past its position — or is starting, committing, checkpointing or handing off — and has
+    /// neither applied a batch nor completed a commit or step for this long is given up: its task is
+    /// abandoned, its claim released, and it is claimed again with new Kafka clients. A restore may
+    /// take ten bounds. Counted in `processor_partition_stalls_total` and the status' `stalls`.
+    pub stall_timeout: Option<Duration>,
+    /// How long a stop may take (`None`, the default: the claim TTL + 5 s): partitions still not
+    /// handed off by then are abandoned — their claims lapse, their next owners resume from the
+    /// stored offsets — and [`Instance::run`](crate::Instance::run) returns
+    /// [`ProcessorError::ShutdownAbandoned`](crate::ProcessorError::ShutdownAbandoned).
+    pub shutdown_timeout: Option<Duration>,
 }
 
 impl InstanceConfig {
@@ -188,7 +206,30 @@ impl InstanceConfig {
             on_missing_offsets: MissingOffsets::Fail,
             restore_older_checkpoint: false,
             status_url: None,
+            stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
+            shutdown_timeout: None,
         }
+    }
+
+    /// Sets the progress watchdog's bound (`None`: no watchdog); see
+    /// [`stall_timeout`](Self::stall_timeout).
+    #[must_use]
+    pub fn with_stall_timeout(mut self, bound: Option<Duration>) -> Self {
+        self.stall_timeout = bound;
+        self
+    }
+
+    /// Sets how long a stop may take; see [`shutdown_timeout`](Self::shutdown_timeout).
+    #[must_use]
+    pub fn with_shutdown_timeout(mut self, bound: Duration) -> Self {
+        self.shutdown_timeout = Some(bound);
+        self
+    }
+
+    /// How long a stop may take: [`shutdown_timeout`](Self::shutdown_timeout), or the claim TTL + 5 s.
+    pub fn shutdown_bound(&self) -> Duration {
+        self.shutdown_timeout
+            .unwrap_or(self.claim_ttl + Duration::from_secs(5))
     }
 
     /// Records `url` as where this instance serves its status (see [`crate::http`]).
@@ -350,6 +391,16 @@ impl InstanceConfig {
             return Err(invalid(
                 "partitions",
                 format!("{} must be at least 1", self.partitions),
+            ));
+        }
+        if let Some(bound) = self.stall_timeout
+            && bound < MIN_STALL_TIMEOUT
+        {
+            return Err(invalid(
+                "stall timeout",
+                format!(
+                    "{bound:?} must be at least {MIN_STALL_TIMEOUT:?} (or no watchdog at all): a partition's ordinary steps take that long"
+                ),
             ));
         }
         if self.claim_ttl < MIN_CLAIM_TTL {

@@ -150,6 +150,51 @@ pub enum ProcessorError {
         source: tokio::task::JoinError,
     },
 
+    /// A blocking Kafka call did not return within the processor's own bound. librdkafka takes a
+    /// timeout for each such call but does not always keep it (a transactional call waiting for a
+    /// group coordinator that went away can wait forever), so the processor keeps the time itself: the
+    /// call's thread is written off, its client dropped, and the partition restarts from its stored
+    /// offset with new clients (fencing and replay make that safe).
+    #[error(
+        "kafka did not answer `{operation}` within {after:?}: the call was abandoned; the partition restarts from its stored offset with new Kafka clients"
+    )]
+    KafkaCallTimedOut {
+        /// The call.
+        operation: &'static str,
+        /// The bound it was given.
+        after: std::time::Duration,
+    },
+
+    /// The progress watchdog gave a partition up: it had records to process past its position (or was
+    /// still starting) and neither a batch nor a commit completed for longer than the bound. Its task
+    /// was abandoned and its claim released; it is claimed again with new Kafka clients.
+    #[error(
+        "partition {partition} made no progress for {silent_for:?} while {phase} (watchdog bound {bound:?}, see --stall-timeout-secs): abandoned and released; it restarts from its stored offset with new Kafka clients"
+    )]
+    PartitionStalled {
+        /// The partition.
+        partition: i32,
+        /// What its task was doing (see [`Phase::describe`](crate::progress::Phase::describe)).
+        phase: &'static str,
+        /// How long it had not moved.
+        silent_for: std::time::Duration,
+        /// The watchdog's bound.
+        bound: std::time::Duration,
+    },
+
+    /// A stop did not finish within its bound: the partitions named were abandoned mid-way — their
+    /// claims are released in the background or lapse by their TTL, and their next owner resumes
+    /// from their stored offsets (nothing acknowledged is lost: only a final checkpoint is missing).
+    #[error(
+        "stopped after {after:?} without finishing partitions {partitions:?} (see --shutdown-timeout-secs): their claims lapse and their next owners resume from the stored offsets"
+    )]
+    ShutdownAbandoned {
+        /// The partitions whose tasks did not end in time.
+        partitions: Vec<i32>,
+        /// The bound.
+        after: std::time::Duration,
+    },
+
     /// The instance is shutting down: `what` could not be done.
     #[error("the instance is shutting down: cannot {what}")]
     ShuttingDown {

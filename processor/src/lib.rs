@@ -10,7 +10,10 @@
 //!   (`{count, sum, min, max, chain}` per key, malformed values to the dead letters);
 //! - [`store`]: per-partition state stores behind [`store::PartitionStore`], opened through a
 //!   [`store::StoreFactory`] (RocksDB with a shared block cache and write-buffer manager, or in memory);
+//! - [`progress`]: a partition's progress clock, which the fleet's watchdog reads;
 //! - [`sink`]: outputs and dead letters, delivered before the batch that produced them commits;
+//! - `kafka_calls`: blocking librdkafka calls under the processor's own deadline, and clients dropped off
+//!   the async workers;
 //! - [`checkpoint`]: checkpoints in a shared store (manifests written last, checksums, incremental
 //!   uploads, retention) and the typed, fenced checkpoint record;
 //! - [`fleet`]: instances sharing a topic — membership, assignment, partition claims as kept locks, the
@@ -36,9 +39,11 @@ mod hash;
 pub mod http;
 pub mod inspect;
 pub mod job;
+mod kafka_calls;
 pub mod kafka_settings;
 pub mod operator;
 pub mod partition;
+pub mod progress;
 pub mod resources;
 pub mod services;
 pub mod sink;

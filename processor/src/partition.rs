@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::operator::{Emitter, KeyPositions, Operator, Outcome, OutputMode, Record};
+use crate::progress::Progress;
 use crate::store::cache::LOOKUPS_AHEAD;
 use crate::store::{PartitionState, PartitionStore};
 
@@ -69,6 +70,8 @@ pub struct PartitionProcessor {
     emit: bool,
     output_mode: OutputMode,
     stats: PartitionStats,
+    /// Beaten by every batch applied and every commit (read by the fleet's progress watchdog).
+    progress: Arc<Progress>,
 }
 
 impl std::fmt::Debug for PartitionProcessor {
@@ -122,6 +125,7 @@ impl PartitionProcessor {
             emit: true,
             output_mode: OutputMode::PerRecord,
             stats: PartitionStats::default(),
+            progress: Arc::new(Progress::new()),
         })
     }
 
@@ -140,6 +144,19 @@ impl PartitionProcessor {
         self.emit = emit;
         self.output_mode = mode;
         self
+    }
+
+    /// Beats `progress` at every batch applied and every commit, so that a watchdog can tell a partition
+    /// that moves from one that hangs.
+    #[must_use]
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// The progress clock this processor beats.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     /// The first offset not yet committed: where a successor would consume from.
@@ -291,6 +308,7 @@ impl PartitionProcessor {
             .iter()
             .map(|(key, value)| OUTPUT_OVERHEAD + key.len() + value.len())
             .sum::<usize>();
+        self.progress.beat();
         Ok(())
     }
 
@@ -314,6 +332,7 @@ impl PartitionProcessor {
         self.stats.applied += report.applied as u64;
         self.stats.dead_letters += report.dead_letters.len() as u64;
         report.next_offset = self.next_offset;
+        self.progress.beat();
         Ok(report)
     }
 

@@ -9,6 +9,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::{ProcessorError, ProcessorResult};
+use crate::kafka_calls::{DropOffRuntime, bounded};
 use crate::kafka_settings::KafkaSettings;
 use crate::partition::BatchReport;
 
@@ -90,7 +91,10 @@ async fn delivery_outcome(delivery: rdkafka::producer::DeliveryFuture) -> Result
 /// nothing is lost downstream: a crash in between replays and resends (at-least-once). The consume loop
 /// logs dead letters whether or not a topic is set.
 pub struct OutputSink {
-    producer: FutureProducer,
+    /// Replaced by a new one when it raised a fatal error (an idempotent producer that lost its
+    /// sequence is unusable for good): one instance-wide producer must not fail every batch forever.
+    producer: std::sync::RwLock<FutureProducer>,
+    kafka: KafkaSettings,
     output_topic: Option<String>,
     dead_letter_topic: Option<String>,
 }
@@ -116,7 +120,8 @@ impl OutputSink {
     ) -> ProcessorResult<Self> {
         let producer = idempotent_producer(kafka)?;
         Ok(OutputSink {
-            producer,
+            producer: std::sync::RwLock::new(producer),
+            kafka: kafka.clone(),
             output_topic: output_topic.map(str::to_owned),
             dead_letter_topic: dead_letter_topic.map(str::to_owned),
         })
@@ -130,11 +135,12 @@ impl OutputSink {
     /// A Kafka error; the batch must not be committed then.
     pub async fn deliver(&self, partition: i32, report: &BatchReport) -> ProcessorResult<()> {
         let failed = |(operation, err)| ProcessorError::kafka(operation)(err);
+        let producer = self.usable_producer()?;
         let mut pending = std::collections::VecDeque::new();
         if let Some(topic) = &self.output_topic {
             for (key, value) in &report.outputs {
                 let record = FutureRecord::to(topic).key(key).payload(value);
-                queue_record(&self.producer, record, &mut pending, "queue an output")
+                queue_record(&producer, record, &mut pending, "queue an output")
                     .await
                     .map_err(failed)?;
             }
@@ -143,7 +149,7 @@ impl OutputSink {
             for (offset, reason) in &report.dead_letters {
                 let key = format!("{partition}:{offset}");
                 let record = FutureRecord::to(topic).key(&key).payload(reason);
-                queue_record(&self.producer, record, &mut pending, "queue a dead letter")
+                queue_record(&producer, record, &mut pending, "queue a dead letter")
                     .await
                     .map_err(failed)?;
             }
@@ -153,11 +159,45 @@ impl OutputSink {
         }
         Ok(())
     }
+
+    /// The instance's producer, replaced first if it raised a fatal error: every later send of a
+    /// producer in that state fails, so keeping it would fail each batch of every partition forever.
+    fn usable_producer(&self) -> ProcessorResult<FutureProducer> {
+        let current = self
+            .producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let Some((code, reason)) = current.client().fatal_error() else {
+            return Ok(current);
+        };
+        let replacement = idempotent_producer(&self.kafka)?;
+        let mut slot = self
+            .producer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.client().fatal_error().is_some() {
+            tracing::warn!(
+                ?code,
+                reason,
+                "the output producer raised a fatal error: replaced by a new one (the failed batches are retried from their stored offsets)"
+            );
+            metrics::counter!("processor_output_producers_replaced_total").increment(1);
+            let failed = std::mem::replace(&mut *slot, replacement);
+            drop(DropOffRuntime::new(failed));
+        }
+        Ok(slot.clone())
+    }
 }
 
-/// How long a transactional call (initialisation, offsets, commit, abort) may take before the partition
-/// gives up on the batch (and fails, to be claimed again: nothing of the batch is visible then).
-const TRANSACTION_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The timeout handed to librdkafka for a transactional call (initialisation, offsets, commit, abort).
+const TRANSACTION_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How long the processor itself waits for a transactional call: librdkafka does not always keep the
+/// timeout above (see [`crate::kafka_calls`]). Past it the call is abandoned and the partition fails, to
+/// be claimed again with a new producer, whose initialisation fences this one: nothing of the batch
+/// is visible then.
+pub(crate) const TRANSACTION_CALL_BOUND: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// The exactly-once output path of ONE owned partition: a transactional producer whose
 /// `transactional.id` is derived from the group, topic and partition ([`transactional_id`]), so the next
@@ -165,7 +205,10 @@ const TRANSACTION_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// input offset (committed to the group through the transaction) become visible together, or not at all;
 /// the state write follows the commit (see DISTRIBUTED_LOCKING.md, "Exactly-once outputs").
 pub struct TransactionalSink {
-    producer: FutureProducer,
+    producer: DropOffRuntime<FutureProducer>,
+    /// Set once a call was abandoned past its bound: the producer may still be inside it, so it is
+    /// never used again (every later call fails at once; the partition restarts with a new one).
+    abandoned: std::sync::atomic::AtomicBool,
     transactional_id: String,
     topic: String,
     partition: i32,
@@ -217,7 +260,8 @@ impl TransactionalSink {
             .init_transactions(TRANSACTION_CALL_TIMEOUT)
             .map_err(ProcessorError::kafka("initialise transactions"))?;
         Ok(TransactionalSink {
-            producer,
+            producer: DropOffRuntime::new(producer),
+            abandoned: std::sync::atomic::AtomicBool::new(false),
             transactional_id,
             topic: topic.to_owned(),
             partition,
@@ -243,6 +287,13 @@ impl TransactionalSink {
         next_offset: i64,
         group: &std::sync::Arc<ConsumerGroupMetadata>,
     ) -> ProcessorResult<()> {
+        use std::sync::atomic::Ordering;
+        if self.abandoned.load(Ordering::SeqCst) {
+            return Err(ProcessorError::KafkaCallTimedOut {
+                operation: "an earlier transactional call",
+                after: TRANSACTION_CALL_BOUND,
+            });
+        }
         let started = std::time::Instant::now();
         self.producer
             .begin_transaction()
@@ -262,13 +313,25 @@ impl TransactionalSink {
             Err(err) => {
                 metrics::counter!("processor_output_errors_total", "stage" => "transaction")
                     .increment(1);
-                let producer = self.producer.clone();
+                if matches!(err, ProcessorError::KafkaCallTimedOut { .. }) {
+                    // The producer may still be inside the abandoned call: a second call on it would
+                    // only wait behind it ("concurrent operation"). The next owner's initialisation
+                    // aborts the open transaction.
+                    self.abandoned.store(true, Ordering::SeqCst);
+                    return Err(err);
+                }
+                let producer = (*self.producer).clone();
                 // Best effort: a fenced producer cannot abort, and an open transaction of a failed
                 // producer is aborted by the broker at its timeout or by the next owner's initialisation.
-                let _ = tokio::task::spawn_blocking(move || {
-                    producer.abort_transaction(TRANSACTION_CALL_TIMEOUT)
+                let aborted = bounded("abort a transaction", TRANSACTION_CALL_BOUND, move || {
+                    producer
+                        .abort_transaction(TRANSACTION_CALL_TIMEOUT)
+                        .map_err(ProcessorError::kafka("abort a transaction"))
                 })
                 .await;
+                if matches!(aborted, Err(ProcessorError::KafkaCallTimedOut { .. })) {
+                    self.abandoned.store(true, Ordering::SeqCst);
+                }
                 Err(err)
             }
         }
@@ -310,18 +373,20 @@ impl TransactionalSink {
         offsets
             .add_partition_offset(&self.topic, self.partition, Offset::Offset(next_offset))
             .map_err(ProcessorError::kafka("build the offsets to commit"))?;
-        let producer = self.producer.clone();
+        let producer = (*self.producer).clone();
         let group = std::sync::Arc::clone(group);
-        let committed = tokio::task::spawn_blocking(move || {
-            producer.send_offsets_to_transaction(&offsets, &group, TRANSACTION_CALL_TIMEOUT)?;
-            producer.commit_transaction(TRANSACTION_CALL_TIMEOUT)
+        let committed = bounded("commit a transaction", TRANSACTION_CALL_BOUND, move || {
+            Ok(producer
+                .send_offsets_to_transaction(&offsets, &group, TRANSACTION_CALL_TIMEOUT)
+                .map_err(|err| ("send the offsets to a transaction", err))
+                .and_then(|()| {
+                    producer
+                        .commit_transaction(TRANSACTION_CALL_TIMEOUT)
+                        .map_err(|err| ("commit a transaction", err))
+                }))
         })
-        .await
-        .map_err(ProcessorError::task(format!(
-            "commit the outputs of partition {}",
-            self.partition
-        )))?;
-        committed.map_err(|err| self.transaction_error("commit a transaction", err))
+        .await?;
+        committed.map_err(|(operation, err)| self.transaction_error(operation, err))
     }
 
     /// A fenced producer is [`ProcessorError::OutputFenced`]; anything else a Kafka error. The call's

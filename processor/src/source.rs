@@ -17,6 +17,7 @@ use crate::error::{ProcessorError, ProcessorResult};
 use crate::kafka_settings::KafkaSettings;
 use crate::operator::{Header, Record};
 use crate::partition::{PartitionProcessor, PartitionStats};
+use crate::progress::Phase;
 use crate::sink::{OutputSink, TransactionalSink};
 
 /// The end offset (high watermark) of a partition.
@@ -624,6 +625,8 @@ async fn commit_pending(
     for (offset, reason) in &processor.pending().dead_letters {
         tracing::warn!(partition = processor.partition(), offset, reason = %reason, "dead letter");
     }
+    let was = processor.progress().phase();
+    processor.progress().enter(Phase::Committing);
     match outputs {
         Outputs::Discard => {}
         Outputs::AtLeastOnce(sink) => {
@@ -637,6 +640,7 @@ async fn commit_pending(
     }
     let _permit = processing_permit(permits).await?;
     off_the_runtime(|| processor.commit())?;
+    processor.progress().enter(was);
     Ok(())
 }
 

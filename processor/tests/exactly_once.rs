@@ -215,3 +215,217 @@ async fn a_fenced_producer_says_it_was_fenced() {
         "{err}: {err:?}"
     );
 }
+
+/// A broker behind a fault proxy: the instance under test bootstraps through the proxy, so every
+/// connection it makes goes through it (the broker advertises the proxy's port on that listener);
+/// the test's own clients use the direct listener. Returns the cluster, the proxy and the instance's
+/// bootstrap address.
+async fn broker_behind_a_proxy(
+    topics: &[(&str, i32)],
+) -> (
+    integration_tests::KafkaCluster,
+    integration_tests::FaultProxy,
+    String,
+) {
+    let listen = integration_tests::free_port();
+    let proxy = integration_tests::FaultProxy::start(listen).await;
+    let advertised = proxy.port();
+    let cluster = tokio::task::spawn_blocking(move || {
+        integration_tests::KafkaCluster::single_with_proxied_listener(listen, advertised)
+    })
+    .await
+    .unwrap();
+    for (topic, partitions) in topics {
+        processor::dev::admin::create_topic(
+            &cluster.bootstrap_servers(),
+            topic,
+            *partitions,
+            1,
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    (cluster, proxy, format!("127.0.0.1:{advertised}"))
+}
+
+/// The end offset of each input partition after `workload`.
+fn ends_of(workload: &Workload) -> Vec<i64> {
+    let mut ends = vec![0i64; usize::try_from(workload.partitions).unwrap()];
+    for i in 0..workload.records {
+        ends[usize::try_from(workload.record(i).0).unwrap()] += 1;
+    }
+    ends
+}
+
+fn caught_up(status: &processor::InstanceStatus, ends: &[i64]) -> bool {
+    ends.iter().enumerate().all(|(p, end)| {
+        status
+            .partition_status
+            .get(&i32::try_from(p).unwrap())
+            .is_some_and(|s| s.next_offset == *end)
+    })
+}
+
+/// The stall of issue 38, reproduced: every Kafka connection the instance has open hangs for good
+/// (no answer, no reset — a connection that outlived its broker behind a middlebox), while new
+/// connections work. Without a bound of its own the partition's owner waits inside librdkafka
+/// (socket timeouts of a minute, and transactional calls that never time out) and keeps renewing its
+/// claim: nothing moves. With the progress watchdog the partition is given up within the bound and
+/// claimed again with new clients; it catches up, and a `read_committed` reader sees each output once.
+///
+/// Fails on the code before the watchdog: `stall_timeout` did not exist, and the instance did not
+/// catch up within the wait below (checked by running it with `with_stall_timeout(None)`).
+#[test]
+fn a_partition_whose_kafka_connections_hang_is_given_up_and_catches_up_with_new_clients() {
+    const WATCHDOG: Duration = Duration::from_secs(5);
+    integration_tests::init_tracing();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (cluster, proxy, proxied) =
+            broker_behind_a_proxy(&[(TOPIC, PARTITIONS), (OUTPUT, 2)]).await;
+        let direct = cluster.bootstrap_servers();
+        let workload = Workload {
+            records: 4_000,
+            keys: 40,
+            seed: 38,
+            partitions: PARTITIONS,
+        };
+        workload
+            .produce_range(&direct, TOPIC, 0..2_000)
+            .await
+            .unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let services = Services::in_memory(root.path().join("shared")).unwrap();
+        let config = InstanceConfig::new("a", TOPIC, PARTITIONS, &proxied, root.path().join("a"))
+            .with_output_topic(OUTPUT)
+            .with_claim_ttl(Duration::from_secs(2))
+            .with_checkpoint_every(Duration::from_secs(1))
+            .with_stall_timeout(Some(WATCHDOG));
+        let (run, stop, status) = support::start_instance(services, config);
+        let first = Workload {
+            records: 2_000,
+            ..workload
+        };
+        support::wait_for(&status, "the first half", Duration::from_secs(90), |s| {
+            caught_up(s, &ends_of(&first))
+        })
+        .await;
+
+        proxy.hang_open();
+        let hung_at = Instant::now();
+        workload
+            .produce_range(&direct, TOPIC, 2_000..4_000)
+            .await
+            .unwrap();
+        let ends = ends_of(&workload);
+        let done = support::wait_for(
+            &status,
+            "catching up after the hang",
+            WATCHDOG + Duration::from_secs(30),
+            |s| caught_up(s, &ends),
+        )
+        .await;
+        println!(
+            "caught up {:?} after the connections hung; stalls: {}",
+            hung_at.elapsed(),
+            done.stalls
+        );
+        assert!(done.stalls >= 1, "the watchdog never fired: {done:?}");
+        stop.cancel();
+        run.await.unwrap().unwrap();
+        drop(proxy);
+
+        let report = integration_tests::verifier::verify_outputs(&direct, TOPIC, OUTPUT);
+        assert!(report.error.is_none(), "{report:?}");
+        assert!(report.ok, "exactly-once violated: {report:?}");
+        assert_eq!(report.inputs, 4_000);
+    });
+    // Calls abandoned inside librdkafka end whenever it lets them: the test does not wait for them.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// A stop is bounded: with a commit in flight on connections that hang (outputs applied, their
+/// transaction unanswered), `run` returns within the stop bound, names the partitions it abandoned,
+/// and their claims are released — instead of waiting for librdkafka (a minute, or for ever).
+/// Fails on the code before the bound: `run` waited for every partition task to end.
+#[test]
+fn a_stop_ends_within_its_bound_while_a_commit_hangs() {
+    const BOUND: Duration = Duration::from_secs(3);
+    integration_tests::init_tracing();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (cluster, proxy, proxied) =
+            broker_behind_a_proxy(&[(TOPIC, PARTITIONS), (OUTPUT, 2)]).await;
+        let direct = cluster.bootstrap_servers();
+        let workload = Workload {
+            records: 2_000,
+            keys: 20,
+            seed: 39,
+            partitions: PARTITIONS,
+        };
+        workload.produce_range(&direct, TOPIC, 0..1_000).await.unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let services = Services::in_memory(root.path().join("shared")).unwrap();
+        // Commits wait up to 5 s for more records: records applied after the first half wait for
+        // theirs when the connections hang, and the stop has to commit them.
+        let config = InstanceConfig::new("a", TOPIC, PARTITIONS, &proxied, root.path().join("a"))
+            .with_output_topic(OUTPUT)
+            .with_claim_ttl(Duration::from_secs(2))
+            .with_commits(1_000_000, Duration::from_secs(5))
+            .with_stall_timeout(None)
+            .with_shutdown_timeout(BOUND);
+        let (run, stop, status) = support::start_instance(services.clone(), config);
+        let first = Workload {
+            records: 1_000,
+            ..workload
+        };
+        support::wait_for(&status, "the first half", Duration::from_secs(90), |s| {
+            caught_up(s, &ends_of(&first))
+        })
+        .await;
+        workload
+            .produce_range(&direct, TOPIC, 1_000..2_000)
+            .await
+            .unwrap();
+        // Fetched and applied, waiting for their commit.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        proxy.hang_open();
+        let stopping = Instant::now();
+        stop.cancel();
+        let outcome = tokio::time::timeout(BOUND + Duration::from_secs(10), run)
+            .await
+            .expect("run ended within its stop bound")
+            .unwrap();
+        let took = stopping.elapsed();
+        println!("stopped in {took:?}: {outcome:?}");
+        assert!(
+            matches!(
+                outcome,
+                Err(processor::ProcessorError::ShutdownAbandoned { ref partitions, .. }) if !partitions.is_empty()
+            ),
+            "{outcome:?}"
+        );
+        assert!(took < BOUND + Duration::from_secs(5), "took {took:?}");
+        // The abandoned claims are released (or lapse): a successor can claim every partition.
+        let lock = services.lock.clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for partition in 0..PARTITIONS {
+            let resource = processor::resources::partition_resource("processor", TOPIC, partition);
+            loop {
+                if lock
+                    .try_acquire(&resource, Duration::from_secs(2))
+                    .await
+                    .unwrap()
+                    .is_some()
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{resource} stayed claimed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        drop(proxy);
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}

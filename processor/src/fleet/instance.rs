@@ -24,6 +24,8 @@ use super::membership::{Membership, assigned_to, standby_of};
 use super::status::{InstanceStatus, PartitionStatus, instant_to_unix_ms};
 use crate::config::InstanceConfig;
 use crate::error::{ProcessorError, ProcessorResult};
+use crate::kafka_calls::bounded;
+use crate::progress::Progress;
 use crate::resources::partition_resource;
 use crate::services::Services;
 use crate::sink::OutputSink;
@@ -32,6 +34,8 @@ use crate::store::PartitionStore;
 
 /// How often the lag watcher reads the owned partitions' high watermarks.
 const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the topology watcher waits for the partition count (librdkafka is handed 10 s).
+const TOPOLOGY_CALL_BOUND: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// One fleet instance.
 pub struct Instance {
@@ -51,6 +55,10 @@ pub struct Instance {
     /// Partitions stopped at a record their job refused (policy `stop`), and until when they are not
     /// claimed again.
     stopped: std::sync::Mutex<HashMap<i32, tokio::time::Instant>>,
+    /// One lock per partition, held by the blocking work on its local directory (open, restore,
+    /// snapshot) for as long as it runs — also when the watchdog abandoned the task that started it —
+    /// so that the partition's next claim never works on the directory beside it.
+    local_work: std::sync::Mutex<HashMap<i32, Arc<std::sync::Mutex<()>>>>,
 }
 
 /// A running standby of one partition: stop it with `stop`, then await `task` before the partition's
@@ -120,6 +128,7 @@ impl Instance {
             metadata: Arc::new(crate::source::MetadataClient::new(config.kafka.clone())),
             open_stores: super::query::OpenStores::default(),
             stopped: std::sync::Mutex::default(),
+            local_work: std::sync::Mutex::default(),
             sink,
             permits: tokio::sync::Semaphore::new(config.parallelism.max(1)),
             config,
@@ -249,12 +258,28 @@ impl Instance {
         for token in running.values() {
             token.cancel();
         }
-        while tasks.join_next().await.is_some() {}
-        for (_, standby) in standbys.drain() {
-            standby.finish().await;
+        let bound = self.config.shutdown_bound();
+        let deadline = tokio::time::Instant::now() + bound;
+        let abandoned = self.drain(&mut tasks, &mut running, deadline).await;
+        let finish_rest = async {
+            for (_, standby) in standbys.drain() {
+                standby.finish().await;
+            }
+            let _ = duties.await;
+            let _ = membership.leave().await;
+        };
+        // Whatever is left past the bound lapses by its TTL (membership, leadership, standbys).
+        let _ = tokio::time::timeout_at(
+            deadline.max(tokio::time::Instant::now() + std::time::Duration::from_secs(1)),
+            finish_rest,
+        )
+        .await;
+        if fatal.is_none() && !abandoned.is_empty() {
+            fatal = Some(ProcessorError::ShutdownAbandoned {
+                partitions: abandoned,
+                after: bound,
+            });
         }
-        let _ = duties.await;
-        let _ = membership.leave().await;
         match fatal {
             Some(err) => {
                 tracing::error!(instance = %self.config.instance_id, error = %err, "instance stopped");
@@ -262,6 +287,40 @@ impl Instance {
             }
             None => Ok(()),
         }
+    }
+
+    /// Waits until `deadline` for the partition tasks to hand off; returns the partitions whose tasks
+    /// had not ended by then, aborted (their claims released in the background or lapsing by TTL).
+    async fn drain(
+        &self,
+        tasks: &mut JoinSet<(i32, ProcessorResult<()>)>,
+        running: &mut HashMap<i32, CancellationToken>,
+        deadline: tokio::time::Instant,
+    ) -> Vec<i32> {
+        loop {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(Ok((partition, outcome)))) => {
+                    running.remove(&partition);
+                    if let Err(err) = outcome {
+                        tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "partition task ended");
+                    }
+                }
+                Ok(Some(Err(_))) => {}
+                Ok(None) => return Vec::new(),
+                Err(_) => break,
+            }
+        }
+        let mut abandoned: Vec<i32> = running.keys().copied().collect();
+        abandoned.sort_unstable();
+        tracing::error!(instance = %self.config.instance_id, partitions = ?abandoned, "stop bound reached: abandoning the partitions not yet handed off");
+        tasks.abort_all();
+        // Aborted tasks end at their next await; one stuck inside a blocking call is left behind.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        tasks.detach_all();
+        abandoned
     }
 
     /// The topic's partition count now.
@@ -279,13 +338,14 @@ impl Instance {
                 _ = tokio::time::sleep(every) => {}
             }
             let (kafka, topic) = (self.config.kafka.clone(), self.config.topic.clone());
-            match tokio::task::spawn_blocking(move || partition_count(&kafka, &topic)).await {
-                Ok(Ok(count)) => self.observe_partition_count(count),
-                Ok(Err(err)) => {
-                    tracing::debug!(instance = %self.config.instance_id, error = %err, "could not read the partition count");
-                }
+            let counted = bounded("read the partition count", TOPOLOGY_CALL_BOUND, move || {
+                partition_count(&kafka, &topic)
+            })
+            .await;
+            match counted {
+                Ok(count) => self.observe_partition_count(count),
                 Err(err) => {
-                    tracing::debug!(instance = %self.config.instance_id, error = %err, "partition count task failed");
+                    tracing::debug!(instance = %self.config.instance_id, error = %err, "could not read the partition count");
                 }
             }
         }
@@ -311,8 +371,10 @@ impl Instance {
                 continue;
             }
             let (metadata, topic) = (Arc::clone(&self.metadata), self.config.topic.clone());
-            let reading = tokio::task::spawn_blocking(move || {
-                owned
+            // One second per partition at most (librdkafka's timeout), and our own bound on the whole.
+            let bound = LAG_EVERY * u32::try_from(owned.len()).unwrap_or(u32::MAX) + LAG_EVERY;
+            let reading = bounded("fetch watermarks", bound, move || {
+                Ok(owned
                     .into_iter()
                     .filter_map(|partition| {
                         metadata
@@ -320,7 +382,7 @@ impl Instance {
                             .ok()
                             .map(|(_, high)| (partition, high))
                     })
-                    .collect::<Vec<(i32, i64)>>()
+                    .collect::<Vec<(i32, i64)>>())
             })
             .await;
             let Ok(highs) = reading else { continue };
@@ -553,13 +615,28 @@ impl Instance {
                         Some(standby) => standby.finish().await,
                         None => None,
                     };
-                    let outcome = instance.run_partition(partition, kept, warm, token).await;
+                    let progress = Arc::new(Progress::new());
+                    // The watchdog winning drops the partition's task: its claim is released in the
+                    // background and its clients destroyed off the async workers.
+                    let outcome = tokio::select! {
+                        outcome = Arc::clone(&instance).run_partition(partition, kept, warm, token, Arc::clone(&progress)) => outcome,
+                        stalled = instance.stalled(partition, &progress) => Err(stalled),
+                    };
                     (partition, outcome)
                 }
                 .instrument(span),
             );
         }
         Ok(())
+    }
+
+    /// The lock of `partition`'s local directory work (see the field).
+    pub(super) fn local_work(&self, partition: i32) -> Arc<std::sync::Mutex<()>> {
+        let mut locks = self
+            .local_work
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(locks.entry(partition).or_default())
     }
 
     fn stopped_partitions(&self) -> std::sync::MutexGuard<'_, HashMap<i32, tokio::time::Instant>> {

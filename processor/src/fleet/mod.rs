@@ -10,7 +10,8 @@
 //! - `standby`: warm copies of partitions owned elsewhere (standby replicas), refreshed from their
 //!   checkpoints;
 //! - [`query`]: queries of live state, answered by a partition's owner;
-//! - [`status`]: what an instance reports about itself.
+//! - [`status`]: what an instance reports about itself;
+//! - `watchdog`: the progress watchdog that gives up a partition holding its claim without moving.
 
 pub mod instance;
 mod local_dirs;
@@ -21,6 +22,7 @@ pub mod query;
 pub mod readiness;
 mod standby;
 pub mod status;
+mod watchdog;
 
 pub use instance::Instance;
 pub use status::InstanceStatus;

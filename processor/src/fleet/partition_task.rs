@@ -21,9 +21,11 @@ use crate::checkpoint::{
 };
 use crate::config::{MissingOffsets, OutputGuarantee};
 use crate::error::{ProcessorError, ProcessorResult};
+use crate::kafka_calls::{DropOffRuntime, bounded};
 use crate::partition::{PartitionProcessor, PartitionStats};
+use crate::progress::{Phase, Progress};
 use crate::resources::{compaction_resource, local_state_dir};
-use crate::sink::TransactionalSink;
+use crate::sink::{TRANSACTION_CALL_BOUND, TransactionalSink};
 use crate::source::{
     CommitPolicy, Outputs, committed_offset, consume_partition, consume_segment, is_mock_cluster,
     partition_consumer,
@@ -56,6 +58,12 @@ const MIN_SEGMENT: std::time::Duration = std::time::Duration::from_millis(100);
 const HAND_OFF_ATTEMPTS: u32 = 3;
 /// How long a takeover waits for the log bounds of its partition.
 const LOG_BOUNDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the processor itself waits for a metadata or group-offset call (librdkafka is handed a
+/// shorter timeout; see [`crate::kafka_calls`]).
+const METADATA_CALL_BOUND: std::time::Duration = std::time::Duration::from_secs(15);
+/// How many watchdog bounds a restore may take before the watchdog counts it as stalled: copying a
+/// large checkpoint is rightly silent for a while.
+const RESTORE_ALLOWANCE: u32 = 10;
 
 impl Instance {
     /// Opens the partition's local state: reused if this disk holds the newest state (its token and
@@ -345,7 +353,11 @@ impl Instance {
         let scratch = state_dir.join(format!("{prefix}{}", meta.next_offset));
         let store = Arc::clone(store);
         let labels = partition_labels(&self.config.topic, partition);
+        let local_work = self.local_work(partition);
         tokio::task::spawn_blocking(move || {
+            let _only_one = local_work
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let started = std::time::Instant::now();
             let _pause = PauseTimer(started, labels);
             if let Ok(entries) = std::fs::read_dir(&state_dir) {
@@ -481,20 +493,21 @@ impl Instance {
             config.output_topic.clone(),
             config.dead_letter_topic.clone(),
         );
-        let sink = tokio::task::spawn_blocking(move || {
-            TransactionalSink::open(
-                &kafka,
-                &group_id,
-                &topic,
-                partition,
-                output.as_deref(),
-                dead_letters.as_deref(),
-            )
-        })
-        .await
-        .map_err(ProcessorError::task(format!(
-            "initialise the transactional producer of partition {partition}"
-        )))??;
+        let sink = bounded(
+            "initialise a transactional producer",
+            TRANSACTION_CALL_BOUND,
+            move || {
+                TransactionalSink::open(
+                    &kafka,
+                    &group_id,
+                    &topic,
+                    partition,
+                    output.as_deref(),
+                    dead_letters.as_deref(),
+                )
+            },
+        )
+        .await?;
         Ok(Some((sink, Arc::new(group))))
     }
 
@@ -505,9 +518,10 @@ impl Instance {
         let instance = self.config.instance_id.clone();
         self.transactions_work
             .get_or_try_init(|| async move {
-                let mock = tokio::task::spawn_blocking(move || is_mock_cluster(&kafka))
-                    .await
-                    .map_err(ProcessorError::task("ask the brokers for their cluster id"))??;
+                let mock = bounded("read the cluster id", METADATA_CALL_BOUND, move || {
+                    is_mock_cluster(&kafka)
+                })
+                .await?;
                 if mock {
                     tracing::warn!(%instance, "librdkafka's mock cluster has no working transactions: outputs are at-least-once here (exactly-once needs a real Kafka cluster)");
                 }
@@ -534,13 +548,12 @@ impl Instance {
             self.config.group.clone(),
             self.config.topic.clone(),
         );
-        let committed = tokio::task::spawn_blocking(move || {
-            committed_offset(&kafka, &group, &topic, partition)
-        })
-        .await
-        .map_err(ProcessorError::task(format!(
-            "read the committed offset of partition {partition}"
-        )))??;
+        let committed = bounded(
+            "read the group's committed offset",
+            TRANSACTION_CALL_BOUND,
+            move || committed_offset(&kafka, &group, &topic, partition),
+        )
+        .await?;
         let stored = processor.next_offset();
         match committed {
             Some(committed) if committed > stored => {
@@ -595,13 +608,10 @@ impl Instance {
         fencing_token: u64,
     ) -> ProcessorResult<()> {
         let (metadata, topic) = (Arc::clone(&self.metadata), self.config.topic.clone());
-        let (low, high) = tokio::task::spawn_blocking(move || {
+        let (low, high) = bounded("fetch watermarks", METADATA_CALL_BOUND, move || {
             metadata.watermarks(&topic, partition, LOG_BOUNDS_TIMEOUT)
         })
-        .await
-        .map_err(ProcessorError::task(format!(
-            "read the log bounds of partition {partition}"
-        )))??;
+        .await?;
         let stored = store.meta()?.map(|meta| meta.next_offset);
         let (offset, to) = match stored {
             Some(offset) if offset < low || offset > high => {
@@ -641,23 +651,38 @@ impl Instance {
         kept: KeptLock,
         warm: Option<Arc<dyn PartitionStore>>,
         stop: CancellationToken,
+        progress: Arc<Progress>,
     ) -> ProcessorResult<()> {
         let fencing_token = kept.fencing_token();
         let lost = kept.lost_token();
         let claimed_at = std::time::Instant::now();
+        progress.advance_to(Phase::Starting);
         let recorded = self.checkpoint_records(partition).latest().await?;
         let record_read = claimed_at.elapsed();
+        progress.advance_to(Phase::Restoring);
+        if let Some(bound) = self.config.stall_timeout {
+            progress.allow_silence(bound * RESTORE_ALLOWANCE);
+        }
         let preparing = Arc::clone(&self);
-        let store =
-            tokio::task::spawn_blocking(move || preparing.prepare_store(partition, recorded, warm))
-                .await
-                .map_err(ProcessorError::task(format!(
-                    "open or restore the state of partition {partition}"
-                )))??;
+        // Held by the blocking work itself: a restore abandoned by the watchdog finishes (or hangs)
+        // before the next claim of the partition touches its directory.
+        let local_work = self.local_work(partition);
+        let store = tokio::task::spawn_blocking(move || {
+            let _only_one = local_work
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            preparing.prepare_store(partition, recorded, warm)
+        })
+        .await
+        .map_err(ProcessorError::task(format!(
+            "open or restore the state of partition {partition}"
+        )))??;
         let state_ready = claimed_at.elapsed();
+        progress.advance_to(Phase::Starting);
         self.ensure_offset_in_log(&store, partition, fencing_token)
             .await?;
         let bounds_checked = claimed_at.elapsed();
+        progress.beat();
         // Queries of live state read this store while the partition runs here.
         let _queryable = self
             .open_stores
@@ -670,22 +695,26 @@ impl Instance {
             lost.clone(),
         )?
         .with_state_cache_bytes(self.config.state_cache_bytes)
-        .with_outputs(has_outputs, self.config.output_mode);
-        let consumer = partition_consumer(
+        .with_outputs(has_outputs, self.config.output_mode)
+        .with_progress(Arc::clone(&progress));
+        let consumer = DropOffRuntime::new(partition_consumer(
             &self.config.kafka,
             &self.config.group,
             &self.config.topic,
             partition,
             processor.next_offset(),
-        )?;
+        )?);
         let consumer_created = claimed_at.elapsed();
+        progress.advance_to(Phase::InitialisingOutputs);
         let transactional = self
             .open_transactional_outputs(partition, &consumer)
             .await?;
         if transactional.is_some() {
+            progress.advance_to(Phase::Replaying);
             self.replay_committed_outputs(&consumer, &mut processor, &stop)
                 .await?;
         }
+        progress.advance_to(Phase::Consuming);
         let outputs = match (&transactional, self.sink.as_ref()) {
             (Some((sink, group)), _) => Outputs::Transactional(sink, group),
             (None, Some(sink)) => Outputs::AtLeastOnce(sink),
@@ -705,6 +734,7 @@ impl Instance {
         // The upload of the last snapshot runs while the partition goes on processing; dropped (aborted)
         // with this task.
         let mut publishing: Option<AbortOnDropHandle<ProcessorResult<Published>>> = None;
+        let mut publishing_since = tokio::time::Instant::now();
         let mut last_checkpoint = tokio::time::Instant::now();
         // The offset of the last snapshot whose upload is running or recorded.
         let mut checkpointed: Option<i64> = None;
@@ -740,7 +770,15 @@ impl Instance {
             )
             .await;
             let after = processor.stats();
-            self.report_segment(partition, &processor, &kept, (before, after), &labels);
+            let fetch_position = fetch_position(&consumer, &self.config.topic, partition);
+            self.report_segment(
+                partition,
+                &processor,
+                &kept,
+                fetch_position,
+                (before, after),
+                &labels,
+            );
             consumed?;
             if lost.is_cancelled() {
                 return Err(ProcessorError::OwnershipLost {
@@ -764,6 +802,17 @@ impl Instance {
             // the partition has work: the checkpoint is taken at a later segment's end instead.
             if let Some(previous) = publishing.take() {
                 if !previous.is_finished() && !stop.is_cancelled() {
+                    // An upload that never ends would silently end this partition's checkpoints.
+                    if let Some(bound) = self.config.stall_timeout
+                        && publishing_since.elapsed() > bound
+                    {
+                        return Err(ProcessorError::PartitionStalled {
+                            partition,
+                            phase: Phase::Checkpointing.describe(),
+                            silent_for: publishing_since.elapsed(),
+                            bound,
+                        });
+                    }
                     publishing = Some(previous);
                     continue;
                 }
@@ -773,15 +822,19 @@ impl Instance {
             }
             last_checkpoint = tokio::time::Instant::now();
             // An idle partition's state is all in its last checkpoint already: none is taken.
+            progress.enter(Phase::Checkpointing);
             if checkpointed != Some(processor.next_offset())
                 && let Some((scratch, next_offset)) = self.snapshot(&store).await?
             {
                 checkpointed = Some(next_offset);
+                publishing_since = tokio::time::Instant::now();
                 publishing = Some(AbortOnDropHandle::new(tokio::spawn(
                     Arc::clone(&self).publish(partition, scratch, next_offset, fencing_token),
                 )));
             }
+            progress.enter(Phase::Consuming);
             if stop.is_cancelled() {
+                progress.enter(Phase::HandingOff);
                 // Hand-off: the final checkpoint must land before the claim is released.
                 if let Some(last) = publishing.take() {
                     self.finish_hand_off(&store, partition, fencing_token, last)
@@ -793,15 +846,22 @@ impl Instance {
         // The last progress for lag tools, synchronously: the next owner resumes from its own state.
         // (Exactly-once outputs commit the offsets in their transactions instead.)
         if transactional.is_none() {
-            report_progress(
-                &consumer,
-                &self.config.topic,
-                partition,
+            let (consumer, topic, next_offset) = (
+                Arc::new(consumer),
+                self.config.topic.clone(),
                 processor.next_offset(),
-                true,
             );
+            let committing = Arc::clone(&consumer);
+            let _ = bounded("commit progress", METADATA_CALL_BOUND, move || {
+                report_progress(&committing, &topic, partition, next_offset, true);
+                Ok(())
+            })
+            .await;
+            drop(consumer);
+        } else {
+            drop(consumer);
         }
-        drop(consumer);
+        drop(transactional);
         kept.release().await.map_err(|err| match err {
             // The claim lapsed while the hand-off ran (a frozen or slow instance): say so in the
             // partition's own words, like a loss noticed mid-segment.
@@ -830,6 +890,7 @@ impl Instance {
         partition: i32,
         processor: &PartitionProcessor,
         kept: &KeptLock,
+        fetch_position: Option<i64>,
         (before, after): (PartitionStats, PartitionStats),
         labels: &[(&'static str, String); 2],
     ) {
@@ -845,6 +906,12 @@ impl Instance {
             .get(&partition)
             .and_then(|p| p.high_watermark);
         let lag = high.map(|high| (high - next_offset).max(0));
+        // Caught up with the log is progress too: an idle partition is not stalled (nor one whose log
+        // end is unknown: the watchdog cannot tell it has work).
+        let position = fetch_position.unwrap_or(next_offset).max(next_offset);
+        if !high.is_some_and(|high| position < high) {
+            processor.progress().beat();
+        }
         let state_bytes = processor.store().approximate_size_bytes();
         metrics::counter!("processor_records_processed_total", labels).increment(applied);
         metrics::counter!("processor_dead_letters_total", labels).increment(dead_letters);
@@ -864,12 +931,27 @@ impl Instance {
                 p.processing = true;
                 p.next_offset = next_offset;
                 p.high_watermark = high;
+                p.fetch_position = fetch_position;
                 p.lag = lag;
                 p.state_bytes = state_bytes;
                 p.processed += applied;
                 p.claim_expires_ms = claim_expires_ms;
             }
         });
+    }
+}
+
+/// Where `consumer` fetches `partition` next (a local read, no request): `None` before its first fetch.
+fn fetch_position(
+    consumer: &rdkafka::consumer::StreamConsumer,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    use rdkafka::consumer::Consumer;
+    let positions = consumer.position().ok()?;
+    match positions.find_partition(topic, partition)?.offset() {
+        rdkafka::Offset::Offset(offset) => Some(offset),
+        _ => None,
     }
 }
 

@@ -64,6 +64,9 @@ pub struct InstanceStatus {
     pub partition_errors: BTreeMap<i32, String>,
     /// Partitions this instance recently started or stopped owning, newest last.
     pub hand_offs: VecDeque<HandOff>,
+    /// Partitions the progress watchdog gave up (they held their claim without moving; see
+    /// [`InstanceConfig::stall_timeout`](crate::InstanceConfig::stall_timeout)).
+    pub stalls: u64,
 }
 
 /// One owned partition, as its task last reported it (about twice a second).
@@ -79,6 +82,10 @@ pub struct PartitionStatus {
     pub next_offset: i64,
     /// The partition's end offset as the consumer last saw it (`None` until the first fetch).
     pub high_watermark: Option<i64>,
+    /// Where its consumer fetches next (`None` until known): past the records applied, and past
+    /// transaction markers, which hold no record — so at the log end it equals the high watermark
+    /// even when [`next_offset`](Self::next_offset) cannot.
+    pub fetch_position: Option<i64>,
     /// Records between the state and the log end (`None` until the first fetch).
     pub lag: Option<i64>,
     /// Approximate bytes of its local state (files and memtables).

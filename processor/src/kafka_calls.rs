@@ -1,0 +1,112 @@
+//! Blocking librdkafka calls under the processor's own clock, and Kafka clients dropped where their
+//! destruction cannot stall the async workers.
+//!
+//! librdkafka takes a timeout for each blocking call, but does not always keep it: a transactional
+//! `send_offsets_to_transaction` whose group coordinator went away (a broker restarted) waits on a
+//! condition variable with no deadline (librdkafka issues 5456 and 5511, open in 2.12). A partition
+//! whose call never returns holds its claim and makes no progress — worse than a crash, which the
+//! fleet takes over within the claim's TTL. So every such call runs on a blocking thread and the
+//! processor waits for it no longer than its own bound: past it the thread is written off (a thread
+//! cannot be cancelled; it ends whenever librdkafka lets it), counted in
+//! `processor_kafka_calls_abandoned_total`, and the caller gets
+//! [`ProcessorError::KafkaCallTimedOut`] — the partition restarts with new clients.
+
+use std::time::Duration;
+
+use crate::error::{ProcessorError, ProcessorResult};
+
+/// Runs `call` on a blocking thread and waits for it at most `bound`.
+///
+/// # Errors
+/// `call`'s own error; [`ProcessorError::KafkaCallTimedOut`] when it did not return in time (it goes
+/// on running, written off); [`ProcessorError::TaskFailed`] when it panicked.
+pub(crate) async fn bounded<T, F>(
+    operation: &'static str,
+    bound: Duration,
+    call: F,
+) -> ProcessorResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> ProcessorResult<T> + Send + 'static,
+{
+    let running = tokio::task::spawn_blocking(call);
+    match tokio::time::timeout(bound, running).await {
+        Ok(joined) => joined.map_err(ProcessorError::task(operation))?,
+        Err(_) => {
+            metrics::counter!("processor_kafka_calls_abandoned_total", "operation" => operation)
+                .increment(1);
+            tracing::warn!(
+                operation,
+                ?bound,
+                "a Kafka call did not return within its bound: abandoned (its thread is written off)"
+            );
+            Err(ProcessorError::KafkaCallTimedOut {
+                operation,
+                after: bound,
+            })
+        }
+    }
+}
+
+/// A Kafka client destroyed on a blocking thread when dropped. Destroying a librdkafka client joins
+/// its threads and closes its connections, which waits on brokers that may not answer; dropped on an
+/// async worker, that would stall every task of the worker (lock renewals among them).
+pub(crate) struct DropOffRuntime<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> DropOffRuntime<T> {
+    /// Wraps `client`.
+    pub(crate) fn new(client: T) -> Self {
+        DropOffRuntime(Some(client))
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for DropOffRuntime<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // Only `drop` takes the client out.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a DropOffRuntime holds its client until dropped"))
+    }
+}
+
+impl<T: Send + 'static> Drop for DropOffRuntime<T> {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(client))),
+            Err(_) => drop(client),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_past_its_bound_is_abandoned_and_named() {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let started = std::time::Instant::now();
+        let outcome = bounded("hang", Duration::from_millis(100), move || {
+            let _ = held.recv();
+            Ok(())
+        })
+        .await;
+        assert!(
+            matches!(
+                outcome,
+                Err(ProcessorError::KafkaCallTimedOut {
+                    operation: "hang",
+                    ..
+                })
+            ),
+            "{outcome:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(release);
+        let answered = bounded("answer", Duration::from_secs(5), || Ok(7)).await;
+        assert_eq!(answered.ok(), Some(7));
+    }
+}
