@@ -909,7 +909,7 @@ impl Instance {
         // Caught up with the log is progress too: an idle partition is not stalled (nor one whose log
         // end is unknown: the watchdog cannot tell it has work).
         let position = fetch_position.unwrap_or(next_offset).max(next_offset);
-        if !high.is_some_and(|high| position < high) {
+        if high.is_none_or(|high| position >= high) {
             processor.progress().beat();
         }
         let state_bytes = processor.store().approximate_size_bytes();
