@@ -162,7 +162,7 @@ pub struct InstanceConfig {
     /// How long a stop may take (`None`, the default: the claim TTL + 5 s): partitions still not
     /// handed off by then are abandoned — their claims lapse, their next owners resume from the
     /// stored offsets — and [`Instance::run`](crate::Instance::run) returns
-    /// [`ProcessorError::ShutdownAbandoned`](crate::ProcessorError::ShutdownAbandoned).
+    /// [`ProcessorError::ShutdownAbandoned`].
     pub shutdown_timeout: Option<Duration>,
 }
 
