@@ -105,7 +105,7 @@ fn chaos_run(guarantee: &str, seed: Option<u64>) -> ChaosOutcome {
 
     // Checkpoints every 3 s: a partition that moves after a kill is restored from state seconds behind
     // the outputs its owner already published, so every run replays (and at-least-once repeats).
-    let claim_ttl = CLAIM_TTL_SECS.to_string();
+    // (Claims last CLAIM_TTL_SECS: `run_instance_with` passes `--claim-ttl-secs 2`.)
     let extra = [
         "--output-topic",
         OUTPUT,
@@ -115,8 +115,6 @@ fn chaos_run(guarantee: &str, seed: Option<u64>) -> ChaosOutcome {
         guarantee,
         "--checkpoint-interval-secs",
         "3",
-        "--claim-ttl-secs",
-        &claim_ttl,
     ];
     let start = |id: &str| run_instance_with(id, &brokers, &redis.url(), &root, &extra);
     let mut fleet: BTreeMap<&str, Proc> = ["p1", "p2", "p3"]
