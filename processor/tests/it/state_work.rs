@@ -9,7 +9,7 @@
 // Test code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::sync::Arc;

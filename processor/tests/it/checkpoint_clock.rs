@@ -18,9 +18,14 @@ const GRACE: Duration = Duration::from_secs(600);
 
 /// Runs the ignored step `name` of this binary with its wall clock shifted by `offset`, on `root`.
 fn run_skewed(name: &str, offset: &str, root: &Path) {
+    // Test names are paths below the binary's root (`checkpoint_clock::step`).
+    let suite = module_path!()
+        .split_once("::")
+        .map_or("", |(_, suite)| suite);
+    let name = format!("{suite}::{name}");
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
-        .args(["--ignored", "--exact", name, "--nocapture"])
+        .args(["--ignored", "--exact", &name, "--nocapture"])
         .env("CHECKPOINT_ROOT", root);
     let output = skew_clock(&mut command, offset).output().unwrap();
     assert!(

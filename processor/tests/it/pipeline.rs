@@ -6,7 +6,7 @@
 // Test and benchmark code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
