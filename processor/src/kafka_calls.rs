@@ -60,6 +60,27 @@ impl<T: Send + 'static> DropOffRuntime<T> {
     }
 }
 
+impl<T: Send + 'static> DropOffRuntime<T> {
+    /// The client itself, no longer dropped off the runtime by this wrapper.
+    pub(crate) fn into_inner(mut self) -> T {
+        self.0
+            .take()
+            .unwrap_or_else(|| unreachable!("a DropOffRuntime holds its client until dropped"))
+    }
+
+    /// Destroys the client on a blocking thread and waits for that at most `bound` (then it is written
+    /// off). The normal end of a client's life: a consumer's close leaves its group cleanly while the
+    /// brokers are there — a detached drop could still be closing when they are gone, and wait for ever.
+    pub(crate) async fn close(self, operation: &'static str, bound: Duration) {
+        let client = self.into_inner();
+        let _ = bounded(operation, bound, move || {
+            drop(client);
+            Ok(())
+        })
+        .await;
+    }
+}
+
 impl<T: Send + 'static> std::ops::Deref for DropOffRuntime<T> {
     type Target = T;
 

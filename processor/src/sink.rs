@@ -275,6 +275,14 @@ impl TransactionalSink {
         &self.transactional_id
     }
 
+    /// Destroys the producer on a blocking thread, waiting for that at most the call bound (a producer
+    /// whose brokers are gone is written off instead).
+    pub async fn close(self) {
+        self.producer
+            .close("close a transactional producer", TRANSACTION_CALL_BOUND)
+            .await;
+    }
+
     /// Publishes a batch's outputs and dead letters and commits `next_offset` of the input partition to
     /// `group` in ONE transaction. Only once this returns `Ok` may the batch's state be written.
     ///

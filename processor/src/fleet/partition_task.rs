@@ -845,23 +845,33 @@ impl Instance {
         }
         // The last progress for lag tools, synchronously: the next owner resumes from its own state.
         // (Exactly-once outputs commit the offsets in their transactions instead.)
-        if transactional.is_none() {
-            let (consumer, topic, next_offset) = (
-                Arc::new(consumer),
-                self.config.topic.clone(),
-                processor.next_offset(),
-            );
-            let committing = Arc::clone(&consumer);
-            let _ = bounded("commit progress", METADATA_CALL_BOUND, move || {
-                report_progress(&committing, &topic, partition, next_offset, true);
-                Ok(())
-            })
-            .await;
-            drop(consumer);
-        } else {
-            drop(consumer);
+        // The clients' normal end: closed off the runtime, and waited for (bounded), so that they
+        // leave while the brokers are there.
+        match transactional {
+            None => {
+                let (consumer, topic, next_offset) = (
+                    consumer.into_inner(),
+                    self.config.topic.clone(),
+                    processor.next_offset(),
+                );
+                let _ = bounded(
+                    "commit progress and close the consumer",
+                    METADATA_CALL_BOUND,
+                    move || {
+                        report_progress(&consumer, &topic, partition, next_offset, true);
+                        drop(consumer);
+                        Ok(())
+                    },
+                )
+                .await;
+            }
+            Some((sink, _)) => {
+                consumer
+                    .close("close the partition's consumer", METADATA_CALL_BOUND)
+                    .await;
+                sink.close().await;
+            }
         }
-        drop(transactional);
         kept.release().await.map_err(|err| match err {
             // The claim lapsed while the hand-off ran (a frozen or slow instance): say so in the
             // partition's own words, like a loss noticed mid-segment.

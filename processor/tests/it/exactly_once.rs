@@ -249,6 +249,86 @@ async fn broker_behind_a_proxy(
     (cluster, proxy, format!("127.0.0.1:{advertised}"))
 }
 
+/// An instance's world for the hang tests: a broker behind a proxy with the input and output topics,
+/// the first half of `records` produced, and in-memory services over a temp dir.
+struct HangFixture {
+    cluster: integration_tests::KafkaCluster,
+    proxy: integration_tests::FaultProxy,
+    /// The instance's bootstrap address (through the proxy).
+    proxied: String,
+    workload: Workload,
+    root: tempfile::TempDir,
+    services: Services,
+}
+
+impl HangFixture {
+    async fn start(records: u64, seed: u64) -> Self {
+        let (cluster, proxy, proxied) =
+            broker_behind_a_proxy(&[(TOPIC, PARTITIONS), (OUTPUT, 2)]).await;
+        let workload = Workload {
+            records,
+            keys: 40,
+            seed,
+            partitions: PARTITIONS,
+        };
+        workload
+            .produce_range(&cluster.bootstrap_servers(), TOPIC, 0..records / 2)
+            .await
+            .unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let services = Services::in_memory(root.path().join("shared")).unwrap();
+        HangFixture {
+            cluster,
+            proxy,
+            proxied,
+            workload,
+            root,
+            services,
+        }
+    }
+
+    /// The configuration of instance `a`, publishing to the output topic through the proxy.
+    fn config(&self) -> InstanceConfig {
+        InstanceConfig::new(
+            "a",
+            TOPIC,
+            PARTITIONS,
+            &self.proxied,
+            self.root.path().join("a"),
+        )
+        .with_output_topic(OUTPUT)
+        .with_claim_ttl(Duration::from_secs(2))
+    }
+
+    /// Waits until the instance has committed the first half.
+    async fn wait_for_the_first_half(
+        &self,
+        status: &tokio::sync::watch::Receiver<processor::InstanceStatus>,
+    ) {
+        let first = Workload {
+            records: self.workload.records / 2,
+            ..self.workload
+        };
+        support::wait_for(status, "the first half", Duration::from_secs(90), |s| {
+            caught_up(s, &ends_of(&first))
+        })
+        .await;
+    }
+
+    /// Produces the second half directly (not through the proxy).
+    async fn produce_the_second_half(&self) {
+        let records = self.workload.records;
+        self.workload
+            .produce_range(
+                &self.cluster.bootstrap_servers(),
+                TOPIC,
+                records / 2..records,
+            )
+            .await
+            .unwrap();
+    }
+}
+
 /// The end offset of each input partition after `workload`.
 fn ends_of(workload: &Workload) -> Vec<i64> {
     let mut ends = vec![0i64; usize::try_from(workload.partitions).unwrap()];
@@ -282,43 +362,18 @@ fn a_partition_whose_kafka_connections_hang_is_given_up_and_catches_up_with_new_
     integration_tests::init_tracing();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let (cluster, proxy, proxied) =
-            broker_behind_a_proxy(&[(TOPIC, PARTITIONS), (OUTPUT, 2)]).await;
-        let direct = cluster.bootstrap_servers();
-        let workload = Workload {
-            records: 4_000,
-            keys: 40,
-            seed: 38,
-            partitions: PARTITIONS,
-        };
-        workload
-            .produce_range(&direct, TOPIC, 0..2_000)
-            .await
-            .unwrap();
-        let root = tempfile::tempdir().unwrap();
-        let services = Services::in_memory(root.path().join("shared")).unwrap();
-        let config = InstanceConfig::new("a", TOPIC, PARTITIONS, &proxied, root.path().join("a"))
-            .with_output_topic(OUTPUT)
-            .with_claim_ttl(Duration::from_secs(2))
+        let world = HangFixture::start(4_000, 38).await;
+        let config = world
+            .config()
             .with_checkpoint_every(Duration::from_secs(1))
             .with_stall_timeout(Some(WATCHDOG));
-        let (run, stop, status) = support::start_instance(services, config);
-        let first = Workload {
-            records: 2_000,
-            ..workload
-        };
-        support::wait_for(&status, "the first half", Duration::from_secs(90), |s| {
-            caught_up(s, &ends_of(&first))
-        })
-        .await;
+        let (run, stop, status) = support::start_instance(world.services.clone(), config);
+        world.wait_for_the_first_half(&status).await;
 
-        proxy.hang_open();
+        world.proxy.hang_open();
         let hung_at = Instant::now();
-        workload
-            .produce_range(&direct, TOPIC, 2_000..4_000)
-            .await
-            .unwrap();
-        let ends = ends_of(&workload);
+        world.produce_the_second_half().await;
+        let ends = ends_of(&world.workload);
         let done = support::wait_for(
             &status,
             "catching up after the hang",
@@ -334,8 +389,7 @@ fn a_partition_whose_kafka_connections_hang_is_given_up_and_catches_up_with_new_
         assert!(done.stalls >= 1, "the watchdog never fired: {done:?}");
         stop.cancel();
         run.await.unwrap().unwrap();
-        drop(proxy);
-
+        let direct = world.cluster.bootstrap_servers();
         let report = integration_tests::verifier::verify_outputs(&direct, TOPIC, OUTPUT);
         assert!(report.error.is_none(), "{report:?}");
         assert!(report.ok, "exactly-once violated: {report:?}");
@@ -355,42 +409,20 @@ fn a_stop_ends_within_its_bound_while_a_commit_hangs() {
     integration_tests::init_tracing();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let (cluster, proxy, proxied) =
-            broker_behind_a_proxy(&[(TOPIC, PARTITIONS), (OUTPUT, 2)]).await;
-        let direct = cluster.bootstrap_servers();
-        let workload = Workload {
-            records: 2_000,
-            keys: 20,
-            seed: 39,
-            partitions: PARTITIONS,
-        };
-        workload.produce_range(&direct, TOPIC, 0..1_000).await.unwrap();
-        let root = tempfile::tempdir().unwrap();
-        let services = Services::in_memory(root.path().join("shared")).unwrap();
+        let world = HangFixture::start(2_000, 39).await;
         // Commits wait up to 5 s for more records: records applied after the first half wait for
         // theirs when the connections hang, and the stop has to commit them.
-        let config = InstanceConfig::new("a", TOPIC, PARTITIONS, &proxied, root.path().join("a"))
-            .with_output_topic(OUTPUT)
-            .with_claim_ttl(Duration::from_secs(2))
+        let config = world
+            .config()
             .with_commits(1_000_000, Duration::from_secs(5))
             .with_stall_timeout(None)
             .with_shutdown_timeout(BOUND);
-        let (run, stop, status) = support::start_instance(services.clone(), config);
-        let first = Workload {
-            records: 1_000,
-            ..workload
-        };
-        support::wait_for(&status, "the first half", Duration::from_secs(90), |s| {
-            caught_up(s, &ends_of(&first))
-        })
-        .await;
-        workload
-            .produce_range(&direct, TOPIC, 1_000..2_000)
-            .await
-            .unwrap();
+        let (run, stop, status) = support::start_instance(world.services.clone(), config);
+        world.wait_for_the_first_half(&status).await;
+        world.produce_the_second_half().await;
         // Fetched and applied, waiting for their commit.
         tokio::time::sleep(Duration::from_millis(1_500)).await;
-        proxy.hang_open();
+        world.proxy.hang_open();
         let stopping = Instant::now();
         stop.cancel();
         let outcome = tokio::time::timeout(BOUND + Duration::from_secs(10), run)
@@ -408,7 +440,7 @@ fn a_stop_ends_within_its_bound_while_a_commit_hangs() {
         );
         assert!(took < BOUND + Duration::from_secs(5), "took {took:?}");
         // The abandoned claims are released (or lapse): a successor can claim every partition.
-        let lock = services.lock.clone();
+        let lock = world.services.lock.clone();
         let deadline = Instant::now() + Duration::from_secs(10);
         for partition in 0..PARTITIONS {
             let resource = processor::resources::partition_resource("processor", TOPIC, partition);
@@ -425,7 +457,7 @@ fn a_stop_ends_within_its_bound_while_a_commit_hangs() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        drop(proxy);
+        drop(world);
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
