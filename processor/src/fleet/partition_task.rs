@@ -918,8 +918,7 @@ impl Instance {
         let lag = high.map(|high| (high - next_offset).max(0));
         // Caught up with the log is progress too: an idle partition is not stalled (nor one whose log
         // end is unknown: the watchdog cannot tell it has work).
-        let position = fetch_position.unwrap_or(next_offset).max(next_offset);
-        if high.is_none_or(|high| position >= high) {
+        if !super::watchdog::records_past(next_offset, fetch_position, high) {
             processor.progress().beat();
         }
         let state_bytes = processor.store().approximate_size_bytes();

@@ -74,10 +74,23 @@ impl Instance {
 
 /// Whether the log holds records the partition's consumer has not fetched (nor applied).
 fn records_waiting(status: &PartitionStatus) -> bool {
-    let position = status
-        .fetch_position
-        .map_or(status.next_offset, |fetch| fetch.max(status.next_offset));
-    status.high_watermark.is_some_and(|high| high > position)
+    records_past(
+        status.next_offset,
+        status.fetch_position,
+        status.high_watermark,
+    )
+}
+
+/// Whether the log end `high` lies past both the committed `next_offset` and the consumer's fetch
+/// position (an unknown log end: no). The one rule of "has work" for the watchdog and for the
+/// partition's own caught-up beat.
+pub(super) fn records_past(
+    next_offset: i64,
+    fetch_position: Option<i64>,
+    high: Option<i64>,
+) -> bool {
+    let position = fetch_position.map_or(next_offset, |fetch| fetch.max(next_offset));
+    high.is_some_and(|high| high > position)
 }
 
 #[cfg(test)]
