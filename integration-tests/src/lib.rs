@@ -32,30 +32,53 @@ pub use redis_server::{RedisCluster, RedisServer};
 use std::net::TcpListener;
 use std::path::PathBuf;
 
-/// A port that was free on 127.0.0.1 a moment ago (bound to `:0`, then released).
+/// A port that was free on 127.0.0.1 a moment ago; see [`free_ports`].
 ///
 /// # Panics
 /// If no port can be bound at all.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("bind 127.0.0.1:0 to find a free port")
+    free_ports(1)[0]
 }
 
-/// `n` distinct ports that were free on 127.0.0.1 a moment ago (all bound at once, then released, so
-/// none repeats).
+/// `n` distinct ports, each free on 127.0.0.1 a moment ago, for servers a test starts.
+///
+/// They are taken *below the kernel's ephemeral range* (`net.ipv4.ip_local_port_range`), one after
+/// another from a process-wide cursor that starts at a place picked from the process id. A port the
+/// kernel handed out for `:0` is in the ephemeral range, so between its release and the server's bind
+/// any outgoing connection of any test may take it as its local port (a CI run lost an etcd member to
+/// `bind: address already in use` that way); below that range only a listener asked for by number
+/// can, and this cursor never gives the same number twice in one process.
 ///
 /// # Panics
-/// If the ports cannot be bound.
+/// If no port in the range can be bound.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|listener| listener.local_addr().expect("a bound address").port())
-        .collect()
+    (0..n).map(|_| next_free_port()).collect()
+}
+
+fn next_free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = fixed_port_range();
+    let span = u32::from(high - low);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let step = CURSOR.fetch_add(1, Ordering::Relaxed);
+        let port = low + ((start + step) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {low} and {high}")
+}
+
+/// The ports test servers take: from 10 000 up to the start of the ephemeral range.
+fn fixed_port_range() -> (u16, u16) {
+    const LOW: u16 = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    (LOW, ephemeral_start.max(LOW + 1_000))
 }
 
 /// The full path of a server binary on `PATH` (or in the usual system dirs).
