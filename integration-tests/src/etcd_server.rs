@@ -256,6 +256,22 @@ impl EtcdCluster {
         }
     }
 
+    /// How many leases the cluster holds now (`LeaseLeases` through the first member's JSON gateway).
+    ///
+    /// # Panics
+    /// When the member does not answer (a TLS cluster's gateway is not reached this way).
+    pub fn lease_count(&self) -> usize {
+        let port = self.members[0].client_port;
+        let body = http_request(port, "POST", "/v3/lease/leases")
+            .unwrap_or_else(|| panic!("etcd on port {port} did not list its leases"));
+        let listed: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|err| panic!("lease list {body:?}: {err}"));
+        listed
+            .get("leases")
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, Vec::len)
+    }
+
     /// The CA and certificates of a [`single_with_tls`](Self::single_with_tls) cluster.
     pub fn certificates(&self) -> Option<&Certificates> {
         self.tls.as_ref()

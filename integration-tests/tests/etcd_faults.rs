@@ -1,7 +1,7 @@
 //! The etcd backend under real faults, beyond the conformance suite: the leader killed while locks are
 //! held and acquires are in flight, a client frozen behind the fault proxy whose late fenced writes
 //! must be rejected, a member cut off from its peers that must not grant, and waiting that wakes on the
-//! release itself (a watch), not on a poll.
+//! release itself (a watch), not on a poll; and renewals that leave no lease behind.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -362,4 +362,29 @@ async fn waiting_wakes_on_the_release_not_on_a_poll() {
         "the waiter took {lag:?} after the release: it slept its backoff instead of watching"
     );
     guard.release().await.expect("release");
+}
+
+/// A lock renewed many times holds one lease, not one per renewal: each extend moves the key to a new
+/// lease and revokes the one it left (before, every renewal's lease lingered in the cluster until its
+/// TTL ran out — a long-held lock renewed every few seconds left a trail of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_leave_no_lease_behind() {
+    integration_tests::init_tracing();
+    let cluster = EtcdCluster::single();
+    let lock = connect(&cluster.url("leases")).await;
+    let mut guard = lock
+        .acquire("renewed", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(cluster.lease_count(), 1, "the acquisition's lease");
+    for _ in 0..5 {
+        guard.extend(Duration::from_secs(60)).await.unwrap();
+    }
+    assert_eq!(
+        cluster.lease_count(),
+        1,
+        "five renewals leave the one lease the key lives on"
+    );
+    guard.release().await.unwrap();
+    assert_eq!(cluster.lease_count(), 0, "the release revokes the last one");
 }

@@ -578,24 +578,35 @@ impl EtcdDistributedLock {
         }
     }
 
-    /// Puts the key with `lease` if its value is still `owner`; whether it was.
-    async fn reattach(&self, resource: &str, owner: &str, lease: i64) -> StateResult<bool> {
+    /// Puts the key with `lease` if its value is still `owner`: the lease it had until then when it
+    /// was (read in the same transaction, before the put), `None` when the key is no longer `owner`'s.
+    async fn reattach(&self, resource: &str, owner: &str, lease: i64) -> StateResult<Option<i64>> {
         let key = self.lock_key(resource);
         let txn = Txn::new()
             .when([Compare::value(key.clone(), CompareOp::Equal, owner)])
-            .and_then([TxnOp::put(
-                key,
-                owner,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
+            .and_then([
+                TxnOp::get(key.clone(), None),
+                TxnOp::put(key, owner, Some(PutOptions::new().with_lease(lease))),
+            ]);
         let response = self
             .call("extend", resource, |mut client| {
                 let txn = txn.clone();
                 async move { client.txn(txn).await }
             })
             .await?;
-        Ok(response.succeeded())
+        if !response.succeeded() {
+            return Ok(None);
+        }
+        Ok(Some(lease_of_first_get(&response).unwrap_or(0)))
     }
+}
+
+/// The lease of the key the transaction's first `get` read (`None` when it read nothing).
+fn lease_of_first_get(response: &etcd_client::TxnResponse) -> Option<i64> {
+    response.op_responses().into_iter().find_map(|op| match op {
+        etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.lease()),
+        _ => None,
+    })
 }
 
 #[async_trait::async_trait]
@@ -676,11 +687,7 @@ impl DistributedLock for EtcdDistributedLock {
                 });
             }
             // The key is gone; its lease can go too (best effort).
-            let lease = response.op_responses().into_iter().find_map(|op| match op {
-                etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.lease()),
-                _ => None,
-            });
-            if let Some(lease) = lease.filter(|lease| *lease != 0) {
+            if let Some(lease) = lease_of_first_get(&response).filter(|lease| *lease != 0) {
                 self.revoke(resource, lease).await;
             }
             Ok(())
@@ -717,18 +724,23 @@ impl DistributedLock for EtcdDistributedLock {
             let sent_at = Instant::now();
             let lease = self.grant(&resource, ttl).await?;
             let owner = guard.token().value.clone();
-            let reattached = match self.reattach(&resource, &owner, lease).await {
-                Ok(reattached) => reattached,
+            let previous = match self.reattach(&resource, &owner, lease).await {
+                Ok(Some(previous)) => previous,
+                Ok(None) => {
+                    self.revoke(&resource, lease).await;
+                    return Err(StateError::LockLost { resource });
+                }
                 Err(err) => {
                     self.revoke(&resource, lease).await;
                     return Err(err);
                 }
             };
-            if !reattached {
-                self.revoke(&resource, lease).await;
-                return Err(StateError::LockLost { resource });
-            }
             guard.record_extension(SystemTime::now() + ttl, safe_deadline(sent_at, ttl));
+            // The key now lives on the new lease; the one it left holds nothing and would linger in the
+            // cluster until it ran out (one per extend: a lease leak in a long-held lock's renewals).
+            if previous != 0 && previous != lease {
+                self.revoke(&resource, previous).await;
+            }
             Ok(())
         })
         .await
