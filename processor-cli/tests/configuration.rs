@@ -45,7 +45,7 @@ checkpoint-dir = "/shared/checkpoints"
 lock_url = "redis://app:s3cret@127.0.0.1:6379"
 claim_ttl_secs = 7
 max_members = 200
-kafka_config = ["sasl.password=hunter2", "client.id=ops"]
+kafka_config = ["sasl.password=hunter2", "client.id=ops", "ssl.key.pem=-----BEGIN PRIVATE KEY-----MIIEvQIBADAN", "ssl.keystore.password=kspass9", "sasl.oauthbearer.config=principal=svc token=tok3n"]
 "#;
 
 #[test]
@@ -69,10 +69,10 @@ fn a_file_sets_what_flags_and_environment_do_not_and_secrets_are_redacted() {
         "version 7 (time-ordered): {instance}"
     );
     let text = from_file.to_string();
-    assert!(
-        !text.contains("s3cret") && !text.contains("hunter2"),
-        "{text}"
-    );
+    for secret in ["s3cret", "hunter2", "MIIEvQIBADAN", "kspass9", "tok3n"] {
+        assert!(!text.contains(secret), "{secret} shown: {text}");
+    }
+    assert!(text.contains("client.id") && text.contains("ops"), "{text}");
     assert!(text.contains("redis://app:***@127.0.0.1:6379"), "{text}");
 
     // Environment over file, flag over environment.

@@ -24,14 +24,53 @@ const RESERVED: &[&str] = &[
     "transactional.id",
 ];
 
-/// Parts of property names whose values are secrets (`sasl.password`, `ssl.key.password`,
-/// `sasl.oauthbearer.client.secret`, …).
-const SECRET_PARTS: &[&str] = &["password", "secret", "token", "jaas"];
+/// The properties librdkafka itself marks sensitive (`_RK_SENSITIVE` in `rdkafka_conf.c`, 2.12.1): it
+/// redacts their values in its own dumps, and so do we.
+const SENSITIVE: &[&str] = &[
+    "ssl.key.location",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl_key",
+    "ssl.ca.pem",
+    "ssl.keystore.password",
+    "sasl.username",
+    "sasl.password",
+    "sasl.oauthbearer.config",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.assertion.private.key.file",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+];
 
-/// Whether the value of the librdkafka property `key` is a secret.
+/// Parts of property names whose values are secrets or may carry one, beyond [`SENSITIVE`]: a
+/// future librdkafka's new credential, an alias (`…client.credentials.client.secret`), the keystore
+/// and keytab, OAuth extensions (often a token), any inline PEM.
+const SECRET_PARTS: &[&str] = &[
+    "password",
+    "passphrase",
+    "secret",
+    "token",
+    "jaas",
+    "credential",
+    "key",
+    "keystore",
+    "keytab",
+    "pem",
+    "extensions",
+];
+
+/// Whether the value of the librdkafka property `key` is a secret: one librdkafka marks sensitive,
+/// or one whose name has a part of [`SECRET_PARTS`]. A value is also hidden wherever it looks like a
+/// PEM block ([`looks_secret`]), whatever its name.
 pub fn is_secret(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    SECRET_PARTS.iter().any(|part| key.contains(part))
+    let key = key.trim().to_ascii_lowercase();
+    SENSITIVE.contains(&key.as_str()) || SECRET_PARTS.iter().any(|part| key.contains(part))
+}
+
+/// Whether a property's value must be hidden: its name is a secret's ([`is_secret`]) or the value
+/// itself is PEM text (a private key pasted under an unexpected name).
+fn looks_secret(key: &str, value: &str) -> bool {
+    is_secret(key) || value.contains("-----BEGIN")
 }
 
 /// The bootstrap servers and client properties of an instance.
@@ -47,7 +86,7 @@ impl std::fmt::Debug for KafkaSettings {
             .properties
             .iter()
             .map(|(key, value)| {
-                let value = if is_secret(key) {
+                let value = if looks_secret(key, value) {
                     "***"
                 } else {
                     value.as_str()
@@ -234,5 +273,39 @@ mod tests {
             shown.contains("sasl.pasword") && !shown.contains("hunter2"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn every_sensitive_property_and_any_pem_value_is_hidden() {
+        // librdkafka's sensitive list, the aliases and look-alikes a user may type, keys and passphrases.
+        let secrets = SENSITIVE.iter().copied().chain([
+            "sasl.oauthbearer.client.credentials.client.secret",
+            "sasl.oauthbearer.extensions",
+            "ssl.keystore.location",
+            "sasl.kerberos.keytab",
+            "SSL.Key.PEM",
+        ]);
+        for key in secrets {
+            let settings = KafkaSettings::new("b:9092")
+                .with_property(key, "v4lue-hidden")
+                .unwrap();
+            let shown = format!("{settings:?}");
+            assert!(!shown.contains("v4lue-hidden"), "{key}: {shown}");
+        }
+        let pasted = KafkaSettings::new("b:9092")
+            .with_property("ssl.unknown", "-----BEGIN PRIVATE KEY-----abc")
+            .unwrap();
+        assert!(!format!("{pasted:?}").contains("PRIVATE"));
+        let public = KafkaSettings::new("b:9092")
+            .with_pairs([
+                "security.protocol=SSL",
+                "linger.ms=5",
+                "ssl.certificate.location=/etc/c.crt",
+            ])
+            .unwrap();
+        let shown = format!("{public:?}");
+        for value in ["SSL", "\"5\"", "/etc/c.crt"] {
+            assert!(shown.contains(value), "{value} hidden: {shown}");
+        }
     }
 }
