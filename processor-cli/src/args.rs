@@ -171,6 +171,27 @@ pub(crate) struct RunArgs {
     /// `http://` and the bound address).
     #[arg(long, env = "HTTP_ADVERTISE")]
     pub(crate) http_advertise: Option<String>,
+    /// A bearer token every HTTP request but `/health` and `/ready` must carry
+    /// (`Authorization: Bearer TOKEN`; a browser asks for it as the password); members send it when
+    /// they forward a state query, so give every member the same one. At least 16 characters.
+    #[arg(
+        long,
+        env = "HTTP_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "http_token_file"
+    )]
+    pub(crate) http_token: Option<String>,
+    /// A file holding the HTTP token (its first line): keeps it out of the process list.
+    #[arg(long, env = "HTTP_TOKEN_FILE")]
+    pub(crate) http_token_file: Option<PathBuf>,
+    /// Answer HTTP requests only for this `Host` name (repeat for several; default: any): a DNS
+    /// rebinding page names its own host and gets 403.
+    #[arg(
+        long = "http-allowed-host",
+        env = "HTTP_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub(crate) http_allowed_hosts: Vec<String>,
     /// Bootstrap servers.
     #[arg(long, env = "BROKERS")]
     pub(crate) brokers: String,
@@ -295,17 +316,30 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "REJECTED_RECORD_PAUSE_SECS", default_value_t = 30.0)]
     pub(crate) rejected_record_pause_secs: f64,
     /// MiB of each owned partition's write-back state cache.
-    #[arg(long, env = "STATE_CACHE_MB", default_value_t = 8)]
-    pub(crate) state_cache_mb: usize,
+    #[arg(long, env = "STATE_CACHE_MB", default_value_t = 8, value_parser = mib_at_least(1))]
+    pub(crate) state_cache_mb: u64,
     /// MiB of RocksDB block cache shared by the instance's partitions (index and filter blocks included).
-    #[arg(long, env = "BLOCK_CACHE_MB", default_value_t = 128)]
-    pub(crate) block_cache_mb: usize,
+    #[arg(long, env = "BLOCK_CACHE_MB", default_value_t = 128, value_parser = mib_at_least(1))]
+    pub(crate) block_cache_mb: u64,
     /// MiB of RocksDB memtables shared by the instance's partitions (writers stall beyond it).
-    #[arg(long, env = "WRITE_BUFFER_MB", default_value_t = 64)]
-    pub(crate) write_buffer_mb: usize,
+    #[arg(long, env = "WRITE_BUFFER_MB", default_value_t = 64, value_parser = mib_at_least(1))]
+    pub(crate) write_buffer_mb: u64,
     /// MiB of commits each owned partition coalesces before it writes their keys one by one: a commit is
     /// then one RocksDB record beside its offset, and a key changed by many commits is written once
     /// (0: every commit writes each key it changed).
-    #[arg(long, env = "COMMIT_COALESCING_MB", default_value_t = 4)]
-    pub(crate) commit_coalescing_mb: usize,
+    #[arg(long, env = "COMMIT_COALESCING_MB", default_value_t = 4, value_parser = mib_at_least(0))]
+    pub(crate) commit_coalescing_mb: u64,
+}
+
+/// The most MiB a size flag takes: 1 TiB (more is a typo, and `MiB << 20` must fit a `usize`).
+const MAX_MIB: u64 = 1 << 20;
+
+/// A size flag in MiB from `min` to [`MAX_MIB`]: clap refuses the rest naming the flag and the value.
+fn mib_at_least(min: u64) -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(min..=MAX_MIB)
+}
+
+/// Bytes of a size flag's MiB (bounded by [`MAX_MIB`], so it neither wraps nor overflows).
+pub(crate) fn mib_to_bytes(mib: u64) -> usize {
+    usize::try_from(mib.min(MAX_MIB) << 20).unwrap_or(usize::MAX)
 }

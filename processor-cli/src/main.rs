@@ -34,7 +34,7 @@ use anyhow::{Context, bail};
 use processor::checkpoint::DirectoryCheckpointStore;
 use processor::dev::demo::{DemoConfig, run_demo};
 use processor::dev::{DevBroker, Workload};
-use processor::http::{LocalInstances, MetricsRender};
+use processor::http::{HttpAccess, LocalInstances, MetricsRender};
 use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
 use processor::operator::OutputMode;
 use processor::resources::checkpoint_root;
@@ -112,9 +112,6 @@ fn instance_config(args: &RunArgs, instance_id: &str) -> anyhow::Result<Instance
     if args.commit_records == 0 || args.commit_interval_ms == 0 {
         bail!("--commit-records and --commit-interval-ms must be at least 1");
     }
-    if args.block_cache_mb == 0 || args.write_buffer_mb == 0 {
-        bail!("--block-cache-mb and --write-buffer-mb must be at least 1");
-    }
     let output_mode = if args.latest_output_per_key {
         OutputMode::LatestPerKey
     } else {
@@ -125,7 +122,7 @@ fn instance_config(args: &RunArgs, instance_id: &str) -> anyhow::Result<Instance
             args.commit_records,
             Duration::from_millis(args.commit_interval_ms),
         )
-        .with_state_cache_bytes(args.state_cache_mb << 20)
+        .with_state_cache_bytes(crate::args::mib_to_bytes(args.state_cache_mb))
         .with_standby_replicas(args.standby_replicas)
         .with_rejected_record_pause(rejected_record_pause)
         .with_output_mode(output_mode)
@@ -217,6 +214,7 @@ async fn start_instance(
         println!("instance id: {instance_id}");
     }
     let mut config = instance_config(&args, &instance_id)?;
+    let access = http_access(&args)?;
     let http = match args.http {
         Some(addr) => {
             let listener = processor::http::bind(addr).await?;
@@ -276,14 +274,17 @@ async fn start_instance(
     .await
     .context("lock backend")?; // its errors name the server, password redacted
     services.stores = Arc::new(
-        RocksDbStores::new(args.block_cache_mb << 20, args.write_buffer_mb << 20)
-            .with_commit_coalescing(args.commit_coalescing_mb << 20),
+        RocksDbStores::new(
+            crate::args::mib_to_bytes(args.block_cache_mb),
+            crate::args::mib_to_bytes(args.write_buffer_mb),
+        )
+        .with_commit_coalescing(crate::args::mib_to_bytes(args.commit_coalescing_mb)),
     );
     let instance = Instance::new(config, services)?;
     let server = http.map(|listener| {
         let instances = Arc::new(LocalInstances::default());
         instances.add(Arc::clone(&instance));
-        serve_in_background(listener, instances, metrics, stop)
+        serve_in_background(listener, instances, metrics, access, stop)
     });
     Ok((instance, server))
 }
@@ -336,14 +337,35 @@ fn dump(checkpoint_dir: PathBuf, topic: &str, offsets_only: bool) -> anyhow::Res
     Ok(())
 }
 
+/// Who may use the HTTP endpoint: `--http-token` (or its file) and `--http-allowed-host`.
+pub(crate) fn http_access(args: &RunArgs) -> anyhow::Result<HttpAccess> {
+    let mut access = HttpAccess::default();
+    let token = match &args.http_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--http-token-file {}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+        None => args.http_token.clone(),
+    };
+    if let Some(token) = token {
+        access = access.with_token(&token)?;
+    }
+    Ok(access.with_allowed_hosts(args.http_allowed_hosts.iter().map(String::as_str))?)
+}
+
 /// Serves the operations endpoint until `stop` (a failure is logged: the instance keeps running).
 fn serve_in_background(
     listener: tokio::net::TcpListener,
     instances: Arc<LocalInstances>,
     metrics: Option<MetricsRender>,
+    access: HttpAccess,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let router = processor::http::router(instances, metrics);
+    let router = processor::http::router(instances, metrics, access);
     tokio::spawn(async move {
         if let Err(err) = processor::http::serve(listener, router, stop).await {
             tracing::error!(error = %err, "the HTTP endpoint stopped");
@@ -366,6 +388,7 @@ async fn demo(args: DemoArgs, metrics: Option<MetricsRender>) -> anyhow::Result<
                 listener,
                 instances,
                 metrics,
+                HttpAccess::default(),
                 stop_http.clone(),
             ))
         }

@@ -181,9 +181,9 @@ pub fn check(args: &RunArgs) -> anyhow::Result<()> {
         "standby_replicas": config.standby_replicas,
         "rejected_record_pause_secs": config.rejected_record_pause.as_secs_f64(),
         "output_mode": format!("{:?}", config.output_mode),
-        "block_cache_bytes": args.block_cache_mb << 20,
-        "write_buffer_bytes": args.write_buffer_mb << 20,
-        "commit_coalescing_bytes": args.commit_coalescing_mb << 20,
+        "block_cache_bytes": crate::args::mib_to_bytes(args.block_cache_mb),
+        "write_buffer_bytes": crate::args::mib_to_bytes(args.write_buffer_mb),
+        "commit_coalescing_bytes": crate::args::mib_to_bytes(args.commit_coalescing_mb),
         "max_members": config.max_members,
         "output_topic": config.output_topic,
         "output_guarantee": format!("{:?}", config.output_guarantee),
@@ -194,6 +194,7 @@ pub fn check(args: &RunArgs) -> anyhow::Result<()> {
         "shutdown_timeout_secs": config.shutdown_bound().as_secs_f64(),
         "http": args.http,
         "http_advertise": args.http_advertise,
+        "http_access": format!("{:?}", crate::http_access(args)?),
         "config_file": args.config,
     });
     println!("{}", serde_json::to_string_pretty(&resolved)?);

@@ -116,6 +116,33 @@ fn bad_settings_are_refused_with_the_setting_named() {
         assert!(!out.status.success(), "{file} accepted");
         assert!(stderr.contains(expected), "{file}: {stderr}");
     }
+    // Sizes out of range, names Kafka or a directory cannot take, properties the processor owns: one
+    // line naming the setting and the value (before, `<< 20` wrapped or panicked on a huge size).
+    let base = write("base.toml", "");
+    let flags: [(&[&str], &str); 7] = [
+        (&["--state-cache-mb", "0"], "--state-cache-mb"),
+        (&["--block-cache-mb", "99999999999999"], "--block-cache-mb"),
+        (&["--write-buffer-mb", "0"], "--write-buffer-mb"),
+        (&["--topic", "orders:eu"], "topic"),
+        (&["--group", "../etc"], "group"),
+        (
+            &["--kafka-config", "isolation.level=read_uncommitted"],
+            "isolation.level",
+        ),
+        (
+            &["--kafka-config", "enable.idempotence=false"],
+            "enable.idempotence",
+        ),
+    ];
+    for (extra, expected) in flags {
+        let mut argv = vec!["--config", base.as_str()];
+        argv.extend_from_slice(extra);
+        let out = config_check(&argv, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} accepted");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");
+    }
     let not_toml = scratch.path().join("broken.toml");
     std::fs::write(&not_toml, "brokers = ").unwrap();
     let out = config_check(&["--config", not_toml.to_str().unwrap()], &[]);

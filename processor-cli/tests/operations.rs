@@ -319,3 +319,139 @@ fn status_of_a_three_instance_fleet_names_one_leader_and_an_owner_for_every_part
     }
     broker.stop();
 }
+
+/// `GET path` with extra header lines; the status code, the response head (lower-cased) and the body.
+fn request(addr: &str, path: &str, headers: &[&str]) -> (u16, String, String) {
+    try_request(addr, path, headers).unwrap()
+}
+
+/// As [`request`]; the I/O error when nothing answers (yet).
+fn try_request(addr: &str, path: &str, headers: &[&str]) -> std::io::Result<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let has_host = headers
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("host:"));
+    let mut head = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !has_host {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for header in headers {
+        head.push_str(header);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    Ok((code, head.to_ascii_lowercase(), body.to_owned()))
+}
+
+/// Live state is never readable cross-origin; with `--http-token` every path but the probes needs the
+/// token (the dashboard's page asks for it as a password), no answer is readable cross-origin, and with
+/// `--http-allowed-host` a request naming another host (DNS rebinding) is refused.
+#[test]
+fn live_state_is_not_readable_cross_origin_and_a_token_guards_the_endpoint() {
+    const TOKEN: &str = "0123456789abcdef-test";
+    const FOREIGN: &str = "Origin: https://evil.example";
+    let scratch = Scratch::new();
+    let root = scratch.path();
+    let (open_locks, guarded_locks) = (RedisServer::start_new(), RedisServer::start_new());
+    let (broker, brokers) = Broker::start();
+    let workload = Workload {
+        records: 200,
+        keys: 20,
+        seed: 11,
+        partitions: PARTITIONS,
+    };
+    produce(&brokers, &workload, 0..workload.records);
+    let ports = free_ports(2);
+    let (open, guarded) = (
+        format!("127.0.0.1:{}", ports[0]),
+        format!("127.0.0.1:{}", ports[1]),
+    );
+    let _open = run_instance_with_http("open", &brokers, &open_locks.url(), &root, ports[0], &[]);
+    let token_flag = ["--http-token", TOKEN, "--http-allowed-host", "127.0.0.1"];
+    let _guarded = run_instance_with_http(
+        "guarded",
+        &brokers,
+        &guarded_locks.url(),
+        &root,
+        ports[1],
+        &token_flag,
+    );
+    let (partition, key, _) = workload.record(0);
+    let state_path = format!("/state/{key}?partition={partition}");
+
+    // Without a token: status answers are readable by any origin, live state by none.
+    eventually(
+        "the open member answers live state",
+        Duration::from_secs(60),
+        || match try_request(&open, &state_path, &[FOREIGN]).map_err(|e| e.to_string())? {
+            (200, head, _) if !head.contains("access-control-allow-origin") => Ok(()),
+            (code, head, body) => Err(format!("{code} {head} {body}")),
+        },
+    );
+    let (code, head, _) = request(&open, "/status", &[FOREIGN]);
+    assert_eq!(code, 200);
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+
+    // With a token: 401 everywhere but the probes, naming the scheme to use.
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    eventually(
+        "the guarded member is up",
+        Duration::from_secs(60),
+        || match try_request(&guarded, "/status", &[&bearer]).map_err(|e| e.to_string())? {
+            (200, _, _) => Ok(()),
+            (code, _, body) => Err(format!("{code} {body}")),
+        },
+    );
+    let guarded_paths = [
+        "/",
+        "/metrics",
+        "/status",
+        "/members",
+        "/instances/guarded/status",
+        state_path.as_str(),
+        "/instances/guarded/state/k",
+    ];
+    for path in guarded_paths {
+        let (code, head, _) = request(&guarded, path, &[FOREIGN]);
+        assert_eq!(code, 401, "{path} without the token");
+        assert!(head.contains("www-authenticate"), "{path}: {head}");
+        let wrong = request(
+            &guarded,
+            path,
+            &["Authorization: Bearer 0123456789abcdef-nope"],
+        );
+        assert_eq!(wrong.0, 401, "{path} with a wrong token");
+    }
+    assert_eq!(request(&guarded, "/health", &[]).0, 200);
+    assert_ne!(
+        request(&guarded, "/ready", &[]).0,
+        401,
+        "probes carry no token"
+    );
+    let (code, head, _) = request(&guarded, "/status", &[&bearer, FOREIGN]);
+    assert_eq!(code, 200);
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    eventually(
+        "live state with the token",
+        Duration::from_secs(60),
+        || match try_request(&guarded, &state_path, &[&bearer]).map_err(|e| e.to_string())? {
+            (200, _, body) if body.contains("\"found\":true") => Ok(()),
+            (code, _, body) => Err(format!("{code} {body}")),
+        },
+    );
+    // A page whose name was re-pointed at this address still names its own host.
+    let rebound = request(&guarded, "/health", &["Host: evil.example:9090"]);
+    assert_eq!(rebound.0, 403, "a foreign Host");
+    broker.stop();
+}

@@ -373,6 +373,17 @@ impl InstanceConfig {
                 return Err(invalid(what, "must not be empty".to_owned()));
             }
         }
+        crate::resources::validate_topic(&self.topic).map_err(|reason| invalid("topic", reason))?;
+        crate::resources::validate_group(&self.group).map_err(|reason| invalid("group", reason))?;
+        let other_topics = [
+            ("output topic", &self.output_topic),
+            ("dead-letter topic", &self.dead_letter_topic),
+        ];
+        for (what, topic) in other_topics {
+            if let Some(topic) = topic {
+                crate::resources::validate_topic(topic).map_err(|reason| invalid(what, reason))?;
+            }
+        }
         if self.instance_id.contains(['\n', '\r']) {
             return Err(invalid(
                 "instance id",

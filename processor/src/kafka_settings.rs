@@ -10,8 +10,9 @@ use rdkafka::ClientConfig;
 use crate::error::{ProcessorError, ProcessorResult};
 
 /// Properties the processor sets itself because its guarantees depend on them: exactly-once state needs
-/// `assign()` from the stored offset, no auto-commit and no auto offset store; brokers come from
-/// `--brokers`.
+/// `assign()` from the stored offset, no auto-commit and no auto offset store, reads of committed
+/// records only (`isolation.level`), an idempotent transactional producer per partition; brokers come
+/// from `--brokers`.
 const RESERVED: &[&str] = &[
     "bootstrap.servers",
     "metadata.broker.list",
@@ -20,6 +21,7 @@ const RESERVED: &[&str] = &[
     "enable.auto.offset.store",
     "enable.partition.eof",
     "auto.offset.reset",
+    "isolation.level",
     "enable.idempotence",
     "transactional.id",
 ];

@@ -226,11 +226,7 @@ impl std::fmt::Debug for TransactionalSink {
     }
 }
 
-/// The `transactional.id` of the producer of `partition` of `topic` in fleet `group`: one per partition
-/// and fleet, whoever owns it, so that ownership moves fence the previous owner's producer.
-pub fn transactional_id(group: &str, topic: &str, partition: i32) -> String {
-    format!("{group}.{topic}.{partition}")
-}
+pub use crate::resources::transactional_id;
 
 impl TransactionalSink {
     /// Creates the partition's transactional producer and initialises it: this fences every earlier

@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
+use super::backoff::PartitionBackoff;
 use super::maintenance::{Maintenance, MaintenanceOutcome};
 use super::membership::{Membership, assigned_to, standby_of};
-use super::status::{InstanceStatus, PartitionStatus, instant_to_unix_ms};
+use super::status::{InstanceStatus, PartitionBackoffStatus, PartitionStatus, instant_to_unix_ms};
 use crate::config::InstanceConfig;
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::kafka_calls::bounded;
@@ -52,9 +53,9 @@ pub struct Instance {
     pub(super) metadata: Arc<crate::source::MetadataClient>,
     /// The stores of the partitions this instance processes now, for queries of live state.
     pub(super) open_stores: super::query::OpenStores,
-    /// Partitions stopped at a record their job refused (policy `stop`), and until when they are not
-    /// claimed again.
-    stopped: std::sync::Mutex<HashMap<i32, tokio::time::Instant>>,
+    /// Partitions this instance gave up and until when they are not claimed again: after a failure (a
+    /// growing pause) or a record their job refused (policy `stop`).
+    backoff: std::sync::Mutex<PartitionBackoff>,
     /// One lock per partition, held by the blocking work on its local directory (open, restore,
     /// snapshot) for as long as it runs — also when the watchdog abandoned the task that started it —
     /// so that the partition's next claim never works on the directory beside it.
@@ -127,7 +128,7 @@ impl Instance {
             transactions_work: tokio::sync::OnceCell::new(),
             metadata: Arc::new(crate::source::MetadataClient::new(config.kafka.clone())),
             open_stores: super::query::OpenStores::default(),
-            stopped: std::sync::Mutex::default(),
+            backoff: std::sync::Mutex::default(),
             local_work: std::sync::Mutex::default(),
             sink,
             permits: tokio::sync::Semaphore::new(config.parallelism.max(1)),
@@ -221,14 +222,19 @@ impl Instance {
                     if outcome.is_err() {
                         metrics::counter!("processor_partition_failures_total", "topic" => self.config.topic.clone()).increment(1);
                     }
+                    let now = tokio::time::Instant::now();
+                    if let Err(err) = &outcome {
+                        let (pause, failures) = self.backoff().failed(partition, now);
+                        tracing::warn!(instance = %self.config.instance_id, partition, error = %err, failures, retry_in_ms = pause.as_millis(), "partition task ended; claimed again after a pause");
+                    } else {
+                        self.backoff().succeeded(partition);
+                    }
                     if let Err(err) = outcome {
-                        tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "partition task ended");
                         if matches!(err, ProcessorError::Rejected { .. }) {
                             // Stopped by the job's policy: not a crash loop of claim, restore, refuse.
                             let pause = self.config.rejected_record_pause;
                             tracing::error!(instance = %self.config.instance_id, partition, pause_secs = pause.as_secs_f64(), "partition stopped at a record its job refused; released, and not claimed again for a while");
-                            self.stopped_partitions()
-                                .insert(partition, tokio::time::Instant::now() + pause);
+                            self.backoff().hold_until(partition, now + pause);
                         }
                         if let Some(reason) = err.disk_failure() {
                             fatal = Some(ProcessorError::DiskUnusable {
@@ -243,6 +249,7 @@ impl Instance {
             if fatal.is_some() {
                 break;
             }
+            self.publish_backoff();
             if let Err(err) = self
                 .rebalance(&mut membership, &mut tasks, &mut running, &mut standbys)
                 .await
@@ -564,11 +571,7 @@ impl Instance {
             if running.contains_key(&partition) {
                 continue;
             }
-            let paused = self
-                .stopped_partitions()
-                .get(&partition)
-                .is_some_and(|until| tokio::time::Instant::now() < *until);
-            if paused {
+            if self.backoff().holds(partition, tokio::time::Instant::now()) {
                 continue;
             }
             let resource = partition_resource(&self.config.group, &self.config.topic, partition);
@@ -639,10 +642,38 @@ impl Instance {
         Arc::clone(locks.entry(partition).or_default())
     }
 
-    fn stopped_partitions(&self) -> std::sync::MutexGuard<'_, HashMap<i32, tokio::time::Instant>> {
-        self.stopped
+    fn backoff(&self) -> std::sync::MutexGuard<'_, PartitionBackoff> {
+        self.backoff
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Shows the partitions held back now in the status (`backoffs`) and as a gauge.
+    fn publish_backoff(&self) {
+        let now = tokio::time::Instant::now();
+        let held: std::collections::BTreeMap<i32, PartitionBackoffStatus> = self
+            .backoff()
+            .held(now)
+            .map(|(partition, failures, retry_at_ms)| {
+                (
+                    partition,
+                    PartitionBackoffStatus {
+                        failures,
+                        retry_at_ms,
+                    },
+                )
+            })
+            .collect();
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!("processor_partitions_backing_off", "topic" => self.config.topic.clone())
+            .set(held.len() as f64);
+        self.status.send_if_modified(|s| {
+            let changed = s.backoffs != held;
+            if changed {
+                s.backoffs = held;
+            }
+            changed
+        });
     }
 
     /// Starts the standby copies this instance should keep (`standby_replicas` per partition, on the

@@ -11,8 +11,11 @@
 //!   checkpoints;
 //! - [`query`]: queries of live state, answered by a partition's owner;
 //! - [`status`]: what an instance reports about itself;
-//! - `watchdog`: the progress watchdog that gives up a partition holding its claim without moving.
+//! - `watchdog`: the progress watchdog that gives up a partition holding its claim without moving;
+//! - `backoff`: when a partition this instance gave up (failed, or stopped at a refused record) may be
+//!   claimed again.
 
+mod backoff;
 pub mod instance;
 mod local_dirs;
 pub mod maintenance;

@@ -24,7 +24,7 @@ use crate::error::{ProcessorError, ProcessorResult};
 use crate::kafka_calls::{DropOffRuntime, bounded};
 use crate::partition::{PartitionProcessor, PartitionStats};
 use crate::progress::{Phase, Progress};
-use crate::resources::{compaction_resource, local_state_dir};
+use crate::resources::{self, compaction_resource, local_state_dir};
 use crate::sink::{TRANSACTION_CALL_BOUND, TransactionalSink};
 use crate::source::{
     CommitPolicy, Outputs, committed_offset, consume_partition, consume_segment, is_mock_cluster,
@@ -348,9 +348,13 @@ impl Instance {
             return Ok(None);
         };
         let partition = store.partition();
-        let prefix = format!(".snapshot-{}-{partition}-", self.config.topic);
+        let topic = self.config.topic.clone();
         let state_dir = self.config.state_dir.join(&self.config.group);
-        let scratch = state_dir.join(format!("{prefix}{}", meta.next_offset));
+        let scratch = state_dir.join(resources::snapshot_scratch_name(
+            &topic,
+            partition,
+            meta.next_offset,
+        ));
         let store = Arc::clone(store);
         let labels = partition_labels(&self.config.topic, partition);
         let local_work = self.local_work(partition);
@@ -362,7 +366,9 @@ impl Instance {
             let _pause = PauseTimer(started, labels);
             if let Ok(entries) = std::fs::read_dir(&state_dir) {
                 for entry in entries.filter_map(Result::ok) {
-                    if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let name = entry.file_name();
+                    if resources::is_snapshot_scratch_of(&name.to_string_lossy(), &topic, partition)
+                    {
                         let _ = std::fs::remove_dir_all(entry.path());
                     }
                 }

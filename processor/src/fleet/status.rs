@@ -67,6 +67,19 @@ pub struct InstanceStatus {
     /// Partitions the progress watchdog gave up (they held their claim without moving; see
     /// [`InstanceConfig::stall_timeout`](crate::InstanceConfig::stall_timeout)).
     pub stalls: u64,
+    /// Partitions this instance gave up and holds back from claiming for now: after failures in a row
+    /// (a pause doubling from 0.5 s to 30 s) or a record their job refused.
+    pub backoffs: BTreeMap<i32, PartitionBackoffStatus>,
+}
+
+/// A partition held back from claiming (see [`InstanceStatus::backoffs`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PartitionBackoffStatus {
+    /// Its tasks' failures in a row (0 when only a refused record holds it back).
+    pub failures: u32,
+    /// When this instance may claim it again, in milliseconds since the Unix epoch.
+    pub retry_at_ms: u64,
 }
 
 /// One owned partition, as its task last reported it (about twice a second).

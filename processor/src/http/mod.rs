@@ -14,8 +14,9 @@
 //! | `/state/{key}` | the live value of `key` from the owner of its partition, with the offset it reflects and the owner's fencing token, wherever the owner runs (see [`state_queries`]) |
 //! | `/instances/{id}/state/{key}` | the same, only from instance `id`'s live state (`404` when it does not process the partition) |
 //!
-//! Status answers carry `Access-Control-Allow-Origin: *`, so a dashboard served by one member can poll
-//! every other one.
+//! Status answers carry `Access-Control-Allow-Origin: *` (unless a token guards the endpoint), so a
+//! dashboard served by one member can poll every other one; live state never does. Who may ask what is
+//! [`access`]'s: an optional bearer token and an optional `Host` allow-list.
 //!
 //! [`Readiness`]: crate::fleet::readiness::Readiness
 //! [`InstanceStatus`]: crate::fleet::InstanceStatus
@@ -32,7 +33,10 @@ use axum::routing::get;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+pub mod access;
 pub mod state_queries;
+
+pub use access::HttpAccess;
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::fleet::Instance;
@@ -113,10 +117,16 @@ fn percent_encode(segment: &str) -> String {
 struct Shared {
     instances: Arc<LocalInstances>,
     metrics: Option<MetricsRender>,
+    access: HttpAccess,
 }
 
-/// The endpoint's routes over `instances`, with `metrics` serving `/metrics` (404 without).
-pub fn router(instances: Arc<LocalInstances>, metrics: Option<MetricsRender>) -> Router {
+/// The endpoint's routes over `instances`, with `metrics` serving `/metrics` (404 without), guarded
+/// by `access` ([`HttpAccess::default`] for an open endpoint).
+pub fn router(
+    instances: Arc<LocalInstances>,
+    metrics: Option<MetricsRender>,
+    access: HttpAccess,
+) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/health", get(health))
@@ -130,7 +140,15 @@ pub fn router(instances: Arc<LocalInstances>, metrics: Option<MetricsRender>) ->
             "/instances/{id}/state/{key}",
             get(state_queries::instance_state),
         )
-        .with_state(Shared { instances, metrics })
+        .layer(axum::middleware::from_fn_with_state(
+            access.clone(),
+            access::guard,
+        ))
+        .with_state(Shared {
+            instances,
+            metrics,
+            access,
+        })
 }
 
 /// Binds `addr` (one clear error when it cannot: in use, not an address of this host).
@@ -167,6 +185,7 @@ pub async fn serve(
         .map_err(ProcessorError::io(format!("the HTTP endpoint on {addr}")))
 }
 
+/// A JSON answer any origin may read (status, health): nothing in it is the job's data.
 fn json_with_cors(code: StatusCode, body: &impl Serialize) -> Response {
     let text = serde_json::to_string(body).unwrap_or_else(|err| format!("{{\"error\":\"{err}\"}}"));
     (
@@ -174,6 +193,20 @@ fn json_with_cors(code: StatusCode, body: &impl Serialize) -> Response {
         [
             (header::CONTENT_TYPE, "application/json"),
             (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        text,
+    )
+        .into_response()
+}
+
+/// A JSON answer for this origin only (live state): no CORS header.
+fn json_same_origin(code: StatusCode, body: &impl Serialize) -> Response {
+    let text = serde_json::to_string(body).unwrap_or_else(|err| format!("{{\"error\":\"{err}\"}}"));
+    (
+        code,
+        [
+            (header::CONTENT_TYPE, "application/json"),
             (header::CACHE_CONTROL, "no-store"),
         ],
         text,

@@ -12,7 +12,7 @@ use axum::response::Response;
 use http_body_util::BodyExt;
 use serde::Deserialize;
 
-use super::{Shared, json_with_cors, percent_encode};
+use super::{Shared, json_same_origin, percent_encode};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::fleet::Instance;
 use crate::fleet::membership::owner_of;
@@ -35,13 +35,13 @@ pub(super) async fn state(
     let instances = shared.instances.snapshot();
     for instance in instances.values() {
         match answer_locally(instance, &key, query.partition).await {
-            Ok(Some(answer)) => return json_with_cors(StatusCode::OK, &answer),
+            Ok(Some(answer)) => return json_same_origin(StatusCode::OK, &answer),
             Ok(None) => {}
             Err(err) => return failed(&err),
         }
     }
     let Some(instance) = instances.values().next() else {
-        return json_with_cors(
+        return json_same_origin(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"error": "no instance runs in this process"}),
         );
@@ -66,11 +66,11 @@ pub(super) async fn state(
             "{base}/state/{}?partition={partition}",
             percent_encode(&key)
         );
-        if let Ok(answer) = fetch_answer(&url).await {
-            return json_with_cors(StatusCode::OK, &answer);
+        if let Ok(answer) = fetch_answer(&url, shared.access.token()).await {
+            return json_same_origin(StatusCode::OK, &answer);
         }
     }
-    json_with_cors(
+    json_same_origin(
         StatusCode::SERVICE_UNAVAILABLE,
         &serde_json::json!({
             "error": format!("no member answers for partition {partition} of key `{key}`: its owner may be starting or moving, try again"),
@@ -86,14 +86,14 @@ pub(super) async fn instance_state(
     Query(query): Query<StateQuery>,
 ) -> Response {
     let Some(instance) = shared.instances.snapshot().get(&id).cloned() else {
-        return json_with_cors(
+        return json_same_origin(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": format!("no instance {id} runs in this process")}),
         );
     };
     match answer_locally(&instance, &key, query.partition).await {
-        Ok(Some(answer)) => json_with_cors(StatusCode::OK, &answer),
-        Ok(None) => json_with_cors(
+        Ok(Some(answer)) => json_same_origin(StatusCode::OK, &answer),
+        Ok(None) => json_same_origin(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": format!("instance {id} does not process the partition of key `{key}` now")}),
         ),
@@ -113,33 +113,51 @@ async fn answer_locally(
 }
 
 fn failed(err: &ProcessorError) -> Response {
-    json_with_cors(
+    json_same_origin(
         StatusCode::INTERNAL_SERVER_ERROR,
         &serde_json::json!({"error": err.to_string()}),
     )
 }
 
-/// Asks `url` (a member's `/instances/{id}/state/{key}`) for its answer.
+/// The largest forwarded answer read (a value of the job's state with its metadata); a member sending
+/// more is treated as not answering.
+pub const MAX_FORWARDED_ANSWER: usize = 16 << 20;
+
+/// Asks `url` (a member's `/instances/{id}/state/{key}`, `http://` or `https://` — the system's
+/// trusted roots, and `SSL_CERT_FILE`, verify the member's certificate) for its answer, with `token`
+/// as its bearer token when the endpoint has one.
 ///
 /// # Errors
-/// The member cannot be reached, does not answer in time, or answers anything but an answer.
-pub async fn fetch_answer(url: &str) -> ProcessorResult<StateAnswer> {
+/// The member cannot be reached, does not answer in time, answers more than
+/// [`MAX_FORWARDED_ANSWER`] bytes, or answers anything but an answer.
+pub async fn fetch_answer(url: &str, token: Option<&str>) -> ProcessorResult<StateAnswer> {
     let unreachable = |reason: String| ProcessorError::Kafka {
         operation: "ask a member for live state",
         source: format!("{url}: {reason}").into(),
     };
     let uri: axum::http::Uri = url.parse().map_err(|err| unreachable(format!("{err}")))?;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<axum::body::Bytes>>();
-    let response = tokio::time::timeout(FORWARD_TIMEOUT, client.get(uri))
+    let mut request = axum::http::Request::get(uri);
+    if let Some(token) = token {
+        request = request.header(axum::http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(http_body_util::Empty::<axum::body::Bytes>::new())
+        .map_err(|err| unreachable(err.to_string()))?;
+    let client = forwarding_client().map_err(|err| unreachable(err.clone()))?;
+    let response = tokio::time::timeout(FORWARD_TIMEOUT, client.request(request))
         .await
         .map_err(|_| unreachable(format!("no answer within {FORWARD_TIMEOUT:?}")))?
         .map_err(|err| unreachable(err.to_string()))?;
     let code = response.status();
-    let body = tokio::time::timeout(FORWARD_TIMEOUT, response.into_body().collect())
+    let limited = http_body_util::Limited::new(response.into_body(), MAX_FORWARDED_ANSWER);
+    let body = tokio::time::timeout(FORWARD_TIMEOUT, limited.collect())
         .await
         .map_err(|_| unreachable("the answer did not arrive in time".to_owned()))?
-        .map_err(|err| unreachable(err.to_string()))?
+        .map_err(|err| {
+            unreachable(format!(
+                "{err} (at most {MAX_FORWARDED_ANSWER} bytes are read)"
+            ))
+        })?
         .to_bytes();
     if code != StatusCode::OK {
         return Err(unreachable(format!(
@@ -148,4 +166,31 @@ pub async fn fetch_answer(url: &str) -> ProcessorResult<StateAnswer> {
         )));
     }
     serde_json::from_slice(&body).map_err(|err| unreachable(format!("not an answer: {err}")))
+}
+
+type ForwardingClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<axum::body::Bytes>,
+>;
+
+/// The client for `http://` and `https://` members (rustls with the platform's roots), made once: its
+/// connection pool and the loaded roots are kept.
+fn forwarding_client() -> Result<ForwardingClient, &'static String> {
+    static CLIENT: std::sync::OnceLock<Result<ForwardingClient, String>> =
+        std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_native_roots()
+                .map_err(|err| format!("no TLS roots for https:// members: {err}"))?
+                .https_or_http()
+                .enable_http1()
+                .build();
+            Ok(
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build(connector),
+            )
+        })
+        .as_ref()
+        .cloned()
 }

@@ -110,6 +110,54 @@ async fn by_default_the_partition_refuses_and_names_the_offsets() {
     assert_eq!(offset, 1_000, "nothing was written");
 }
 
+/// A partition that keeps failing (here: its stored offset is outside the log, policy `fail`) is claimed
+/// again after a pause that doubles, not on every tick: over six seconds it fails a handful of times,
+/// not two dozen, and the status shows the streak and when the next attempt is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_keeps_failing_is_retried_with_a_growing_pause() {
+    let broker = TestBroker::start(TOPIC, 1).await;
+    let brokers = broker.bootstrap_servers();
+    let root = tempfile::tempdir().unwrap();
+    let state_dir = root.path().join("state");
+    seed_state_at(&state_dir, 1_000);
+    let services = Services::in_memory(root.path().join("ck")).unwrap();
+    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, state_dir);
+    let instance = Instance::new(config, services).unwrap();
+    let status = instance.status();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(instance.run(stop.clone()));
+    wait_for(&status, "the first refusal", Duration::from_secs(30), |s| {
+        s.partition_errors.contains_key(&0)
+    })
+    .await;
+    let first = tokio::time::Instant::now();
+    let streak = wait_for(&status, "a streak shown", Duration::from_secs(6), |s| {
+        s.backoffs.get(&0).is_some_and(|b| b.failures >= 2)
+    })
+    .await;
+    tokio::time::sleep_until(first + Duration::from_secs(6)).await;
+    let seen = status.borrow().clone();
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    let failures = seen
+        .hand_offs
+        .iter()
+        .filter(|hand_off| hand_off.event == "failed")
+        .count();
+    // Pauses of ~0.5, 1, 2, 4 s: at most five failures in the first ~6.5 s (every tick: ~20).
+    assert!(
+        (2..=6).contains(&failures),
+        "{failures} failures in ~6 s: {:?}",
+        seen.hand_offs
+    );
+    let shown = &streak.backoffs[&0];
+    let now_ms = processor::fleet::status::unix_ms(std::time::SystemTime::now());
+    assert!(
+        shown.retry_at_ms > now_ms.saturating_sub(10_000),
+        "a retry time near now: {shown:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn earliest_resumes_at_the_log_start() {
     let (status, offset) = run_over_a_recreated_topic(MissingOffsets::Earliest).await;

@@ -1,7 +1,8 @@
 //! Queries of live state over HTTP: any member answers `GET /state/{key}` from the owner of the key's
 //! partition (forwarded when the owner is another member), with the value, the offset it reflects and
 //! the owner's fencing token; after the owner dies, the same query is answered by the new owner with a
-//! higher token. And keys go to the partitions `partition_for_key` says, as librdkafka places them.
+//! higher token; with a token on the endpoints, members forward it (and a query without it is refused).
+//! And keys go to the partitions `partition_for_key` says, as librdkafka places them.
 
 // Test code: a failed step is a failed run, so helpers unwrap.
 #![allow(clippy::unwrap_used)]
@@ -15,7 +16,7 @@ use processor::aggregation::Aggregate;
 use processor::dev::Workload;
 use processor::fleet::query::{StateAnswer, partition_for_key};
 use processor::http::state_queries::fetch_answer;
-use processor::http::{LocalInstances, router, serve, status_url};
+use processor::http::{HttpAccess, LocalInstances, router, serve, status_url};
 use processor::{Instance, InstanceConfig, InstanceStatus, Services};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -25,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
 const PARTITIONS: i32 = 4;
+/// The endpoints' bearer token.
+const TOKEN: &str = "state-queries-token-0123";
 
 struct Member {
     base: String,
@@ -44,7 +47,12 @@ async fn member(services: &Services, brokers: &str, root: &std::path::Path, id: 
     let instances = Arc::new(LocalInstances::default());
     instances.add(Arc::clone(&instance));
     let server = CancellationToken::new();
-    tokio::spawn(serve(listener, router(instances, None), server.clone()));
+    let access = HttpAccess::default().with_token(TOKEN).unwrap();
+    tokio::spawn(serve(
+        listener,
+        router(instances, None, access),
+        server.clone(),
+    ));
     Member {
         base,
         status: instance.status(),
@@ -54,9 +62,12 @@ async fn member(services: &Services, brokers: &str, root: &std::path::Path, id: 
 }
 
 async fn query(base: &str, key: &str, partition: i32) -> StateAnswer {
-    fetch_answer(&format!("{base}/state/{key}?partition={partition}"))
-        .await
-        .unwrap()
+    fetch_answer(
+        &format!("{base}/state/{key}?partition={partition}"),
+        Some(TOKEN),
+    )
+    .await
+    .unwrap()
 }
 
 fn aggregate_of(answer: &StateAnswer) -> Aggregate {
@@ -125,6 +136,13 @@ async fn any_member_answers_from_the_owner_and_after_a_hand_off_from_the_new_one
     assert_eq!(query(&b.base, &key, partition).await, answer);
     let missing = query(&a.base, "no-such-key", partition).await;
     assert!(!missing.found && missing.value.is_none());
+    let refused = fetch_answer(
+        &format!("{}/state/{key}?partition={partition}", a.base),
+        None,
+    )
+    .await;
+    let refused = format!("{:?}", refused.err());
+    assert!(refused.contains("401"), "no token, no answer: {refused}");
 
     // b dies; a takes its partitions over and answers with a higher token.
     b.run.abort();
