@@ -66,8 +66,9 @@ pub struct Instance {
 /// directory is used by anything else.
 pub(super) struct Standby {
     pub(super) stop: CancellationToken,
-    /// Ends with the copy, open (see [`Standby::finish`]).
-    pub(super) task: tokio::task::JoinHandle<Option<Arc<dyn PartitionStore>>>,
+    /// Ends with the copy, open (see [`Standby::finish`]); aborted when the standby is dropped (an
+    /// instance dropped abruptly takes its standbys along: nothing of it keeps running).
+    pub(super) task: AbortOnDropHandle<Option<Arc<dyn PartitionStore>>>,
 }
 
 impl Standby {

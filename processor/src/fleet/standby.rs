@@ -17,6 +17,7 @@
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::Instance;
 use super::instance::Standby;
@@ -31,10 +32,10 @@ impl Instance {
     pub(super) fn start_standby(self: &Arc<Self>, partition: i32) -> Standby {
         let stop = CancellationToken::new();
         let instance = Arc::clone(self);
-        let task = tokio::spawn({
+        let task = AbortOnDropHandle::new(tokio::spawn({
             let stop = stop.clone();
             async move { instance.keep_standby(partition, stop).await }
-        });
+        }));
         self.status.send_modify(|s| {
             s.standbys.insert(partition, None);
         });

@@ -170,3 +170,55 @@ async fn without_standbys_the_same_takeover_restores_the_checkpoint() {
         "(restores, local starts, open-copy starts)"
     );
 }
+
+/// An instance dropped abruptly (its `run` future aborted, as a crashed embedder's task is) leaves no
+/// task of its own behind: its standby's task ends with it, instead of holding the whole instance and
+/// swapping the partition's directory under a later owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_instance_leaves_no_standby_task_behind() {
+    let broker = TestBroker::start(TOPIC, 1).await;
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 500,
+        keys: 50,
+        seed: 9,
+        partitions: 1,
+    };
+    workload.produce(&brokers, TOPIC).await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let services = Services::in_memory(root.path().join("checkpoints")).unwrap();
+    let config = |id: &str| {
+        InstanceConfig::new(id, TOPIC, 1, &brokers, root.path().join(id))
+            .with_checkpoint_every(Duration::from_millis(200))
+            .with_standby_replicas(1)
+    };
+    let members = ["a".to_owned(), "b".to_owned()];
+    let (owner, follower) = match processor::fleet::membership::owner_of(TOPIC, 1, 0, &members) {
+        Some("a") => ("a", "b"),
+        _ => ("b", "a"),
+    };
+    let (_owner, owner_stop, owner_status) = start_instance(services.clone(), config(owner));
+    wait_for(&owner_status, "the owner", Duration::from_secs(30), |s| {
+        s.owned.contains_key(&0) && s.checkpoints > 0
+    })
+    .await;
+    let standby = processor::Instance::new(config(follower), services.clone()).unwrap();
+    let weak = std::sync::Arc::downgrade(&standby);
+    let status = standby.status();
+    let run = tokio::spawn(standby.run(tokio_util::sync::CancellationToken::new()));
+    wait_for(&status, "a standby copy", Duration::from_secs(30), |s| {
+        matches!(s.standbys.get(&0), Some(Some(_)))
+    })
+    .await;
+    run.abort();
+    let _ = run.await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while weak.upgrade().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dropped instance is still held 5 s later (by a task of its own)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    owner_stop.cancel();
+}
