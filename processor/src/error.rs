@@ -60,6 +60,23 @@ pub enum ProcessorError {
         token: u64,
     },
 
+    /// A step of a partition (`start`, `commit`, `checkpoint`, `hand-off`) was about to act after its
+    /// claim's safe deadline: the lease may have run out and another owner may hold the partition, so
+    /// the step was not taken and the partition given up (the runtime was too busy to renew in time).
+    #[error(
+        "partition {partition}: its claim with fencing token {token} lapsed {late_by:?} before the {step} step could act (not renewed in time); the step was not taken"
+    )]
+    ClaimLapsed {
+        /// The partition.
+        partition: i32,
+        /// The claim's fencing token.
+        token: u64,
+        /// The step that was refused.
+        step: &'static str,
+        /// How long after the claim's safe deadline the step came.
+        late_by: std::time::Duration,
+    },
+
     /// A job refused a record and its policy is to stop ([`OnError::Stop`](crate::job::OnError)): the
     /// partition processes nothing from that offset on.
     #[error(

@@ -57,6 +57,8 @@ pub struct PartitionProcessor {
     operator: Arc<dyn Operator>,
     fencing_token: u64,
     lost: CancellationToken,
+    /// The claim's safe deadline, read before every apply and commit (none: only `lost` counts).
+    claim: Option<state::recipes::keeper::LockContext>,
     /// The first offset not yet committed.
     next_offset: i64,
     /// The first offset not yet applied (committed or not).
@@ -118,6 +120,7 @@ impl PartitionProcessor {
             operator,
             fencing_token,
             lost,
+            claim: None,
             pending: BatchReport::default(),
             pending_since: None,
             output_bytes: 0,
@@ -236,6 +239,14 @@ impl PartitionProcessor {
         self.commit()
     }
 
+    /// Checks the claim's safe deadline too before every apply and commit: a claim whose renewal was
+    /// delayed past it (a busy runtime) may already be another owner's, whatever `lost` says yet.
+    #[must_use]
+    pub fn with_claim(mut self, claim: state::recipes::keeper::LockContext) -> Self {
+        self.claim = Some(claim);
+        self
+    }
+
     fn ensure_owner(&self) -> ProcessorResult<()> {
         if self.lost.is_cancelled() {
             return Err(ProcessorError::StaleOwner {
@@ -243,6 +254,9 @@ impl PartitionProcessor {
                 token: self.fencing_token,
                 highest: self.fencing_token.saturating_add(1),
             });
+        }
+        if let Some(claim) = &self.claim {
+            ensure_claim_current(claim, self.partition(), "commit")?;
         }
         Ok(())
     }
@@ -346,6 +360,37 @@ impl PartitionProcessor {
         self.positions.clear();
         self.applied_to = self.next_offset;
     }
+}
+
+/// `Ok` while `claim` is held and its safe deadline is ahead; [`ProcessorError::OwnershipLost`] once
+/// it is lost, [`ProcessorError::ClaimLapsed`] once the deadline passed (counted in
+/// `processor_claim_lapsed_steps_total{step}`): `step` must not act then.
+///
+/// # Errors
+/// As above.
+pub fn ensure_claim_current(
+    claim: &state::recipes::keeper::LockContext,
+    partition: i32,
+    step: &'static str,
+) -> ProcessorResult<()> {
+    if claim.is_lost() {
+        return Err(ProcessorError::OwnershipLost {
+            partition,
+            token: claim.fencing_token(),
+        });
+    }
+    let now = tokio::time::Instant::now();
+    let deadline = claim.valid_until();
+    if now >= deadline {
+        metrics::counter!("processor_claim_lapsed_steps_total", "step" => step).increment(1);
+        return Err(ProcessorError::ClaimLapsed {
+            partition,
+            token: claim.fencing_token(),
+            step,
+            late_by: now - deadline,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::checkpoint::{
 use crate::config::{MissingOffsets, OutputGuarantee};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::kafka_calls::{DropOffRuntime, bounded};
-use crate::partition::{PartitionProcessor, PartitionStats};
+use crate::partition::{PartitionProcessor, PartitionStats, ensure_claim_current};
 use crate::progress::{Phase, Progress};
 use crate::resources::{self, compaction_resource, local_state_dir};
 use crate::sink::{TRANSACTION_CALL_BOUND, TransactionalSink};
@@ -702,7 +702,8 @@ impl Instance {
         )?
         .with_state_cache_bytes(self.config.state_cache_bytes)
         .with_outputs(has_outputs, self.config.output_mode)
-        .with_progress(Arc::clone(&progress));
+        .with_progress(Arc::clone(&progress))
+        .with_claim(kept.context());
         let consumer = DropOffRuntime::new(partition_consumer(
             &self.config.kafka,
             &self.config.group,
@@ -721,6 +722,9 @@ impl Instance {
                 .await?;
         }
         progress.advance_to(Phase::Consuming);
+        // The start took as long as it took (a restore, a busy runtime): a claim that lapsed meanwhile
+        // may be another owner's by now, so nothing is started on it.
+        ensure_claim_current(&kept.context(), partition, "start")?;
         let outputs = match (&transactional, self.sink.as_ref()) {
             (Some((sink, group)), _) => Outputs::Transactional(sink, group),
             (None, Some(sink)) => Outputs::AtLeastOnce(sink),
@@ -829,6 +833,7 @@ impl Instance {
             last_checkpoint = tokio::time::Instant::now();
             // An idle partition's state is all in its last checkpoint already: none is taken.
             progress.enter(Phase::Checkpointing);
+            ensure_claim_current(&kept.context(), partition, "checkpoint")?;
             if checkpointed != Some(processor.next_offset())
                 && let Some((scratch, next_offset)) = self.snapshot(&store).await?
             {
@@ -842,6 +847,7 @@ impl Instance {
             if stop.is_cancelled() {
                 progress.enter(Phase::HandingOff);
                 // Hand-off: the final checkpoint must land before the claim is released.
+                ensure_claim_current(&kept.context(), partition, "hand-off")?;
                 if let Some(last) = publishing.take() {
                     self.finish_hand_off(&store, partition, fencing_token, last)
                         .await?;

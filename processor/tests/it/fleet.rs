@@ -289,3 +289,71 @@ async fn two_fleets_on_one_topic_and_one_redis_each_process_everything() {
         );
     }
 }
+
+/// A runtime too busy to renew (here: the test blocks the only runtime thread for three claim TTLs
+/// right after a mass claim) never starts a partition on a claim that lapsed meanwhile: the start
+/// checks the claim's safe deadline first, and the partition is claimed again under a new token.
+/// Before, the start went on with the old token until the keeper noticed the loss.
+#[tokio::test(flavor = "current_thread")]
+async fn a_partition_is_never_started_on_a_claim_that_lapsed_during_its_start() {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let broker = TestBroker::start(TOPIC, PARTITIONS).await;
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 2_000,
+        keys: 40,
+        seed: 21,
+        partitions: PARTITIONS,
+    };
+    workload.produce(&brokers, TOPIC).await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let services = Services::in_memory(root.path().join("ck")).unwrap();
+    let ttl = Duration::from_millis(500);
+    let config = InstanceConfig::new("a", TOPIC, PARTITIONS, &brokers, root.path().join("a"))
+        .with_claim_ttl(ttl);
+    let instance = Instance::new(config, services).unwrap();
+    let status = instance.status();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(instance.run(stop.clone()));
+    // The moment claims exist: which (partition, token) were taken, and which already run.
+    let claimed = loop {
+        let now = status.borrow().clone();
+        if !now.owned.is_empty() {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let before: BTreeMap<i32, u64> = claimed.owned.clone();
+    let already: BTreeSet<i32> = claimed
+        .partition_status
+        .iter()
+        .filter(|(_, p)| p.processing)
+        .map(|(partition, _)| *partition)
+        .collect();
+    std::thread::sleep(3 * ttl); // the whole runtime stops: no renewal, no step
+    let mut late_starts = Vec::new();
+    let watch_until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < watch_until {
+        for (partition, p) in &status.borrow().partition_status {
+            let lapsed = before.get(partition) == Some(&p.fencing_token);
+            if p.processing && lapsed && !already.contains(partition) {
+                late_starts.push((*partition, p.fencing_token));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    late_starts.dedup();
+    assert!(
+        late_starts.is_empty(),
+        "partitions started on claims that had lapsed (partition, token): {late_starts:?}"
+    );
+    let after = status.borrow().clone();
+    assert_eq!(
+        after.owned.len(),
+        PARTITIONS as usize,
+        "all claimed again under new tokens: {after:?}"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
