@@ -229,6 +229,20 @@ pub enum ProcessorError {
         reason: String,
     },
 
+    /// A checkpoint was written by a newer processor in a format this one does not read (a rolling
+    /// upgrade in progress, or a downgrade): it is neither restored nor skipped as corrupt.
+    #[error(
+        "checkpoint {path} is in format {format}, newer than this processor reads ({reads}): upgrade this instance (a newer one in the fleet wrote it), or start it with --restore-older-checkpoint to restore an older checkpoint and replay"
+    )]
+    CheckpointTooNew {
+        /// The manifest.
+        path: PathBuf,
+        /// Its format.
+        format: u32,
+        /// The newest format this processor reads.
+        reads: u32,
+    },
+
     /// Reading or writing a file failed.
     #[error("i/o error on {path}")]
     Io {

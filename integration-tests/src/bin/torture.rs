@@ -92,7 +92,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    integration_tests::init_tracing();
+    // To stderr: the workers' stdout is discarded, their stderr is the run's (`RUST_LOG` applies).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     match Cli::parse().command {
         Command::Worker {
             lock_url,

@@ -234,6 +234,21 @@ impl DirectoryCheckpointStore {
 
     fn read_manifest(path: &Path) -> ProcessorResult<Manifest> {
         let bytes = fs::read(path).map_err(ProcessorError::io(path))?;
+        // The format first, alone: a newer format may change the rest's shape, and must be refused as
+        // too new, not skipped as corrupt.
+        #[derive(serde::Deserialize)]
+        struct FormatOnly {
+            format: u32,
+        }
+        if let Ok(FormatOnly { format }) = serde_json::from_slice::<FormatOnly>(&bytes)
+            && format > FORMAT
+        {
+            return Err(ProcessorError::CheckpointTooNew {
+                path: path.to_path_buf(),
+                format,
+                reads: FORMAT,
+            });
+        }
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|err| ProcessorError::CorruptCheckpoint {
                 path: path.to_path_buf(),
@@ -598,6 +613,45 @@ mod tests {
                 batch.put(format!("key-{i:08}"), vec![b'x'; 100]);
             }
             store.apply(&batch).unwrap();
+        }
+    }
+
+    /// A checkpoint written in the next manifest format (a newer processor in the fleet) is refused by
+    /// name, never restored and never skipped as corrupt (an older checkpoint would be restored silently).
+    #[test]
+    fn a_checkpoint_in_a_newer_format_is_refused_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = RocksDbStores::new(8 << 20, 4 << 20);
+        let db = stores.open(0, &dir.path().join("db")).unwrap();
+        let shared = DirectoryCheckpointStore::new(dir.path().join("shared")).unwrap();
+        fill(&db, 0, 100, 1);
+        db.snapshot_to(&dir.path().join("snap1")).unwrap();
+        shared
+            .upload("orders", 0, &dir.path().join("snap1"), 100, 1)
+            .unwrap();
+        fill(&db, 100, 200, 1);
+        db.snapshot_to(&dir.path().join("snap2")).unwrap();
+        let newer = shared
+            .upload("orders", 0, &dir.path().join("snap2"), 200, 1)
+            .unwrap()
+            .manifest;
+        let path = shared
+            .manifests_dir("orders", 0)
+            .join(format!("{}.json", newer.id()));
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        json["format"] = serde_json::json!(FORMAT + 1);
+        json["files"] = serde_json::json!({"moved": "elsewhere in the next format"});
+        fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        for outcome in [
+            shared.checkpoint("orders", 0, &newer.id()).map(|_| ()),
+            shared.latest_valid("orders", 0).map(|_| ()),
+        ] {
+            let err = outcome.unwrap_err();
+            assert!(
+                matches!(err, ProcessorError::CheckpointTooNew { format, .. } if format == FORMAT + 1),
+                "{err}"
+            );
         }
     }
 

@@ -458,6 +458,7 @@ impl RedlockDistributedLock {
                 .map(|(_, fence)| *fence)
                 .max()
                 .unwrap_or(0);
+            tracing::debug!(resource, granted = ?tally.granted, token, "redlock quorum granted");
             match self
                 .settle_fence(resource, token, &tally.granted, timeout)
                 .await
