@@ -486,7 +486,9 @@ async fn consume(
     let mut spare_records: Vec<Record<'static>> = Vec::with_capacity(FETCH_BATCH);
     loop {
         let done = reached_end
-            || ends.until.is_some_and(|end| processor.applied_to() >= end)
+            || ends.until.is_some_and(|end| {
+                processor.applied_to() >= end || position_reached(consumer, end)
+            })
             || stop.is_cancelled();
         // How long the oldest record applied has waited for its commit (`None`: nothing waits).
         let waited = processor.has_pending().then(|| {
@@ -539,6 +541,19 @@ async fn consume(
         messages.clear();
         applied?;
     }
+}
+
+/// Whether the consumer's position (the next offset it hands out) is at `end` or past it although the
+/// processor applied less: the offsets just below `end` hold no record to read — compacted away, an
+/// aborted transaction's, a transaction marker — so waiting for a record at `end - 1` would wait for
+/// ever (a replay toward the group's committed offset on a compacted input did).
+fn position_reached(consumer: &StreamConsumer, end: i64) -> bool {
+    consumer.position().is_ok_and(|positions| {
+        positions
+            .elements()
+            .iter()
+            .any(|element| matches!(element.offset(), Offset::Offset(position) if position >= end))
+    })
 }
 
 /// `records` emptied, as records of another lifetime in the same allocation (collecting a vector's

@@ -561,8 +561,8 @@ impl Instance {
         )
         .await?;
         let stored = processor.next_offset();
-        match committed {
-            Some(committed) if committed > stored => {
+        match reconcile(committed, stored) {
+            Reconcile::Replay(committed) => {
                 tracing::info!(
                     instance = %self.config.instance_id,
                     partition,
@@ -588,16 +588,17 @@ impl Instance {
                 });
                 replayed?;
             }
-            Some(committed) if committed < stored => {
+            Reconcile::StateAhead(committed) => {
                 tracing::warn!(
                     instance = %self.config.instance_id,
                     partition,
                     stored,
-                    committed,
+                    committed = ?committed,
                     "the state is ahead of the committed outputs: the partition ran at-least-once before (or the group's offsets expired); exactly-once output starts at the stored offset"
                 );
+                metrics::counter!("processor_outputs_behind_state_total", "topic" => self.config.topic.clone()).increment(1);
             }
-            _ => {}
+            Reconcile::InStep => {}
         }
         Ok(())
     }
@@ -898,6 +899,29 @@ impl Instance {
     }
 }
 
+/// How a starting partition's stored state offset `S` stands against the group's committed offset `K`
+/// (the end of the input whose outputs are visible).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reconcile {
+    /// `S < K`: replay `[S, K)` with the outputs discarded (they are visible already).
+    Replay(i64),
+    /// `S > K`, or no `K` at all while the state has progress: the group's offsets expired
+    /// (`offsets.retention.minutes`) or the partition ran at-least-once before; a warning, and
+    /// exactly-once output from `S`.
+    StateAhead(Option<i64>),
+    /// `S = K`, or a new partition with neither.
+    InStep,
+}
+
+fn reconcile(committed: Option<i64>, stored: i64) -> Reconcile {
+    match committed {
+        Some(committed) if committed > stored => Reconcile::Replay(committed),
+        Some(committed) if committed < stored => Reconcile::StateAhead(Some(committed)),
+        None if stored > 0 => Reconcile::StateAhead(None),
+        _ => Reconcile::InStep,
+    }
+}
+
 impl Instance {
     /// When the partition commits: by records or time, as configured.
     fn commit_policy(&self) -> CommitPolicy {
@@ -1079,6 +1103,17 @@ fn report_progress(
 mod tests {
     use super::*;
     use crate::checkpoint::DirectoryCheckpointStore;
+
+    /// Expired group offsets (no committed offset at all while the state has progress) are named, as
+    /// the guide's §11 table promises, not passed over in silence.
+    #[test]
+    fn expired_group_offsets_are_told_apart_from_a_new_partition() {
+        assert_eq!(reconcile(Some(50), 10), Reconcile::Replay(50));
+        assert_eq!(reconcile(Some(5), 10), Reconcile::StateAhead(Some(5)));
+        assert_eq!(reconcile(None, 10), Reconcile::StateAhead(None));
+        assert_eq!(reconcile(None, 0), Reconcile::InStep);
+        assert_eq!(reconcile(Some(10), 10), Reconcile::InStep);
+    }
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
