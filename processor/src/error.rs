@@ -77,6 +77,25 @@ pub enum ProcessorError {
         late_by: std::time::Duration,
     },
 
+    /// A fresh claim of `partition` got fencing token `granted`, below the `recorded` one already
+    /// written for it: the lock backend's fencing counter went back. With `repaired`, the counter was
+    /// raised past `recorded` and the partition is claimed again under a larger token; without, an
+    /// operator must raise it (the backend could not).
+    #[error(
+        "partition {partition}: the lock backend's fencing counter went back (a fresh claim got token {granted}, {recorded} is recorded){}",
+        if *repaired { "; it was raised past the recorded token and the partition is claimed again" } else { "; it could not be raised: raise it by hand (DISTRIBUTED_LOCKING.md section 5.2)" }
+    )]
+    FencingCounterReset {
+        /// The partition.
+        partition: i32,
+        /// The token of the fresh claim.
+        granted: u64,
+        /// The highest token recorded for the partition.
+        recorded: u64,
+        /// Whether the counter was raised.
+        repaired: bool,
+    },
+
     /// A job refused a record and its policy is to stop ([`OnError::Stop`](crate::job::OnError)): the
     /// partition processes nothing from that offset on.
     #[error(

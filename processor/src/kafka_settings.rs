@@ -63,7 +63,7 @@ const SECRET_PARTS: &[&str] = &[
 
 /// Whether the value of the librdkafka property `key` is a secret: one librdkafka marks sensitive,
 /// or one whose name has a part of [`SECRET_PARTS`]. A value is also hidden wherever it looks like a
-/// PEM block ([`looks_secret`]), whatever its name.
+/// PEM block, whatever its name.
 pub fn is_secret(key: &str) -> bool {
     let key = key.trim().to_ascii_lowercase();
     SENSITIVE.contains(&key.as_str()) || SECRET_PARTS.iter().any(|part| key.contains(part))

@@ -244,6 +244,22 @@ pub trait DistributedLock: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`StateError::InvalidInput`] for a bad name; a backend error when the backend failed.
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>>;
+
+    /// Raises the fencing counter behind `resource` so that every later grant's token is larger than
+    /// `at_least`; never lowers it (a smaller `at_least` changes nothing). The repair after the backend
+    /// lost its counter (Redis without `appendonly`, a failover to a replica that had not seen the last
+    /// increments, a recreated table): tokens would start again below those already written to fenced
+    /// storage, and every such write would be refused until the counter climbed back.
+    ///
+    /// Where the counter is shared (PostgreSQL's sequence, the in-memory counter, etcd's revision) the
+    /// raise applies to every resource of the service.
+    ///
+    /// # Errors
+    /// [`StateError::InvalidInput`] for a bad name, or when the backend cannot raise that far (etcd's
+    /// tokens are the cluster's revision: it is raised by writing, at most `MAX_ETCD_REVISION_RAISE`
+    /// revisions at once);
+    /// a backend error.
+    async fn raise_fencing_counter(&self, resource: &str, at_least: u64) -> StateResult<()>;
 }
 
 /// A capability only this crate can create: it seals the [`DistributedLock`] methods that only guards

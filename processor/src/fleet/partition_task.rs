@@ -24,7 +24,7 @@ use crate::error::{ProcessorError, ProcessorResult};
 use crate::kafka_calls::{DropOffRuntime, bounded};
 use crate::partition::{PartitionProcessor, PartitionStats, ensure_claim_current};
 use crate::progress::{Phase, Progress};
-use crate::resources::{self, compaction_resource, local_state_dir};
+use crate::resources::{self, compaction_resource, local_state_dir, partition_resource};
 use crate::sink::{TRANSACTION_CALL_BOUND, TransactionalSink};
 use crate::source::{
     CommitPolicy, Outputs, committed_offset, consume_partition, consume_segment, is_mock_cluster,
@@ -603,6 +603,71 @@ impl Instance {
         Ok(())
     }
 
+    /// A *fresh* claim's token below one already written for the partition (`err` is the start's
+    /// [`ProcessorError::StaleOwner`]) cannot come from a newer owner — nobody else holds the claim —
+    /// so the lock backend's fencing counter went back (Redis without `appendonly`, a failover that lost
+    /// the last increments). Left alone, every partition would refuse to start until the counter
+    /// climbed back on its own. The repair: raise the counter past the highest token recorded, say so
+    /// once, and give this claim up; the next claim's token is above every recorded one, so a stale
+    /// holder with an old high token is fenced out again. Anything else is returned as it is.
+    async fn repair_counter_reset(
+        &self,
+        partition: i32,
+        granted: u64,
+        err: ProcessorError,
+    ) -> ProcessorError {
+        let ProcessorError::StaleOwner { token, highest, .. } = &err else {
+            return err;
+        };
+        if *token != granted || *highest <= granted {
+            return err;
+        }
+        let highest = *highest;
+        let resource = partition_resource(&self.config.group, &self.config.topic, partition);
+        metrics::counter!("processor_fencing_counter_resets_total", "topic" => self.config.topic.clone())
+            .increment(1);
+        match self
+            .services
+            .lock
+            .raise_fencing_counter(&resource, highest)
+            .await
+        {
+            Ok(()) => {
+                tracing::error!(
+                    instance = %self.config.instance_id,
+                    partition,
+                    resource,
+                    granted,
+                    recorded = highest,
+                    "the lock backend's fencing counter went back (a fresh claim got token {granted}, token {highest} is already recorded for the partition): raised it past {highest}; claiming again"
+                );
+                ProcessorError::FencingCounterReset {
+                    partition,
+                    granted,
+                    recorded: highest,
+                    repaired: true,
+                }
+            }
+            Err(raise) => {
+                tracing::error!(
+                    instance = %self.config.instance_id,
+                    partition,
+                    resource,
+                    granted,
+                    recorded = highest,
+                    error = %raise,
+                    "the lock backend's fencing counter went back and could not be raised: raise it past {highest} by hand (see DISTRIBUTED_LOCKING.md section 5.2)"
+                );
+                ProcessorError::FencingCounterReset {
+                    partition,
+                    granted,
+                    recorded: highest,
+                    repaired: false,
+                }
+            }
+        }
+    }
+
     /// Checks the offset stored with the partition's state against the log (`[low, high)`): inside it,
     /// nothing to do; outside it (records deleted by retention, or the topic recreated), the
     /// `on_missing_offsets` policy decides — refuse (the default), or move the stored offset to the log's
@@ -686,8 +751,14 @@ impl Instance {
         )))??;
         let state_ready = claimed_at.elapsed();
         progress.advance_to(Phase::Starting);
-        self.ensure_offset_in_log(&store, partition, fencing_token)
-            .await?;
+        if let Err(err) = self
+            .ensure_offset_in_log(&store, partition, fencing_token)
+            .await
+        {
+            return Err(self
+                .repair_counter_reset(partition, fencing_token, err)
+                .await);
+        }
         let bounds_checked = claimed_at.elapsed();
         progress.beat();
         // Queries of live state read this store while the partition runs here.
@@ -695,16 +766,25 @@ impl Instance {
             .open_stores
             .open(partition, Arc::clone(&store), fencing_token);
         let has_outputs = self.config.output_topic.is_some();
-        let mut processor = PartitionProcessor::resume(
+        let resumed = PartitionProcessor::resume(
             store.clone(),
             self.services.operator.clone(),
             fencing_token,
             lost.clone(),
-        )?
-        .with_state_cache_bytes(self.config.state_cache_bytes)
-        .with_outputs(has_outputs, self.config.output_mode)
-        .with_progress(Arc::clone(&progress))
-        .with_claim(kept.context());
+        );
+        let resumed = match resumed {
+            Ok(resumed) => resumed,
+            Err(err) => {
+                return Err(self
+                    .repair_counter_reset(partition, fencing_token, err)
+                    .await);
+            }
+        };
+        let mut processor = resumed
+            .with_state_cache_bytes(self.config.state_cache_bytes)
+            .with_outputs(has_outputs, self.config.output_mode)
+            .with_progress(Arc::clone(&progress))
+            .with_claim(kept.context());
         let consumer = DropOffRuntime::new(partition_consumer(
             &self.config.kafka,
             &self.config.group,

@@ -357,3 +357,102 @@ async fn a_partition_is_never_started_on_a_claim_that_lapsed_during_its_start() 
     stop.cancel();
     run.await.unwrap().unwrap();
 }
+
+/// The lock backend loses its fencing counters (a Redis without `appendonly` restarted): fresh claims
+/// get tokens far below those already in the partitions' state. The instance sees it at the start
+/// (a fresh claim cannot be older than what is recorded), raises the counters past the recorded
+/// tokens, claims again, and goes on processing with exact state — no operator, no thousand failed
+/// claims while the counter climbs back by one per attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fencing_counter_reset_is_repaired_without_an_operator() {
+    use processor::resources::{checkpoint_root, partition_resource};
+
+    let broker = TestBroker::start(TOPIC, PARTITIONS).await;
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 2_000,
+        keys: 40,
+        seed: 17,
+        partitions: PARTITIONS,
+    };
+    workload
+        .produce_range(&brokers, TOPIC, 0..1_000)
+        .await
+        .unwrap();
+    let redis = integration_tests::RedisServer::start_new(); // no appendonly: a restart loses it all
+    let root = tempfile::tempdir().unwrap();
+    let services = Services::connect(
+        &redis.url(),
+        checkpoint_root(&root.path().join("ck"), "processor"),
+    )
+    .await
+    .unwrap();
+    // The counters of a long-lived fleet: every partition's tokens are in the thousands.
+    for partition in 0..PARTITIONS {
+        let resource = partition_resource("processor", TOPIC, partition);
+        services
+            .lock
+            .raise_fencing_counter(&resource, 5_000)
+            .await
+            .unwrap();
+    }
+    let config = || {
+        InstanceConfig::new("a", TOPIC, PARTITIONS, &brokers, root.path().join("a"))
+            .with_checkpoint_every(Duration::from_millis(300))
+            .with_claim_ttl(Duration::from_millis(1_500))
+    };
+    let processed_through = |status: &processor::InstanceStatus, end: &[i64]| {
+        (0..PARTITIONS).all(|p| {
+            status
+                .partition_status
+                .get(&p)
+                .is_some_and(|s| s.next_offset >= end[p as usize])
+        })
+    };
+    let ends = |records: u64| -> Vec<i64> {
+        (0..PARTITIONS)
+            .map(|p| (0..records).filter(|i| workload.record(*i).0 == p).count() as i64)
+            .collect()
+    };
+    let first_ends = ends(1_000);
+    let (run, stop, status) = support::start_instance(services.clone(), config());
+    let before = support::wait_for(&status, "the first run", Duration::from_secs(60), |s| {
+        processed_through(s, &first_ends)
+    })
+    .await;
+    assert!(
+        before.owned.values().all(|token| *token > 5_000),
+        "{before:?}"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+
+    redis.restart(); // every counter (and lease) is gone: the next grants start at 1
+    workload
+        .produce_range(&brokers, TOPIC, 1_000..2_000)
+        .await
+        .unwrap();
+    let all_ends = ends(2_000);
+    let (run, stop, status) = support::start_instance(services.clone(), config());
+    let after = support::wait_for(
+        &status,
+        "processing on after the reset",
+        Duration::from_secs(60),
+        |s| processed_through(s, &all_ends),
+    )
+    .await;
+    assert!(
+        after.owned.values().all(|token| *token > 5_000),
+        "claimed again above every recorded token: {:?}",
+        after.owned
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let (state, _) = checkpointed_aggregates(
+        services.checkpoints.as_ref(),
+        services.stores.as_ref(),
+        TOPIC,
+    )
+    .unwrap();
+    assert_eq!(state, workload.expected(), "exact through the reset");
+}

@@ -746,6 +746,42 @@ impl DistributedLock for EtcdDistributedLock {
         .await
     }
 
+    /// etcd's tokens are the cluster's revision (the lock key's `create_revision`), shared by every key:
+    /// it is raised by writing a marker key until the revision passes `at_least`, one revision per
+    /// write, at most [`MAX_ETCD_REVISION_RAISE`] of them (a cluster rebuilt from nothing is further
+    /// behind than that: restore it from a snapshot instead, which keeps its revision).
+    async fn raise_fencing_counter(&self, resource: &str, at_least: u64) -> StateResult<()> {
+        validate_resource(resource)?;
+        let marker = format!("{}fence-raise", self.prefix);
+        let revision_after_write = |marker: String| {
+            self.call("raise the fencing counter", resource, move |mut client| {
+                let marker = marker.clone();
+                async move { client.put(marker, "", None).await }
+            })
+        };
+        let mut revision = revision_after_write(marker.clone())
+            .await?
+            .header()
+            .map_or(0, |header| u64::try_from(header.revision()).unwrap_or(0));
+        if at_least.saturating_sub(revision) > MAX_ETCD_REVISION_RAISE {
+            return Err(StateError::invalid(
+                "fencing token",
+                format!(
+                    "etcd's revision is {revision}, {at_least} is more than {MAX_ETCD_REVISION_RAISE} writes away: restore the cluster from a snapshot (it keeps its revision) rather than raise it by writing"
+                ),
+            ));
+        }
+        while revision <= at_least {
+            revision = revision_after_write(marker.clone())
+                .await?
+                .header()
+                .map_or(revision + 1, |header| {
+                    u64::try_from(header.revision()).unwrap_or(revision + 1)
+                });
+        }
+        Ok(())
+    }
+
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
         let key = self.lock_key(resource);
@@ -782,6 +818,10 @@ impl DistributedLock for EtcdDistributedLock {
         )))
     }
 }
+
+/// The most revisions [`EtcdDistributedLock`]'s `raise_fencing_counter` writes its way up (about a
+/// second per thousand on a healthy cluster).
+pub const MAX_ETCD_REVISION_RAISE: u64 = 10_000;
 
 /// Revokes the lease of an acquisition dropped before it finished. A key put with the lease goes with it,
 /// and a put that reaches the cluster after the revoke fails (its lease is gone) — whatever order the two

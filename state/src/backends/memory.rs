@@ -236,6 +236,13 @@ impl DistributedLock for InMemoryDistributedLock {
         .await
     }
 
+    async fn raise_fencing_counter(&self, resource: &str, at_least: u64) -> StateResult<()> {
+        validate_resource(resource)?;
+        let mut table = self.table();
+        table.last_fence = table.last_fence.max(at_least);
+        Ok(())
+    }
+
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
         Ok(self

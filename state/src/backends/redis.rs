@@ -55,6 +55,9 @@ pub(crate) static EXTEND: LazyLock<LockScript> =
     LazyLock::new(|| LockScript::new(include_str!("scripts/extend.lua")));
 pub(crate) static INFO: LazyLock<LockScript> =
     LazyLock::new(|| LockScript::new(include_str!("scripts/info.lua")));
+/// Raises a fencing counter, never lowering it (a repair, not on any hot path: a plain `Script`).
+pub(crate) static RAISE_FENCE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("scripts/raise_fence.lua")));
 
 /// A Lua script of the lock backends, sent as `EVALSHA` with its keys and arguments written straight
 /// into one command buffer. redis-rs' `ScriptInvocation` first copies every key and argument into a
@@ -755,6 +758,25 @@ impl DistributedLock for RedisDistributedLock {
             Ok(())
         })
         .await
+    }
+
+    async fn raise_fencing_counter(&self, resource: &str, at_least: u64) -> StateResult<()> {
+        validate_resource(resource)?;
+        let mut conn = self.conn.clone();
+        let mut invocation = RAISE_FENCE.prepare_invoke();
+        invocation
+            .key(fence_key(&self.prefix, resource))
+            .arg(at_least);
+        let _counter: u64 = invoke(
+            &mut conn,
+            self.operation_timeout,
+            BACKEND,
+            "raise the fencing counter",
+            resource,
+            &invocation,
+        )
+        .await?;
+        Ok(())
     }
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {

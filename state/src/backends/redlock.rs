@@ -31,19 +31,18 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use redis::Script;
 use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use super::redis::{
-    ACQUIRE, DEFAULT_PREFIX, EXTEND, INFO, RELEASE, RawLeaseInfo, StoredLease, acquire_command,
-    extend_command, fence_key, info_command, invoke, lazy_manager, new_lease_value,
-    parse_redis_url, release_command, server_time, validate_prefix, wall_clock_ms,
+    ACQUIRE, DEFAULT_PREFIX, EXTEND, INFO, RAISE_FENCE, RELEASE, RawLeaseInfo, StoredLease,
+    acquire_command, extend_command, fence_key, info_command, invoke, lazy_manager,
+    new_lease_value, parse_redis_url, release_command, server_time, validate_prefix, wall_clock_ms,
 };
 use crate::guard::PendingAcquire;
 use crate::lock::{Internal, validate_resource, validate_ttl};
@@ -55,9 +54,6 @@ const BACKEND: &str = "redlock";
 const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(250);
 const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
 const DEFAULT_DRIFT_CONSTANT: Duration = Duration::from_millis(2);
-
-static RAISE_FENCE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/raise_fence.lua")));
 
 /// A lock over several independent Redis nodes (3, 5, 7, ...); held while a majority holds it.
 /// Cheap to clone; clones share the connections.
@@ -611,6 +607,43 @@ impl DistributedLock for RedlockDistributedLock {
             }
         })
         .await
+    }
+
+    /// Raises the counter on every node and returns once a majority holds at least `at_least`: the
+    /// next grant's majority overlaps it in a node whose increment exceeds it (see the module docs).
+    async fn raise_fencing_counter(&self, resource: &str, at_least: u64) -> StateResult<()> {
+        validate_resource(resource)?;
+        let fence = fence_key(&self.prefix, resource);
+        let tally = self
+            .ask_nodes(
+                "raise the fencing counter",
+                resource,
+                self.node_timeout,
+                true,
+                |mut conn, timeout| {
+                    let fence = fence.clone();
+                    async move {
+                        let mut invocation = RAISE_FENCE.prepare_invoke();
+                        invocation.key(fence).arg(at_least);
+                        let counter: u64 = invoke(
+                            &mut conn,
+                            timeout,
+                            BACKEND,
+                            "raise the fencing counter",
+                            resource,
+                            &invocation,
+                        )
+                        .await?;
+                        Ok((counter >= at_least).then_some(()))
+                    }
+                },
+            )
+            .await;
+        if tally.granted.len() >= self.quorum() {
+            Ok(())
+        } else {
+            Err(tally.failure(resource, "raise the fencing counter", self.nodes.len()))
+        }
     }
 
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {

@@ -297,6 +297,53 @@ pub async fn fencing_tokens_strictly_increase(backend: &dyn ConformanceBackend) 
     after_expiry.release().await.expect("release succeeds");
 }
 
+/// Raising the fencing counter makes every later token larger than the raise, and never lowers it:
+/// the repair after a backend lost its counter.
+pub async fn raising_the_fencing_counter_moves_later_tokens_past_it(
+    backend: &dyn ConformanceBackend,
+) {
+    let lock = backend.lock(quick()).await;
+    let name = resource("raise");
+    let first = must_acquire(&lock, &name, TTL).await;
+    let before = first.fencing_token();
+    first.release().await.expect("release succeeds");
+    // A few hundred above: what a counter reset behind a busy fleet looks like, and few enough
+    // revisions for etcd, which writes its way up.
+    let raised = before + 300;
+    bounded(
+        "raise_fencing_counter",
+        lock.raise_fencing_counter(&name, raised),
+    )
+    .await
+    .expect("the counter is raised");
+    let after = must_acquire(&lock, &name, TTL).await;
+    assert!(
+        after.fencing_token() > raised,
+        "token {} after raising past {raised}",
+        after.fencing_token()
+    );
+    let next_expected = after.fencing_token();
+    after.release().await.expect("release succeeds");
+    bounded(
+        "raise_fencing_counter",
+        lock.raise_fencing_counter(&name, before),
+    )
+    .await
+    .expect("a lower raise is no error");
+    let again = must_acquire(&lock, &name, TTL).await;
+    assert!(
+        again.fencing_token() > next_expected,
+        "a lower raise must not lower the counter: {} after {next_expected}",
+        again.fencing_token()
+    );
+    again.release().await.expect("release succeeds");
+    let invalid = lock.raise_fencing_counter("", 1).await;
+    assert!(
+        matches!(invalid, Err(StateError::InvalidInput { .. })),
+        "{invalid:?}"
+    );
+}
+
 /// Dropping an unreleased guard releases the lock in the background.
 pub async fn dropping_guard_releases_lock(backend: &dyn ConformanceBackend) {
     let lock = backend.lock(quick()).await;
@@ -807,6 +854,7 @@ macro_rules! conformance_tests {
             extend_keeps_lock_past_original_ttl,
             stale_guard_cannot_extend_or_release,
             fencing_tokens_strictly_increase,
+            raising_the_fencing_counter_moves_later_tokens_past_it,
             dropping_guard_releases_lock,
             cancelled_acquire_leaves_no_lock,
             lock_info_reports_holder,

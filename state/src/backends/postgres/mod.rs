@@ -395,6 +395,42 @@ impl DistributedLock for PostgresDistributedLock {
         .await
     }
 
+    /// Raises the table's fencing sequence (shared by every resource of the table) under a lock that
+    /// keeps acquirers from drawing from it meanwhile, so it is never set below a value already drawn.
+    async fn raise_fencing_counter(&self, resource: &str, at_least: u64) -> StateResult<()> {
+        validate_resource(resource)?;
+        let at_least = i64::try_from(at_least).map_err(|_| {
+            StateError::invalid(
+                "fencing token",
+                format!("{at_least} is beyond PostgreSQL's bigint sequence"),
+            )
+        })?;
+        let (table, sequence) = (&self.inner.names.qualified, &self.inner.names.sequence);
+        let raise = async {
+            let mut tx = self.inner.pool.begin().await?;
+            // The names are the validated, quoted identifiers of this backend's own objects.
+            sqlx::query(AssertSqlSafe(format!(
+                "LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"
+            )))
+            .execute(&mut *tx)
+            .await?;
+            let last: i64 =
+                sqlx::query_scalar(AssertSqlSafe(format!("SELECT last_value FROM {sequence}")))
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if last < at_least {
+                sqlx::query("SELECT setval($1::regclass, $2)")
+                    .bind(sequence.as_str())
+                    .bind(at_least)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await
+        };
+        self.within("raise the fencing counter", resource, raise)
+            .await
+    }
+
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
         let row = self
