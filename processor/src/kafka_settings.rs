@@ -61,8 +61,9 @@ const SECRET_PARTS: &[&str] = &[
     "extensions",
 ];
 
-/// Whether the value of the librdkafka property `key` is a secret: one librdkafka marks sensitive,
-/// or one whose name has a part of [`SECRET_PARTS`]. A value is also hidden wherever it looks like a
+/// Whether the value of the librdkafka property `key` is a secret: one librdkafka marks sensitive
+/// (`ssl.key.pem`, `sasl.username`, …), or one whose name has a part that says so (`password`,
+/// `secret`, `token`, `key`, `pem`, `credential`, …). A value is also hidden wherever it looks like a
 /// PEM block, whatever its name.
 pub fn is_secret(key: &str) -> bool {
     let key = key.trim().to_ascii_lowercase();
