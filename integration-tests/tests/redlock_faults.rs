@@ -221,6 +221,54 @@ async fn fencing_tokens_stay_monotonic_when_node_counters_diverge() {
     );
 }
 
+/// Settling a token moves only the counters of nodes this attempt holds. Another attempt holds node 1
+/// (its lease, and its own increment of the counter to 131) while this one is granted nodes 0 and 2
+/// with counters that differ (92 and 142): the token is 142, settled on node 0 — and node 1's counter
+/// stays the other attempt's 131. Before, the settle raised every node, and counted any node at or
+/// above the token: one holder could count a node another holder's increment had just brought to that
+/// value, and both handed out the same token (the torture suite's "token granted twice", Redlock with a
+/// minority of nodes restarted, under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_a_token_never_moves_a_counter_under_another_holders_lease() {
+    let fixture = RedlockFixture::start(3);
+    let locks = client(&fixture).await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(node_conn(&fixture, i).await);
+    }
+    let _: () = nodes[0].set("state:fence:settled", 91u64).await.unwrap();
+    let _: () = nodes[1].set("state:fence:settled", 130u64).await.unwrap();
+    let _: () = nodes[2].set("state:fence:settled", 141u64).await.unwrap();
+    // The other attempt, granted on node 1 only so far: its lease and its increment (131).
+    let _: () = redis::cmd("SET")
+        .arg("state:lock:settled")
+        .arg("other-attempt:0")
+        .arg("PX")
+        .arg(10_000)
+        .query_async(&mut nodes[1])
+        .await
+        .unwrap();
+    let _: u64 = nodes[1].incr("state:fence:settled", 1).await.unwrap();
+
+    let guard = locks
+        .try_acquire("settled", TTL)
+        .await
+        .unwrap()
+        .expect("granted by nodes 0 and 2");
+    assert_eq!(guard.fencing_token(), 142, "the highest of its grants");
+    tokio::time::sleep(Duration::from_millis(200)).await; // a raise still in flight would land now
+    let mut counters = Vec::new();
+    for node in &mut nodes {
+        counters.push(node.get::<_, u64>("state:fence:settled").await.unwrap());
+    }
+    assert_eq!(
+        counters,
+        vec![142, 131, 142],
+        "node 1's counter is the other holder's"
+    );
+    guard.release().await.unwrap();
+}
+
 #[tokio::test]
 async fn construction_checks_its_input_and_needs_a_majority() {
     assert!(matches!(

@@ -58,6 +58,9 @@ pub(crate) static INFO: LazyLock<LockScript> =
 /// Raises a fencing counter, never lowering it (a repair, not on any hot path: a plain `Script`).
 pub(crate) static RAISE_FENCE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("scripts/raise_fence.lua")));
+/// Raises a fencing counter while the caller holds the lease (Redlock's settling of a token).
+pub(crate) static SETTLE_FENCE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("scripts/settle_fence.lua")));
 
 /// A Lua script of the lock backends, sent as `EVALSHA` with its keys and arguments written straight
 /// into one command buffer. redis-rs' `ScriptInvocation` first copies every key and argument into a

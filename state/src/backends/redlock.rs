@@ -15,13 +15,22 @@
 //! not answer), then retried after a jittered delay per the [`RetryConfig`].
 //!
 //! # Fencing tokens
-//! Each node keeps its own counter, incremented by the acquire script when it grants. The token handed out
-//! is the maximum over the granting nodes. Counters drift apart (a node that was down, or granted a
-//! failed attempt, counts differently), so the maximum alone would not be monotonic: when fewer than a
-//! majority of nodes already report that maximum, the acquire raises the counters to it on all nodes and
-//! waits until a majority confirms, before the token is handed out. Then every issued token is held (as a
-//! lower bound) by a majority, and the next acquisition's majority overlaps it in at least one node, whose
-//! increment exceeds it. With counters in step (the normal case) no extra round trip is needed.
+//! Each node keeps its own counter, incremented by the acquire script when it grants — and moved by
+//! nothing else while a lease is held there: only the lease holder may raise it. Counters drift apart (a
+//! node that was down, or granted a failed attempt, counts differently), so the values an attempt's
+//! grants return differ; the token is their maximum. When fewer than a majority of the granting nodes
+//! already returned it, the attempt raises the others *that it holds* to it and waits until a majority
+//! of its nodes hold it, before the token is handed out. The counters of the nodes an attempt holds are
+//! its alone until it releases them, so on each node a token value is entered by one holder only; any
+//! two majorities share a node, so no two holders get the same token; and the next holder's majority
+//! includes one of this holder's nodes, which it increments past the token only after this holder's
+//! lease there is gone. With counters in step (the normal case) no extra round trip is needed.
+//!
+//! (An earlier version raised the counters of *every* node and counted any node at or above the
+//! token. That let two attempts hand out the same token after a node restart: one counted a node whose
+//! counter another attempt — holding its lease, on its way to a quorum — had just incremented to that
+//! value. The torture suite found it under load: `integration-tests/tests/torture.rs`, Redlock with a
+//! minority of nodes killed and restarted.)
 //!
 //! This is monotonic **as long as a majority of nodes keeps its counters**: a node that restarts without
 //! its data forgets its counter (and its leases). Run the nodes with `appendonly yes` and
@@ -40,9 +49,10 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use super::redis::{
-    ACQUIRE, DEFAULT_PREFIX, EXTEND, INFO, RAISE_FENCE, RELEASE, RawLeaseInfo, StoredLease,
-    acquire_command, extend_command, fence_key, info_command, invoke, lazy_manager,
-    new_lease_value, parse_redis_url, release_command, server_time, validate_prefix, wall_clock_ms,
+    ACQUIRE, DEFAULT_PREFIX, EXTEND, INFO, RAISE_FENCE, RELEASE, RawLeaseInfo, SETTLE_FENCE,
+    StoredLease, acquire_command, extend_command, fence_key, info_command, invoke, lazy_manager,
+    lock_key, new_lease_value, parse_redis_url, release_command, server_time, validate_prefix,
+    wall_clock_ms,
 };
 use crate::guard::PendingAcquire;
 use crate::lock::{Internal, validate_resource, validate_ttl};
@@ -54,7 +64,6 @@ const BACKEND: &str = "redlock";
 const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(250);
 const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
 const DEFAULT_DRIFT_CONSTANT: Duration = Duration::from_millis(2);
-
 /// A lock over several independent Redis nodes (3, 5, 7, ...); held while a majority holds it.
 /// Cheap to clone; clones share the connections.
 ///
@@ -378,27 +387,40 @@ impl RedlockDistributedLock {
         tally
     }
 
-    /// Makes sure a majority of nodes hold a fencing counter of at least `token` before it is handed
-    /// out (see the module docs).
+    /// Settles `token` (the highest value the attempt's grants returned) on the nodes that granted
+    /// it, so that it is entered on a majority before it is handed out (see the module docs). Those
+    /// nodes' counters are this attempt's own while it holds their leases: the raise only moves a
+    /// counter under the caller's lease.
     async fn settle_fence(
         &self,
         resource: &str,
+        owner: &str,
         token: u64,
         granted: &[(usize, u64)],
         timeout: Duration,
     ) -> StateResult<()> {
+        let quorum = self.quorum();
         let at_token = granted.iter().filter(|(_, fence)| *fence == token).count();
-        if at_token >= self.quorum() {
+        if at_token >= quorum {
             return Ok(());
         }
-        let fence = fence_key(&self.prefix, resource);
-        let tally = self
-            .ask_nodes("acquire", resource, timeout, true, |mut conn, timeout| {
-                let fence = fence.clone();
+        let (lease, fence) = (
+            lock_key(&self.prefix, resource),
+            fence_key(&self.prefix, resource),
+        );
+        let mut pending: FuturesUnordered<_> = granted
+            .iter()
+            .filter(|(_, fence)| *fence != token)
+            .map(|(index, _)| {
+                let (mut conn, lease, fence) = (
+                    self.nodes[*index].conn.clone(),
+                    lease.clone(),
+                    fence.clone(),
+                );
                 async move {
-                    let mut invocation = RAISE_FENCE.prepare_invoke();
-                    invocation.key(fence).arg(token);
-                    let counter: u64 = invoke(
+                    let mut invocation = SETTLE_FENCE.prepare_invoke();
+                    invocation.key(lease).key(fence).arg(owner).arg(token);
+                    let reply: StateResult<i64> = invoke(
                         &mut conn,
                         timeout,
                         BACKEND,
@@ -406,16 +428,35 @@ impl RedlockDistributedLock {
                         resource,
                         &invocation,
                     )
-                    .await?;
-                    Ok((counter >= token).then_some(()))
+                    .await;
+                    (*index, reply)
                 }
             })
-            .await;
-        if tally.granted.len() >= self.quorum() {
-            Ok(())
-        } else {
-            Err(tally.failure(resource, "acquire", self.nodes.len()))
+            .collect();
+        let mut entered = at_token;
+        let mut failed = Vec::new();
+        while let Some((index, reply)) = pending.next().await {
+            match reply {
+                Ok(counter) if u64::try_from(counter) == Ok(token) => entered += 1,
+                Ok(-1) => failed.push(format!("{}: the lease expired", self.nodes[index].address)),
+                Ok(counter) => failed.push(format!(
+                    "{}: the counter moved to {counter} under this attempt's lease",
+                    self.nodes[index].address
+                )),
+                Err(err) => failed.push(format!("{}: {err}", self.nodes[index].address)),
+            }
+            if entered >= quorum {
+                return Ok(());
+            }
         }
+        Err(StateError::QuorumNotReached {
+            resource: resource.to_owned(),
+            operation: "acquire",
+            failed_nodes: failed,
+            granted: entered,
+            nodes: self.nodes.len(),
+            needed: quorum,
+        })
     }
 
     /// One Redlock attempt. `Ok(None)` when other owners hold a majority.
@@ -456,7 +497,7 @@ impl RedlockDistributedLock {
                 .unwrap_or(0);
             tracing::debug!(resource, granted = ?tally.granted, token, "redlock quorum granted");
             match self
-                .settle_fence(resource, token, &tally.granted, timeout)
+                .settle_fence(resource, &owner, token, &tally.granted, timeout)
                 .await
             {
                 Ok(()) if Instant::now() < valid_until => {
