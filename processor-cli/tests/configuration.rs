@@ -119,7 +119,7 @@ fn bad_settings_are_refused_with_the_setting_named() {
     // Sizes out of range, names Kafka or a directory cannot take, properties the processor owns: one
     // line naming the setting and the value (before, `<< 20` wrapped or panicked on a huge size).
     let base = write("base.toml", "");
-    let flags: [(&[&str], &str); 7] = [
+    let flags: [(&[&str], &str); 9] = [
         (&["--state-cache-mb", "0"], "--state-cache-mb"),
         (&["--block-cache-mb", "99999999999999"], "--block-cache-mb"),
         (&["--write-buffer-mb", "0"], "--write-buffer-mb"),
@@ -133,6 +133,8 @@ fn bad_settings_are_refused_with_the_setting_named() {
             &["--kafka-config", "enable.idempotence=false"],
             "enable.idempotence",
         ),
+        (&["--http-token", "short"], "http token"),
+        (&["--http-allowed-host", "http://x"], "http allowed host"),
     ];
     for (extra, expected) in flags {
         let mut argv = vec!["--config", base.as_str()];

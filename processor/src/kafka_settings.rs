@@ -126,10 +126,15 @@ impl KafkaSettings {
             });
         }
         if RESERVED.contains(&key) {
+            let instead = match key {
+                "bootstrap.servers" | "metadata.broker.list" => "use --brokers",
+                "group.id" => "use --group",
+                _ => "remove it",
+            };
             return Err(ProcessorError::InvalidInput {
                 what: "kafka config",
                 reason: format!(
-                    "`{key}` is set by the processor itself (its guarantees depend on it); use --brokers and --group for the servers and the group"
+                    "`{key}` is set by the processor itself (its guarantees depend on it): {instead}"
                 ),
             });
         }
