@@ -184,6 +184,10 @@ pub(crate) struct RunArgs {
     /// A file holding the HTTP token (its first line): keeps it out of the process list.
     #[arg(long, env = "HTTP_TOKEN_FILE")]
     pub(crate) http_token_file: Option<PathBuf>,
+    /// A CA certificate file (PEM) that signed other members' `https://` endpoints, trusted besides the
+    /// platform's roots when this member forwards a state query to them.
+    #[arg(long, env = "HTTP_CA_FILE")]
+    pub(crate) http_ca_file: Option<PathBuf>,
     /// Answer HTTP requests only for this `Host` name (repeat for several; default: any): a DNS
     /// rebinding page names its own host and gets 403.
     #[arg(

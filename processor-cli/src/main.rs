@@ -354,6 +354,9 @@ pub(crate) fn http_access(args: &RunArgs) -> anyhow::Result<HttpAccess> {
     if let Some(token) = token {
         access = access.with_token(&token)?;
     }
+    if let Some(ca) = &args.http_ca_file {
+        access = access.with_forwarding_ca(ca)?;
+    }
     Ok(access.with_allowed_hosts(args.http_allowed_hosts.iter().map(String::as_str))?)
 }
 

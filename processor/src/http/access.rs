@@ -30,6 +30,9 @@ pub const MIN_TOKEN_LEN: usize = 16;
 pub struct HttpAccess {
     token: Option<Arc<str>>,
     allowed_hosts: Arc<[String]>,
+    /// The client that forwards state queries, when a CA of its own was given (else the shared one
+    /// with the platform's roots).
+    forwarding: Option<super::state_queries::ForwardingClient>,
 }
 
 impl std::fmt::Debug for HttpAccess {
@@ -37,6 +40,7 @@ impl std::fmt::Debug for HttpAccess {
         f.debug_struct("HttpAccess")
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("allowed_hosts", &self.allowed_hosts)
+            .field("forwarding_ca", &self.forwarding.is_some())
             .finish()
     }
 }
@@ -89,9 +93,31 @@ impl HttpAccess {
         Ok(self)
     }
 
+    /// Trusts the CA certificates in the PEM file `ca` (besides the platform's roots) when a member
+    /// forwards a state query to another member's `https://` endpoint (`--http-ca-file`): members whose
+    /// certificates a private CA signed.
+    ///
+    /// # Errors
+    /// [`ProcessorError::InvalidInput`] (`http ca file`) naming the file when it cannot be read or holds
+    /// no certificate.
+    pub fn with_forwarding_ca(mut self, ca: &std::path::Path) -> ProcessorResult<Self> {
+        self.forwarding = Some(super::state_queries::forwarding_client_with(Some(ca))?);
+        Ok(self)
+    }
+
     /// The token members send when they forward a query.
     pub(crate) fn token(&self) -> Option<&str> {
         self.token.as_deref()
+    }
+
+    /// The client that forwards state queries.
+    pub(crate) fn forwarding_client(
+        &self,
+    ) -> ProcessorResult<super::state_queries::ForwardingClient> {
+        match &self.forwarding {
+            Some(client) => Ok(client.clone()),
+            None => super::state_queries::shared_forwarding_client(),
+        }
     }
 
     fn host_allowed(&self, headers: &HeaderMap) -> bool {

@@ -66,7 +66,7 @@ pub(super) async fn state(
             "{base}/state/{}?partition={partition}",
             percent_encode(&key)
         );
-        if let Ok(answer) = fetch_answer(&url, shared.access.token()).await {
+        if let Ok(answer) = fetch_answer(&url, &shared.access).await {
             return json_same_origin(StatusCode::OK, &answer);
         }
     }
@@ -123,31 +123,31 @@ fn failed(err: &ProcessorError) -> Response {
 /// more is treated as not answering.
 pub const MAX_FORWARDED_ANSWER: usize = 16 << 20;
 
-/// Asks `url` (a member's `/instances/{id}/state/{key}`, `http://` or `https://` — the system's
-/// trusted roots, and `SSL_CERT_FILE`, verify the member's certificate) for its answer, with `token`
-/// as its bearer token when the endpoint has one.
+/// Asks `url` (a member's `/instances/{id}/state/{key}`, `http://` or `https://` — the platform's
+/// trusted roots, and the CA of [`HttpAccess::with_forwarding_ca`](super::HttpAccess::with_forwarding_ca),
+/// verify the member's certificate) for its answer, with `access`'s bearer token when it has one.
 ///
 /// # Errors
 /// The member cannot be reached, does not answer in time, answers more than
 /// [`MAX_FORWARDED_ANSWER`] bytes, or answers anything but an answer.
-pub async fn fetch_answer(url: &str, token: Option<&str>) -> ProcessorResult<StateAnswer> {
+pub async fn fetch_answer(url: &str, access: &super::HttpAccess) -> ProcessorResult<StateAnswer> {
     let unreachable = |reason: String| ProcessorError::Kafka {
         operation: "ask a member for live state",
         source: format!("{url}: {reason}").into(),
     };
     let uri: axum::http::Uri = url.parse().map_err(|err| unreachable(format!("{err}")))?;
     let mut request = axum::http::Request::get(uri);
-    if let Some(token) = token {
+    if let Some(token) = access.token() {
         request = request.header(axum::http::header::AUTHORIZATION, format!("Bearer {token}"));
     }
     let request = request
         .body(http_body_util::Empty::<axum::body::Bytes>::new())
         .map_err(|err| unreachable(err.to_string()))?;
-    let client = forwarding_client().map_err(|err| unreachable(err.clone()))?;
+    let client = access.forwarding_client()?;
     let response = tokio::time::timeout(FORWARD_TIMEOUT, client.request(request))
         .await
         .map_err(|_| unreachable(format!("no answer within {FORWARD_TIMEOUT:?}")))?
-        .map_err(|err| unreachable(err.to_string()))?;
+        .map_err(|err| unreachable(format!("{err:?}")))?;
     let code = response.status();
     let limited = http_body_util::Limited::new(response.into_body(), MAX_FORWARDED_ANSWER);
     let body = tokio::time::timeout(FORWARD_TIMEOUT, limited.collect())
@@ -168,29 +168,69 @@ pub async fn fetch_answer(url: &str, token: Option<&str>) -> ProcessorResult<Sta
     serde_json::from_slice(&body).map_err(|err| unreachable(format!("not an answer: {err}")))
 }
 
-type ForwardingClient = hyper_util::client::legacy::Client<
+/// An HTTP client for `http://` and `https://` members (rustls on ring).
+pub(crate) type ForwardingClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     http_body_util::Empty<axum::body::Bytes>,
 >;
 
-/// The client for `http://` and `https://` members (rustls with the platform's roots), made once: its
-/// connection pool and the loaded roots are kept.
-fn forwarding_client() -> Result<ForwardingClient, &'static String> {
+/// The client with the platform's roots only, made once: its connection pool and roots are kept.
+pub(crate) fn shared_forwarding_client() -> ProcessorResult<ForwardingClient> {
     static CLIENT: std::sync::OnceLock<Result<ForwardingClient, String>> =
         std::sync::OnceLock::new();
     CLIENT
-        .get_or_init(|| {
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_native_roots()
-                .map_err(|err| format!("no TLS roots for https:// members: {err}"))?
-                .https_or_http()
-                .enable_http1()
-                .build();
-            Ok(
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build(connector),
-            )
+        .get_or_init(|| forwarding_client_with(None).map_err(|err| err.to_string()))
+        .clone()
+        .map_err(|reason| ProcessorError::InvalidInput {
+            what: "http ca file",
+            reason,
         })
-        .as_ref()
-        .cloned()
+}
+
+/// A client trusting the platform's roots and the certificates in the PEM file `ca`, if any.
+pub(crate) fn forwarding_client_with(
+    ca: Option<&std::path::Path>,
+) -> ProcessorResult<ForwardingClient> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let invalid = |reason: String| ProcessorError::InvalidInput {
+        what: "http ca file",
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    // A platform root that does not parse is skipped (as the platform's own clients do).
+    let native = rustls_native_certs::load_native_certs();
+    let _ = roots.add_parsable_certificates(native.certs);
+    if let Some(ca) = ca {
+        let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+            .and_then(Iterator::collect)
+            .map_err(|err| invalid(format!("{}: {err}", ca.display())))?;
+        if certificates.is_empty() {
+            return Err(invalid(format!(
+                "{} holds no PEM certificate",
+                ca.display()
+            )));
+        }
+        for certificate in certificates {
+            roots
+                .add(certificate)
+                .map_err(|err| invalid(format!("{}: {err}", ca.display())))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|err| invalid(err.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector),
+    )
 }

@@ -62,9 +62,10 @@ async fn member(services: &Services, brokers: &str, root: &std::path::Path, id: 
 }
 
 async fn query(base: &str, key: &str, partition: i32) -> StateAnswer {
+    let access = HttpAccess::default().with_token(TOKEN).unwrap();
     fetch_answer(
         &format!("{base}/state/{key}?partition={partition}"),
-        Some(TOKEN),
+        &access,
     )
     .await
     .unwrap()
@@ -138,7 +139,7 @@ async fn any_member_answers_from_the_owner_and_after_a_hand_off_from_the_new_one
     assert!(!missing.found && missing.value.is_none());
     let refused = fetch_answer(
         &format!("{}/state/{key}?partition={partition}", a.base),
-        None,
+        &HttpAccess::default(),
     )
     .await;
     let refused = format!("{:?}", refused.err());
@@ -196,4 +197,85 @@ async fn keys_go_to_the_partitions_partition_for_key_names() {
             "{key}"
         );
     }
+}
+
+/// A member serving its endpoint over `https://` (its certificate signed by a private CA) is reached by a
+/// forwarded query when the asking member trusts that CA (`--http-ca-file`), with the token; without
+/// the CA the TLS handshake refuses it. Before, forwarding spoke plain HTTP only, so an `https://`
+/// member was never reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_query_reaches_an_https_member_that_its_ca_signed() {
+    use std::sync::Arc as StdArc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certificates = integration_tests::Certificates::make(dir.path());
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(certificates.server_cert())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_file(certificates.server_key()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(StdArc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(StdArc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answer: StateAnswer = serde_json::from_value(serde_json::json!({
+        "key": "k", "partition": 1, "owner": "tls-member", "fencing_token": 9, "next_offset": 7,
+        "found": true, "value": {"count": 3}, "value_hex": null,
+    }))
+    .unwrap();
+    let body = serde_json::to_string(&answer).unwrap();
+    let seen_token = StdArc::new(std::sync::Mutex::new(None::<bool>));
+    let server = {
+        let seen_token = StdArc::clone(&seen_token);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(mut stream) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut request = vec![0u8; 4096];
+                let read = stream.read(&mut request).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&request[..read]).to_lowercase();
+                *seen_token.lock().unwrap() = Some(
+                    request.contains(&format!("authorization: bearer {}", TOKEN.to_lowercase())),
+                );
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            }
+        })
+    };
+    let url = format!("https://127.0.0.1:{port}/instances/tls-member/state/k?partition=1");
+    let trusting = HttpAccess::default()
+        .with_token(TOKEN)
+        .unwrap()
+        .with_forwarding_ca(&certificates.ca())
+        .unwrap();
+    let got = fetch_answer(&url, &trusting).await.unwrap();
+    assert_eq!(got, answer);
+    assert_eq!(
+        *seen_token.lock().unwrap(),
+        Some(true),
+        "the token went along"
+    );
+    let unknown_ca = fetch_answer(&url, &HttpAccess::default()).await;
+    assert!(unknown_ca.is_err(), "a CA nobody trusts: {unknown_ca:?}");
+    server.abort();
 }
