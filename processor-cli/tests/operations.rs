@@ -322,36 +322,7 @@ fn status_of_a_three_instance_fleet_names_one_leader_and_an_owner_for_every_part
 
 /// `GET path` with extra header lines; the status code, the response head (lower-cased) and the body.
 fn request(addr: &str, path: &str, headers: &[&str]) -> (u16, String, String) {
-    try_request(addr, path, headers).unwrap()
-}
-
-/// As [`request`]; the I/O error when nothing answers (yet).
-fn try_request(addr: &str, path: &str, headers: &[&str]) -> std::io::Result<(u16, String, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let has_host = headers
-        .iter()
-        .any(|h| h.to_ascii_lowercase().starts_with("host:"));
-    let mut head = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
-    if !has_host {
-        head.push_str(&format!("Host: {addr}\r\n"));
-    }
-    for header in headers {
-        head.push_str(header);
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    Ok((code, head.to_ascii_lowercase(), body.to_owned()))
+    http_request(addr, path, headers).unwrap()
 }
 
 /// Live state is never readable cross-origin; with `--http-token` every path but the probes needs the
@@ -394,7 +365,7 @@ fn live_state_is_not_readable_cross_origin_and_a_token_guards_the_endpoint() {
     eventually(
         "the open member answers live state",
         Duration::from_secs(60),
-        || match try_request(&open, &state_path, &[FOREIGN]).map_err(|e| e.to_string())? {
+        || match http_request(&open, &state_path, &[FOREIGN]).map_err(|e| e.to_string())? {
             (200, head, _) if !head.contains("access-control-allow-origin") => Ok(()),
             (code, head, body) => Err(format!("{code} {head} {body}")),
         },
@@ -408,7 +379,7 @@ fn live_state_is_not_readable_cross_origin_and_a_token_guards_the_endpoint() {
     eventually(
         "the guarded member is up",
         Duration::from_secs(60),
-        || match try_request(&guarded, "/status", &[&bearer]).map_err(|e| e.to_string())? {
+        || match http_request(&guarded, "/status", &[&bearer]).map_err(|e| e.to_string())? {
             (200, _, _) => Ok(()),
             (code, _, body) => Err(format!("{code} {body}")),
         },
@@ -445,7 +416,7 @@ fn live_state_is_not_readable_cross_origin_and_a_token_guards_the_endpoint() {
     eventually(
         "live state with the token",
         Duration::from_secs(60),
-        || match try_request(&guarded, &state_path, &[&bearer]).map_err(|e| e.to_string())? {
+        || match http_request(&guarded, &state_path, &[&bearer]).map_err(|e| e.to_string())? {
             (200, _, body) if body.contains("\"found\":true") => Ok(()),
             (code, _, body) => Err(format!("{code} {body}")),
         },

@@ -343,30 +343,47 @@ pub fn assert_state_is_exact(checkpoint_dir: &Path, workload: &Workload) {
 /// `GET http://{addr}{path}` (HTTP/1.1, one request per connection): the status code and the body.
 /// Small on purpose: the tests need no HTTP client crate.
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, path, &[]).map(|(code, _, body)| (code, body))
+}
+
+/// `GET http://{addr}{path}` with extra header lines (`Host` is `addr` unless one is given): the
+/// status code, the response head (lower-cased) and the body.
+pub fn http_request(
+    addr: &str,
+    path: &str,
+    headers: &[&str],
+) -> std::io::Result<(u16, String, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut request = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers
+        .iter()
+        .any(|header| header.to_ascii_lowercase().starts_with("host:"))
+    {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes())?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let head = head.to_ascii_lowercase();
     let code = head
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    let body = if head.contains("transfer-encoding: chunked") {
         dechunk(body)
     } else {
         body.to_owned()
     };
-    Ok((code, body))
+    Ok((code, head, body))
 }
 
 fn dechunk(mut body: &str) -> String {

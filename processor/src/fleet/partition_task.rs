@@ -626,45 +626,30 @@ impl Instance {
         let resource = partition_resource(&self.config.group, &self.config.topic, partition);
         metrics::counter!("processor_fencing_counter_resets_total", "topic" => self.config.topic.clone())
             .increment(1);
-        match self
+        let raised = self
             .services
             .lock
             .raise_fencing_counter(&resource, highest)
-            .await
-        {
-            Ok(()) => {
-                tracing::error!(
-                    instance = %self.config.instance_id,
-                    partition,
-                    resource,
-                    granted,
-                    recorded = highest,
-                    "the lock backend's fencing counter went back (a fresh claim got token {granted}, token {highest} is already recorded for the partition): raised it past {highest}; claiming again"
-                );
-                ProcessorError::FencingCounterReset {
-                    partition,
-                    granted,
-                    recorded: highest,
-                    repaired: true,
-                }
-            }
-            Err(raise) => {
-                tracing::error!(
-                    instance = %self.config.instance_id,
-                    partition,
-                    resource,
-                    granted,
-                    recorded = highest,
-                    error = %raise,
-                    "the lock backend's fencing counter went back and could not be raised: raise it past {highest} by hand (see DISTRIBUTED_LOCKING.md section 5.2)"
-                );
-                ProcessorError::FencingCounterReset {
-                    partition,
-                    granted,
-                    recorded: highest,
-                    repaired: false,
-                }
-            }
+            .await;
+        let outcome = match &raised {
+            Ok(()) => format!("raised it past {highest}; claiming again"),
+            Err(err) => format!(
+                "it could not be raised ({err}): raise it past {highest} by hand (DISTRIBUTED_LOCKING.md section 5.2)"
+            ),
+        };
+        tracing::error!(
+            instance = %self.config.instance_id,
+            partition,
+            resource,
+            granted,
+            recorded = highest,
+            "the lock backend's fencing counter went back (a fresh claim got token {granted}, token {highest} is already recorded for the partition): {outcome}"
+        );
+        ProcessorError::FencingCounterReset {
+            partition,
+            granted,
+            recorded: highest,
+            repaired: raised.is_ok(),
         }
     }
 
