@@ -10,6 +10,11 @@ use crate::kafka_settings::KafkaSettings;
 /// The shortest claim lease: renewals run every third of it, and a backend round trip must fit.
 pub const MIN_CLAIM_TTL: Duration = Duration::from_millis(100);
 
+/// How long, by default, a partition stopped at a refused record stays unclaimed before it is tried
+/// again (a fixed job deployed meanwhile starts it at once: a new process has no such pause); see
+/// [`InstanceConfig::with_rejected_record_pause`].
+pub const REJECTED_RECORD_PAUSE: Duration = Duration::from_secs(30);
+
 /// The progress watchdog's default bound: far above a healthy commit (milliseconds) and a broker
 /// failover (a leader election on the brokers' defaults takes up to about 18 s), far below "minutes".
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -128,7 +133,7 @@ pub struct InstanceConfig {
     pub standby_replicas: usize,
     /// How long a partition stopped at a record its job refused (policy `stop`) stays unclaimed by this
     /// instance before it is tried again (default
-    /// [`REJECTED_RECORD_PAUSE`](crate::fleet::instance::REJECTED_RECORD_PAUSE), 30 s).
+    /// [`REJECTED_RECORD_PAUSE`], 30 s).
     pub rejected_record_pause: Duration,
     /// How many owned partitions process a batch at the same time (the others wait, and their
     /// prefetch queues fill up and stop fetching).
@@ -195,7 +200,7 @@ impl InstanceConfig {
             state_cache_bytes: crate::partition::DEFAULT_STATE_CACHE_BYTES,
             output_mode: crate::operator::OutputMode::PerRecord,
             standby_replicas: 0,
-            rejected_record_pause: crate::fleet::instance::REJECTED_RECORD_PAUSE,
+            rejected_record_pause: REJECTED_RECORD_PAUSE,
             parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
             maintenance: MaintenanceConfig::default(),
             tick: Duration::from_millis(250),

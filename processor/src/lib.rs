@@ -6,8 +6,11 @@
 //!   and the consume loop that turns its records into atomic batches;
 //! - [`partition`]: one owned partition's processing — operator, one atomic batch of state + next offset
 //!   under the ownership fencing token, replays skipped (exactly-once state), nothing written once lost;
-//! - [`operator`]: the [`operator::Operator`] trait and the built-in keyed aggregation
-//!   (`{count, sum, min, max, chain}` per key, malformed values to the dead letters);
+//! - [`job`]: your own job on the fleet — typed keys and values, what a record does to its key's
+//!   state, what a refused record does ([`job::OnError`]);
+//! - [`operator`]: the [`operator::Operator`] trait the partition runs (a job is one);
+//! - [`aggregation`]: the built-in keyed aggregation (`{count, sum, min, max, chain}` per key,
+//!   malformed values to the dead letters);
 //! - [`store`]: per-partition state stores behind [`store::PartitionStore`], opened through a
 //!   [`store::StoreFactory`] (RocksDB with a shared block cache and write-buffer manager, or in memory);
 //! - [`progress`]: a partition's progress clock, which the fleet's watchdog reads;
@@ -23,6 +26,8 @@
 //! - [`services`]: the backends an instance coordinates through, built from one lock URL;
 //! - [`resources`]: every lock, record and task name the fleet coordinates on;
 //! - [`inspect`]: reading what the fleet checkpointed;
+//! - [`http`]: the operations endpoint — metrics, health and readiness, status, the dashboard, queries
+//!   of live state, and who may ask ([`http::HttpAccess`]);
 //! - [`dev`]: development fixtures — the mock-cluster broker, the deterministic workload and the demo;
 //! - [`error`]: the one error type.
 //!

@@ -81,10 +81,8 @@ impl Standby {
     }
 }
 
-/// How long, by default, a partition stopped at a refused record stays unclaimed before it is tried
-/// again (a fixed job deployed meanwhile starts it at once: a new process has no such pause); see
-/// [`InstanceConfig::with_rejected_record_pause`](crate::InstanceConfig::with_rejected_record_pause).
-pub const REJECTED_RECORD_PAUSE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Where it was before it moved to the configuration (the setting's default belongs there).
+pub use crate::config::REJECTED_RECORD_PAUSE;
 
 impl std::fmt::Debug for Instance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
