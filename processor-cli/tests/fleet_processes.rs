@@ -117,7 +117,9 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
     broker.stop();
 
     assert_state_is_exact(&checkpoints, &workload);
-    // The paused owner found out it was stale and stopped (fenced), instead of writing on.
+    // The paused owner found out it was stale and stopped, instead of writing on: fenced at the store,
+    // its claim found lost, or a step refused because the claim lapsed while it was frozen (all three
+    // errors read "stale owner of partition ...").
     let p3_log = std::fs::read_to_string(root.join("p3.log")).unwrap_or_default();
     assert!(
         p3_log.contains("stale owner"),

@@ -64,7 +64,7 @@ pub enum ProcessorError {
     /// claim's safe deadline: the lease may have run out and another owner may hold the partition, so
     /// the step was not taken and the partition given up (the runtime was too busy to renew in time).
     #[error(
-        "partition {partition}: its claim with fencing token {token} lapsed {late_by:?} before the {step} step could act (not renewed in time); the step was not taken"
+        "stale owner of partition {partition}: its claim with fencing token {token} lapsed {late_by:?} before the {step} step could act (not renewed in time); the step was not taken"
     )]
     ClaimLapsed {
         /// The partition.
