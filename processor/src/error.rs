@@ -134,6 +134,25 @@ pub enum ProcessorError {
         transactional_id: String,
     },
 
+    /// A transactional call of a partition's exactly-once outputs failed (see
+    /// [`TransactionFault`](crate::sink::TransactionFault) for each class's handling): the batch's state
+    /// was not written, and the partition restarts with a new producer, whose initialisation settles the
+    /// transaction.
+    #[error(
+        "partition {partition}: could not {operation} ({fault}): the batch's state was not written; the partition restarts with a new producer, whose initialisation settles the transaction"
+    )]
+    TransactionFailed {
+        /// The partition.
+        partition: i32,
+        /// The call that failed.
+        operation: &'static str,
+        /// librdkafka's class of the failure.
+        fault: crate::sink::TransactionFault,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// The offset stored with a partition's state is outside the topic's log: records it never processed
     /// were deleted (below the start), or the topic was recreated (above the end). Nothing was processed.
     #[error(

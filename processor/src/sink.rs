@@ -199,6 +199,74 @@ const TRANSACTION_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// is visible then.
 pub(crate) const TRANSACTION_CALL_BOUND: std::time::Duration = std::time::Duration::from_secs(25);
 
+/// How a transactional call failed, in librdkafka's classes (its `rd_kafka_error_t` flags). Each class's
+/// handling is explicit in [`TransactionalSink::commit_batch`]; whatever the class, the batch's state is
+/// not written and the partition restarts with a new producer, whose initialisation fences this one and
+/// settles the open transaction (a commit whose outcome was unknown has either landed or is aborted by
+/// then). The group's committed offset then tells the new owner where the outputs stand (replay with
+/// outputs discarded, DISTRIBUTED_LOCKING.md §11). This is the advice of Jepsen's 2024 analysis of
+/// Kafka transactions: never carry on with a producer after an error whose outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransactionFault {
+    /// A newer owner's producer took the transactional id (`PRODUCER_FENCED`,
+    /// `INVALID_PRODUCER_EPOCH`): reported as [`ProcessorError::OutputFenced`]; no abort is tried (a
+    /// fenced producer cannot), the partition is someone else's.
+    Fenced,
+    /// librdkafka's fatal error: the producer is unusable; no abort is tried, it is dropped.
+    Fatal,
+    /// The transaction must be aborted (librdkafka's "requires abort", e.g. a record the broker
+    /// refused): it is aborted, so nothing of the batch is visible.
+    Abortable,
+    /// The call might succeed if retried (a coordinator moving, librdkafka's own timeout). It is not
+    /// retried in place: for a commit the outcome is unknown. An abort is tried, and the next producer's
+    /// initialisation settles whatever the broker decided.
+    Retriable,
+    /// The processor's own bound passed with the call still inside librdkafka
+    /// ([`ProcessorError::KafkaCallTimedOut`]): the producer is never called again, not even to abort.
+    TimedOut,
+    /// Any other Kafka error: the transaction is aborted.
+    Other,
+}
+
+impl TransactionFault {
+    /// The class's name: the `fault` label of `processor_transaction_faults_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransactionFault::Fenced => "fenced",
+            TransactionFault::Fatal => "fatal",
+            TransactionFault::Abortable => "abortable",
+            TransactionFault::Retriable => "retriable",
+            TransactionFault::TimedOut => "timed_out",
+            TransactionFault::Other => "other",
+        }
+    }
+
+    /// Whether `abort_transaction` is called on the producer after a fault of this class.
+    fn is_aborted(self) -> bool {
+        matches!(
+            self,
+            TransactionFault::Abortable | TransactionFault::Retriable | TransactionFault::Other
+        )
+    }
+
+    /// The class of `err`, a failed transactional call's error.
+    fn of(err: &ProcessorError) -> Self {
+        match err {
+            ProcessorError::OutputFenced { .. } => TransactionFault::Fenced,
+            ProcessorError::KafkaCallTimedOut { .. } => TransactionFault::TimedOut,
+            ProcessorError::TransactionFailed { fault, .. } => *fault,
+            _ => TransactionFault::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for TransactionFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The exactly-once output path of ONE owned partition: a transactional producer whose
 /// `transactional.id` is derived from the group, topic and partition ([`transactional_id`]), so the next
 /// owner's initialisation fences this one. Each batch's outputs, dead letters AND the partition's next
@@ -317,16 +385,24 @@ impl TransactionalSink {
             Err(err) => {
                 metrics::counter!("processor_output_errors_total", "stage" => "transaction")
                     .increment(1);
-                if matches!(err, ProcessorError::KafkaCallTimedOut { .. }) {
+                let fault = TransactionFault::of(&err);
+                metrics::counter!("processor_transaction_faults_total", "fault" => fault.as_str())
+                    .increment(1);
+                if fault == TransactionFault::TimedOut {
                     // The producer may still be inside the abandoned call: a second call on it would
                     // only wait behind it ("concurrent operation"). The next owner's initialisation
                     // aborts the open transaction.
                     self.abandoned.store(true, Ordering::SeqCst);
                     return Err(err);
                 }
+                if !fault.is_aborted() {
+                    // Fenced or fatal: the producer can do nothing more; the next owner's (or the next
+                    // claim's) initialisation aborts the open transaction.
+                    return Err(err);
+                }
                 let producer = (*self.producer).clone();
-                // Best effort: a fenced producer cannot abort, and an open transaction of a failed
-                // producer is aborted by the broker at its timeout or by the next owner's initialisation.
+                // Best effort: an open transaction that cannot be aborted here is aborted by the broker
+                // at its timeout or by the next producer's initialisation.
                 let aborted = bounded("abort a transaction", TRANSACTION_CALL_BOUND, move || {
                     producer
                         .abort_transaction(TRANSACTION_CALL_TIMEOUT)
@@ -393,9 +469,10 @@ impl TransactionalSink {
         committed.map_err(|(operation, err)| self.transaction_error(operation, err))
     }
 
-    /// A fenced producer is [`ProcessorError::OutputFenced`]; anything else a Kafka error. The call's
-    /// own error may not say it: once fenced, librdkafka raises a fatal error and purges what is queued,
-    /// so a record's delivery fails as "purged" — the producer's fatal error tells the cause.
+    /// A fenced producer is [`ProcessorError::OutputFenced`]; anything else a
+    /// [`ProcessorError::TransactionFailed`] with its [`TransactionFault`] class. The call's own error
+    /// may not say it was fenced: once fenced, librdkafka raises a fatal error and purges what is
+    /// queued, so a record's delivery fails as "purged" — the producer's fatal error tells the cause.
     fn transaction_error(&self, operation: &'static str, err: KafkaError) -> ProcessorError {
         let is_fence = |code: RDKafkaErrorCode| {
             matches!(
@@ -417,7 +494,28 @@ impl TransactionalSink {
                 transactional_id: self.transactional_id.clone(),
             }
         } else {
-            ProcessorError::kafka(operation)(err)
+            ProcessorError::TransactionFailed {
+                partition: self.partition,
+                operation,
+                fault: self.fault_class(&err),
+                source: Box::new(err),
+            }
+        }
+    }
+
+    /// The class of a failed call's error that is not a fence (see [`TransactionFault`]).
+    fn fault_class(&self, err: &KafkaError) -> TransactionFault {
+        if self.producer.client().fatal_error().is_some() {
+            return TransactionFault::Fatal;
+        }
+        match err {
+            KafkaError::Transaction(err) if err.is_fatal() => TransactionFault::Fatal,
+            KafkaError::Transaction(err) if err.txn_requires_abort() => TransactionFault::Abortable,
+            KafkaError::Transaction(err) if err.is_retriable() => TransactionFault::Retriable,
+            // A record the broker refused: a transactional producer turns a failed produce into an
+            // abortable error of its transaction.
+            KafkaError::MessageProduction(_) => TransactionFault::Abortable,
+            _ => TransactionFault::Other,
         }
     }
 }

@@ -461,3 +461,176 @@ fn a_stop_ends_within_its_bound_while_a_commit_hangs() {
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
+
+/// The transaction fault classes of issue 32.9 (see `processor::sink::TransactionFault`), one test each
+/// where a real broker can produce them: `fenced` is [`a_fenced_producer_says_it_was_fenced`], `timed
+/// out` (the processor's own bound) the paused coordinator below and the hang tests above. `retriable`
+/// and a fatal error other than a fence are not produced on demand by a broker here: librdkafka retries
+/// retriable errors inside the call, and with the coordinator paused it returned nothing before the
+/// processor's bound; their handling (abort, resp. drop the producer; restart) is the same path.
+///
+/// `abortable`: the broker refuses the outputs (the output topic's `max.message.bytes` is smaller than
+/// a record batch), so librdkafka makes the transaction abortable. The batch is aborted — its state is
+/// not written, nothing of it is visible — the partition restarts with a new producer after a growing
+/// pause, and once the topic accepts the outputs again it catches up with each output exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abortable_transaction_is_aborted_and_the_partition_catches_up_once_the_broker_accepts_it()
+ {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+
+    integration_tests::init_tracing();
+    let broker = TestBroker::kafka(TOPIC, PARTITIONS).await;
+    let brokers = broker.bootstrap_servers();
+    // 100 bytes: no batch of outputs fits, the coordinator's transaction markers (79 bytes) do — a
+    // broker that cannot write a marker leaves the transaction unfinished for good.
+    processor::dev::admin::create_topic(&brokers, OUTPUT, 2, 1, &[("max.message.bytes", "100")])
+        .await
+        .unwrap();
+    let workload = Workload {
+        records: 1_000,
+        keys: 20,
+        seed: 32,
+        partitions: PARTITIONS,
+    };
+    workload
+        .produce_range(&brokers, TOPIC, 0..workload.records)
+        .await
+        .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let services = Services::in_memory(root.path().join("shared")).unwrap();
+    let config = InstanceConfig::new("a", TOPIC, PARTITIONS, &brokers, root.path().join("a"))
+        .with_output_topic(OUTPUT)
+        .with_claim_ttl(Duration::from_secs(2));
+    let (run, stop, status) = support::start_instance(services, config);
+
+    let refused = support::wait_for(
+        &status,
+        "a transaction refused as abortable",
+        Duration::from_secs(60),
+        |s| {
+            s.partition_errors
+                .values()
+                .any(|e| e.contains("(abortable)"))
+        },
+    )
+    .await;
+    println!("refused: {:?}", refused.partition_errors);
+    // Nothing of a refused batch reached the state: no partition moved.
+    assert!(
+        refused
+            .partition_status
+            .values()
+            .all(|p| p.next_offset == 0),
+        "state written past an aborted transaction: {refused:?}"
+    );
+    assert!(read_committed(&brokers, OUTPUT).is_empty());
+
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let accept =
+        AlterConfig::new(ResourceSpecifier::Topic(OUTPUT)).set("max.message.bytes", "1048588");
+    for result in admin
+        .alter_configs([&accept], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    let ends = ends_of(&workload);
+    support::wait_for(
+        &status,
+        "catching up once the outputs are accepted",
+        Duration::from_secs(90),
+        |s| caught_up(s, &ends),
+    )
+    .await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let report = integration_tests::verifier::verify_outputs(&brokers, TOPIC, OUTPUT);
+    assert!(report.error.is_none(), "{report:?}");
+    assert!(report.ok, "exactly-once violated: {report:?}");
+    assert_eq!(report.inputs, workload.records);
+}
+
+/// `timed out`, with the transaction coordinator's node paused (SIGSTOP) while a batch commits its
+/// input offset: librdkafka neither answers nor keeps its own 20 s timeout (no `retriable` error comes
+/// back), so the processor's bound ends the call — the commit's outcome unknown. The producer is never
+/// called again, and a new producer's initialisation (the partition's next claim) settles the
+/// transaction before anything else commits: the reader sees the batches before and after, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_with_its_coordinator_paused_is_abandoned_at_its_bound_and_a_new_producer_settles_it()
+ {
+    use processor::ProcessorError;
+    use processor::partition::BatchReport;
+    use processor::sink::TransactionalSink;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    integration_tests::init_tracing();
+    let broker = TestBroker::kafka(TOPIC, 1).await;
+    broker.create_topic(OUTPUT, 1).await;
+    let TestBroker::Kafka(cluster) = &broker else {
+        unreachable!("asked for a real broker")
+    };
+    let kafka = KafkaSettings::new(&broker.bootstrap_servers());
+    let open = |kafka: KafkaSettings| {
+        tokio::task::spawn_blocking(move || {
+            TransactionalSink::open(&kafka, "fleet", TOPIC, 0, Some(OUTPUT), None).unwrap()
+        })
+    };
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .set("group.id", "fleet")
+        .create()
+        .unwrap();
+    let group = std::sync::Arc::new(consumer.group_metadata().unwrap());
+    let batch = |key: &str, next_offset: i64| {
+        let mut batch = BatchReport::default();
+        batch.outputs.push((key.as_bytes().to_vec(), b"v".to_vec()));
+        batch.next_offset = next_offset;
+        batch
+    };
+
+    let old = open(kafka.clone()).await.unwrap();
+    old.commit_batch(&batch("first", 1), 1, &group)
+        .await
+        .unwrap();
+    // No outputs in the paused batch: only the offsets' commit talks to the coordinator.
+    cluster.node(0).pause();
+    let started = Instant::now();
+    let err = old
+        .commit_batch(&BatchReport::default(), 2, &group)
+        .await
+        .unwrap_err();
+    cluster.node(0).resume();
+    println!("failed after {:?}: {err}", started.elapsed());
+    assert!(
+        matches!(
+            err,
+            ProcessorError::KafkaCallTimedOut {
+                operation: "commit a transaction",
+                ..
+            }
+        ),
+        "{err}: {err:?}"
+    );
+    // Abandoned: the producer is not called again, not even to abort.
+    let again = old.commit_batch(&batch("second", 2), 2, &group).await;
+    assert!(
+        matches!(again, Err(ProcessorError::KafkaCallTimedOut { .. })),
+        "{again:?}"
+    );
+
+    let new = open(kafka).await.unwrap();
+    new.commit_batch(&batch("third", 3), 3, &group)
+        .await
+        .unwrap();
+    new.close().await;
+    let keys: Vec<Vec<u8>> = read_committed(&broker.bootstrap_servers(), OUTPUT)
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    assert_eq!(keys, [b"first".to_vec(), b"third".to_vec()]);
+}
