@@ -634,3 +634,107 @@ async fn a_commit_with_its_coordinator_paused_is_abandoned_at_its_bound_and_a_ne
         .collect();
     assert_eq!(keys, [b"first".to_vec(), b"third".to_vec()]);
 }
+
+/// A replay toward the group's committed offset `K` ends even when no record sits just below `K`: here
+/// the input's last records were written in a transaction, so its commit marker is the log's last
+/// offset, and the group's offset was set to the log end past it — as `kafka-consumer-groups
+/// --reset-offsets --to-latest` or a Java consumer's commit of its position does, and as a compacted
+/// input leaves it. The replay applies every record below `K` (outputs discarded), ends at the
+/// consumer's position, and the partition goes on publishing new records' outputs.
+///
+/// Fails on the code before the position check: the replay waited for a record at or past `K` that
+/// never came (the partition stayed `Replaying`; checked by removing the check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_ends_at_a_committed_offset_with_no_record_just_below_it() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    integration_tests::init_tracing();
+    let broker = TestBroker::kafka(TOPIC, 1).await;
+    broker.create_topic(OUTPUT, 1).await;
+    let brokers = broker.bootstrap_servers();
+    let workload = Workload {
+        records: 15,
+        keys: 5,
+        seed: 33,
+        partitions: 1,
+    };
+    // Records 0..10 in one committed transaction: offsets 0..=9, its marker at 10.
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("transactional.id", "an-upstream-job")
+        .create()
+        .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    producer.begin_transaction().unwrap();
+    for i in 0..10 {
+        let (_, key, value) = workload.record(i);
+        producer
+            .send(
+                FutureRecord::to(TOPIC)
+                    .partition(0)
+                    .key(&key)
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap();
+    // The commit returns before the coordinator has written its markers: wait for the stable end.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log_end = loop {
+        let end = high_watermark(&KafkaSettings::new(&brokers), TOPIC, 0).unwrap();
+        if end > 0 || Instant::now() > deadline {
+            break end;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(log_end, 11, "ten records and a commit marker");
+    // The fleet's group offset at the log end, past the marker.
+    let group: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "processor")
+        .create()
+        .unwrap();
+    let mut at_end = TopicPartitionList::new();
+    at_end
+        .add_partition_offset(TOPIC, 0, Offset::Offset(log_end))
+        .unwrap();
+    group.commit(&at_end, CommitMode::Sync).unwrap();
+    drop(group);
+
+    let root = tempfile::tempdir().unwrap();
+    let services = Services::in_memory(root.path().join("shared")).unwrap();
+    let config = InstanceConfig::new("a", TOPIC, 1, &brokers, root.path().join("a"))
+        .with_output_topic(OUTPUT);
+    let (run, stop, status) = support::start_instance(services, config);
+    support::wait_for(
+        &status,
+        "the replay to end and the partition to consume",
+        Duration::from_secs(30),
+        |s| {
+            s.partition_status
+                .get(&0)
+                .is_some_and(|p| p.processing && p.next_offset == 10)
+        },
+    )
+    .await;
+    // New records after the marker: applied and published (the replayed ones were not).
+    workload
+        .produce_range(&brokers, TOPIC, 10..15)
+        .await
+        .unwrap();
+    support::wait_for(&status, "the new records", Duration::from_secs(30), |s| {
+        s.partition_status
+            .get(&0)
+            .is_some_and(|p| p.next_offset == 16)
+    })
+    .await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(read_committed(&brokers, OUTPUT).len(), 5);
+}
