@@ -135,7 +135,7 @@ pub enum ProcessorError {
     },
 
     /// A transactional call of a partition's exactly-once outputs failed (see
-    /// [`TransactionFault`](crate::sink::TransactionFault) for each class's handling): the batch's state
+    /// [`TransactionFault`] for each class's handling): the batch's state
     /// was not written, and the partition restarts with a new producer, whose initialisation settles the
     /// transaction.
     #[error(
@@ -147,7 +147,7 @@ pub enum ProcessorError {
         /// The call that failed.
         operation: &'static str,
         /// librdkafka's class of the failure.
-        fault: crate::sink::TransactionFault,
+        fault: TransactionFault,
         /// The client's error.
         #[source]
         source: BoxError,
@@ -399,6 +399,75 @@ impl ProcessorError {
             operation,
             source: source.into(),
         }
+    }
+}
+
+/// How a transactional call failed, in librdkafka's classes (its `rd_kafka_error_t` flags). Each class's
+/// handling is explicit in
+/// [`TransactionalSink::commit_batch`](crate::sink::TransactionalSink::commit_batch); whatever the
+/// class, the batch's state is not written and the partition restarts with a new producer, whose
+/// initialisation fences this one and settles the open transaction (a commit whose outcome was unknown has either landed or is aborted by
+/// then). The group's committed offset then tells the new owner where the outputs stand (replay with
+/// outputs discarded, DISTRIBUTED_LOCKING.md §11). This is the advice of Jepsen's 2024 analysis of
+/// Kafka transactions: never carry on with a producer after an error whose outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransactionFault {
+    /// A newer owner's producer took the transactional id (`PRODUCER_FENCED`,
+    /// `INVALID_PRODUCER_EPOCH`): reported as [`ProcessorError::OutputFenced`]; no abort is tried (a
+    /// fenced producer cannot), the partition is someone else's.
+    Fenced,
+    /// librdkafka's fatal error: the producer is unusable; no abort is tried, it is dropped.
+    Fatal,
+    /// The transaction must be aborted (librdkafka's "requires abort", e.g. a record the broker
+    /// refused): it is aborted, so nothing of the batch is visible.
+    Abortable,
+    /// The call might succeed if retried (a coordinator moving, librdkafka's own timeout). It is not
+    /// retried in place: for a commit the outcome is unknown. An abort is tried, and the next producer's
+    /// initialisation settles whatever the broker decided.
+    Retriable,
+    /// The processor's own bound passed with the call still inside librdkafka
+    /// ([`ProcessorError::KafkaCallTimedOut`]): the producer is never called again, not even to abort.
+    TimedOut,
+    /// Any other Kafka error: the transaction is aborted.
+    Other,
+}
+
+impl TransactionFault {
+    /// The class's name: the `fault` label of `processor_transaction_faults_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransactionFault::Fenced => "fenced",
+            TransactionFault::Fatal => "fatal",
+            TransactionFault::Abortable => "abortable",
+            TransactionFault::Retriable => "retriable",
+            TransactionFault::TimedOut => "timed_out",
+            TransactionFault::Other => "other",
+        }
+    }
+
+    /// Whether `abort_transaction` is called on the producer after a fault of this class.
+    pub(crate) fn is_aborted(self) -> bool {
+        matches!(
+            self,
+            TransactionFault::Abortable | TransactionFault::Retriable | TransactionFault::Other
+        )
+    }
+
+    /// The class of `err`, a failed transactional call's error.
+    pub(crate) fn of(err: &ProcessorError) -> Self {
+        match err {
+            ProcessorError::OutputFenced { .. } => TransactionFault::Fenced,
+            ProcessorError::KafkaCallTimedOut { .. } => TransactionFault::TimedOut,
+            ProcessorError::TransactionFailed { fault, .. } => *fault,
+            _ => TransactionFault::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for TransactionFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -41,6 +41,7 @@ pub mod lock;
 pub mod recipes;
 mod redact;
 pub mod retry;
+mod stores;
 pub mod telemetry;
 
 #[cfg(feature = "etcd")]

@@ -34,6 +34,10 @@
 //! operation, migrations), `lease.rs`, `advisory.rs` and `transaction.rs` (one file per mode); `mod.rs`
 //! holds the service and dispatches each [`DistributedLock`] call to its mode.
 
+pub(crate) mod fenced;
+pub(crate) mod tasks;
+pub(crate) mod versioned;
+
 mod advisory;
 mod builder;
 mod lease;

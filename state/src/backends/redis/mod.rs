@@ -27,6 +27,10 @@
 //! after a server restart. Every operation is bounded by the operation timeout (default 2 s), so a dead
 //! or paused server gives an error, never a hang.
 
+pub(crate) mod fenced;
+pub(crate) mod tasks;
+pub(crate) mod versioned;
+
 use std::fmt;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -4,6 +4,10 @@
 //! Time is Tokio's clock, so tests can use `#[tokio::test(start_paused = true)]` and
 //! `tokio::time::advance` to exercise expiry without sleeping.
 
+pub(crate) mod fenced;
+pub(crate) mod tasks;
+pub(crate) mod versioned;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};

@@ -31,6 +31,10 @@
 //! the URL; each call is bounded by the operation timeout (default 2 s), so a hung or partitioned cluster
 //! gives errors, never a hang.
 
+pub(crate) mod fenced;
+pub(crate) mod tasks;
+pub(crate) mod versioned;
+
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
