@@ -165,7 +165,7 @@ pub fn check(args: &RunArgs) -> anyhow::Result<()> {
         "partitions": args.partitions,
         "brokers": config.kafka.brokers(),
         "kafka": format!("{:?}", config.kafka),
-        "lock_url": redact_lock_url(&lock_url),
+        "lock_url": state::redact_lock_url(&lock_url),
         "state_dir": config.state_dir,
         "checkpoint_dir": args.checkpoint_dir,
         "create_checkpoint_dir": args.create_checkpoint_dir,
@@ -199,44 +199,4 @@ pub fn check(args: &RunArgs) -> anyhow::Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&resolved)?);
     Ok(())
-}
-
-/// The lock URL with its password (and secret query parameters) hidden; URLs the `url` crate cannot
-/// parse (`redlock://h1,h2`) have their user-info password cut by hand.
-fn redact_lock_url(url: &str) -> String {
-    if !url.contains("://") {
-        return url.to_owned(); // `memory`
-    }
-    let redacted = state::redact_url(url);
-    if redacted != "(unparsable url)" {
-        return redacted;
-    }
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((userinfo, hosts)) => {
-                let user = userinfo.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:***@{hosts}")
-            }
-            None => url.to_owned(),
-        },
-        None => "(unparsable url)".to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lock_url_passwords_are_hidden() {
-        assert_eq!(
-            redact_lock_url("redis://app:s3cret@127.0.0.1:6379"),
-            "redis://app:***@127.0.0.1:6379"
-        );
-        assert_eq!(
-            redact_lock_url("redlock://app:s3cret@h1:1,h2:2,h3:3"),
-            "redlock://app:***@h1:1,h2:2,h3:3"
-        );
-        assert_eq!(redact_lock_url("memory"), "memory");
-    }
 }

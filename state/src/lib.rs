@@ -57,7 +57,7 @@ pub use connect::{Backend, connect, connect_with_retry};
 pub use error::{StateError, StateResult};
 pub use guard::LockGuard;
 pub use lock::{DistributedLock, LockToken};
-pub use redact::redact_url;
+pub use redact::{redact_lock_url, redact_url};
 pub use retry::RetryConfig;
 
 /// The user guide, `DISTRIBUTED_LOCKING.md`, compiled and run as doctests so its code cannot rot (it

@@ -10,7 +10,7 @@ const SECRET_PARAMETERS: &[&str] = &["pass", "pwd", "secret", "token", "auth", "
 /// never echoed either).
 pub fn redact_url(raw: &str) -> String {
     let Ok(mut parsed) = url::Url::parse(raw) else {
-        return "(unparsable url)".to_owned();
+        return UNPARSABLE.to_owned();
     };
     if parsed.password().is_some() {
         // Only fails for URLs that cannot have a password, which this one has.
@@ -37,9 +37,67 @@ pub fn redact_url(raw: &str) -> String {
     parsed.to_string()
 }
 
+/// What [`redact_url`] answers for a string that is not a URL.
+const UNPARSABLE: &str = "(unparsable url)";
+
+/// A lock URL as [`connect`](crate::connect::connect) takes it, redacted like [`redact_url`]: also
+/// `memory`, shown as it is, and URLs of several hosts (`redlock://user:pass@h1:1,h2:2`,
+/// `etcd://h1:2379,h2:2379`), which the `url` crate cannot parse: their hosts are shown, their
+/// password and secret query parameters are not.
+pub fn redact_lock_url(raw: &str) -> String {
+    if raw == "memory" || raw == "memory://" {
+        return raw.to_owned();
+    }
+    let redacted = redact_url(raw);
+    if redacted != UNPARSABLE {
+        return redacted;
+    }
+    let Some((scheme, rest)) = raw.split_once("://") else {
+        return redacted;
+    };
+    // The hosts, set aside: the rest is redacted as the URL of one stand-in host.
+    const STAND_IN: &str = "several-hosts.invalid";
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (stand_in, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (format!("{scheme}://{userinfo}@{STAND_IN}{tail}"), hosts),
+        None => (format!("{scheme}://{STAND_IN}{tail}"), authority),
+    };
+    let shown = redact_url(&stand_in);
+    if shown == UNPARSABLE {
+        return shown;
+    }
+    shown.replacen(STAND_IN, hosts, 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_urls_of_several_hosts_are_redacted_too() {
+        let cases = [
+            ("memory", "memory"),
+            (
+                "redis://app:hunter2@127.0.0.1:6379",
+                "redis://app:***@127.0.0.1:6379",
+            ),
+            (
+                "redlock://app:hunter2@h1:1,h2:2,h3:3",
+                "redlock://app:***@h1:1,h2:2,h3:3",
+            ),
+            (
+                "redlock://h1:1,h2:2/0?auth_token=hunter2&x=1",
+                "redlock://h1:1,h2:2/0?auth_token=***&x=1",
+            ),
+            ("etcd://h1:2379,h2:2379", "etcd://h1:2379,h2:2379"),
+        ];
+        for (raw, expected) in cases {
+            let redacted = redact_lock_url(raw);
+            assert_eq!(redacted, expected, "{raw}");
+            assert!(!redacted.contains("hunter2"), "{redacted}");
+        }
+    }
 
     #[test]
     fn every_credential_form_is_redacted() {
