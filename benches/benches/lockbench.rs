@@ -145,7 +145,7 @@ enum Fencing {
 }
 
 /// The acquire script ours sends (the same text, compiled in).
-const ACQUIRE_WITH_FENCE: &str = include_str!("../../state/src/backends/scripts/acquire.lua");
+const ACQUIRE_WITH_FENCE: &str = include_str!("../../state/src/backends/redis/scripts/acquire.lua");
 
 /// One node's acquire of `resource` by a hand-written floor.
 async fn floor_acquire(

@@ -2,8 +2,10 @@
 //! coordinated through the [`state`] crate.
 //!
 //! The rooms, from the record's way in to its way out:
-//! - [`source`]: the consumer of one owned partition (`assign()` from the offset stored with the state)
-//!   and the consume loop that turns its records into atomic batches;
+//! - [`source`]: reading Kafka — the consumer of one owned partition (`assign()` from the offset stored
+//!   with the state), its fetches, the group's committed offset, watermarks;
+//! - [`task`]: one owned partition's life from claim to hand-off — open (restore or reuse), the consume
+//!   loop of atomic batches ([`task::consume_partition`]), checkpoints, hand-off;
 //! - [`partition`]: one owned partition's processing — operator, one atomic batch of state + next offset
 //!   under the ownership fencing token, replays skipped (exactly-once state), nothing written once lost;
 //! - [`job`]: your own job on the fleet — typed keys and values, what a record does to its key's
@@ -19,8 +21,9 @@
 //!   the async workers;
 //! - [`checkpoint`]: checkpoints in a shared store (manifests written last, checksums, incremental
 //!   uploads, retention) and the typed, fenced checkpoint record;
-//! - [`fleet`]: instances sharing a topic — membership, assignment, partition claims as kept locks, the
-//!   partition task (restore, consume, checkpoint, hand off), leader-scheduled maintenance;
+//! - [`fleet`]: instances sharing a topic — membership, assignment, partition claims as kept locks, one
+//!   [`task`] per owned partition, standbys, the watchdog, leader-scheduled maintenance;
+//! - [`status`]: what an instance reports about itself;
 //! - [`config`]: the instance configuration and its validation;
 //! - [`kafka_settings`]: the bootstrap servers and librdkafka client properties of every client;
 //! - [`services`]: the backends an instance coordinates through, built from one lock URL;
@@ -53,7 +56,9 @@ pub mod resources;
 pub mod services;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod store;
+pub mod task;
 
 pub use config::{InstanceConfig, MaintenanceConfig, MissingOffsets, OutputGuarantee};
 pub use error::{ProcessorError, ProcessorResult};

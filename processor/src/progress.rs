@@ -133,6 +133,18 @@ impl Progress {
     }
 }
 
+/// Whether the log end `high` lies past both the committed `next_offset` and the consumer's fetch
+/// position (an unknown log end: no). The one rule of "has work" for the watchdog and for the
+/// partition's own caught-up beat.
+pub(crate) fn records_past(
+    next_offset: i64,
+    fetch_position: Option<i64>,
+    high: Option<i64>,
+) -> bool {
+    let position = fetch_position.map_or(next_offset, |fetch| fetch.max(next_offset));
+    high.is_some_and(|high| high > position)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

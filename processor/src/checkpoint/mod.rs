@@ -2,6 +2,7 @@
 //! [`CheckpointStore`]), with a [`Manifest`] per checkpoint written last and atomically, and the fenced
 //! [`CheckpointRecord`] that names a partition's newest published checkpoint.
 
+mod compaction_lock;
 mod digests;
 pub mod directory;
 pub mod manifest;
@@ -10,6 +11,7 @@ pub mod record;
 use std::path::Path;
 use std::time::Duration;
 
+pub(crate) use compaction_lock::hold_compaction_lock;
 pub use directory::DirectoryCheckpointStore;
 pub use manifest::{Manifest, ManifestFile};
 pub use record::{CheckpointRecord, CheckpointRecords};

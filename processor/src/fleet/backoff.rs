@@ -12,7 +12,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::status::instant_to_unix_ms;
+use crate::status::instant_to_unix_ms;
 
 /// The pause after a partition's first failure in a streak.
 pub const FIRST_PAUSE: Duration = Duration::from_millis(500);

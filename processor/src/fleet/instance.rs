@@ -1,6 +1,6 @@
 //! One instance of the fleet: announces itself, works out which partitions it should own (rendezvous
 //! hashing over the live members), claims them with kept locks, and runs one task per owned partition
-//! (see [`super::partition_task`]). Partitions it should no longer own are handed off; partitions whose
+//! (see [`crate::task`]). Partitions it should no longer own are handed off; partitions whose
 //! owner died are claimed once that owner's lease expires.
 //!
 //! Beside the partitions, each instance runs its fleet duties: it campaigns in the leader election
@@ -22,16 +22,16 @@ use tracing::Instrument;
 use super::backoff::PartitionBackoff;
 use super::maintenance::{Maintenance, MaintenanceOutcome};
 use super::membership::{Membership, assigned_to, standby_of};
-use super::status::{InstanceStatus, PartitionBackoffStatus, PartitionStatus, instant_to_unix_ms};
 use crate::config::InstanceConfig;
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::kafka_calls::bounded;
 use crate::progress::Progress;
 use crate::resources::partition_resource;
 use crate::services::Services;
-use crate::sink::OutputSink;
 use crate::source::partition_count;
+use crate::status::{InstanceStatus, PartitionBackoffStatus, PartitionStatus, instant_to_unix_ms};
 use crate::store::PartitionStore;
+use crate::task::{PartitionTask, TaskContext};
 
 /// How often the lag watcher reads the owned partitions' high watermarks.
 const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -43,23 +43,14 @@ pub struct Instance {
     pub(super) config: InstanceConfig,
     pub(super) services: Services,
     pub(super) status: watch::Sender<InstanceStatus>,
-    pub(super) sink: Option<OutputSink>,
-    pub(super) permits: tokio::sync::Semaphore,
+    /// What the partition tasks share: settings, services, the status sender, the at-least-once
+    /// sink, the processing permits, the open stores of live queries.
+    pub(super) tasks: Arc<TaskContext>,
     /// The topic's partition count: the configured one, raised when the brokers report more.
     partitions: AtomicI32,
-    /// Whether the brokers run transactions that work (not librdkafka's mock cluster): asked once.
-    pub(super) transactions_work: tokio::sync::OnceCell<bool>,
-    /// The log bounds of partitions (a takeover's offset check, the lag watcher), on one kept client.
-    pub(super) metadata: Arc<crate::source::MetadataClient>,
-    /// The stores of the partitions this instance processes now, for queries of live state.
-    pub(super) open_stores: super::query::OpenStores,
     /// Partitions this instance gave up and until when they are not claimed again: after a failure (a
     /// growing pause) or a record their job refused (policy `stop`).
     backoff: std::sync::Mutex<PartitionBackoff>,
-    /// One lock per partition, held by the blocking work on its local directory (open, restore,
-    /// snapshot) for as long as it runs — also when the watchdog abandoned the task that started it —
-    /// so that the partition's next claim never works on the directory beside it.
-    local_work: std::sync::Mutex<HashMap<i32, Arc<std::sync::Mutex<()>>>>,
 }
 
 /// A running standby of one partition: stop it with `stop`, then await `task` before the partition's
@@ -100,19 +91,6 @@ impl Instance {
     /// Kafka error when the producer for the output or dead-letter topic cannot be created.
     pub fn new(config: InstanceConfig, services: Services) -> ProcessorResult<Arc<Self>> {
         config.validate()?;
-        // The at-least-once path is one producer per instance (also the fallback on librdkafka's mock
-        // cluster, which has no working transactions); the exactly-once one is a transactional producer
-        // per owned partition, made by the partition's task.
-        let has_outputs = config.output_topic.is_some() || config.dead_letter_topic.is_some();
-        let sink = if has_outputs {
-            Some(OutputSink::new(
-                &config.kafka,
-                config.output_topic.as_deref(),
-                config.dead_letter_topic.as_deref(),
-            )?)
-        } else {
-            None
-        };
         let status = InstanceStatus {
             instance_id: config.instance_id.clone(),
             group: config.group.clone(),
@@ -120,17 +98,17 @@ impl Instance {
             partitions: config.partitions,
             ..InstanceStatus::default()
         };
+        let status = watch::channel(status).0;
+        // The at-least-once path is one producer per instance (also the fallback on librdkafka's mock
+        // cluster, which has no working transactions); the exactly-once one is a transactional producer
+        // per owned partition, made by the partition's task.
+        let tasks = Arc::new(TaskContext::new(&config, services.clone(), status.clone())?);
         Ok(Arc::new(Instance {
             services,
-            status: watch::channel(status).0,
+            status,
+            tasks,
             partitions: AtomicI32::new(config.partitions),
-            transactions_work: tokio::sync::OnceCell::new(),
-            metadata: Arc::new(crate::source::MetadataClient::new(config.kafka.clone())),
-            open_stores: super::query::OpenStores::default(),
             backoff: std::sync::Mutex::default(),
-            local_work: std::sync::Mutex::default(),
-            sink,
-            permits: tokio::sync::Semaphore::new(config.parallelism.max(1)),
             config,
         }))
     }
@@ -186,7 +164,7 @@ impl Instance {
             Arc::clone(&self).watch_lag(LAG_EVERY, duties_stop.clone()),
         ));
         // Connected before the first takeover needs it (a partition's start reads its log bounds).
-        let (metadata, topic) = (Arc::clone(&self.metadata), self.config.topic.clone());
+        let (metadata, topic) = (Arc::clone(&self.tasks.metadata), self.config.topic.clone());
         drop(tokio::task::spawn_blocking(move || {
             metadata.warm_up(&topic)
         }));
@@ -376,7 +354,7 @@ impl Instance {
             if owned.is_empty() {
                 continue;
             }
-            let (metadata, topic) = (Arc::clone(&self.metadata), self.config.topic.clone());
+            let (metadata, topic) = (Arc::clone(&self.tasks.metadata), self.config.topic.clone());
             // One second per partition at most (librdkafka's timeout), and our own bound on the whole.
             let bound = LAG_EVERY * u32::try_from(owned.len()).unwrap_or(u32::MAX) + LAG_EVERY;
             let reading = bounded("fetch watermarks", bound, move || {
@@ -621,7 +599,7 @@ impl Instance {
                     // The watchdog winning drops the partition's task: its claim is released in the
                     // background and its clients destroyed off the async workers.
                     let outcome = tokio::select! {
-                        outcome = Arc::clone(&instance).run_partition(partition, kept, warm, token, Arc::clone(&progress)) => outcome,
+                        outcome = PartitionTask::new(Arc::clone(&instance.tasks), partition, kept, warm, Arc::clone(&progress)).run(token) => outcome,
                         stalled = instance.stalled(partition, &progress) => Err(stalled),
                     };
                     (partition, outcome)
@@ -633,14 +611,6 @@ impl Instance {
     }
 
     /// The lock of `partition`'s local directory work (see the field).
-    pub(super) fn local_work(&self, partition: i32) -> Arc<std::sync::Mutex<()>> {
-        let mut locks = self
-            .local_work
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(locks.entry(partition).or_default())
-    }
-
     fn backoff(&self) -> std::sync::MutexGuard<'_, PartitionBackoff> {
         self.backoff
             .lock()

@@ -15,16 +15,13 @@
 //!   its checkpoint is there before it records it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use state::recipes::compaction::{CompactionOutcome, compact_resource};
-use state::recipes::keeper::{KeptLock, RenewalPolicy};
 use state::recipes::tasks::{TaskOutcome, TaskQueue, TaskStore};
 use state::{DistributedLock, StateError, StateResult};
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::MaintenanceConfig;
-use crate::error::ProcessorResult;
 use crate::resources::{compaction_resource, maintenance_task_id};
 
 /// What one claimed job did.
@@ -207,30 +204,12 @@ fn parse_partition(payload: &[u8]) -> StateResult<i32> {
         .ok_or_else(|| StateError::invalid("maintenance payload", "not a partition number"))
 }
 
-/// Waits up to `wait` for the compaction lock `resource` (see
-/// [`compaction_resource`](crate::resources::compaction_resource): taken by the owner while it uploads a
-/// checkpoint, so retention cannot run concurrently) and keeps it renewed until released, however long
-/// the upload takes; `Ok(None)` when `wait` ran out.
-///
-/// # Errors
-/// A lock backend error.
-pub(crate) async fn hold_compaction_lock(
-    lock: &Arc<dyn DistributedLock>,
-    resource: &str,
-    ttl: Duration,
-    wait: Duration,
-) -> ProcessorResult<Option<KeptLock>> {
-    let acquire = KeptLock::acquire(lock, resource, ttl, RenewalPolicy::default());
-    match tokio::time::timeout(wait, acquire).await {
-        Ok(kept) => Ok(Some(kept?)),
-        Err(_) => Ok(None),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use crate::checkpoint::DirectoryCheckpointStore;
+    use crate::checkpoint::{DirectoryCheckpointStore, hold_compaction_lock};
     use state::InMemoryDistributedLock;
     use state::recipes::tasks::InMemoryTaskStore;
 

@@ -2,14 +2,10 @@
 //! the offset that value reflects and the owner's fencing token. An instance answers for the partitions
 //! it processes; [`crate::http`] routes a query to the owner (`GET /state/{key}` on any member).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
 use serde::{Deserialize, Serialize};
 
 use super::Instance;
 use crate::error::ProcessorResult;
-use crate::store::PartitionStore;
 
 /// The partition a keyed record of `key` goes to among `partitions`, as librdkafka's default
 /// partitioner (`consistent_random`) places it: CRC-32 of the key modulo the partition count. Keys
@@ -41,60 +37,6 @@ pub struct StateAnswer {
     pub value_hex: Option<String>,
 }
 
-/// Each processed partition's store and the fencing token it runs under.
-type ByPartition = HashMap<i32, (Arc<dyn PartitionStore>, u64)>;
-
-/// The stores of the partitions an instance processes now.
-#[derive(Default)]
-pub(crate) struct OpenStores(Mutex<ByPartition>);
-
-impl OpenStores {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ByPartition> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// `partition` is processed from `store` under `fencing_token` until the guard drops.
-    pub(crate) fn open(
-        &self,
-        partition: i32,
-        store: Arc<dyn PartitionStore>,
-        fencing_token: u64,
-    ) -> OpenStoreGuard<'_> {
-        self.lock().insert(partition, (store, fencing_token));
-        OpenStoreGuard {
-            stores: self,
-            partition,
-            fencing_token,
-        }
-    }
-
-    fn get(&self, partition: i32) -> Option<(Arc<dyn PartitionStore>, u64)> {
-        self.lock().get(&partition).cloned()
-    }
-}
-
-/// Removes a partition's store from the open ones when its task ends.
-pub(crate) struct OpenStoreGuard<'a> {
-    stores: &'a OpenStores,
-    partition: i32,
-    fencing_token: u64,
-}
-
-impl Drop for OpenStoreGuard<'_> {
-    fn drop(&mut self) {
-        let mut open = self.stores.lock();
-        // A newer claim of the same partition may have registered meanwhile: leave it.
-        if open
-            .get(&self.partition)
-            .is_some_and(|(_, token)| *token == self.fencing_token)
-        {
-            open.remove(&self.partition);
-        }
-    }
-}
-
 impl Instance {
     /// The partition of `key` on this instance's topic (see [`partition_for_key`]).
     pub fn partition_of(&self, key: &[u8]) -> i32 {
@@ -113,7 +55,7 @@ impl Instance {
         partition: Option<i32>,
     ) -> ProcessorResult<Option<StateAnswer>> {
         let partition = partition.unwrap_or_else(|| self.partition_of(key));
-        let Some((store, fencing_token)) = self.open_stores.get(partition) else {
+        let Some((store, fencing_token)) = self.tasks.open_stores.get(partition) else {
             return Ok(None);
         };
         let (value, next_offset) = loop {

@@ -21,11 +21,11 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::Instance;
 use super::instance::Standby;
-use super::local_dirs::{STANDBY_NEXT, STANDBY_OLD, remove_leftovers, replace_dir, sibling};
 use crate::checkpoint::{CheckpointRecord, RestoreReport};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::resources::local_state_dir;
 use crate::store::PartitionStore;
+use crate::task::local_dirs::{STANDBY_NEXT, STANDBY_OLD, remove_leftovers, replace_dir, sibling};
 
 impl Instance {
     /// Starts keeping a standby copy of `partition`.
@@ -77,7 +77,7 @@ impl Instance {
         synced: &mut Option<String>,
         open: &mut Option<Arc<dyn PartitionStore>>,
     ) -> ProcessorResult<()> {
-        let record = self.checkpoint_records(partition).latest().await?;
+        let record = self.tasks.checkpoint_records(partition).latest().await?;
         let Some(record) = record else {
             return Ok(());
         };

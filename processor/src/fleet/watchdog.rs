@@ -8,7 +8,7 @@
 //!
 //! "Has work": while starting, restoring, initialising its producer, replaying, committing,
 //! checkpointing or handing off, always (each of those ends on its own; a restore gets
-//! [`RESTORE_ALLOWANCE`](super::partition_task) bounds of silence); while consuming, only when the log
+//! [`RESTORE_ALLOWANCE`](crate::task::RESTORE_ALLOWANCE) bounds of silence); while consuming, only when the log
 //! has records past the consumer's fetch position — an idle partition at the log end is not stalled.
 
 use std::time::Duration;
@@ -17,7 +17,8 @@ use crate::error::ProcessorError;
 use crate::progress::{Phase, Progress};
 
 use super::instance::Instance;
-use super::status::PartitionStatus;
+use crate::progress::records_past;
+use crate::status::PartitionStatus;
 
 /// How often the watchdog looks, at most.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
@@ -79,18 +80,6 @@ fn records_waiting(status: &PartitionStatus) -> bool {
         status.fetch_position,
         status.high_watermark,
     )
-}
-
-/// Whether the log end `high` lies past both the committed `next_offset` and the consumer's fetch
-/// position (an unknown log end: no). The one rule of "has work" for the watchdog and for the
-/// partition's own caught-up beat.
-pub(super) fn records_past(
-    next_offset: i64,
-    fetch_position: Option<i64>,
-    high: Option<i64>,
-) -> bool {
-    let position = fetch_position.map_or(next_offset, |fetch| fetch.max(next_offset));
-    high.is_some_and(|high| high > position)
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub use access::HttpAccess;
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::fleet::Instance;
-use crate::fleet::status::unix_ms;
+use crate::status::unix_ms;
 
 /// Renders the process's metrics as Prometheus text (the binary wraps its exporter's handle in one).
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;

@@ -151,7 +151,7 @@ async fn a_partition_that_keeps_failing_is_retried_with_a_growing_pause() {
         seen.hand_offs
     );
     let shown = &streak.backoffs[&0];
-    let now_ms = processor::fleet::status::unix_ms(std::time::SystemTime::now());
+    let now_ms = processor::status::unix_ms(std::time::SystemTime::now());
     assert!(
         shown.retry_at_ms > now_ms.saturating_sub(10_000),
         "a retry time near now: {shown:?}"

@@ -17,11 +17,10 @@ use processor::dev::Workload;
 use processor::operator::Operator;
 use processor::partition::PartitionProcessor;
 use processor::sink::OutputSink;
-use processor::source::{
-    CommitPolicy, Outputs, consume_partition, high_watermark, partition_consumer,
-};
+use processor::source::{high_watermark, partition_consumer};
 use processor::store::PartitionStore;
 use processor::store::rocksdb::RocksDbStores;
+use processor::task::{CommitPolicy, Outputs, consume_partition};
 use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use crate::error::{ProcessorError, ProcessorResult};
 
 /// Marks the scratch directory a checkpoint is restored into before it is renamed into place.
-pub(super) const RESTORING: &str = ".restoring-";
+pub(crate) const RESTORING: &str = ".restoring-";
 /// Marks a local state directory that failed to open and was moved aside.
-pub(super) const UNREADABLE: &str = ".unreadable-";
+pub(crate) const UNREADABLE: &str = ".unreadable-";
 
 /// A new sibling of `dir` named `{dir}{mark}{random}`.
-pub(super) fn sibling(dir: &Path, mark: &str) -> PathBuf {
+pub(crate) fn sibling(dir: &Path, mark: &str) -> PathBuf {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -21,7 +21,7 @@ pub(super) fn sibling(dir: &Path, mark: &str) -> PathBuf {
 }
 
 /// Removes the siblings of `dir` marked `mark` (scratch left by a crash).
-pub(super) fn remove_leftovers(dir: &Path, mark: &str) {
+pub(crate) fn remove_leftovers(dir: &Path, mark: &str) {
     let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
         return;
     };
@@ -36,13 +36,13 @@ pub(super) fn remove_leftovers(dir: &Path, mark: &str) {
 }
 
 /// Marks the scratch directory a standby refresh restores into.
-pub(super) const STANDBY_NEXT: &str = ".standby-next-";
+pub(crate) const STANDBY_NEXT: &str = ".standby-next-";
 /// Marks the standby copy being replaced.
-pub(super) const STANDBY_OLD: &str = ".standby-old-";
+pub(crate) const STANDBY_OLD: &str = ".standby-old-";
 
 /// Moves `next` into `dir`'s place (the old `dir` aside first, then deleted). A crash in between leaves
 /// marked siblings that the next start removes.
-pub(super) fn replace_dir(dir: &Path, next: &Path) -> ProcessorResult<()> {
+pub(crate) fn replace_dir(dir: &Path, next: &Path) -> ProcessorResult<()> {
     if dir.exists() {
         let old = sibling(dir, STANDBY_OLD);
         std::fs::rename(dir, &old).map_err(ProcessorError::io(dir))?;
