@@ -1,7 +1,9 @@
-//! The README's layout map matches the tree: every path it names exists. A map entry is a line of the
-//! map's code block indented 0 (a top-level folder), 2 (a path in that folder) or 4 spaces (a path in
-//! the folder named by the entry above it), its name running up to the first gap of two spaces; deeper
-//! lines continue a description.
+//! The README's layout map and ARCHITECTURE.md match the tree: every path they name exists. A map entry
+//! is a line of the README map's code block indented 0 (a top-level folder), 2 (a path in that folder)
+//! or 4 spaces (a path in the folder named by the entry above it), its name running up to the first gap
+//! of two spaces; deeper lines continue a description. ARCHITECTURE.md names files in backticks
+//! (`task/open.rs`, `processor/tests/it/fleet.rs`): each is found from the repository's root or from
+//! one of the crates' `src/`.
 
 // Test code: a failed step is a failed run.
 #![allow(clippy::unwrap_used)]
@@ -67,4 +69,39 @@ fn a_map_naming_a_missing_file_is_caught() {
         ]
     );
     assert!(!root.join(&paths[1]).exists());
+}
+
+/// The `.rs` files ARCHITECTURE.md names in backticks.
+fn named_files(text: &str) -> Vec<String> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|quoted| quoted.ends_with(".rs") && !quoted.contains(' '))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_file_architecture_md_names_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let text = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let files = named_files(&text);
+    assert!(files.len() > 15, "the names were not read: {files:?}");
+    let bases = [
+        root.to_path_buf(),
+        root.join("processor/src"),
+        root.join("state/src"),
+    ];
+    let missing: Vec<_> = files
+        .iter()
+        .filter(|file| !bases.iter().any(|base| base.join(file).exists()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md names files that do not exist: {missing:?}"
+    );
+    assert_eq!(
+        named_files("see `task/gone.rs` and `a b.rs`"),
+        ["task/gone.rs"]
+    );
 }

@@ -1,38 +1,28 @@
 //! The stream processor: Kafka partitions consumed into per-partition local state, run as a fleet
 //! coordinated through the [`state`] crate.
 //!
-//! The rooms, from the record's way in to its way out:
-//! - [`source`]: reading Kafka — the consumer of one owned partition (`assign()` from the offset stored
-//!   with the state), its fetches, the group's committed offset, watermarks;
-//! - [`task`]: one owned partition's life from claim to hand-off — open (restore or reuse), the consume
-//!   loop of atomic batches ([`task::consume_partition`]), checkpoints, hand-off;
-//! - [`partition`]: one owned partition's processing — operator, one atomic batch of state + next offset
-//!   under the ownership fencing token, replays skipped (exactly-once state), nothing written once lost;
-//! - [`job`]: your own job on the fleet — typed keys and values, what a record does to its key's
-//!   state, what a refused record does ([`job::OnError`]);
-//! - [`operator`]: the [`operator::Operator`] trait the partition runs (a job is one);
-//! - [`aggregation`]: the built-in keyed aggregation (`{count, sum, min, max, chain}` per key,
-//!   malformed values to the dead letters);
-//! - [`store`]: per-partition state stores behind [`store::PartitionStore`], opened through a
-//!   [`store::StoreFactory`] (RocksDB with a shared block cache and write-buffer manager, or in memory);
-//! - [`progress`]: a partition's progress clock, which the fleet's watchdog reads;
-//! - [`sink`]: outputs and dead letters, delivered before the batch that produced them commits;
-//! - `kafka_calls`: blocking librdkafka calls under the processor's own deadline, and clients dropped off
-//!   the async workers;
-//! - [`checkpoint`]: checkpoints in a shared store (manifests written last, checksums, incremental
-//!   uploads, retention) and the typed, fenced checkpoint record;
-//! - [`fleet`]: instances sharing a topic — membership, assignment, partition claims as kept locks, one
-//!   [`task`] per owned partition, standbys, the watchdog, leader-scheduled maintenance;
-//! - [`status`]: what an instance reports about itself;
-//! - [`config`]: the instance configuration and its validation;
-//! - [`kafka_settings`]: the bootstrap servers and librdkafka client properties of every client;
-//! - [`services`]: the backends an instance coordinates through, built from one lock URL;
-//! - [`resources`]: every lock, record and task name the fleet coordinates on;
-//! - [`inspect`]: reading what the fleet checkpointed;
-//! - [`http`]: the operations endpoint — metrics, health and readiness, status, the dashboard, queries
-//!   of live state, and who may ask ([`http::HttpAccess`]);
-//! - [`dev`]: development fixtures — the mock-cluster broker, the deterministic workload and the demo;
-//! - [`error`]: the one error type.
+//! **What an embedder uses** (the documented surface):
+//! - [`Instance`] and [`InstanceConfig`] ([`config`]): one member of a fleet, its settings and their
+//!   validation; [`Services`] ([`services`]): the backends it coordinates through, from one lock URL;
+//! - [`job`]: your own job on the fleet — typed keys and values, what a record does to its key's state,
+//!   what a refused record does ([`job::OnError`]); [`operator`]: the lower-level [`operator::Operator`]
+//!   trait a job implements; [`aggregation`]: the built-in keyed aggregation;
+//! - [`store`] and [`checkpoint`]: the per-partition state stores ([`store::PartitionStore`], RocksDB or
+//!   in memory) and the shared checkpoint store ([`checkpoint::CheckpointStore`]), both replaceable;
+//! - [`fleet`]: membership and assignment, queries of live state, maintenance; [`status`]: what an
+//!   instance reports about itself; [`http`]: the operations endpoint (metrics, probes, status, the
+//!   dashboard, live queries, and who may ask: [`http::HttpAccess`]); [`inspect`]: reading what a fleet
+//!   checkpointed;
+//! - [`kafka_settings`]: the brokers and librdkafka properties of every client; [`error`]: the one
+//!   error type.
+//!
+//! **Inside** (public for this crate's binary, tests and benches, hidden from these docs, not a stable
+//! API): `task` (one owned partition's life from claim to hand-off, and its consume loop), `source`
+//! (reading Kafka), `partition` (one atomic batch of state, next offset and fencing token), `sink`
+//! (outputs: acknowledged, or one transaction per batch), `progress` (the watchdog's clock),
+//! `resources` (every lock, record and task name), `dev` (the mock-cluster broker, the deterministic
+//! workload and the demo). `ARCHITECTURE.md` at the repository's root walks the floors
+//! (`fleet → task → {source, partition, sink, checkpoint} → store`) and a record's trip.
 //!
 //! The `processor` binary (package `processor-cli`) adds the command line and the demo's terminal UI;
 //! this library depends on neither.
@@ -40,6 +30,7 @@
 pub mod aggregation;
 pub mod checkpoint;
 pub mod config;
+#[doc(hidden)]
 pub mod dev;
 pub mod error;
 pub mod fleet;
@@ -50,14 +41,20 @@ pub mod job;
 mod kafka_calls;
 pub mod kafka_settings;
 pub mod operator;
+#[doc(hidden)]
 pub mod partition;
+#[doc(hidden)]
 pub mod progress;
+#[doc(hidden)]
 pub mod resources;
 pub mod services;
+#[doc(hidden)]
 pub mod sink;
+#[doc(hidden)]
 pub mod source;
 pub mod status;
 pub mod store;
+#[doc(hidden)]
 pub mod task;
 
 pub use config::{InstanceConfig, MaintenanceConfig, MissingOffsets, OutputGuarantee};

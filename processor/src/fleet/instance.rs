@@ -30,8 +30,7 @@ use crate::resources::partition_resource;
 use crate::services::Services;
 use crate::source::partition_count;
 use crate::status::{InstanceStatus, PartitionBackoffStatus, PartitionStatus, instant_to_unix_ms};
-use crate::store::PartitionStore;
-use crate::task::{PartitionTask, TaskContext};
+use crate::task::{PartitionTask, Standby, TaskContext};
 
 /// How often the lag watcher reads the owned partitions' high watermarks.
 const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -51,25 +50,6 @@ pub struct Instance {
     /// Partitions this instance gave up and until when they are not claimed again: after a failure (a
     /// growing pause) or a record their job refused (policy `stop`).
     backoff: std::sync::Mutex<PartitionBackoff>,
-}
-
-/// A running standby of one partition: stop it with `stop`, then await `task` before the partition's
-/// directory is used by anything else.
-pub(super) struct Standby {
-    pub(super) stop: CancellationToken,
-    /// Ends with the copy, open (see [`Standby::finish`]); aborted when the standby is dropped (an
-    /// instance dropped abruptly takes its standbys along: nothing of it keeps running).
-    pub(super) task: AbortOnDropHandle<Option<Arc<dyn PartitionStore>>>,
-}
-
-impl Standby {
-    /// Stops the standby and waits until its directory is no longer touched (a refresh in flight
-    /// finishes its swap first). Returns the copy, still open, when the standby had it open: a new
-    /// owner starts from it without opening the database again.
-    pub(super) async fn finish(self) -> Option<Arc<dyn PartitionStore>> {
-        self.stop.cancel();
-        self.task.await.ok().flatten()
-    }
 }
 
 /// Where it was before it moved to the configuration (the setting's default belongs there).
@@ -678,7 +658,7 @@ impl Instance {
         for partition in wanted {
             standbys
                 .entry(partition)
-                .or_insert_with(|| self.start_standby(partition));
+                .or_insert_with(|| self.tasks.start_standby(partition));
         }
     }
 }

@@ -11,7 +11,9 @@
 //!   state;
 //! - `checkpoint`: the snapshot, its upload and fenced record, and the hand-off's
 //!   final checkpoint;
-//! - `report`: progress into the status and the metrics after each segment.
+//! - `report`: progress into the status and the metrics after each segment;
+//! - `standby`: a warm copy of a partition owned elsewhere, refreshed from its checkpoints, that a
+//!   new owner starts from.
 //!
 //! The floors read `fleet → task → {source, partition, sink, checkpoint} → store`, as Kafka Streams'
 //! `TaskManager → StreamTask → {RecordCollector, ProcessorStateManager}`.
@@ -23,6 +25,7 @@ pub(crate) mod local_dirs;
 mod open;
 mod outputs;
 mod report;
+mod standby;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -51,6 +54,7 @@ use crate::store::PartitionStore;
 
 pub use self::consume::{CommitPolicy, Outputs, consume_partition, consume_segment};
 pub(crate) use self::live::OpenStores;
+pub(crate) use self::standby::Standby;
 
 /// The shortest consume segment (a checkpoint waiting for the previous upload is retried this often).
 const MIN_SEGMENT: std::time::Duration = std::time::Duration::from_millis(100);

@@ -172,8 +172,8 @@ async fn without_standbys_the_same_takeover_restores_the_checkpoint() {
 }
 
 /// An instance dropped abruptly (its `run` future aborted, as a crashed embedder's task is) leaves no
-/// task of its own behind: its standby's task ends with it, instead of holding the whole instance and
-/// swapping the partition's directory under a later owner.
+/// task of its own behind: its standby's task ends with it, instead of holding the instance (or its
+/// partition tasks' context) and swapping the partition's directory under a later owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_instance_leaves_no_standby_task_behind() {
     let broker = TestBroker::start(TOPIC, 1).await;
@@ -217,6 +217,15 @@ async fn a_dropped_instance_leaves_no_standby_task_behind() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the dropped instance is still held 5 s later (by a task of its own)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Its partition tasks' shared context (which the standby's task holds) is gone too: the last
+    // sender of the status is dropped with it, closing the channel.
+    while status.has_changed().is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dropped instance's task context is still held 5 s later (by a standby's task)"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -19,22 +19,40 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::Instance;
-use super::instance::Standby;
+use super::TaskContext;
+use super::local_dirs::{STANDBY_NEXT, STANDBY_OLD, remove_leftovers, replace_dir, sibling};
 use crate::checkpoint::{CheckpointRecord, RestoreReport};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::resources::local_state_dir;
 use crate::store::PartitionStore;
-use crate::task::local_dirs::{STANDBY_NEXT, STANDBY_OLD, remove_leftovers, replace_dir, sibling};
 
-impl Instance {
+/// A running standby of one partition: stop it with `stop`, then await `task` before the partition's
+/// directory is used by anything else.
+pub(crate) struct Standby {
+    pub(crate) stop: CancellationToken,
+    /// Ends with the copy, open (see [`Standby::finish`]); aborted when the standby is dropped (an
+    /// instance dropped abruptly takes its standbys along: nothing of it keeps running).
+    pub(crate) task: AbortOnDropHandle<Option<Arc<dyn PartitionStore>>>,
+}
+
+impl Standby {
+    /// Stops the standby and waits until its directory is no longer touched (a refresh in flight
+    /// finishes its swap first). Returns the copy, still open, when the standby had it open: a new
+    /// owner starts from it without opening the database again.
+    pub(crate) async fn finish(self) -> Option<Arc<dyn PartitionStore>> {
+        self.stop.cancel();
+        self.task.await.ok().flatten()
+    }
+}
+
+impl TaskContext {
     /// Starts keeping a standby copy of `partition`.
-    pub(super) fn start_standby(self: &Arc<Self>, partition: i32) -> Standby {
+    pub(crate) fn start_standby(self: &Arc<Self>, partition: i32) -> Standby {
         let stop = CancellationToken::new();
-        let instance = Arc::clone(self);
+        let context = Arc::clone(self);
         let task = AbortOnDropHandle::new(tokio::spawn({
             let stop = stop.clone();
-            async move { instance.keep_standby(partition, stop).await }
+            async move { context.keep_standby(partition, stop).await }
         }));
         self.status.send_modify(|s| {
             s.standbys.insert(partition, None);
@@ -58,11 +76,11 @@ impl Instance {
                 .await
             {
                 metrics::counter!("processor_standby_refresh_failures_total").increment(1);
-                tracing::warn!(instance = %self.config.instance_id, partition, error = %err, "standby refresh failed; retrying at the next interval");
+                tracing::warn!(instance = %self.settings.instance_id, partition, error = %err, "standby refresh failed; retrying at the next interval");
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(self.config.checkpoint_every) => {}
+                _ = tokio::time::sleep(self.settings.checkpoint_every) => {}
             }
         }
         self.status.send_modify(|s| {
@@ -77,7 +95,7 @@ impl Instance {
         synced: &mut Option<String>,
         open: &mut Option<Arc<dyn PartitionStore>>,
     ) -> ProcessorResult<()> {
-        let record = self.tasks.checkpoint_records(partition).latest().await?;
+        let record = self.checkpoint_records(partition).latest().await?;
         let Some(record) = record else {
             return Ok(());
         };
@@ -85,11 +103,11 @@ impl Instance {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let instance = Arc::clone(self);
+        let context = Arc::clone(self);
         let refreshing = record.clone();
         let was_open = open.take();
         let (report, reopened) = tokio::task::spawn_blocking(move || {
-            instance.refresh_standby_copy(partition, &refreshing, was_open)
+            context.refresh_standby_copy(partition, &refreshing, was_open)
         })
         .await
         .map_err(ProcessorError::task(format!(
@@ -128,9 +146,9 @@ impl Instance {
         Option<Arc<dyn PartitionStore>>,
     ) {
         let dir = local_state_dir(
-            &self.config.state_dir,
-            &self.config.group,
-            &self.config.topic,
+            &self.settings.state_dir,
+            &self.settings.group,
+            &self.settings.topic,
             partition,
         );
         let refreshed = self.refresh_standby_dir(partition, record, &dir, open);
@@ -162,7 +180,7 @@ impl Instance {
         remove_leftovers(dir, STANDBY_NEXT);
         remove_leftovers(dir, STANDBY_OLD);
         let manifest = match self.services.checkpoints.manifest(
-            &self.config.topic,
+            &self.settings.topic,
             partition,
             &record.manifest,
         ) {
