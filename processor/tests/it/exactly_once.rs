@@ -175,38 +175,69 @@ async fn the_mock_cluster_is_recognised_and_a_real_broker_is_not() {
     }
 }
 
+/// A real broker with the input and output topics, for tests of one partition's transactional sink:
+/// sinks of partition 0 of group `fleet`, and that group's metadata (what a partition's consumer
+/// hands its transactions).
+struct SinkFixture {
+    broker: TestBroker,
+    kafka: KafkaSettings,
+    group: std::sync::Arc<rdkafka::consumer::ConsumerGroupMetadata>,
+}
+
+impl SinkFixture {
+    async fn start() -> Self {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        integration_tests::init_tracing();
+        let broker = TestBroker::kafka(TOPIC, 1).await;
+        broker.create_topic(OUTPUT, 1).await;
+        let kafka = KafkaSettings::new(&broker.bootstrap_servers());
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap_servers())
+            .set("group.id", "fleet")
+            .create()
+            .unwrap();
+        let group = std::sync::Arc::new(consumer.group_metadata().unwrap());
+        SinkFixture {
+            broker,
+            kafka,
+            group,
+        }
+    }
+
+    /// A new transactional sink of the partition, initialised (which fences the earlier ones).
+    async fn open_sink(&self) -> processor::sink::TransactionalSink {
+        let kafka = self.kafka.clone();
+        tokio::task::spawn_blocking(move || {
+            processor::sink::TransactionalSink::open(&kafka, "fleet", TOPIC, 0, Some(OUTPUT), None)
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    }
+}
+
+/// A batch of one output, keyed `key`, ending before `next_offset`.
+fn batch_of_one(key: &str, next_offset: i64) -> processor::partition::BatchReport {
+    let mut batch = processor::partition::BatchReport::default();
+    batch.outputs.push((key.as_bytes().to_vec(), b"v".to_vec()));
+    batch.next_offset = next_offset;
+    batch
+}
+
 /// A frozen owner thawed after a newer owner initialised the partition's transactional producer: its
 /// next batch must fail as fenced (the error that says why it stops), not as a generic failed send.
 /// The broker refuses the old producer when the batch's first output is added to its transaction, so
 /// the fence shows on the delivery of a record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_producer_says_it_was_fenced() {
-    use processor::partition::BatchReport;
-    use processor::sink::TransactionalSink;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let world = SinkFixture::start().await;
+    let old = world.open_sink().await;
+    let _new = world.open_sink().await;
 
-    integration_tests::init_tracing();
-    let broker = TestBroker::kafka(TOPIC, 1).await;
-    broker.create_topic(OUTPUT, 1).await;
-    let kafka = KafkaSettings::new(&broker.bootstrap_servers());
-    let open = |kafka: KafkaSettings| {
-        tokio::task::spawn_blocking(move || {
-            TransactionalSink::open(&kafka, "fleet", TOPIC, 0, Some(OUTPUT), None).unwrap()
-        })
-    };
-    let old = open(kafka.clone()).await.unwrap();
-    let _new = open(kafka.clone()).await.unwrap();
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("group.id", "fleet")
-        .create()
-        .unwrap();
-    let group = std::sync::Arc::new(consumer.group_metadata().unwrap());
-    let mut batch = BatchReport::default();
-    batch.outputs.push((b"k".to_vec(), b"v".to_vec()));
-    batch.next_offset = 1;
-
-    let err = old.commit_batch(&batch, 1, &group).await.unwrap_err();
+    let err = old
+        .commit_batch(&batch_of_one("k", 1), 1, &world.group)
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -565,43 +596,22 @@ async fn a_commit_with_its_coordinator_paused_is_abandoned_at_its_bound_and_a_ne
  {
     use processor::ProcessorError;
     use processor::partition::BatchReport;
-    use processor::sink::TransactionalSink;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
 
-    integration_tests::init_tracing();
-    let broker = TestBroker::kafka(TOPIC, 1).await;
-    broker.create_topic(OUTPUT, 1).await;
-    let TestBroker::Kafka(cluster) = &broker else {
+    let world = SinkFixture::start().await;
+    let TestBroker::Kafka(cluster) = &world.broker else {
         unreachable!("asked for a real broker")
     };
-    let kafka = KafkaSettings::new(&broker.bootstrap_servers());
-    let open = |kafka: KafkaSettings| {
-        tokio::task::spawn_blocking(move || {
-            TransactionalSink::open(&kafka, "fleet", TOPIC, 0, Some(OUTPUT), None).unwrap()
-        })
-    };
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("group.id", "fleet")
-        .create()
-        .unwrap();
-    let group = std::sync::Arc::new(consumer.group_metadata().unwrap());
-    let batch = |key: &str, next_offset: i64| {
-        let mut batch = BatchReport::default();
-        batch.outputs.push((key.as_bytes().to_vec(), b"v".to_vec()));
-        batch.next_offset = next_offset;
-        batch
-    };
+    let (group, batch) = (&world.group, batch_of_one);
 
-    let old = open(kafka.clone()).await.unwrap();
-    old.commit_batch(&batch("first", 1), 1, &group)
+    let old = world.open_sink().await;
+    old.commit_batch(&batch("first", 1), 1, group)
         .await
         .unwrap();
     // No outputs in the paused batch: only the offsets' commit talks to the coordinator.
     cluster.node(0).pause();
     let started = Instant::now();
     let err = old
-        .commit_batch(&BatchReport::default(), 2, &group)
+        .commit_batch(&BatchReport::default(), 2, group)
         .await
         .unwrap_err();
     cluster.node(0).resume();
@@ -617,18 +627,18 @@ async fn a_commit_with_its_coordinator_paused_is_abandoned_at_its_bound_and_a_ne
         "{err}: {err:?}"
     );
     // Abandoned: the producer is not called again, not even to abort.
-    let again = old.commit_batch(&batch("second", 2), 2, &group).await;
+    let again = old.commit_batch(&batch("second", 2), 2, group).await;
     assert!(
         matches!(again, Err(ProcessorError::KafkaCallTimedOut { .. })),
         "{again:?}"
     );
 
-    let new = open(kafka).await.unwrap();
-    new.commit_batch(&batch("third", 3), 3, &group)
+    let new = world.open_sink().await;
+    new.commit_batch(&batch("third", 3), 3, group)
         .await
         .unwrap();
     new.close().await;
-    let keys: Vec<Vec<u8>> = read_committed(&broker.bootstrap_servers(), OUTPUT)
+    let keys: Vec<Vec<u8>> = read_committed(&world.broker.bootstrap_servers(), OUTPUT)
         .into_iter()
         .map(|(key, _)| key)
         .collect();
