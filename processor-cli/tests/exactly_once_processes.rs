@@ -197,11 +197,10 @@ fn chaos_run(guarantee: &str, seed: Option<u64>) -> ChaosOutcome {
     // The thawed zombie noticed: its claim was gone (stale owner), its producer fenced, or (thawed
     // inside a backend call whose deadline had passed) its keeper reported the partition's claim lost.
     let zombie = log_of(&root, "p3");
-    let claim_lost = |line: &str| line.contains("kept lock lost") && line.contains("partition:");
     assert!(
         zombie.contains("stale owner of partition")
             || zombie.contains("fenced by a newer owner")
-            || zombie.lines().any(claim_lost),
+            || support::reports_a_lost_partition_claim(&zombie),
         "the thawed owner never noticed it lost its partitions:\n{zombie}"
     );
     let report = verify_outputs(&brokers, TOPIC, OUTPUT);

@@ -134,10 +134,9 @@ pub enum ProcessorError {
         transactional_id: String,
     },
 
-    /// A transactional call of a partition's exactly-once outputs failed (see
-    /// [`TransactionFault`] for each class's handling): the batch's state
-    /// was not written, and the partition restarts with a new producer, whose initialisation settles the
-    /// transaction.
+    /// A transactional call of a partition's exactly-once outputs failed (see [`TransactionFault`] for
+    /// each class's handling): the batch's state was not written, and the partition restarts with a new
+    /// producer, whose initialisation settles the transaction.
     #[error(
         "partition {partition}: could not {operation} ({fault}): the batch's state was not written; the partition restarts with a new producer, whose initialisation settles the transaction"
     )]
@@ -406,8 +405,8 @@ impl ProcessorError {
 /// handling is explicit in
 /// [`TransactionalSink::commit_batch`](crate::sink::TransactionalSink::commit_batch); whatever the
 /// class, the batch's state is not written and the partition restarts with a new producer, whose
-/// initialisation fences this one and settles the open transaction (a commit whose outcome was unknown has either landed or is aborted by
-/// then). The group's committed offset then tells the new owner where the outputs stand (replay with
+/// initialisation fences this one and settles the open transaction (a commit whose outcome was
+/// unknown has either landed or is aborted by then). The group's committed offset then tells the new owner where the outputs stand (replay with
 /// outputs discarded, DISTRIBUTED_LOCKING.md §11). This is the advice of Jepsen's 2024 analysis of
 /// Kafka transactions: never carry on with a producer after an error whose outcome is unknown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -225,6 +225,13 @@ pub fn owned_by_log(root: &Path, id: &str) -> std::collections::BTreeSet<i32> {
     owned
 }
 
+/// Whether `log` holds its keeper's report that a partition's claim was lost (`kept lock lost …
+/// partition:…`): how an owner thawed inside a backend call whose deadline passed learns of its loss.
+pub fn reports_a_lost_partition_claim(log: &str) -> bool {
+    log.lines()
+        .any(|line| line.contains("kept lock lost") && line.contains("partition:"))
+}
+
 pub fn wait_for(what: &str, within: Duration, logs: &Path, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !done() {
