@@ -18,6 +18,7 @@ RUN_START=$SECONDS
 STEP_NAME="setup (packages, Kafka jars, verifier)"
 STEP_START=$SECONDS
 STEP_LINES=()
+LANE_TIME_LINES=()
 TEST_LOG=$(mktemp)
 step() {
   STEP_LINES+=("$(printf '%6ss  %s' "$((SECONDS - STEP_START))" "$STEP_NAME")")
@@ -31,6 +32,10 @@ report_times() {
   printf '\n==> time per step\n'
   printf '%s\n' "${STEP_LINES[@]}"
   printf '%6ss  total\n' "$((SECONDS - RUN_START))"
+  if [ "${#LANE_TIME_LINES[@]}" -gt 0 ]; then
+    printf '\n==> suites in the lanes (wall, CPU, lane and selection)\n'
+    printf '%s\n' "${LANE_TIME_LINES[@]}"
+  fi
   local counts
   counts=$(awk '/^test result: /{for(i=1;i<NF;i++){if($(i+1)~/^passed/)p+=$i; if($(i+1)~/^failed/)f+=$i}} END{printf "%d passed, %d failed", p, f}' "$TEST_LOG")
   rm -f "$TEST_LOG"
@@ -42,6 +47,68 @@ trap report_times EXIT
 # cargo test, its output also kept to count the tests at the end.
 counted_test() {
   cargo test "$@" 2>&1 | tee -a "$TEST_LOG"
+}
+
+# One set of suites in a lane (see run_lanes): cargo test with the given selection, its output in the
+# lane's log, its wall and CPU time in the lane's times. A failing suite fails the lane after the rest
+# of the lane has run.
+suite() {
+  local started=$SECONDS status=0 cpu
+  cpu=$(mktemp)
+  { TIMEFORMAT='%U %S'; time cargo test --workspace --all-features "$@" >>"$LANE_LOG" 2>&1; } 2>"$cpu" ||
+    status=$?
+  local line
+  line=$(awk -v wall="$((SECONDS - started))" -v what="$LANE ${*}" -v status="$status" \
+    '{printf "%6ss %6.0fs CPU  %s%s", wall, $1 + $2, what, (status == 0 ? "" : "  FAILED")}' "$cpu")
+  rm -f "$cpu"
+  echo "$line" >>"$LANE_TIMES"
+  echo "    $line"
+  [ "$status" -eq 0 ] || LANE_FAILED=1
+}
+
+# The `--test NAME` flags of every integration-test target in the workspace except those named.
+targets_except() {
+  cargo metadata --no-deps --format-version 1 | python3 -c '
+import json, sys
+skip = set(sys.argv[1:])
+for package in json.load(sys.stdin)["packages"]:
+    for target in package["targets"]:
+        if "test" in target["kind"] and target["name"] not in skip:
+            print("--test", target["name"])
+' "$@"
+}
+
+# Runs each lane (a shell function calling `suite`) in the background at once, each with its own
+# slice of the test ports; then prints each lane's log in turn and fails if any lane failed.
+run_lanes() {
+  local dir lane index=0 count=$# pids=() failed=()
+  dir=$(mktemp -d)
+  for lane in "$@"; do
+    (
+      export TEST_PORT_LANE="$index/$count"
+      LANE="$lane" LANE_LOG="$dir/$lane.log" LANE_TIMES="$dir/$lane.times" LANE_FAILED=0
+      : >"$LANE_LOG"
+      : >"$LANE_TIMES"
+      "$lane"
+      exit "$LANE_FAILED"
+    ) &
+    pids+=("$!")
+    index=$((index + 1))
+  done
+  for index in "${!pids[@]}"; do
+    wait "${pids[$index]}" || failed+=("${*:index+1:1}")
+  done
+  for lane in "$@"; do
+    log "lane $lane"
+    cat "$dir/$lane.log"
+    cat "$dir/$lane.log" >>"$TEST_LOG"
+    mapfile -t -O "${#LANE_TIME_LINES[@]}" LANE_TIME_LINES <"$dir/$lane.times"
+  done
+  rm -rf "$dir"
+  if [ "${#failed[@]}" -gt 0 ]; then
+    echo "lanes failed: ${failed[*]}" >&2
+    return 1
+  fi
 }
 
 have_postgres() {
@@ -145,17 +212,40 @@ done
 step "docs build without warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps --all-features
 
-step "tests (unit, doc, conformance, real servers, bench smoke runs)"
-counted_test --workspace --all-features --all-targets
+step "tests: one build of every target"
+cargo test --workspace --all-features --all-targets --no-run
+
+step "tests in four lanes side by side (unit, conformance, real servers, processes, real broker, bench smoke runs)"
+# Most suites wait on servers, TTLs and processes rather than on the CPU, so they run in lanes at once;
+# each lane runs its suites one after another, with its own slice of the test ports (TEST_PORT_LANE).
+# Every command names the same targets' features (--workspace --all-features): nothing rebuilds.
+# The lanes name their slow suites; every other target (a new suite too) runs in the last lane.
+lane_processor() {
+  suite --test it
+  # The processor's Kafka-facing suites again, on a real Apache Kafka broker (the mock cluster stays
+  # the fast default); the suites are modules of one test binary, the filters pick them.
+  PROCESSOR_TEST_BROKER=kafka suite --test it -- pipeline:: fleet:: restore:: missing_offsets::
+}
+lane_processes() {
+  suite --test exactly_once_processes
+  suite --test fleet_processes
+  PROCESSOR_TEST_BROKER=kafka suite --test fleet_processes
+  suite --test kafka_security --test dashboard --test fraud_counters
+}
+lane_locks() {
+  suite --test torture
+  suite --test conformance
+}
+lane_rest() {
+  suite --benches
+  # shellcheck disable=SC2046 # one flag per word
+  suite --lib --bins $(targets_except it exactly_once_processes fleet_processes \
+    kafka_security dashboard fraud_counters torture conformance)
+}
+run_lanes lane_processor lane_processes lane_locks lane_rest
+
 step "doc tests"
 counted_test --workspace --all-features --doc
-
-step "the processor's Kafka-facing suites again, on a real Apache Kafka broker"
-# Same targets and features as above (nothing rebuilds); the mock-cluster runs stay the fast default.
-# The processor's suites are modules of one test binary (`it`): the filters pick the suites.
-PROCESSOR_TEST_BROKER=kafka counted_test --workspace --all-features --test it -- \
-  pipeline:: fleet:: restore:: missing_offsets::
-PROCESSOR_TEST_BROKER=kafka counted_test --workspace --all-features --test fleet_processes
 
 step "one build: the demo's build after the test command compiles nothing"
 # The README promises that the demo command and this command share one build. Cargo unifies features

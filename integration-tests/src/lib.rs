@@ -71,14 +71,33 @@ fn next_free_port() -> u16 {
     panic!("no free port on 127.0.0.1 between {low} and {high}")
 }
 
-/// The ports test servers take: from 10 000 up to the start of the ephemeral range.
+/// The ports test servers take: from 10 000 up to the start of the ephemeral range, or this lane's
+/// slice of it when the test command runs suites side by side (see [`port_lane`]).
 fn fixed_port_range() -> (u16, u16) {
     const LOW: u16 = 10_000;
     let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32_768);
-    (LOW, ephemeral_start.max(LOW + 1_000))
+    let high = ephemeral_start.max(LOW + 1_000);
+    match port_lane() {
+        Some((lane, lanes)) => {
+            let width = (high - LOW) / lanes;
+            let low = LOW + lane * width;
+            (low, low + width)
+        }
+        None => (LOW, high),
+    }
+}
+
+/// `TEST_PORT_LANE=i/n` (set by `scripts/test.sh` for each of the n lanes of suites it runs at once):
+/// this process takes ports only from the i-th of n disjoint slices, so two test processes running
+/// side by side never pick the same port, whatever their cursors. Unset or malformed: the whole range.
+fn port_lane() -> Option<(u16, u16)> {
+    let value = std::env::var("TEST_PORT_LANE").ok()?;
+    let (lane, lanes) = value.split_once('/')?;
+    let (lane, lanes) = (lane.trim().parse::<u16>().ok()?, lanes.trim().parse::<u16>().ok()?);
+    (lanes > 0 && lane < lanes).then_some((lane, lanes))
 }
 
 /// The full path of a server binary on `PATH` (or in the usual system dirs).
