@@ -96,7 +96,10 @@ fn fixed_port_range() -> (u16, u16) {
 fn port_lane() -> Option<(u16, u16)> {
     let value = std::env::var("TEST_PORT_LANE").ok()?;
     let (lane, lanes) = value.split_once('/')?;
-    let (lane, lanes) = (lane.trim().parse::<u16>().ok()?, lanes.trim().parse::<u16>().ok()?);
+    let (lane, lanes) = (
+        lane.trim().parse::<u16>().ok()?,
+        lanes.trim().parse::<u16>().ok()?,
+    );
     (lanes > 0 && lane < lanes).then_some((lane, lanes))
 }
 
