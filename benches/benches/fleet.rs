@@ -3,7 +3,7 @@
 //! partitions can one Redis or one PostgreSQL coordinate?
 //!
 //! Each simulated instance runs the processor's rounds every `tick` (250 ms, the processor's default):
-//! - **membership**: a kept lock on a member slot `member:{group}:{slot}` (the first free one) and its
+//! - **membership**: a kept lock on a member slot `member:{group}:{topic}:{slot}` (the first free one) and its
 //!   id in the fenced registry; every tick it reads every slot (holder + registry entry) to list the
 //!   live members — as `Membership::live_members` does;
 //! - **assignment**: rendezvous hashing with bounded loads over the live members (the processor's
@@ -222,7 +222,7 @@ impl Instance {
         }
         self.slot = None;
         for slot in 0..self.max_members {
-            let resource = format!("member:{GROUP}:{slot}");
+            let resource = format!("member:{GROUP}:{TOPIC}:{slot}");
             if let Some(kept) = KeptLock::try_acquire(
                 &self.client.lock,
                 &resource,
@@ -245,7 +245,7 @@ impl Instance {
     async fn live_members(&self) -> state::StateResult<Vec<String>> {
         let mut members = Vec::new();
         for slot in 0..self.max_members {
-            let resource = format!("member:{GROUP}:{slot}");
+            let resource = format!("member:{GROUP}:{TOPIC}:{slot}");
             let Some(holder) = self.client.lock.get_lock_info(&resource).await? else {
                 continue;
             };
@@ -538,7 +538,13 @@ async fn simulate(kind: Kind, scale: Scale, options: &Options) -> Report {
             shared[i / PER_CLIENT].clone()
         };
         let instance = Instance {
-            election: LeaderElection::new(client.lock.clone(), GROUP, &id, CLAIM_TTL).unwrap(),
+            election: LeaderElection::new(
+                client.lock.clone(),
+                &format!("{GROUP}:{TOPIC}"),
+                &id,
+                CLAIM_TTL,
+            )
+            .unwrap(),
             queue: TaskQueue::new(client.lock.clone(), client.tasks.clone(), CLAIM_TTL),
             id,
             client,

@@ -205,8 +205,9 @@ pub(crate) struct RunArgs {
     /// The topic's partition count, checked against the brokers' (read from them when absent).
     #[arg(long, env = "PARTITIONS")]
     pub(crate) partitions: Option<i32>,
-    /// Fleet name: scopes every lock, record, task and checkpoint path, so two fleets on one topic and
-    /// one backend each process everything; also the Kafka group its progress is committed to.
+    /// Fleet name. Every lock, record, task and checkpoint path is scoped by the group *and* the topic:
+    /// two fleets on one topic, or two jobs on different topics with the same (or the default) group,
+    /// each process everything on one backend. Also the Kafka group its progress is committed to.
     #[arg(long, env = "GROUP", default_value = "processor")]
     pub(crate) group: String,
     /// Local state directory of this instance.

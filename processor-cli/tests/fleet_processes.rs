@@ -21,8 +21,9 @@ use integration_tests::{RedisCluster, RedisServer};
 use nix::sys::signal::Signal;
 use processor::dev::Workload;
 use support::{
-    Broker, PARTITIONS, Proc, TOPIC, assert_state_is_exact, dev_broker, fails_with, offsets,
-    owned_by_log, produce, run_instance, wait_for,
+    Broker, Job, PARTITIONS, Proc, TOPIC, assert_state_is_exact, assert_state_is_exact_of,
+    dev_broker, dev_broker_with, end_offsets, fails_with, offsets, offsets_of, owned_by_log,
+    produce, produce_to, run_instance, run_job_instance, wait_for,
 };
 
 #[test]
@@ -46,6 +47,77 @@ fn three_processes_with_redlock_survive_a_sigkill_and_restart_with_exact_state()
 fn three_processes_with_etcd_survive_a_sigkill_and_restart_with_exact_state() {
     let etcd = integration_tests::EtcdCluster::three();
     sigkill_restart_and_a_frozen_owner_end_exact(&etcd.url("fleet"));
+}
+
+/// Two jobs, on `orders` (8 partitions) and on `clicks`, both with the default group, two instances
+/// each on one Redis: each job processes all of its partitions and both end exact. (Membership and
+/// leadership used to be scoped by the group alone: the four instances were one fleet, each job
+/// assigned partitions to the other's instances, which never claimed them, and those partitions were
+/// silently never processed.)
+#[test]
+fn two_jobs_on_two_topics_with_the_default_group_on_one_redis_both_end_exact() {
+    let scratch = support::Scratch::new();
+    let root: PathBuf = scratch.path();
+    let redis = RedisServer::start_new();
+    let (mut broker, brokers) = dev_broker_with(&["--also-create", "clicks"]);
+    let orders = Job {
+        topic: TOPIC,
+        group: None,
+    };
+    let clicks = Job {
+        topic: "clicks",
+        group: None,
+    };
+    let orders_load = Workload {
+        records: 6_000,
+        keys: 200,
+        seed: 3,
+        partitions: PARTITIONS,
+    };
+    let clicks_load = Workload {
+        records: 3_000,
+        keys: 100,
+        seed: 4,
+        partitions: 1,
+    };
+    produce_to(&brokers, orders.topic, &orders_load, 0..orders_load.records);
+    produce_to(&brokers, clicks.topic, &clicks_load, 0..clicks_load.records);
+    let mut fleet: BTreeMap<&str, Proc> = [
+        ("o1", &orders),
+        ("o2", &orders),
+        ("c1", &clicks),
+        ("c2", &clicks),
+    ]
+    .into_iter()
+    .map(|(id, job)| {
+        (
+            id,
+            run_job_instance(job, id, &brokers, &redis.url(), &root, &[]),
+        )
+    })
+    .collect();
+    let checkpoints = root.join("checkpoints");
+    wait_for(
+        "both jobs to process all their partitions",
+        Duration::from_secs(90),
+        &root,
+        || {
+            offsets_of(&checkpoints, orders.topic, orders.group()) == end_offsets(&orders_load)
+                && offsets_of(&checkpoints, clicks.topic, clicks.group())
+                    == end_offsets(&clicks_load)
+        },
+    );
+    for proc in fleet.values() {
+        proc.signal(Signal::SIGTERM);
+    }
+    for (id, proc) in &mut fleet {
+        let status = proc.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "{id} exited with {status} after SIGTERM");
+    }
+    broker.signal(Signal::SIGTERM);
+    assert!(broker.wait_exit(Duration::from_secs(10)).success());
+    assert_state_is_exact_of(&checkpoints, &orders_load, orders.topic, orders.group());
+    assert_state_is_exact_of(&checkpoints, &clicks_load, clicks.topic, clicks.group());
 }
 
 /// The scenario of the module docs with every instance on `lock_url`.

@@ -1,14 +1,15 @@
 //! The names the fleet coordinates on, in one place: lock resources, fenced-record scopes and task ids.
 //! Every name that two instances must agree on is built here and nowhere else.
 //!
-//! Every name is scoped by the fleet's group, so two jobs on one topic and one lock backend never
-//! share (or split) partitions, records or maintenance.
+//! Every name is scoped by the fleet's group *and* its topic: two jobs on one topic with different
+//! groups, or on different topics with one group (the default `processor`, say), never share (or split)
+//! members, leadership, partitions, records or maintenance on one lock backend.
 //!
 //! | name | what |
 //! |---|---|
 //! | `partition:{group}:{topic}:{p}` | the kept claim of a partition's owner |
-//! | `member:{group}:{slot}` | a membership slot (see [`crate::fleet::membership`]) |
-//! | `leader:{group}` | the leader election |
+//! | `member:{group}:{topic}:{slot}` | a membership slot ([`member_slot_resource`], see [`crate::fleet::membership`]) |
+//! | `leader:{group}:{topic}` | the leader election ([`leader_election_name`]) |
 //! | `checkpoint:{group}:{topic}:{p}` | the fenced checkpoint record of a partition |
 //! | `maintain:{group}:{topic}:{p}` | the recurring maintenance job of a partition |
 //! | `compaction:{group}:{topic}:{p}` | the compaction lock (uploads and retention exclude each other) |
@@ -29,6 +30,18 @@ use std::path::{Path, PathBuf};
 /// by its owner.
 pub fn partition_resource(group: &str, topic: &str, partition: i32) -> String {
     format!("partition:{group}:{topic}:{partition}")
+}
+
+/// The lock resource of membership slot `slot` of the job on `topic` in fleet `group`: the members of
+/// one job are the holders of its slots, so jobs on other topics (or in other groups) are never counted.
+pub fn member_slot_resource(group: &str, topic: &str, slot: u32) -> String {
+    format!("member:{group}:{topic}:{slot}")
+}
+
+/// The name of the leader election of the job on `topic` in fleet `group` (lock resource
+/// `leader:{group}:{topic}`): one leader, and one set of maintenance duties, per job.
+pub fn leader_election_name(group: &str, topic: &str) -> String {
+    format!("{group}:{topic}")
 }
 
 /// The compaction lock of `partition` of `topic` in fleet `group`.
@@ -133,6 +146,21 @@ pub fn maintenance_task_id(group: &str, topic: &str, partition: i32) -> String {
     format!("maintain:{group}:{topic}:{partition}")
 }
 
+/// The partition whose maintenance job `id` is, if `id` is one of the job on `topic` in fleet `group`
+/// (the inverse of [`maintenance_task_id`]; a group may hold `:`, so the whole shape is checked).
+pub fn maintenance_task_partition(group: &str, topic: &str, id: &str) -> Option<i32> {
+    let partition = id
+        .strip_prefix("maintain:")?
+        .strip_prefix(group)?
+        .strip_prefix(':')?
+        .strip_prefix(topic)?
+        .strip_prefix(':')?;
+    if !partition.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    partition.parse::<i32>().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +175,22 @@ mod tests {
         );
         assert_eq!(checkpoint_scope("g", "orders", 3), "g:orders:3");
         assert_eq!(maintenance_task_id("g", "orders", 3), "maintain:g:orders:3");
+        assert_eq!(member_slot_resource("g", "orders", 3), "member:g:orders:3");
+        assert_eq!(
+            maintenance_task_partition("g", "orders", "maintain:g:orders:3"),
+            Some(3)
+        );
+        // Group `a` on topic `b` does not take the job of group `a:b` on topic `c`.
+        assert_eq!(
+            maintenance_task_partition("a", "b", "maintain:a:b:c:3"),
+            None
+        );
+        assert_eq!(
+            maintenance_task_partition("g", "orders", "maintain:g:orders:-3"),
+            None
+        );
+        assert_eq!(leader_election_name("g", "orders"), "g:orders");
+        assert!(state::lock::validate_resource(&member_slot_resource("g", "orders", 3)).is_ok());
     }
 
     #[test]
@@ -213,6 +257,20 @@ mod tests {
                 prop_assert_ne!(checkpoint_scope(ga, ta, pa), checkpoint_scope(gb, tb, pb));
                 prop_assert_ne!(maintenance_task_id(ga, ta, pa), maintenance_task_id(gb, tb, pb));
                 prop_assert_ne!(transactional_id(ga, ta, pa), transactional_id(gb, tb, pb));
+                let slot = |p: i32| u32::try_from(p).unwrap_or(0);
+                prop_assert_ne!(
+                    member_slot_resource(ga, ta, slot(pa)),
+                    member_slot_resource(gb, tb, slot(pb))
+                );
+                let id = maintenance_task_id(gb, tb, pb);
+                prop_assert_eq!(
+                    maintenance_task_partition(ga, ta, &id),
+                    (ga == gb && ta == tb).then_some(pb),
+                    "{} taken by {:?}", id, a
+                );
+                if (ga, ta) != (gb, tb) {
+                    prop_assert_ne!(leader_election_name(ga, ta), leader_election_name(gb, tb));
+                }
                 prop_assert_ne!(
                     local_state_dir(Path::new("/s"), ga, ta, pa),
                     local_state_dir(Path::new("/s"), gb, tb, pb)

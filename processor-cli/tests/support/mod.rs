@@ -103,9 +103,15 @@ impl Broker {
 
 /// `processor dev-broker` for the topic, and the bootstrap address it printed first.
 pub fn dev_broker() -> (Proc, String) {
+    dev_broker_with(&[])
+}
+
+/// [`dev_broker`] with `extra` flags (`--also-create clicks`, say).
+pub fn dev_broker_with(extra: &[&str]) -> (Proc, String) {
     let mut broker = Proc(
         processor(&["dev-broker", "--topic", TOPIC])
             .args(["--partitions", &PARTITIONS.to_string()])
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -130,6 +136,35 @@ pub fn run_instance_with(
     root: &Path,
     extra: &[&str],
 ) -> Proc {
+    let job = Job {
+        topic: TOPIC,
+        group: Some("procs"),
+    };
+    run_job_instance(&job, id, brokers, redis, root, extra)
+}
+
+/// Which job an instance runs: its topic, and its `--group` (`None`: the default group).
+pub struct Job<'a> {
+    pub topic: &'a str,
+    pub group: Option<&'a str>,
+}
+
+impl Job<'_> {
+    /// The group `processor state` reads: the job's, or the default one.
+    pub fn group(&self) -> &str {
+        self.group.unwrap_or("processor")
+    }
+}
+
+/// `processor run` of `job` as instance `id` (see [`run_instance_with`]).
+pub fn run_job_instance(
+    job: &Job<'_>,
+    id: &str,
+    brokers: &str,
+    redis: &str,
+    root: &Path,
+    extra: &[&str],
+) -> Proc {
     let state_dir = root.join("state").join(id);
     let checkpoint_dir = root.join("checkpoints");
     let log = std::fs::File::options()
@@ -143,8 +178,13 @@ pub fn run_instance_with(
     } else {
         &["--checkpoint-interval-secs", "0.5"]
     };
-    let child = processor(&["run", "--brokers", brokers, "--topic", TOPIC])
-        .args(["--group", "procs", "--instance-id", id, "--lock-url", redis])
+    let group: &[&str] = match job.group {
+        Some(group) => &["--group", group],
+        None => &[],
+    };
+    let child = processor(&["run", "--brokers", brokers, "--topic", job.topic])
+        .args(group)
+        .args(["--instance-id", id, "--lock-url", redis])
         .arg("--state-dir")
         .arg(&state_dir)
         .arg("--checkpoint-dir")
@@ -161,7 +201,12 @@ pub fn run_instance_with(
 }
 
 pub fn produce(brokers: &str, workload: &Workload, range: std::ops::Range<u64>) {
-    let status = processor(&["produce", "--brokers", brokers, "--topic", TOPIC])
+    produce_to(brokers, TOPIC, workload, range);
+}
+
+/// [`produce`] into `topic`.
+pub fn produce_to(brokers: &str, topic: &str, workload: &Workload, range: std::ops::Range<u64>) {
+    let status = processor(&["produce", "--brokers", brokers, "--topic", topic])
         .args(["--partitions", &workload.partitions.to_string()])
         .args(["--records", &range.end.to_string()])
         .args(["--start-at", &range.start.to_string()])
@@ -172,9 +217,23 @@ pub fn produce(brokers: &str, workload: &Workload, range: std::ops::Range<u64>) 
     assert!(status.success(), "produce failed");
 }
 
+/// The offset each partition's checkpoint reaches once all of `workload` is processed.
+pub fn end_offsets(workload: &Workload) -> BTreeMap<i32, i64> {
+    let mut ends = BTreeMap::new();
+    for i in 0..workload.records {
+        *ends.entry(workload.record(i).0).or_insert(0) += 1;
+    }
+    ends
+}
+
 /// `processor state offsets`: partition -> checkpointed offset.
 pub fn offsets(checkpoint_dir: &Path) -> BTreeMap<i32, i64> {
-    let out = processor(&["state", "offsets", "--topic", TOPIC, "--group", "procs"])
+    offsets_of(checkpoint_dir, TOPIC, "procs")
+}
+
+/// [`offsets`] of `topic` in fleet `group`.
+pub fn offsets_of(checkpoint_dir: &Path, topic: &str, group: &str) -> BTreeMap<i32, i64> {
+    let out = processor(&["state", "offsets", "--topic", topic, "--group", group])
         .arg("--checkpoint-dir")
         .arg(checkpoint_dir)
         .output()
@@ -309,7 +368,17 @@ impl Drop for Scratch {
 /// Asserts that `processor state dump` of group `procs` in `checkpoint_dir` equals the recomputation of
 /// `workload`: every key, with count, sum, min, max and the order-sensitive chain.
 pub fn assert_state_is_exact(checkpoint_dir: &Path, workload: &Workload) {
-    let out = processor(&["state", "dump", "--topic", TOPIC, "--group", "procs"])
+    assert_state_is_exact_of(checkpoint_dir, workload, TOPIC, "procs");
+}
+
+/// [`assert_state_is_exact`] for `topic` in fleet `group`.
+pub fn assert_state_is_exact_of(
+    checkpoint_dir: &Path,
+    workload: &Workload,
+    topic: &str,
+    group: &str,
+) {
+    let out = processor(&["state", "dump", "--topic", topic, "--group", group])
         .arg("--checkpoint-dir")
         .arg(checkpoint_dir)
         .output()
@@ -342,7 +411,7 @@ pub fn assert_state_is_exact(checkpoint_dir: &Path, workload: &Workload) {
                 Some(a.max),
                 Some(a.chain)
             ),
-            "key {key}: lost, duplicated or reordered"
+            "{topic} key {key}: lost, duplicated or reordered"
         );
     }
 }

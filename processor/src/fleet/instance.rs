@@ -4,7 +4,7 @@
 //! owner died are claimed once that owner's lease expires.
 //!
 //! Beside the partitions, each instance runs its fleet duties: it campaigns in the leader election
-//! `leader:{group}`; the leader schedules the maintenance jobs (see [`super::maintenance`]) and the
+//! `leader:{group}:{topic}`; the leader schedules the maintenance jobs (see [`super::maintenance`]) and the
 //! followers claim and run them.
 
 use std::collections::{HashMap, HashSet};
@@ -121,6 +121,7 @@ impl Instance {
             self.services.lock.clone(),
             self.services.registry.clone(),
             &self.config.group,
+            &self.config.topic,
             &self.config.instance_id,
             self.config.max_members,
             self.config.claim_ttl,
@@ -128,7 +129,7 @@ impl Instance {
         .with_endpoint(self.config.status_url.as_deref());
         let election = LeaderElection::new(
             self.services.lock.clone(),
-            &self.config.group,
+            &crate::resources::leader_election_name(&self.config.group, &self.config.topic),
             &self.config.instance_id,
             self.config.claim_ttl,
         )?;

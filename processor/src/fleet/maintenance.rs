@@ -89,7 +89,11 @@ impl Maintenance {
         config: MaintenanceConfig,
     ) -> Self {
         Maintenance {
-            queue: TaskQueue::new(Arc::clone(&lock), tasks, config.claim_ttl),
+            // Only this job's maintenance: other jobs (other topics or groups) on the same task store
+            // have jobs of their own, and running one here would compact the wrong partition and mark
+            // theirs done.
+            queue: TaskQueue::new(Arc::clone(&lock), tasks, config.claim_ttl)
+                .only_tasks(is_maintenance_task_of(group, topic)),
             lock,
             checkpoints,
             group: group.to_owned(),
@@ -196,6 +200,14 @@ fn storage(operation: &str, err: impl std::error::Error + Send + Sync + 'static)
     }
 }
 
+/// Whether a task id is one of the maintenance jobs of the job on `topic` in fleet `group`.
+fn is_maintenance_task_of(group: &str, topic: &str) -> state::recipes::tasks::TaskFilter {
+    let (group, topic) = (group.to_owned(), topic.to_owned());
+    Arc::new(move |id: &str| {
+        crate::resources::maintenance_task_partition(&group, &topic, id).is_some()
+    })
+}
+
 fn parse_partition(payload: &[u8]) -> StateResult<i32> {
     std::str::from_utf8(payload)
         .ok()
@@ -288,5 +300,48 @@ mod tests {
         assert!(!held.is_lost());
         held.release().await.unwrap();
         assert!(parse_partition(b"-3").is_err() && parse_partition(b"x").is_err());
+    }
+
+    /// Two jobs of one group on two topics share a task store: each one's followers run only its own
+    /// maintenance jobs (running the other's would compact the wrong partition and mark theirs done).
+    #[tokio::test]
+    async fn a_job_never_runs_another_jobs_maintenance() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoints: Arc<dyn CheckpointStore> =
+            Arc::new(DirectoryCheckpointStore::new(dir.path().join("shared")).unwrap());
+        let lock: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
+        let tasks: Arc<dyn TaskStore> = Arc::new(InMemoryTaskStore::default());
+        let job = |topic: &str| {
+            let config = MaintenanceConfig::default();
+            Maintenance::new(
+                lock.clone(),
+                tasks.clone(),
+                checkpoints.clone(),
+                "processor",
+                topic,
+                config,
+            )
+        };
+        let (orders, clicks) = (job("orders"), job("clicks"));
+        assert_eq!(orders.schedule(3).await.unwrap(), 3);
+        assert_eq!(clicks.schedule(2).await.unwrap(), 2);
+        let mut ran = Vec::new();
+        while let Some(run) = orders.run_next().await.unwrap() {
+            ran.push(run.task_id);
+        }
+        ran.sort();
+        assert_eq!(
+            ran,
+            [
+                "maintain:processor:orders:0",
+                "maintain:processor:orders:1",
+                "maintain:processor:orders:2"
+            ]
+        );
+        let mut theirs = 0;
+        while clicks.run_next().await.unwrap().is_some() {
+            theirs += 1;
+        }
+        assert_eq!(theirs, 2, "the other job's maintenance was left to it");
     }
 }

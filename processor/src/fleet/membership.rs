@@ -1,7 +1,7 @@
 //! Fleet membership and partition assignment through the `state` crate — not Kafka's group rebalancing.
 //!
-//! - **Membership**: each instance holds a kept lock on one *member slot* `member:{group}:{slot}` (slots
-//!   `0..max_members`, like a semaphore) and records its instance id in a [`FencedStore`] under that
+//! - **Membership**: each instance holds a kept lock on one *member slot* `member:{group}:{topic}:{slot}`
+//!   (slots `0..max_members`, like a semaphore; one set per job, so jobs on other topics never count) and records its instance id in a [`FencedStore`] under that
 //!   slot with the slot's fencing token. The live members are the held slots. An instance that dies stops
 //!   renewing; its slot expires and it drops out of everyone's view.
 //! - **Assignment**: rendezvous (highest-random-weight) hashing of each partition over the live members'
@@ -115,6 +115,7 @@ pub struct Membership {
     lock: Arc<dyn DistributedLock>,
     registry: Arc<dyn FencedStore>,
     group: String,
+    topic: String,
     instance: String,
     max_members: u32,
     ttl: Duration,
@@ -128,6 +129,7 @@ impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Membership")
             .field("group", &self.group)
+            .field("topic", &self.topic)
             .field("instance", &self.instance)
             .field("slot", &self.slot.as_ref().map(|(slot, _)| *slot))
             .finish()
@@ -135,8 +137,8 @@ impl std::fmt::Debug for Membership {
 }
 
 impl Membership {
-    /// Membership of `instance` in `group`, with at most `max_members` members, announced by leases of
-    /// `ttl` (renewed every `ttl / 3`).
+    /// Membership of `instance` in the job on `topic` of fleet `group`, with at most `max_members`
+    /// members, announced by leases of `ttl` (renewed every `ttl / 3`).
     ///
     /// # Errors
     /// [`ProcessorError::InvalidInput`] for an empty instance id or a zero `max_members`.
@@ -144,6 +146,7 @@ impl Membership {
         lock: Arc<dyn DistributedLock>,
         registry: Arc<dyn FencedStore>,
         group: &str,
+        topic: &str,
         instance: &str,
         max_members: u32,
         ttl: Duration,
@@ -159,6 +162,7 @@ impl Membership {
             lock,
             registry,
             group: group.to_owned(),
+            topic: topic.to_owned(),
             instance: instance.to_owned(),
             max_members,
             ttl,
@@ -184,7 +188,7 @@ impl Membership {
     }
 
     fn slot_resource(&self, slot: u32) -> String {
-        format!("member:{}:{slot}", self.group)
+        crate::resources::member_slot_resource(&self.group, &self.topic, slot)
     }
 
     /// Takes a member slot (if not holding one, or if the held one was lost) and records this instance in
@@ -206,7 +210,7 @@ impl Membership {
                 self.registry
                     .write(&resource, kept.fencing_token(), &self.record())
                     .await?;
-                tracing::info!(group = %self.group, instance = %self.instance, slot, "joined the fleet");
+                tracing::info!(group = %self.group, topic = %self.topic, instance = %self.instance, slot, "joined the fleet");
                 self.slot = Some((slot, kept));
                 self.warned_full = false;
                 return Ok(true);
@@ -214,7 +218,7 @@ impl Membership {
         }
         if !self.warned_full {
             // Said once per wait, not every tick.
-            tracing::warn!(group = %self.group, instance = %self.instance, max_members = self.max_members, "every member slot is taken: waiting outside the fleet (raise --max-members on every instance to run more)");
+            tracing::warn!(group = %self.group, topic = %self.topic, instance = %self.instance, max_members = self.max_members, "every member slot is taken: waiting outside the fleet (raise --max-members on every instance to run more)");
             self.warned_full = true;
         }
         Ok(false)
@@ -336,12 +340,12 @@ mod tests {
         let lock: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
         let registry: Arc<dyn FencedStore> = Arc::new(InMemoryFencedStore::default());
         let ttl = Duration::from_secs(5);
-        let mut a = Membership::new(lock.clone(), registry.clone(), "g", "a", 8, ttl).unwrap();
-        let mut b = Membership::new(lock.clone(), registry.clone(), "g", "b", 8, ttl).unwrap();
+        let mut a = Membership::new(lock.clone(), registry.clone(), "g", "t", "a", 8, ttl).unwrap();
+        let mut b = Membership::new(lock.clone(), registry.clone(), "g", "t", "b", 8, ttl).unwrap();
         assert!(a.announce().await.unwrap());
         assert!(b.announce().await.unwrap());
         assert_eq!(a.live_members().await.unwrap(), members(&["a", "b"]));
-        let mut c = Membership::new(lock.clone(), registry.clone(), "g", "c", 8, ttl)
+        let mut c = Membership::new(lock.clone(), registry.clone(), "g", "t", "c", 8, ttl)
             .unwrap()
             .with_endpoint(Some("http://127.0.0.1:9/instances/c/status"));
         assert!(c.announce().await.unwrap());
@@ -359,7 +363,36 @@ mod tests {
         c.leave().await.unwrap();
         b.leave().await.unwrap();
         assert_eq!(a.live_members().await.unwrap(), members(&["a"]));
-        let mut full = Membership::new(lock, registry, "g", "c", 1, ttl).unwrap();
+        let mut full = Membership::new(lock, registry, "g", "t", "c", 1, ttl).unwrap();
         assert!(!full.announce().await.unwrap(), "no free slot among 1");
+    }
+
+    /// Two jobs of one group (the default group, say) on two topics and one backend: each sees only its
+    /// own members, so neither assigns partitions to the other's instances (which would never claim them).
+    #[tokio::test]
+    async fn jobs_on_other_topics_are_not_members() {
+        let lock: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
+        let registry: Arc<dyn FencedStore> = Arc::new(InMemoryFencedStore::default());
+        let ttl = Duration::from_secs(5);
+        let join = |topic: &str, id: &str| {
+            Membership::new(
+                lock.clone(),
+                registry.clone(),
+                "processor",
+                topic,
+                id,
+                1,
+                ttl,
+            )
+            .unwrap()
+        };
+        let (mut orders, mut clicks) = (join("orders", "o1"), join("clicks", "c1"));
+        assert!(orders.announce().await.unwrap());
+        assert!(
+            clicks.announce().await.unwrap(),
+            "a slot of the other job's is not this job's"
+        );
+        assert_eq!(orders.live_members().await.unwrap(), members(&["o1"]));
+        assert_eq!(clicks.live_members().await.unwrap(), members(&["c1"]));
     }
 }

@@ -180,7 +180,12 @@ pub struct TaskQueue {
     claim_ttl: Duration,
     batch: usize,
     retry: TaskRetryPolicy,
+    /// Which of the store's tasks this queue's workers take (see [`TaskQueue::only_tasks`]).
+    takes: Option<TaskFilter>,
 }
+
+/// A predicate on task ids: the tasks a [`TaskQueue`]'s workers take.
+pub type TaskFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for TaskQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -208,7 +213,19 @@ impl TaskQueue {
             claim_ttl,
             batch: 32,
             retry: TaskRetryPolicy::default(),
+            takes: None,
         }
+    }
+
+    /// Workers of this queue take only the tasks whose id `takes` accepts; the others are left, unclaimed,
+    /// to the queues they belong to. Several applications (or several jobs of one) can then share one
+    /// task store without running each other's tasks.
+    ///
+    /// The store still lists due tasks store-wide, so a filtered queue looks at the same first tasks
+    /// due as every other queue of the store.
+    pub fn only_tasks(mut self, takes: TaskFilter) -> Self {
+        self.takes = Some(takes);
+        self
     }
 
     /// Retries failed tasks per `retry` (default [`TaskRetryPolicy::default`]).
@@ -307,6 +324,9 @@ impl TaskQueue {
         Fut: Future<Output = StateResult<()>>,
     {
         for listed in self.store.due(now_ms(), self.batch).await? {
+            if self.takes.as_ref().is_some_and(|takes| !takes(&listed.id)) {
+                continue;
+            }
             let resource = claim_resource(&listed.id);
             let Some(kept) = KeptLock::try_acquire(
                 &self.lock,
