@@ -6,6 +6,7 @@
 //! ```text
 //! cargo bench -p processor --bench handoff            # 100 k and 2 M keys (a few minutes)
 //! cargo bench -p processor --bench handoff -- --quick # 100 k keys only
+//! cargo test  -p processor --bench handoff            # a smoke run at 10 k keys (the test command's)
 //! ```
 //!
 //! Printed per row: the hand-off (kill → the new owner processing, i.e. its state open and its consumer
@@ -42,7 +43,11 @@ struct Row {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `cargo test` runs a bench without `--bench`: a smoke run (one small state), to show the bench
+    // still works, not to measure.
+    let smoke = !args.iter().any(|a| a == "--bench");
     integration_tests::init_tracing(); // RUST_LOG=processor=debug shows each step of a takeover
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -50,7 +55,9 @@ fn main() {
         .unwrap();
     let cluster = integration_tests::KafkaCluster::single();
     let brokers = cluster.bootstrap_servers();
-    let sizes: &[u64] = if quick {
+    let sizes: &[u64] = if smoke {
+        &[10_000]
+    } else if quick {
         &[100_000]
     } else {
         &[100_000, 2_000_000]

@@ -24,7 +24,7 @@
 //! cargo bench -p processor --bench throughput                 # 1 M records, 100 k keys, 8 partitions; 100 k vs 2 M keys
 //! cargo bench -p processor --bench throughput -- --quick      # small counts, every row (under 2 minutes)
 //! cargo bench -p processor --bench throughput -- --only mock  # rows on the mock cluster only (also: real, checkpoints)
-//! cargo test  -p processor --bench throughput                 # the quick run (the test command's smoke run)
+//! cargo test  -p processor --bench throughput                 # a smoke run: every row, tiny counts (the test command's)
 //! ```
 //!
 //! For profiling one row: `BENCH_ROWS=TEXT` runs only rows whose label contains TEXT (`A|B`: either),
@@ -80,8 +80,12 @@ struct Sizes {
     repeats: usize,
 }
 
-fn sizes(quick: bool) -> Sizes {
-    let mut sizes = default_sizes(quick);
+fn sizes(quick: bool, smoke: bool) -> Sizes {
+    let mut sizes = if smoke {
+        smoke_sizes()
+    } else {
+        default_sizes(quick)
+    };
     if let Some(records) = env_number("BENCH_RECORDS") {
         sizes.records = records;
     }
@@ -89,6 +93,19 @@ fn sizes(quick: bool) -> Sizes {
         sizes.repeats = usize::try_from(repeats).unwrap_or(1);
     }
     sizes
+}
+
+/// The test command's smoke run: every row, a few thousand records.
+fn smoke_sizes() -> Sizes {
+    Sizes {
+        records: 10_000,
+        keys: 1_000,
+        latency_records: 200,
+        latency_rate: 1_000,
+        small_state: 2_000,
+        large_state: 20_000,
+        repeats: 1,
+    }
 }
 
 fn default_sizes(quick: bool) -> Sizes {
@@ -121,13 +138,16 @@ fn main() {
         child(&args[2..]);
         return;
     }
-    let quick = !args.iter().any(|a| a == "--bench") || args.iter().any(|a| a == "--quick");
+    // `cargo test` runs a bench without `--bench`: a smoke run (tiny counts, every row), to show
+    // the bench still works, not to measure.
+    let smoke = !args.iter().any(|a| a == "--bench");
+    let quick = smoke || args.iter().any(|a| a == "--quick");
     let only = args
         .iter()
         .position(|a| a == "--only")
         .and_then(|at| args.get(at + 1).cloned());
     let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
-    let sizes = sizes(quick);
+    let sizes = sizes(quick, smoke);
     println!(
         "processor throughput: {} records, {} keys, {PARTITIONS} partitions{}; {} cores",
         sizes.records,
