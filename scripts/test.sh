@@ -66,16 +66,20 @@ suite() {
   [ "$status" -eq 0 ] || LANE_FAILED=1
 }
 
-# The `--test NAME` flags of every integration-test target in the workspace except those named.
+# The selection flags (`--test NAME`, `--bench NAME`) of every target of a kind (test or bench) in the
+# workspace except those named. (`cargo test --benches` would also run every library's unit tests
+# again: libraries are bench targets too.)
 targets_except() {
+  local kind="$1"
+  shift
   cargo metadata --no-deps --format-version 1 | python3 -c '
 import json, sys
-skip = set(sys.argv[1:])
+kind, skip = sys.argv[1], set(sys.argv[2:])
 for package in json.load(sys.stdin)["packages"]:
     for target in package["targets"]:
-        if "test" in target["kind"] and target["name"] not in skip:
-            print("--test", target["name"])
-' "$@"
+        if kind in target["kind"] and target["name"] not in skip:
+            print("--" + kind, target["name"])
+' "$kind" "$@"
 }
 
 # Runs each lane (a shell function calling `suite`) in the background at once, each with its own
@@ -231,14 +235,16 @@ lane_kafka_and_locks() {
   suite --test torture
 }
 lane_processes_and_the_rest() {
-  suite --test exactly_once_processes
-  suite --test fleet_processes
-  PROCESSOR_TEST_BROKER=kafka suite --test fleet_processes
-  suite --test kafka_security --test dashboard --test fraud_counters
-  suite --benches
+  # The `processor` binary's suites are modules of one test binary (`cli`), picked by filters.
+  suite --test cli -- exactly_once_processes::
+  suite --test cli -- fleet_processes::
+  PROCESSOR_TEST_BROKER=kafka suite --test cli -- fleet_processes::
+  suite --test cli -- --skip exactly_once_processes:: --skip fleet_processes::
+  suite --test fraud_counters
   # shellcheck disable=SC2046 # one flag per word
-  suite --lib --bins $(targets_except it exactly_once_processes fleet_processes \
-    kafka_security dashboard fraud_counters torture conformance)
+  suite $(targets_except bench)
+  # shellcheck disable=SC2046
+  suite --lib --bins $(targets_except test it cli fraud_counters torture conformance)
 }
 run_lanes lane_kafka_and_locks lane_processes_and_the_rest
 

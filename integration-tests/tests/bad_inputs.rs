@@ -1,7 +1,7 @@
 //! The table of bad inputs at the `state` API: each is refused with one clear error — which setting,
 //! which value (never a secret), what to do — within a bound, never a panic and never a hang. Run with
 //! `--nocapture` to print the table (it is copied into the README's reliability section); the
-//! processor's command-line mistakes are in `processor-cli/tests/fleet_processes.rs`.
+//! processor's command-line mistakes are in `processor-cli/tests/cli/fleet_processes.rs`.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -6,16 +6,14 @@
 // A test: helpers panic on failure by design.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::{Proc, TOPIC, fails_with, offsets, processor, produce, wait_for};
 use integration_tests::{KafkaCluster, SecureListener};
 use nix::sys::signal::Signal;
 use processor::dev::{Workload, admin};
-use support::{Proc, TOPIC, fails_with, offsets, processor, produce, wait_for};
 
 const PARTITIONS: i32 = 2;
 

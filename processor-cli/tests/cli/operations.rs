@@ -4,14 +4,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use integration_tests::{RedisServer, free_ports};
 use processor::dev::Workload;
-use support::*;
 
 /// Polls `probe` every 200 ms until it returns `Some`, or panics with `what` and the last value seen.
 fn eventually<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {

@@ -2,7 +2,7 @@
 //! share (the mock cluster in `processor dev-broker`, or a real Apache Kafka), producing, reading the
 //! checkpointed offsets and what each instance's log says it owns.
 
-#![allow(dead_code, clippy::unwrap_used)] // Each test binary uses part of it.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -18,22 +18,22 @@
 // A test: helpers panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::support::{
+    PARTITIONS, Proc, TOPIC, offsets, owned_by_log, produce, run_instance_with, wait_for,
+};
 use integration_tests::verifier::{VerifierReport, verify_outputs};
 use integration_tests::{KafkaCluster, RedisServer};
 use nix::sys::signal::Signal;
 use processor::dev::{Workload, admin};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::{
-    PARTITIONS, Proc, TOPIC, offsets, owned_by_log, produce, run_instance_with, wait_for,
-};
 
 const OUTPUT: &str = "orders.out";
 const DEAD_LETTERS: &str = "orders.dlq";

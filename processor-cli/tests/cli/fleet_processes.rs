@@ -11,20 +11,20 @@
 // A test: helpers panic on failure by design.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use integration_tests::{RedisCluster, RedisServer};
-use nix::sys::signal::Signal;
-use processor::dev::Workload;
-use support::{
+use crate::support::{
     Broker, Job, PARTITIONS, Proc, TOPIC, assert_state_is_exact, assert_state_is_exact_of,
     dev_broker, dev_broker_with, end_offsets, fails_with, offsets, offsets_of, owned_by_log,
     produce, produce_to, run_instance, run_job_instance, wait_for,
 };
+use integration_tests::{RedisCluster, RedisServer};
+use nix::sys::signal::Signal;
+use processor::dev::Workload;
 
 #[test]
 fn three_processes_with_redis_survive_a_sigkill_and_restart_with_exact_state() {

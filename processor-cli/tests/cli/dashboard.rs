@@ -5,14 +5,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use integration_tests::free_ports;
-use support::*;
 
 /// What the dashboard showed.
 #[derive(Debug, Clone, PartialEq, Eq)]

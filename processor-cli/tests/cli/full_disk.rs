@@ -8,18 +8,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-use processor::dev::Workload;
-use support::{
+use crate::support::{
     PARTITIONS, Proc, TOPIC, assert_state_is_exact, dev_broker, fails_with, offsets, processor,
     produce, wait_for,
 };
+use nix::sys::signal::Signal;
+use processor::dev::Workload;
 
 /// A mounted tmpfs, unmounted on drop.
 struct Tmpfs(PathBuf);

@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::process::Output;
 
-use support::*;
+use crate::support::*;
 
 fn config_check(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = processor(&["config", "check"]);
