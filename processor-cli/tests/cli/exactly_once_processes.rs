@@ -83,10 +83,7 @@ fn chaos_run(guarantee: &str, seed: Option<u64>) -> ChaosOutcome {
         seed: 5,
         partitions: PARTITIONS,
     };
-    let mut expected_ends = vec![0i64; PARTITIONS as usize];
-    for i in 0..workload.records {
-        expected_ends[workload.record(i).0 as usize] += 1;
-    }
+    let expected_ends = support::end_offsets(&workload);
     let cycles: u64 = std::env::var("CHAOS_CYCLES")
         .ok()
         .and_then(|cycles| cycles.parse().ok())
@@ -180,7 +177,7 @@ fn chaos_run(guarantee: &str, seed: Option<u64>) -> ChaosOutcome {
 
     wait_for("the fleet to catch up", CATCH_UP_WITHIN, &root, || {
         let now = offsets(&checkpoints);
-        (0..PARTITIONS).all(|p| now.get(&p) == Some(&expected_ends[p as usize]))
+        (0..PARTITIONS).all(|p| now.get(&p) == Some(expected_ends.get(&p).unwrap_or(&0)))
     });
     let caught_up_after = all_produced.elapsed();
     for proc in fleet.values() {

@@ -130,10 +130,7 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
         seed: 11,
         partitions: PARTITIONS,
     };
-    let mut expected_ends = vec![0i64; PARTITIONS as usize];
-    for i in 0..workload.records {
-        expected_ends[workload.record(i).0 as usize] += 1;
-    }
+    let expected_ends = end_offsets(&workload);
 
     let (broker, brokers) = Broker::start();
     assert!(brokers.starts_with("127.0.0.1:"), "{brokers}");
@@ -176,7 +173,7 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
         &root,
         || {
             let now = offsets(&checkpoints);
-            (0..PARTITIONS).all(|p| now.get(&p) == Some(&expected_ends[p as usize]))
+            (0..PARTITIONS).all(|p| now.get(&p) == Some(expected_ends.get(&p).unwrap_or(&0)))
         },
     );
     for proc in fleet.values() {

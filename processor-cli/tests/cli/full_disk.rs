@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support;
 use crate::support::{
     PARTITIONS, Proc, TOPIC, assert_state_is_exact, dev_broker, fails_with, offsets, processor,
     produce, wait_for,
@@ -105,10 +106,7 @@ fn a_full_state_disk_stops_the_instance_with_one_clear_line_and_loses_nothing() 
 
     // With space, the same group finishes from whatever was checkpointed: exact.
     let roomy = root.join("state");
-    let mut expected_ends = vec![0i64; PARTITIONS as usize];
-    for i in 0..workload.records {
-        expected_ends[workload.record(i).0 as usize] += 1;
-    }
+    let expected_ends = support::end_offsets(&workload);
     let mut instance = Proc(
         processor(&run_args(
             &brokers,
@@ -126,7 +124,7 @@ fn a_full_state_disk_stops_the_instance_with_one_clear_line_and_loses_nothing() 
         root,
         || {
             let now = offsets(&checkpoints);
-            (0..PARTITIONS).all(|p| now.get(&p) == Some(&expected_ends[p as usize]))
+            (0..PARTITIONS).all(|p| now.get(&p) == Some(expected_ends.get(&p).unwrap_or(&0)))
         },
     );
     instance.signal(Signal::SIGTERM);
