@@ -6,6 +6,9 @@ use std::sync::Arc;
 use state::recipes::fenced::{
     FencedStore, InMemoryFencedStore, PostgresFencedStore, RedisFencedStore,
 };
+use state::recipes::roster::{
+    InMemoryRosterStore, PostgresRosterStore, RedisRosterStore, RosterStore,
+};
 use state::recipes::tasks::{InMemoryTaskStore, PostgresTaskStore, RedisTaskStore, TaskStore};
 use state::recipes::versioned::{
     InMemoryVersionedStore, PostgresVersionedStore, RedisVersionedStore, VersionedStore,
@@ -29,6 +32,8 @@ pub struct RecipeEnv {
     pub versioned: Arc<dyn VersionedStore>,
     /// Tasks on the same backend.
     pub tasks: Arc<dyn TaskStore>,
+    /// Rosters (group membership) on the same backend.
+    pub roster: Arc<dyn RosterStore>,
     /// The Redis server, when the backend is Redis.
     pub redis: Option<RedisServer>,
     /// The PostgreSQL server, when the backend is PostgreSQL.
@@ -57,6 +62,7 @@ impl RecipeEnv {
             fenced: Arc::new(InMemoryFencedStore::default()),
             versioned: Arc::new(InMemoryVersionedStore::default()),
             tasks: Arc::new(InMemoryTaskStore::default()),
+            roster: Arc::new(InMemoryRosterStore::default()),
             redis: None,
             postgres: None,
             etcd: None,
@@ -85,6 +91,7 @@ impl RecipeEnv {
                 client, "recipes/",
             )),
             tasks: backend.tasks,
+            roster: backend.roster,
             redis: None,
             postgres: None,
             etcd: Some(cluster),
@@ -111,6 +118,7 @@ impl RecipeEnv {
                     .expect("redis versioned"),
             ),
             tasks: Arc::new(RedisTaskStore::new(&url).await.expect("redis tasks")),
+            roster: Arc::new(RedisRosterStore::new(&url).await.expect("redis roster")),
             redis: Some(server),
             postgres: None,
             etcd: None,
@@ -139,6 +147,11 @@ impl RecipeEnv {
                 PostgresVersionedStore::new(pool.clone())
                     .await
                     .expect("pg versioned"),
+            ),
+            roster: Arc::new(
+                PostgresRosterStore::new(pool.clone())
+                    .await
+                    .expect("pg roster"),
             ),
             tasks: Arc::new(PostgresTaskStore::new(pool).await.expect("pg tasks")),
             lock: Arc::new(lock),

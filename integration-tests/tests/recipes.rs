@@ -12,6 +12,7 @@ use state::recipes::compaction::{CompactionOutcome, compact_partition, compactio
 use state::recipes::keeper::{KeptLock, LockContext, RenewalPolicy, with_lock};
 use state::recipes::leader::{LeaderElection, Leadership};
 use state::recipes::multi::MultiLock;
+use state::recipes::roster::{KeptMember, RosterEntry};
 use state::recipes::semaphore::Semaphore;
 use state::recipes::tasks::{TaskOutcome, TaskQueue, TaskRetryPolicy};
 use state::recipes::versioned::{optimistic_update, optimistic_update_many};
@@ -831,6 +832,192 @@ async fn fenced_store_rejects_stale_tokens(env: RecipeEnv) {
     );
 }
 
+// ---------------------------------------------------------------- roster (group membership)
+
+/// How long a lapsed member may stay listed past its TTL: etcd counts leases in whole seconds and
+/// sweeps expired ones every 500 ms.
+fn roster_slack(env: &RecipeEnv) -> Duration {
+    if env.etcd.is_some() {
+        Duration::from_millis(2_500)
+    } else {
+        Duration::from_millis(200)
+    }
+}
+
+fn names(entries: &[RosterEntry]) -> Vec<&str> {
+    entries.iter().map(|e| e.member.as_str()).collect()
+}
+
+async fn roster_lists_live_members_and_versions_change_only_with_them(env: RecipeEnv) {
+    let roster = &env.roster;
+    let ttl = Duration::from_secs(10);
+    let a = roster
+        .join("fleet", "a", b"http://a", ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    let b = roster
+        .join("fleet", "b", b"http://b", ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    let c = roster.join("fleet", "c", b"", ttl).await.unwrap().unwrap();
+    assert!(
+        a.token < b.token && b.token < c.token,
+        "{}: tokens increase",
+        env.name
+    );
+    assert!(
+        roster
+            .join("fleet", "a", b"again", ttl)
+            .await
+            .unwrap()
+            .is_none(),
+        "{}: a live name is taken",
+        env.name
+    );
+    roster.join("other", "z", b"", ttl).await.unwrap().unwrap();
+    let listed = roster.members("fleet").await.unwrap();
+    assert_eq!(
+        names(&listed),
+        ["a", "b", "c"],
+        "{}: other rosters stay out",
+        env.name
+    );
+    assert_eq!(listed[0].record, b"http://a");
+    assert_eq!(listed[1].token, b.token);
+
+    let seen = roster.version("fleet").await.unwrap();
+    assert_eq!(seen.members, 3);
+    assert!(roster.renew(&a, ttl).await.unwrap());
+    assert_eq!(
+        roster.version("fleet").await.unwrap(),
+        seen,
+        "{}: a renewal changes nothing",
+        env.name
+    );
+
+    assert!(roster.leave(&b).await.unwrap());
+    let after_leave = roster.version("fleet").await.unwrap();
+    assert_ne!(
+        after_leave, seen,
+        "{}: a departure changes the version",
+        env.name
+    );
+    assert!(
+        !roster.renew(&b, ttl).await.unwrap(),
+        "{}: a left member cannot renew",
+        env.name
+    );
+    assert!(!roster.leave(&b).await.unwrap());
+    let b2 = roster
+        .join("fleet", "b", b"http://b2", ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(b2.token > c.token);
+    assert_ne!(
+        roster.version("fleet").await.unwrap(),
+        after_leave,
+        "{}: a join changes the version",
+        env.name
+    );
+    assert!(
+        !roster.renew(&b, ttl).await.unwrap(),
+        "{}: the old holder cannot renew the new holder's entry",
+        env.name
+    );
+    assert!(
+        !roster.leave(&b).await.unwrap(),
+        "{}: nor remove it",
+        env.name
+    );
+    assert_eq!(
+        names(&roster.members("fleet").await.unwrap()),
+        ["a", "b", "c"]
+    );
+    for lease in [&a, &b2, &c] {
+        assert!(roster.leave(lease).await.unwrap());
+    }
+    assert!(roster.members("fleet").await.unwrap().is_empty());
+    assert!(matches!(
+        roster.join("fleet", "", b"", ttl).await,
+        Err(StateError::InvalidInput {
+            what: "member name",
+            ..
+        })
+    ));
+}
+
+async fn roster_member_lapses_after_its_ttl_and_its_late_renewal_is_refused(env: RecipeEnv) {
+    let roster = &env.roster;
+    let ttl = Duration::from_secs(1);
+    let stale = roster.join("lapse", "a", b"", ttl).await.unwrap().unwrap();
+    let other = roster
+        .join("lapse", "b", b"", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let seen = roster.version("lapse").await.unwrap();
+    let gone_by = tokio::time::Instant::now() + ttl + roster_slack(&env);
+    loop {
+        let listed = roster.members("lapse").await.unwrap();
+        if names(&listed) == ["b"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < gone_by,
+            "{}: a lapsed member is still listed",
+            env.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(
+        roster.version("lapse").await.unwrap(),
+        seen,
+        "{}: an expiry changes the version",
+        env.name
+    );
+    assert!(
+        !roster.renew(&stale, ttl).await.unwrap(),
+        "{}: a lapsed member's renewal is refused",
+        env.name
+    );
+    let again = roster.join("lapse", "a", b"", ttl).await.unwrap().unwrap();
+    assert!(again.token > other.token);
+}
+
+async fn kept_member_stays_listed_past_its_ttl_and_leaves_at_once(env: RecipeEnv) {
+    let ttl = Duration::from_millis(1_500);
+    let kept = KeptMember::join(&env.roster, "kept", "a", b"endpoint", ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(ttl * 2 + roster_slack(&env)).await;
+    assert!(
+        !kept.is_lost(),
+        "{}: renewed membership reported lost",
+        env.name
+    );
+    assert_eq!(names(&env.roster.members("kept").await.unwrap()), ["a"]);
+    kept.leave().await.unwrap();
+    assert!(env.roster.members("kept").await.unwrap().is_empty());
+}
+
+async fn concurrent_joins_of_one_name_admit_one(env: RecipeEnv) {
+    let joins = (0..8).map(|_| {
+        let roster = Arc::clone(&env.roster);
+        tokio::spawn(async move { roster.join("race", "x", b"", Duration::from_secs(10)).await })
+    });
+    let mut admitted = 0;
+    for join in joins {
+        if join.await.unwrap().unwrap().is_some() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 1, "{}: one name, one member", env.name);
+}
+
 macro_rules! recipe_tests {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -860,6 +1047,10 @@ recipe_tests!(memory:
     semaphore_admits_exactly_its_permits,
     optimistic_increments_are_exact,
     fenced_store_rejects_stale_tokens,
+    roster_lists_live_members_and_versions_change_only_with_them,
+    roster_member_lapses_after_its_ttl_and_its_late_renewal_is_refused,
+    kept_member_stays_listed_past_its_ttl_and_leaves_at_once,
+    concurrent_joins_of_one_name_admit_one,
 );
 
 recipe_tests!(redis:
@@ -878,6 +1069,10 @@ recipe_tests!(redis:
     semaphore_admits_exactly_its_permits,
     optimistic_increments_are_exact,
     fenced_store_rejects_stale_tokens,
+    roster_lists_live_members_and_versions_change_only_with_them,
+    roster_member_lapses_after_its_ttl_and_its_late_renewal_is_refused,
+    kept_member_stays_listed_past_its_ttl_and_leaves_at_once,
+    concurrent_joins_of_one_name_admit_one,
 );
 
 recipe_tests!(postgres:
@@ -890,6 +1085,10 @@ recipe_tests!(postgres:
     semaphore_admits_exactly_its_permits,
     optimistic_increments_are_exact,
     fenced_store_rejects_stale_tokens,
+    roster_lists_live_members_and_versions_change_only_with_them,
+    roster_member_lapses_after_its_ttl_and_its_late_renewal_is_refused,
+    kept_member_stays_listed_past_its_ttl_and_leaves_at_once,
+    concurrent_joins_of_one_name_admit_one,
 );
 
 // etcd: every recipe.
@@ -909,4 +1108,8 @@ recipe_tests!(etcd:
     semaphore_admits_exactly_its_permits,
     optimistic_increments_are_exact,
     fenced_store_rejects_stale_tokens,
+    roster_lists_live_members_and_versions_change_only_with_them,
+    roster_member_lapses_after_its_ttl_and_its_late_renewal_is_refused,
+    kept_member_stays_listed_past_its_ttl_and_leaves_at_once,
+    concurrent_joins_of_one_name_admit_one,
 );

@@ -10,9 +10,10 @@
 //! | `postgres://…`, `postgresql://…` | `PostgresDistributedLock` (lease mode) | the same database, the same pool |
 //! | `etcd://[user:password@]h1:p1,h2:p2[/prefix]`, `etcds://…?ca=ca.pem[&cert=c.pem&key=k.pem]` (TLS) | `EtcdDistributedLock` | the same cluster, the same client |
 //!
-//! Redlock has no replicated record store: fenced records (checkpoint records, membership) and tasks live
-//! on the first host. If it is down, they are unavailable (errors, never wrong answers) until it returns;
-//! the locks keep working on the quorum.
+//! Redlock has no replicated record store: fenced records (checkpoint records) and tasks live on the
+//! first host. If it is down, they are unavailable (errors, never wrong answers) until it returns; the
+//! locks and the roster (group membership, [`RedlockRosterStore`](crate::recipes::roster::RedlockRosterStore))
+//! keep working on the quorum.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -26,6 +27,7 @@
 use std::sync::Arc;
 
 use crate::recipes::fenced::{FencedStore, InMemoryFencedStore};
+use crate::recipes::roster::{InMemoryRosterStore, RosterStore};
 use crate::recipes::tasks::{InMemoryTaskStore, TaskStore};
 use crate::{DistributedLock, InMemoryDistributedLock, RetryConfig, StateError, StateResult};
 
@@ -42,6 +44,8 @@ pub struct Backend {
     pub fenced: Arc<dyn FencedStore>,
     /// The distributed task queue's store.
     pub tasks: Arc<dyn TaskStore>,
+    /// Group membership (rosters of leased members, listed in one request).
+    pub roster: Arc<dyn RosterStore>,
     /// The backend and its servers, credentials redacted (for logs).
     pub description: String,
 }
@@ -99,6 +103,7 @@ fn memory(retry: RetryConfig) -> Backend {
         lock: Arc::new(InMemoryDistributedLock::new().with_retry(retry)),
         fenced: Arc::new(InMemoryFencedStore::default()),
         tasks: Arc::new(InMemoryTaskStore::default()),
+        roster: Arc::new(InMemoryRosterStore::default()),
         description: "memory (one process)".to_owned(),
     }
 }
@@ -137,6 +142,10 @@ async fn etcd(url: &str, retry: RetryConfig) -> StateResult<Backend> {
     Ok(Backend {
         description: format!("etcd {}", target.redacted()),
         fenced: Arc::new(EtcdFencedStore::new(client.clone(), &target.prefix)),
+        roster: Arc::new(crate::recipes::roster::EtcdRosterStore::new(
+            client.clone(),
+            &target.prefix,
+        )),
         tasks: Arc::new(EtcdTaskStore::new(client, &target.prefix)),
         lock: Arc::new(lock.with_retry(retry)),
     })
@@ -164,6 +173,9 @@ async fn redis(url: &str, retry: RetryConfig) -> StateResult<Backend> {
     Ok(Backend {
         description: format!("redis {}", crate::redact::redact_url(url)),
         fenced: Arc::new(RedisFencedStore::from_connection_manager(conn.clone())),
+        roster: Arc::new(
+            crate::recipes::roster::RedisRosterStore::from_connection_manager(conn.clone()),
+        ),
         tasks: Arc::new(RedisTaskStore::from_connection_manager(conn)),
         lock: Arc::new(lock.with_retry(retry)),
     })
@@ -231,10 +243,11 @@ async fn redlock(url: &str, retry: RetryConfig) -> StateResult<Backend> {
     let shown: Vec<String> = nodes.iter().map(|n| crate::redact::redact_url(n)).collect();
     Ok(Backend {
         description: format!(
-            "redlock over {} nodes [{}], records on the first",
+            "redlock over {} nodes [{}], membership on a majority, records on the first",
             nodes.len(),
             shown.join(", ")
         ),
+        roster: Arc::new(lock.roster_store()),
         lock: Arc::new(lock.with_retry(retry)),
         fenced: Arc::new(RedisFencedStore::from_connection_manager(conn.clone())),
         tasks: Arc::new(RedisTaskStore::from_connection_manager(conn)),
@@ -252,6 +265,9 @@ async fn postgres(url: &str, retry: RetryConfig) -> StateResult<Backend> {
         description: format!("postgres {}", crate::redact::redact_url(url)),
         fenced: Arc::new(PostgresFencedStore::new(lock.pool().clone()).await?),
         tasks: Arc::new(PostgresTaskStore::new(lock.pool().clone()).await?),
+        roster: Arc::new(
+            crate::recipes::roster::PostgresRosterStore::new(lock.pool().clone()).await?,
+        ),
         lock: Arc::new(lock.with_retry(retry)),
     })
 }

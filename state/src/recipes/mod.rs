@@ -11,6 +11,7 @@
 //! | storage that rejects stale fencing tokens | [`fenced`] |
 //! | several resources, all or nothing, deadlock-free | [`multi`] |
 //! | at most N holders | [`semaphore`] |
+//! | group membership listed in one request (a roster of leased members) | [`roster`] |
 //! | optimistic versioned updates (compare-and-set with retry) | [`versioned`] |
 
 pub mod checkpoint;
@@ -19,6 +20,7 @@ pub mod fenced;
 pub mod keeper;
 pub mod leader;
 pub mod multi;
+pub mod roster;
 pub mod semaphore;
 pub mod tasks;
 pub mod versioned;

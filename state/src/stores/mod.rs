@@ -7,7 +7,9 @@
 //! | [`tasks::TaskStore`] | [`recipes::tasks`](crate::recipes::tasks) |
 //! | [`fenced::FencedStore`] | [`recipes::fenced`](crate::recipes::fenced), the processor's checkpoint records |
 //! | [`versioned::VersionedStore`] | [`recipes::versioned`](crate::recipes::versioned) |
+//! | [`roster::RosterStore`] | [`recipes::roster`](crate::recipes::roster), the processor's fleet membership |
 
 pub mod fenced;
+pub mod roster;
 pub mod tasks;
 pub mod versioned;

@@ -32,6 +32,7 @@
 //! gives errors, never a hang.
 
 pub(crate) mod fenced;
+pub(crate) mod roster;
 pub(crate) mod tasks;
 pub(crate) mod versioned;
 
@@ -72,7 +73,7 @@ enum Attempt {
 }
 
 /// An etcd lease length for `ttl`: whole seconds, rounded up.
-fn lease_seconds(ttl: Duration) -> i64 {
+pub(crate) fn lease_seconds(ttl: Duration) -> i64 {
     let millis = ttl.as_millis().max(1);
     i64::try_from(millis.div_ceil(1_000)).unwrap_or(i64::MAX)
 }

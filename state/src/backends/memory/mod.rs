@@ -5,6 +5,7 @@
 //! `tokio::time::advance` to exercise expiry without sleeping.
 
 pub(crate) mod fenced;
+pub(crate) mod roster;
 pub(crate) mod tasks;
 pub(crate) mod versioned;
 

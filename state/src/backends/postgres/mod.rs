@@ -35,6 +35,7 @@
 //! holds the service and dispatches each [`DistributedLock`] call to its mode.
 
 pub(crate) mod fenced;
+pub(crate) mod roster;
 pub(crate) mod tasks;
 pub(crate) mod versioned;
 

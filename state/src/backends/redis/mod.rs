@@ -28,6 +28,7 @@
 //! or paused server gives an error, never a hang.
 
 pub(crate) mod fenced;
+pub(crate) mod roster;
 pub(crate) mod tasks;
 pub(crate) mod versioned;
 

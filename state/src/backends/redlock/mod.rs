@@ -38,6 +38,8 @@
 //! (the "delayed restart" of the Redlock spec, which protects leases but not counters). If a majority
 //! loses its data at once, tokens may repeat.
 
+pub(crate) mod roster;
+
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
