@@ -3,9 +3,12 @@
 //! partitions can one Redis or one PostgreSQL coordinate?
 //!
 //! Each simulated instance runs the processor's rounds every `tick` (250 ms, the processor's default):
-//! - **membership**: a kept lock on a member slot `member:{group}:{topic}:{slot}` (the first free one) and its
-//!   id in the fenced registry; every tick it reads every slot (holder + registry entry) to list the
-//!   live members — as `Membership::live_members` does;
+//! - **membership** (`--membership roster`, the processor's since the fleet-at-scale round): a
+//!   [`KeptMember`] of the job's roster; every tick it reads the roster's version (one request, a
+//!   constant-size answer) and lists the members only when it changed — as `Membership::live_members`
+//!   does. `--membership slots` runs the design it replaced, for the before rows: a kept lock on the first
+//!   free member slot `member:{group}:{topic}:{slot}` and its id in the fenced registry, every slot read
+//!   (holder + registry entry) every tick;
 //! - **assignment**: rendezvous hashing with bounded loads over the live members (the processor's
 //!   algorithm), recomputed when the member list changes;
 //! - **claims**: a kept lock (renewed every third of the TTL) per partition it should own; released when
@@ -22,8 +25,9 @@
 //! of a real fleet would not: the backend's connection count is lower than a real fleet's.
 //!
 //! ```text
-//! cargo bench -p benches --bench fleet                       # 10×100, 50×1 000, 200×10 000 on Redis and PostgreSQL
+//! cargo bench -p benches --bench fleet                       # 10×100, 100×1 000, 1 000×10 000 on Redis, etcd, PostgreSQL
 //! cargo bench -p benches --bench fleet -- --sizes 50x1000 --backend redis
+//! cargo bench -p benches --bench fleet -- --membership roster,slots   # after and before, same run
 //! cargo bench -p benches --bench fleet -- --membership-every 1.67   # members read every third of the TTL
 //! cargo test  -p benches --bench fleet                       # smoke run: 10×100, short windows
 //! ```
@@ -36,11 +40,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use integration_tests::cpu::cpu_seconds;
-use integration_tests::{FaultProxy, PostgresServer, RedisServer};
+use integration_tests::{EtcdCluster, FaultProxy, PostgresServer, RedisServer};
 use state::DistributedLock;
 use state::recipes::fenced::FencedStore;
 use state::recipes::keeper::{KeptLock, RenewalPolicy};
 use state::recipes::leader::LeaderElection;
+use state::recipes::roster::{KeptMember, RosterStore, RosterVersion};
 use state::recipes::tasks::{TaskQueue, TaskStore};
 use tokio_util::sync::CancellationToken;
 
@@ -68,12 +73,23 @@ impl std::fmt::Display for Scale {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Redis,
+    Etcd,
     Postgres,
+}
+
+/// How the instances know each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Design {
+    /// The job's roster: a version read per tick, a listing when it changed.
+    Roster,
+    /// The member slots it replaced: every slot read every tick.
+    Slots,
 }
 
 struct Options {
     scales: Vec<Scale>,
     kinds: Vec<Kind>,
+    designs: Vec<Design>,
     measure_for: Duration,
     settle_within: Duration,
     /// How often the member slots are read (the processor: every tick). `--membership-every SECS`
@@ -92,7 +108,7 @@ fn options() -> Options {
     let scales = value("--sizes").map_or_else(
         || {
             if full {
-                vec![(10, 100), (50, 1_000), (200, 10_000)]
+                vec![(10, 100), (100, 1_000), (1_000, 10_000)]
             } else {
                 vec![(10, 100)]
             }
@@ -106,11 +122,33 @@ fn options() -> Options {
                 .collect()
         },
     );
-    let kinds = match value("--backend").as_deref() {
-        Some("redis") => vec![Kind::Redis],
-        Some("postgres") => vec![Kind::Postgres],
-        _ => vec![Kind::Redis, Kind::Postgres],
-    };
+    let kinds = value("--backend").map_or_else(
+        || vec![Kind::Redis, Kind::Etcd, Kind::Postgres],
+        |names| {
+            names
+                .split(',')
+                .filter_map(|name| match name {
+                    "redis" => Some(Kind::Redis),
+                    "etcd" => Some(Kind::Etcd),
+                    "postgres" => Some(Kind::Postgres),
+                    _ => None,
+                })
+                .collect()
+        },
+    );
+    let designs = value("--membership").map_or_else(
+        || vec![Design::Roster],
+        |names| {
+            names
+                .split(',')
+                .filter_map(|name| match name {
+                    "roster" => Some(Design::Roster),
+                    "slots" => Some(Design::Slots),
+                    _ => None,
+                })
+                .collect()
+        },
+    );
     Options {
         scales: scales
             .into_iter()
@@ -120,6 +158,7 @@ fn options() -> Options {
             })
             .collect(),
         kinds,
+        designs,
         measure_for: if full {
             Duration::from_secs(10)
         } else {
@@ -143,6 +182,7 @@ struct Client {
     lock: Arc<dyn DistributedLock>,
     registry: Arc<dyn FencedStore>,
     tasks: Arc<dyn TaskStore>,
+    roster: Arc<dyn RosterStore>,
 }
 
 async fn client(url: &str) -> Client {
@@ -151,6 +191,7 @@ async fn client(url: &str) -> Client {
         lock: backend.lock,
         registry: backend.fenced,
         tasks: backend.tasks,
+        roster: backend.roster,
     }
 }
 
@@ -197,12 +238,23 @@ fn assignment(partitions: u32, members: &[String]) -> HashMap<u32, String> {
 /// Claims held by every instance, for the hand-off measurement.
 type Held = Arc<Mutex<HashMap<String, HashSet<u32>>>>;
 
+/// Ticks run and membership requests made, fleet-wide.
+#[derive(Default)]
+struct Counters {
+    ticks: AtomicU64,
+    member_requests: AtomicU64,
+}
+
 struct Instance {
     id: String,
     client: Client,
+    design: Design,
     max_members: u32,
     partitions: u32,
     slot: Option<KeptLock>,
+    kept: Option<KeptMember>,
+    roster_seen: Option<RosterVersion>,
+    counters: Arc<Counters>,
     claims: HashMap<u32, KeptLock>,
     election: LeaderElection,
     queue: TaskQueue,
@@ -215,14 +267,61 @@ struct Instance {
     errors: Arc<AtomicU64>,
 }
 
+const ROSTER: &str = "members:sim:orders";
+
 impl Instance {
+    fn count(&self, requests: u64) {
+        self.counters
+            .member_requests
+            .fetch_add(requests, Ordering::Relaxed);
+    }
+
     async fn announce(&mut self) -> state::StateResult<()> {
+        match self.design {
+            Design::Roster => self.join_roster().await,
+            Design::Slots => self.take_slot().await,
+        }
+    }
+
+    async fn live_members(&mut self) -> state::StateResult<Option<Vec<String>>> {
+        match self.design {
+            Design::Roster => self.roster_members().await,
+            Design::Slots => self.slot_members().await.map(Some),
+        }
+    }
+
+    async fn join_roster(&mut self) -> state::StateResult<()> {
+        if self.kept.as_ref().is_some_and(|kept| !kept.is_lost()) {
+            return Ok(());
+        }
+        self.count(1);
+        self.kept = KeptMember::join(&self.client.roster, ROSTER, &self.id, b"", CLAIM_TTL).await?;
+        Ok(())
+    }
+
+    /// The members when the roster's version moved since the last listing, `None` when it did not.
+    async fn roster_members(&mut self) -> state::StateResult<Option<Vec<String>>> {
+        self.count(1);
+        let version = self.client.roster.version(ROSTER).await?;
+        if self.roster_seen == Some(version) {
+            return Ok(None);
+        }
+        self.count(1);
+        let members = self.client.roster.members(ROSTER).await?;
+        self.roster_seen = Some(version);
+        Ok(Some(
+            members.into_iter().map(|entry| entry.member).collect(),
+        ))
+    }
+
+    async fn take_slot(&mut self) -> state::StateResult<()> {
         if self.slot.as_ref().is_some_and(|kept| !kept.is_lost()) {
             return Ok(());
         }
         self.slot = None;
         for slot in 0..self.max_members {
             let resource = format!("member:{GROUP}:{TOPIC}:{slot}");
+            self.count(1);
             if let Some(kept) = KeptLock::try_acquire(
                 &self.client.lock,
                 &resource,
@@ -242,13 +341,15 @@ impl Instance {
         Ok(())
     }
 
-    async fn live_members(&self) -> state::StateResult<Vec<String>> {
+    async fn slot_members(&self) -> state::StateResult<Vec<String>> {
         let mut members = Vec::new();
         for slot in 0..self.max_members {
             let resource = format!("member:{GROUP}:{TOPIC}:{slot}");
+            self.count(1);
             let Some(holder) = self.client.lock.get_lock_info(&resource).await? else {
                 continue;
             };
+            self.count(1);
             if let Some(entry) = self.client.registry.read(&resource).await?
                 && entry.token == holder.fencing_token
             {
@@ -261,6 +362,7 @@ impl Instance {
     }
 
     async fn round(&mut self) -> state::StateResult<()> {
+        self.counters.ticks.fetch_add(1, Ordering::Relaxed);
         self.announce().await?;
         // The member list is read every `membership_every` (every tick by default, as the processor
         // does), and at once when this instance's own slot or a claim was just lost.
@@ -269,7 +371,9 @@ impl Instance {
             .is_none_or(|at| at.elapsed() >= self.membership_every);
         let members = if due || self.claims.values().any(KeptLock::is_lost) {
             self.members_read_at = Some(Instant::now());
-            self.live_members().await?
+            self.live_members()
+                .await?
+                .unwrap_or_else(|| self.members.clone())
         } else {
             self.members.clone()
         };
@@ -362,29 +466,31 @@ fn rand_fraction(id: &str) -> f64 {
 struct Server {
     kind: Kind,
     redis: Option<RedisServer>,
+    etcd: Option<EtcdCluster>,
     postgres: Option<PostgresServer>,
 }
 
 impl Server {
     fn start(kind: Kind) -> Self {
+        let mut server = Server {
+            kind,
+            redis: None,
+            etcd: None,
+            postgres: None,
+        };
         match kind {
-            Kind::Redis => Server {
-                kind,
-                redis: Some(RedisServer::start_new()),
-                postgres: None,
-            },
-            Kind::Postgres => Server {
-                kind,
-                redis: None,
-                postgres: Some(PostgresServer::start_new()),
-            },
+            Kind::Redis => server.redis = Some(RedisServer::start_new()),
+            Kind::Etcd => server.etcd = Some(EtcdCluster::single()),
+            Kind::Postgres => server.postgres = Some(PostgresServer::start_new()),
         }
+        server
     }
 
     fn port(&self) -> u16 {
-        match (&self.redis, &self.postgres) {
-            (Some(redis), _) => redis.port(),
-            (_, Some(postgres)) => postgres.port(),
+        match (&self.redis, &self.etcd, &self.postgres) {
+            (Some(redis), _, _) => redis.port(),
+            (_, Some(etcd), _) => etcd.member(0).port(),
+            (_, _, Some(postgres)) => postgres.port(),
             _ => unreachable!("a server is running"),
         }
     }
@@ -392,14 +498,18 @@ impl Server {
     fn url_on(&self, port: u16) -> String {
         match self.kind {
             Kind::Redis => format!("redis://127.0.0.1:{port}"),
+            Kind::Etcd => format!("etcd://127.0.0.1:{port}/fleet/"),
             Kind::Postgres => format!("postgres://postgres@127.0.0.1:{port}/postgres"),
         }
     }
 
     fn cpu(&self) -> f64 {
-        match (&self.redis, &self.postgres) {
-            (Some(redis), _) => cpu_seconds(&redis.pid().into_iter().collect::<Vec<_>>()),
-            (_, Some(postgres)) => cpu_seconds(&postgres.pids()),
+        match (&self.redis, &self.etcd, &self.postgres) {
+            (Some(redis), _, _) => cpu_seconds(&redis.pid().into_iter().collect::<Vec<_>>()),
+            (_, Some(etcd), _) => {
+                cpu_seconds(&etcd.member(0).pid().into_iter().collect::<Vec<_>>())
+            }
+            (_, _, Some(postgres)) => cpu_seconds(&postgres.pids()),
             _ => 0.0,
         }
     }
@@ -415,6 +525,7 @@ impl Server {
                     .await
                     .unwrap(),
             ),
+            Kind::Etcd => Probe::Etcd,
             Kind::Postgres => Probe::Postgres(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(1)
@@ -431,13 +542,27 @@ impl Server {
 /// The bench's own connection to the server.
 enum Probe {
     Redis(redis::aio::MultiplexedConnection),
+    /// etcd's own counters, from its `/metrics`.
+    Etcd,
     Postgres(sqlx::PgPool),
 }
 
+/// The requests an etcd member has answered: the sum of its `grpc_server_handled_total` series.
+fn etcd_requests(metrics: &str) -> Option<u64> {
+    let mut total = 0.0;
+    for line in metrics.lines() {
+        if line.starts_with("grpc_server_handled_total{") {
+            total += line.rsplit(' ').next()?.parse::<f64>().ok()?;
+        }
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Some(total as u64)
+}
+
 impl Probe {
-    /// Commands (Redis) or committed transactions (PostgreSQL) so far; `None` when the server does not
-    /// answer within a minute.
-    async fn operations(&mut self) -> Option<u64> {
+    /// Commands (Redis), answered requests (etcd) or committed transactions (PostgreSQL) so far;
+    /// `None` when the server does not answer within a minute.
+    async fn operations(&mut self, server: &Server) -> Option<u64> {
         let read = async {
             match self {
                 Probe::Redis(conn) => {
@@ -450,6 +575,7 @@ impl Probe {
                         .find_map(|line| line.strip_prefix("total_commands_processed:"))
                         .and_then(|n| n.trim().parse().ok())
                 }
+                Probe::Etcd => etcd_requests(&server.etcd.as_ref()?.member(0).metrics()?),
                 Probe::Postgres(pool) => {
                     let committed: i64 =
                         sqlx::query_scalar("SELECT sum(xact_commit)::bigint FROM pg_stat_database")
@@ -469,6 +595,7 @@ impl Probe {
 
 struct Report {
     settled: Option<Duration>,
+    member_requests_per_tick: f64,
     operations_per_second: Option<f64>,
     cpu_share: f64,
     hand_off: Option<Duration>,
@@ -516,7 +643,7 @@ async fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> Option<
     None
 }
 
-async fn simulate(kind: Kind, scale: Scale, options: &Options) -> Report {
+async fn simulate(kind: Kind, design: Design, scale: Scale, options: &Options) -> Report {
     let server = Server::start(kind);
     let mut probe = server.probe().await;
     // The victim (instance 0) reaches the server through a proxy of its own, cut to kill it.
@@ -528,6 +655,7 @@ async fn simulate(kind: Kind, scale: Scale, options: &Options) -> Report {
     }
     let held: Held = Arc::default();
     let errors = Arc::new(AtomicU64::new(0));
+    let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for i in 0..scale.instances {
@@ -548,9 +676,13 @@ async fn simulate(kind: Kind, scale: Scale, options: &Options) -> Report {
             queue: TaskQueue::new(client.lock.clone(), client.tasks.clone(), CLAIM_TTL),
             id,
             client,
+            design,
             max_members: u32::try_from(scale.instances).unwrap(),
             partitions: scale.partitions,
             slot: None,
+            kept: None,
+            roster_seen: None,
+            counters: Arc::clone(&counters),
             claims: HashMap::new(),
             members: Vec::new(),
             membership_every: options.membership_every,
@@ -567,9 +699,21 @@ async fn simulate(kind: Kind, scale: Scale, options: &Options) -> Report {
         all_held(&held, scale.partitions, None) && balanced(&held, scale)
     })
     .await;
-    let (ops_before, cpu_before, at) = (probe.operations().await, server.cpu(), Instant::now());
+    let (ops_before, cpu_before, at) = (
+        probe.operations(&server).await,
+        server.cpu(),
+        Instant::now(),
+    );
+    let (ticks_before, requests_before) = (
+        counters.ticks.load(Ordering::Relaxed),
+        counters.member_requests.load(Ordering::Relaxed),
+    );
     tokio::time::sleep(options.measure_for).await;
-    let ops_after = probe.operations().await;
+    let ops_after = probe.operations(&server).await;
+    #[allow(clippy::cast_precision_loss)]
+    let member_requests_per_tick = (counters.member_requests.load(Ordering::Relaxed)
+        - requests_before) as f64
+        / (counters.ticks.load(Ordering::Relaxed) - ticks_before).max(1) as f64;
     let elapsed = at.elapsed().as_secs_f64();
     #[allow(clippy::cast_precision_loss)]
     let operations_per_second = match (ops_before, ops_after) {
@@ -591,6 +735,7 @@ async fn simulate(kind: Kind, scale: Scale, options: &Options) -> Report {
     }
     Report {
         settled,
+        member_requests_per_tick,
         operations_per_second,
         cpu_share,
         hand_off,
@@ -610,35 +755,39 @@ fn secs(d: Option<Duration>) -> String {
 async fn main() {
     let options = options();
     println!(
-        "fleet simulation: tick {TICK:?}, member slots read every {:?}, claim TTL {CLAIM_TTL:?} (renewed every third), maintenance every {MAINTENANCE_EVERY:?} per partition, {}-instance client groups; steady state measured over {:?}",
+        "fleet simulation: tick {TICK:?}, members read every {:?}, claim TTL {CLAIM_TTL:?} (renewed every third), maintenance every {MAINTENANCE_EVERY:?} per partition, {}-instance client groups; steady state measured over {:?}",
         options.membership_every, PER_CLIENT, options.measure_for
     );
     println!(
-        "| backend | instances × partitions | all claimed after | backend load | backend CPU (cores) | hand-off after a death (its partitions) | failed rounds |"
+        "| backend | membership | instances × partitions | all claimed and balanced after | membership requests per instance per tick | backend load | backend CPU (cores) | hand-off after a death (its partitions) | failed rounds |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for kind in &options.kinds {
         for scale in &options.scales {
-            let report = simulate(*kind, *scale, &options).await;
-            let server_name = match kind {
-                Kind::Redis => "Redis",
-                Kind::Postgres => "PostgreSQL",
-            };
-            let unit = match kind {
-                Kind::Redis => "commands/s",
-                Kind::Postgres => "transactions/s",
-            };
-            println!(
-                "| {server_name} | {scale} | {} | {} | {:.2} | {} ({}) | {} |",
-                secs(report.settled),
-                report
-                    .operations_per_second
-                    .map_or_else(|| "no answer".to_owned(), |n| format!("{n:.0} {unit}")),
-                report.cpu_share,
-                secs(report.hand_off),
-                report.victim_partitions,
-                report.round_errors,
-            );
+            for design in &options.designs {
+                let report = simulate(*kind, *design, *scale, &options).await;
+                let (server_name, unit) = match kind {
+                    Kind::Redis => ("Redis", "commands/s"),
+                    Kind::Etcd => ("etcd", "requests/s"),
+                    Kind::Postgres => ("PostgreSQL", "transactions/s"),
+                };
+                let design_name = match design {
+                    Design::Roster => "roster",
+                    Design::Slots => "slots (before)",
+                };
+                println!(
+                    "| {server_name} | {design_name} | {scale} | {} | {:.2} | {} | {:.2} | {} ({}) | {} |",
+                    secs(report.settled),
+                    report.member_requests_per_tick,
+                    report
+                        .operations_per_second
+                        .map_or_else(|| "no answer".to_owned(), |n| format!("{n:.0} {unit}")),
+                    report.cpu_share,
+                    secs(report.hand_off),
+                    report.victim_partitions,
+                    report.round_errors,
+                );
+            }
         }
     }
 }

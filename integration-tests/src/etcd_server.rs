@@ -50,6 +50,17 @@ impl EtcdMember {
         &self.name
     }
 
+    /// The running process's id (for its CPU use).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.child().as_ref().map(std::process::Child::id)
+    }
+
+    /// The member's Prometheus text (`/metrics` on its plain-HTTP metrics port); `None` when it does
+    /// not answer.
+    pub fn metrics(&self) -> Option<String> {
+        http_get(self.metrics_port, "/metrics")
+    }
+
     fn spawn(&self, state: &str) {
         if self.process.is_running() {
             return;

@@ -453,6 +453,60 @@ async fn competing_workers_complete_every_task_exactly_once(env: RecipeEnv) {
     );
 }
 
+/// As many tasks run at once as there are workers: a claimed task is hidden from the others' pages of
+/// due tasks (before, every worker looked only at the 32 earliest due, claimed ones included, so no
+/// more than 32 ran at once however many workers there were).
+async fn workers_run_as_many_tasks_at_once_as_there_are_workers(env: RecipeEnv) {
+    const WORKERS: usize = 64;
+    let queue = TaskQueue::new(env.lock.clone(), env.tasks.clone(), Duration::from_secs(5));
+    for i in 0..2 * WORKERS {
+        queue.submit(&format!("wide-{i}"), b"").await.unwrap();
+    }
+    let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let (queue, running, peak, runs) =
+            (queue.clone(), running.clone(), peak.clone(), runs.clone());
+        workers.push(tokio::spawn(async move {
+            let mut idle = 0;
+            while idle < 3 {
+                let (running, peak, runs) = (running.clone(), peak.clone(), runs.clone());
+                let run = queue
+                    .run_next(|_task, _ctx| async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(800)).await;
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    })
+                    .await
+                    .unwrap();
+                if run.is_none() {
+                    idle += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2 * WORKERS,
+        "{}: every task ran once",
+        env.name
+    );
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(
+        peak >= WORKERS * 9 / 10,
+        "{}: at most {peak} of {WORKERS} workers ran a task at once",
+        env.name
+    );
+}
+
 async fn recurring_jobs_survive_restarts_and_run_once_per_period(env: RecipeEnv) {
     let queue = TaskQueue::new(env.lock.clone(), env.tasks.clone(), Duration::from_secs(5));
     assert!(
@@ -1051,6 +1105,7 @@ recipe_tests!(memory:
     roster_member_lapses_after_its_ttl_and_its_late_renewal_is_refused,
     kept_member_stays_listed_past_its_ttl_and_leaves_at_once,
     concurrent_joins_of_one_name_admit_one,
+    workers_run_as_many_tasks_at_once_as_there_are_workers,
 );
 
 recipe_tests!(redis:
@@ -1073,6 +1128,7 @@ recipe_tests!(redis:
     roster_member_lapses_after_its_ttl_and_its_late_renewal_is_refused,
     kept_member_stays_listed_past_its_ttl_and_leaves_at_once,
     concurrent_joins_of_one_name_admit_one,
+    workers_run_as_many_tasks_at_once_as_there_are_workers,
 );
 
 recipe_tests!(postgres:
@@ -1089,6 +1145,7 @@ recipe_tests!(postgres:
     roster_member_lapses_after_its_ttl_and_its_late_renewal_is_refused,
     kept_member_stays_listed_past_its_ttl_and_leaves_at_once,
     concurrent_joins_of_one_name_admit_one,
+    workers_run_as_many_tasks_at_once_as_there_are_workers,
 );
 
 // etcd: every recipe.
@@ -1112,4 +1169,5 @@ recipe_tests!(etcd:
     roster_member_lapses_after_its_ttl_and_its_late_renewal_is_refused,
     kept_member_stays_listed_past_its_ttl_and_leaves_at_once,
     concurrent_joins_of_one_name_admit_one,
+    workers_run_as_many_tasks_at_once_as_there_are_workers,
 );

@@ -279,10 +279,10 @@ pub(crate) struct RunArgs {
     /// and consumed after at most this long (logged: keyed state does not move with its keys).
     #[arg(long, env = "TOPOLOGY_REFRESH_SECS", default_value_t = 30.0)]
     pub(crate) topology_refresh_secs: f64,
-    /// The most instances the fleet may have: every instance reads this many member slots each tick, and
-    /// an instance finding them all taken waits outside the fleet (logged). All instances of a fleet must
-    /// agree on it.
-    #[arg(long, env = "MAX_MEMBERS", default_value_t = 64)]
+    /// The most instances the fleet may have: a ceiling checked when an instance joins (one finding the
+    /// fleet full waits outside it, logged). It costs nothing per tick: membership is one roster per job
+    /// (group and topic), listed in one request whatever its size.
+    #[arg(long, env = "MAX_MEMBERS", default_value_t = 4_096)]
     pub(crate) max_members: u32,
     /// Checkpoints kept per partition by the maintenance jobs.
     #[arg(long, env = "KEEP_CHECKPOINTS", default_value_t = 3)]

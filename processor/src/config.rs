@@ -204,7 +204,7 @@ impl InstanceConfig {
             parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
             maintenance: MaintenanceConfig::default(),
             tick: Duration::from_millis(250),
-            max_members: 64,
+            max_members: 4_096,
             output_topic: None,
             output_guarantee: OutputGuarantee::ExactlyOnce,
             dead_letter_topic: None,
@@ -255,8 +255,9 @@ impl InstanceConfig {
         self
     }
 
-    /// Sets the most members the fleet may have (member slots each instance scans every tick: keep it
-    /// near the fleet's real size; an instance finding no free slot waits outside the fleet).
+    /// Sets the most members the fleet may have: a ceiling, checked when an instance joins (an instance
+    /// finding the fleet full waits outside it). It costs nothing per tick: members are listed in one
+    /// request whatever their number.
     pub fn with_max_members(mut self, max_members: u32) -> Self {
         self.max_members = max_members;
         self

@@ -8,7 +8,7 @@
 //! | name | what |
 //! |---|---|
 //! | `partition:{group}:{topic}:{p}` | the kept claim of a partition's owner |
-//! | `member:{group}:{topic}:{slot}` | a membership slot ([`member_slot_resource`], see [`crate::fleet::membership`]) |
+//! | `members:{group}:{topic}` | the job's roster of live members ([`member_roster_name`], see [`crate::fleet::membership`]) |
 //! | `leader:{group}:{topic}` | the leader election ([`leader_election_name`]) |
 //! | `checkpoint:{group}:{topic}:{p}` | the fenced checkpoint record of a partition |
 //! | `maintain:{group}:{topic}:{p}` | the recurring maintenance job of a partition |
@@ -32,10 +32,10 @@ pub fn partition_resource(group: &str, topic: &str, partition: i32) -> String {
     format!("partition:{group}:{topic}:{partition}")
 }
 
-/// The lock resource of membership slot `slot` of the job on `topic` in fleet `group`: the members of
-/// one job are the holders of its slots, so jobs on other topics (or in other groups) are never counted.
-pub fn member_slot_resource(group: &str, topic: &str, slot: u32) -> String {
-    format!("member:{group}:{topic}:{slot}")
+/// The roster (group membership, [`state::recipes::roster`]) of the job on `topic` in fleet `group`:
+/// one roster per job, so members of jobs on other topics (or in other groups) are never counted.
+pub fn member_roster_name(group: &str, topic: &str) -> String {
+    format!("members:{group}:{topic}")
 }
 
 /// The name of the leader election of the job on `topic` in fleet `group` (lock resource
@@ -175,7 +175,7 @@ mod tests {
         );
         assert_eq!(checkpoint_scope("g", "orders", 3), "g:orders:3");
         assert_eq!(maintenance_task_id("g", "orders", 3), "maintain:g:orders:3");
-        assert_eq!(member_slot_resource("g", "orders", 3), "member:g:orders:3");
+        assert_eq!(member_roster_name("g", "orders"), "members:g:orders");
         assert_eq!(
             maintenance_task_partition("g", "orders", "maintain:g:orders:3"),
             Some(3)
@@ -190,7 +190,7 @@ mod tests {
             None
         );
         assert_eq!(leader_election_name("g", "orders"), "g:orders");
-        assert!(state::lock::validate_resource(&member_slot_resource("g", "orders", 3)).is_ok());
+        assert!(state::lock::validate_resource(&member_roster_name("g", "orders")).is_ok());
     }
 
     #[test]
@@ -257,11 +257,9 @@ mod tests {
                 prop_assert_ne!(checkpoint_scope(ga, ta, pa), checkpoint_scope(gb, tb, pb));
                 prop_assert_ne!(maintenance_task_id(ga, ta, pa), maintenance_task_id(gb, tb, pb));
                 prop_assert_ne!(transactional_id(ga, ta, pa), transactional_id(gb, tb, pb));
-                let slot = |p: i32| u32::try_from(p).unwrap_or(0);
-                prop_assert_ne!(
-                    member_slot_resource(ga, ta, slot(pa)),
-                    member_slot_resource(gb, tb, slot(pb))
-                );
+                if (ga, ta) != (gb, tb) {
+                    prop_assert_ne!(member_roster_name(ga, ta), member_roster_name(gb, tb));
+                }
                 let id = maintenance_task_id(gb, tb, pb);
                 prop_assert_eq!(
                     maintenance_task_partition(ga, ta, &id),

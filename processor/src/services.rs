@@ -1,5 +1,5 @@
 //! The shared services a fleet instance coordinates through: the lock backend, the fenced registry
-//! (membership and checkpoint records), the task store of fleet-wide jobs, the shared checkpoint store,
+//! (checkpoint records), the roster (membership), the task store of fleet-wide jobs, the shared checkpoint store,
 //! the operator and the factory of local partition stores.
 //!
 //! [`Services::connect`] builds them all from one lock URL through [`state::connect()`] — `memory` (one
@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use state::recipes::fenced::{FencedStore, InMemoryFencedStore};
+use state::recipes::roster::{InMemoryRosterStore, RosterStore};
 use state::recipes::tasks::{InMemoryTaskStore, TaskStore};
 use state::{DistributedLock, InMemoryDistributedLock, StateError};
 
@@ -24,10 +25,12 @@ use crate::store::rocksdb::RocksDbStores;
 /// share the in-process lock table, like separate processes share a Redis).
 #[derive(Clone)]
 pub struct Services {
-    /// Locks: membership slots, partition claims, leadership, compaction and task claims.
+    /// Locks: partition claims, leadership, compaction and task claims.
     pub lock: Arc<dyn DistributedLock>,
-    /// Fenced records: the membership registry and the checkpoint records.
+    /// Fenced records: the checkpoint records.
     pub registry: Arc<dyn FencedStore>,
+    /// Group membership: each job's roster of live members.
+    pub roster: Arc<dyn RosterStore>,
     /// The task store of fleet-wide jobs (retention and compaction of checkpoints).
     pub tasks: Arc<dyn TaskStore>,
     /// The shared checkpoint store.
@@ -62,6 +65,7 @@ impl Services {
         Ok(Services {
             lock: Arc::new(InMemoryDistributedLock::new()),
             registry: Arc::new(InMemoryFencedStore::default()),
+            roster: Arc::new(InMemoryRosterStore::default()),
             tasks: Arc::new(InMemoryTaskStore::default()),
             checkpoints: Arc::new(DirectoryCheckpointStore::new(checkpoint_dir)?),
             operator: Arc::new(KeyedAggregation),
@@ -90,6 +94,7 @@ impl Services {
         tracing::info!(backend = %backend.description, "coordination backend");
         services.lock = backend.lock;
         services.registry = backend.fenced;
+        services.roster = backend.roster;
         services.tasks = backend.tasks;
         Ok(services)
     }

@@ -118,8 +118,7 @@ impl Instance {
     /// the partition is claimed again on a later tick.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> ProcessorResult<()> {
         let mut membership = Membership::new(
-            self.services.lock.clone(),
-            self.services.registry.clone(),
+            self.services.roster.clone(),
             &self.config.group,
             &self.config.topic,
             &self.config.instance_id,

@@ -1,9 +1,11 @@
 //! Fleet membership and partition assignment through the `state` crate — not Kafka's group rebalancing.
 //!
-//! - **Membership**: each instance holds a kept lock on one *member slot* `member:{group}:{topic}:{slot}`
-//!   (slots `0..max_members`, like a semaphore; one set per job, so jobs on other topics never count) and records its instance id in a [`FencedStore`] under that
-//!   slot with the slot's fencing token. The live members are the held slots. An instance that dies stops
-//!   renewing; its slot expires and it drops out of everyone's view.
+//! - **Membership**: each instance is a [`KeptMember`] of its job's roster `members:{group}:{topic}`
+//!   ([`state::recipes::roster`]; one roster per job, so jobs on other topics never count), named by its
+//!   instance id, recording its status endpoint. An instance that dies stops renewing; its lease ends
+//!   and the store drops it from everyone's view. Each tick reads the roster's version (one request, a
+//!   constant-size answer) and lists the members (one more request) only when it changed: the cost per
+//!   instance is the same at 10 or 1 000 instances.
 //! - **Assignment**: rendezvous (highest-random-weight) hashing of each partition over the live members'
 //!   ids: every instance computes the same owner for every partition from the same member list, and when a
 //!   member joins or leaves only the partitions it gains or loses move.
@@ -15,9 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use state::DistributedLock;
-use state::recipes::fenced::FencedStore;
-use state::recipes::keeper::{KeptLock, RenewalPolicy};
+use state::recipes::roster::{KeptMember, RosterStore, RosterVersion};
 
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::hash::stable_hash;
@@ -110,41 +110,45 @@ pub fn standby_of(
         .collect()
 }
 
-/// This instance's membership in a fleet.
+/// A live member's id and the status endpoint it recorded, if any.
+pub type Listed = (String, Option<String>);
+
+/// This instance's membership in a fleet: an entry in the job's roster, renewed in the background.
 pub struct Membership {
-    lock: Arc<dyn DistributedLock>,
-    registry: Arc<dyn FencedStore>,
+    roster: Arc<dyn RosterStore>,
+    name: String,
     group: String,
     topic: String,
     instance: String,
     max_members: u32,
     ttl: Duration,
     endpoint: Option<String>,
-    slot: Option<(u32, KeptLock)>,
-    /// Whether the "every slot is taken" warning was given since the last successful announce.
-    warned_full: bool,
+    kept: Option<KeptMember>,
+    /// The roster's version when the members were last listed, and that list.
+    seen: Option<(RosterVersion, Vec<Listed>)>,
+    /// Whether the "cannot join" warning was given since the last successful announce.
+    warned_outside: bool,
 }
 
 impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Membership")
-            .field("group", &self.group)
-            .field("topic", &self.topic)
+            .field("roster", &self.name)
             .field("instance", &self.instance)
-            .field("slot", &self.slot.as_ref().map(|(slot, _)| *slot))
+            .field("token", &self.kept.as_ref().map(KeptMember::token))
             .finish()
     }
 }
 
 impl Membership {
-    /// Membership of `instance` in the job on `topic` of fleet `group`, with at most `max_members`
-    /// members, announced by leases of `ttl` (renewed every `ttl / 3`).
+    /// Membership of `instance` in the job on `topic` of fleet `group` (roster
+    /// [`member_roster_name`](crate::resources::member_roster_name)), with at most `max_members`
+    /// members, announced by a lease of `ttl` (renewed every `ttl / 3`).
     ///
     /// # Errors
     /// [`ProcessorError::InvalidInput`] for an empty instance id or a zero `max_members`.
     pub fn new(
-        lock: Arc<dyn DistributedLock>,
-        registry: Arc<dyn FencedStore>,
+        roster: Arc<dyn RosterStore>,
         group: &str,
         topic: &str,
         instance: &str,
@@ -159,16 +163,17 @@ impl Membership {
             });
         }
         Ok(Membership {
-            lock,
-            registry,
+            roster,
+            name: crate::resources::member_roster_name(group, topic),
             group: group.to_owned(),
             topic: topic.to_owned(),
             instance: instance.to_owned(),
             max_members,
             ttl,
             endpoint: None,
-            slot: None,
-            warned_full: false,
+            kept: None,
+            seen: None,
+            warned_outside: false,
         })
     }
 
@@ -179,56 +184,56 @@ impl Membership {
         self
     }
 
-    /// The registry value of this member: its id, then its endpoint on a second line if it has one.
-    fn record(&self) -> Vec<u8> {
-        match &self.endpoint {
-            Some(url) => format!("{}\n{url}", self.instance).into_bytes(),
-            None => self.instance.as_bytes().to_vec(),
-        }
-    }
-
-    fn slot_resource(&self, slot: u32) -> String {
-        crate::resources::member_slot_resource(&self.group, &self.topic, slot)
-    }
-
-    /// Takes a member slot (if not holding one, or if the held one was lost) and records this instance in
-    /// it. Returns whether this instance is a live member now.
+    /// Joins the roster (if not a member, or if the membership was lost). Returns whether this instance
+    /// is a live member now. A steady member costs nothing here: its lease is renewed in the background.
     ///
     /// # Errors
     /// A backend error.
     pub async fn announce(&mut self) -> ProcessorResult<bool> {
-        if self.slot.as_ref().is_some_and(|(_, kept)| !kept.is_lost()) {
+        if self.kept.as_ref().is_some_and(|kept| !kept.is_lost()) {
             return Ok(true);
         }
-        self.slot = None;
-        for slot in 0..self.max_members {
-            let resource = self.slot_resource(slot);
-            if let Some(kept) =
-                KeptLock::try_acquire(&self.lock, &resource, self.ttl, RenewalPolicy::default())
-                    .await?
-            {
-                self.registry
-                    .write(&resource, kept.fencing_token(), &self.record())
-                    .await?;
-                tracing::info!(group = %self.group, topic = %self.topic, instance = %self.instance, slot, "joined the fleet");
-                self.slot = Some((slot, kept));
-                self.warned_full = false;
-                return Ok(true);
+        self.kept = None;
+        if self.live_members_with_endpoints().await?.len() >= self.max_members as usize {
+            self.warn_outside("the fleet has --max-members members already: waiting outside it (raise --max-members on every instance to run more)");
+            return Ok(false);
+        }
+        let record = self.endpoint.clone().unwrap_or_default();
+        match KeptMember::join(
+            &self.roster,
+            &self.name,
+            &self.instance,
+            record.as_bytes(),
+            self.ttl,
+        )
+        .await?
+        {
+            Some(kept) => {
+                tracing::info!(group = %self.group, topic = %self.topic, instance = %self.instance, token = kept.token(), "joined the fleet");
+                self.kept = Some(kept);
+                self.warned_outside = false;
+                Ok(true)
+            }
+            None => {
+                self.warn_outside("a live member has this instance id (this instance's previous run, until its lease ends, or a second instance started with the same --instance-id): waiting");
+                Ok(false)
             }
         }
-        if !self.warned_full {
-            // Said once per wait, not every tick.
-            tracing::warn!(group = %self.group, topic = %self.topic, instance = %self.instance, max_members = self.max_members, "every member slot is taken: waiting outside the fleet (raise --max-members on every instance to run more)");
-            self.warned_full = true;
-        }
-        Ok(false)
     }
 
-    /// The ids of the live members (held slots), sorted.
+    /// Said once per wait, not every tick.
+    fn warn_outside(&mut self, why: &str) {
+        if !self.warned_outside {
+            tracing::warn!(group = %self.group, topic = %self.topic, instance = %self.instance, max_members = self.max_members, "{why}");
+            self.warned_outside = true;
+        }
+    }
+
+    /// The ids of the live members, sorted.
     ///
     /// # Errors
     /// A backend error.
-    pub async fn live_members(&self) -> ProcessorResult<Vec<String>> {
+    pub async fn live_members(&mut self) -> ProcessorResult<Vec<String>> {
         Ok(self
             .live_members_with_endpoints()
             .await?
@@ -237,31 +242,32 @@ impl Membership {
             .collect())
     }
 
-    /// The live members (held slots) with the status endpoint each recorded, if any, sorted by id.
+    /// The live members with the status endpoint each recorded, if any, sorted by id. One request
+    /// with a constant-size answer while the membership is unchanged (the roster's version), one more
+    /// to list the members when it changed — whatever the fleet's size.
     ///
     /// # Errors
     /// A backend error.
     pub async fn live_members_with_endpoints(
-        &self,
+        &mut self,
     ) -> ProcessorResult<Vec<(String, Option<String>)>> {
-        let mut members = Vec::new();
-        for slot in 0..self.max_members {
-            let resource = self.slot_resource(slot);
-            let Some(holder) = self.lock.get_lock_info(&resource).await? else {
-                continue;
-            };
-            // The registry entry must be the current holder's (same fencing token), not a dead one's.
-            if let Some(entry) = self.registry.read(&resource).await?
-                && entry.token == holder.fencing_token
-            {
-                let record = String::from_utf8_lossy(&entry.value).into_owned();
-                let mut lines = record.splitn(2, '\n');
-                let id = lines.next().unwrap_or_default().to_owned();
-                members.push((id, lines.next().map(str::to_owned)));
-            }
+        let version = self.roster.version(&self.name).await?;
+        if let Some((seen, members)) = &self.seen
+            && *seen == version
+        {
+            return Ok(members.clone());
         }
-        members.sort();
-        members.dedup_by(|a, b| a.0 == b.0);
+        let members: Vec<(String, Option<String>)> = self
+            .roster
+            .members(&self.name)
+            .await?
+            .into_iter()
+            .map(|entry| {
+                let endpoint = String::from_utf8_lossy(&entry.record).into_owned();
+                (entry.member, (!endpoint.is_empty()).then_some(endpoint))
+            })
+            .collect();
+        self.seen = Some((version, members.clone()));
         Ok(members)
     }
 
@@ -273,10 +279,10 @@ impl Membership {
     /// Leaves the fleet at once (others see it gone without waiting for the TTL).
     ///
     /// # Errors
-    /// A backend error; `LockLost` when the slot had already been lost.
+    /// A backend error; `LockLost` when the membership had already been lost.
     pub async fn leave(&mut self) -> ProcessorResult<()> {
-        match self.slot.take() {
-            Some((_, kept)) => kept.release().await.map_err(ProcessorError::from),
+        match self.kept.take() {
+            Some(kept) => kept.leave().await.map_err(ProcessorError::from),
             None => Ok(()),
         }
     }
@@ -285,8 +291,7 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use state::InMemoryDistributedLock;
-    use state::recipes::fenced::InMemoryFencedStore;
+    use state::recipes::roster::InMemoryRosterStore;
 
     fn members(ids: &[&str]) -> Vec<String> {
         ids.iter().map(|s| (*s).to_owned()).collect()
@@ -337,15 +342,14 @@ mod tests {
 
     #[tokio::test]
     async fn members_announce_see_each_other_and_leave() {
-        let lock: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
-        let registry: Arc<dyn FencedStore> = Arc::new(InMemoryFencedStore::default());
+        let roster: Arc<dyn RosterStore> = Arc::new(InMemoryRosterStore::default());
         let ttl = Duration::from_secs(5);
-        let mut a = Membership::new(lock.clone(), registry.clone(), "g", "t", "a", 8, ttl).unwrap();
-        let mut b = Membership::new(lock.clone(), registry.clone(), "g", "t", "b", 8, ttl).unwrap();
+        let mut a = Membership::new(roster.clone(), "g", "t", "a", 8, ttl).unwrap();
+        let mut b = Membership::new(roster.clone(), "g", "t", "b", 8, ttl).unwrap();
         assert!(a.announce().await.unwrap());
         assert!(b.announce().await.unwrap());
         assert_eq!(a.live_members().await.unwrap(), members(&["a", "b"]));
-        let mut c = Membership::new(lock.clone(), registry.clone(), "g", "t", "c", 8, ttl)
+        let mut c = Membership::new(roster.clone(), "g", "t", "c", 8, ttl)
             .unwrap()
             .with_endpoint(Some("http://127.0.0.1:9/instances/c/status"));
         assert!(c.announce().await.unwrap());
@@ -363,28 +367,122 @@ mod tests {
         c.leave().await.unwrap();
         b.leave().await.unwrap();
         assert_eq!(a.live_members().await.unwrap(), members(&["a"]));
-        let mut full = Membership::new(lock, registry, "g", "t", "c", 1, ttl).unwrap();
-        assert!(!full.announce().await.unwrap(), "no free slot among 1");
+        let mut full = Membership::new(roster.clone(), "g", "t", "c", 1, ttl).unwrap();
+        assert!(
+            !full.announce().await.unwrap(),
+            "--max-members 1, one member"
+        );
+        let mut twin = Membership::new(roster.clone(), "g", "t", "a", 8, ttl).unwrap();
+        assert!(
+            !twin.announce().await.unwrap(),
+            "a second instance with a live member's id waits outside"
+        );
+    }
+
+    /// A roster store that counts the requests made to it.
+    #[derive(Debug, Default)]
+    struct Counting {
+        inner: InMemoryRosterStore,
+        requests: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Counting {
+        fn take(&self) -> usize {
+            self.requests.swap(0, std::sync::atomic::Ordering::SeqCst)
+        }
+        fn count(&self) {
+            self.requests
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl RosterStore for Counting {
+        async fn join(
+            &self,
+            roster: &str,
+            member: &str,
+            record: &[u8],
+            ttl: Duration,
+        ) -> state::StateResult<Option<state::recipes::roster::RosterLease>> {
+            self.count();
+            self.inner.join(roster, member, record, ttl).await
+        }
+        async fn renew(
+            &self,
+            lease: &state::recipes::roster::RosterLease,
+            ttl: Duration,
+        ) -> state::StateResult<bool> {
+            self.count();
+            self.inner.renew(lease, ttl).await
+        }
+        async fn leave(
+            &self,
+            lease: &state::recipes::roster::RosterLease,
+        ) -> state::StateResult<bool> {
+            self.count();
+            self.inner.leave(lease).await
+        }
+        async fn members(
+            &self,
+            roster: &str,
+        ) -> state::StateResult<Vec<state::recipes::roster::RosterEntry>> {
+            self.count();
+            self.inner.members(roster).await
+        }
+        async fn version(&self, roster: &str) -> state::StateResult<RosterVersion> {
+            self.count();
+            self.inner.version(roster).await
+        }
+    }
+
+    /// Item 1 of the fleet-at-scale issue: a member's tick cost the same whatever the fleet's size (the
+    /// slot scan it replaced made 2 × max_members requests a tick, whatever the fleet).
+    #[tokio::test]
+    async fn a_steady_tick_is_one_request_whatever_the_fleet_size() {
+        let ttl = Duration::from_secs(60);
+        for size in [10, 100, 1_000] {
+            let counting = Arc::new(Counting::default());
+            let roster: Arc<dyn RosterStore> = counting.clone();
+            let mut fleet = Vec::new();
+            for i in 0..size {
+                let mut member =
+                    Membership::new(roster.clone(), "g", "t", &format!("m{i}"), 10_000, ttl)
+                        .unwrap();
+                assert!(member.announce().await.unwrap());
+                fleet.push(member);
+            }
+            let me = &mut fleet[0];
+            assert_eq!(me.live_members().await.unwrap().len(), size);
+            counting.take();
+            for _ in 0..10 {
+                assert!(me.announce().await.unwrap());
+                assert_eq!(me.live_members().await.unwrap().len(), size);
+            }
+            assert_eq!(
+                counting.take(),
+                10,
+                "{size} members: one request per steady tick"
+            );
+            fleet.pop().unwrap().leave().await.unwrap();
+            counting.take();
+            assert_eq!(fleet[0].live_members().await.unwrap().len(), size - 1);
+            assert_eq!(
+                counting.take(),
+                2,
+                "a change: the version, then one listing"
+            );
+        }
     }
 
     /// Two jobs of one group (the default group, say) on two topics and one backend: each sees only its
     /// own members, so neither assigns partitions to the other's instances (which would never claim them).
     #[tokio::test]
     async fn jobs_on_other_topics_are_not_members() {
-        let lock: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
-        let registry: Arc<dyn FencedStore> = Arc::new(InMemoryFencedStore::default());
+        let roster: Arc<dyn RosterStore> = Arc::new(InMemoryRosterStore::default());
         let ttl = Duration::from_secs(5);
         let join = |topic: &str, id: &str| {
-            Membership::new(
-                lock.clone(),
-                registry.clone(),
-                "processor",
-                topic,
-                id,
-                1,
-                ttl,
-            )
-            .unwrap()
+            Membership::new(roster.clone(), "processor", topic, id, 1, ttl).unwrap()
         };
         let (mut orders, mut clicks) = (join("orders", "o1"), join("clicks", "c1"));
         assert!(orders.announce().await.unwrap());

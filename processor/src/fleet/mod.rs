@@ -3,7 +3,7 @@
 //!
 //! - [`instance`]: one [`Instance`] — membership ticks, assignment, partition claims (each owned
 //!   partition run by a [`crate::task`]), standby copies started and stopped, fleet duties;
-//! - [`membership`]: member slots and the rendezvous assignment with bounded loads;
+//! - [`membership`]: the job's roster of live members and the rendezvous assignment with bounded loads;
 //! - [`maintenance`]: retention and compaction of the shared checkpoints, scheduled by the leader on the
 //!   distributed task queue and run by followers under the per-partition compaction lock;
 //! - [`query`]: queries of live state, answered by a partition's owner;

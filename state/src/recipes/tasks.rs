@@ -323,7 +323,15 @@ impl TaskQueue {
         F: FnOnce(TaskRecord, LockContext) -> Fut,
         Fut: Future<Output = StateResult<()>>,
     {
-        for listed in self.store.due(now_ms(), self.batch).await? {
+        let mut page = self.store.due(now_ms(), self.batch).await?;
+        // Every worker reads the same page: in page order they would all race for its first task,
+        // the k-th worker claiming only after k refusals. In a random order of its own, each mostly
+        // claims at its first try (the page is the earliest due, so order within it matters little).
+        {
+            use rand::seq::SliceRandom;
+            page.shuffle(&mut rand::rng());
+        }
+        for listed in page {
             if self.takes.as_ref().is_some_and(|takes| !takes(&listed.id)) {
                 continue;
             }
@@ -342,7 +350,16 @@ impl TaskQueue {
             let Some(task) = self.store.get(&listed.id).await? else {
                 continue;
             };
-            if !task.pending || task.due_ms > now_ms() {
+            // Hidden from the other workers' `due` pages while it runs (so 100 workers run 100
+            // tasks, not the 32 first due ones): due again a claim TTL after the last renewal, as
+            // its claim lapses, if this worker dies.
+            if !task.pending
+                || task.due_ms > now_ms()
+                || !self
+                    .store
+                    .defer(&task.id, task.completions, self.hidden_until())
+                    .await?
+            {
                 let _ = kept.release().await;
                 continue;
             }
@@ -350,6 +367,12 @@ impl TaskQueue {
             return self.run_claimed(kept, task, handler).await.map(Some);
         }
         Ok(None)
+    }
+
+    /// When a task claimed now becomes visible to other workers again, unless renewed.
+    fn hidden_until(&self) -> u64 {
+        let ttl = u64::try_from(self.claim_ttl.as_millis()).unwrap_or(u64::MAX);
+        now_ms().saturating_add(ttl)
     }
 
     async fn run_claimed<F, Fut>(
@@ -367,8 +390,23 @@ impl TaskQueue {
         let store = Arc::clone(&self.store);
         let completing = id.clone();
         let claimed = task.clone();
+        let hidden = Arc::clone(&self.store);
+        let (hiding, claim_ttl) = (id.clone(), self.claim_ttl);
         let outcome = run_kept(kept, |ctx| async move {
-            handler(task, ctx).await?;
+            // Kept hidden from the other workers while the handler runs, as its claim is renewed.
+            let keep_hidden = async {
+                loop {
+                    tokio::time::sleep(claim_ttl / 3).await;
+                    let ttl = u64::try_from(claim_ttl.as_millis()).unwrap_or(u64::MAX);
+                    let _ = hidden
+                        .defer(&hiding, run, now_ms().saturating_add(ttl))
+                        .await;
+                }
+            };
+            tokio::select! {
+                handled = handler(task, ctx) => handled?,
+                () = keep_hidden => {}
+            }
             let next_due = every_ms.map(|every| now_ms().saturating_add(every));
             store.complete(&completing, run, next_due).await
         })

@@ -70,6 +70,16 @@ impl TaskRecord {
         true
     }
 
+    /// Hides run `run` (only while pending at that run) from [`TaskStore::due`] until `until_ms`: a
+    /// claimed task's visibility timeout. Whether it did.
+    pub(crate) fn defer_run(&mut self, run: u64, until_ms: u64) -> bool {
+        if !self.pending || self.completions != run {
+            return false;
+        }
+        self.due_ms = until_ms;
+        true
+    }
+
     /// Moves a dead-lettered task back to the queue, due at `due_ms`: whether it was dead.
     pub(crate) fn requeue_dead(&mut self, due_ms: u64) -> bool {
         if !self.dead {
@@ -137,6 +147,14 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// A backend error.
     async fn complete(&self, id: &str, run: u64, next_due_ms: Option<u64>) -> StateResult<bool>;
+
+    /// Makes run `run` of `id` due at `until_ms` (only while it is pending at that run): what a worker
+    /// that claimed it does, so that the others' [`due`](TaskStore::due) pages skip it while it runs
+    /// (a visibility timeout). `Ok(true)` when it did.
+    ///
+    /// # Errors
+    /// A backend error.
+    async fn defer(&self, id: &str, run: u64, until_ms: u64) -> StateResult<bool>;
 
     /// Records a failed attempt of run `run` of `id` (only while it is pending at that run): counts it,
     /// keeps `error`, and then does what `then` says. `Ok(true)` when recorded.

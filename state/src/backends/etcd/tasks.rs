@@ -214,6 +214,10 @@ impl TaskStore for EtcdTaskStore {
         Ok(due)
     }
 
+    async fn defer(&self, id: &str, run: u64, until_ms: u64) -> StateResult<bool> {
+        self.update(id, |task| task.defer_run(run, until_ms)).await
+    }
+
     async fn complete(&self, id: &str, run: u64, next_due_ms: Option<u64>) -> StateResult<bool> {
         self.update(id, |task| task.complete_run(run, next_due_ms))
             .await

@@ -45,6 +45,13 @@ impl TaskStore for InMemoryTaskStore {
         Ok(due)
     }
 
+    async fn defer(&self, id: &str, run: u64, until_ms: u64) -> StateResult<bool> {
+        Ok(self
+            .tasks()
+            .get_mut(id)
+            .is_some_and(|task| task.defer_run(run, until_ms)))
+    }
+
     async fn complete(&self, id: &str, run: u64, next_due_ms: Option<u64>) -> StateResult<bool> {
         Ok(self
             .tasks()

@@ -125,6 +125,19 @@ impl TaskStore for PostgresTaskStore {
         Ok(rows.into_iter().map(record).collect())
     }
 
+    async fn defer(&self, id: &str, run: u64, until_ms: u64) -> StateResult<bool> {
+        let done = sqlx::query(self.sql(
+            "UPDATE state_tasks SET due_ms = $3 WHERE id = $1 AND pending AND completions = $2",
+        ))
+        .bind(id)
+        .bind(to_i64(run))
+        .bind(to_i64(until_ms))
+        .execute(&self.pool)
+        .await
+        .map_err(|err| StateError::backend("postgres", "defer", id, err))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn complete(&self, id: &str, run: u64, next_due_ms: Option<u64>) -> StateResult<bool> {
         let done = sqlx::query(self.sql(
             "UPDATE state_tasks SET completions = completions + 1, attempts = 0,                      pending = ($3::int8 IS NOT NULL), due_ms = coalesce($3::int8, due_ms)                  WHERE id = $1 AND pending AND completions = $2",

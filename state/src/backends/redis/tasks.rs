@@ -16,6 +16,8 @@ static COMPLETE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/task_complete.lua")));
 static FAIL: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/task_fail.lua")));
+static DEFER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/task_defer.lua")));
 static REQUEUE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/task_requeue.lua")));
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -156,6 +158,19 @@ impl TaskStore for RedisTaskStore {
             }
         }
         Ok(tasks)
+    }
+
+    async fn defer(&self, id: &str, run: u64, until_ms: u64) -> StateResult<bool> {
+        let mut conn = self.conn.clone();
+        let mut invocation = DEFER.prepare_invoke();
+        invocation
+            .key(self.key_of(id))
+            .key(self.due_key())
+            .arg(id)
+            .arg(run)
+            .arg(until_ms);
+        let done: i64 = invoke(&mut conn, TIMEOUT, "redis", "defer", id, &invocation).await?;
+        Ok(done == 1)
     }
 
     async fn complete(&self, id: &str, run: u64, next_due_ms: Option<u64>) -> StateResult<bool> {
