@@ -28,6 +28,7 @@
 //! cargo bench -p benches --bench fleet                       # 10×100, 100×1 000, 1 000×10 000 on Redis, etcd, PostgreSQL
 //! cargo bench -p benches --bench fleet -- --sizes 50x1000 --backend redis
 //! cargo bench -p benches --bench fleet -- --membership roster,slots   # after and before, same run
+//! cargo bench -p benches --bench fleet -- --task-queue        # 100 workers, 500 due tasks of 1 s each
 //! cargo bench -p benches --bench fleet -- --membership-every 1.67   # members read every third of the TTL
 //! cargo test  -p benches --bench fleet                       # smoke run: 10×100, short windows
 //! ```
@@ -751,9 +752,66 @@ fn secs(d: Option<Duration>) -> String {
     )
 }
 
+/// 100 workers and 500 due tasks of 1 s each on one backend: the wall time until all ran (ideal 5 s:
+/// five rounds of 100), and the most tasks that ran at once.
+async fn task_queue(kind: Kind) -> (Duration, usize) {
+    const WORKERS: usize = 100;
+    const TASKS: usize = 500;
+    let server = Server::start(kind);
+    let backend = client(&server.url_on(server.port())).await;
+    let queue = TaskQueue::new(backend.lock.clone(), backend.tasks.clone(), CLAIM_TTL);
+    for i in 0..TASKS {
+        queue.submit(&format!("job-{i}"), b"").await.unwrap();
+    }
+    let running = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let (queue, running, peak, done) =
+            (queue.clone(), running.clone(), peak.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            while done.load(Ordering::SeqCst) < TASKS as u64 {
+                let (running, peak, done) = (running.clone(), peak.clone(), done.clone());
+                let ran = queue
+                    .run_next(|_task, _ctx| async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        done.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    })
+                    .await;
+                if !matches!(ran, Ok(Some(_))) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    let peak = peak.load(Ordering::SeqCst) as usize;
+    (started.elapsed(), peak)
+}
+
 #[tokio::main]
 async fn main() {
     let options = options();
+    if std::env::args().any(|a| a == "--task-queue") {
+        println!(
+            "| backend | 100 workers, 500 due tasks of 1 s: all done after | most running at once |"
+        );
+        println!("|---|---|---|");
+        for kind in &options.kinds {
+            let (wall, peak) = task_queue(*kind).await;
+            println!("| {kind:?} | {:.1} s | {peak} |", wall.as_secs_f64());
+        }
+        return;
+    }
     println!(
         "fleet simulation: tick {TICK:?}, members read every {:?}, claim TTL {CLAIM_TTL:?} (renewed every third), maintenance every {MAINTENANCE_EVERY:?} per partition, {}-instance client groups; steady state measured over {:?}",
         options.membership_every, PER_CLIENT, options.measure_for
