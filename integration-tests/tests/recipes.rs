@@ -507,6 +507,74 @@ async fn workers_run_as_many_tasks_at_once_as_there_are_workers(env: RecipeEnv) 
     );
 }
 
+/// etcd's task store lists due tasks from its index by due time: a store written before the index
+/// existed (records only) is indexed by the first page, later changes move their index keys, and tasks
+/// due later never come back in a page.
+async fn etcd_due_index_is_built_once_and_kept(env: RecipeEnv) {
+    let cluster = env.etcd.as_ref().expect("an etcd backend");
+    let mut client = etcd_client::Client::connect([cluster.member(0).address()], None)
+        .await
+        .unwrap();
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    for (id, due) in [("old-due", now - 1_000), ("old-later", now + 3_600_000)] {
+        let record = serde_json::json!({
+            "id": id, "payload": [], "pending": true, "every_ms": null, "due_ms": due,
+            "completions": 0, "attempts": 0, "last_error": null, "dead": false
+        });
+        client
+            .put(format!("recipes/task/{id}"), record.to_string(), None)
+            .await
+            .unwrap();
+    }
+    let queue = TaskQueue::new(env.lock.clone(), env.tasks.clone(), Duration::from_secs(5));
+    for i in 0..50 {
+        queue
+            .ensure_recurring(&format!("later-{i}"), Duration::from_secs(3600), b"")
+            .await
+            .unwrap();
+    }
+    let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
+    loop {
+        let ran = ran.clone();
+        let run = queue
+            .run_next(|task, _ctx| async move {
+                ran.lock().unwrap().push(task.id);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        if run.is_none() {
+            break;
+        }
+    }
+    let mut ran = ran.lock().unwrap().clone();
+    ran.sort();
+    assert_eq!(ran.len(), 51, "every due task ran once: {ran:?}");
+    assert!(
+        ran.contains(&"old-due".to_owned()),
+        "the old store's due task was indexed"
+    );
+    assert!(!ran.contains(&"old-later".to_owned()));
+    let index = client
+        .get(
+            "recipes/tasks-due/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        index.kvs().len(),
+        51,
+        "one index key per pending task (50 recurring, moved to their next run, and old-later)"
+    );
+}
+
 async fn recurring_jobs_survive_restarts_and_run_once_per_period(env: RecipeEnv) {
     let queue = TaskQueue::new(env.lock.clone(), env.tasks.clone(), Duration::from_secs(5));
     assert!(
@@ -1170,4 +1238,5 @@ recipe_tests!(etcd:
     kept_member_stays_listed_past_its_ttl_and_leaves_at_once,
     concurrent_joins_of_one_name_admit_one,
     workers_run_as_many_tasks_at_once_as_there_are_workers,
+    etcd_due_index_is_built_once_and_kept,
 );

@@ -304,3 +304,113 @@ async fn construction_checks_its_input_and_needs_a_majority() {
     let locks = locks.with_drift(0.7, Duration::ZERO);
     assert!(matches!(locks, Err(StateError::InvalidInput { .. })));
 }
+
+/// Lock info decides on a majority, as acquire does: a hung (SIGSTOPped) minority node adds nothing to
+/// `get_lock_info` or `is_locked` (before, both waited for every node: the hung one's timeout, 250 ms at
+/// least, on every call). The fastest of five rounds is compared, so a loaded machine's pauses do not
+/// decide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspection_decides_on_a_majority_without_waiting_for_a_hung_node() {
+    let fixture = RedlockFixture::start(3);
+    let locks = fixture
+        .client()
+        .await
+        .with_node_timeout(Duration::from_secs(2))
+        .unwrap()
+        .with_retry(RetryConfig::no_retry());
+    let guard = locks.try_acquire("inspected", TTL).await.unwrap().unwrap();
+    // The acquire returned at a majority: hang a node the lease does not need (one without it, if any).
+    let mut hung = 2;
+    for node in 0..3 {
+        let held: bool = node_conn(&fixture, node)
+            .await
+            .exists("state:lock:inspected")
+            .await
+            .unwrap();
+        if !held {
+            hung = node;
+        }
+    }
+    fixture.cluster.node(hung).pause();
+    let result = async {
+        for resource in ["inspected", "free"] {
+            let mut fastest = Duration::MAX;
+            for _ in 0..5 {
+                let started = Instant::now();
+                let info = locks.get_lock_info(resource).await.unwrap();
+                let locked = locks.is_locked(resource).await.unwrap();
+                fastest = fastest.min(started.elapsed());
+                assert_eq!(info.is_some(), resource == "inspected");
+                assert_eq!(locked, resource == "inspected");
+            }
+            assert!(
+                fastest < Duration::from_millis(100),
+                "{resource}: two inspections took {fastest:?} at best with one node of three hung"
+            );
+        }
+        assert_eq!(
+            locks
+                .get_lock_info("inspected")
+                .await
+                .unwrap()
+                .unwrap()
+                .fencing_token,
+            guard.fencing_token()
+        );
+    }
+    .await;
+    fixture.cluster.node(hung).resume();
+    result
+}
+
+/// The roster (fleet membership) on Redlock needs no one node: with the first node restarted empty,
+/// then paused past the members' TTL, every member stays listed at every read, and the renewals put
+/// the entries back on the node that lost them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roster_survives_a_node_restarted_empty_and_a_hung_node() {
+    use state::recipes::roster::{KeptMember, RosterStore};
+    let fixture = RedlockFixture::start(3);
+    let roster: std::sync::Arc<dyn RosterStore> =
+        std::sync::Arc::new(client(&fixture).await.roster_store());
+    let ttl = Duration::from_millis(1_500);
+    let mut kept = Vec::new();
+    for member in ["a", "b", "c"] {
+        kept.push(
+            KeptMember::join(&roster, "fleet", member, b"", ttl)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let listed_throughout = |for_how_long: Duration| {
+        let roster = roster.clone();
+        async move {
+            let until = Instant::now() + for_how_long;
+            while Instant::now() < until {
+                let names: Vec<String> = roster
+                    .members("fleet")
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|entry| entry.member)
+                    .collect();
+                assert_eq!(names, ["a", "b", "c"], "a member vanished from the view");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    fixture.cluster.node(0).stop();
+    fixture.cluster.node(0).start();
+    listed_throughout(ttl * 2).await;
+    let mut first = node_conn(&fixture, 0).await;
+    let restored: usize = first.zcard("state:roster:fleet:deadlines").await.unwrap();
+    assert_eq!(
+        restored, 3,
+        "renewals put the entries back on the emptied node"
+    );
+    fixture.cluster.node(0).pause();
+    let result = listed_throughout(ttl * 2).await;
+    fixture.cluster.node(0).resume();
+    assert!(kept.iter().all(|member| !member.is_lost()));
+    result
+}

@@ -16,6 +16,7 @@ static COMPLETE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/task_complete.lua")));
 static FAIL: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/task_fail.lua")));
+static DUE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/task_due.lua")));
 static DEFER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/task_defer.lua")));
 static REQUEUE: LazyLock<Script> =
@@ -88,6 +89,44 @@ impl RedisTaskStore {
     }
 }
 
+/// The fields of a task's hash, in [`Fields`] order.
+const FIELDS: [&str; 7] = [
+    "payload",
+    "status",
+    "every_ms",
+    "due_ms",
+    "completions",
+    "attempts",
+    "last_error",
+];
+
+type Fields = (
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+    Option<u32>,
+    Option<String>,
+);
+
+/// The record of task `id` from its hash's [`FIELDS`]; `None` when it has none.
+fn record_of(
+    id: &str,
+    (payload, status, every_ms, due_ms, completions, attempts, last_error): Fields,
+) -> Option<TaskRecord> {
+    let (Some(payload), Some(status), Some(due_ms)) = (payload, status, due_ms) else {
+        return None;
+    };
+    let mut task = TaskRecord::new(id, &payload, every_ms.filter(|every| *every > 0), due_ms);
+    task.pending = status == "pending";
+    task.dead = status == "dead";
+    task.completions = completions.unwrap_or(0);
+    task.attempts = attempts.unwrap_or(0);
+    task.last_error = last_error;
+    Some(task)
+}
+
 #[async_trait::async_trait]
 impl TaskStore for RedisTaskStore {
     async fn insert_if_missing(&self, task: &TaskRecord) -> StateResult<bool> {
@@ -107,57 +146,33 @@ impl TaskStore for RedisTaskStore {
 
     async fn get(&self, id: &str) -> StateResult<Option<TaskRecord>> {
         let mut cmd = redis::cmd("HMGET");
-        cmd.arg(self.key_of(id)).arg(
-            &[
-                "payload",
-                "status",
-                "every_ms",
-                "due_ms",
-                "completions",
-                "attempts",
-                "last_error",
-            ][..],
-        );
-        type Fields = (
-            Option<Vec<u8>>,
-            Option<String>,
-            Option<u64>,
-            Option<u64>,
-            Option<u64>,
-            Option<u32>,
-            Option<String>,
-        );
-        let (payload, status, every_ms, due_ms, completions, attempts, last_error): Fields =
-            self.query(cmd, id).await?;
-        let (Some(payload), Some(status), Some(due_ms)) = (payload, status, due_ms) else {
-            return Ok(None);
-        };
-        let mut task = TaskRecord::new(id, &payload, every_ms.filter(|every| *every > 0), due_ms);
-        task.pending = status == "pending";
-        task.dead = status == "dead";
-        task.completions = completions.unwrap_or(0);
-        task.attempts = attempts.unwrap_or(0);
-        task.last_error = last_error;
-        Ok(Some(task))
+        cmd.arg(self.key_of(id)).arg(&FIELDS[..]);
+        let fields: Fields = self.query(cmd, id).await?;
+        Ok(record_of(id, fields))
     }
 
+    /// One script: the due ids and their records (was a command per task).
     async fn due(&self, now_ms: u64, limit: usize) -> StateResult<Vec<TaskRecord>> {
-        let mut cmd = redis::cmd("ZRANGE");
-        cmd.arg(self.due_key())
-            .arg("-inf")
+        let mut conn = self.conn.clone();
+        let mut invocation = DUE.prepare_invoke();
+        invocation
+            .key(self.due_key())
             .arg(now_ms)
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit);
-        let ids: Vec<String> = self.query(cmd, "tasks:due").await?;
-        let mut tasks = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(task) = self.get(&id).await? {
-                tasks.push(task);
-            }
-        }
-        Ok(tasks)
+            .arg(limit)
+            .arg(self.key_of(""));
+        let listed: Vec<(String, Fields)> = invoke(
+            &mut conn,
+            TIMEOUT,
+            "redis",
+            "list",
+            "tasks:due",
+            &invocation,
+        )
+        .await?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|(id, fields)| record_of(&id, fields))
+            .collect())
     }
 
     async fn defer(&self, id: &str, run: u64, until_ms: u64) -> StateResult<bool> {

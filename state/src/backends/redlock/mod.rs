@@ -689,34 +689,67 @@ impl DistributedLock for RedlockDistributedLock {
         }
     }
 
+    /// Decides on a majority, as acquire does: answers as soon as one owner holds the lease on a
+    /// majority of the nodes that answered, or a majority answered and no owner can reach one with the
+    /// nodes still to answer — a hung minority node adds nothing to the call.
     async fn get_lock_info(&self, resource: &str) -> StateResult<Option<LockToken>> {
         validate_resource(resource)?;
         let info = &info_command(&self.prefix, resource);
-        let tally = self
-            .ask_nodes(
-                "inspect",
-                resource,
-                self.node_timeout,
-                false,
-                |mut conn, timeout| async move {
-                    let info: Option<RawLeaseInfo> = INFO
+        let timeout = self.node_timeout;
+        let mut pending: FuturesUnordered<_> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| {
+                let mut conn = node.conn.clone();
+                async move {
+                    let info: StateResult<Option<RawLeaseInfo>> = INFO
                         .run(&mut conn, timeout, BACKEND, "inspect", resource, info)
-                        .await?;
+                        .await;
                     // A free node is an answer too: only failures count as failures.
-                    Ok(Some(info.as_ref().and_then(StoredLease::parse)))
-                },
-            )
-            .await;
-        if tally.granted.len() < self.quorum() {
-            return Err(tally.failure(resource, "inspect", self.nodes.len()));
-        }
-        let leases: Vec<StoredLease> = tally
-            .granted
-            .into_iter()
-            .filter_map(|(_, lease)| lease)
+                    (
+                        index,
+                        info.map(|info| Some(info.as_ref().and_then(StoredLease::parse))),
+                    )
+                }
+            })
             .collect();
-        Ok(majority_holder(&leases, self.quorum()).map(|lease| lease.into_token(resource)))
+        let (total, quorum) = (self.nodes.len(), self.quorum());
+        let mut tally = Tally::new();
+        while let Some((index, reply)) = pending.next().await {
+            tally.record(&self.nodes, index, reply);
+            let leases: Vec<StoredLease> = tally
+                .granted
+                .iter()
+                .filter_map(|(_, lease)| lease.clone())
+                .collect();
+            if let Some(holder) = majority_holder(&leases, quorum) {
+                return Ok(Some(holder.into_token(resource)));
+            }
+            let still_to_answer = total - tally.granted.len() - tally.failed.len();
+            if tally.granted.len() >= quorum && best_count(&leases) + still_to_answer < quorum {
+                return Ok(None);
+            }
+            if tally.failed.len() > total - quorum {
+                break;
+            }
+        }
+        Err(tally.failure(resource, "inspect", total))
     }
+}
+
+/// How many of `leases` the most represented owner has.
+fn best_count(leases: &[StoredLease]) -> usize {
+    leases
+        .iter()
+        .map(|lease| {
+            leases
+                .iter()
+                .filter(|other| other.owner == lease.owner)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The lease of the owner that holds `resource` on at least `quorum` nodes, merged into one: the fence
