@@ -251,15 +251,23 @@ fn assignment(partitions: u32, members: &[String]) -> HashMap<u32, String> {
 #[derive(Clone, Default)]
 struct Assignments(Arc<Mutex<Vec<Computed>>>);
 
-/// A member list and its assignment.
-type Computed = (Vec<String>, Owners);
+/// A member list's hash, the list and its assignment.
+type Computed = (u64, Vec<String>, Owners);
 
 /// The owner of each partition.
 type Owners = Arc<HashMap<u32, String>>;
 
 impl Assignments {
     fn of(&self, partitions: u32, members: &[String]) -> Owners {
-        if let Some((_, known)) = self.0.lock().unwrap().iter().find(|(m, _)| m == members) {
+        let parts: Vec<&[u8]> = members.iter().map(String::as_bytes).collect();
+        let hash = stable_hash(&parts);
+        if let Some((_, _, known)) = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(h, m, _)| *h == hash && m == members)
+        {
             return Arc::clone(known);
         }
         let computed = Arc::new(assignment(partitions, members));
@@ -267,7 +275,7 @@ impl Assignments {
         if known.len() >= 64 {
             known.remove(0);
         }
-        known.push((members.to_vec(), Arc::clone(&computed)));
+        known.push((hash, members.to_vec(), Arc::clone(&computed)));
         computed
     }
 }
@@ -407,15 +415,13 @@ impl Instance {
         let due = self
             .members_read_at
             .is_none_or(|at| at.elapsed() >= self.membership_every);
-        let members = if due || self.claims.values().any(KeptLock::is_lost) {
+        let read = if due || self.claims.values().any(KeptLock::is_lost) {
             self.members_read_at = Some(Instant::now());
-            self.live_members()
-                .await?
-                .unwrap_or_else(|| self.members.clone())
+            self.live_members().await?
         } else {
-            self.members.clone()
+            None
         };
-        if members != self.members {
+        if let Some(members) = read.filter(|members| *members != self.members) {
             self.desired = self
                 .assignments
                 .of(self.partitions, &members)
@@ -484,8 +490,11 @@ impl Instance {
         tokio::time::sleep(TICK.mul_f64(rand_fraction(&self.id))).await;
         while !stop.is_cancelled() {
             let started = Instant::now();
-            if self.round().await.is_err() {
-                self.errors.fetch_add(1, Ordering::Relaxed);
+            if let Err(err) = self.round().await {
+                // The first few say why rounds fail (on stderr, beside the table).
+                if self.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                    eprintln!("{}: round failed: {err:?}", self.id);
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => {}

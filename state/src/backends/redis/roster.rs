@@ -32,8 +32,8 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_PREFIX: &str = "state:";
 
 /// A [`RosterStore`] in Redis: per roster, a sorted set `{prefix}roster:{name}:deadlines` of members
-/// by lease end (the server's clock), hashes of their holders, records and tokens, and a token
-/// counter. Every call is one script that first drops the members whose lease ended; listing is one
+/// by lease end (the server's clock), a hash `…:entries` of `token:holder:record` per member, and a
+/// token counter. Every call is one script that first drops the members whose lease ended; listing is one
 /// script whatever the roster's size, and [`version`](RosterStore::version) answers two numbers.
 #[derive(Clone)]
 pub struct RedisRosterStore {
@@ -99,7 +99,7 @@ impl RedisRosterStore {
 
     fn invocation<'a>(&self, script: &'a Script, roster: &str) -> redis::ScriptInvocation<'a> {
         let mut invocation = script.prepare_invoke();
-        for part in ["deadlines", "holders", "records", "tokens", "counter"] {
+        for part in ["deadlines", "entries", "counter"] {
             invocation.key(format!("{}roster:{roster}:{part}", self.prefix));
         }
         invocation
@@ -137,30 +137,44 @@ impl RedisRosterStore {
         let mut invocation = self.invocation(&READ, roster);
         invocation.arg("members");
         let mut conn = self.conn.clone();
-        let (names, holders, tokens, records): (Vec<String>, Vec<String>, Vec<u64>, Vec<Vec<u8>>) =
-            invoke(
-                &mut conn,
-                self.timeout,
-                "redis",
-                "list the roster",
-                roster,
-                &invocation,
-            )
-            .await?;
-        Ok(names
-            .into_iter()
-            .zip(holders)
-            .zip(tokens.into_iter().zip(records))
-            .map(|((member, holder), (token, record))| HeldEntry {
-                entry: RosterEntry {
-                    member,
-                    record,
-                    token,
-                },
-                holder,
+        let flat: Vec<(String, Vec<u8>)> = invoke(
+            &mut conn,
+            self.timeout,
+            "redis",
+            "list the roster",
+            roster,
+            &invocation,
+        )
+        .await?;
+        flat.into_iter()
+            .map(|(member, packed)| {
+                unpack(&member, &packed).ok_or_else(|| {
+                    crate::StateError::backend(
+                        "redis",
+                        "decode",
+                        roster,
+                        format!("a malformed roster entry for `{member}`"),
+                    )
+                })
             })
-            .collect())
+            .collect()
     }
+}
+
+/// An entry as the scripts store it: `token:holder:record`.
+fn unpack(member: &str, packed: &[u8]) -> Option<HeldEntry> {
+    let mut parts = packed.splitn(3, |byte| *byte == b':');
+    let token = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let holder = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let record = parts.next()?.to_vec();
+    Some(HeldEntry {
+        entry: RosterEntry {
+            member: member.to_owned(),
+            record,
+            token,
+        },
+        holder,
+    })
 }
 
 #[async_trait::async_trait]

@@ -3,14 +3,12 @@
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   return {0, 0}
 end
-local token = redis.call('INCR', KEYS[5])
+local token = redis.call('INCR', KEYS[3])
 local at_least = tonumber(ARGV[5])
 if token < at_least then
   token = at_least
-  redis.call('SET', KEYS[5], token)
+  redis.call('SET', KEYS[3], token)
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[4], ARGV[1], token)
+redis.call('HSET', KEYS[2], ARGV[1], token .. ':' .. ARGV[2] .. ':' .. ARGV[3])
 return {1, token}
