@@ -667,6 +667,30 @@ fn all_held(held: &Held, partitions: u32, without: Option<&str>) -> bool {
     owners.len() == partitions as usize && owners.values().all(|n| *n == 1)
 }
 
+/// How far from settled: partitions claimed, instances reporting, instances outside their share.
+fn where_it_stands(held: &Held, scale: Scale) -> String {
+    let held = held.lock().unwrap();
+    let claimed: HashSet<u32> = held.values().flatten().copied().collect();
+    let (low, high) = (
+        scale.partitions as usize / scale.instances,
+        (scale.partitions as usize).div_ceil(scale.instances),
+    );
+    let outside: Vec<usize> = held
+        .values()
+        .map(HashSet::len)
+        .filter(|n| !(low..=high).contains(n))
+        .collect();
+    format!(
+        "{} of {} partitions claimed, {} of {} instances reporting, {} outside their share {low}..={high} (e.g. {:?})",
+        claimed.len(),
+        scale.partitions,
+        held.len(),
+        scale.instances,
+        outside.len(),
+        &outside[..outside.len().min(8)]
+    )
+}
+
 /// Every instance holds its fair share: `floor(P / N)` or `ceil(P / N)` partitions (the assignment has
 /// converged, not only every partition claimed by whoever came first).
 fn balanced(held: &Held, scale: Scale) -> bool {
@@ -750,6 +774,9 @@ async fn simulate(kind: Kind, design: Design, scale: Scale, options: &Options) -
         all_held(&held, scale.partitions, None) && balanced(&held, scale)
     })
     .await;
+    if settled.is_none() {
+        eprintln!("{scale}: not settled: {}", where_it_stands(&held, scale));
+    }
     let (ops_before, cpu_before, at) = (
         probe.operations(&server).await,
         server.cpu(),
