@@ -13,8 +13,9 @@
 //!   algorithm), recomputed when the member list changes;
 //! - **claims**: a kept lock (renewed every third of the TTL) per partition it should own; released when
 //!   it should no longer own it;
-//! - **leadership**: one campaign per tick; the leader schedules one recurring maintenance job per
-//!   partition (every 10 s), and the others claim and run one due job per tick.
+//! - **leadership** (on a task of its own, as the processor's duties are): one campaign per tick; the
+//!   leader schedules one recurring maintenance job per partition (every 10 s), and the others claim and
+//!   run one due job per tick.
 //!
 //! Reported per size, in steady state (every partition held): the backend's commands (Redis) or
 //! transactions (PostgreSQL) per second, its CPU use (from `/proc/<pid>/stat` of `redis-server`, or of
@@ -302,13 +303,10 @@ struct Instance {
     counters: Arc<Counters>,
     assignments: Assignments,
     claims: HashMap<u32, KeptLock>,
-    election: LeaderElection,
-    queue: TaskQueue,
     members: Vec<String>,
     membership_every: Duration,
     members_read_at: Option<Instant>,
     desired: HashSet<u32>,
-    scheduled_term: Option<u64>,
     held: Held,
     errors: Arc<AtomicU64>,
 }
@@ -466,6 +464,47 @@ impl Instance {
             .lock()
             .unwrap()
             .insert(self.id.clone(), self.claims.keys().copied().collect());
+        Ok(())
+    }
+
+    async fn run(mut self, duties: Duties, stop: CancellationToken) {
+        // Instances start spread over a tick, as a fleet's do.
+        tokio::time::sleep(TICK.mul_f64(rand_fraction(&self.id))).await;
+        // The fleet duties on a task of their own, as the processor runs them: a new leader scheduling
+        // every partition's job does not hold up this instance's claims. Aborted with the instance.
+        let duties =
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(duties.run(stop.clone())));
+        while !stop.is_cancelled() {
+            let started = Instant::now();
+            if let Err(err) = self.round().await {
+                // The first few say why rounds fail (on stderr, beside the table).
+                if self.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                    eprintln!("{}: round failed: {err:?}", self.id);
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(TICK.saturating_sub(started.elapsed())) => {}
+            }
+        }
+        drop(duties);
+        self.held.lock().unwrap().remove(&self.id);
+    }
+}
+
+/// An instance's fleet duties: campaign for leadership every tick; as leader, make sure every
+/// partition's maintenance job exists once per term; as follower, run one due job per tick.
+struct Duties {
+    id: String,
+    election: LeaderElection,
+    queue: TaskQueue,
+    partitions: u32,
+    scheduled_term: Option<u64>,
+    errors: Arc<AtomicU64>,
+}
+
+impl Duties {
+    async fn round(&mut self) -> state::StateResult<()> {
         self.election.try_become_leader().await?;
         let term = self.election.fencing_token();
         if term.is_some() && self.scheduled_term != term {
@@ -486,22 +525,18 @@ impl Instance {
     }
 
     async fn run(mut self, stop: CancellationToken) {
-        // Instances start spread over a tick, as a fleet's do.
-        tokio::time::sleep(TICK.mul_f64(rand_fraction(&self.id))).await;
         while !stop.is_cancelled() {
             let started = Instant::now();
-            if let Err(err) = self.round().await {
-                // The first few say why rounds fail (on stderr, beside the table).
-                if self.errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                    eprintln!("{}: round failed: {err:?}", self.id);
-                }
+            if let Err(err) = self.round().await
+                && self.errors.fetch_add(1, Ordering::Relaxed) < 5
+            {
+                eprintln!("{}: duties failed: {err:?}", self.id);
             }
             tokio::select! {
                 _ = stop.cancelled() => {}
                 _ = tokio::time::sleep(TICK.saturating_sub(started.elapsed())) => {}
             }
         }
-        self.held.lock().unwrap().remove(&self.id);
     }
 }
 
@@ -739,7 +774,7 @@ async fn simulate(kind: Kind, design: Design, scale: Scale, options: &Options) -
         } else {
             shared[i / PER_CLIENT].clone()
         };
-        let instance = Instance {
+        let duties = Duties {
             election: LeaderElection::new(
                 client.lock.clone(),
                 &format!("{GROUP}:{TOPIC}"),
@@ -748,6 +783,12 @@ async fn simulate(kind: Kind, design: Design, scale: Scale, options: &Options) -
             )
             .unwrap(),
             queue: TaskQueue::new(client.lock.clone(), client.tasks.clone(), CLAIM_TTL),
+            id: id.clone(),
+            partitions: scale.partitions,
+            scheduled_term: None,
+            errors: Arc::clone(&errors),
+        };
+        let instance = Instance {
             id,
             client,
             design,
@@ -763,11 +804,10 @@ async fn simulate(kind: Kind, design: Design, scale: Scale, options: &Options) -
             membership_every: options.membership_every,
             members_read_at: None,
             desired: HashSet::new(),
-            scheduled_term: None,
             held: Arc::clone(&held),
             errors: Arc::clone(&errors),
         };
-        tasks.push(tokio::spawn(instance.run(stop.child_token())));
+        tasks.push(tokio::spawn(instance.run(duties, stop.child_token())));
     }
 
     let settled = wait_until(options.settle_within, || {
