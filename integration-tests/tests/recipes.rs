@@ -455,11 +455,12 @@ async fn competing_workers_complete_every_task_exactly_once(env: RecipeEnv) {
 
 /// As many tasks run at once as there are workers: a claimed task is hidden from the others' pages of
 /// due tasks (before, every worker looked only at the 32 earliest due, claimed ones included, so no
-/// more than 32 ran at once however many workers there were).
+/// more than 32 ran at once however many workers there were). 64 workers, 64 tasks of 3 s: at least
+/// 48 must run at once (the old queue's ceiling is 32; a loaded etcd claims slowly, hence not all 64).
 async fn workers_run_as_many_tasks_at_once_as_there_are_workers(env: RecipeEnv) {
     const WORKERS: usize = 64;
     let queue = TaskQueue::new(env.lock.clone(), env.tasks.clone(), Duration::from_secs(5));
-    for i in 0..2 * WORKERS {
+    for i in 0..WORKERS {
         queue.submit(&format!("wide-{i}"), b"").await.unwrap();
     }
     let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -476,7 +477,8 @@ async fn workers_run_as_many_tasks_at_once_as_there_are_workers(env: RecipeEnv) 
                     .run_next(|_task, _ctx| async move {
                         let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                         peak.fetch_max(now, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(800)).await;
+                        // Long enough for every worker to claim one on a loaded machine.
+                        tokio::time::sleep(Duration::from_secs(3)).await;
                         running.fetch_sub(1, Ordering::SeqCst);
                         runs.fetch_add(1, Ordering::SeqCst);
                         Ok(())
@@ -495,13 +497,13 @@ async fn workers_run_as_many_tasks_at_once_as_there_are_workers(env: RecipeEnv) 
     }
     assert_eq!(
         runs.load(Ordering::SeqCst),
-        2 * WORKERS,
+        WORKERS,
         "{}: every task ran once",
         env.name
     );
     let peak = peak.load(Ordering::SeqCst);
     assert!(
-        peak >= WORKERS * 9 / 10,
+        peak >= WORKERS * 3 / 4,
         "{}: at most {peak} of {WORKERS} workers ran a task at once",
         env.name
     );
