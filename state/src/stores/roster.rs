@@ -138,3 +138,23 @@ fn shorten(name: &str) -> String {
 pub(crate) fn new_holder() -> String {
     crate::LockToken::new_owner_value()
 }
+
+/// The lease a join asks for (names and TTL checked, a fresh holder; the token is the store's to set).
+///
+/// # Errors
+/// [`StateError::InvalidInput`] naming what is wrong.
+pub(crate) fn lease_to_join(
+    roster: &str,
+    member: &str,
+    record: &[u8],
+    ttl: Duration,
+) -> StateResult<RosterLease> {
+    validate(roster, member, ttl)?;
+    Ok(RosterLease {
+        roster: roster.to_owned(),
+        member: member.to_owned(),
+        holder: new_holder(),
+        record: record.to_vec(),
+        token: 0,
+    })
+}

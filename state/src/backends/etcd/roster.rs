@@ -8,7 +8,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp
 
 use crate::backends::etcd::{etcd_call, lease_seconds};
 use crate::stores::roster::{
-    RosterEntry, RosterLease, RosterStore, RosterVersion, new_holder, validate,
+    RosterEntry, RosterLease, RosterStore, RosterVersion, lease_to_join, validate,
 };
 use crate::{StateError, StateResult};
 
@@ -136,14 +136,7 @@ impl RosterStore for EtcdRosterStore {
         record: &[u8],
         ttl: Duration,
     ) -> StateResult<Option<RosterLease>> {
-        validate(roster, member, ttl)?;
-        let mut lease = RosterLease {
-            roster: roster.to_owned(),
-            member: member.to_owned(),
-            holder: new_holder(),
-            record: record.to_vec(),
-            token: 0,
-        };
+        let mut lease = lease_to_join(roster, member, record, ttl)?;
         let lease_id = self.grant(member, ttl).await?;
         let key = self.member_key(roster, member);
         let txn = Txn::new()

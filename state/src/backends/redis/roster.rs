@@ -10,7 +10,7 @@ use redis::aio::ConnectionManager;
 use crate::StateResult;
 use crate::backends::redis::{connect_manager, invoke, parse_redis_url, ttl_millis};
 use crate::stores::roster::{
-    RosterEntry, RosterLease, RosterStore, RosterVersion, new_holder, validate,
+    RosterEntry, RosterLease, RosterStore, RosterVersion, lease_to_join, validate,
 };
 
 macro_rules! roster_script {
@@ -186,14 +186,7 @@ impl RosterStore for RedisRosterStore {
         record: &[u8],
         ttl: Duration,
     ) -> StateResult<Option<RosterLease>> {
-        validate(roster, member, ttl)?;
-        let mut lease = RosterLease {
-            roster: roster.to_owned(),
-            member: member.to_owned(),
-            holder: new_holder(),
-            record: record.to_vec(),
-            token: 0,
-        };
+        let mut lease = lease_to_join(roster, member, record, ttl)?;
         Ok(self.join_as(&lease, ttl, 0).await?.map(|token| {
             lease.token = token;
             lease

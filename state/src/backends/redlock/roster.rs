@@ -10,7 +10,7 @@ use futures::future::join_all;
 use super::{RedlockDistributedLock, quorum_of};
 use crate::backends::redis::roster::{HeldEntry, RedisRosterStore};
 use crate::stores::roster::{
-    RosterEntry, RosterLease, RosterStore, RosterVersion, new_holder, validate,
+    RosterEntry, RosterLease, RosterStore, RosterVersion, lease_to_join, validate,
 };
 use crate::{StateError, StateResult};
 
@@ -122,14 +122,7 @@ impl RosterStore for RedlockRosterStore {
         record: &[u8],
         ttl: Duration,
     ) -> StateResult<Option<RosterLease>> {
-        validate(roster, member, ttl)?;
-        let mut lease = RosterLease {
-            roster: roster.to_owned(),
-            member: member.to_owned(),
-            holder: new_holder(),
-            record: record.to_vec(),
-            token: 0,
-        };
+        let mut lease = lease_to_join(roster, member, record, ttl)?;
         let answers = self
             .on_every_node(|store| store.join_as(&lease, ttl, 0))
             .await;
