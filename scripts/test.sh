@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source scripts/lib/build-env.sh
+source scripts/lib/packages.sh
 
 # Each step's time and the tests counted, printed at the end (also on failure): what a CI run spends
 # where, and how many tests ran.
@@ -201,20 +202,50 @@ forbidden_in() {
     exit 1
   fi
 }
-forbidden_in state normal,dev,build "rdkafka|rdkafka-sys|rocksdb|librocksdb-sys"
+forbidden_in fenced-state normal,dev,build "rdkafka|rdkafka-sys|rocksdb|librocksdb-sys"
 forbidden_in integration-tests normal,dev,build "rdkafka|rdkafka-sys|rocksdb|librocksdb-sys"
 forbidden_in benches normal,dev,build "rdkafka|rdkafka-sys|rocksdb|librocksdb-sys"
 # (Runtime dependencies only: a proc-macro's own helpers, like prost-derive's anyhow, are not linked.)
-forbidden_in processor normal,no-proc-macro "clap|indicatif|anyhow|tracing-subscriber"
+forbidden_in fenced-processor normal,no-proc-macro "clap|indicatif|anyhow|tracing-subscriber"
 
-step "each feature of state builds alone"
-cargo check -q -p state --no-default-features
+step "each feature of state builds alone, without warnings"
+# (Grepped rather than -D warnings in RUSTFLAGS, which would rebuild every dependency: an item only one
+# feature uses, left ungated, warns in the others.)
+check_feature_alone() {
+  local output
+  output=$(cargo check -q -p fenced-state --no-default-features "$@" 2>&1) || { echo "$output" >&2; return 1; }
+  if grep -q '^warning' <<<"$output"; then
+    echo "fenced-state ${*:-(no features)} builds with warnings:" >&2
+    echo "$output" >&2
+    return 1
+  fi
+}
+check_feature_alone
 for feature in redis postgres etcd conformance; do
-  cargo check -q -p state --no-default-features --features "$feature"
+  check_feature_alone --features "$feature"
 done
 
 step "docs build without warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps --all-features
+
+step "docs.rs: every feature-gated item of fenced-state names its feature (nightly rustdoc, --cfg docsrs)"
+# docs.rs builds with nightly and `--cfg docsrs` (package.metadata.docs.rs); the crate then turns on
+# rustdoc's doc_cfg, which labels each item behind a cargo feature with it. Checked on the HTML.
+rustup run nightly rustc --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal
+RUSTDOCFLAGS="--cfg docsrs -D warnings" cargo +nightly doc -q -p fenced-state --all-features --no-deps
+for page_and_feature in backends/postgres/struct.PostgresDistributedLock:postgres \
+  backends/redis/struct.RedisDistributedLock:redis backends/redlock/struct.RedlockDistributedLock:redis \
+  backends/etcd/struct.EtcdDistributedLock:etcd conformance/index:conformance; do
+  page="target/doc/state/${page_and_feature%%:*}.html"
+  if ! grep -q "crate feature <code>${page_and_feature#*:}</code>" "$page"; then
+    echo "docs.rs check: $page does not say it needs the feature ${page_and_feature#*:}" >&2
+    exit 1
+  fi
+done
+
+step "packages: cargo package, and a crate outside the workspace built and run from the .crate files"
+check_rust_version
+check_packages
 
 step "tests: one build of every target"
 cargo test --workspace --all-features --all-targets --no-run

@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 
 /// The paths the README's layout map names, relative to the repository root.
 fn mapped_paths(readme: &str) -> Vec<PathBuf> {
+    const OPENING: &str = "```text\nstate/ ";
     let start = readme
-        .find("```\nstate/ ")
-        .expect("the README's layout map (a code block starting with `state/`)");
-    let block = &readme[start + 4..];
+        .find(OPENING)
+        .expect("the README's layout map (a text code block starting with `state/`)");
+    let block = &readme[start + "```text\n".len()..];
     let block = &block[..block.find("```").unwrap()];
     let (mut top, mut folder) = (PathBuf::new(), PathBuf::new());
     let mut paths = Vec::new();
@@ -59,7 +60,7 @@ fn every_path_in_the_readme_layout_map_exists() {
 #[test]
 fn a_map_naming_a_missing_file_is_caught() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let map = "```\nstate/   the crate\n  src/no_such_file.rs   gone\n```\n";
+    let map = "```text\nstate/   the crate\n  src/no_such_file.rs   gone\n```\n";
     let paths = mapped_paths(map);
     assert_eq!(
         paths,

@@ -4,9 +4,9 @@
 //! (started here) with in-process locks and RocksDB, at 100 k and 2 M keys of state in one partition.
 //!
 //! ```text
-//! cargo bench -p processor --bench handoff            # 100 k and 2 M keys (a few minutes)
-//! cargo bench -p processor --bench handoff -- --quick # 100 k keys only
-//! cargo test  -p processor --bench handoff            # a smoke run at 10 k keys (the test command's)
+//! cargo bench -p fenced-processor --bench handoff            # 100 k and 2 M keys (a few minutes)
+//! cargo bench -p fenced-processor --bench handoff -- --quick # 100 k keys only
+//! cargo test  -p fenced-processor --bench handoff            # a smoke run at 10 k keys (the test command's)
 //! ```
 //!
 //! Printed per row: the hand-off (kill → the new owner processing, i.e. its state open and its consumer

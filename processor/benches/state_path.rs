@@ -4,8 +4,8 @@
 //! path run after run (the throughput bench's rows vary by ±15 % between runs).
 //!
 //! ```text
-//! cargo bench -p processor --bench state_path            # 8 partitions × 12 500 keys, 1 M records each
-//! cargo bench -p processor --bench state_path -- --quick # a smoke run (what `cargo test` runs)
+//! cargo bench -p fenced-processor --bench state_path            # 8 partitions × 12 500 keys, 1 M records each
+//! cargo bench -p fenced-processor --bench state_path -- --quick # a smoke run (what `cargo test` runs)
 //! ```
 //!
 //! The shape follows the throughput bench: 100 k keys over 8 partitions, 1 000 records per apply, a

@@ -21,10 +21,10 @@
 //! becoming visible to a `read_committed` consumer (end to end). Peak RSS is the process's `VmHWM`.
 //!
 //! ```text
-//! cargo bench -p processor --bench throughput                 # 1 M records, 100 k keys, 8 partitions; 100 k vs 2 M keys
-//! cargo bench -p processor --bench throughput -- --quick      # small counts, every row (under 2 minutes)
-//! cargo bench -p processor --bench throughput -- --only mock  # rows on the mock cluster only (also: real, checkpoints)
-//! cargo test  -p processor --bench throughput                 # a smoke run: every row, tiny counts (the test command's)
+//! cargo bench -p fenced-processor --bench throughput                 # 1 M records, 100 k keys, 8 partitions; 100 k vs 2 M keys
+//! cargo bench -p fenced-processor --bench throughput -- --quick      # small counts, every row (under 2 minutes)
+//! cargo bench -p fenced-processor --bench throughput -- --only mock  # rows on the mock cluster only (also: real, checkpoints)
+//! cargo test  -p fenced-processor --bench throughput                 # a smoke run: every row, tiny counts (the test command's)
 //! ```
 //!
 //! For profiling one row: `BENCH_ROWS=TEXT` runs only rows whose label contains TEXT (`A|B`: either),

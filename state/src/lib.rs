@@ -30,6 +30,15 @@
 //!
 //! The `conformance` feature makes the shared backend test suite public ([`conformance`]), so a
 //! deployment can be checked with the same tests this crate runs against every backend.
+//!
+//! The user guide, `DISTRIBUTED_LOCKING.md` in the repository, shows every backend and recipe with
+//! runnable code. Runnable examples live in the repository's `examples` crate: `quickstart`,
+//! `leader_election`, `checkpoint`, `compaction`, `task_queue`, `multi_lock` (`cargo run -p examples
+//! --example quickstart`). The package is `fenced-state` on crates.io; the library is `state`.
+
+// docs.rs (and `RUSTDOCFLAGS="--cfg docsrs" cargo +nightly doc`): each item behind a cargo feature
+// says which one.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backends;
 #[cfg(feature = "conformance")]
@@ -65,3 +74,8 @@ pub use retry::RetryConfig;
 #[cfg(all(doctest, feature = "redis", feature = "postgres", feature = "etcd"))]
 #[doc = include_str!("../../DISTRIBUTED_LOCKING.md")]
 pub struct UserGuide;
+
+/// The crate's README (its page on crates.io), compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct CrateReadme;

@@ -22,7 +22,7 @@ use crate::error::ProcessorResult;
 /// cached (small keys and values held inside them). The table stays in the CPU cache and entries
 /// cached together sit together, so a partition reading its keys in a recurring order reads memory in
 /// order; a `HashMap` with keys and values behind their own pointers cost up to four cache misses per
-/// lookup (measured: `cargo bench -p processor --bench state_path`). Keys are hashed with foldhash
+/// lookup (measured: `cargo bench -p fenced-processor --bench state_path`). Keys are hashed with foldhash
 /// (hashbrown's default: fast, and seeded per map, so crafted keys cannot force collisions).
 type Map = indexmap::IndexMap<HeldKey, Slot, hashbrown::DefaultHashBuilder>;
 

@@ -143,6 +143,7 @@ pub(crate) fn new_holder() -> String {
 ///
 /// # Errors
 /// [`StateError::InvalidInput`] naming what is wrong.
+#[cfg(any(feature = "redis", feature = "etcd"))]
 pub(crate) fn lease_to_join(
     roster: &str,
     member: &str,
