@@ -21,6 +21,7 @@
 //! owner's checkpoints always sort last: an old owner that uploads late cannot hide a newer owner's
 //! checkpoint, and is refused outright when the newer one is already there.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -260,7 +261,26 @@ impl DirectoryCheckpointStore {
                 reason: format!("unknown manifest format {}", manifest.format),
             });
         }
+        manifest
+            .check_names()
+            .map_err(|reason| ProcessorError::CorruptCheckpoint {
+                path: path.to_path_buf(),
+                reason,
+            })?;
         Ok(manifest)
+    }
+
+    /// [`Manifest::check_names`] for a manifest handed in (not read here): nothing is written outside
+    /// the target directory whoever built it.
+    fn check_names(&self, manifest: &Manifest) -> ProcessorResult<()> {
+        manifest
+            .check_names()
+            .map_err(|reason| ProcessorError::CorruptCheckpoint {
+                path: self
+                    .manifests_dir(&manifest.topic, manifest.partition)
+                    .join(format!("{}.json", manifest.id())),
+                reason,
+            })
     }
 
     /// Checks that every file of `manifest` is present with its size and checksum.
@@ -446,6 +466,7 @@ impl CheckpointStore for DirectoryCheckpointStore {
 
     fn restore(&self, manifest: &Manifest, dest: &Path) -> ProcessorResult<()> {
         valid_topic(&manifest.topic)?;
+        self.check_names(manifest)?;
         fs::create_dir_all(dest).map_err(ProcessorError::io(dest))?;
         let files = self.files_dir(&manifest.topic, manifest.partition);
         for file in &manifest.files {
@@ -479,6 +500,7 @@ impl CheckpointStore for DirectoryCheckpointStore {
         previous: &Path,
     ) -> ProcessorResult<RestoreReport> {
         valid_topic(&manifest.topic)?;
+        self.check_names(manifest)?;
         fs::create_dir_all(dest).map_err(ProcessorError::io(dest))?;
         let files = self.files_dir(&manifest.topic, manifest.partition);
         let mut report = RestoreReport::default();
@@ -519,6 +541,7 @@ impl CheckpointStore for DirectoryCheckpointStore {
         partition: i32,
         keep: usize,
         grace: Duration,
+        recorded: Option<&str>,
     ) -> ProcessorResult<usize> {
         valid_topic(topic)?;
         let paths = self.manifest_paths(topic, partition)?;
@@ -539,18 +562,29 @@ impl CheckpointStore for DirectoryCheckpointStore {
             }
         }
         let (old, kept) = paths.split_at(paths.len() - kept_count);
-        for path in old {
+        let recorded = recorded.map(|id| format!("{id}.json"));
+        let is_recorded = |path: &PathBuf| {
+            recorded
+                .as_deref()
+                .is_some_and(|name| path.file_name() == Some(OsStr::new(name)))
+        };
+        let mut removed = 0;
+        for path in old.iter().filter(|path| !is_recorded(path)) {
             fs::remove_file(path).map_err(ProcessorError::io(path))?;
+            removed += 1;
         }
         let mut referenced = std::collections::HashSet::new();
-        for path in kept {
+        for path in kept
+            .iter()
+            .chain(old.iter().filter(|path| is_recorded(path)))
+        {
             if let Ok(manifest) = Self::read_manifest(path) {
                 referenced.extend(manifest.files.iter().map(Manifest::blob_name));
             }
         }
         let files = self.files_dir(topic, partition);
         if !files.is_dir() {
-            return Ok(old.len());
+            return Ok(removed);
         }
         // Read the store's clock after the listing above: a file touched since is younger still.
         let now = store_now(&files)?;
@@ -580,7 +614,7 @@ impl CheckpointStore for DirectoryCheckpointStore {
                 }
             }
         }
-        Ok(old.len())
+        Ok(removed)
     }
 
     fn partitions(&self, topic: &str) -> ProcessorResult<Vec<i32>> {
@@ -719,12 +753,15 @@ mod tests {
         let before = blobs();
         assert_eq!(
             shared
-                .retain("orders", 0, 1, Duration::from_secs(3600))
+                .retain("orders", 0, 1, Duration::from_secs(3600), None)
                 .unwrap(),
             1
         );
         assert_eq!(blobs(), before, "files used within the grace period stay");
-        assert_eq!(shared.retain("orders", 0, 1, Duration::ZERO).unwrap(), 0);
+        assert_eq!(
+            shared.retain("orders", 0, 1, Duration::ZERO, None).unwrap(),
+            0
+        );
         assert!(
             blobs() < before,
             "unreferenced files go once the grace period is over"
@@ -778,6 +815,62 @@ mod tests {
         assert!(shared.upload("../etc", 0, &snapshot, 1, 1).is_err());
     }
 
+    /// A manifest naming `../escaped.sst` (with the blob placed where the store would look for it) is
+    /// corrupt: skipped by `latest_valid`, refused by `checkpoint` and `restore`, and nothing is
+    /// written outside the target directory. (Before names were checked, `latest_valid` returned it
+    /// and `restore` wrote `escaped.sst` beside the target.)
+    #[test]
+    fn a_manifest_naming_a_path_outside_the_directory_is_corrupt_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = dir.path().join("snap");
+        fs::create_dir_all(&snapshot).unwrap();
+        fs::write(snapshot.join("a.sst"), b"first").unwrap();
+        let shared = DirectoryCheckpointStore::new(dir.path().join("shared")).unwrap();
+        let honest = shared.upload("t", 3, &snapshot, 10, 5).unwrap().manifest;
+
+        // Someone with write access to the store publishes a newer manifest whose file escapes.
+        let mut evil = honest.clone();
+        evil.next_offset = 20;
+        evil.files[0].name = "../escaped.sst".to_owned();
+        let blob = shared
+            .files_dir("t", 3)
+            .join(Manifest::blob_name(&evil.files[0]));
+        fs::create_dir_all(blob.parent().unwrap()).unwrap();
+        fs::write(&blob, b"first").unwrap();
+        let path = shared
+            .manifests_dir("t", 3)
+            .join(format!("{}.json", evil.id()));
+        fs::write(&path, serde_json::to_vec(&evil).unwrap()).unwrap();
+
+        let (latest, skipped) = shared.latest_valid("t", 3).unwrap();
+        assert_eq!(
+            latest.unwrap().id(),
+            honest.id(),
+            "the escaping one is skipped"
+        );
+        assert!(
+            matches!(&skipped[..], [ProcessorError::CorruptCheckpoint { reason, .. }] if reason.contains("not a plain file name")),
+            "{skipped:?}"
+        );
+        assert!(matches!(
+            shared.checkpoint("t", 3, &evil.id()),
+            Err(ProcessorError::CorruptCheckpoint { .. })
+        ));
+        let dest = dir.path().join("restore").join("into");
+        for restored in [
+            shared.restore(&evil, &dest).map(|_| ()),
+            shared
+                .restore_incremental(&evil, &dest, &snapshot)
+                .map(|_| ()),
+        ] {
+            assert!(matches!(
+                restored,
+                Err(ProcessorError::CorruptCheckpoint { .. })
+            ));
+        }
+        assert!(!dir.path().join("restore").join("escaped.sst").exists());
+    }
+
     #[test]
     fn temp_names_are_unique_and_stale_temps_are_cleaned_by_retention() {
         let target = Path::new("/x/manifests/m.json");
@@ -809,7 +902,7 @@ mod tests {
                 .unwrap();
         }
         shared
-            .retain("orders", 0, 3, Duration::from_secs(60))
+            .retain("orders", 0, 3, Duration::from_secs(60), None)
             .unwrap();
         assert!(
             !stale.exists() && !stale_manifest.exists(),
@@ -838,7 +931,7 @@ mod tests {
         for path in &manifests[2..] {
             fs::write(path, b"{ damaged").unwrap();
         }
-        shared.retain("orders", 0, 2, Duration::ZERO).unwrap();
+        shared.retain("orders", 0, 2, Duration::ZERO, None).unwrap();
         let (latest, skipped) = shared.latest_valid("orders", 0).unwrap();
         assert_eq!(skipped.len(), 2);
         assert_eq!(

@@ -55,10 +55,49 @@ impl Manifest {
         Some((token.parse().ok()?, offset.parse().ok()?))
     }
 
+    /// Checks that every file the manifest names is a plain file name and every digest a SHA-256: a
+    /// restore joins the names onto its target directory and the store joins `sha256-name` onto its own,
+    /// so a name such as `../x` or `/etc/x` (or a digest with a `/`) would write or read outside them.
+    /// Whoever can write the checkpoint store must not be able to write files on every host that
+    /// restores. A name appearing twice is refused too (one file would overwrite the other).
+    ///
+    /// # Errors
+    /// What is wrong with which entry (the caller makes it a `CorruptCheckpoint` naming the manifest).
+    pub fn check_names(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::with_capacity(self.files.len());
+        for file in &self.files {
+            if !is_plain_file_name(&file.name) {
+                return Err(format!(
+                    "file name {:?} is not a plain file name (no path separators, no `.` or `..`, 1 to 255 bytes)",
+                    file.name
+                ));
+            }
+            if file.sha256.len() != 64 || !file.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "the digest of {:?} is not a SHA-256 in hex: {:?}",
+                    file.name, file.sha256
+                ));
+            }
+            if !seen.insert(file.name.as_str()) {
+                return Err(format!("file name {:?} appears twice", file.name));
+            }
+        }
+        Ok(())
+    }
+
     /// The store name of `file`: content-addressed, so identical SST files are stored once.
     pub fn blob_name(file: &ManifestFile) -> String {
         format!("{}-{}", file.sha256, file.name)
     }
+}
+
+/// A name that stays inside the directory it is joined onto, on every platform.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0', ':'])
 }
 
 /// Size and SHA-256 of the file at `path`.
@@ -110,6 +149,43 @@ mod tests {
                 manifest(10, 1).id()
             ]
         );
+    }
+
+    #[test]
+    fn names_that_leave_the_directory_are_refused() {
+        let manifest = |name: &str, sha: &str| Manifest {
+            format: FORMAT,
+            topic: "t".into(),
+            partition: 0,
+            next_offset: 1,
+            fencing_token: 1,
+            created_at_ms: 0,
+            files: vec![ManifestFile {
+                name: name.into(),
+                size: 1,
+                sha256: sha.into(),
+            }],
+        };
+        let sha = "a".repeat(64);
+        for name in ["000007.sst", "MANIFEST-000005", "OPTIONS-000009", "CURRENT"] {
+            assert_eq!(manifest(name, &sha).check_names(), Ok(()), "{name}");
+        }
+        let long = "x".repeat(256);
+        for name in [
+            "../x", "/etc/x", "a/b", "..", ".", "", "a\\b", "c:x", "a\0b", &long,
+        ] {
+            let err = manifest(name, &sha).check_names().unwrap_err();
+            assert!(err.contains("not a plain file name"), "{name:?}: {err}");
+        }
+        for digest in ["../../../x", &"g".repeat(64), "abc"] {
+            assert!(
+                manifest("000007.sst", digest).check_names().is_err(),
+                "{digest}"
+            );
+        }
+        let mut twice = manifest("000007.sst", &sha);
+        twice.files.push(twice.files[0].clone());
+        assert!(twice.check_names().unwrap_err().contains("twice"));
     }
 
     #[test]

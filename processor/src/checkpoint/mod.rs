@@ -135,9 +135,14 @@ pub trait CheckpointStore: Send + Sync {
     }
 
     /// Keeps the newest `keep` *valid* checkpoints of the partition (at least one; damaged ones never
-    /// push a valid one out) and deletes the older ones, and
-    /// every file no remaining checkpoint references that has not been used for `grace` (so an upload in
-    /// flight keeps the files it reuses). Returns how many checkpoints were removed.
+    /// push a valid one out) **and the `recorded` one** — the checkpoint the partition's fenced record
+    /// names ([`Manifest::id`]), whatever its age — and deletes the older ones, and every file no
+    /// remaining checkpoint references that has not been used for `grace` (so an upload in flight keeps
+    /// the files it reuses). Returns how many checkpoints were removed.
+    ///
+    /// Why the recorded one: an owner uploads, then records. A record write that failed, or a crash
+    /// between the two, leaves newer checkpoints than the recorded one; deleting the recorded one would
+    /// leave a record naming nothing, and every later owner would refuse the partition.
     ///
     /// # Errors
     /// An I/O error.
@@ -147,6 +152,7 @@ pub trait CheckpointStore: Send + Sync {
         partition: i32,
         keep: usize,
         grace: Duration,
+        recorded: Option<&str>,
     ) -> ProcessorResult<usize>;
 
     /// The partitions of `topic` that have checkpoints.

@@ -398,6 +398,7 @@ impl Instance {
             self.services.lock.clone(),
             self.services.tasks.clone(),
             self.services.checkpoints.clone(),
+            self.services.registry.clone(),
             &self.config.group,
             &self.config.topic,
             self.config.maintenance,

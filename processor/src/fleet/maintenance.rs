@@ -17,10 +17,12 @@
 use std::sync::Arc;
 
 use state::recipes::compaction::{CompactionOutcome, compact_resource};
+use state::recipes::fenced::FencedStore;
 use state::recipes::tasks::{TaskOutcome, TaskQueue, TaskStore};
 use state::{DistributedLock, StateError, StateResult};
 
 use crate::checkpoint::CheckpointStore;
+use crate::checkpoint::record::CheckpointRecords;
 use crate::config::MaintenanceConfig;
 use crate::resources::{compaction_resource, maintenance_task_id};
 
@@ -64,6 +66,8 @@ pub struct Maintenance {
     queue: TaskQueue,
     lock: Arc<dyn DistributedLock>,
     checkpoints: Arc<dyn CheckpointStore>,
+    /// The fenced checkpoint records: retention never deletes the checkpoint a partition's record names.
+    registry: Arc<dyn FencedStore>,
     group: String,
     topic: String,
     config: MaintenanceConfig,
@@ -79,11 +83,13 @@ impl std::fmt::Debug for Maintenance {
 }
 
 impl Maintenance {
-    /// Maintenance of the partitions of `topic` in `checkpoints` for fleet `group`, with jobs in `tasks`.
+    /// Maintenance of the partitions of `topic` in `checkpoints` for fleet `group`, with jobs in `tasks`
+    /// and the partitions' checkpoint records in `registry`.
     pub fn new(
         lock: Arc<dyn DistributedLock>,
         tasks: Arc<dyn TaskStore>,
         checkpoints: Arc<dyn CheckpointStore>,
+        registry: Arc<dyn FencedStore>,
         group: &str,
         topic: &str,
         config: MaintenanceConfig,
@@ -96,6 +102,7 @@ impl Maintenance {
                 .only_tasks(is_maintenance_task_of(group, topic)),
             lock,
             checkpoints,
+            registry,
             group: group.to_owned(),
             topic: topic.to_owned(),
             config,
@@ -167,9 +174,23 @@ impl Maintenance {
                 self.config.keep_checkpoints,
                 self.config.grace,
             );
+            let records = CheckpointRecords::new(
+                Arc::clone(&self.lock),
+                Arc::clone(&self.registry),
+                &self.group,
+                &self.topic,
+                partition,
+            );
             async move {
+                // Read under the compaction lock, before the listing: a record published after this
+                // names a checkpoint newer than every one retention sees, which it never deletes.
+                let recorded = records
+                    .latest()
+                    .await
+                    .map_err(|err| storage("read the checkpoint record before retention", err))?
+                    .map(|record| record.manifest);
                 let removed = tokio::task::spawn_blocking(move || {
-                    store.retain(&topic, partition, keep, grace)
+                    store.retain(&topic, partition, keep, grace, recorded.as_deref())
                 })
                 .await
                 .map_err(|err| storage("run retention", err))?
@@ -221,8 +242,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::checkpoint::record::CheckpointRecord;
     use crate::checkpoint::{DirectoryCheckpointStore, hold_compaction_lock};
     use state::InMemoryDistributedLock;
+    use state::recipes::fenced::InMemoryFencedStore;
     use state::recipes::tasks::InMemoryTaskStore;
 
     #[tokio::test]
@@ -243,8 +266,15 @@ mod tests {
             grace: Duration::ZERO,
             ..MaintenanceConfig::default()
         };
-        let maintenance =
-            Maintenance::new(lock.clone(), tasks, checkpoints.clone(), "g", "t", config);
+        let maintenance = Maintenance::new(
+            lock.clone(),
+            tasks,
+            checkpoints.clone(),
+            Arc::new(InMemoryFencedStore::default()),
+            "g",
+            "t",
+            config,
+        );
         assert_eq!(maintenance.schedule(2).await.unwrap(), 2);
         assert_eq!(
             maintenance.schedule(2).await.unwrap(),
@@ -302,6 +332,54 @@ mod tests {
         assert!(parse_partition(b"-3").is_err() && parse_partition(b"x").is_err());
     }
 
+    /// The checkpoint the partition's record names survives retention although newer ones exist (an
+    /// owner uploaded twice and crashed, or failed to record, each time): with `keep 1`, retention used
+    /// to delete it, leaving a record that names nothing — and every later owner refused the partition.
+    #[tokio::test]
+    async fn retention_never_deletes_the_recorded_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoints: Arc<dyn CheckpointStore> =
+            Arc::new(DirectoryCheckpointStore::new(dir.path().join("shared")).unwrap());
+        let snapshot = dir.path().join("snap");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        let upload = |offset: i64| {
+            std::fs::write(snapshot.join("state.sst"), format!("v{offset}")).unwrap();
+            checkpoints
+                .upload("t", 0, &snapshot, offset, 7)
+                .unwrap()
+                .manifest
+        };
+        let recorded = upload(1);
+        let (_, newest) = (upload(2), upload(3));
+        let lock: Arc<dyn DistributedLock> = Arc::new(InMemoryDistributedLock::new());
+        let registry: Arc<dyn FencedStore> = Arc::new(InMemoryFencedStore::default());
+        CheckpointRecords::new(lock.clone(), registry.clone(), "g", "t", 0)
+            .publish(7, &CheckpointRecord::new(&recorded, "a"))
+            .await
+            .unwrap();
+        let config = MaintenanceConfig {
+            keep_checkpoints: 1,
+            grace: Duration::ZERO,
+            ..MaintenanceConfig::default()
+        };
+        let tasks: Arc<dyn TaskStore> = Arc::new(InMemoryTaskStore::default());
+        let maintenance =
+            Maintenance::new(lock, tasks, checkpoints.clone(), registry, "g", "t", config);
+        maintenance.schedule(1).await.unwrap();
+        let run = maintenance.run_next().await.unwrap().expect("due");
+        assert_eq!(
+            run.outcome,
+            MaintenanceOutcome::Compacted {
+                removed_checkpoints: 1
+            },
+            "only the unrecorded middle one goes"
+        );
+        let still = checkpoints.checkpoint("t", 0, &recorded.id());
+        assert!(still.is_ok(), "the recorded checkpoint is gone: {still:?}");
+        let (latest, _) = checkpoints.latest_valid("t", 0).unwrap();
+        assert_eq!(latest.unwrap().id(), newest.id());
+    }
+
     /// Two jobs of one group on two topics share a task store: each one's followers run only its own
     /// maintenance jobs (running the other's would compact the wrong partition and mark theirs done).
     #[tokio::test]
@@ -317,6 +395,7 @@ mod tests {
                 lock.clone(),
                 tasks.clone(),
                 checkpoints.clone(),
+                Arc::new(InMemoryFencedStore::default()),
                 "processor",
                 topic,
                 config,

@@ -314,8 +314,9 @@ mod tests {
             partition: i32,
             keep: usize,
             grace: Duration,
+            recorded: Option<&str>,
         ) -> ProcessorResult<usize> {
-            self.inner.retain(topic, partition, keep, grace)
+            self.inner.retain(topic, partition, keep, grace, recorded)
         }
         fn partitions(&self, topic: &str) -> ProcessorResult<Vec<i32>> {
             self.inner.partitions(topic)

@@ -84,7 +84,7 @@ fn step_upload_reusing_files() {
 #[ignore = "a step run by reused_files_survive_retention_whatever_the_clocks_say under libfaketime"]
 fn step_retain() {
     let store = DirectoryCheckpointStore::new(root().join("shared")).unwrap();
-    store.retain(TOPIC, 0, 1, GRACE).unwrap();
+    store.retain(TOPIC, 0, 1, GRACE, None).unwrap();
 }
 
 #[test]
@@ -101,7 +101,7 @@ fn reused_files_survive_retention_whatever_the_clocks_say() {
     // An uploader two hours behind reuses the files; a cleaner on time must see them as just used.
     run_skewed("step_upload_reusing_files", "-2h", root);
     unreference_all(root);
-    store.retain(TOPIC, 0, 1, GRACE).unwrap();
+    store.retain(TOPIC, 0, 1, GRACE, None).unwrap();
     assert_eq!(
         blobs(root),
         files,
@@ -119,6 +119,6 @@ fn reused_files_survive_retention_whatever_the_clocks_say() {
     );
 
     // Negative control: with no grace at all, unreferenced files do go (the check above can fail).
-    store.retain(TOPIC, 0, 1, Duration::ZERO).unwrap();
+    store.retain(TOPIC, 0, 1, Duration::ZERO, None).unwrap();
     assert_eq!(blobs(root), 0, "unreferenced files outlived a zero grace");
 }
