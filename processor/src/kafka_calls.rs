@@ -48,9 +48,10 @@ where
     }
 }
 
-/// A Kafka client destroyed on a blocking thread when dropped. Destroying a librdkafka client joins
+/// A Kafka client destroyed on a thread of its own when dropped. Destroying a librdkafka client joins
 /// its threads and closes its connections, which waits on brokers that may not answer; dropped on an
-/// async worker, that would stall every task of the worker (lock renewals among them).
+/// async worker, that would stall every task of the worker (lock renewals among them), and on the
+/// runtime's blocking pool it would hold up the runtime's shutdown for as long as it takes.
 pub(crate) struct DropOffRuntime<T: Send + 'static>(Option<T>);
 
 impl<T: Send + 'static> DropOffRuntime<T> {
@@ -68,16 +69,44 @@ impl<T: Send + 'static> DropOffRuntime<T> {
             .unwrap_or_else(|| unreachable!("a DropOffRuntime holds its client until dropped"))
     }
 
-    /// Destroys the client on a blocking thread and waits for that at most `bound` (then it is written
-    /// off). The normal end of a client's life: a consumer's close leaves its group cleanly while the
-    /// brokers are there — a detached drop could still be closing when they are gone, and wait for ever.
+    /// Destroys the client on a thread of its own and waits for that at most `bound` (then it is
+    /// written off, counted like an abandoned call). The normal end of a client's life: a consumer's
+    /// close leaves its group cleanly while the brokers are there — a detached drop could still be
+    /// closing when they are gone, and wait for ever.
     pub(crate) async fn close(self, operation: &'static str, bound: Duration) {
-        let client = self.into_inner();
-        let _ = bounded(operation, bound, move || {
+        let (closed, closing) = tokio::sync::oneshot::channel::<()>();
+        drop_on_own_thread(self.into_inner(), Some(closed));
+        if tokio::time::timeout(bound, closing).await.is_err() {
+            metrics::counter!("processor_kafka_calls_abandoned_total", "operation" => operation)
+                .increment(1);
+            tracing::warn!(
+                operation,
+                ?bound,
+                "a Kafka client did not close within its bound: written off (its thread goes on)"
+            );
+        }
+    }
+}
+
+/// Drops `client` on a thread of its own, then sends on `closed`. Not the runtime's blocking pool: a
+/// runtime's shutdown waits for every blocking task, and a client whose brokers are gone may take for
+/// ever to close — the process could never exit. A detached thread ends with the close, or with the
+/// process.
+fn drop_on_own_thread<T: Send + 'static>(
+    client: T,
+    closed: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    let dropping = std::thread::Builder::new()
+        .name("kafka-client-drop".to_owned())
+        .spawn(move || {
             drop(client);
-            Ok(())
-        })
-        .await;
+            if let Some(closed) = closed {
+                let _ = closed.send(());
+            }
+        });
+    if let Err(err) = dropping {
+        // The client went down with the closure, on this thread.
+        tracing::warn!(error = %err, "no thread to drop a Kafka client on: dropped in place");
     }
 }
 
@@ -94,10 +123,8 @@ impl<T: Send + 'static> std::ops::Deref for DropOffRuntime<T> {
 
 impl<T: Send + 'static> Drop for DropOffRuntime<T> {
     fn drop(&mut self) {
-        let Some(client) = self.0.take() else { return };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(client))),
-            Err(_) => drop(client),
+        if let Some(client) = self.0.take() {
+            drop_on_own_thread(client, None);
         }
     }
 }
@@ -129,5 +156,34 @@ mod tests {
         drop(release);
         let answered = bounded("answer", Duration::from_secs(5), || Ok(7)).await;
         assert_eq!(answered.ok(), Some(7));
+    }
+
+    /// A client whose brokers are gone may never finish closing (rdkafka's consumer drop polls until
+    /// its close completes). Dropped off the runtime, it must not hold up the runtime's shutdown: a
+    /// process could never exit, a test never end (seen in CI: a test's runtime waited 25 minutes on a
+    /// consumer dropped after the test's mock cluster was gone). The client here is one whose drop
+    /// cannot finish until the test lets it.
+    #[test]
+    fn a_client_that_cannot_close_never_holds_up_the_runtimes_shutdown() {
+        struct NeverCloses(std::sync::mpsc::Receiver<()>);
+        impl Drop for NeverCloses {
+            fn drop(&mut self) {
+                let _ = self.0.recv();
+            }
+        }
+        let (let_it_close, closing) = std::sync::mpsc::channel();
+        let (finished, finishes) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async { drop(DropOffRuntime::new(NeverCloses(closing))) });
+            drop(runtime);
+            let _ = finished.send(());
+        });
+        let shut_down = finishes.recv_timeout(Duration::from_secs(10));
+        drop(let_it_close);
+        assert!(
+            shut_down.is_ok(),
+            "the runtime's shutdown waited on a Kafka client that could not close"
+        );
     }
 }

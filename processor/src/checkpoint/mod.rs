@@ -3,6 +3,7 @@
 //! [`CheckpointRecord`] that names a partition's newest published checkpoint.
 
 mod compaction_lock;
+pub mod conformance;
 mod digests;
 pub mod directory;
 pub mod manifest;

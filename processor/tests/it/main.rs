@@ -7,6 +7,7 @@
 mod support;
 
 mod checkpoint_clock;
+mod checkpoint_conformance;
 mod decoders;
 mod demo;
 mod exactly_once;
