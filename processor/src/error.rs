@@ -219,6 +219,16 @@ pub enum ProcessorError {
         after: std::time::Duration,
     },
 
+    /// A blocking Kafka call got no thread to run on, or panicked on it: the partition restarts with
+    /// new Kafka clients.
+    #[error("kafka call `{operation}` failed: {reason}")]
+    KafkaCallFailed {
+        /// The call.
+        operation: &'static str,
+        /// What happened (the panic's message, or why no thread could be started).
+        reason: String,
+    },
+
     /// The progress watchdog gave a partition up: it had records to process past its position (or was
     /// still starting) and neither a batch nor a commit completed for longer than the bound. Its task
     /// was abandoned and its claim released; it is claimed again with new Kafka clients.

@@ -5,7 +5,7 @@
 //! `send_offsets_to_transaction` whose group coordinator went away (a broker restarted) waits on a
 //! condition variable with no deadline (librdkafka issues 5456 and 5511, open in 2.12). A partition
 //! whose call never returns holds its claim and makes no progress — worse than a crash, which the
-//! fleet takes over within the claim's TTL. So every such call runs on a blocking thread and the
+//! fleet takes over within the claim's TTL. So every such call runs on a thread of its own and the
 //! processor waits for it no longer than its own bound: past it the thread is written off (a thread
 //! cannot be cancelled; it ends whenever librdkafka lets it), counted in
 //! `processor_kafka_calls_abandoned_total`, and the caller gets
@@ -15,11 +15,15 @@ use std::time::Duration;
 
 use crate::error::{ProcessorError, ProcessorResult};
 
-/// Runs `call` on a blocking thread and waits for it at most `bound`.
+/// Runs `call` on a thread of its own and waits for it at most `bound`.
+///
+/// A thread of its own, not the runtime's blocking pool: a call written off past its bound goes on
+/// until librdkafka lets it return, and a runtime's shutdown waits for every blocking task — the
+/// process could not exit while one hung. A detached thread ends with the call, or with the process.
 ///
 /// # Errors
 /// `call`'s own error; [`ProcessorError::KafkaCallTimedOut`] when it did not return in time (it goes
-/// on running, written off); [`ProcessorError::TaskFailed`] when it panicked.
+/// on running, written off); [`ProcessorError::KafkaCallFailed`] when it panicked (or no thread could be started).
 pub(crate) async fn bounded<T, F>(
     operation: &'static str,
     bound: Duration,
@@ -29,9 +33,28 @@ where
     T: Send + 'static,
     F: FnOnce() -> ProcessorResult<T> + Send + 'static,
 {
-    let running = tokio::task::spawn_blocking(call);
-    match tokio::time::timeout(bound, running).await {
-        Ok(joined) => joined.map_err(ProcessorError::task(operation))?,
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("kafka: {operation}"))
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
+            let _ = answer.send(outcome);
+        })
+        .map_err(|err| ProcessorError::KafkaCallFailed {
+            operation,
+            reason: format!("no thread to run it on: {err}"),
+        })?;
+    match tokio::time::timeout(bound, answered).await {
+        Ok(Ok(Ok(outcome))) => outcome,
+        Ok(Ok(Err(panic))) => Err(ProcessorError::KafkaCallFailed {
+            operation,
+            reason: format!("panicked: {}", panic_message(panic.as_ref())),
+        }),
+        // The thread ended without answering: only a panic while sending does that.
+        Ok(Err(_)) => Err(ProcessorError::KafkaCallFailed {
+            operation,
+            reason: "its thread ended without an answer".to_owned(),
+        }),
         Err(_) => {
             metrics::counter!("processor_kafka_calls_abandoned_total", "operation" => operation)
                 .increment(1);
@@ -46,6 +69,15 @@ where
             })
         }
     }
+}
+
+/// The text of a panic's payload (a `&str` or a `String`, as `panic!` makes them).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// A Kafka client destroyed on a thread of its own when dropped. Destroying a librdkafka client joins
@@ -184,6 +216,44 @@ mod tests {
         assert!(
             shut_down.is_ok(),
             "the runtime's shutdown waited on a Kafka client that could not close"
+        );
+    }
+
+    /// A call that panics is an error naming it, never a panic of the caller.
+    #[tokio::test]
+    async fn a_call_that_panics_is_an_error_naming_it() {
+        let outcome: ProcessorResult<()> =
+            bounded("explode", Duration::from_secs(5), || panic!("boom")).await;
+        match outcome {
+            Err(ProcessorError::KafkaCallFailed {
+                operation: "explode",
+                reason,
+            }) => assert!(reason.contains("boom"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A call written off past its bound must not hold up the runtime's shutdown either (on the
+    /// blocking pool it did: the runtime waits for every blocking task).
+    #[test]
+    fn an_abandoned_call_never_holds_up_the_runtimes_shutdown() {
+        let (let_it_return, held) = std::sync::mpsc::channel::<()>();
+        let (finished, finishes) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let outcome = runtime.block_on(bounded("hang", Duration::from_millis(50), move || {
+                let _ = held.recv();
+                Ok(())
+            }));
+            drop(runtime);
+            let _ = finished.send(outcome.is_err());
+        });
+        let shut_down = finishes.recv_timeout(Duration::from_secs(10));
+        drop(let_it_return);
+        assert_eq!(
+            shut_down,
+            Ok(true),
+            "the runtime's shutdown waited on an abandoned call"
         );
     }
 }
