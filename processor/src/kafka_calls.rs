@@ -102,40 +102,26 @@ impl<T: Send + 'static> DropOffRuntime<T> {
     }
 
     /// Destroys the client on a thread of its own and waits for that at most `bound` (then it is
-    /// written off, counted like an abandoned call). The normal end of a client's life: a consumer's
-    /// close leaves its group cleanly while the brokers are there — a detached drop could still be
-    /// closing when they are gone, and wait for ever.
+    /// written off, as a [`bounded`] call is). The normal end of a client's life: a consumer's close
+    /// leaves its group cleanly while the brokers are there — a detached drop could still be closing
+    /// when they are gone, and wait for ever.
     pub(crate) async fn close(self, operation: &'static str, bound: Duration) {
-        let (closed, closing) = tokio::sync::oneshot::channel::<()>();
-        drop_on_own_thread(self.into_inner(), Some(closed));
-        if tokio::time::timeout(bound, closing).await.is_err() {
-            metrics::counter!("processor_kafka_calls_abandoned_total", "operation" => operation)
-                .increment(1);
-            tracing::warn!(
-                operation,
-                ?bound,
-                "a Kafka client did not close within its bound: written off (its thread goes on)"
-            );
-        }
+        let client = self.into_inner();
+        let _ = bounded(operation, bound, move || {
+            drop(client);
+            Ok(())
+        })
+        .await;
     }
 }
 
-/// Drops `client` on a thread of its own, then sends on `closed`. Not the runtime's blocking pool: a
-/// runtime's shutdown waits for every blocking task, and a client whose brokers are gone may take for
-/// ever to close — the process could never exit. A detached thread ends with the close, or with the
-/// process.
-fn drop_on_own_thread<T: Send + 'static>(
-    client: T,
-    closed: Option<tokio::sync::oneshot::Sender<()>>,
-) {
+/// Drops `client` on a thread of its own. Not the runtime's blocking pool: a runtime's shutdown waits
+/// for every blocking task, and a client whose brokers are gone may take for ever to close — the
+/// process could never exit. A detached thread ends with the close, or with the process.
+fn drop_on_own_thread<T: Send + 'static>(client: T) {
     let dropping = std::thread::Builder::new()
         .name("kafka-client-drop".to_owned())
-        .spawn(move || {
-            drop(client);
-            if let Some(closed) = closed {
-                let _ = closed.send(());
-            }
-        });
+        .spawn(move || drop(client));
     if let Err(err) = dropping {
         // The client went down with the closure, on this thread.
         tracing::warn!(error = %err, "no thread to drop a Kafka client on: dropped in place");
@@ -156,7 +142,7 @@ impl<T: Send + 'static> std::ops::Deref for DropOffRuntime<T> {
 impl<T: Send + 'static> Drop for DropOffRuntime<T> {
     fn drop(&mut self) {
         if let Some(client) = self.0.take() {
-            drop_on_own_thread(client, None);
+            drop_on_own_thread(client);
         }
     }
 }

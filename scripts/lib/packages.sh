@@ -2,17 +2,20 @@
 #
 # `cargo package` makes the `.crate` files of the library crates (fenced-state, fenced-processor), and a
 # crate outside the workspace (packaging/consumer) that depends on them exactly as a user writes it is
-# built from those files — unpacked into a temporary directory and patched in with `--config`, never from
+# built from those files — unpacked into `target/packaged/` and patched in with `--config`, never from
 # the repository's folders — without default features and with them, then run: a lock on the in-process
 # backend, one on a throwaway redis-server, a tiny job through `PartitionProcessor`. A file a package
 # misses (a Lua script, the dashboard) fails the build here.
 
 PUBLISHED_PACKAGES=(fenced-state fenced-processor)
 
-# The workspace's version of the packages.
-package_version() {
-  cargo metadata --no-deps --format-version 1 |
-    python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "fenced-state"))'
+# The packages' version and the build directory (resolved through the ./target link), on one line.
+version_and_target() {
+  cargo metadata --no-deps --format-version 1 | python3 -c '
+import json, os, sys
+meta = json.load(sys.stdin)
+version = next(p["version"] for p in meta["packages"] if p["name"] == "fenced-state")
+print(version, os.path.realpath(meta["target_directory"]))'
 }
 
 # A free loopback port (the kernel picks it).
@@ -22,8 +25,7 @@ free_port() {
 
 check_packages() {
   local version scratch target crate patches=() port redis_pid status=0
-  version=$(package_version)
-  target=$(readlink -f "$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')")
+  read -r version target < <(version_and_target)
   # --allow-dirty: a developer runs this with uncommitted changes too (it only records the commit).
   # --no-verify: the consumer's build below is the verification, from the packaged files.
   cargo package --no-verify --allow-dirty $(printf -- '-p %s ' "${PUBLISHED_PACKAGES[@]}")
@@ -43,8 +45,8 @@ check_packages() {
   cp Cargo.lock "$scratch/consumer/Cargo.lock"
   (
     cd "$scratch/consumer"
-    # The workspace's build directory: what the consumer builds exactly as the workspace did (same
-    # versions, features and profile) is reused, not built again.
+    # The workspace's build directory: each dependency the consumer resolves as the workspace does
+    # (same version, features and profile) is reused, not built again.
     export CARGO_TARGET_DIR="$target"
     cargo build -q --no-default-features "${patches[@]}"
     "$CARGO_TARGET_DIR/debug/consumer"

@@ -102,6 +102,21 @@ fn read_dir_sorted(dir: &Path) -> Vec<(String, Vec<u8>)> {
     files
 }
 
+/// Uploads `dir` as a checkpoint and returns its manifest; a refused upload fails the check.
+fn published(
+    store: &dyn CheckpointStore,
+    topic: &str,
+    partition: i32,
+    dir: &Path,
+    next_offset: i64,
+    token: u64,
+) -> Manifest {
+    store
+        .upload(topic, partition, dir, next_offset, token)
+        .unwrap_or_else(|err| panic!("upload of {topic}/{partition} up to {next_offset}: {err}"))
+        .manifest
+}
+
 fn file<'m>(manifest: &'m Manifest, name: &str) -> &'m ManifestFile {
     manifest
         .files
@@ -184,17 +199,11 @@ pub fn damaged_or_missing_files_make_a_checkpoint_skipped_never_restored(
 ) {
     let (store, topic) = (under_test.store(), fresh_topic("damaged"));
     let dir = snapshot(scratch, "snap", &FILES);
-    let complete = store
-        .upload(&topic, 0, &dir, 10, 1)
-        .expect("upload")
-        .manifest;
+    let complete = published(&*store, &topic, 0, &dir, 10, 1);
     for (round, harm) in ["damaged", "removed"].into_iter().enumerate() {
         let name = format!("00001{round}.sst");
         std::fs::write(dir.join(&name), format!("table only the {harm} one has")).expect("file");
-        let newer = store
-            .upload(&topic, 0, &dir, 20 + round as i64, 1)
-            .expect("upload")
-            .manifest;
+        let newer = published(&*store, &topic, 0, &dir, 20 + round as i64, 1);
         std::fs::remove_file(dir.join(&name)).expect("file");
         match harm {
             "damaged" => under_test.damage_file(&newer, file(&newer, &name)),
@@ -234,10 +243,7 @@ pub fn a_stale_owner_cannot_publish_after_a_newer_one(
 ) {
     let (store, topic) = (under_test.store(), fresh_topic("stale"));
     let dir = snapshot(scratch, "snap", &FILES);
-    let newer = store
-        .upload(&topic, 1, &dir, 10, 5)
-        .expect("upload")
-        .manifest;
+    let newer = published(&*store, &topic, 1, &dir, 10, 5);
     match store.upload(&topic, 1, &dir, 99, 4) {
         Err(ProcessorError::StaleOwner {
             token: 4,
@@ -309,12 +315,7 @@ pub fn retention_keeps_k_valid_checkpoints_and_the_recorded_one(
     let mut manifests = Vec::new();
     for offset in 1..=5 {
         std::fs::write(dir.join("000007.sst"), format!("table at {offset}")).expect("file");
-        manifests.push(
-            store
-                .upload(&topic, 0, &dir, offset, 1)
-                .expect("upload")
-                .manifest,
-        );
+        manifests.push(published(&*store, &topic, 0, &dir, offset, 1));
     }
     let newest = &manifests[4];
     under_test.damage_file(newest, &newest.files[0]);
@@ -338,10 +339,7 @@ pub fn a_manifest_naming_a_path_outside_the_store_is_corrupt_and_writes_nothing(
 ) {
     let (store, topic) = (under_test.store(), fresh_topic("escape"));
     let dir = snapshot(scratch, "snap", &FILES[..1]);
-    let honest = store
-        .upload(&topic, 0, &dir, 10, 1)
-        .expect("upload")
-        .manifest;
+    let honest = published(&*store, &topic, 0, &dir, 10, 1);
     let mut evil = honest.clone();
     evil.next_offset = 20;
     evil.files[0].name = "../escaped.sst".to_owned();

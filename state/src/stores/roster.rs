@@ -135,7 +135,7 @@ fn shorten(name: &str) -> String {
 }
 
 /// A fresh holder value for a join.
-pub(crate) fn new_holder() -> String {
+fn new_holder() -> String {
     crate::LockToken::new_owner_value()
 }
 
@@ -143,7 +143,6 @@ pub(crate) fn new_holder() -> String {
 ///
 /// # Errors
 /// [`StateError::InvalidInput`] naming what is wrong.
-#[cfg(any(feature = "redis", feature = "etcd"))]
 pub(crate) fn lease_to_join(
     roster: &str,
     member: &str,

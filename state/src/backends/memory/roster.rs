@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::StateResult;
 use crate::stores::roster::{
-    RosterEntry, RosterLease, RosterStore, RosterVersion, new_holder, validate,
+    RosterEntry, RosterLease, RosterStore, RosterVersion, lease_to_join, validate,
 };
 
 struct Member {
@@ -71,20 +71,14 @@ impl RosterStore for InMemoryRosterStore {
         record: &[u8],
         ttl: Duration,
     ) -> StateResult<Option<RosterLease>> {
-        validate(roster, member, ttl)?;
+        let mut lease = lease_to_join(roster, member, record, ttl)?;
         Ok(self.with_roster(roster, |entries, now| {
             entries.drop_expired(now);
             if entries.members.contains_key(member) {
                 return None;
             }
             entries.last_token += 1;
-            let lease = RosterLease {
-                roster: roster.to_owned(),
-                member: member.to_owned(),
-                holder: new_holder(),
-                record: record.to_vec(),
-                token: entries.last_token,
-            };
+            lease.token = entries.last_token;
             entries.members.insert(
                 member.to_owned(),
                 Member {

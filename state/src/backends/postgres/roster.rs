@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use crate::stores::roster::{
-    RosterEntry, RosterLease, RosterStore, RosterVersion, new_holder, validate,
+    RosterEntry, RosterLease, RosterStore, RosterVersion, lease_to_join, validate,
 };
 use crate::{StateError, StateResult};
 
@@ -86,8 +86,7 @@ impl RosterStore for PostgresRosterStore {
         record: &[u8],
         ttl: Duration,
     ) -> StateResult<Option<RosterLease>> {
-        validate(roster, member, ttl)?;
-        let holder = new_holder();
+        let mut lease = lease_to_join(roster, member, record, ttl)?;
         let token: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "WITH lapsed AS (DELETE FROM {table} WHERE roster = $1 AND member <> $2 \
                AND expires_at < clock_timestamp() - {KEEP_LAPSED}) \
@@ -103,18 +102,15 @@ impl RosterStore for PostgresRosterStore {
         )))
         .bind(roster)
         .bind(member)
-        .bind(&holder)
-        .bind(record)
+        .bind(&lease.holder)
+        .bind(&lease.record)
         .bind(millis(ttl))
         .fetch_optional(&self.pool)
         .await
         .map_err(|err| StateError::backend("postgres", "join the roster as", member, err))?;
-        Ok(token.map(|token| RosterLease {
-            roster: roster.to_owned(),
-            member: member.to_owned(),
-            holder,
-            record: record.to_vec(),
-            token: to_u64(token),
+        Ok(token.map(|token| {
+            lease.token = to_u64(token);
+            lease
         }))
     }
 
