@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need (redis-server,
 # PostgreSQL, etcd and protoc for its client, libfaketime, Java + Maven and the Apache Kafka broker jars,
-# a Python venv with confluent-kafka for the independent output verifier), then runs formatting, lints, per-feature builds, docs, unit, conformance and
+# a Python venv with confluent-kafka for the independent output verifier, SeaweedFS as the S3 server),
+# then runs formatting, lints, per-feature builds, docs, unit, conformance and
 # real-server integration tests. `.ci/run` calls exactly this.
 #
 # Builds into ./target, which scripts/lib/build-env.sh makes a link to ~/.cache/state-coordination/target
@@ -179,10 +180,37 @@ prepare_verifier() {
   "$venv/bin/python" -m pip install -q confluent-kafka==2.16.1
 }
 
+# SeaweedFS (`weed`, Apache-2.0), the tests' S3-compatible server, once, outside the clone
+# (integration-tests/src/s3_server.rs runs it). Built from the Go module proxy: `go install` refuses this
+# module (its go.mod has a `replace` directive), so the module's source is downloaded and built where it
+# lies (8 minutes on a new machine, then cached).
+SEAWEEDFS_MODULE=github.com/seaweedfs/seaweedfs
+SEAWEEDFS_VERSION=v0.0.0-20261109003541-7506e5f91cd6
+install_weed() {
+  local bin="${WEED_BIN:-$HOME/.cache/state-coordination/go-bin/weed}"
+  if [ -x "$bin" ] && [ "$(cat "$bin.version" 2>/dev/null)" = "$SEAWEEDFS_VERSION" ]; then
+    return 0
+  fi
+  command -v go >/dev/null || install_packages "golang-go:command -v go"
+  log "building SeaweedFS $SEAWEEDFS_VERSION (the tests' S3 server) into $bin"
+  local source scratch
+  source=$(go mod download -json "$SEAWEEDFS_MODULE@$SEAWEEDFS_VERSION" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')
+  scratch=$(mktemp -d)
+  cp -r "$source/." "$scratch/"
+  chmod -R u+w "$scratch"
+  mkdir -p "$(dirname "$bin")"
+  (cd "$scratch" && go build -o "$bin.tmp" ./weed)
+  rm -rf "$scratch"
+  mv "$bin.tmp" "$bin"
+  echo "$SEAWEEDFS_VERSION" >"$bin.version"
+}
+
 prepare_build
 install_test_services
 fetch_kafka_jars
 prepare_verifier
+install_weed
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -19,6 +19,7 @@ pub mod process;
 pub mod proxy;
 pub mod recipe_env;
 pub mod redis_server;
+pub mod s3_server;
 pub mod torture;
 pub mod verifier;
 
@@ -28,6 +29,7 @@ pub use kafka_server::{KafkaCluster, KafkaNode, SecureListener};
 pub use postgres_server::PostgresServer;
 pub use proxy::{FaultProxy, ProxyMode};
 pub use redis_server::{RedisCluster, RedisServer};
+pub use s3_server::S3Server;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -91,9 +91,9 @@ pub(crate) enum ConfigCommand {
 pub(crate) enum StateCommand {
     /// One JSON line per partition: the offset its latest valid checkpoint covers.
     Offsets {
-        /// The shared checkpoint directory.
-        #[arg(long, env = "CHECKPOINT_DIR")]
-        checkpoint_dir: PathBuf,
+        /// Where the checkpoints are.
+        #[command(flatten)]
+        checkpoints: CheckpointArgs,
         /// Topic.
         #[arg(long, env = "TOPIC")]
         topic: String,
@@ -103,9 +103,9 @@ pub(crate) enum StateCommand {
     },
     /// One JSON line per key, merged from the latest valid checkpoint of each partition.
     Dump {
-        /// The shared checkpoint directory.
-        #[arg(long, env = "CHECKPOINT_DIR")]
-        checkpoint_dir: PathBuf,
+        /// Where the checkpoints are.
+        #[command(flatten)]
+        checkpoints: CheckpointArgs,
         /// Topic.
         #[arg(long, env = "TOPIC")]
         topic: String,
@@ -113,6 +113,37 @@ pub(crate) enum StateCommand {
         #[arg(long, env = "GROUP", default_value = "processor")]
         group: String,
     },
+}
+
+/// Where checkpoints are kept: exactly one of a directory and a URL.
+#[derive(clap::Args, Clone, Debug)]
+#[group(required = true, multiple = false)]
+pub(crate) struct CheckpointArgs {
+    /// Shared checkpoint directory: one machine, or a mount every instance reaches (NFS, EFS, ...).
+    /// Each fleet (`--group`) keeps its checkpoints in a directory of its own under it.
+    #[arg(long, env = "CHECKPOINT_DIR")]
+    pub(crate) checkpoint_dir: Option<PathBuf>,
+    /// Checkpoints in object storage, for a fleet across machines: `s3://bucket/prefix` (Amazon S3 or
+    /// an S3-compatible server), `gs://bucket/prefix`, `az://container/prefix` (`file:///path` is the
+    /// directory form). Credentials, region and endpoint come from each cloud's standard environment
+    /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
+    /// `GOOGLE_APPLICATION_CREDENTIALS`, `AZURE_STORAGE_ACCOUNT_NAME`, ...) or the instance's role;
+    /// never printed. Each fleet (`--group`) keeps its checkpoints under a prefix of its own.
+    #[arg(long, env = "CHECKPOINT_URL")]
+    pub(crate) checkpoint_url: Option<String>,
+}
+
+impl CheckpointArgs {
+    /// The location the flags name, for fleet `group`.
+    pub(crate) fn location(&self, group: &str) -> processor::checkpoint::CheckpointLocation {
+        use processor::checkpoint::CheckpointLocation;
+        let root = match (&self.checkpoint_dir, &self.checkpoint_url) {
+            (Some(dir), _) => CheckpointLocation::Directory(dir.clone()),
+            (None, Some(url)) => CheckpointLocation::Url(url.clone()),
+            (None, None) => CheckpointLocation::Directory(PathBuf::from(".")),
+        };
+        root.for_group(group)
+    }
 }
 
 #[derive(clap::Args)]
@@ -213,9 +244,9 @@ pub(crate) struct RunArgs {
     /// Local state directory of this instance.
     #[arg(long, env = "STATE_DIR")]
     pub(crate) state_dir: PathBuf,
-    /// Shared checkpoint directory.
-    #[arg(long, env = "CHECKPOINT_DIR")]
-    pub(crate) checkpoint_dir: PathBuf,
+    /// Where the fleet's checkpoints are: a directory or object storage.
+    #[command(flatten)]
+    pub(crate) checkpoints: CheckpointArgs,
     /// The fleet's lock backend: `redis://…`, `redlock://h1:p1,h2:p2,h3:p3`, `postgres://…` or
     /// `etcd://h1:p1,h2:p2,h3:p3`. Required:
     /// instances that do not share one each own every partition. `memory` only with

@@ -21,7 +21,6 @@
 // A command-line tool: its output is stdout.
 #![allow(clippy::print_stdout)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,13 +30,12 @@ mod settings;
 mod telemetry;
 
 use anyhow::{Context, bail};
-use processor::checkpoint::DirectoryCheckpointStore;
+use processor::checkpoint::{CheckpointLocation, CheckpointStore};
 use processor::dev::demo::{DemoConfig, run_demo};
 use processor::dev::{DevBroker, Workload};
 use processor::http::{HttpAccess, LocalInstances, MetricsRender};
 use processor::inspect::{checkpoint_offsets, checkpointed_aggregates};
 use processor::operator::OutputMode;
-use processor::resources::checkpoint_root;
 use processor::store::rocksdb::RocksDbStores;
 use processor::{Instance, InstanceConfig, KafkaSettings, MaintenanceConfig, Services};
 use tokio_util::sync::CancellationToken;
@@ -230,10 +228,13 @@ async fn start_instance(
         }
         None => None,
     };
-    if !args.checkpoint_dir.is_dir() && !args.create_checkpoint_dir {
+    if let Some(dir) = &args.checkpoints.checkpoint_dir
+        && !dir.is_dir()
+        && !args.create_checkpoint_dir
+    {
         bail!(
             "checkpoint dir {} does not exist: mount it (a missing mount must not look like an empty store), or pass --create-checkpoint-dir for a new fleet",
-            args.checkpoint_dir.display()
+            dir.display()
         );
     }
     std::fs::create_dir_all(&args.state_dir)
@@ -266,13 +267,12 @@ async fn start_instance(
             config.partitions
         );
     }
-    // Each fleet (group) has checkpoints of its own under the shared directory.
-    let mut services = Services::connect(
-        &lock_url,
-        checkpoint_root(&args.checkpoint_dir, &args.group),
-    )
-    .await
-    .context("lock backend")?; // its errors name the server, password redacted
+    // Each fleet (group) has checkpoints of its own under the shared directory or prefix.
+    let checkpoints =
+        open_checkpoints(&args.checkpoints.location(&args.group), &args.topic).await?;
+    let mut services = Services::connect_with(&lock_url, checkpoints)
+        .await
+        .context("lock backend")?; // its errors name the server, password redacted
     services.stores = Arc::new(
         RocksDbStores::new(
             crate::args::mib_to_bytes(args.block_cache_mb),
@@ -303,11 +303,34 @@ fn inspection_stores() -> RocksDbStores {
     RocksDbStores::new(32 << 20, 16 << 20)
 }
 
-fn dump(checkpoint_dir: PathBuf, topic: &str, offsets_only: bool) -> anyhow::Result<()> {
+/// Opens the checkpoint store at `location` and reads it once (the topic's partitions), so a wrong
+/// bucket, refused credentials or an unreachable service fail the start with one line.
+async fn open_checkpoints(
+    location: &CheckpointLocation,
+    topic: &str,
+) -> anyhow::Result<Arc<dyn CheckpointStore>> {
+    let (location, topic) = (location.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let store = location
+            .open()
+            .with_context(|| format!("checkpoint store {location}"))?;
+        store
+            .partitions(&topic)
+            .with_context(|| format!("checkpoint store {location} cannot be read"))?;
+        Ok(store)
+    })
+    .await
+    .context("open the checkpoint store")?
+}
+
+fn dump(location: CheckpointLocation, topic: &str, offsets_only: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    let store = DirectoryCheckpointStore::new(checkpoint_dir)?;
+    let store = location
+        .open()
+        .with_context(|| format!("checkpoint store {location}"))?;
+    let store = &*store;
     if offsets_only {
-        for checkpoint in checkpoint_offsets(&store, topic)? {
+        for checkpoint in checkpoint_offsets(store, topic)? {
             for err in &checkpoint.skipped {
                 eprintln!(
                     "skipped a corrupt checkpoint of partition {}: {err}",
@@ -323,7 +346,7 @@ fn dump(checkpoint_dir: PathBuf, topic: &str, offsets_only: bool) -> anyhow::Res
         }
         return Ok(());
     }
-    let (merged, skipped) = checkpointed_aggregates(&store, &inspection_stores(), topic)?;
+    let (merged, skipped) = checkpointed_aggregates(store, &inspection_stores(), topic)?;
     for err in skipped {
         eprintln!("skipped a corrupt checkpoint: {err}");
     }
@@ -572,19 +595,19 @@ async fn run_command() -> i32 {
         Command::State {
             command:
                 StateCommand::Offsets {
-                    checkpoint_dir,
+                    checkpoints,
                     topic,
                     group,
                 },
-        } => dump(checkpoint_root(&checkpoint_dir, &group), &topic, true),
+        } => dump(checkpoints.location(&group), &topic, true),
         Command::State {
             command:
                 StateCommand::Dump {
-                    checkpoint_dir,
+                    checkpoints,
                     topic,
                     group,
                 },
-        } => dump(checkpoint_root(&checkpoint_dir, &group), &topic, false),
+        } => dump(checkpoints.location(&group), &topic, false),
     };
     if let Err(err) = outcome {
         eprintln!("processor: {err:#}");

@@ -300,6 +300,19 @@ pub enum ProcessorError {
         source: std::io::Error,
     },
 
+    /// The object store holding the checkpoints refused a request or kept failing it past its retries
+    /// (credentials refused, a missing bucket, the service unreachable).
+    #[error("checkpoint store {location}: could not {operation} it")]
+    ObjectStore {
+        /// What was being done.
+        operation: &'static str,
+        /// The object (`s3://bucket/prefix/...`).
+        location: String,
+        /// What the store said (boxed: it is large, and errors travel by value).
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
     /// Bad input (a flag, a name, a value).
     #[error("invalid {what}: {reason}")]
     InvalidInput {

@@ -62,15 +62,23 @@ impl Services {
     /// # Errors
     /// An I/O error when `checkpoint_dir` cannot be created or written.
     pub fn in_memory(checkpoint_dir: impl Into<PathBuf>) -> ProcessorResult<Self> {
-        Ok(Services {
+        Ok(Self::in_memory_with(Arc::new(
+            DirectoryCheckpointStore::new(checkpoint_dir)?,
+        )))
+    }
+
+    /// In-process services over the checkpoint store `checkpoints` (an
+    /// [`ObjectCheckpointStore`](crate::checkpoint::ObjectCheckpointStore), say).
+    pub fn in_memory_with(checkpoints: Arc<dyn CheckpointStore>) -> Self {
+        Services {
             lock: Arc::new(InMemoryDistributedLock::new()),
             registry: Arc::new(InMemoryFencedStore::default()),
             roster: Arc::new(InMemoryRosterStore::default()),
             tasks: Arc::new(InMemoryTaskStore::default()),
-            checkpoints: Arc::new(DirectoryCheckpointStore::new(checkpoint_dir)?),
+            checkpoints,
             operator: Arc::new(KeyedAggregation),
             stores: Arc::new(RocksDbStores::new(CACHE_BYTES, WRITE_BUFFER_BYTES)),
-        })
+        }
     }
 
     /// Services on the backend named by `lock_url` — `memory`, `redis://…`, `rediss://…`,
@@ -84,7 +92,20 @@ impl Services {
         lock_url: &str,
         checkpoint_dir: impl Into<PathBuf>,
     ) -> ProcessorResult<Self> {
-        let mut services = Services::in_memory(checkpoint_dir)?;
+        let checkpoints = Arc::new(DirectoryCheckpointStore::new(checkpoint_dir)?);
+        Self::connect_with(lock_url, checkpoints).await
+    }
+
+    /// As [`connect`](Self::connect), with the checkpoint store `checkpoints` (see
+    /// [`CheckpointLocation::open`](crate::checkpoint::CheckpointLocation::open)).
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect), without the directory's.
+    pub async fn connect_with(
+        lock_url: &str,
+        checkpoints: Arc<dyn CheckpointStore>,
+    ) -> ProcessorResult<Self> {
+        let mut services = Services::in_memory_with(checkpoints);
         let backend = state::connect(lock_url).await.map_err(|err| match err {
             StateError::InvalidInput { what, reason } => {
                 ProcessorError::InvalidInput { what, reason }

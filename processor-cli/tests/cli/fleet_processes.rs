@@ -14,15 +14,15 @@
 use crate::support;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::support::{
-    Broker, Job, PARTITIONS, Proc, TOPIC, assert_state_is_exact, assert_state_is_exact_of,
-    dev_broker, dev_broker_with, end_offsets, fails_with, offsets, offsets_of, owned_by_log,
-    produce, produce_to, run_instance, run_job_instance, wait_for,
+    Broker, CheckpointsAt, Job, PARTITIONS, Proc, TOPIC, assert_state_is_exact_at,
+    assert_state_is_exact_of, dev_broker, dev_broker_with, end_offsets, fails_with, offsets_at,
+    offsets_of, owned_by_log, produce, produce_to, run_job_instance, run_job_instance_at, wait_for,
 };
-use integration_tests::{RedisCluster, RedisServer};
+use integration_tests::{FaultProxy, RedisCluster, RedisServer, S3Server};
 use nix::sys::signal::Signal;
 use processor::dev::Workload;
 
@@ -30,6 +30,72 @@ use processor::dev::Workload;
 fn three_processes_with_redis_survive_a_sigkill_and_restart_with_exact_state() {
     let redis = RedisServer::start_new();
     sigkill_restart_and_a_frozen_owner_end_exact(&redis.url());
+}
+
+/// The same fleet across "machines": no shared directory — each process has only its own state
+/// directory, the checkpoints live only in an S3 server (SeaweedFS), the locks in Redis. The frozen owner
+/// reaches the store through a slow proxy, so its freeze lands in the middle of an upload: thawed, it
+/// finishes the upload and its publication is refused by the store itself (412 on the fence's
+/// conditional write, logged by the instance); frozen again until that is seen, at most four times.
+#[test]
+fn three_processes_with_checkpoints_only_in_s3_survive_kills_and_a_frozen_uploader() {
+    let redis = RedisServer::start_new();
+    let s3 = S3Server::start_new();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let proxy = runtime.block_on(FaultProxy::start(s3.s3_port()));
+    let url = s3.url("fleet");
+    let direct = CheckpointsAt::Url {
+        url: url.clone(),
+        env: s3.env(),
+    };
+    let slow = CheckpointsAt::Url {
+        url,
+        env: s3.env_for(&format!("http://127.0.0.1:{}", proxy.port())),
+    };
+    // Every request of p3's to the store takes a second or more: a freeze as soon as bytes flow lands
+    // inside a request, most often one of a checkpoint's.
+    proxy.delay(Duration::from_millis(500));
+    let refused = |root: &Path| {
+        let log = std::fs::read_to_string(root.join("p3.log")).unwrap_or_default();
+        log.lines().any(|line| {
+            line.contains("refused a stale owner's publication") && line.contains("precondition")
+        })
+    };
+    let freeze_p3_mid_request = |root: &Path, fleet: &BTreeMap<&str, Proc>| {
+        for attempt in 1..=6 {
+            wait_for(
+                "p3 to own partitions",
+                Duration::from_secs(60),
+                root,
+                || !owned_by_log(root, "p3").is_empty(),
+            );
+            let before = proxy.forwarded_bytes();
+            wait_until(Duration::from_secs(10), || proxy.forwarded_bytes() > before);
+            fleet["p3"].signal(Signal::SIGSTOP);
+            std::thread::sleep(Duration::from_secs(7));
+            fleet["p3"].signal(Signal::SIGCONT);
+            let seen = wait_until(Duration::from_secs(10), || refused(root));
+            eprintln!("freeze {attempt}: the store refused p3's late publication: {seen}");
+            if seen {
+                return;
+            }
+        }
+    };
+    let at_for = |id: &str| {
+        if id == "p3" {
+            slow.clone()
+        } else {
+            direct.clone()
+        }
+    };
+    let p3_log = fleet_scenario(&redis.url(), &at_for, &direct, &freeze_p3_mid_request);
+    assert!(
+        p3_log
+            .lines()
+            .any(|line| line.contains("refused a stale owner's publication")
+                && line.contains("precondition")),
+        "the store never refused the frozen uploader's late publication (412):\n{p3_log}"
+    );
 }
 
 /// The same fleet coordinating through Redlock over three `redis-server`s (`redlock://h1,h2,h3`).
@@ -120,10 +186,70 @@ fn two_jobs_on_two_topics_with_the_default_group_on_one_redis_both_end_exact() {
     assert_state_is_exact_of(&checkpoints, &clicks_load, clicks.topic, clicks.group());
 }
 
-/// The scenario of the module docs with every instance on `lock_url`.
+/// The scenario of the module docs with every instance on `lock_url`, checkpoints in a directory.
 fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
+    let freeze_p3 = |root: &Path, fleet: &BTreeMap<&str, Proc>| {
+        // A paused owner: p3, while it owns partitions, freezes (SIGSTOP) well past its claims' TTL;
+        // the others take its partitions and checkpoint them; when p3 wakes up it must notice it lost
+        // them and never publish over the newer owners' checkpoints.
+        wait_for(
+            "p3 to own partitions",
+            Duration::from_secs(60),
+            root,
+            || !owned_by_log(root, "p3").is_empty(),
+        );
+        fleet["p3"].signal(Signal::SIGSTOP);
+        std::thread::sleep(Duration::from_secs(7));
+        fleet["p3"].signal(Signal::SIGCONT);
+    };
+    let scratch_dir = |root: &Path| CheckpointsAt::Dir(root.join("checkpoints"));
+    fleet_scenario_in_dir(lock_url, &scratch_dir, &freeze_p3);
+}
+
+/// `done()` within `within`, polled every 200 ms.
+fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < within {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    done()
+}
+
+fn fleet_scenario_in_dir(
+    lock_url: &str,
+    at: &dyn Fn(&Path) -> CheckpointsAt,
+    freeze: &dyn Fn(&Path, &BTreeMap<&str, Proc>),
+) {
     let scratch = support::Scratch::new();
     let root: PathBuf = scratch.path();
+    let store = at(&root);
+    run_fleet_scenario(lock_url, &root, &|_| store.clone(), &store, freeze);
+}
+
+/// The scenario of the module docs in a scratch directory of its own; returns p3's log.
+fn fleet_scenario(
+    lock_url: &str,
+    at_for: &dyn Fn(&str) -> CheckpointsAt,
+    reader: &CheckpointsAt,
+    freeze: &dyn Fn(&Path, &BTreeMap<&str, Proc>),
+) -> String {
+    let scratch = support::Scratch::new();
+    let root: PathBuf = scratch.path();
+    run_fleet_scenario(lock_url, &root, at_for, reader, freeze)
+}
+
+/// The scenario of the module docs: instance `id` keeps its checkpoints `at_for(id)`, the checks read
+/// them `reader`; `freeze` freezes p3 (while p2 is killed and restarted). Returns p3's log.
+fn run_fleet_scenario(
+    lock_url: &str,
+    root: &Path,
+    at_for: &dyn Fn(&str) -> CheckpointsAt,
+    reader: &CheckpointsAt,
+    freeze: &dyn Fn(&Path, &BTreeMap<&str, Proc>),
+) -> String {
     let workload = Workload {
         records: 40_000,
         keys: 300,
@@ -131,48 +257,61 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
         partitions: PARTITIONS,
     };
     let expected_ends = end_offsets(&workload);
+    let job = Job {
+        topic: TOPIC,
+        group: Some("procs"),
+    };
 
     let (broker, brokers) = Broker::start();
     assert!(brokers.starts_with("127.0.0.1:"), "{brokers}");
 
     produce(&brokers, &workload, 0..workload.records / 2);
-    let url = lock_url.to_owned();
+    let start =
+        |id: &str| run_job_instance_at(&job, id, &brokers, lock_url, root, &[], &at_for(id));
     let mut fleet: BTreeMap<&str, Proc> = ["p1", "p2", "p3"]
         .into_iter()
-        .map(|id| (id, run_instance(id, &brokers, &url, &root)))
+        .map(|id| (id, start(id)))
         .collect();
-    let checkpoints = root.join("checkpoints");
 
     // Mid-stream: some partitions checkpointed, the first half not yet fully processed.
-    wait_for("first checkpoints", Duration::from_secs(60), &root, || {
-        offsets(&checkpoints).values().filter(|o| **o > 0).count() >= 3
+    wait_for("first checkpoints", Duration::from_secs(60), root, || {
+        offsets_at(reader, TOPIC, "procs")
+            .values()
+            .filter(|o| **o > 0)
+            .count()
+            >= 3
     });
-    // A paused owner: p3, while it owns partitions, freezes (SIGSTOP) well past its claims' TTL; the
-    // others take its partitions and checkpoint them; when p3 wakes up it must notice it lost them and
-    // never publish over the newer owners' checkpoints. Meanwhile p2 is killed (SIGKILL: no checkpoint,
+    // p3 frozen past its claims' TTL (see `freeze`); meanwhile p2 is killed (SIGKILL: no checkpoint,
     // no release) and restarted on its old state directory.
-    wait_for(
-        "p3 to own partitions",
-        Duration::from_secs(60),
-        &root,
-        || !owned_by_log(&root, "p3").is_empty(),
-    );
-    let frozen = &fleet["p3"];
-    frozen.signal(Signal::SIGSTOP);
+    // The second half arrives in chunks meanwhile, so the frozen owner is in the middle of its work
+    // (processing, checkpointing) when it freezes.
+    let producer = {
+        let (brokers, workload) = (brokers.clone(), workload);
+        std::thread::spawn(move || {
+            let (half, chunk) = (workload.records / 2, workload.records / 32);
+            for start in (half..workload.records).step_by(usize::try_from(chunk).unwrap()) {
+                produce(
+                    &brokers,
+                    &workload,
+                    start..(start + chunk).min(workload.records),
+                );
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        })
+    };
     let victim = fleet.remove("p2").unwrap();
     victim.signal(Signal::SIGKILL);
     drop(victim);
-    fleet.insert("p2", run_instance("p2", &brokers, &url, &root));
-    std::thread::sleep(Duration::from_secs(7));
-    fleet["p3"].signal(Signal::SIGCONT);
-    produce(&brokers, &workload, workload.records / 2..workload.records);
+    fleet.insert("p2", start("p2"));
+    freeze(root, &fleet);
+    producer.join().unwrap();
 
     wait_for(
         "the fleet to catch up",
         Duration::from_secs(180),
-        &root,
+        root,
         || {
-            let now = offsets(&checkpoints);
+            let now = offsets_at(reader, TOPIC, "procs");
             (0..PARTITIONS).all(|p| now.get(&p) == Some(expected_ends.get(&p).unwrap_or(&0)))
         },
     );
@@ -185,7 +324,7 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
     }
     broker.stop();
 
-    assert_state_is_exact(&checkpoints, &workload);
+    assert_state_is_exact_at(reader, &workload, TOPIC, "procs");
     // The paused owner found out it lost its partitions and stopped, instead of writing on: fenced at the
     // store, its claim found lost, or a step refused because the claim lapsed while it was frozen (these
     // errors read "stale owner of partition ..."), or — when the thaw found it inside a backend call
@@ -199,7 +338,8 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
         let log = std::fs::read_to_string(root.join(format!("{id}.log"))).unwrap_or_default();
         assert!(!log.contains("panicked"), "{id}: {log}");
     }
-    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(root);
+    p3_log
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -123,10 +123,6 @@ pub fn dev_broker_with(extra: &[&str]) -> (Proc, String) {
     (broker, first_line.trim().to_owned())
 }
 
-pub fn run_instance(id: &str, brokers: &str, redis: &str, root: &Path) -> Proc {
-    run_instance_with(id, brokers, redis, root, &[])
-}
-
 /// `processor run` as instance `id` of group `procs`, with `extra` flags; its log goes to
 /// `{root}/{id}.log` (appended: a restarted instance continues the same log).
 pub fn run_instance_with(
@@ -156,6 +152,35 @@ impl Job<'_> {
     }
 }
 
+/// Where a test fleet keeps its checkpoints.
+#[derive(Debug, Clone)]
+pub enum CheckpointsAt {
+    /// `--checkpoint-dir` (created by the first instance).
+    Dir(PathBuf),
+    /// `--checkpoint-url`, with the environment that reaches the server (endpoint, keys).
+    Url {
+        url: String,
+        env: Vec<(&'static str, String)>,
+    },
+}
+
+impl CheckpointsAt {
+    /// Adds the flags (and environment) naming this location to `command`.
+    pub fn apply(&self, command: &mut Command) {
+        match self {
+            CheckpointsAt::Dir(dir) => {
+                command.arg("--checkpoint-dir").arg(dir);
+            }
+            CheckpointsAt::Url { url, env } => {
+                command
+                    .arg("--checkpoint-url")
+                    .arg(url)
+                    .envs(env.iter().map(|(key, value)| (*key, value.as_str())));
+            }
+        }
+    }
+}
+
 /// `processor run` of `job` as instance `id` (see [`run_instance_with`]).
 pub fn run_job_instance(
     job: &Job<'_>,
@@ -165,8 +190,21 @@ pub fn run_job_instance(
     root: &Path,
     extra: &[&str],
 ) -> Proc {
+    let at = CheckpointsAt::Dir(root.join("checkpoints"));
+    run_job_instance_at(job, id, brokers, redis, root, extra, &at)
+}
+
+/// [`run_job_instance`] with its checkpoints `at`.
+pub fn run_job_instance_at(
+    job: &Job<'_>,
+    id: &str,
+    brokers: &str,
+    redis: &str,
+    root: &Path,
+    extra: &[&str],
+    at: &CheckpointsAt,
+) -> Proc {
     let state_dir = root.join("state").join(id);
-    let checkpoint_dir = root.join("checkpoints");
     let log = std::fs::File::options()
         .create(true)
         .append(true)
@@ -182,14 +220,17 @@ pub fn run_job_instance(
         Some(group) => &["--group", group],
         None => &[],
     };
-    let child = processor(&["run", "--brokers", brokers, "--topic", job.topic])
+    let mut command = processor(&["run", "--brokers", brokers, "--topic", job.topic]);
+    command
         .args(group)
         .args(["--instance-id", id, "--lock-url", redis])
         .arg("--state-dir")
-        .arg(&state_dir)
-        .arg("--checkpoint-dir")
-        .arg(&checkpoint_dir)
-        .arg("--create-checkpoint-dir")
+        .arg(&state_dir);
+    at.apply(&mut command);
+    if matches!(at, CheckpointsAt::Dir(_)) {
+        command.arg("--create-checkpoint-dir");
+    }
+    let child = command
         .args(interval)
         .args(["--maintenance-interval-secs", "1", "--claim-ttl-secs", "2"])
         .args(extra)
@@ -233,12 +274,23 @@ pub fn offsets(checkpoint_dir: &Path) -> BTreeMap<i32, i64> {
 
 /// [`offsets`] of `topic` in fleet `group`.
 pub fn offsets_of(checkpoint_dir: &Path, topic: &str, group: &str) -> BTreeMap<i32, i64> {
-    let out = processor(&["state", "offsets", "--topic", topic, "--group", group])
-        .arg("--checkpoint-dir")
-        .arg(checkpoint_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "state offsets failed");
+    offsets_at(
+        &CheckpointsAt::Dir(checkpoint_dir.to_path_buf()),
+        topic,
+        group,
+    )
+}
+
+/// [`offsets_of`] the checkpoints `at`.
+pub fn offsets_at(at: &CheckpointsAt, topic: &str, group: &str) -> BTreeMap<i32, i64> {
+    let mut command = processor(&["state", "offsets", "--topic", topic, "--group", group]);
+    at.apply(&mut command);
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "state offsets failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -378,12 +430,20 @@ pub fn assert_state_is_exact_of(
     topic: &str,
     group: &str,
 ) {
-    let out = processor(&["state", "dump", "--topic", topic, "--group", group])
-        .arg("--checkpoint-dir")
-        .arg(checkpoint_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "state dump failed");
+    let at = CheckpointsAt::Dir(checkpoint_dir.to_path_buf());
+    assert_state_is_exact_at(&at, workload, topic, group);
+}
+
+/// [`assert_state_is_exact_of`] the checkpoints `at`.
+pub fn assert_state_is_exact_at(at: &CheckpointsAt, workload: &Workload, topic: &str, group: &str) {
+    let mut command = processor(&["state", "dump", "--topic", topic, "--group", group]);
+    at.apply(&mut command);
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "state dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dumped: BTreeMap<String, serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()

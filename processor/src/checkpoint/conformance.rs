@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CheckpointStore, DirectoryCheckpointStore, Manifest, ManifestFile};
+use super::{
+    CheckpointStore, DirectoryCheckpointStore, Manifest, ManifestFile, ObjectCheckpointStore,
+};
 use crate::error::ProcessorError;
 
 /// The store under test, and the means to damage what it holds.
@@ -42,10 +44,49 @@ pub trait StoreUnderTest: Send + Sync {
 ///
 /// # Panics
 /// When the check finds a violation, or the scratch directory cannot be made.
-pub fn run(check: fn(&dyn StoreUnderTest, &Path), store: &dyn StoreUnderTest) {
+pub fn run(check: Check, store: &dyn StoreUnderTest) {
     let scratch = tempfile::tempdir().expect("a scratch directory for the check");
     check(store, scratch.path());
 }
+
+/// One check of the suite.
+pub type Check = fn(&dyn StoreUnderTest, &Path);
+
+/// Every check of the suite by name, for a runner of its own (one server for all of them).
+pub const CHECKS: [(&str, Check); 8] = [
+    (
+        "upload_then_restore_round_trips",
+        upload_then_restore_round_trips,
+    ),
+    (
+        "uploads_reuse_the_files_already_stored",
+        uploads_reuse_the_files_already_stored,
+    ),
+    (
+        "an_incremental_restore_takes_unchanged_files_from_the_previous_copy",
+        an_incremental_restore_takes_unchanged_files_from_the_previous_copy,
+    ),
+    (
+        "damaged_or_missing_files_make_a_checkpoint_skipped_never_restored",
+        damaged_or_missing_files_make_a_checkpoint_skipped_never_restored,
+    ),
+    (
+        "a_stale_owner_cannot_publish_after_a_newer_one",
+        a_stale_owner_cannot_publish_after_a_newer_one,
+    ),
+    (
+        "racing_owners_leave_the_newest_owners_checkpoint_latest",
+        racing_owners_leave_the_newest_owners_checkpoint_latest,
+    ),
+    (
+        "retention_keeps_k_valid_checkpoints_and_the_recorded_one",
+        retention_keeps_k_valid_checkpoints_and_the_recorded_one,
+    ),
+    (
+        "a_manifest_naming_a_path_outside_the_store_is_corrupt_and_writes_nothing",
+        a_manifest_naming_a_path_outside_the_store_is_corrupt_and_writes_nothing,
+    ),
+];
 
 /// One `#[test]` per check of the suite, each on the [`StoreUnderTest`] that `$store` makes.
 #[macro_export]
@@ -417,5 +458,97 @@ impl StoreUnderTest for DirectoryStoreUnderTest {
         std::fs::create_dir_all(path.parent().expect("a parent")).expect("manifests directory");
         std::fs::write(path, serde_json::to_vec(manifest).expect("json"))
             .expect("plant a manifest");
+    }
+}
+
+/// An [`ObjectCheckpointStore`], damaged through a client of its own (as someone with write access to
+/// the bucket would): an in-memory object store ([`ObjectStoreUnderTest::in_memory`]) or any URL
+/// ([`ObjectStoreUnderTest::at_url`], an S3 server in the tests).
+pub struct ObjectStoreUnderTest {
+    store: Arc<ObjectCheckpointStore>,
+    raw: Arc<dyn object_store::ObjectStore>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for ObjectStoreUnderTest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStoreUnderTest")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectStoreUnderTest {
+    /// A store over `object_store`'s in-memory store (conditional writes and metadata as S3's).
+    ///
+    /// # Panics
+    /// When the store's runtime cannot start.
+    pub fn in_memory() -> Self {
+        let raw: Arc<dyn object_store::ObjectStore> =
+            Arc::new(object_store::memory::InMemory::new());
+        let prefix = object_store::path::Path::from("checkpoints");
+        let store = ObjectCheckpointStore::new(raw.clone(), prefix, "memory://checkpoints")
+            .expect("the store");
+        Self::with(store, raw)
+    }
+
+    /// A store at `url` configured with `options` (see [`ObjectCheckpointStore::from_url_with`]), with
+    /// a second client for the damage.
+    ///
+    /// # Panics
+    /// When the URL is refused.
+    pub fn at_url(url: &str, options: &[(&str, &str)]) -> Self {
+        let store = ObjectCheckpointStore::from_url_with(url, options).expect("the store");
+        let (raw, _, _) =
+            ObjectCheckpointStore::open_url_with(url, options).expect("a second client");
+        Self::with(store, raw)
+    }
+
+    fn with(store: ObjectCheckpointStore, raw: Arc<dyn object_store::ObjectStore>) -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the damage");
+        ObjectStoreUnderTest {
+            store: Arc::new(store),
+            raw,
+            runtime,
+        }
+    }
+
+    fn put(&self, path: &object_store::path::Path, bytes: Vec<u8>) {
+        use object_store::ObjectStoreExt;
+        self.runtime
+            .block_on(self.raw.put(path, bytes.into()))
+            .unwrap_or_else(|err| panic!("write {path}: {err}"));
+    }
+}
+
+impl StoreUnderTest for ObjectStoreUnderTest {
+    fn store(&self) -> Arc<dyn CheckpointStore> {
+        self.store.clone()
+    }
+
+    fn damage_file(&self, manifest: &Manifest, file: &ManifestFile) {
+        let len = usize::try_from(file.size).expect("a small file");
+        self.put(&self.store.blob_path(manifest, file), vec![b'!'; len]);
+    }
+
+    fn remove_file(&self, manifest: &Manifest, file: &ManifestFile) {
+        use object_store::ObjectStoreExt;
+        let path = self.store.blob_path(manifest, file);
+        self.runtime
+            .block_on(self.raw.delete(&path))
+            .unwrap_or_else(|err| panic!("delete {path}: {err}"));
+    }
+
+    fn plant(&self, manifest: &Manifest, files: &[(&ManifestFile, &[u8])]) {
+        for (file, bytes) in files {
+            self.put(&self.store.blob_path(manifest, file), bytes.to_vec());
+        }
+        self.put(
+            &self.store.manifest_path(manifest),
+            serde_json::to_vec(manifest).expect("json"),
+        );
     }
 }

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::digests::{DigestCache, immutable};
-use super::manifest::{FORMAT, Manifest, ManifestFile, digest_file};
+use super::manifest::{FORMAT, Manifest, ManifestFile, digest_file, token_of_name, valid_topic};
 use super::{CheckpointStore, RestoreReport, UploadReport};
 use crate::error::{ProcessorError, ProcessorResult};
 
@@ -37,24 +37,6 @@ use crate::error::{ProcessorError, ProcessorResult};
 pub struct DirectoryCheckpointStore {
     root: PathBuf,
     digests: std::sync::Arc<DigestCache>,
-}
-
-fn valid_topic(topic: &str) -> ProcessorResult<()> {
-    let ok = !topic.is_empty()
-        && topic.len() <= 249
-        && topic
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        && topic != "."
-        && topic != "..";
-    if ok {
-        Ok(())
-    } else {
-        Err(ProcessorError::InvalidInput {
-            what: "topic",
-            reason: format!("`{topic}` is not a valid Kafka topic name"),
-        })
-    }
 }
 
 /// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename, fsync the dir.
@@ -99,15 +81,9 @@ fn remove_stale_temps(dir: &Path, now: StoreTime) -> usize {
         .count()
 }
 
-/// The fencing token in a manifest's file name (`{token:020}-{offset:020}.json`, see [`Manifest::id`]).
+/// The fencing token in a manifest's file name.
 fn token_of(manifest_path: &Path) -> Option<u64> {
-    manifest_path
-        .file_stem()?
-        .to_str()?
-        .split_once('-')?
-        .0
-        .parse()
-        .ok()
+    token_of_name(manifest_path.file_name()?.to_str()?)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> ProcessorResult<()> {
@@ -235,39 +211,7 @@ impl DirectoryCheckpointStore {
 
     fn read_manifest(path: &Path) -> ProcessorResult<Manifest> {
         let bytes = fs::read(path).map_err(ProcessorError::io(path))?;
-        // The format first, alone: a newer format may change the rest's shape, and must be refused as
-        // too new, not skipped as corrupt.
-        #[derive(serde::Deserialize)]
-        struct FormatOnly {
-            format: u32,
-        }
-        if let Ok(FormatOnly { format }) = serde_json::from_slice::<FormatOnly>(&bytes)
-            && format > FORMAT
-        {
-            return Err(ProcessorError::CheckpointTooNew {
-                path: path.to_path_buf(),
-                format,
-                reads: FORMAT,
-            });
-        }
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|err| ProcessorError::CorruptCheckpoint {
-                path: path.to_path_buf(),
-                reason: format!("unreadable manifest: {err}"),
-            })?;
-        if manifest.format != FORMAT {
-            return Err(ProcessorError::CorruptCheckpoint {
-                path: path.to_path_buf(),
-                reason: format!("unknown manifest format {}", manifest.format),
-            });
-        }
-        manifest
-            .check_names()
-            .map_err(|reason| ProcessorError::CorruptCheckpoint {
-                path: path.to_path_buf(),
-                reason,
-            })?;
-        Ok(manifest)
+        Manifest::decode(&bytes, path)
     }
 
     /// [`Manifest::check_names`] for a manifest handed in (not read here): nothing is written outside

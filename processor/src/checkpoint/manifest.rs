@@ -89,6 +89,71 @@ impl Manifest {
     pub fn blob_name(file: &ManifestFile) -> String {
         format!("{}-{}", file.sha256, file.name)
     }
+
+    /// Reads a manifest stored at `path` (for errors), whatever store held it: a newer format is
+    /// refused as too new (never skipped as corrupt, which would restore an older checkpoint silently),
+    /// anything unreadable or naming a file outside the store's layout is corrupt.
+    ///
+    /// # Errors
+    /// [`ProcessorError::CheckpointTooNew`]; [`ProcessorError::CorruptCheckpoint`].
+    pub(crate) fn decode(bytes: &[u8], path: &Path) -> ProcessorResult<Manifest> {
+        // The format first, alone: a newer format may change the rest's shape, and must be refused as
+        // too new, not skipped as corrupt.
+        #[derive(Deserialize)]
+        struct FormatOnly {
+            format: u32,
+        }
+        if let Ok(FormatOnly { format }) = serde_json::from_slice::<FormatOnly>(bytes)
+            && format > FORMAT
+        {
+            return Err(ProcessorError::CheckpointTooNew {
+                path: path.to_path_buf(),
+                format,
+                reads: FORMAT,
+            });
+        }
+        let corrupt = |reason: String| ProcessorError::CorruptCheckpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let manifest: Manifest = serde_json::from_slice(bytes)
+            .map_err(|err| corrupt(format!("unreadable manifest: {err}")))?;
+        if manifest.format != FORMAT {
+            return Err(corrupt(format!(
+                "unknown manifest format {}",
+                manifest.format
+            )));
+        }
+        manifest.check_names().map_err(corrupt)?;
+        Ok(manifest)
+    }
+}
+
+/// The fencing token in a manifest's name (`{token:020}-{offset:020}.json`, see [`Manifest::id`]).
+pub(crate) fn token_of_name(name: &str) -> Option<u64> {
+    name.strip_suffix(".json")?.split_once('-')?.0.parse().ok()
+}
+
+/// Checks that `topic` is a Kafka topic name, and so a safe path component in any store.
+///
+/// # Errors
+/// [`ProcessorError::InvalidInput`] naming the topic.
+pub(crate) fn valid_topic(topic: &str) -> ProcessorResult<()> {
+    let ok = !topic.is_empty()
+        && topic.len() <= 249
+        && topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && topic != "."
+        && topic != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(ProcessorError::InvalidInput {
+            what: "topic",
+            reason: format!("`{topic}` is not a valid Kafka topic name"),
+        })
+    }
 }
 
 /// A name that stays inside the directory it is joined onto, on every platform.

@@ -1,5 +1,5 @@
-//! Checkpoints of partition state in a shared store (a directory standing in for object storage, behind
-//! [`CheckpointStore`]), with a [`Manifest`] per checkpoint written last and atomically, and the fenced
+//! Checkpoints of partition state in a shared store behind [`CheckpointStore`] — object storage (S3,
+//! GCS, Azure: [`ObjectCheckpointStore`]) or a shared directory ([`DirectoryCheckpointStore`]) — with a [`Manifest`] per checkpoint written last and atomically, and the fenced
 //! [`CheckpointRecord`] that names a partition's newest published checkpoint.
 
 mod compaction_lock;
@@ -7,14 +7,17 @@ pub mod conformance;
 mod digests;
 pub mod directory;
 pub mod manifest;
+pub mod object;
 pub mod record;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use compaction_lock::hold_compaction_lock;
 pub use directory::DirectoryCheckpointStore;
 pub use manifest::{Manifest, ManifestFile};
+pub use object::ObjectCheckpointStore;
 pub use record::{CheckpointRecord, CheckpointRecords};
 
 use crate::error::ProcessorResult;
@@ -161,4 +164,52 @@ pub trait CheckpointStore: Send + Sync {
     /// # Errors
     /// An I/O error.
     fn partitions(&self, topic: &str) -> ProcessorResult<Vec<i32>>;
+}
+
+/// Where a fleet keeps its checkpoints: a shared directory, or object storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointLocation {
+    /// A directory every instance reaches (one machine, or a network mount).
+    Directory(PathBuf),
+    /// Object storage: `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`
+    /// ([`ObjectCheckpointStore::from_url`]); `file:///path` is the directory form.
+    Url(String),
+}
+
+impl CheckpointLocation {
+    /// The location of one fleet's checkpoints under this one: `{dir}/{group}` or `{url}/{group}`, so
+    /// fleets (groups) sharing a store never touch each other's.
+    pub fn for_group(&self, group: &str) -> CheckpointLocation {
+        match self {
+            CheckpointLocation::Directory(dir) => CheckpointLocation::Directory(dir.join(group)),
+            CheckpointLocation::Url(url) => {
+                CheckpointLocation::Url(format!("{}/{group}", url.trim_end_matches('/')))
+            }
+        }
+    }
+
+    /// Opens the store: a [`DirectoryCheckpointStore`] (created if missing: check that a mount is there
+    /// first) or an [`ObjectCheckpointStore`] configured from the environment.
+    ///
+    /// # Errors
+    /// [`ProcessorError::InvalidInput`](crate::error::ProcessorError::InvalidInput) (`checkpoint url`)
+    /// for a URL no store serves; an I/O error for a directory that cannot be made or written.
+    pub fn open(&self) -> ProcessorResult<Arc<dyn CheckpointStore>> {
+        match self {
+            CheckpointLocation::Directory(dir) => Ok(Arc::new(DirectoryCheckpointStore::new(dir)?)),
+            CheckpointLocation::Url(url) => match url.strip_prefix("file://") {
+                Some(path) => Ok(Arc::new(DirectoryCheckpointStore::new(path)?)),
+                None => Ok(Arc::new(ObjectCheckpointStore::from_url(url)?)),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for CheckpointLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckpointLocation::Directory(dir) => write!(f, "{}", dir.display()),
+            CheckpointLocation::Url(url) => f.write_str(url),
+        }
+    }
 }
