@@ -157,12 +157,31 @@ fn ensure_crypto_provider() {
 /// `with_client_options` would replace what the environment set, `AWS_ALLOW_HTTP` included).
 const DEFAULT_OPTIONS: [(&str, &str); 2] = [("timeout", "30s"), ("connect_timeout", "5s")];
 
-fn retry_config() -> RetryConfig {
-    RetryConfig {
+/// The retry policy: [`RETRY_TIMEOUT`] and 10 retries, or what the options `retry_timeout` (seconds)
+/// and `max_retries` say; returns the other options, for the cloud's builder.
+fn retry_config<'o>(
+    url: &str,
+    options: &'o [(&'o str, &'o str)],
+) -> ProcessorResult<(RetryConfig, Vec<(&'o str, &'o str)>)> {
+    let mut retry = RetryConfig {
         max_retries: 10,
         retry_timeout: RETRY_TIMEOUT,
         ..RetryConfig::default()
+    };
+    let mut rest = Vec::new();
+    for &(key, value) in options {
+        let bad = |what: &str| invalid_url(url, format!("option `{key}`: `{value}` is not {what}"));
+        match key {
+            "retry_timeout" => {
+                let secs: f64 = value.parse().map_err(|_| bad("a number of seconds"))?;
+                retry.retry_timeout =
+                    Duration::try_from_secs_f64(secs).map_err(|_| bad("a number of seconds"))?;
+            }
+            "max_retries" => retry.max_retries = value.parse().map_err(|_| bad("a count"))?,
+            _ => rest.push((key, value)),
+        }
     }
+    Ok((retry, rest))
 }
 
 fn invalid_url(url: &str, reason: impl std::fmt::Display) -> ProcessorError {
@@ -191,7 +210,8 @@ impl ObjectCheckpointStore {
 
     /// As [`from_url`](Self::from_url), with configuration `options` applied over the environment's:
     /// the keys of `object_store`'s builders (`aws_endpoint`, `aws_allow_http`, `aws_region`,
-    /// `google_service_account`, `azure_storage_account_name`, …).
+    /// `google_service_account`, `azure_storage_account_name`, `timeout`, …), and `retry_timeout`
+    /// (seconds a request is retried, [`RETRY_TIMEOUT`] by default) and `max_retries` (10).
     ///
     /// # Errors
     /// As [`from_url`](Self::from_url); an unknown key.
@@ -232,6 +252,8 @@ impl ObjectCheckpointStore {
             .host_str()
             .filter(|bucket| !bucket.is_empty())
             .ok_or_else(|| invalid_url(url, "no bucket (write s3://bucket/prefix)"))?;
+        let (retry, options) = retry_config(url, options)?;
+        let options = &options[..];
         ensure_crypto_provider();
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "s3" | "s3a" => Arc::new(
@@ -242,7 +264,7 @@ impl ObjectCheckpointStore {
                     |b, k: object_store::aws::AmazonS3ConfigKey, v| b.with_config(k, v),
                 )?
                 .with_bucket_name(bucket)
-                .with_retry(retry_config())
+                .with_retry(retry.clone())
                 .build()
                 .map_err(|err| invalid_url(url, err))?,
             ),
@@ -254,7 +276,7 @@ impl ObjectCheckpointStore {
                     |b, k: object_store::gcp::GoogleConfigKey, v| b.with_config(k, v),
                 )?
                 .with_bucket_name(bucket)
-                .with_retry(retry_config())
+                .with_retry(retry.clone())
                 .build()
                 .map_err(|err| invalid_url(url, err))?,
             ),
@@ -266,7 +288,7 @@ impl ObjectCheckpointStore {
                     |b, k: object_store::azure::AzureConfigKey, v| b.with_config(k, v),
                 )?
                 .with_url(url)
-                .with_retry(retry_config())
+                .with_retry(retry.clone())
                 .build()
                 .map_err(|err| invalid_url(url, err))?,
             ),
@@ -1141,6 +1163,106 @@ impl CheckpointStore for ObjectCheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn in_memory() -> ObjectCheckpointStore {
+        let raw: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        ObjectCheckpointStore::new(raw, ObjectPath::from("checkpoints"), "memory://checkpoints")
+            .unwrap()
+    }
+
+    fn snapshot(dir: &Path, bytes: &[u8]) -> PathBuf {
+        let snapshot = dir.join(format!("snap-{}", bytes.len()));
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::write(snapshot.join("000007.sst"), bytes).unwrap();
+        snapshot
+    }
+
+    /// The paused uploader of the module docs, step by step: it reads the fence as its upload begins,
+    /// a newer owner publishes meanwhile, and its own publication — conditional on what it read — is
+    /// refused by the store (412), its manifest taken back out; the newer owner's stays the latest.
+    #[test]
+    fn a_publication_after_a_newer_owners_is_refused_by_the_conditional_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = in_memory();
+        let older = store
+            .upload("t", 0, &snapshot(dir.path(), b"first"), 10, 1)
+            .unwrap()
+            .manifest;
+        let inner = store.inner.clone();
+        let read_as_it_began = store
+            .io
+            .run(async move { inner.read_fence("t", 0).await })
+            .unwrap()
+            .map(|(fence, version)| {
+                assert_eq!(fence.token, 1);
+                version
+            });
+        let newer = store
+            .upload("t", 0, &snapshot(dir.path(), b"the newer owner's"), 20, 2)
+            .unwrap()
+            .manifest;
+        let late = Manifest {
+            next_offset: 30,
+            ..older
+        };
+        let (inner, published) = (store.inner.clone(), late.clone());
+        let outcome = store
+            .io
+            .run(async move { inner.publish(&published, read_as_it_began).await });
+        assert!(
+            matches!(
+                outcome,
+                Err(ProcessorError::StaleOwner {
+                    token: 1,
+                    highest: 2,
+                    ..
+                })
+            ),
+            "the late publication must be refused: {outcome:?}"
+        );
+        assert_eq!(store.refused_publications(), 1);
+        assert!(
+            store.manifest("t", 0, &late.id()).is_err(),
+            "the refused manifest is taken back out"
+        );
+        let (latest, _) = store.latest_valid("t", 0).unwrap();
+        assert_eq!(latest.map(|m| m.id()), Some(newer.id()));
+    }
+
+    /// A restore whose download differs from the manifest's digest (an object replaced after the cheap
+    /// verification) fails as corrupt and leaves no file with the wrong bytes behind.
+    #[test]
+    fn a_download_that_differs_from_its_digest_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = in_memory();
+        let manifest = store
+            .upload("t", 0, &snapshot(dir.path(), b"table"), 10, 1)
+            .unwrap()
+            .manifest;
+        let (raw, path) = (
+            store.inner.store.clone(),
+            store.blob_path(&manifest, &manifest.files[0]),
+        );
+        store
+            .io
+            .run(async move {
+                raw.put(&path, PutPayload::from_static(b"TABLE"))
+                    .await
+                    .map(|_| ())
+                    .map_err(|err| ProcessorError::InvalidInput {
+                        what: "test",
+                        reason: err.to_string(),
+                    })
+            })
+            .unwrap();
+        let dest = dir.path().join("restored");
+        let err = store.restore(&manifest, &dest).unwrap_err();
+        assert!(
+            matches!(err, ProcessorError::CorruptCheckpoint { .. }),
+            "{err}"
+        );
+        assert!(!dest.join("000007.sst").exists());
+    }
 
     #[test]
     fn urls_of_other_schemes_and_without_a_bucket_are_refused_by_name() {

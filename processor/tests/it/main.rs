@@ -16,6 +16,7 @@ mod missing_offsets;
 mod pipeline;
 mod poison;
 mod restore;
+mod s3_faults;
 mod s3_server;
 mod standby;
 mod state_queries;
