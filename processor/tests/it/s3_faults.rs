@@ -4,6 +4,9 @@
 //! SlowDown` answers are retried with backoff; and whatever happens, no checkpoint is published that is
 //! not whole.
 
+// A test: helpers panic on failure by design.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

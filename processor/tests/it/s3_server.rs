@@ -3,6 +3,9 @@
 //! there was reported in at least one S3-compatible server), and `If-Match` with an ETag that is no
 //! longer current is refused. If a server ever fails this, the store's fencing cannot be trusted on it.
 
+// A test: helpers panic on failure by design.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 
 use integration_tests::S3Server;
