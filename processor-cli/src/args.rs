@@ -170,6 +170,11 @@ pub(crate) struct DemoArgs {
     /// Keep state and checkpoints here instead of a temporary directory.
     #[arg(long)]
     pub(crate) work_dir: Option<PathBuf>,
+    /// Keep the checkpoints in object storage instead: `s3://bucket/prefix`, `gs://…`, `az://…`
+    /// (credentials and endpoint from the cloud's environment variables, as for `run`); each run under
+    /// a prefix of its own.
+    #[arg(long, env = "CHECKPOINT_URL")]
+    pub(crate) checkpoint_url: Option<String>,
     /// Run on an existing Kafka cluster (`host:port,…`) instead of the in-process mock cluster; the demo
     /// creates a fresh topic there (`orders-demo-…`) and leaves it.
     #[arg(long, env = "BROKERS")]

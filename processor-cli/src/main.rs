@@ -436,6 +436,7 @@ async fn run_demo_and_report(mut config: DemoConfig, args: DemoArgs) -> anyhow::
     config.instances = args.instances;
     config.seed = args.seed;
     config.work_dir = args.work_dir;
+    config.checkpoint_url = args.checkpoint_url;
     config.brokers = args.brokers;
     config.replication = args.replication_factor;
     let (records, keys) = (config.records, config.keys);

@@ -281,21 +281,28 @@ pub fn offsets_of(checkpoint_dir: &Path, topic: &str, group: &str) -> BTreeMap<i
     )
 }
 
-/// [`offsets_of`] the checkpoints `at`.
-pub fn offsets_at(at: &CheckpointsAt, topic: &str, group: &str) -> BTreeMap<i32, i64> {
-    let mut command = processor(&["state", "offsets", "--topic", topic, "--group", group]);
+/// The JSON lines `processor state {what}` prints for `topic` in fleet `group`, checkpoints `at`.
+fn state_lines(what: &str, at: &CheckpointsAt, topic: &str, group: &str) -> Vec<serde_json::Value> {
+    let mut command = processor(&["state", what, "--topic", topic, "--group", group]);
     at.apply(&mut command);
     let out = command.output().unwrap();
     assert!(
         out.status.success(),
-        "state offsets failed: {}",
+        "state {what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// [`offsets_of`] the checkpoints `at`.
+pub fn offsets_at(at: &CheckpointsAt, topic: &str, group: &str) -> BTreeMap<i32, i64> {
+    state_lines("offsets", at, topic, group)
+        .into_iter()
+        .map(|v| {
             (
                 i32::try_from(v["partition"].as_i64().unwrap()).unwrap(),
                 v["offset"].as_i64().unwrap(),
@@ -436,21 +443,9 @@ pub fn assert_state_is_exact_of(
 
 /// [`assert_state_is_exact_of`] the checkpoints `at`.
 pub fn assert_state_is_exact_at(at: &CheckpointsAt, workload: &Workload, topic: &str, group: &str) {
-    let mut command = processor(&["state", "dump", "--topic", topic, "--group", group]);
-    at.apply(&mut command);
-    let out = command.output().unwrap();
-    assert!(
-        out.status.success(),
-        "state dump failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dumped: BTreeMap<String, serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            (v["key"].as_str().unwrap().to_owned(), v)
-        })
+    let dumped: BTreeMap<String, serde_json::Value> = state_lines("dump", at, topic, group)
+        .into_iter()
+        .map(|v| (v["key"].as_str().unwrap().to_owned(), v))
         .collect();
     let expected = workload.expected();
     assert_eq!(dumped.len(), expected.len(), "keys");

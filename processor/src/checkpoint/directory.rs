@@ -25,11 +25,11 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use super::digests::{DigestCache, immutable};
-use super::manifest::{FORMAT, Manifest, ManifestFile, digest_file, token_of_name, valid_topic};
-use super::{CheckpointStore, RestoreReport, UploadReport};
+use super::manifest::{Manifest, ManifestFile, digest_file, token_of_name, valid_topic};
+use super::{CheckpointStore, RestoreReport, UploadReport, snapshot_files};
 use crate::error::{ProcessorError, ProcessorResult};
 
 /// Checkpoints under one root directory.
@@ -149,13 +149,6 @@ fn store_now(dir: &Path) -> ProcessorResult<StoreTime> {
 /// clock.
 fn unused_for(path: &Path, grace: Duration, now: StoreTime) -> bool {
     fs::metadata(path).is_ok_and(|meta| now - status_changed(&meta) > grace.as_nanos() as i128)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 impl DirectoryCheckpointStore {
@@ -286,71 +279,31 @@ impl CheckpointStore for DirectoryCheckpointStore {
         for dir in [&files_dir, &manifests_dir] {
             fs::create_dir_all(dir).map_err(ProcessorError::io(dir))?;
         }
-        let mut local: Vec<PathBuf> = fs::read_dir(snapshot_dir)
-            .map_err(ProcessorError::io(snapshot_dir))?
-            .filter_map(Result::ok)
-            .map(|entry| entry.path())
-            .filter(|path| path.is_file())
-            .collect();
-        local.sort();
-        let (mut files, mut copied_files, mut reused_files, mut copied_bytes, mut hashed_bytes) =
-            (Vec::new(), 0, 0, 0, 0);
-        for path in local {
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .ok_or_else(|| ProcessorError::InvalidInput {
-                    what: "snapshot file name",
-                    reason: format!("{} is not UTF-8", path.display()),
-                })?
-                .to_owned();
+        let mut uploaded = Vec::new();
+        for (name, path) in snapshot_files(snapshot_dir)? {
             let (size, sha256, hashed) = self.digests.digest(&path, &name)?;
-            hashed_bytes += hashed;
             let file = ManifestFile { name, size, sha256 };
             let blob = files_dir.join(Manifest::blob_name(&file));
             let present = fs::metadata(&blob).is_ok_and(|m| m.len() == size);
-            if present && touch(&blob) {
-                // Touched: retention leaves recently used files alone for its grace period, so it cannot
-                // delete this file between now and our manifest becoming visible.
-                reused_files += 1;
+            // Touched: retention leaves recently used files alone for its grace period, so it cannot
+            // delete this file between now and our manifest becoming visible.
+            let copied = if present && touch(&blob) {
+                None
             } else {
-                copied_bytes += copy_atomically(&path, &blob)?;
-                copied_files += 1;
-            }
-            files.push(file);
+                Some(copy_atomically(&path, &blob)?)
+            };
+            uploaded.push((file, hashed, copied));
         }
         sync_dir(&files_dir)?;
-        let manifest = Manifest {
-            format: FORMAT,
-            topic: topic.to_owned(),
-            partition,
-            next_offset,
-            fencing_token,
-            created_at_ms: now_ms(),
-            files,
-        };
-        let bytes = serde_json::to_vec_pretty(&manifest)
+        let report = UploadReport::of(topic, partition, next_offset, fencing_token, uploaded);
+        let bytes = serde_json::to_vec_pretty(&report.manifest)
             .map_err(|err| ProcessorError::encode("a checkpoint manifest", err))?;
         write_atomically(
-            &manifests_dir.join(format!("{}.json", manifest.id())),
+            &manifests_dir.join(format!("{}.json", report.manifest.id())),
             &bytes,
         )?;
-        tracing::debug!(
-            topic,
-            partition,
-            next_offset,
-            fencing_token,
-            copied_files,
-            reused_files,
-            "checkpoint uploaded"
-        );
-        Ok(UploadReport {
-            manifest,
-            copied_files,
-            reused_files,
-            copied_bytes,
-            hashed_bytes,
-        })
+        report.log_published();
+        Ok(report)
     }
 
     fn latest_valid(
@@ -581,6 +534,7 @@ impl CheckpointStore for DirectoryCheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::manifest::FORMAT;
     use crate::store::rocksdb::RocksDbStores;
     use crate::store::{PartitionStore, StateBatch};
 

@@ -39,6 +39,98 @@ pub struct UploadReport {
     pub hashed_bytes: u64,
 }
 
+/// One snapshot file an upload handled: its manifest entry, the bytes hashed for it, and the bytes
+/// copied into the store (`None`: it was there already).
+pub(crate) type UploadedFile = (ManifestFile, u64, Option<u64>);
+
+impl UploadReport {
+    /// The report, and the manifest, of an upload of `files` as the checkpoint of `partition` of
+    /// `topic` covering offsets below `next_offset` under `fencing_token`.
+    pub(crate) fn of(
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+        fencing_token: u64,
+        files: Vec<UploadedFile>,
+    ) -> Self {
+        let mut report = UploadReport {
+            manifest: Manifest {
+                format: manifest::FORMAT,
+                topic: topic.to_owned(),
+                partition,
+                next_offset,
+                fencing_token,
+                created_at_ms: now_ms(),
+                files: Vec::with_capacity(files.len()),
+            },
+            copied_files: 0,
+            reused_files: 0,
+            copied_bytes: 0,
+            hashed_bytes: 0,
+        };
+        for (file, hashed, copied) in files {
+            report.hashed_bytes += hashed;
+            match copied {
+                Some(bytes) => {
+                    report.copied_files += 1;
+                    report.copied_bytes += bytes;
+                }
+                None => report.reused_files += 1,
+            }
+            report.manifest.files.push(file);
+        }
+        report
+    }
+
+    /// Logs the published upload (debug).
+    pub(crate) fn log_published(&self) {
+        let m = &self.manifest;
+        tracing::debug!(
+            topic = m.topic,
+            partition = m.partition,
+            next_offset = m.next_offset,
+            fencing_token = m.fencing_token,
+            copied_files = self.copied_files,
+            reused_files = self.reused_files,
+            "checkpoint uploaded"
+        );
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The regular files of a snapshot directory as `(name, path)`, sorted.
+///
+/// # Errors
+/// An I/O error; [`ProcessorError::InvalidInput`](crate::error::ProcessorError::InvalidInput) for a
+/// name that is not UTF-8.
+pub(crate) fn snapshot_files(dir: &Path) -> ProcessorResult<Vec<(String, PathBuf)>> {
+    use crate::error::ProcessorError;
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(ProcessorError::io(dir))? {
+        let path = entry.map_err(ProcessorError::io(dir))?.path();
+        if !path.is_file() {
+            continue;
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| ProcessorError::InvalidInput {
+                what: "snapshot file name",
+                reason: format!("{} is not UTF-8", path.display()),
+            })?
+            .to_owned();
+        files.push((name, path));
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// What one restore did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]

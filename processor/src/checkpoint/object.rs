@@ -31,6 +31,31 @@
 //! and that an upload [`confirm`](CheckpointStore::confirm)s every file before the checkpoint is recorded
 //! (a cleaner whose lock expired while it was paused cannot make a recorded checkpoint incomplete).
 //!
+//! In a few lines — here over `object_store`'s in-memory store; in production
+//! `ObjectCheckpointStore::from_url("s3://my-bucket/processor")?` (or `gs://`, `az://`):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use processor::checkpoint::object::object_store::{memory::InMemory, path::Path};
+//! use processor::checkpoint::{CheckpointStore, ObjectCheckpointStore};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let bucket = Arc::new(InMemory::new());
+//! let store = ObjectCheckpointStore::new(bucket, Path::from("processor"), "memory://processor")?;
+//! let snapshot = tempfile::tempdir()?; // a RocksDB checkpoint, in the processor
+//! std::fs::write(snapshot.path().join("000007.sst"), b"a table")?;
+//!
+//! store.upload("orders", 3, snapshot.path(), 1_200, 7)?; // the owner, fencing token 7
+//! store.upload("orders", 3, snapshot.path(), 1_500, 8)?; // its successor publishes ...
+//! assert!(store.upload("orders", 3, snapshot.path(), 1_300, 7).is_err()); // ... the old owner cannot
+//!
+//! let (latest, _skipped) = store.latest_valid("orders", 3)?;
+//! let latest = latest.expect("a checkpoint");
+//! assert_eq!((latest.fencing_token, latest.next_offset), (8, 1_500));
+//! let restored = tempfile::tempdir()?;
+//! store.restore(&latest, &restored.path().join("orders-3"))?; // every file's SHA-256 checked
+//! # Ok(()) }
+//! ```
+//!
 //! **Requests** are retried with exponential backoff on 5xx answers (S3's `SlowDown` included),
 //! timeouts and cut connections (`object_store`'s retry, bounded by [`RETRY_TIMEOUT`]); anything else —
 //! credentials refused, a missing bucket — fails at once with [`ProcessorError::ObjectStore`] naming
@@ -40,7 +65,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -54,9 +79,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+/// The `object_store` crate this store is built on: for [`ObjectCheckpointStore::new`] over a store of
+/// your own.
+pub use object_store;
+
 use super::digests::{DigestCache, immutable};
-use super::manifest::{FORMAT, Manifest, ManifestFile, valid_topic};
-use super::{CheckpointStore, RestoreReport, UploadReport};
+use super::manifest::{Manifest, ManifestFile, valid_topic};
+use super::{CheckpointStore, RestoreReport, UploadReport, snapshot_files};
 use crate::error::{ProcessorError, ProcessorResult};
 
 /// Files at least this large are uploaded in parts of this size (S3's smallest part is 5 MiB).
@@ -663,7 +692,7 @@ impl Inner {
             .into_iter()
             .map(|(name, meta)| (name, meta.size))
             .collect();
-        let local = local_files(&snapshot_dir)?;
+        let local = snapshot_files(&snapshot_dir)?;
         let uploads = futures::stream::iter(local)
             .map(|(name, path)| {
                 let (this, files_dir, stored) = (&self, &files_dir, &stored);
@@ -687,46 +716,11 @@ impl Inner {
             .buffered(self.parallelism)
             .try_collect::<Vec<_>>()
             .await?;
-        let (mut files, mut copied_files, mut reused_files, mut copied_bytes, mut hashed_bytes) =
-            (Vec::new(), 0, 0, 0, 0);
-        for (file, hashed, copied) in uploads {
-            hashed_bytes += hashed;
-            match copied {
-                Some(bytes) => {
-                    copied_files += 1;
-                    copied_bytes += bytes;
-                }
-                None => reused_files += 1,
-            }
-            files.push(file);
-        }
-        let manifest = Manifest {
-            format: FORMAT,
-            topic: topic.clone(),
-            partition,
-            next_offset,
-            fencing_token,
-            created_at_ms: now_ms(),
-            files,
-        };
-        self.publish(&manifest, fence.map(|(_, version)| version))
+        let report = UploadReport::of(&topic, partition, next_offset, fencing_token, uploads);
+        self.publish(&report.manifest, fence.map(|(_, version)| version))
             .await?;
-        tracing::debug!(
-            topic,
-            partition,
-            next_offset,
-            fencing_token,
-            copied_files,
-            reused_files,
-            "checkpoint uploaded"
-        );
-        Ok(UploadReport {
-            manifest,
-            copied_files,
-            reused_files,
-            copied_bytes,
-            hashed_bytes,
-        })
+        report.log_published();
+        Ok(report)
     }
 
     /// Writes the manifest (created, never overwriting another owner's) and then moves the fence to it;
@@ -1046,35 +1040,6 @@ impl Inner {
         partitions.sort_unstable();
         Ok(partitions)
     }
-}
-
-/// The regular files of a snapshot directory, by name, sorted.
-fn local_files(dir: &Path) -> ProcessorResult<Vec<(String, PathBuf)>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(ProcessorError::io(dir))? {
-        let path = entry.map_err(ProcessorError::io(dir))?.path();
-        if !path.is_file() {
-            continue;
-        }
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| ProcessorError::InvalidInput {
-                what: "snapshot file name",
-                reason: format!("{} is not UTF-8", path.display()),
-            })?
-            .to_owned();
-        files.push((name, path));
-    }
-    files.sort();
-    Ok(files)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 impl CheckpointStore for ObjectCheckpointStore {

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{DevBroker, Workload};
 use crate::aggregation::KeyedAggregation;
+use crate::checkpoint::CheckpointLocation;
 use crate::config::{InstanceConfig, MaintenanceConfig};
 use crate::error::{ProcessorError, ProcessorResult};
 use crate::fleet::{Instance, InstanceStatus};
@@ -23,7 +24,6 @@ use crate::http::{LocalInstances, status_url};
 use crate::inspect::{checkpointed_entries, checkpointed_offset};
 use crate::kafka_settings::KafkaSettings;
 use crate::operator::Operator;
-use crate::resources::checkpoint_root;
 use crate::services::Services;
 use crate::source::high_watermark;
 use crate::store::rocksdb::RocksDbStores;
@@ -49,6 +49,11 @@ pub struct DemoConfig {
     pub seed: u64,
     /// Where state and checkpoints go (a temporary directory, removed at the end, when `None`).
     pub work_dir: Option<PathBuf>,
+    /// Keep the checkpoints in object storage instead (`s3://bucket/prefix`, `gs://…`, `az://…`;
+    /// credentials from the environment, see
+    /// [`ObjectCheckpointStore::from_url`](crate::checkpoint::ObjectCheckpointStore::from_url)): each
+    /// run under a prefix of its own (`{url}/demo-{run}`), left behind.
+    pub checkpoint_url: Option<String>,
     /// An existing Kafka cluster to run on (`host:port,…`) instead of librdkafka's in-process mock
     /// cluster: the demo creates a fresh topic there (`{topic}-{run}`) and leaves it behind.
     pub brokers: Option<String>,
@@ -142,6 +147,7 @@ impl Default for DemoConfig {
             keys: 1_000,
             seed: 42,
             work_dir: None,
+            checkpoint_url: None,
             brokers: None,
             replication: 1,
             status_board: None,
@@ -273,11 +279,16 @@ pub async fn run_demo(
             )
         }
     };
-    let base = Services::connect(
-        &config.lock_url,
-        checkpoint_root(&root.join("checkpoints"), &group),
-    )
-    .await?;
+    // Each fleet (group: fresh per run) has checkpoints of its own under the directory or the URL.
+    let location = match &config.checkpoint_url {
+        Some(url) => CheckpointLocation::Url(url.clone()),
+        None => CheckpointLocation::Directory(root.join("checkpoints")),
+    }
+    .for_group(&group);
+    let checkpoints = tokio::task::spawn_blocking(move || location.open())
+        .await
+        .map_err(ProcessorError::task("open the checkpoint store"))??;
+    let base = Services::connect_with(&config.lock_url, checkpoints).await?;
     let job: Arc<dyn DemoJob> = config.job.clone().unwrap_or_else(|| {
         Arc::new(BuiltInJob(Workload {
             records: config.records,
