@@ -115,9 +115,10 @@ pub(crate) enum StateCommand {
     },
 }
 
-/// Where checkpoints are kept: exactly one of a directory and a URL.
+/// Where checkpoints are kept: exactly one of a directory and a URL. (Not a required clap group: a
+/// `--config` file's value is a flag's default, which clap does not count as given.)
 #[derive(clap::Args, Clone, Debug)]
-#[group(required = true, multiple = false)]
+#[group(multiple = false)]
 pub(crate) struct CheckpointArgs {
     /// Shared checkpoint directory: one machine, or a mount every instance reaches (NFS, EFS, ...).
     /// Each fleet (`--group`) keeps its checkpoints in a directory of its own under it.
@@ -135,14 +136,22 @@ pub(crate) struct CheckpointArgs {
 
 impl CheckpointArgs {
     /// The location the flags name, for fleet `group`.
-    pub(crate) fn location(&self, group: &str) -> processor::checkpoint::CheckpointLocation {
+    ///
+    /// # Errors
+    /// Neither flag given.
+    pub(crate) fn location(
+        &self,
+        group: &str,
+    ) -> anyhow::Result<processor::checkpoint::CheckpointLocation> {
         use processor::checkpoint::CheckpointLocation;
         let root = match (&self.checkpoint_dir, &self.checkpoint_url) {
             (Some(dir), _) => CheckpointLocation::Directory(dir.clone()),
             (None, Some(url)) => CheckpointLocation::Url(url.clone()),
-            (None, None) => CheckpointLocation::Directory(PathBuf::from(".")),
+            (None, None) => anyhow::bail!(
+                "where are the checkpoints? give --checkpoint-dir (a directory every instance reaches) or --checkpoint-url (s3://, gs://, az://)"
+            ),
         };
-        root.for_group(group)
+        Ok(root.for_group(group))
     }
 }
 

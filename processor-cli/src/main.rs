@@ -269,7 +269,7 @@ async fn start_instance(
     }
     // Each fleet (group) has checkpoints of its own under the shared directory or prefix.
     let checkpoints =
-        open_checkpoints(&args.checkpoints.location(&args.group), &args.topic).await?;
+        open_checkpoints(&args.checkpoints.location(&args.group)?, &args.topic).await?;
     let mut services = Services::connect_with(&lock_url, checkpoints)
         .await
         .context("lock backend")?; // its errors name the server, password redacted
@@ -600,7 +600,9 @@ async fn run_command() -> i32 {
                     topic,
                     group,
                 },
-        } => dump(checkpoints.location(&group), &topic, true),
+        } => checkpoints
+            .location(&group)
+            .and_then(|location| dump(location, &topic, true)),
         Command::State {
             command:
                 StateCommand::Dump {
@@ -608,7 +610,9 @@ async fn run_command() -> i32 {
                     topic,
                     group,
                 },
-        } => dump(checkpoints.location(&group), &topic, false),
+        } => checkpoints
+            .location(&group)
+            .and_then(|location| dump(location, &topic, false)),
     };
     if let Err(err) = outcome {
         eprintln!("processor: {err:#}");

@@ -155,6 +155,7 @@ fn apply(
 /// The first invalid setting.
 pub fn check(args: &RunArgs) -> anyhow::Result<()> {
     let lock_url = crate::fleet_lock_url(args)?.to_owned();
+    args.checkpoints.location(&args.group)?;
     let instance_id = crate::resolved_instance_id(args);
     let config = crate::instance_config(args, &instance_id)?;
     let resolved = serde_json::json!({

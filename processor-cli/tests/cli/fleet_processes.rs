@@ -399,6 +399,25 @@ fn operator_mistakes_give_one_line_errors_and_a_non_zero_exit() {
     let err = fails_with(&memory_in_a_fleet);
     assert!(err.contains("--single-instance"), "{err}");
 
+    // Checkpoints nowhere, or at a URL no store serves: one line saying what to give.
+    let mut nowhere = run(brokers, "memory");
+    nowhere.retain(|arg| !arg.contains("checkpoint") && *arg != checkpoints);
+    let err = fails_with(&nowhere);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--checkpoint-dir") && err.contains("--checkpoint-url"),
+        "{err}"
+    );
+    let mut ftp = nowhere.clone();
+    ftp.extend(["--checkpoint-url", "ftp://bucket/x"]);
+    let err = fails_with(&ftp);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("unknown scheme `ftp`"), "{err}");
+    let mut both = run(brokers, "memory");
+    both.extend(["--checkpoint-url", "s3://bucket/x"]);
+    let err = fails_with(&both);
+    assert!(err.contains("cannot be used with"), "{err}");
+
     // Client properties reach the Kafka clients: an unknown one is one line naming it, and a secret
     // given beside it never shows; a property the processor owns is refused.
     let mut properties = run(brokers, "memory");
