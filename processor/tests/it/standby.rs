@@ -10,6 +10,7 @@ use crate::support;
 
 use std::time::Duration;
 
+use processor::checkpoint::ObjectCheckpointStore;
 use processor::dev::Workload;
 use processor::inspect::checkpointed_aggregates;
 use processor::{InstanceConfig, Services};
@@ -20,6 +21,16 @@ const TOPIC: &str = "orders";
 /// Returns the successor's restores, starts from a local copy, and of those the starts that took a
 /// standby's copy over already open.
 async fn owner_dies_and_the_other_instance_takes_over(standby_replicas: usize) -> (u64, u64, u64) {
+    let root = tempfile::tempdir().unwrap();
+    let services = Services::in_memory(root.path().join("checkpoints")).unwrap();
+    owner_dies_and_the_other_instance_takes_over_on(services, standby_replicas).await
+}
+
+/// [`owner_dies_and_the_other_instance_takes_over`] with the checkpoints in `services`.
+async fn owner_dies_and_the_other_instance_takes_over_on(
+    services: Services,
+    standby_replicas: usize,
+) -> (u64, u64, u64) {
     integration_tests::init_tracing();
     let broker = TestBroker::start(TOPIC, 1).await;
     let brokers = broker.bootstrap_servers();
@@ -34,7 +45,6 @@ async fn owner_dies_and_the_other_instance_takes_over(standby_replicas: usize) -
         .await
         .unwrap();
     let root = tempfile::tempdir().unwrap();
-    let services = Services::in_memory(root.path().join("checkpoints")).unwrap();
     let config = |id: &str| {
         InstanceConfig::new(id, TOPIC, 1, &brokers, root.path().join(id))
             .with_checkpoint_every(Duration::from_millis(300))
@@ -154,6 +164,22 @@ async fn owner_dies_and_the_other_instance_takes_over(standby_replicas: usize) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_from_its_warm_copy_without_restoring() {
     let starts = owner_dies_and_the_other_instance_takes_over(1).await;
+    assert_eq!(
+        starts,
+        (0, 1, 1),
+        "(restores, local starts, open-copy starts): the standby's open copy is taken over"
+    );
+}
+
+/// The same with the checkpoints in object storage (`object_store`'s in-memory store): the standby's
+/// copy is refreshed from there, incrementally, and taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_refreshed_from_object_storage_takes_over_without_restoring() {
+    let bucket = std::sync::Arc::new(object_store::memory::InMemory::new());
+    let store =
+        ObjectCheckpointStore::new(bucket, "checkpoints".into(), "memory://checkpoints").unwrap();
+    let services = Services::in_memory_with(std::sync::Arc::new(store));
+    let starts = owner_dies_and_the_other_instance_takes_over_on(services, 1).await;
     assert_eq!(
         starts,
         (0, 1, 1),
