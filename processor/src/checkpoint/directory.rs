@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime};
 
 use super::digests::{DigestCache, immutable};
 use super::manifest::{Manifest, ManifestFile, digest_file, token_of_name, valid_topic};
-use super::{CheckpointStore, RestoreReport, UploadReport, snapshot_files};
+use super::{CheckpointStore, RestoreReport, UploadReport, snapshot_files, take_if_valid};
 use crate::error::{ProcessorError, ProcessorResult};
 
 /// Checkpoints under one root directory.
@@ -314,13 +314,9 @@ impl CheckpointStore for DirectoryCheckpointStore {
         valid_topic(topic)?;
         let mut skipped = Vec::new();
         for path in self.manifest_paths(topic, partition)?.iter().rev() {
-            match Self::read_manifest(path).and_then(|m| self.verify(&m).map(|()| m)) {
-                Ok(manifest) => return Ok((Some(manifest), skipped)),
-                Err(err @ ProcessorError::CorruptCheckpoint { .. }) => {
-                    tracing::warn!(topic, partition, error = %err, "skipping a corrupt checkpoint");
-                    skipped.push(err);
-                }
-                Err(err) => return Err(err),
+            let checked = Self::read_manifest(path).and_then(|m| self.verify(&m).map(|()| m));
+            if let Some(manifest) = take_if_valid(checked, &mut skipped, topic, partition)? {
+                return Ok((Some(manifest), skipped));
             }
         }
         Ok((None, skipped))

@@ -104,6 +104,28 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// One candidate of a `latest_valid` search, newest first: a valid checkpoint ends the search; a corrupt
+/// one is logged and kept in `skipped`; any other error (the store failing) stops it.
+///
+/// # Errors
+/// That other error.
+pub(crate) fn take_if_valid(
+    checked: ProcessorResult<Manifest>,
+    skipped: &mut Vec<crate::error::ProcessorError>,
+    topic: &str,
+    partition: i32,
+) -> ProcessorResult<Option<Manifest>> {
+    match checked {
+        Ok(manifest) => Ok(Some(manifest)),
+        Err(err @ crate::error::ProcessorError::CorruptCheckpoint { .. }) => {
+            tracing::warn!(topic, partition, error = %err, "skipping a corrupt checkpoint");
+            skipped.push(err);
+            Ok(None)
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// The regular files of a snapshot directory as `(name, path)`, sorted.
 ///
 /// # Errors

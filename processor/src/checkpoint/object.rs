@@ -62,6 +62,7 @@
 //! the object and the operation.
 
 use std::future::Future;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,6 +78,7 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
 use tokio::io::AsyncWriteExt;
 
 /// The `object_store` crate this store is built on: for [`ObjectCheckpointStore::new`] over a store of
@@ -85,7 +87,7 @@ pub use object_store;
 
 use super::digests::{DigestCache, immutable};
 use super::manifest::{Manifest, ManifestFile, valid_topic};
-use super::{CheckpointStore, RestoreReport, UploadReport, snapshot_files};
+use super::{CheckpointStore, RestoreReport, UploadReport, snapshot_files, take_if_valid};
 use crate::error::{ProcessorError, ProcessorResult};
 
 /// Files at least this large are uploaded in parts of this size (S3's smallest part is 5 MiB).
@@ -814,22 +816,50 @@ impl Inner {
             }
             Err(err) => return Err(self.failed("download", &blob)(err)),
         };
-        let mut out = tokio::fs::File::create(target)
-            .await
-            .map_err(ProcessorError::io(target))?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
+        // The file is written and hashed on a blocking thread of its own, in large writes, while the
+        // download streams on: the async workers only move chunks (a write per small chunk through
+        // `tokio::fs`, each a hop to the blocking pool, cost more than the hashing).
+        let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let path = target.to_path_buf();
+        let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, String)> {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path)?);
+            let (mut hasher, mut size) = (Sha256::new(), 0u64);
+            while let Some(chunk) = chunks_rx.blocking_recv() {
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                out.write_all(&chunk)?;
+            }
+            out.flush()?;
+            Ok((size, hex::encode(hasher.finalize())))
+        });
         let mut chunks = found.into_stream();
+        let mut streamed = Ok(());
         while let Some(chunk) = chunks.next().await {
-            let chunk: Bytes = chunk.map_err(self.failed("download", &blob))?;
-            hasher.update(&chunk);
-            size += chunk.len() as u64;
-            out.write_all(&chunk)
-                .await
-                .map_err(ProcessorError::io(target))?;
+            match chunk {
+                Ok(chunk) => {
+                    if chunks_tx.send(chunk).await.is_err() {
+                        break; // the writer failed: its error is below
+                    }
+                }
+                Err(err) => {
+                    streamed = Err(self.failed("download", &blob)(err));
+                    break;
+                }
+            }
         }
-        out.flush().await.map_err(ProcessorError::io(target))?;
-        if size != file.size || hex::encode(hasher.finalize()) != file.sha256 {
+        drop(chunks_tx);
+        let written = writer
+            .await
+            .map_err(ProcessorError::task("write a downloaded file"))?
+            .map_err(ProcessorError::io(target));
+        let (size, sha256) = match (streamed, written) {
+            (Ok(()), Ok(written)) => written,
+            (Err(err), _) | (Ok(()), Err(err)) => {
+                let _ = tokio::fs::remove_file(target).await;
+                return Err(err);
+            }
+        };
+        if size != file.size || sha256 != file.sha256 {
             let _ = tokio::fs::remove_file(target).await;
             return Err(self.corrupt(&blob, "file differs from its digest in the manifest"));
         }
@@ -927,13 +957,8 @@ impl Inner {
                 Ok(manifest) => self.verify(&manifest).await.map(|()| manifest),
                 Err(err) => Err(err),
             };
-            match checked {
-                Ok(manifest) => return Ok((Some(manifest), skipped)),
-                Err(err @ ProcessorError::CorruptCheckpoint { .. }) => {
-                    tracing::warn!(topic, partition, error = %err, "skipping a corrupt checkpoint");
-                    skipped.push(err);
-                }
-                Err(err) => return Err(err),
+            if let Some(manifest) = take_if_valid(checked, &mut skipped, &topic, partition)? {
+                return Ok((Some(manifest), skipped));
             }
         }
         Ok((None, skipped))
