@@ -14,6 +14,7 @@
 //! | `maintain:{group}:{topic}:{p}` | the recurring maintenance job of a partition |
 //! | `compaction:{group}:{topic}:{p}` | the compaction lock (uploads and retention exclude each other) |
 //! | `{checkpoint dir}/{group}/` | the fleet's shared checkpoints ([`checkpoint_root`]) |
+//! | `{checkpoint url}/{group}/` | the same in object storage ([`checkpoint_url_root`]) |
 //! | `{state dir}/{group}/{topic}-{p}` | an owned partition's local state ([`local_state_dir`]) |
 //! | `{state dir}/{group}/.snapshot-{topic}-{p}+{offset}` | a checkpoint's local scratch ([`snapshot_scratch_name`]) |
 //! | `{group, '.' and '%' escaped}.{topic}.{p}` | the partition's Kafka `transactional.id` ([`transactional_id`]) |
@@ -52,6 +53,11 @@ pub fn compaction_resource(group: &str, topic: &str, partition: i32) -> String {
 /// Where fleet `group` keeps its shared checkpoints under the configured checkpoint directory.
 pub fn checkpoint_root(checkpoint_dir: &Path, group: &str) -> PathBuf {
     checkpoint_dir.join(group)
+}
+
+/// Where fleet `group` keeps its checkpoints in the object storage at `checkpoint_url`.
+pub fn checkpoint_url_root(checkpoint_url: &str, group: &str) -> String {
+    format!("{}/{group}", checkpoint_url.trim_end_matches('/'))
 }
 
 /// Where an instance keeps the local state of `partition` of `topic` for fleet `group`.

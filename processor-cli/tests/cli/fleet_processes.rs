@@ -88,7 +88,15 @@ fn three_processes_with_checkpoints_only_in_s3_survive_kills_and_a_frozen_upload
             direct.clone()
         }
     };
-    let p3_log = fleet_scenario(&redis.url(), &at_for, &direct, &freeze_p3_mid_request);
+    let scratch = support::Scratch::new();
+    let root: PathBuf = scratch.path();
+    let p3_log = run_fleet_scenario(
+        &redis.url(),
+        &root,
+        &at_for,
+        &direct,
+        &freeze_p3_mid_request,
+    );
     assert!(
         p3_log
             .lines()
@@ -202,8 +210,10 @@ fn sigkill_restart_and_a_frozen_owner_end_exact(lock_url: &str) {
         std::thread::sleep(Duration::from_secs(7));
         fleet["p3"].signal(Signal::SIGCONT);
     };
-    let scratch_dir = |root: &Path| CheckpointsAt::Dir(root.join("checkpoints"));
-    fleet_scenario_in_dir(lock_url, &scratch_dir, &freeze_p3);
+    let scratch = support::Scratch::new();
+    let root: PathBuf = scratch.path();
+    let store = CheckpointsAt::Dir(root.join("checkpoints"));
+    run_fleet_scenario(lock_url, &root, &|_| store.clone(), &store, &freeze_p3);
 }
 
 /// `done()` within `within`, polled every 200 ms.
@@ -216,29 +226,6 @@ fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(200));
     }
     done()
-}
-
-fn fleet_scenario_in_dir(
-    lock_url: &str,
-    at: &dyn Fn(&Path) -> CheckpointsAt,
-    freeze: &dyn Fn(&Path, &BTreeMap<&str, Proc>),
-) {
-    let scratch = support::Scratch::new();
-    let root: PathBuf = scratch.path();
-    let store = at(&root);
-    run_fleet_scenario(lock_url, &root, &|_| store.clone(), &store, freeze);
-}
-
-/// The scenario of the module docs in a scratch directory of its own; returns p3's log.
-fn fleet_scenario(
-    lock_url: &str,
-    at_for: &dyn Fn(&str) -> CheckpointsAt,
-    reader: &CheckpointsAt,
-    freeze: &dyn Fn(&Path, &BTreeMap<&str, Proc>),
-) -> String {
-    let scratch = support::Scratch::new();
-    let root: PathBuf = scratch.path();
-    run_fleet_scenario(lock_url, &root, at_for, reader, freeze)
 }
 
 /// The scenario of the module docs: instance `id` keeps its checkpoints `at_for(id)`, the checks read

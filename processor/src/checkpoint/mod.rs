@@ -295,9 +295,11 @@ impl CheckpointLocation {
     /// fleets (groups) sharing a store never touch each other's.
     pub fn for_group(&self, group: &str) -> CheckpointLocation {
         match self {
-            CheckpointLocation::Directory(dir) => CheckpointLocation::Directory(dir.join(group)),
+            CheckpointLocation::Directory(dir) => {
+                CheckpointLocation::Directory(crate::resources::checkpoint_root(dir, group))
+            }
             CheckpointLocation::Url(url) => {
-                CheckpointLocation::Url(format!("{}/{group}", url.trim_end_matches('/')))
+                CheckpointLocation::Url(crate::resources::checkpoint_url_root(url, group))
             }
         }
     }
